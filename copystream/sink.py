@@ -1,0 +1,155 @@
+"""The sink: bytes to the output file, hashed on the way, durable at checkpoints.
+
+A :class:`Sink` owns the output file descriptor and two xxh3-128 states: one over the whole file
+and one over the current chunk. Data arrives in buffers of about a megabyte (the chunk runner
+gathers rows), so hashing and writing cost a few calls per megabyte, not per row.
+
+A chunk is a small transaction on the file: :meth:`begin_chunk` remembers the offset and a copy of
+the whole-file hash state; :meth:`end_chunk` returns the chunk's size and digest; :meth:`rollback`
+truncates the file back and restores the hash state, so a failed chunk leaves no trace.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import xxhash
+
+from .errors import DiskFull, PrefixMismatch
+
+__all__ = ["HASH_BLOCK", "Sink", "hash_range"]
+
+#: Read size when re-hashing a file prefix: large enough to run at memory/disk speed.
+HASH_BLOCK = 4 * 1024 * 1024
+
+
+def hash_range(fd: int, start: int, length: int, *states: xxhash.xxh3_128) -> int:
+    """Feed ``length`` bytes of ``fd`` from ``start`` into every hash state; return bytes read."""
+    done = 0
+    while done < length:
+        block = os.pread(fd, min(HASH_BLOCK, length - done), start + done)
+        if not block:
+            break
+        for st in states:
+            st.update(block)
+        done += len(block)
+    return done
+
+
+class Sink:
+    """The output file, written at the end, with a rolling whole-file digest.
+
+    Create it with :meth:`create` (a new, empty file) or :meth:`reopen` (an existing file whose
+    prefix is verified against recorded chunk digests before anything is truncated).
+    """
+
+    def __init__(self, fd: int, path: Path, offset: int, file_hash: xxhash.xxh3_128) -> None:
+        self._fd = fd
+        self.path = path
+        self.offset = offset
+        self._file_hash = file_hash
+        self._chunk_hash = xxhash.xxh3_128()
+        self._chunk_start = offset
+        self._saved_hash = file_hash.copy()
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: Path) -> Sink:
+        """Create ``path`` (which must not exist) as an empty output file."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        return cls(fd, path, 0, xxhash.xxh3_128())
+
+    @classmethod
+    def reopen(cls, path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str) -> Sink:
+        """Open an existing output, verify its first ``sum(bytes)`` bytes, then cut the rest.
+
+        ``chunks`` are ``(offset, bytes, xxh3_128 hex)`` records in file order and
+        ``prefix_digest`` the digest of the whole prefix. The file is read before it is changed:
+        on any mismatch :class:`PrefixMismatch` is raised and the file is left untouched.
+        """
+        size = sum(c[1] for c in chunks)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            actual = os.fstat(fd).st_size
+            if actual < size:
+                raise PrefixMismatch(
+                    f"{path} is {actual} bytes but its checkpoint records {size}: the file was "
+                    "truncated or replaced; pass --restart to export it again from the start"
+                )
+            file_hash = xxhash.xxh3_128()
+            for i, (offset, nbytes, digest) in enumerate(chunks):
+                chunk_hash = xxhash.xxh3_128()
+                hash_range(fd, offset, nbytes, file_hash, chunk_hash)
+                if chunk_hash.hexdigest() != digest:
+                    raise PrefixMismatch(
+                        f"{path} does not match its checkpoint from chunk {i} (bytes {offset}-"
+                        f"{offset + nbytes}): the file was modified; pass --restart to export "
+                        "it again from the start"
+                    )
+            if file_hash.hexdigest() != prefix_digest:
+                raise PrefixMismatch(
+                    f"{path} does not match its checkpoint's digest; pass --restart to export "
+                    "it again from the start"
+                )
+            if actual > size:
+                os.ftruncate(fd, size)  # bytes of a chunk that never reached its checkpoint
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, path, size, file_hash)
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def begin_chunk(self) -> None:
+        """Mark the start of a chunk: the point :meth:`rollback` returns to."""
+        self._chunk_start = self.offset
+        self._chunk_hash = xxhash.xxh3_128()
+        self._saved_hash = self._file_hash.copy()
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data`` to the file and to both digests."""
+        self._chunk_hash.update(data)
+        self._file_hash.update(data)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(self._fd, view, self.offset)  # explicit offset: no seek state
+                view = view[n:]
+                self.offset += n
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise DiskFull(
+                    f"cannot write {self.path}: {os.strerror(e.errno)}; free some space and run "
+                    "the same command again to resume"
+                ) from e
+            raise
+
+    def end_chunk(self) -> tuple[int, int, str]:
+        """Close the current chunk: ``(offset, bytes, xxh3_128 hex)`` of what it wrote."""
+        return self._chunk_start, self.offset - self._chunk_start, self._chunk_hash.hexdigest()
+
+    def rollback(self) -> None:
+        """Forget everything written since :meth:`begin_chunk`: truncate and rewind the digest."""
+        os.ftruncate(self._fd, self._chunk_start)
+        self.offset = self._chunk_start
+        self._file_hash = self._saved_hash.copy()
+        self._chunk_hash = xxhash.xxh3_128()
+
+    def sync(self) -> None:
+        """Make every byte written so far durable (called before each checkpoint)."""
+        os.fsync(self._fd)
+
+    @property
+    def digest(self) -> str:
+        """xxh3-128 hex digest of the file's bytes so far."""
+        return self._file_hash.hexdigest()
+
+    def close(self) -> None:
+        """Close the file descriptor (idempotent)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
