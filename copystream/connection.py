@@ -1,0 +1,103 @@
+"""Connections with the hygiene a long export needs, and errors a user can act on.
+
+Every connection gets TCP keepalives and ``tcp_user_timeout`` (a dead network is noticed in
+seconds, not hours), ``application_name=copystream`` unless the DSN names one, and autocommit
+(each chunk opens its own transaction). Connection errors become :class:`ConnectionFailed` or
+:class:`AuthenticationFailed` with the password, if any, scrubbed from the message.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from .errors import AuthenticationFailed, ConnectionFailed, UsageError
+from .settings import apply_settings_query
+
+__all__ = ["Target", "connect", "connect_error", "describe_target", "redact"]
+
+#: libpq parameters added unless the DSN sets them. keepalives: first probe after 10 s idle, then
+#: every 5 s, 3 misses = dead (about 25 s). tcp_user_timeout: unacknowledged data for 30 s = dead.
+HYGIENE: dict[str, Any] = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+    "connect_timeout": 10,
+    "application_name": "copystream",
+}
+
+_AUTH_PATTERNS = re.compile(
+    r"password authentication failed|no password supplied|authentication failed|"
+    r"role \".*\" does not exist|pg_hba\.conf rejects|SCRAM|password is required",
+    re.IGNORECASE,
+)
+
+
+class Target:
+    """A parsed connection string: what to connect to, and how to talk about it safely."""
+
+    def __init__(self, conninfo: str) -> None:
+        try:
+            self.params: dict[str, Any] = conninfo_to_dict(conninfo)
+        except psycopg.ProgrammingError as e:
+            raise UsageError(f"invalid connection string: {redact(str(e), conninfo)}") from e
+        self.conninfo = conninfo
+
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never appear in output: the password and the raw DSN."""
+        out = [str(self.params["password"])] if self.params.get("password") else []
+        if self.conninfo:
+            out.append(self.conninfo)
+        return out
+
+    def describe(self) -> str:
+        """``host:port/dbname`` as far as the DSN tells, never the password."""
+        return describe_target(self.params)
+
+
+def describe_target(params: dict[str, Any]) -> str:
+    """A password-free description of connection parameters."""
+    host = params.get("host") or params.get("hostaddr") or "(default host)"
+    port = params.get("port") or ""
+    db = params.get("dbname") or "(default database)"
+    return f"{host}{':' + str(port) if port else ''}/{db}"
+
+
+def redact(message: str, *secrets: str) -> str:
+    """``message`` with every non-empty secret replaced by ``***``."""
+    for s in secrets:
+        if s:
+            message = message.replace(s, "***")
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", message, flags=re.IGNORECASE)
+
+
+def connect(target: Target, *, settings: dict[str, str] | None = None) -> psycopg.Connection[Any]:
+    """Open an autocommit connection with keepalives, then pin ``settings`` if given.
+
+    Raises the psycopg error on failure; :func:`connect_error` turns it into a user-facing one.
+    """
+    params = dict(HYGIENE)
+    params.update(target.params)
+    conn: psycopg.Connection[Any] = psycopg.Connection.connect(**params, autocommit=True)
+    if settings:
+        conn.execute(apply_settings_query(settings))
+    return conn
+
+
+def connect_error(e: psycopg.Error, target: Target) -> UsageError:
+    """The user-facing error for a connection attempt that failed for good."""
+    text = redact(str(e).strip(), *target.secrets)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = lines[-1] if lines else "connection failed"
+    # "connection to server at ... failed: FATAL: ..." -> keep the useful tail
+    detail = re.sub(r"^connection to server .*? failed:\s*", "", detail)
+    where = target.describe()
+    if e.sqlstate in ("28P01", "28000") or _AUTH_PATTERNS.search(text):
+        return AuthenticationFailed(f"authentication failed connecting to {where}: {detail}")
+    return ConnectionFailed(f"cannot connect to {where}: {detail}")
