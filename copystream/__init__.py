@@ -1,0 +1,72 @@
+"""copystream: resumable, verifiable, constant-memory export of PostgreSQL tables through COPY.
+
+The library is the product; the ``copystream`` command is a thin layer over it::
+
+    import copystream
+
+    result = copystream.export_table("host=db dbname=shop", "public.orders", "orders.csv")
+    print(result.rows, result.xxh3_128)
+    copystream.verify_file("orders.csv")
+"""
+
+from __future__ import annotations
+
+from .checkpoint import Checkpoint, ChunkRecord
+from .errors import (
+    AuthenticationFailed,
+    CheckpointMismatch,
+    ConnectionFailed,
+    CopystreamError,
+    DiskFull,
+    ExportFailed,
+    InvalidFilter,
+    KeyProblem,
+    OutputExists,
+    OutputProblem,
+    PrefixMismatch,
+    RetriesExhausted,
+    TableNotFound,
+    UsageError,
+    VerificationFailed,
+)
+from .export import ExportResult, ExportStatus, export_status, export_table
+from .manifest import Manifest, VerifyResult, load_manifest, verify_file
+from .plan import CopyOptions
+from .progress import BarReporter, LogReporter, Progress
+from .retry import RetryPolicy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationFailed",
+    "BarReporter",
+    "Checkpoint",
+    "CheckpointMismatch",
+    "ChunkRecord",
+    "ConnectionFailed",
+    "CopyOptions",
+    "CopystreamError",
+    "DiskFull",
+    "ExportFailed",
+    "ExportResult",
+    "ExportStatus",
+    "InvalidFilter",
+    "KeyProblem",
+    "LogReporter",
+    "Manifest",
+    "OutputExists",
+    "OutputProblem",
+    "PrefixMismatch",
+    "Progress",
+    "RetriesExhausted",
+    "RetryPolicy",
+    "TableNotFound",
+    "UsageError",
+    "VerificationFailed",
+    "VerifyResult",
+    "__version__",
+    "export_status",
+    "export_table",
+    "load_manifest",
+    "verify_file",
+]

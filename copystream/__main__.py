@@ -1,0 +1,5 @@
+"""``python -m copystream``: the command line."""
+
+from .cli import main
+
+main()

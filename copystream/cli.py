@@ -1,0 +1,288 @@
+"""The ``copystream`` command: parses arguments, calls the library, turns errors into exit codes.
+
+Exit codes: 0 done; 1 failed but resumable (run the same command again); 2 bad usage or input
+(one line on stderr, no files created).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ._atomic import atomic_write
+from .connection import Target, redact
+from .errors import CopystreamError, UsageError
+from .export import export_status, export_table
+from .manifest import verify_file
+from .plan import CopyOptions
+from .progress import BarReporter, LogReporter, Progress, format_summary
+
+__all__ = ["main"]
+
+log = logging.getLogger("copystream")
+
+
+def _split(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")]
+    if not all(parts):
+        raise click.BadParameter(f"empty name in {value!r}")
+    return parts
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s copystream %(levelname)s: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="copystream")
+def cli() -> None:
+    """Export PostgreSQL tables to files through COPY: resumable, verifiable, constant memory."""
+
+
+@cli.command()
+@click.argument("table")
+@click.argument("output", type=click.Path(dir_okay=True, path_type=Path))
+@click.option(
+    "--dsn",
+    envvar="COPYSTREAM_DSN",
+    help="libpq connection string or URI "
+    "(default: the libpq environment, PG* variables, service file, .pgpass).",
+)
+@click.option("--key", help="Column(s) to page by, comma-separated (default: primary key).")
+@click.option("--columns", help="Columns to export, comma-separated, in this order.")
+@click.option("--where", "where", help="SQL filter applied inside every chunk.")
+@click.option(
+    "--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: adaptive)."
+)
+@click.option("--header", is_flag=True, help="Write a header line.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["csv", "text"]),
+    default="csv",
+    show_default=True,
+    help="COPY format.",
+)
+@click.option("--delimiter", help="Field delimiter (COPY DELIMITER).")
+@click.option("--null", "null", help="String written for NULL (COPY NULL).")
+@click.option("--quote", help="Quote character (COPY QUOTE, csv only).")
+@click.option("--escape", help="Escape character (COPY ESCAPE, csv only).")
+@click.option("--force-quote", help="Columns always quoted, comma-separated, or '*' (csv only).")
+@click.option("--encoding", help="Output encoding (COPY ENCODING).")
+@click.option("--restart", is_flag=True, help="Discard any checkpoint and output; start from zero.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output that has no checkpoint.")
+@click.option("--no-progress", is_flag=True, help="No progress bar or progress log lines.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the summary as JSON to this file.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Retries of a failing chunk.",
+)
+@click.option(
+    "--retry-budget",
+    type=click.FloatRange(min=0),
+    default=900.0,
+    show_default=True,
+    help="Total seconds the export may spend retrying.",
+)
+@click.option(
+    "--io-timeout",
+    type=click.FloatRange(min=0.1),
+    default=300.0,
+    show_default=True,
+    help="Seconds without data from the server before a chunk is retried.",
+)
+@click.option(
+    "--statement-timeout",
+    type=click.FloatRange(min=0.001),
+    help="Server statement_timeout per statement, in seconds (retried when hit).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="More log lines.")
+def export(
+    table: str,
+    output: Path,
+    dsn: str | None,
+    key: str | None,
+    columns: str | None,
+    where: str | None,
+    chunk_rows: int | None,
+    header: bool,
+    fmt: str,
+    delimiter: str | None,
+    null: str | None,
+    quote: str | None,
+    escape: str | None,
+    force_quote: str | None,
+    encoding: str | None,
+    restart: bool,
+    force: bool,
+    no_progress: bool,
+    report: Path | None,
+    retries: int,
+    retry_budget: float,
+    io_timeout: float,
+    statement_timeout: float | None,
+    verbose: bool,
+) -> None:
+    """Export TABLE to the file OUTPUT; run it again after an interruption to resume."""
+    _setup_logging(verbose)
+    secrets = Target(dsn or "").secrets
+    options = CopyOptions(
+        format=fmt,
+        header=header,
+        delimiter=delimiter,
+        null=null,
+        quote=quote,
+        escape=escape,
+        force_quote=True if force_quote == "*" else tuple(_split(force_quote) or ()),
+        encoding=encoding,
+    )
+    if report is not None and not report.parent.is_dir():
+        raise UsageError(f"report directory {report.parent} does not exist")
+    with _progress(no_progress) as reporter:
+        result = export_table(
+            dsn,
+            table,
+            output,
+            key=_split(key),
+            columns=_split(columns),
+            where=where,
+            chunk_rows=chunk_rows,
+            options=options,
+            restart=restart,
+            force=force,
+            progress=reporter,
+            retries=retries,
+            retry_budget=retry_budget,
+            io_timeout=io_timeout,
+            statement_timeout=statement_timeout,
+        )
+    summary = format_summary(
+        table=result.table,
+        rows=result.rows,
+        nbytes=result.bytes,
+        seconds=result.seconds,
+        peak_rss=result.peak_rss,
+        resumed=result.resumed,
+    )
+    if result.already_complete:
+        summary += " — already complete, nothing done"
+    click.echo(redact(summary, *secrets))
+    if report is not None:
+        atomic_write(report, json.dumps(result.to_json(), indent=1).encode() + b"\n")
+
+
+@contextlib.contextmanager
+def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
+    if off:
+        yield None
+    elif sys.stderr.isatty():
+        with BarReporter() as bar:
+            yield bar
+    else:
+        yield LogReporter(interval=30.0)
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+def verify(output: Path) -> None:
+    """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
+    r = verify_file(output)
+    click.echo(
+        f"{r.path}: OK, {r.rows:,} rows, {r.bytes:,} bytes, {r.chunks} chunks, "
+        f"xxh3_128 {r.xxh3_128}"
+    )
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(output: Path, as_json: bool) -> None:
+    """Show how far the export to OUTPUT got."""
+    s = export_status(output)
+    pct = s.percent
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "output": str(s.output),
+                    "state": s.state,
+                    "table": s.table,
+                    "rows": s.rows,
+                    "bytes": s.bytes,
+                    "last_key": list(s.last_key) if s.last_key else None,
+                    "estimated_rows": s.estimated_rows,
+                    "percent": pct,
+                    "chunks": s.chunks,
+                }
+            )
+        )
+        return
+    key = ", ".join(s.last_key) if s.last_key else "(none)"
+    share = (
+        f" ({pct:.1f}% of ~{s.estimated_rows:,} estimated rows)"
+        if pct is not None and (s.estimated_rows)
+        else ""
+    )
+    click.echo(
+        f"{s.output}: {s.state}; table {s.table}; {s.rows:,} rows{share}, "
+        f"{s.bytes:,} bytes in {s.chunks} chunks; last key {key}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``copystream`` console script."""
+    args = sys.argv[1:] if argv is None else argv
+    secrets = _secrets_in(args)
+    try:
+        cli.main(args=args, prog_name="copystream", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.exceptions.Abort:
+        _fail("interrupted; run the same command again to resume", 1)
+    except click.ClickException as e:
+        _fail(redact(e.format_message(), *secrets), 2)
+    except CopystreamError as e:
+        _fail(redact(str(e), *secrets), e.exit_code)
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", 1)
+    except Exception as e:  # a bug, not the user's mistake: one line, and how to see more
+        _fail(f"unexpected {type(e).__name__}: {redact(str(e), *secrets)} (please report this)", 1)
+
+
+def _secrets_in(args: list[str]) -> list[str]:
+    out: list[str] = []
+    for i, a in enumerate(args):
+        value: Any = None
+        if a == "--dsn" and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith("--dsn="):
+            value = a.split("=", 1)[1]
+        if value:
+            with contextlib.suppress(CopystreamError):
+                out.extend(Target(value).secrets)
+    return out
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"copystream: error: {message}", err=True)
+    sys.exit(code)
