@@ -384,6 +384,7 @@ def export_table(
     progress: Callable[[Progress], None] | None = None,
     retries: int = 5,
     retry_budget: float = 900.0,
+    retry_policy: RetryPolicy | None = None,
     io_timeout: float = 300.0,
     statement_timeout: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
@@ -410,6 +411,7 @@ def export_table(
         force: overwrite an existing output that has no checkpoint.
         progress: called with a :class:`Progress` about once per megabyte and per chunk.
         retries / retry_budget: per-chunk retries and total seconds spent retrying.
+        retry_policy: a full :class:`RetryPolicy` (delays too), replacing the two above.
         io_timeout: seconds without a byte from the server before the chunk is retried.
         statement_timeout: per-statement server timeout (seconds); its cancellations are retried.
 
@@ -427,7 +429,7 @@ def export_table(
     if header and not opts.header:
         opts = CopyOptions(**{**opts.__dict__, "header": True})
     keys = [key] if isinstance(key, str) else key
-    policy = RetryPolicy(
+    policy = retry_policy or RetryPolicy(
         retries=retries, budget=retry_budget, retry_statement_timeout=statement_timeout is not None
     )
     ex = _Exporter(
