@@ -116,21 +116,28 @@ class ChunkRunner:
         rows: int,
         header: bool,
         sink: Sink,
+        until: Sequence[str] | None = None,
+        snapshot: str | None = None,
         on_data: Callable[[int, int], None] | None = None,
     ) -> ChunkOutcome:
         """Export the next ``rows`` rows after key ``after`` into ``sink``, committed.
 
-        ``on_data(rows, bytes)`` is called after each buffer write with the chunk's totals so far.
+        ``until`` closes the range (inclusive) for a parallel worker; ``final`` then means the
+        range is exhausted. ``snapshot`` is an exported snapshot id to read from (point-in-time
+        export). ``on_data(rows, bytes)`` is called after each buffer write with the chunk's
+        totals so far.
         """
         self._execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        if snapshot is not None:
+            self._execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         float_key = any(t.startswith(_FLOAT_TYPES) for t in plan.key_types)
         if float_key:  # key text must round-trip exactly whatever extra_float_digits is pinned
             saved = self._execute(sql.SQL("SELECT current_setting('extra_float_digits')"))[0][0]
             self._execute(sql.SQL("SET LOCAL extra_float_digits = 3"))
-        found = self._execute(bound_query(plan, after, rows))
+        found = self._execute(bound_query(plan, after, rows, until))
         final = not found
         if final:
-            found = self._execute(last_key_query(plan, after))
+            found = self._execute(last_key_query(plan, after, until))
         if float_key:
             self._execute(
                 sql.SQL("SELECT set_config('extra_float_digits', {}, true)").format(
@@ -143,7 +150,7 @@ class ChunkRunner:
                 plan,
                 options,
                 after=after,
-                upto=None if final else last_key,
+                upto=until if final else last_key,
                 limit=None if final else rows,
                 header=header,
             ),

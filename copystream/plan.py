@@ -238,8 +238,13 @@ def _key_text(plan: TablePlan) -> sql.Composed:
     return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in plan.key)
 
 
-def bound_query(plan: TablePlan, after: Sequence[str] | None, rows: int) -> sql.Composed:
-    """The key (as text) of the ``rows``-th row after ``after``; no row if fewer remain."""
+def bound_query(
+    plan: TablePlan, after: Sequence[str] | None, rows: int, until: Sequence[str] | None = None
+) -> sql.Composed:
+    """The key (as text) of the ``rows``-th row after ``after`` (and at most ``until``).
+
+    No row comes back when fewer rows remain: the chunk is the last of its range.
+    """
     # The text cast happens outside: "ORDER BY id" next to "id::text" would sort by the text.
     return sql.SQL(
         "SELECT {keys} FROM (SELECT {cols} FROM {table}{where} ORDER BY {order} "
@@ -248,21 +253,23 @@ def bound_query(plan: TablePlan, after: Sequence[str] | None, rows: int) -> sql.
         keys=_key_text(plan),
         cols=_key_list(plan, bare=True),
         table=plan.table_ident,
-        where=_conditions(plan, after, None),
+        where=_conditions(plan, after, until),
         order=_key_list(plan),
         skip=sql.Literal(rows - 1),
     )
 
 
-def last_key_query(plan: TablePlan, after: Sequence[str] | None) -> sql.Composed:
-    """The greatest key (as text) after ``after``: the last key of the final chunk."""
+def last_key_query(
+    plan: TablePlan, after: Sequence[str] | None, until: Sequence[str] | None = None
+) -> sql.Composed:
+    """The greatest key (as text) after ``after`` and at most ``until``: the final chunk's last."""
     return sql.SQL(
         "SELECT {keys} FROM (SELECT {cols} FROM {table}{where} ORDER BY {order} LIMIT 1) AS last"
     ).format(
         keys=_key_text(plan),
         cols=_key_list(plan, bare=True),
         table=plan.table_ident,
-        where=_conditions(plan, after, None),
+        where=_conditions(plan, after, until),
         order=_key_list(plan, desc=True),
     )
 
