@@ -15,7 +15,7 @@ statements go through the extended query protocol, which runs exactly one statem
 from __future__ import annotations
 
 import select
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +34,23 @@ __all__ = ["WRITE_BUFFER", "ChunkOutcome", "ChunkRunner"]
 WRITE_BUFFER = 1 << 20
 
 _FLOAT_TYPES = ("real", "double precision", "float")
+_DATETIME_TYPES = ("timestamp", "date", "time")
+
+
+def key_text_settings(key_types: Sequence[str]) -> dict[str, str]:
+    """Settings under which the key's text form parses back to exactly the same value. Pure.
+
+    Floats need every digit. Date/time keys need ISO output: the SQL, Postgres and German
+    DateStyles print a time zone *abbreviation*, which may parse back to another offset (under
+    ``TimeZone=Asia/Kolkata`` "IST" is read as Israel time), and keys would be skipped.
+    ISO input is read the same way under every DateStyle, so the COPY's literal is safe.
+    """
+    out: dict[str, str] = {}
+    if any(t.startswith(_FLOAT_TYPES) for t in key_types):
+        out["extra_float_digits"] = "3"
+    if any(t.startswith(_DATETIME_TYPES) for t in key_types):
+        out["DateStyle"] = "ISO"
+    return out
 
 
 @dataclass(frozen=True)
@@ -105,6 +122,20 @@ class ChunkRunner:
                     )
         return rows
 
+    def _set_local(self, values: Mapping[str, str | None]) -> dict[str, str]:
+        """Set each setting for this transaction (``None``: keep it); return the values before."""
+        row = self._execute(
+            sql.SQL("SELECT {}").format(
+                sql.SQL(", ").join(
+                    sql.SQL("current_setting({})").format(sql.Literal(n))
+                    if v is None
+                    else sql.SQL("set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v))
+                    for n, v in values.items()
+                )
+            )
+        )[0]
+        return dict(zip(values, row, strict=True))
+
     # -- the chunk ----------------------------------------------------------------------------
 
     def run(
@@ -130,20 +161,16 @@ class ChunkRunner:
         self._execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         if snapshot is not None:
             self._execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        float_key = any(t.startswith(_FLOAT_TYPES) for t in plan.key_types)
-        if float_key:  # key text must round-trip exactly whatever extra_float_digits is pinned
-            saved = self._execute(sql.SQL("SELECT current_setting('extra_float_digits')"))[0][0]
-            self._execute(sql.SQL("SET LOCAL extra_float_digits = 3"))
+        local = key_text_settings(plan.key_types)
+        if local:  # key text must round-trip exactly whatever settings are pinned
+            saved = self._set_local({n: None for n in local})
+            self._set_local(local)
         found = self._execute(bound_query(plan, after, rows, until))
         final = not found
         if final:
             found = self._execute(last_key_query(plan, after, until))
-        if float_key:
-            self._execute(
-                sql.SQL("SELECT set_config('extra_float_digits', {}, true)").format(
-                    sql.Literal(saved)
-                )
-            )
+        if local:  # the COPY itself runs under the pinned settings
+            self._set_local(saved)
         last_key = found[0] if found else None
         copied = self._copy(
             copy_query(
