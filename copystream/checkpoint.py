@@ -42,6 +42,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "Checkpoint",
     "ChunkRecord",
+    "canonical_digest",
     "checkpoint_path",
     "load_checkpoint",
     "new_checkpoint",
@@ -136,7 +137,7 @@ class Checkpoint:
 
     def check_same_export(self, export: dict[str, Any], output: Path) -> None:
         """Raise :class:`CheckpointMismatch` unless ``export`` is what this checkpoint is for."""
-        for field_name in ("table", "key", "columns", "where", "options"):
+        for field_name in ("table", "key", "columns", "where", "options", "range"):
             mine, theirs = self.export.get(field_name), export.get(field_name)
             if mine != theirs:
                 raise CheckpointMismatch(
@@ -197,8 +198,12 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def _self_digest(body: dict[str, Any]) -> str:
+def canonical_digest(body: dict[str, Any]) -> str:
+    """xxh3-128 of the canonical JSON of ``body``: the self-digest of sidecar records."""
     return xxhash.xxh3_128(_canonical(body)).hexdigest()
+
+
+_self_digest = canonical_digest
 
 
 def new_checkpoint(
@@ -208,14 +213,19 @@ def new_checkpoint(
     started_at: str,
     chunk_rows: int,
     estimated_rows: int | None,
+    last_key: tuple[str, ...] | None = None,
 ) -> Checkpoint:
-    """The checkpoint of an export that has not written a byte yet. Pure."""
+    """The checkpoint of an export that has not written a byte yet. Pure.
+
+    ``last_key`` is the (exclusive) lower bound of a parallel worker's key range.
+    """
     return Checkpoint(
         export=export,
         settings=dict(settings),
         started_at=started_at,
         chunk_rows=chunk_rows,
         estimated_rows=estimated_rows,
+        last_key=last_key,
     )
 
 

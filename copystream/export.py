@@ -7,12 +7,12 @@ thin layer over it); :func:`export_status` reports on an unfinished export.
 from __future__ import annotations
 
 import contextlib
-import functools
+import fcntl
 import logging
 import os
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,45 +20,34 @@ from typing import Any
 
 import psycopg
 
-from .checkpoint import (
-    Checkpoint,
-    ChunkRecord,
-    checkpoint_path,
-    load_checkpoint,
-    new_checkpoint,
-    remove_checkpoint,
-    save_checkpoint,
-)
-from .chunk import ChunkRunner
+from .checkpoint import Checkpoint, ChunkRecord, checkpoint_path, load_checkpoint, remove_checkpoint
 from .connection import Target, connect, connect_error, redact
-from .errors import (
-    CopystreamError,
-    ExportFailed,
-    InvalidFilter,
-    OutputExists,
-    OutputProblem,
-    PrefixMismatch,
-    RetriesExhausted,
-    TableNotFound,
-    UsageError,
-)
+from .errors import CopystreamError, OutputExists, OutputProblem, UsageError
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest, verify_file
-from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect, next_chunk_rows
+from .parallel import (
+    join_parts,
+    load_parts,
+    new_parts,
+    remove_parts,
+    run_parts,
+    sample_boundaries,
+    save_parts,
+)
+from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect
 from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
+from .runner import PartJob, run_part
 from .settings import PINNED_SETTINGS, read_settings_query
-from .sink import Sink
 
 __all__ = ["ExportResult", "ExportStatus", "export_status", "export_table"]
 
 log = logging.getLogger("copystream")
 
-#: A connection is replaced after this many chunks or seconds, so that server-side memory held by
-#: a long-lived backend, or a connection pooler's limits, never build up over a long export.
-RECYCLE_CHUNKS = 1_000
-RECYCLE_SECONDS = 3_600.0
 #: Retries of the very first connection: a wrong host or port is a usage error, reported fast.
 FIRST_CONNECT = RetryPolicy(retries=2, base_delay=0.5, max_delay=2.0, budget=10.0)
+
+#: A connection is replaced after this many chunks or seconds, so that server-side memory held by
+#: a long-lived backend, or a connection pooler's limits, never build up over a long export.
 
 
 @dataclass(frozen=True)
@@ -79,6 +68,7 @@ class ExportResult:
     key: tuple[str, ...] = ()
     key_source: str = ""
     warnings: tuple[str, ...] = field(default=())
+    point_in_time: bool = False  # every row read from one snapshot (--consistent, no resume)
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form (the ``--report`` file)."""
@@ -98,6 +88,7 @@ class ExportResult:
             "key": list(self.key),
             "key_source": self.key_source,
             "warnings": list(self.warnings),
+            "point_in_time": self.point_in_time,
         }
 
 
@@ -120,157 +111,68 @@ def _check_output(output: Path) -> None:
         raise OutputProblem(f"output directory {parent} is not writable")
 
 
-class _Exporter:
-    """One run of one export. Holds the mutable state; the decisions live in pure functions."""
+def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Connection[Any]:
+    """The first connection of a run: a few quick retries, then a usage error (exit 2)."""
+    state = RetryState()
+    while True:
+        try:
+            return connect(target)
+        except psycopg.Error as e:
+            d = decide(FIRST_CONNECT, state, reason=_connect_reason(e), now=time.monotonic())
+            if not d.retry:
+                raise connect_error(e, target) from e
+            state = d.state
+            log.warning("connecting failed (%s); retrying in %.1fs", d.reason, d.delay)
+            sleep(d.delay)
 
-    def __init__(
-        self,
-        target: Target,
-        output: Path,
-        *,
-        policy: RetryPolicy,
-        io_timeout: float,
-        statement_timeout: float | None,
-        progress: Callable[[Progress], None] | None,
-        sleep: Callable[[float], None],
-    ) -> None:
-        self.target = target
-        self.output = output
-        self.policy = policy
-        self.io_timeout = io_timeout
-        self.statement_timeout = statement_timeout
-        self.progress = progress
-        self.sleep = sleep
-        self.started = time.monotonic()
-        self.retries = 0
-        self.conn: psycopg.Connection[Any] | None = None
-        self.conn_born = 0.0
-        self._start_rows = self._start_bytes = 0  # where this run began (for rates)
 
-    # -- connections --------------------------------------------------------------------------
+class _SnapshotHolder:
+    """A session holding an exported snapshot open for ``--consistent`` exports."""
 
-    def first_connect(self) -> psycopg.Connection[Any]:
-        state = RetryState()
-        while True:
-            try:
-                return connect(self.target)
-            except psycopg.Error as e:
-                d = decide(FIRST_CONNECT, state, reason=_connect_reason(e), now=time.monotonic())
-                if not d.retry:
-                    raise connect_error(e, self.target) from e
-                state = d.state
-                log.warning("connecting failed (%s); retrying in %.1fs", d.reason, d.delay)
-                self.sleep(d.delay)
-
-    def open_runner(self, settings: dict[str, str]) -> ChunkRunner:
-        self.close()
-        conn = connect(self.target, settings=settings)
-        if self.statement_timeout is not None:
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                [f"{int(self.statement_timeout * 1000)}ms"],
-            )
-        self.conn, self.conn_born = conn, time.monotonic()
-        return ChunkRunner(conn, io_timeout=self.io_timeout)
+    def __init__(self, target: Target, settings: dict[str, str]) -> None:
+        self.conn = connect(target, settings=settings)
+        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
+        assert row is not None
+        self.snapshot = str(row[0])
+        log.info("holding exported snapshot %s for a point-in-time export", self.snapshot)
 
     def close(self) -> None:
-        if self.conn is not None:
-            with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
-
-    def _report(self, plan: TablePlan, base: Checkpoint, rows: int, nbytes: int) -> None:
-        """Progress during a chunk: ``rows``/``nbytes`` received since ``base`` was saved."""
-        if self.progress is not None:
-            self.progress(
-                Progress(
-                    plan.qualified,
-                    base.rows + rows,
-                    base.offset + nbytes,
-                    plan.estimated_rows,
-                    time.monotonic() - self.started,
-                    len(base.chunks),
-                    start_bytes=self._start_bytes,
-                    start_rows=self._start_rows,
-                )
-            )
-
-    # -- the loop -----------------------------------------------------------------------------
-
-    def run_chunks(
-        self,
-        plan: TablePlan,
-        options: CopyOptions,
-        cp: Checkpoint,
-        sink: Sink,
-        chunk_rows: int | None,
-    ) -> Checkpoint:
-        adaptive = chunk_rows is None
-        rows_next = cp.chunk_rows
-        state = RetryState()
-        runner: ChunkRunner | None = None
-        self._start_rows, self._start_bytes = cp.rows, cp.offset
-        while not cp.finished:
-            t0 = time.monotonic()
-            sink.begin_chunk()
-            try:
-                if runner is None:
-                    runner = self.open_runner(cp.settings)
-                outcome = runner.run(
-                    plan,
-                    options,
-                    after=cp.last_key,
-                    rows=rows_next,
-                    header=options.header and cp.offset == 0,
-                    sink=sink,
-                    on_data=functools.partial(self._report, plan, cp),
-                )
-            except Exception as e:
-                sink.rollback()
-                self.close()
-                runner = None
-                reason = classify(e, retry_statement_timeout=self.policy.retry_statement_timeout)
-                d = decide(self.policy, state, reason=reason, now=time.monotonic())
-                if not d.retry:
-                    raise _chunk_error(e, d.reason, plan, self.target) from e
-                state = d.state
-                self.retries += 1
-                log.warning(
-                    "chunk %d of %s failed (%s); retry %d/%d in %.1fs",
-                    len(cp.chunks),
-                    plan.qualified,
-                    reason,
-                    d.state.attempts,
-                    self.policy.retries,
-                    d.delay,
-                )
-                self.sleep(d.delay)
-                continue
-            sink.sync()
-            _, nbytes, digest = sink.end_chunk()
-            cp = cp.advance(
-                nbytes=nbytes,
-                rows=outcome.rows,
-                digest=digest,
-                prefix_digest=sink.digest,
-                last_key=outcome.last_key,
-                finished=outcome.final,
-            )
-            if adaptive:
-                rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
-            save_checkpoint(self.output, _with_rows(cp, rows_next))
-            state = state.succeeded(time.monotonic())
-            if runner.chunks_served >= RECYCLE_CHUNKS or (
-                time.monotonic() - self.conn_born > RECYCLE_SECONDS
-            ):
-                self.close()
-                runner = None
-        self.close()
-        return cp
+        with contextlib.suppress(Exception):
+            self.conn.close()
 
 
-def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:
-    return replace(cp, chunk_rows=rows)
+def lock_path(output: Path) -> Path:
+    """The lock file that keeps two exports from writing the same output at once."""
+    return output.with_name(output.name + ".lock")
+
+
+@contextlib.contextmanager
+def _exclusive(output: Path) -> Iterator[None]:
+    path = lock_path(output)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise UsageError(
+                f"another copystream process is exporting to {output} right now"
+            ) from e
+        yield
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    finally:
+        os.close(fd)
+
+
+def remove_export_files(output: Path) -> None:
+    """Delete the output and every file copystream keeps beside it (``--restart``)."""
+    parts = load_parts(output, strict=False)
+    if parts is not None:
+        remove_parts(output, parts)
+    for p in (checkpoint_path(output), manifest_path(output), output):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _connect_reason(e: psycopg.Error) -> str | None:
@@ -286,50 +188,6 @@ def _connect_reason(e: psycopg.Error) -> str | None:
     return classify(e) or "connection failed"
 
 
-def _chunk_error(e: Exception, why: str, plan: TablePlan, target: Target) -> CopystreamError:
-    """The user-facing error for a chunk that failed for good. The checkpoint is intact."""
-    if isinstance(e, CopystreamError):
-        return e
-    msg = redact(
-        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, *target.secrets
-    )
-    if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
-        return InvalidFilter(
-            f"the export of {plan.qualified} tried to write ({msg}); every export transaction "
-            "is READ ONLY: remove writing functions from --where"
-        )
-    if isinstance(e, psycopg.errors.UndefinedTable):
-        return TableNotFound(f"{plan.qualified} disappeared during the export: {msg}")
-    if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
-        return UsageError(
-            f"the definition of {plan.qualified} changed during the export ({msg}); "
-            "pass --restart to export it again"
-        )
-    if isinstance(e, psycopg.errors.InsufficientPrivilege):
-        return UsageError(f"permission denied exporting {plan.qualified}: {msg}")
-    if isinstance(
-        e, psycopg.errors.SyntaxErrorOrAccessRuleViolation | psycopg.errors.DataException
-    ):
-        return InvalidFilter(f"exporting {plan.qualified} failed: {msg}")
-    if isinstance(e, psycopg.Error):
-        if e.sqlstate and e.sqlstate.startswith("28"):
-            return connect_error(e, target)
-        if isinstance(e, psycopg.OperationalError) and "connect" in msg and e.sqlstate is None:
-            return RetriesExhausted(
-                f"exporting {plan.qualified} stopped: {why}: {msg}; the checkpoint is intact, "
-                "run the same command again to resume"
-            )
-    if classify(e) is not None:
-        return RetriesExhausted(
-            f"exporting {plan.qualified} stopped: {why}; last error: {msg}; the checkpoint is "
-            "intact, run the same command again to resume"
-        )
-    return ExportFailed(
-        f"exporting {plan.qualified} failed: {msg}; the checkpoint is intact, run the same "
-        "command again to resume"
-    )
-
-
 def _export_identity(plan: TablePlan, options: CopyOptions) -> dict[str, Any]:
     return {
         "table": plan.qualified,
@@ -342,7 +200,15 @@ def _export_identity(plan: TablePlan, options: CopyOptions) -> dict[str, Any]:
 
 
 def _finish(
-    output: Path, plan: TablePlan, cp: Checkpoint, digest: str, started: float, resumed: bool
+    output: Path,
+    plan: TablePlan,
+    cp: Checkpoint,
+    digest: str,
+    started: float,
+    resumed: bool,
+    *,
+    workers: int,
+    point_in_time: bool,
 ) -> Manifest:
     manifest = Manifest(
         table=plan.qualified,
@@ -362,6 +228,8 @@ def _finish(
         finished_at=_now_iso(),
         seconds=round(time.monotonic() - started, 3),
         resumed=resumed,
+        workers=workers,
+        point_in_time=point_in_time,
     )
     save_manifest(output, manifest)
     remove_checkpoint(output)
@@ -387,6 +255,8 @@ def export_table(
     retry_policy: RetryPolicy | None = None,
     io_timeout: float = 300.0,
     statement_timeout: float | None = None,
+    workers: int = 1,
+    consistent: bool = False,
     sleep: Callable[[float], None] = time.sleep,
 ) -> ExportResult:
     """Export ``table`` to the file ``output``, resumably, and return what was done.
@@ -414,6 +284,13 @@ def export_table(
         retry_policy: a full :class:`RetryPolicy` (delays too), replacing the two above.
         io_timeout: seconds without a byte from the server before the chunk is retried.
         statement_timeout: per-statement server timeout (seconds); its cancellations are retried.
+        workers: worker processes; the key space is split into this many ranges balanced by
+            sampled row counts, exported in parallel to part files and joined in key order (the
+            result is byte-identical to a single-worker export).
+        consistent: read every chunk from one exported snapshot, held by this process for the
+            whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
+            is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
+            the manifest says so (``point_in_time``).
 
     Raises a :class:`~copystream.errors.UsageError` (exit code 2) for a request that cannot work
     and an :class:`~copystream.errors.ExportFailed` (exit code 1) when the export stopped with
@@ -425,23 +302,17 @@ def export_table(
     target = Target(conninfo or "")
     if chunk_rows is not None and chunk_rows < 1:
         raise UsageError("chunk_rows must be a positive number of rows")
+    if workers < 1:
+        raise UsageError("workers must be at least 1")
     opts = options or CopyOptions(header=header)
     if header and not opts.header:
-        opts = CopyOptions(**{**opts.__dict__, "header": True})
+        opts = replace(opts, header=True)
     keys = [key] if isinstance(key, str) else key
     policy = retry_policy or RetryPolicy(
         retries=retries, budget=retry_budget, retry_statement_timeout=statement_timeout is not None
     )
-    ex = _Exporter(
-        target,
-        out,
-        policy=policy,
-        io_timeout=io_timeout,
-        statement_timeout=statement_timeout,
-        progress=progress,
-        sleep=sleep,
-    )
-    conn = ex.first_connect()
+    conn = first_connect(target, sleep)
+    snap: _SnapshotHolder | None = None
     try:
         try:
             plan = introspect(conn, table, key=keys, columns=columns, where=where)
@@ -456,17 +327,13 @@ def export_table(
         identity = _export_identity(plan, opts)
 
         if restart:
-            for p in (checkpoint_path(out), manifest_path(out), out):
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+            remove_export_files(out)
+        parts = load_parts(out)
         cp = load_checkpoint(out)
-        if cp is not None:
+        if parts is not None:
+            parts.check_same_export(identity, out)
+        elif cp is not None:
             cp.check_same_export(identity, out)
-            if cp.offset > 0 and not out.exists():
-                raise PrefixMismatch(
-                    f"{out} is missing but its checkpoint records {cp.offset} bytes; pass "
-                    "--restart to export it again from the start"
-                )
         elif out.exists():
             done = _already_complete(out, identity, plan, started)
             if done is not None:
@@ -479,53 +346,88 @@ def export_table(
             for p in (manifest_path(out), out):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-        fresh = cp is None
-        if cp is None:
+        if cp is not None:
+            settings, started_at = cp.settings, cp.started_at
+        elif parts is not None:
+            settings, started_at = parts.settings, parts.started_at
+        else:
             row = conn.execute(read_settings_query()).fetchone()
             assert row is not None
             settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
-            cp = new_checkpoint(
-                export=identity,
-                settings=settings,
-                started_at=_now_iso(),
-                chunk_rows=chunk_rows
-                or first_chunk_rows(plan.estimated_rows, plan.estimated_bytes),
-                estimated_rows=plan.estimated_rows,
+            started_at = _now_iso()
+        parallel = parts is not None or (cp is None and workers > 1)
+        if workers > 1 and cp is not None:
+            log.info("%s: resuming a single-worker export; --workers does not apply", out)
+        if consistent:
+            snap = _SnapshotHolder(target, settings)
+        if parallel and parts is None:
+            boundaries = sample_boundaries(
+                conn, plan, workers, snapshot=snap.snapshot if snap is not None else None
             )
-            save_checkpoint(out, cp)
-        elif chunk_rows is not None:
-            cp = _with_rows(cp, chunk_rows)
+            parts = new_parts(identity, settings, started_at, boundaries)
+            save_parts(out, parts)
+    except BaseException:
+        if snap is not None:
+            snap.close()
+        raise
     finally:
         conn.close()
 
-    resumed = not fresh
-    if cp.offset == 0 and not out.exists():
-        sink = Sink.create(out)
-    else:
-        sink = Sink.reopen(out, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
-        if resumed:
-            log.info("%s: resuming at row %s, byte %s", plan.qualified, f"{cp.rows:,}", cp.offset)
+    template = PartJob(
+        conninfo=conninfo or "",
+        plan=plan,
+        options=opts,
+        path=str(out),
+        identity=identity,
+        settings=settings,
+        started_at=started_at,
+        lower=None,
+        upper=None,
+        first=True,
+        chunk_rows=chunk_rows,
+        first_rows=first_chunk_rows(plan.estimated_rows, plan.estimated_bytes),
+        policy=policy,
+        io_timeout=io_timeout,
+        statement_timeout=statement_timeout,
+        snapshot=snap.snapshot if snap is not None else None,
+    )
     try:
-        try:
-            cp = ex.run_chunks(plan, opts, cp, sink, chunk_rows)
-        except UsageError:
-            if fresh and cp.offset == 0 and not load_checkpoint(out).chunks:  # type: ignore[union-attr]
-                _discard(out)
-            raise
-        digest = sink.digest
+        with _exclusive(out):
+            if parts is not None:
+                outcomes = run_parts(out, parts, template, workers, progress)
+                final, digest = join_parts(out, parts, outcomes)
+                resumed = any(o.resumed for o in outcomes)
+            else:
+                outcome = run_part(template, progress=progress, sleep=sleep)
+                outcomes = [outcome]
+                final, digest, resumed = outcome.checkpoint, outcome.digest, outcome.resumed
+            point_in_time = (
+                snap is not None and not resumed and not any(o.snapshot_lost for o in outcomes)
+            )
+            manifest = _finish(
+                out,
+                plan,
+                final,
+                digest,
+                started,
+                resumed,
+                workers=len(parts.ranges) if parts is not None else 1,
+                point_in_time=point_in_time,
+            )
+            if parts is not None:
+                remove_parts(out, parts)
     finally:
-        sink.close()
-        ex.close()
-    manifest = _finish(out, plan, cp, digest, started, resumed)
+        if snap is not None:
+            snap.close()
     if progress is not None:
         progress(
             Progress(
                 plan.qualified,
-                cp.rows,
-                cp.offset,
+                final.rows,
+                final.offset,
                 plan.estimated_rows,
                 time.monotonic() - started,
-                len(cp.chunks),
+                len(final.chunks),
                 done=True,
             )
         )
@@ -539,19 +441,13 @@ def export_table(
         seconds=time.monotonic() - started,
         resumed=resumed,
         already_complete=False,
-        retries=ex.retries,
+        retries=sum(o.retries for o in outcomes),
         peak_rss=peak_rss(),
         key=plan.key,
         key_source=plan.key_source,
         warnings=plan.warnings,
+        point_in_time=point_in_time,
     )
-
-
-def _discard(out: Path) -> None:
-    """Remove what a fresh export created before its first chunk failed for good."""
-    for p in (checkpoint_path(out), out):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
 
 
 def _already_complete(

@@ -10,7 +10,8 @@ checkpoint is removed after it. JSON form (version 1)::
      "chunks": [{"index": 0, "offset": 0, "bytes": N, "rows": N, "xxh3_128": hex,
                  "last_key": ["..."]}, ...],
      "chunk_rows": N, "settings": {"TimeZone": ..., ...},
-     "started_at": ISO, "finished_at": ISO, "seconds": float, "resumed": bool}
+     "started_at": ISO, "finished_at": ISO, "seconds": float, "resumed": bool,
+     "workers": N, "point_in_time": bool}
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class Manifest:
     finished_at: str
     seconds: float
     resumed: bool
+    workers: int = 1
+    point_in_time: bool = False
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -85,6 +88,8 @@ class Manifest:
             "finished_at": self.finished_at,
             "seconds": self.seconds,
             "resumed": self.resumed,
+            "workers": self.workers,
+            "point_in_time": self.point_in_time,
         }
 
     @classmethod
@@ -110,6 +115,8 @@ class Manifest:
             finished_at=str(d["finished_at"]),
             seconds=float(d["seconds"]),
             resumed=bool(d["resumed"]),
+            workers=int(d.get("workers", 1)),
+            point_in_time=bool(d.get("point_in_time", False)),
         )
 
 

@@ -234,6 +234,21 @@ def _conditions(
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
 
 
+def key_columns(plan: TablePlan) -> sql.Composed:
+    """The key columns as a comma-separated identifier list."""
+    return _key_list(plan, bare=True)
+
+
+def where_clause(plan: TablePlan) -> sql.Composable:
+    """`` WHERE (filter)`` or nothing."""
+    return _conditions(plan, None, None)
+
+
+def key_text(plan: TablePlan) -> sql.Composed:
+    """The key columns cast to text (their exact PostgreSQL text form)."""
+    return _key_text(plan)
+
+
 def _key_text(plan: TablePlan) -> sql.Composed:
     return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in plan.key)
 

@@ -1,0 +1,373 @@
+"""Run one part of an export: chunks in a loop, with retries, into one file and checkpoint.
+
+A *part* is a contiguous key range written to one file with its own checkpoint. A single-worker
+export is one part (the whole key space, written to OUTPUT itself); ``--workers N`` runs N parts
+in worker processes (:mod:`copystream.parallel`). :func:`run_part` is the loop that both use:
+open or resume the part's checkpoint and file, run :class:`~copystream.chunk.ChunkRunner` chunk
+after chunk, make each chunk durable, then checkpoint it; on a failure roll the file back,
+classify the error, and retry on a fresh connection as :func:`copystream.retry.decide` says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    new_checkpoint,
+    save_checkpoint,
+)
+from .chunk import ChunkRunner
+from .connection import Target, connect, connect_error, redact
+from .errors import (
+    CopystreamError,
+    ExportFailed,
+    InvalidFilter,
+    OutputExists,
+    PrefixMismatch,
+    RetriesExhausted,
+    TableNotFound,
+    UsageError,
+)
+from .plan import CopyOptions, TablePlan, next_chunk_rows
+from .progress import Progress
+from .retry import RetryPolicy, RetryState, classify, decide
+from .sink import Sink
+
+__all__ = ["PartJob", "PartOutcome", "run_part"]
+
+log = logging.getLogger("copystream")
+
+RECYCLE_CHUNKS = 1_000
+RECYCLE_SECONDS = 3_600.0
+
+
+class _Exporter:
+    """One run of one export. Holds the mutable state; the decisions live in pure functions."""
+
+    def __init__(
+        self,
+        target: Target,
+        output: Path,
+        *,
+        policy: RetryPolicy,
+        io_timeout: float,
+        statement_timeout: float | None,
+        progress: Callable[[Progress], None] | None,
+        sleep: Callable[[float], None],
+    ) -> None:
+        self.target = target
+        self.output = output
+        self.policy = policy
+        self.io_timeout = io_timeout
+        self.statement_timeout = statement_timeout
+        self.progress = progress
+        self.sleep = sleep
+        self.started = time.monotonic()
+        self.retries = 0
+        self.conn: psycopg.Connection[Any] | None = None
+        self.conn_born = 0.0
+        self._start_rows = self._start_bytes = 0  # where this run began (for rates)
+        self.snapshot: str | None = None  # exported snapshot every chunk reads (--consistent)
+        self.snapshot_lost = False
+
+    # -- connections --------------------------------------------------------------------------
+
+    def open_runner(self, settings: dict[str, str]) -> ChunkRunner:
+        self.close()
+        conn = connect(self.target, settings=settings)
+        if self.statement_timeout is not None:
+            conn.execute(
+                "SELECT set_config('statement_timeout', %s, false)",
+                [f"{int(self.statement_timeout * 1000)}ms"],
+            )
+        self.conn, self.conn_born = conn, time.monotonic()
+        return ChunkRunner(conn, io_timeout=self.io_timeout)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def _report(self, plan: TablePlan, base: Checkpoint, rows: int, nbytes: int) -> None:
+        """Progress during a chunk: ``rows``/``nbytes`` received since ``base`` was saved."""
+        if self.progress is not None:
+            self.progress(
+                Progress(
+                    plan.qualified,
+                    base.rows + rows,
+                    base.offset + nbytes,
+                    plan.estimated_rows,
+                    time.monotonic() - self.started,
+                    len(base.chunks),
+                    start_bytes=self._start_bytes,
+                    start_rows=self._start_rows,
+                )
+            )
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run_chunks(
+        self,
+        plan: TablePlan,
+        options: CopyOptions,
+        cp: Checkpoint,
+        sink: Sink,
+        chunk_rows: int | None,
+        *,
+        until: tuple[str, ...] | None = None,
+        first: bool = True,
+    ) -> Checkpoint:
+        """Run chunks until the range is exhausted; return the final checkpoint."""
+        adaptive = chunk_rows is None
+        rows_next = cp.chunk_rows
+        state = RetryState()
+        runner: ChunkRunner | None = None
+        self._start_rows, self._start_bytes = cp.rows, cp.offset
+        while not cp.finished:
+            t0 = time.monotonic()
+            sink.begin_chunk()
+            try:
+                if runner is None:
+                    runner = self.open_runner(cp.settings)
+                outcome = runner.run(
+                    plan,
+                    options,
+                    after=cp.last_key,
+                    rows=rows_next,
+                    header=first and options.header and cp.offset == 0,
+                    sink=sink,
+                    until=until,
+                    snapshot=self.snapshot,
+                    on_data=functools.partial(self._report, plan, cp),
+                )
+            except Exception as e:
+                sink.rollback()
+                self.close()
+                runner = None
+                if self.snapshot is not None and _snapshot_gone(e):
+                    log.warning(
+                        "%s: the exported snapshot is gone (its coordinator ended); continuing "
+                        "without it: this export is no longer point-in-time",
+                        plan.qualified,
+                    )
+                    self.snapshot, self.snapshot_lost = None, True
+                    continue
+                reason = classify(e, retry_statement_timeout=self.policy.retry_statement_timeout)
+                d = decide(self.policy, state, reason=reason, now=time.monotonic())
+                if not d.retry:
+                    raise _chunk_error(e, d.reason, plan, self.target) from e
+                state = d.state
+                self.retries += 1
+                log.warning(
+                    "chunk %d of %s failed (%s); retry %d/%d in %.1fs",
+                    len(cp.chunks),
+                    plan.qualified,
+                    reason,
+                    d.state.attempts,
+                    self.policy.retries,
+                    d.delay,
+                )
+                self.sleep(d.delay)
+                continue
+            sink.sync()
+            _, nbytes, digest = sink.end_chunk()
+            cp = cp.advance(
+                nbytes=nbytes,
+                rows=outcome.rows,
+                digest=digest,
+                prefix_digest=sink.digest,
+                last_key=outcome.last_key,
+                finished=outcome.final,
+            )
+            if adaptive:
+                rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
+                cp = _with_rows(cp, rows_next)
+            save_checkpoint(self.output, cp)
+            state = state.succeeded(time.monotonic())
+            if runner.chunks_served >= RECYCLE_CHUNKS or (
+                time.monotonic() - self.conn_born > RECYCLE_SECONDS
+            ):
+                self.close()
+                runner = None
+        self.close()
+        return cp
+
+
+def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:
+    return replace(cp, chunk_rows=rows)
+
+
+def _snapshot_gone(e: BaseException) -> bool:
+    """Whether ``e`` says the exported snapshot can no longer be imported."""
+    return isinstance(e, psycopg.Error) and (
+        e.sqlstate == "22023" or "invalid snapshot identifier" in str(e)
+    )
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """One contiguous key range exported to one file with its own checkpoint.
+
+    The single-process export is one part covering the whole key space and writing OUTPUT
+    itself; a parallel export runs one part per range in worker processes (so this is picklable).
+    """
+
+    conninfo: str
+    plan: TablePlan
+    options: CopyOptions
+    path: str
+    identity: dict[str, Any]
+    settings: dict[str, str]
+    started_at: str
+    lower: tuple[str, ...] | None  # exclusive
+    upper: tuple[str, ...] | None  # inclusive
+    first: bool  # this part starts the output (it carries the header)
+    chunk_rows: int | None
+    first_rows: int
+    policy: RetryPolicy
+    io_timeout: float
+    statement_timeout: float | None
+    snapshot: str | None
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    """What :func:`run_part` left behind: a finished checkpoint and the part file's digest."""
+
+    checkpoint: Checkpoint
+    digest: str
+    retries: int
+    resumed: bool
+    snapshot_lost: bool
+
+
+def run_part(
+    job: PartJob,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PartOutcome:
+    """Export one part: create or resume its checkpoint and file, run chunks to the end.
+
+    The file must not exist without a checkpoint (the caller decides about overwriting).
+    A usage error before the first committed chunk of a fresh part removes what it created.
+    """
+    path = Path(job.path)
+    ex = _Exporter(
+        Target(job.conninfo),
+        path,
+        policy=job.policy,
+        io_timeout=job.io_timeout,
+        statement_timeout=job.statement_timeout,
+        progress=progress,
+        sleep=sleep,
+    )
+    ex.snapshot = job.snapshot
+    cp = load_checkpoint(path)
+    fresh = cp is None
+    if cp is None:
+        if path.exists():
+            raise OutputExists(f"{path} exists and has no checkpoint to resume from")
+        cp = new_checkpoint(
+            export=job.identity,
+            settings=job.settings,
+            started_at=job.started_at,
+            chunk_rows=job.chunk_rows or job.first_rows,
+            estimated_rows=job.plan.estimated_rows,
+            last_key=job.lower,
+        )
+        save_checkpoint(path, cp)
+    else:
+        cp.check_same_export(job.identity, path)
+        if job.chunk_rows is not None:
+            cp = _with_rows(cp, job.chunk_rows)
+    if cp.offset == 0 and not path.exists():
+        sink = Sink.create(path)
+    elif not path.exists():
+        raise PrefixMismatch(
+            f"{path} is missing but its checkpoint records {cp.offset} bytes; pass "
+            "--restart to export it again from the start"
+        )
+    else:
+        sink = Sink.reopen(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
+        if not fresh and not cp.finished:
+            log.info("%s: resuming at row %s, byte %s", path.name, f"{cp.rows:,}", cp.offset)
+    try:
+        try:
+            cp = ex.run_chunks(
+                job.plan, job.options, cp, sink, job.chunk_rows, until=job.upper, first=job.first
+            )
+        except UsageError:
+            if fresh and not cp.chunks:
+                sink.close()
+                _discard(path)
+            raise
+        digest = sink.digest
+    finally:
+        sink.close()
+        ex.close()
+    return PartOutcome(cp, digest, ex.retries, not fresh, ex.snapshot_lost)
+
+
+def _chunk_error(e: Exception, why: str, plan: TablePlan, target: Target) -> CopystreamError:
+    """The user-facing error for a chunk that failed for good. The checkpoint is intact."""
+    if isinstance(e, CopystreamError):
+        return e
+    msg = redact(
+        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, *target.secrets
+    )
+    if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
+        return InvalidFilter(
+            f"the export of {plan.qualified} tried to write ({msg}); every export transaction "
+            "is READ ONLY: remove writing functions from --where"
+        )
+    if isinstance(e, psycopg.errors.UndefinedTable):
+        return TableNotFound(f"{plan.qualified} disappeared during the export: {msg}")
+    if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
+        return UsageError(
+            f"the definition of {plan.qualified} changed during the export ({msg}); "
+            "pass --restart to export it again"
+        )
+    if isinstance(e, psycopg.errors.InsufficientPrivilege):
+        return UsageError(f"permission denied exporting {plan.qualified}: {msg}")
+    if isinstance(
+        e, psycopg.errors.SyntaxErrorOrAccessRuleViolation | psycopg.errors.DataException
+    ):
+        return InvalidFilter(f"exporting {plan.qualified} failed: {msg}")
+    if isinstance(e, psycopg.Error):
+        if e.sqlstate and e.sqlstate.startswith("28"):
+            return connect_error(e, target)
+        if isinstance(e, psycopg.OperationalError) and "connect" in msg and e.sqlstate is None:
+            return RetriesExhausted(
+                f"exporting {plan.qualified} stopped: {why}: {msg}; the checkpoint is intact, "
+                "run the same command again to resume"
+            )
+    if classify(e) is not None:
+        return RetriesExhausted(
+            f"exporting {plan.qualified} stopped: {why}; last error: {msg}; the checkpoint is "
+            "intact, run the same command again to resume"
+        )
+    return ExportFailed(
+        f"exporting {plan.qualified} failed: {msg}; the checkpoint is intact, run the same "
+        "command again to resume"
+    )
+
+
+def _discard(out: Path) -> None:
+    """Remove what a fresh export created before its first chunk failed for good."""
+    for p in (checkpoint_path(out), out):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
