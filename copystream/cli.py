@@ -116,6 +116,18 @@ def cli() -> None:
     type=click.FloatRange(min=0.001),
     help="Server statement_timeout per statement, in seconds (retried when hit).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes, each exporting one key range; parts are joined in order.",
+)
+@click.option(
+    "--consistent",
+    is_flag=True,
+    help="Read every chunk from one exported snapshot (point-in-time export).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 def export(
     table: str,
@@ -141,6 +153,8 @@ def export(
     retry_budget: float,
     io_timeout: float,
     statement_timeout: float | None,
+    workers: int,
+    consistent: bool,
     verbose: bool,
 ) -> None:
     """Export TABLE to the file OUTPUT; run it again after an interruption to resume."""
@@ -175,6 +189,8 @@ def export(
             retry_budget=retry_budget,
             io_timeout=io_timeout,
             statement_timeout=statement_timeout,
+            workers=workers,
+            consistent=consistent,
         )
     summary = format_summary(
         table=result.table,
