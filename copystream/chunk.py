@@ -153,6 +153,8 @@ class ChunkRunner:
     ) -> ChunkOutcome:
         """Export the next ``rows`` rows after key ``after`` into ``sink``, committed.
 
+        ``rows == 0`` exports everything after ``after`` in this one chunk (single-COPY mode).
+
         ``until`` closes the range (inclusive) for a parallel worker; ``final`` then means the
         range is exhausted. ``snapshot`` is an exported snapshot id to read from (point-in-time
         export). ``on_data(rows, bytes)`` is called after each buffer write with the chunk's
@@ -165,7 +167,8 @@ class ChunkRunner:
         if local:  # key text must round-trip exactly whatever settings are pinned
             saved = self._set_local({n: None for n in local})
             self._set_local(local)
-        found = self._execute(bound_query(plan, after, rows, until))
+        # rows == 0: the whole (rest of the) range in this one COPY
+        found = self._execute(bound_query(plan, after, rows, until)) if rows > 0 else []
         final = not found
         if final:
             found = self._execute(last_key_query(plan, after, until))

@@ -65,7 +65,9 @@ def cli() -> None:
 @click.option("--columns", help="Columns to export, comma-separated, in this order.")
 @click.option("--where", "where", help="SQL filter applied inside every chunk.")
 @click.option(
-    "--chunk-rows", type=click.IntRange(min=1), help="Rows per chunk (default: adaptive)."
+    "--chunk-rows",
+    type=click.IntRange(min=0),
+    help="Rows per chunk (default: adaptive); 0 = the whole table in one COPY.",
 )
 @click.option("--header", is_flag=True, help="Write a header line.")
 @click.option(

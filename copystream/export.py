@@ -274,7 +274,9 @@ def export_table(
         key: column name(s) to page by; default the primary key, else a unique NOT NULL index.
         columns: a subset (and order) of columns; default all.
         where: a SQL filter applied inside every chunk.
-        chunk_rows: rows per chunk; ``None`` adapts to ~2 s per chunk.
+        chunk_rows: rows per chunk; ``None`` adapts to ~2 s per chunk (and exports a table
+            estimated under 8 MB in one COPY); ``0`` forces a single COPY (resumable only
+            from the start).
         header: write a CSV header line (shortcut for ``options=CopyOptions(header=True)``).
         options: COPY formatting options (:class:`CopyOptions`).
         restart: discard any checkpoint, manifest and output and start from zero.
@@ -300,8 +302,8 @@ def export_table(
     out = Path(output)
     _check_output(out)
     target = Target(conninfo or "")
-    if chunk_rows is not None and chunk_rows < 1:
-        raise UsageError("chunk_rows must be a positive number of rows")
+    if chunk_rows is not None and chunk_rows < 0:
+        raise UsageError("chunk_rows must be 0 (one COPY) or a positive number of rows")
     if workers < 1:
         raise UsageError("workers must be at least 1")
     opts = options or CopyOptions(header=header)

@@ -416,11 +416,20 @@ def introspect(
     ]
 
     explicit = _resolve_names(key, existing, "key column", qualified) if key else None
+    warnings = []
+    if explicit and relkind in ("v", "m", "f"):
+        # Views cannot declare NOT NULL: check the data instead (a NULL key would be skipped).
+        unknown = [c for c in explicit if c not in not_null]
+        if unknown and not _has_null_keys(conn, sql.Identifier(schema, name), unknown):
+            not_null |= set(unknown)
+            warnings.append(
+                f"{qualified} is a {_RELKINDS[relkind]}: NOT NULL of key column(s) "
+                f"{', '.join(unknown)} cannot be declared, but no NULL is there now"
+            )
     key_cols, source, unique, indexed = choose_key(
         table=qualified, explicit=explicit, indexes=indexes, not_null=not_null, existing=existing
     )
     indexed = indexed or any(ix[: len(key_cols)] == key_cols for ix in all_indexes)
-    warnings = []
     if not indexed:
         warnings.append(
             f"no index starts with the key ({', '.join(key_cols)}) of {qualified}: every chunk "
@@ -464,6 +473,19 @@ def introspect(
     if where is not None:
         _check_filter(conn, plan)
     return plan
+
+
+def _has_null_keys(
+    conn: psycopg.Connection[tuple[object, ...]], table: sql.Identifier, columns: Sequence[str]
+) -> bool:
+    query = sql.SQL("SELECT EXISTS (SELECT 1 FROM {} WHERE {})").format(
+        table,
+        sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(sql.Identifier(c)) for c in columns),
+    )
+    with conn.transaction():
+        conn.execute("SET TRANSACTION READ ONLY")
+        row = conn.execute(query).fetchone()
+    return bool(row and row[0])
 
 
 def _partition_estimates(
@@ -517,11 +539,11 @@ SMALL_TABLE_BYTES = 8 * 1024 * 1024
 def first_chunk_rows(estimated_rows: int | None, estimated_bytes: int | None) -> int:
     """Rows in the first adaptive chunk, from the planner's row count and table size. Pure.
 
-    A small table (by estimate) gets a single chunk large enough to hold all of it.
+    A small table (by estimate) gets ``0``: the whole table in a single COPY.
     """
     if estimated_rows is not None and estimated_bytes is not None and estimated_rows > 0:
         if estimated_bytes < SMALL_TABLE_BYTES:
-            return MAX_CHUNK_ROWS
+            return 0
         width = max(estimated_bytes / estimated_rows, 1.0)
         return _clamp(int(FIRST_CHUNK_BYTES / width))
     return 100_000
@@ -533,7 +555,7 @@ def next_chunk_rows(current: int, rows: int, seconds: float) -> int:
     Aims at :data:`TARGET_CHUNK_SECONDS`, changes by at most 4x per step (one slow chunk does not
     collapse the size), and stays within the bounds.
     """
-    if rows <= 0 or seconds <= 0:
+    if current <= 0 or rows <= 0 or seconds <= 0:
         return current
     ideal = rows / seconds * TARGET_CHUNK_SECONDS
     return _clamp(int(min(max(ideal, current / 4), current * 4)))
