@@ -1,0 +1,1371 @@
+#!/usr/bin/env python3
+r"""Benchmark ``copystream export`` against psql's ``\copy`` on a realistic table.
+
+What it does:
+
+1. Starts a throwaway PostgreSQL server (:class:`copystream.ephemeral.EphemeralPostgres`, tuned
+   for benchmarking reads: fsync off, shared_buffers 1GB, no autovacuum) or uses ``--dsn``.
+2. Creates ``bench_orders`` with ``--rows`` rows of mixed types (bigint primary key, ints, text
+   with occasional quotes, commas and newlines, numeric, timestamptz, jsonb, uuid, NULLs; about
+   200 bytes of CSV per row) unless it already exists with that row count; VACUUM ANALYZE.
+3. Runs ``--rounds`` rounds, round-robin (the starting config rotates each round, so drift in the
+   machine's load hits every config alike), of:
+     * psql:  ``psql -X -c "\copy (SELECT * FROM bench_orders ORDER BY id) TO 'f' (FORMAT csv)"``
+     * ``copystream export bench_orders f --dsn ... --no-progress --restart`` with 1 worker,
+     * and with ``--workers N`` for each N of ``--workers`` (skipped, with a note, when the
+       installed CLI has no ``--workers`` option yet).
+   One unmeasured psql run first warms the caches and writes the reference file. Every measured
+   output is compared with the reference byte for byte (xxh3-128 and size; on a mismatch the
+   first differing byte is located, the file is kept and the script exits 1).
+4. Per run it measures wall seconds, peak RSS of the process tree (sampled every ~50 ms from
+   /proc: the largest sum over the process and its children, and the largest single process by
+   the kernel's per-process high-water mark VmHWM), client CPU seconds (user+sys of the child
+   and the children it reaped, from wait4), the server's CPU seconds (its processes sampled the
+   same way; throwaway server or --server-pid only), bytes and rows. The start-up cost of the
+   copystream command (`python -m copystream --version`) is measured too, to read small runs.
+5. Prints medians per config and writes everything (per-run figures too) as JSON.
+
+Optional extras: ``--memory-growth`` (peak RSS of a 1-worker export at two table sizes),
+``--resume-check`` (SIGKILL mid-export, time the prefix verification, count redone rows) and
+``--profile`` (one in-process 1-worker export under cProfile: top functions).
+
+Examples::
+
+    .venv/bin/python scripts/bench.py                       # the full benchmark (5M rows)
+    .venv/bin/python scripts/bench.py --rows 200000 --rounds 2 --workers 2,4
+    .venv/bin/python scripts/bench.py --rows 200000 --rounds 0 --resume-check --profile
+    .venv/bin/python scripts/bench.py --rows 5000000 --keep-server     # prints a --dsn to reuse
+    .venv/bin/python scripts/bench.py --dsn 'host=127.0.0.1 port=5433 dbname=bench' --rounds 5
+
+Exit status: 0 all good; 1 an output differed from psql's, a run failed or a check failed;
+2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import csv
+import io
+import json
+import os
+import platform
+import pstats
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+try:
+    import psutil  # type: ignore[import-untyped]
+    import psycopg
+    import xxhash
+    from psycopg import sql
+
+    import copystream
+    from copystream.checkpoint import checkpoint_path, load_checkpoint
+    from copystream.ephemeral import EphemeralPostgres, find_bin_dir
+    from copystream.manifest import manifest_path
+    from copystream.sink import Sink
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    sys.exit(
+        f"bench: error: {exc}; run with the project's venv (.venv/bin/python scripts/bench.py) "
+        "after `pip install -e '.[test,dev]'`"
+    )
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = REPO / "bench-results"
+MB = 1_000_000
+GB = 1_000_000_000
+
+#: postgresql.conf settings of the throwaway server. We measure reads, so durability is off.
+SERVER_SETTINGS = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "max_wal_size": "8GB",
+    "checkpoint_timeout": "1h",
+    "autovacuum": "off",
+    "jit": "off",
+}
+
+LOREM = (
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt "
+    "ut labore et dolore magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation "
+    "ullamco laboris nisi ut aliquip ex ea commodo consequat. Duis aute irure dolor in "
+    "reprehenderit in voluptate velit esse cillum dolore eu fugiat nulla pariatur. Excepteur "
+    "sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit anim."
+)
+
+
+def log(msg: str) -> None:
+    """A progress line on stderr (stdout carries the results)."""
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+def loud(msg: str) -> None:
+    """An error that must not be missed."""
+    bar = "!" * 78
+    print(f"\n{bar}\nbench: ERROR: {msg}\n{bar}\n", file=sys.stderr, flush=True)
+
+
+# -- measuring a process tree -----------------------------------------------------------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+#: /proc/PID/task/TID/children (Linux, CONFIG_PROC_CHILDREN) lists children without scanning all
+#: of /proc, which is what psutil's children() does; psutil is the fallback.
+_PROC_CHILDREN = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    if not _PROC_CHILDREN:
+        try:
+            return [int(c.pid) for c in psutil.Process(pid).children()]
+        except psutil.Error:
+            return []
+    kids: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return kids
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return kids
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(_children(p))
+    return out
+
+
+def _rss(pid: int) -> tuple[int, int] | None:
+    """(current RSS, peak RSS) of ``pid`` in bytes; the peak is the kernel's VmHWM (Linux)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            rss = hwm = None
+            for line in f:
+                if line.startswith(b"VmHWM:"):
+                    hwm = int(line.split()[1]) * 1024
+                elif line.startswith(b"VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
+        rss = hwm = None
+    if rss is None:  # a zombie, gone, or no /proc
+        try:
+            rss = int(psutil.Process(pid).memory_info().rss)
+        except psutil.Error:
+            return None
+    return rss, max(rss, hwm or 0)
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User+system CPU seconds that ``pid`` has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, ValueError, IndexError):
+        try:
+            t = psutil.Process(pid).cpu_times()
+            return float(t.user + t.system)
+        except psutil.Error:
+            return None
+
+
+class ServerCpu:
+    """CPU used by a local PostgreSQL server's processes (the postmaster's children).
+
+    A backend's CPU is known only while it exists, so the total misses what a backend used in
+    its last sampling interval before it exited: an approximation, good to a few percent.
+    """
+
+    def __init__(self, postmaster: int) -> None:
+        self.postmaster = postmaster
+        self._base: dict[int, float] = {}
+        self._last: dict[int, float] = {}
+
+    def begin(self) -> None:
+        self._base = {}
+        for pid in _children(self.postmaster):
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self._base[pid] = cpu
+        self._last = dict(self._base)
+
+    def tick(self) -> None:
+        for pid in _children(self.postmaster):
+            cpu = _cpu_seconds(pid)
+            if cpu is not None:
+                self._last[pid] = cpu
+
+    def total(self) -> float:
+        return sum(v - self._base.get(pid, 0.0) for pid, v in self._last.items())
+
+
+class TreeSampler:
+    """Samples the memory of a process and its descendants every ``interval`` seconds.
+
+    ``peak_tree`` is the largest sum of simultaneous RSS; ``peak_process`` the largest single
+    process, by each process's VmHWM (the kernel's own high-water mark of its address space, so
+    peaks between samples are not missed, and, unlike ``ru_maxrss``, not inflated by the parent's
+    memory at fork). A :class:`ServerCpu`, if given, is updated on every sample too.
+    """
+
+    def __init__(self, pid: int, interval: float, server: ServerCpu | None = None) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.server = server
+        self.peak_tree = 0
+        self.peak_process = 0
+        self.samples = 0
+        self.seen: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.server is not None:
+            self.server.tick()
+
+    def _run(self) -> None:
+        while True:
+            total = 0
+            for pid in _tree(self.pid):
+                got = _rss(pid)
+                if got is None:
+                    continue
+                self.seen.add(pid)
+                total += got[0]
+                self.peak_process = max(self.peak_process, got[1])
+            self.peak_tree = max(self.peak_tree, total)
+            if self.server is not None:
+                self.server.tick()
+            self.samples += 1
+            if self._stop.wait(self.interval):
+                return
+
+
+@dataclass
+class Measured:
+    """One measured child process (and its descendants)."""
+
+    returncode: int
+    wall: float
+    cpu_user: float
+    cpu_sys: float
+    peak_tree: int
+    peak_process: int
+    processes: int
+    samples: int
+    server_cpu: float | None
+
+
+def run_measured(
+    cmd: Sequence[str],
+    *,
+    stdout: Path,
+    stderr: Path,
+    interval: float,
+    server: ServerCpu | None = None,
+    on_start: Callable[[subprocess.Popen[bytes]], None] | None = None,
+) -> Measured:
+    """Run ``cmd`` to completion, sampling its tree's memory; CPU comes from ``wait4``.
+
+    ``on_start(proc)`` runs in this thread while the child runs (e.g. to kill it at some point);
+    the child is reaped only after it returns.
+    """
+    if server is not None:
+        server.begin()
+    with open(stdout, "wb") as out, open(stderr, "wb") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        sampler = TreeSampler(proc.pid, interval, server)
+        sampler.start()
+        try:
+            if on_start is not None:
+                on_start(proc)
+            # wait4 gives the child's CPU, including that of its children it reaped (workers).
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            proc.wait()
+            sampler.stop()
+            raise
+        wall = time.perf_counter() - t0
+        sampler.stop()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    return Measured(
+        returncode=proc.returncode,
+        wall=wall,
+        cpu_user=usage.ru_utime,
+        cpu_sys=usage.ru_stime,
+        peak_tree=sampler.peak_tree,
+        peak_process=sampler.peak_process,
+        processes=len(sampler.seen),
+        samples=sampler.samples,
+        server_cpu=server.total() if server is not None else None,
+    )
+
+
+# -- files ------------------------------------------------------------------------------------
+
+
+def hash_file(path: Path) -> tuple[int, str]:
+    """Size and xxh3-128 hex digest of a file."""
+    h = xxhash.xxh3_128()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(4 << 20):
+            h.update(block)
+            size += len(block)
+    return size, h.hexdigest()
+
+
+def first_difference(a: Path, b: Path) -> int | None:
+    """Offset of the first byte where the files differ (or one ends), None if identical."""
+    offset = 0
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        while True:
+            ba, bb = fa.read(1 << 20), fb.read(1 << 20)
+            if ba != bb:
+                n = min(len(ba), len(bb))
+                for i in range(n):
+                    if ba[i] != bb[i]:
+                        return offset + i
+                return offset + n
+            if not ba:
+                return None
+            offset += len(ba)
+
+
+def remove_output(path: Path) -> None:
+    """Remove an output file and copystream's files beside it."""
+    for p in (path, checkpoint_path(path), manifest_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def count_complete_csv_records(data: bytes) -> int:
+    """Complete CSV records in ``data`` (which starts at a record boundary)."""
+    text = data.decode("utf-8", errors="replace")
+    n = 0
+    try:
+        for _ in csv.reader(io.StringIO(text, newline=""), strict=True):
+            n += 1
+    except csv.Error:  # ends inside a quoted field: the last record is incomplete
+        return n
+    if text and not text.endswith("\n"):
+        n -= 1  # the last record was cut short
+    return n
+
+
+# -- the table --------------------------------------------------------------------------------
+
+
+def ensure_table(dsn: str, table: str, rows: int, batch: int = 500_000) -> dict[str, Any]:
+    """Create ``table`` with ``rows`` rows unless it exists with exactly that many; analyze it."""
+    ident = sql.Identifier(table)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [table]).fetchone()
+        have = None
+        if exists and exists[0]:
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone()
+            have = int(row[0]) if row else None
+        t0 = time.perf_counter()
+        created = have != rows
+        if created:
+            if have is not None:
+                log(f"{table} has {have:,} rows, not {rows:,}: dropping and re-creating it")
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+            conn.execute(
+                sql.SQL(
+                    """CREATE TABLE {} (
+                        id bigint NOT NULL,
+                        customer_id integer NOT NULL,
+                        quantity integer,
+                        status text NOT NULL,
+                        note text,
+                        amount numeric(12,2) NOT NULL,
+                        discount numeric(5,2),
+                        created_at timestamptz NOT NULL,
+                        shipped_at timestamptz,
+                        attrs jsonb,
+                        ref uuid NOT NULL
+                    )"""
+                ).format(ident)
+            )
+            conn.execute("SELECT setseed(0.42)")  # the same data every time
+            for lo in range(1, rows + 1, batch):
+                hi = min(lo + batch - 1, rows)
+                conn.execute(_insert_query(ident, lo, hi))
+                log(f"{table}: inserted {hi:,} / {rows:,} rows")
+            conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(ident))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
+        size_row = conn.execute("SELECT pg_total_relation_size(%s::regclass)", [table]).fetchone()
+        plan = conn.execute(
+            sql.SQL("EXPLAIN SELECT * FROM {} ORDER BY id").format(ident)
+        ).fetchall()
+        return {
+            "table": table,
+            "rows": rows,
+            "created": created,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "relation_bytes": int(size_row[0]) if size_row else None,
+            "psql_query_plan": [str(r[0]) for r in plan],
+        }
+
+
+def _insert_query(ident: sql.Identifier, lo: int, hi: int) -> sql.Composed:
+    """INSERT rows ``lo..hi``. Random draws live in a subquery, so each row gets its own."""
+    return sql.SQL(
+        """INSERT INTO {table}
+        SELECT g,
+            1 + (r1 * 99998)::int,
+            CASE WHEN r2 < 0.05 THEN NULL ELSE 1 + (r2 * 19)::int END,
+            (ARRAY['pending','paid','shipped','delivered','cancelled','returned'])
+                [1 + (r3 * 5)::int],
+            CASE WHEN r4 < 0.10 THEN NULL
+                 WHEN r4 < 0.13 THEN 'customer said "' || txt || '", twice'
+                 WHEN r4 < 0.15 THEN txt || E'\n' || 'second line; see "notes"'
+                 WHEN r4 < 0.20 THEN txt || ', ' || txt
+                 ELSE txt END,
+            round((r5 * 2500)::numeric, 2),
+            CASE WHEN r6 < 0.7 THEN NULL ELSE round((r6 * 40)::numeric, 2) END,
+            timestamptz '2021-01-01 00:00:00+00'
+                + make_interval(secs => g * 7.3 + r7 * 5),
+            CASE WHEN r8 < 0.3 THEN NULL
+                 ELSE timestamptz '2021-01-02 00:00:00+00'
+                      + make_interval(secs => g * 7.3 + r8 * 400000) END,
+            CASE WHEN r9 < 0.15 THEN NULL
+                 ELSE jsonb_build_object(
+                    'sku', 'SKU-' || lpad((r1 * 99999)::int::text, 5, '0'),
+                    'gift', r9 > 0.9,
+                    'channel', (ARRAY['web','app','store'])[1 + (r3 * 2)::int]) END,
+            md5(g::text)::uuid
+        FROM (
+            SELECT g, random() AS r1, random() AS r2, random() AS r3, random() AS r4,
+                random() AS r5, random() AS r6, random() AS r7, random() AS r8, random() AS r9,
+                substr({lorem}, 1 + (random() * 300)::int, 8 + (random() * 40)::int) AS txt
+            FROM generate_series({lo}::bigint, {hi}::bigint) AS g
+        ) AS s"""
+    ).format(table=ident, lorem=sql.Literal(LOREM), lo=sql.Literal(lo), hi=sql.Literal(hi))
+
+
+# -- the configs ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunRecord:
+    """The figures of one measured run."""
+
+    config: str
+    round: int
+    wall_s: float
+    rows: int
+    bytes: int
+    cpu_user_s: float
+    cpu_sys_s: float
+    peak_rss_process_mb: float
+    peak_rss_tree_mb: float
+    processes: int
+    rss_samples: int
+    identical: bool
+    server_cpu_s: float | None = None  # approximate, see ServerCpu
+    copystream_seconds: float | None = None  # the export's own timing (from --report)
+    # The export's own peak_rss_bytes from --report: ru_maxrss, which on Linux includes the memory
+    # of the parent (this script) at fork time, so it reads high. Kept for comparison only.
+    copystream_reported_rss_mb: float | None = None
+
+
+@dataclass
+class Bench:
+    """State shared by the benchmark steps."""
+
+    args: argparse.Namespace
+    dsn: str
+    psql_bin: str
+    workdir: Path
+    workers_supported: bool
+    server_cpu: ServerCpu | None = None
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    references: dict[str, tuple[Path, int, str]] = field(default_factory=dict)
+    _seq: int = 0
+
+    def fresh(self, stem: str) -> Path:
+        """A new file name in the work directory."""
+        self._seq += 1
+        return self.workdir / f"{self._seq:04d}-{stem}.csv"
+
+    def psql_cmd(self, table: str, out: Path) -> list[str]:
+        with psycopg.connect(self.dsn) as conn:
+            query = (
+                sql.SQL("SELECT * FROM {} ORDER BY id")
+                .format(sql.Identifier(table))
+                .as_string(conn)
+            )
+        target = str(out).replace("'", "''")
+        return [
+            self.psql_bin,
+            "-X",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            self.dsn,
+            "-c",
+            f"\\copy ({query}) TO '{target}' WITH (FORMAT csv)",
+        ]
+
+    def copystream_cmd(
+        self,
+        table: str,
+        out: Path,
+        workers: int | None,
+        *,
+        restart: bool = True,
+        extra: Sequence[str] = (),
+    ) -> list[str]:
+        cmd = [sys.executable, "-m", "copystream", "export", table, str(out)]
+        cmd += ["--dsn", self.dsn, "--no-progress", "--report", str(out) + ".report.json"]
+        if restart:
+            cmd.append("--restart")
+        if workers is not None and self.workers_supported:
+            cmd += ["--workers", str(workers)]
+        return cmd + list(extra)
+
+    def reference(self, table: str) -> tuple[Path, int, str]:
+        """psql's output for ``table`` (made once, unmeasured; also warms the caches)."""
+        if table not in self.references:
+            out = self.workdir / f"reference-{table}.csv"
+            with contextlib.suppress(FileNotFoundError):
+                out.unlink()
+            log(f"{table}: reference export with psql (unmeasured warm-up)")
+            proc = subprocess.run(self.psql_cmd(table, out), capture_output=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"psql failed: {proc.stderr.decode(errors='replace').strip()}")
+            size, digest = hash_file(out)
+            self.references[table] = (out, size, digest)
+        return self.references[table]
+
+    def run(self, config: str, rnd: int, table: str, workers: int | None) -> RunRecord:
+        """One measured run of ``config`` (``psql`` or a copystream worker count)."""
+        ref_path, ref_size, ref_digest = self.reference(table)
+        out = self.fresh(f"{config}-r{rnd}")
+        is_psql = config == "psql"
+        cmd = self.psql_cmd(table, out) if is_psql else self.copystream_cmd(table, out, workers)
+        stdout, stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        m = run_measured(
+            cmd,
+            stdout=stdout,
+            stderr=stderr,
+            interval=self.args.sample_interval,
+            server=self.server_cpu,
+        )
+        if m.returncode != 0:
+            text = stderr.read_text(errors="replace").strip()
+            raise RuntimeError(f"{config} (round {rnd}) exited {m.returncode}: {text}")
+        size, digest = hash_file(out)
+        identical = (size, digest) == (ref_size, ref_digest)
+        rows, cs_seconds, cs_rss = self._rows_of(out, stdout, is_psql)
+        if not identical:
+            at = first_difference(out, ref_path)
+            kept = self.workdir / f"MISMATCH-{out.name}"
+            out.rename(kept)
+            msg = (
+                f"{config} round {rnd}: output differs from psql's ({size:,} vs {ref_size:,} "
+                f"bytes, first difference at byte {at}); kept as {kept}"
+            )
+            loud(msg)
+            self.errors.append(msg)
+            self.args.keep_files = True
+        for p in (stdout, stderr, Path(str(out) + ".report.json")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        remove_output(out)
+        return RunRecord(
+            config=config,
+            round=rnd,
+            wall_s=m.wall,
+            rows=rows,
+            bytes=size,
+            cpu_user_s=m.cpu_user,
+            cpu_sys_s=m.cpu_sys,
+            peak_rss_process_mb=m.peak_process / MB,
+            peak_rss_tree_mb=m.peak_tree / MB,
+            processes=m.processes,
+            rss_samples=m.samples,
+            identical=identical,
+            server_cpu_s=m.server_cpu,
+            copystream_seconds=cs_seconds,
+            copystream_reported_rss_mb=cs_rss,
+        )
+
+    def _rows_of(
+        self, out: Path, stdout: Path, is_psql: bool
+    ) -> tuple[int, float | None, float | None]:
+        if is_psql:
+            found = re.search(r"COPY (\d+)", stdout.read_text(errors="replace"))
+            return (int(found.group(1)) if found else -1), None, None
+        report = json.loads(Path(str(out) + ".report.json").read_text())
+        return int(report["rows"]), float(report["seconds"]), report["peak_rss_bytes"] / MB
+
+
+# -- the steps --------------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(records: list[RunRecord], configs: list[str]) -> list[dict[str, Any]]:
+    """Medians per config; the ratio to psql is the median of per-round ratios."""
+    psql_wall = {r.round: r.wall_s for r in records if r.config == "psql"}
+    out = []
+    for config in configs:
+        runs = [r for r in records if r.config == config]
+        if not runs:
+            continue
+        ratios = [r.wall_s / psql_wall[r.round] for r in runs if r.round in psql_wall]
+        out.append(
+            {
+                "config": config,
+                "runs": len(runs),
+                "wall_s": _median([r.wall_s for r in runs]),
+                "wall_s_min": min(r.wall_s for r in runs),
+                "wall_s_max": max(r.wall_s for r in runs),
+                "ratio_to_psql": _median(ratios),
+                "mb_per_s": _median([r.bytes / r.wall_s / MB for r in runs]),
+                "rows_per_s": _median([r.rows / r.wall_s for r in runs]),
+                "peak_rss_process_mb": _median([r.peak_rss_process_mb for r in runs]),
+                "peak_rss_process_mb_max": max(r.peak_rss_process_mb for r in runs),
+                "peak_rss_tree_mb": _median([r.peak_rss_tree_mb for r in runs]),
+                "cpu_s": _median([r.cpu_user_s + r.cpu_sys_s for r in runs]),
+                "cpu_s_per_gb": _median(
+                    [(r.cpu_user_s + r.cpu_sys_s) / (r.bytes / GB) for r in runs]
+                ),
+                "server_cpu_s_per_gb": _median(
+                    [r.server_cpu_s / (r.bytes / GB) for r in runs if r.server_cpu_s is not None]
+                ),
+                "processes": max(r.processes for r in runs),
+                "all_identical": all(r.identical for r in runs),
+            }
+        )
+    return out
+
+
+def print_table(summary: list[dict[str, Any]], rows: int, nbytes: int) -> None:
+    print(f"\nMedians per config ({rows:,} rows, {nbytes / MB:,.1f} MB of CSV):\n")
+    head = (
+        f"{'config':<15}{'runs':>5}{'wall s':>8}{'x psql':>8}{'MB/s':>8}{'rows/s':>11}"
+        f"{'RSS/proc MB':>12}{'RSS tree MB':>12}{'CPU s/GB':>9}{'srv CPU s/GB':>13}  identical"
+    )
+    print(head)
+    print("-" * len(head))
+    for s in summary:
+        srv = s["server_cpu_s_per_gb"]
+        print(
+            f"{s['config']:<15}{s['runs']:>5}{s['wall_s']:>8.2f}{s['ratio_to_psql']:>8.2f}"
+            f"{s['mb_per_s']:>8.1f}{s['rows_per_s']:>11,.0f}{s['peak_rss_process_mb']:>12.1f}"
+            f"{s['peak_rss_tree_mb']:>12.1f}{s['cpu_s_per_gb']:>9.2f}"
+            f"{'-' if srv != srv else f'{srv:.2f}':>13}  "
+            f"{'yes' if s['all_identical'] else 'NO'}"
+        )
+    print(
+        "\nwall s: median wall time, start-up included; x psql: median of per-round ratios to\n"
+        "psql; RSS/proc: largest single process (its VmHWM); RSS tree: largest simultaneous\n"
+        "sum over the process tree; CPU s/GB: the client's user+sys per GB of output;\n"
+        "srv CPU s/GB: the server processes' (approximate; '-' when not measured)."
+    )
+
+
+def step_startup(b: Bench, times: int = 3) -> dict[str, Any]:
+    """What `python -m copystream --version` costs: the fixed start-up of every CLI run."""
+    runs = []
+    for i in range(times):
+        out = b.workdir / f"startup-{i}.out"
+        m = run_measured(
+            [sys.executable, "-m", "copystream", "--version"],
+            stdout=out,
+            stderr=out.with_suffix(".err"),
+            interval=b.args.sample_interval,
+        )
+        out.unlink()
+        out.with_suffix(".err").unlink()
+        runs.append(m)
+    result = {
+        "wall_s": _median([m.wall for m in runs]),
+        "cpu_s": _median([m.cpu_user + m.cpu_sys for m in runs]),
+        "peak_rss_mb": _median([m.peak_process / MB for m in runs]),
+    }
+    log(
+        f"copystream start-up (--version): {result['wall_s']:.2f}s wall, "
+        f"{result['cpu_s']:.2f}s CPU, {result['peak_rss_mb']:.1f} MB"
+    )
+    return result
+
+
+def step_rounds(b: Bench, table: str) -> dict[str, Any]:
+    configs: list[tuple[str, int | None]] = [("psql", None), ("copystream-1w", 1)]
+    for n in b.args.workers:
+        if b.workers_supported:
+            configs.append((f"copystream-{n}w", n))
+    records: list[RunRecord] = []
+    b.reference(table)
+    for rnd in range(b.args.rounds):
+        start = rnd % len(configs)
+        for name, workers in configs[start:] + configs[:start]:
+            r = b.run(name, rnd, table, workers)
+            records.append(r)
+            log(
+                f"round {rnd + 1}/{b.args.rounds} {name}: {r.wall_s:.2f}s, "
+                f"{r.bytes / MB:,.1f} MB, peak RSS {r.peak_rss_process_mb:.1f} MB/process, "
+                f"CPU {r.cpu_user_s + r.cpu_sys_s:.2f}s"
+                + ("" if r.identical else "  ** OUTPUT DIFFERS **")
+            )
+    names = [c[0] for c in configs]
+    summary = summarize(records, names)
+    _, ref_size, _ = b.references[table]
+    print_table(summary, b.args.rows, ref_size)
+    return {"configs": names, "summary": summary, "runs": [asdict(r) for r in records]}
+
+
+def step_memory_growth(b: Bench, table: str) -> dict[str, Any]:
+    small = b.args.growth_rows
+    if small >= b.args.rows:
+        small = max(b.args.rows // 5, 1)
+        b.notes.append(f"--growth-rows must be below --rows; using {small:,}")
+    small_table = f"{table}_{small}"
+    info = ensure_table(b.dsn, small_table, small)
+    log(f"memory growth: {small_table} ready ({info['seconds']}s)")
+    points = []
+    for rows, t in ((small, small_table), (b.args.rows, table)):
+        r = b.run("copystream-1w", -1, t, 1)
+        points.append(
+            {
+                "rows": rows,
+                "bytes": r.bytes,
+                "peak_rss_process_mb": r.peak_rss_process_mb,
+                "peak_rss_tree_mb": r.peak_rss_tree_mb,
+                "wall_s": r.wall_s,
+                "identical": r.identical,
+            }
+        )
+    growth = points[1]["peak_rss_process_mb"] / points[0]["peak_rss_process_mb"]
+    print("\nMemory growth (copystream, 1 worker):")
+    for p in points:
+        print(
+            f"  {p['rows']:>12,} rows  {p['bytes'] / MB:>10,.1f} MB  peak RSS "
+            f"{p['peak_rss_process_mb']:.1f} MB/process, {p['peak_rss_tree_mb']:.1f} MB tree"
+        )
+    print(
+        f"  data x{points[1]['bytes'] / points[0]['bytes']:.1f} -> peak RSS x{growth:.2f} "
+        "(constant memory means ~1.0)"
+    )
+    if not b.args.keep_table:
+        with psycopg.connect(b.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(small_table)))
+    return {"points": points, "growth_ratio": growth}
+
+
+def step_resume(b: Bench, table: str) -> dict[str, Any]:
+    """Kill an export mid-chunk with SIGKILL, then resume it; time the prefix verification."""
+    rows = b.args.rows
+    chunk = b.args.resume_chunk_rows or max(rows // 20, 1000)
+    _, ref_size, ref_digest = b.reference(table)
+    out = b.fresh("resume")
+    stdout, stderr = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+    state: dict[str, Any] = {}
+
+    def kill_midway(proc: subprocess.Popen[bytes]) -> None:
+        # Kill once at least resume_at of the rows are checkpointed and the file has grown past
+        # the checkpoint (a chunk is in flight).
+        while proc.poll() is None:
+            try:
+                cp = load_checkpoint(out)
+            except Exception:  # being replaced right now; try again
+                cp = None
+            if cp is not None and not cp.finished and cp.rows >= b.args.resume_at * rows:
+                with contextlib.suppress(FileNotFoundError):
+                    if out.stat().st_size > cp.offset:
+                        os.kill(proc.pid, signal.SIGKILL)
+                        state["killed"] = True
+                        return
+            time.sleep(0.005)
+
+    cmd = b.copystream_cmd(table, out, 1, extra=["--chunk-rows", str(chunk)])
+    m = run_measured(
+        cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval, on_start=kill_midway
+    )
+    if not state.get("killed"):
+        msg = (
+            f"resume check: the export finished (exit {m.returncode}) before it could be killed "
+            "mid-chunk; use more --rows or a smaller --resume-chunk-rows"
+        )
+        loud(msg)
+        b.errors.append(msg)
+        remove_output(out)
+        return {"error": msg}
+    cp = load_checkpoint(out)
+    if cp is None:
+        raise RuntimeError("resume check: no checkpoint after the kill")
+    size_at_kill = out.stat().st_size
+    with open(out, "rb") as f:
+        f.seek(cp.offset)
+        tail = f.read()
+    rows_in_tail = count_complete_csv_records(tail)
+    rows_written_at_kill = cp.rows + rows_in_tail
+    rows_remaining_at_kill = rows - rows_written_at_kill
+    chunks = [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks]
+
+    # Prefix verification straight from Python: once from disk (the file's pages dropped from
+    # the page cache first), once from the page cache. reopen() also cuts the unfinished tail,
+    # exactly as the resumed export would.
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    timings = {}
+    for label in ("cold", "warm"):
+        t0 = time.perf_counter()
+        Sink.reopen(out, chunks, cp.xxh3_128).close()
+        timings[label] = time.perf_counter() - t0
+
+    # The resumed run (same command without --restart), verbose for the log's timestamps.
+    cmd = b.copystream_cmd(table, out, 1, restart=False, extra=["--chunk-rows", str(chunk), "-v"])
+    m2 = run_measured(cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval)
+    log_text = stderr.read_text(errors="replace")
+    if m2.returncode != 0:
+        raise RuntimeError(f"resume check: the resumed export exited {m2.returncode}: {log_text}")
+    report = json.loads(Path(str(out) + ".report.json").read_text())
+    rows_by_resume = int(report["rows"]) - cp.rows
+    redone = rows_by_resume - rows_remaining_at_kill
+    size, digest = hash_file(out)
+    identical = (size, digest) == (ref_size, ref_digest)
+    log_seconds = _log_verify_seconds(log_text)
+    result = {
+        "rows": rows,
+        "chunk_rows": chunk,
+        "killed_at_rows_checkpointed": cp.rows,
+        "killed_at_bytes_checkpointed": cp.offset,
+        "file_bytes_at_kill": size_at_kill,
+        "rows_written_at_kill": rows_written_at_kill,
+        "rows_remaining_at_kill": rows_remaining_at_kill,
+        "rows_exported_by_resume": rows_by_resume,
+        "rows_redone": redone,
+        "redone_at_most_one_chunk": 0 <= redone <= chunk,
+        "resumed": bool(report.get("resumed")),
+        "verify_cold_s": timings["cold"],
+        "verify_cold_gb_per_s": cp.offset / timings["cold"] / GB,
+        "verify_warm_s": timings["warm"],
+        "verify_warm_gb_per_s": cp.offset / timings["warm"] / GB,
+        "log_verify_s": log_seconds,
+        "resume_wall_s": m2.wall,
+        "identical": identical,
+    }
+    print("\nResume check (SIGKILL mid-chunk, then the same command again):")
+    print(
+        f"  killed with {cp.rows:,} rows / {cp.offset / MB:,.1f} MB checkpointed in "
+        f"{len(cp.chunks)} chunks of {chunk:,} rows; {rows_in_tail:,} more rows "
+        f"({(size_at_kill - cp.offset) / MB:,.1f} MB) written but not checkpointed"
+    )
+    print(
+        f"  prefix verification (Sink.reopen, {cp.offset / MB:,.1f} MB): "
+        f"{result['verify_cold_gb_per_s']:.2f} GB/s cold (file evicted from the page cache), "
+        f"{result['verify_warm_gb_per_s']:.2f} GB/s warm"
+        + (f"; resume log: {log_seconds:.3f}s" if log_seconds is not None else "")
+    )
+    print(
+        f"  resumed run: {m2.wall:.2f}s, exported {rows_by_resume:,} rows; rows remaining at "
+        f"the kill {rows_remaining_at_kill:,} -> redone {redone:,} (limit: one chunk, {chunk:,})"
+    )
+    print(f"  output identical to psql's: {'yes' if identical else 'NO'}")
+    if not identical:
+        msg = f"resume check: the resumed output differs from psql's; kept as {out}"
+        loud(msg)
+        b.errors.append(msg)
+        b.args.keep_files = True
+    elif not result["redone_at_most_one_chunk"]:
+        msg = f"resume check: {redone:,} rows redone, more than one chunk ({chunk:,})"
+        loud(msg)
+        b.errors.append(msg)
+    if not result["resumed"]:
+        msg = "resume check: the second run did not report resumed=true"
+        loud(msg)
+        b.errors.append(msg)
+    if identical:
+        remove_output(out)
+    for p in (stdout, stderr, Path(str(out) + ".report.json")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return result
+
+
+def _log_verify_seconds(text: str) -> float | None:
+    """Seconds between the log's planning line and its "resuming at" line (prefix check)."""
+    stamps = {}
+    for line in text.splitlines():
+        found = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) copystream", line)
+        if not found:
+            continue
+        when = datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f")
+        if "paging by" in line:
+            stamps["plan"] = when
+        elif "resuming at" in line:
+            stamps["resume"] = when
+    if len(stamps) < 2:
+        return None
+    return (stamps["resume"] - stamps["plan"]).total_seconds()
+
+
+def step_profile(b: Bench, table: str, results_dir: Path, stamp: str) -> dict[str, Any]:
+    """One 1-worker export in this process under cProfile."""
+    _, ref_size, ref_digest = b.reference(table)
+    out = b.fresh("profile")
+    prof = cProfile.Profile()
+    t0, c0 = time.perf_counter(), time.process_time()
+    prof.enable()
+    try:
+        result = copystream.export_table(b.dsn, table, out, restart=True)
+    finally:
+        prof.disable()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    size, digest = hash_file(out)
+    identical = (size, digest) == (ref_size, ref_digest)
+    if not identical:
+        msg = f"profile: the profiled export differs from psql's; kept as {out}"
+        loud(msg)
+        b.errors.append(msg)
+        b.args.keep_files = True
+    else:
+        remove_output(out)
+    prof_path = results_dir / f"profile-{stamp}.prof"
+    prof.dump_stats(prof_path)
+    print(
+        f"\nProfile of one in-process export ({result.rows:,} rows, {size / MB:,.1f} MB, "
+        f"{len(result.chunks)} chunks, {wall:.2f}s under cProfile); saved to {prof_path}"
+    )
+    waiting = sum(
+        v[2] for k, v in stats_of(prof).items() if k[2] in _WAIT_FUNCTIONS and k[0] == "~"
+    )
+    print(
+        f"This process used {cpu:.2f}s of CPU in {wall:.2f}s ({100 * cpu / wall:.0f}% busy); "
+        f"{waiting:.2f}s ({100 * waiting / wall:.0f}%) was spent waiting in select/poll for the "
+        "server.\nNote: psycopg's compiled pq calls (get_copy_data, consume_input) are invisible "
+        "to cProfile:\ntheir time counts as the own time of their Python caller (chunk.py _copy)."
+    )
+    tops: dict[str, list[dict[str, Any]]] = {}
+    for key, title in (("cumulative", "cumulative time"), ("tottime", "total (own) time")):
+        stream = io.StringIO()
+        stats = pstats.Stats(prof, stream=stream)
+        stats.sort_stats(key).print_stats(b.args.profile_top)
+        text = stream.getvalue()
+        start = text.find("   ncalls")
+        print(f"\nTop {b.args.profile_top} by {title}:\n")
+        print(text[start:].rstrip() if start >= 0 else text.rstrip())
+        tops[key] = _top_functions(stats, key, b.args.profile_top)
+    return {
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "waiting_s": waiting,
+        "rows": result.rows,
+        "bytes": size,
+        "identical": identical,
+        "prof_file": str(prof_path),
+        "top": tops,
+    }
+
+
+_WAIT_FUNCTIONS = (
+    "<built-in method select.select>",
+    "<method 'poll' of 'select.epoll' objects>",
+    "<method 'poll' of 'select.poll' objects>",
+)
+
+_Stats = dict[tuple[str, int, str], tuple[int, int, float, float, Any]]
+
+
+def stats_of(source: cProfile.Profile | pstats.Stats) -> _Stats:
+    """The raw ``{(file, line, function): (cc, ncalls, tottime, cumtime, callers)}`` table."""
+    stats = source if isinstance(source, pstats.Stats) else pstats.Stats(source)
+    raw: _Stats = stats.stats  # type: ignore[attr-defined]
+    return raw
+
+
+def _top_functions(stats: pstats.Stats, key: str, n: int) -> list[dict[str, Any]]:
+    raw = stats_of(stats)
+    index = 3 if key == "cumulative" else 2
+    ranked = sorted(raw.items(), key=lambda kv: kv[1][index], reverse=True)[:n]
+    return [
+        {
+            "function": f"{Path(file).name}:{line}({func})" if line else func,
+            "ncalls": nc,
+            "tottime_s": round(tt, 4),
+            "cumtime_s": round(ct, 4),
+        }
+        for (file, line, func), (_, nc, tt, ct, _) in ranked
+    ]
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _worker_list(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        try:
+            n = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a comma-separated list of numbers: {text!r}"
+            ) from None
+        if n < 2:
+            raise argparse.ArgumentTypeError("worker counts must be at least 2 (1 always runs)")
+        values.append(n)
+    return values
+
+
+def _table_name(text: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,50}", text):
+        raise argparse.ArgumentTypeError("use a plain lower-case name (letters, digits, _)")
+    return text
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError("must be between 0 and 1")
+    return value
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bench.py",
+        description=__doc__,
+        epilog=(
+            "The machine should be quiet: other load makes the figures noisy (the load average "
+            "is recorded in the JSON). Results: a table on stdout, progress on stderr, "
+            "everything in the JSON file."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    g = p.add_argument_group("server and table")
+    g.add_argument(
+        "--dsn",
+        help="use this server/database instead of starting a throwaway one (the table is "
+        "created there if missing; a table of that name with another row count is re-created)",
+    )
+    g.add_argument(
+        "--keep-server",
+        action="store_true",
+        help="leave the throwaway server running at the end and print a --dsn to reuse it "
+        "(saves building the table again)",
+    )
+    g.add_argument(
+        "--shared-buffers", default="1GB", help="shared_buffers of the throwaway server (1GB)"
+    )
+    g.add_argument(
+        "--server-pid",
+        type=_positive_int,
+        help="with --dsn to a server on this machine: its postmaster's pid, to measure the "
+        "server's CPU too (a throwaway server is always measured)",
+    )
+    g.add_argument("--psql", help="psql binary (default: the server's, else the one on PATH)")
+    g.add_argument(
+        "--rows", type=_positive_int, default=5_000_000, help="rows in the table (5000000)"
+    )
+    g.add_argument(
+        "--table", type=_table_name, default="bench_orders", help="table name (bench_orders)"
+    )
+    g.add_argument(
+        "--keep-table",
+        action="store_true",
+        help="keep the smaller --memory-growth table (it is dropped by default)",
+    )
+    g = p.add_argument_group("timing rounds")
+    g.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of psql / copystream 1 worker / N workers (default 3; 0: skip them)",
+    )
+    g.add_argument(
+        "--workers",
+        type=_worker_list,
+        default=[2],
+        help="comma-separated worker counts (>= 2) to run besides 1 worker (default 2; e.g. "
+        "2,4); skipped with a note if `copystream export` has no --workers option",
+    )
+    g.add_argument(
+        "--sample-interval",
+        type=float,
+        default=0.05,
+        help="seconds between RSS samples of the measured process tree (0.05)",
+    )
+    g = p.add_argument_group("extra checks")
+    g.add_argument(
+        "--memory-growth",
+        action="store_true",
+        help="peak RSS of a 1-worker export at --growth-rows and at --rows, and the ratio",
+    )
+    g.add_argument(
+        "--growth-rows",
+        type=_positive_int,
+        default=1_000_000,
+        help="the smaller table size for --memory-growth (1000000; --rows/5 if that is not "
+        "below --rows)",
+    )
+    g.add_argument(
+        "--resume-check",
+        action="store_true",
+        help="SIGKILL an export mid-chunk, resume it, report the prefix verification speed "
+        "(GB/s) and the rows redone (must be at most one chunk)",
+    )
+    g.add_argument(
+        "--resume-chunk-rows",
+        type=_positive_int,
+        help="fixed --chunk-rows for the resume check (default: --rows/20)",
+    )
+    g.add_argument(
+        "--resume-at",
+        type=_fraction,
+        default=0.5,
+        help="kill once this fraction of the rows is checkpointed (0.5)",
+    )
+    g.add_argument(
+        "--profile",
+        action="store_true",
+        help="run one 1-worker export in-process under cProfile and print the top functions "
+        "by cumulative and by own time (the .prof file is saved next to the JSON)",
+    )
+    g.add_argument("--profile-top", type=_positive_int, default=25, help="functions to list (25)")
+    g = p.add_argument_group("output")
+    g.add_argument(
+        "--json",
+        type=Path,
+        help="write the results here (default: bench-results/bench-<timestamp>.json)",
+    )
+    g.add_argument(
+        "--workdir",
+        type=Path,
+        help="directory for the exported files (default: a temporary directory in "
+        "bench-results/, removed at the end); put it on the disk you want to measure",
+    )
+    g.add_argument(
+        "--keep-files",
+        action="store_true",
+        help="keep the work directory (always kept when an output differed)",
+    )
+    args = p.parse_args(argv)
+    if args.rounds < 0:
+        p.error("--rounds must be 0 or more")
+    if args.sample_interval <= 0:
+        p.error("--sample-interval must be positive")
+    if args.rounds == 0 and not (args.memory_growth or args.resume_check or args.profile):
+        p.error("--rounds 0 leaves nothing to do: add --memory-growth, --resume-check or --profile")
+    return args
+
+
+def _workers_supported() -> bool:
+    proc = subprocess.run(
+        [sys.executable, "-m", "copystream", "export", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return "--workers" in proc.stdout
+
+
+def _git_commit() -> str | None:
+    proc = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return proc.stdout.strip() or None
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # so that the finally clauses stop the server
+
+
+@contextlib.contextmanager
+def _server(args: argparse.Namespace) -> Iterator[tuple[str, str, int | None]]:
+    """Yield ``(dsn, psql binary, postmaster pid)``: the given server or a throwaway one.
+
+    A throwaway server is stopped and deleted at the end, whatever happens (unless
+    ``--keep-server``).
+    """
+    if args.dsn:
+        psql = args.psql or shutil.which("psql") or os.path.join(find_bin_dir(), "psql")
+        yield args.dsn, psql, args.server_pid
+        return
+    settings = {**SERVER_SETTINGS, "shared_buffers": args.shared_buffers}
+    server = EphemeralPostgres(settings=settings)
+    log(f"starting a throwaway PostgreSQL server ({server.bin_dir}) on port {server.port}")
+    keep = False
+    try:
+        server.start()
+        dsn = server.create_database("bench")
+        with open(os.path.join(server.data_dir, "postmaster.pid")) as f:
+            postmaster = int(f.readline())
+        yield dsn, args.psql or server.psql_bin, postmaster
+        keep = args.keep_server
+    finally:
+        if keep:
+            server._pg.child_process = None  # detach: nothing stops it when this script exits
+            pid_file = os.path.join(server.data_dir, "postmaster.pid")
+            log(
+                f"server left running; reuse it with --dsn '{dsn}'; stop it with: "
+                f"kill -INT $(head -1 {pid_file}) && rm -rf {server.base_dir}"
+            )
+        else:
+            log("stopping the throwaway server")
+            server.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path: Path = args.json or DEFAULT_RESULTS / f"bench-{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    results_dir = json_path.parent
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"bench-{stamp}-", dir=args.workdir))
+    else:
+        DEFAULT_RESULTS.mkdir(exist_ok=True)
+        workdir = Path(tempfile.mkdtemp(prefix=f"work-{stamp}-", dir=DEFAULT_RESULTS))
+    load_start = os.getloadavg()
+    results: dict[str, Any] = {
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_average_start": load_start,
+        },
+        "copystream": {"version": copystream.__version__, "git_commit": _git_commit()},
+    }
+    if load_start[0] > 0.5 * (os.cpu_count() or 1):
+        log(
+            f"the machine is busy (load average {load_start[0]:.2f} on {os.cpu_count()} CPUs): "
+            "expect noisy timings"
+        )
+    b: Bench | None = None
+    status = 0
+    try:
+        with _server(args) as (dsn, psql_bin, postmaster):
+            with psycopg.connect(dsn) as conn:
+                row = conn.execute("SHOW server_version").fetchone()
+            psql_version = subprocess.run(
+                [psql_bin, "--version"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            settings = {**SERVER_SETTINGS, "shared_buffers": args.shared_buffers}
+            results["server"] = {
+                "version": row[0] if row else None,
+                "throwaway": not args.dsn,
+                "settings": None if args.dsn else settings,
+                "psql": psql_version,
+            }
+            b = Bench(args, dsn, psql_bin, workdir, _workers_supported())
+            if postmaster is not None:
+                b.server_cpu = ServerCpu(postmaster)
+            if args.workers and not b.workers_supported:
+                note = (
+                    "the installed `copystream export` has no --workers option: the "
+                    f"{', '.join(f'{n}-worker' for n in args.workers)} configs are skipped"
+                )
+                log("note: " + note)
+                b.notes.append(note)
+            log(f"table {args.table}: {args.rows:,} rows")
+            results["table"] = ensure_table(dsn, args.table, args.rows)
+            log(f"table ready ({results['table']['seconds']}s)")
+            results["startup"] = step_startup(b)
+            if args.rounds > 0:
+                results["rounds"] = step_rounds(b, args.table)
+            if args.memory_growth:
+                results["memory_growth"] = step_memory_growth(b, args.table)
+            if args.resume_check:
+                results["resume_check"] = step_resume(b, args.table)
+            if args.profile:
+                results["profile"] = step_profile(b, args.table, results_dir, stamp)
+            if args.table in b.references:
+                results["table"]["csv_bytes"] = b.references[args.table][1]
+                results["table"]["csv_bytes_per_row"] = round(
+                    b.references[args.table][1] / args.rows, 1
+                )
+    except KeyboardInterrupt:
+        log("interrupted")
+        status = 130
+    except (RuntimeError, psycopg.Error, OSError) as e:
+        loud(str(e))
+        results.setdefault("errors", []).append(str(e))
+        status = 1
+    finally:
+        results["machine"]["load_average_end"] = os.getloadavg()
+        if b is not None:
+            results["notes"] = b.notes
+            results["errors"] = results.get("errors", []) + b.errors
+            if b.errors and status == 0:
+                status = 1
+        for note in results.get("notes", []):
+            print(f"note: {note}")
+        for error in results.get("errors", []):
+            print(f"ERROR: {error}")
+        json_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
+        log(f"results written to {json_path}")
+        if args.keep_files:
+            log(f"exported files kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
