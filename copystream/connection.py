@@ -45,7 +45,8 @@ class Target:
         try:
             self.params: dict[str, Any] = conninfo_to_dict(conninfo)
         except psycopg.ProgrammingError as e:
-            raise UsageError(f"invalid connection string: {redact(str(e), conninfo)}") from e
+            detail = redact(_scrub_quoted(str(e).strip(), _raw_passwords(conninfo)), conninfo)
+            raise UsageError(f"invalid connection string: {detail}") from e
         self.conninfo = conninfo
 
     @property
@@ -74,7 +75,43 @@ def redact(message: str, *secrets: str) -> str:
     for s in secrets:
         if s:
             message = message.replace(s, "***")
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", message, flags=re.IGNORECASE)
+    message = _KEYWORD_PASSWORD.sub(r"\1***", message)
+    return _URI_PASSWORD.sub(r"\1***@", message)
+
+
+#: ``password=value`` (a quoted value may hold spaces) and ``scheme://user:password@`` in text.
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S+)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(\b[a-z][\w+.-]*://[^\s:/?#@]*:)\S*@", re.IGNORECASE)
+
+
+def _raw_passwords(conninfo: str) -> list[str]:
+    """Text of ``conninfo`` that may be (part of) a password, even if libpq cannot parse it."""
+    out: list[str] = []
+    uri = re.match(r"\s*[a-z][\w+.-]*://([^\s:/?#@]*):(\S*)@", conninfo, re.IGNORECASE)
+    if uri and uri.group(2):
+        out.append(uri.group(2))
+    for m in re.finditer(
+        r"(?:^|[\s?&])password\s*=\s*(.*?)(?=\s+\w+\s*=|&|$)", conninfo, re.IGNORECASE
+    ):
+        value = m.group(1).strip()
+        out += [value, value.strip("'")]
+        out.extend(w.strip("'") for w in value.split())
+    return [v for v in out if v]
+
+
+def _scrub_quoted(message: str, fragments: list[str]) -> str:
+    """Mask every ``"quoted"`` token of a libpq message that overlaps one of ``fragments``.
+
+    libpq quotes the offending token when it cannot parse a connection string, and that token
+    can be a piece of the password (``invalid percent-encoded token: "pa%ss"``).
+    """
+
+    def mask(m: re.Match[str]) -> str:
+        text = m.group(1)
+        hit = any(f in text or text in f for f in fragments) if text else False
+        return '"***"' if hit else m.group(0)
+
+    return re.sub(r'"([^"]*)"', mask, message)
 
 
 def connect(target: Target, *, settings: dict[str, str] | None = None) -> psycopg.Connection[Any]:
@@ -94,9 +131,14 @@ def connect_error(e: psycopg.Error, target: Target) -> UsageError:
     """The user-facing error for a connection attempt that failed for good."""
     text = redact(str(e).strip(), *target.secrets)
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    detail = lines[-1] if lines else "connection failed"
+    # libpq follows "... failed: Connection refused" with a hint line; the reason comes first.
+    hints = [ln for ln in lines if ln.startswith("Is the server running")]
+    reasons = [ln for ln in lines if ln not in hints]
+    detail = reasons[-1] if reasons else "connection failed"
     # "connection to server at ... failed: FATAL: ..." -> keep the useful tail
-    detail = re.sub(r"^connection to server .*? failed:\s*", "", detail)
+    detail = re.sub(r"^(?:connection failed:\s*)?connection to server .*? failed:\s*", "", detail)
+    if hints:
+        detail += "; " + hints[-1][0].lower() + hints[-1][1:]
     where = target.describe()
     if e.sqlstate in ("28P01", "28000") or _AUTH_PATTERNS.search(text):
         return AuthenticationFailed(f"authentication failed connecting to {where}: {detail}")
