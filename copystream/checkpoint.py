@@ -169,7 +169,11 @@ class Checkpoint:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Checkpoint:
         """Inverse of :meth:`to_json`; raises ``ValueError`` on a damaged record."""
-        if d.get("kind") != "copystream-checkpoint" or d.get("version") != CHECKPOINT_VERSION:
+        if (
+            not isinstance(d, dict)
+            or d.get("kind") != "copystream-checkpoint"
+            or d.get("version") != CHECKPOINT_VERSION
+        ):
             raise ValueError("not a copystream checkpoint of a known version")
         body = {k: v for k, v in d.items() if k != "checkpoint_xxh3_128"}
         if _self_digest(body) != d.get("checkpoint_xxh3_128"):
