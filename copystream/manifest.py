@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,11 @@ class Manifest:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Manifest:
         """Inverse of :meth:`to_json`."""
-        if d.get("kind") != "copystream-manifest" or d.get("version") != MANIFEST_VERSION:
+        if (
+            not isinstance(d, dict)
+            or d.get("kind") != "copystream-manifest"
+            or d.get("version") != MANIFEST_VERSION
+        ):
             raise ValueError("not a copystream manifest of a known version")
         return cls(
             table=str(d["table"]),
@@ -178,7 +183,10 @@ def verify_file(output: str | os.PathLike[str]) -> VerifyResult:
     except IsADirectoryError as e:
         raise UsageError(f"{path} is a directory") from e
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):  # Linux opens a directory O_RDONLY without complaint
+            raise UsageError(f"{path} is a directory")
+        size = st.st_size
         whole = xxhash.xxh3_128()
         for c in manifest.chunks:
             part = xxhash.xxh3_128()
