@@ -32,7 +32,7 @@ def sink(out: Path) -> Iterator[Sink]:
     s.close()
 
 
-def write_chunk(s: Sink, *parts: bytes) -> tuple[int, int, str]:
+def write_chunk(s: Sink, *parts: bytes | bytearray | memoryview) -> tuple[int, int, str]:
     s.begin_chunk()
     for p in parts:
         s.write(p)
