@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
+
+from .errors import DiskFull
 
 __all__ = ["atomic_write", "fsync_dir"]
 
@@ -25,9 +28,15 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     The temporary file is created with ``O_EXCL`` (``mkstemp``) in the same directory, so it can
     never follow a planted symlink; it is written, fsynced, given ``mode``, renamed over ``path``,
     and the directory is fsynced.
+
+    Lack of space (or quota) raises :class:`DiskFull`; ``path`` is then unchanged.
     """
     directory = path.parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        _raise_if_full(path, e)
+        raise
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -35,8 +44,19 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
             os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            _raise_if_full(path, e)
         raise
     fsync_dir(directory)
+
+
+def _raise_if_full(path: Path, e: OSError) -> None:
+    """Raise :class:`DiskFull` from ``e`` when it says the disk (or quota) is full."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise DiskFull(
+            f"cannot write {path}: {os.strerror(e.errno)}; free some space and run the same "
+            "command again to resume"
+        ) from e

@@ -32,6 +32,7 @@ from .chunk import ChunkRunner
 from .connection import Target, connect, connect_error, redact
 from .errors import (
     CopystreamError,
+    DiskFull,
     ExportFailed,
     InvalidFilter,
     OutputExists,
@@ -182,20 +183,27 @@ class _Exporter:
                 )
                 self.sleep(d.delay)
                 continue
-            sink.sync()
-            _, nbytes, digest = sink.end_chunk()
-            cp = cp.advance(
-                nbytes=nbytes,
-                rows=outcome.rows,
-                digest=digest,
-                prefix_digest=sink.digest,
-                last_key=outcome.last_key,
-                finished=outcome.final,
-            )
-            if adaptive:
-                rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
-                cp = _with_rows(cp, rows_next)
-            save_checkpoint(self.output, cp)
+            try:
+                sink.sync()
+                _, nbytes, digest = sink.end_chunk()
+                advanced = cp.advance(
+                    nbytes=nbytes,
+                    rows=outcome.rows,
+                    digest=digest,
+                    prefix_digest=sink.digest,
+                    last_key=outcome.last_key,
+                    finished=outcome.final,
+                )
+                if adaptive:
+                    rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
+                    advanced = _with_rows(advanced, rows_next)
+                save_checkpoint(self.output, advanced)
+            except DiskFull:
+                # The checkpoint on disk is still the previous one: cut the chunk off again,
+                # which also gives its space back.
+                sink.rollback()
+                raise
+            cp = advanced
             state = state.succeeded(time.monotonic())
             if runner.chunks_served >= RECYCLE_CHUNKS or (
                 time.monotonic() - self.conn_born > RECYCLE_SECONDS

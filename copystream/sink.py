@@ -141,7 +141,15 @@ class Sink:
 
     def sync(self) -> None:
         """Make every byte written so far durable (called before each checkpoint)."""
-        os.fsync(self._fd)
+        try:
+            os.fsync(self._fd)
+        except OSError as e:  # e.g. NFS reports a full disk only now
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(
+                    f"cannot write {self.path}: {os.strerror(e.errno)}; free some space and run "
+                    "the same command again to resume"
+                ) from e
+            raise
 
     @property
     def digest(self) -> str:
