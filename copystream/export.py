@@ -313,6 +313,10 @@ def export_table(
     policy = retry_policy or RetryPolicy(
         retries=retries, budget=retry_budget, retry_statement_timeout=statement_timeout is not None
     )
+    if statement_timeout is not None and not policy.retry_statement_timeout:
+        # As documented: the cancellations of the timeout asked for here are retried, whatever
+        # the policy's own default.
+        policy = replace(policy, retry_statement_timeout=True)
     conn = first_connect(target, sleep)
     snap: _SnapshotHolder | None = None
     try:

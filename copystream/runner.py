@@ -169,7 +169,9 @@ class _Exporter:
                 reason = classify(e, retry_statement_timeout=self.policy.retry_statement_timeout)
                 d = decide(self.policy, state, reason=reason, now=time.monotonic())
                 if not d.retry:
-                    raise _chunk_error(e, d.reason, plan, self.target) from e
+                    raise _chunk_error(
+                        e, d.reason, plan, self.target, transient=reason is not None
+                    ) from e
                 state = d.state
                 self.retries += 1
                 log.warning(
@@ -330,8 +332,13 @@ def run_part(
     return PartOutcome(cp, digest, ex.retries, not fresh, ex.snapshot_lost)
 
 
-def _chunk_error(e: Exception, why: str, plan: TablePlan, target: Target) -> CopystreamError:
-    """The user-facing error for a chunk that failed for good. The checkpoint is intact."""
+def _chunk_error(
+    e: Exception, why: str, plan: TablePlan, target: Target, *, transient: bool = False
+) -> CopystreamError:
+    """The user-facing error for a chunk that failed for good. The checkpoint is intact.
+
+    ``transient``: the policy retried ``e`` (until its retries or budget ran out).
+    """
     if isinstance(e, CopystreamError):
         return e
     msg = redact(
@@ -363,7 +370,7 @@ def _chunk_error(e: Exception, why: str, plan: TablePlan, target: Target) -> Cop
                 f"exporting {plan.qualified} stopped: {why}: {msg}; the checkpoint is intact, "
                 "run the same command again to resume"
             )
-    if classify(e) is not None:
+    if transient or classify(e) is not None:
         return RetriesExhausted(
             f"exporting {plan.qualified} stopped: {why}; last error: {msg}; the checkpoint is "
             "intact, run the same command again to resume"
