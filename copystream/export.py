@@ -22,7 +22,7 @@ import psycopg
 
 from .checkpoint import Checkpoint, ChunkRecord, checkpoint_path, load_checkpoint, remove_checkpoint
 from .connection import Target, connect, connect_error, redact
-from .errors import CopystreamError, OutputExists, OutputProblem, UsageError
+from .errors import CopystreamError, OutputExists, OutputProblem, RetriesExhausted, UsageError
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest, verify_file
 from .parallel import (
     join_parts,
@@ -124,6 +124,64 @@ def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Con
             state = d.state
             log.warning("connecting failed (%s); retrying in %.1fs", d.reason, d.delay)
             sleep(d.delay)
+
+
+def _connect_and_plan(
+    target: Target,
+    table: str,
+    *,
+    keys: Sequence[str] | None,
+    columns: Sequence[str] | None,
+    where: str | None,
+    policy: RetryPolicy,
+    sleep: Callable[[float], None],
+) -> tuple[psycopg.Connection[Any], TablePlan]:
+    """Connect and plan the export; return the open connection and the plan.
+
+    A transient failure while planning (the connection dropped, the server restarting) is
+    retried on a fresh connection as ``policy`` says, like a chunk: it is not a usage error.
+    """
+    state = RetryState()
+    conn: psycopg.Connection[Any] | None = first_connect(target, sleep)
+    while True:
+        connecting = conn is None
+        try:
+            if conn is None:
+                conn = connect(target)
+            return conn, introspect(conn, table, key=keys, columns=columns, where=where)
+        except psycopg.Error as e:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+            msg = redact(
+                str(e).strip().splitlines()[0] if str(e).strip() else repr(e), *target.secrets
+            )
+            reason = classify(e)
+            d = decide(policy, state, reason=reason, now=time.monotonic())
+            if not d.retry:
+                if reason is None and connecting:
+                    raise connect_error(e, target) from e
+                if reason is None:
+                    raise UsageError(f"cannot plan the export of {table}: {msg}") from e
+                raise RetriesExhausted(
+                    f"planning the export of {table} stopped: {d.reason}; last error: {msg}; "
+                    "run the same command again"
+                ) from e
+            state = d.state
+            log.warning(
+                "planning the export of %s failed (%s); retry %d/%d in %.1fs",
+                table,
+                reason,
+                d.state.attempts,
+                policy.retries,
+                d.delay,
+            )
+            sleep(d.delay)
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
 
 
 class _SnapshotHolder:
@@ -317,16 +375,11 @@ def export_table(
         # As documented: the cancellations of the timeout asked for here are retried, whatever
         # the policy's own default.
         policy = replace(policy, retry_statement_timeout=True)
-    conn = first_connect(target, sleep)
+    conn, plan = _connect_and_plan(
+        target, table, keys=keys, columns=columns, where=where, policy=policy, sleep=sleep
+    )
     snap: _SnapshotHolder | None = None
     try:
-        try:
-            plan = introspect(conn, table, key=keys, columns=columns, where=where)
-        except psycopg.Error as e:
-            raise UsageError(
-                f"cannot plan the export of {table}: "
-                f"{redact(str(e).splitlines()[0], *target.secrets)}"
-            ) from e
         for w in plan.warnings:
             log.warning("%s", w)
         log.info("%s: paging by %s (%s)", plan.qualified, ", ".join(plan.key), plan.key_source)
