@@ -1,9 +1,15 @@
 """One chunk: one READ ONLY, REPEATABLE READ transaction and one COPY, streamed to the sink.
 
-Inside the chunk's snapshot the runner first finds the chunk's *bound* (the key of its n-th row),
-or, when fewer rows remain, the greatest key (this is the final chunk). Then it runs
-``COPY (SELECT … WHERE key > after AND key <= bound ORDER BY key LIMIT n) TO STDOUT`` and commits.
-The last key therefore comes from the same snapshot as the rows, never from parsing CSV.
+The chunk's last key always comes from the same snapshot as its rows, never from parsing CSV:
+
+* With a unique key (the usual case) the COPY is ``COPY (SELECT … WHERE key > after ORDER BY key
+  LIMIT n) TO STDOUT``. While it streams, a *sibling* connection that imported the chunk's
+  snapshot (``pg_export_snapshot`` / ``SET TRANSACTION SNAPSHOT``) finds the key of the n-th row
+  (or, when fewer rows remain, the greatest key: the final chunk). The bound query costs the server
+  about 7% of the COPY's time; on its own backend it runs alongside the COPY instead of before it.
+* With a key not provably unique the bound is found first, then the COPY runs with
+  ``key > after AND key <= bound``, so rows that tie on the bound stay in one chunk.
+* With ``rows == 0`` (single-COPY mode) there is no bound: the COPY takes the rest of the range.
 
 The COPY read loop is the hot path: PostgreSQL sends one CopyData message per row, so it runs
 directly on :mod:`psycopg.pq` — ``get_copy_data(1)`` until it returns 0, then wait on the socket
@@ -62,22 +68,20 @@ class ChunkOutcome:
     final: bool  # fewer rows than asked for remained: the export is complete
 
 
-class ChunkRunner:
-    """Runs chunks on one open connection (autocommit, settings already pinned).
+class ChunkMismatch(psycopg.OperationalError):
+    """The COPY and the bound query disagree on the chunk's rows (they share one snapshot)."""
 
-    After any exception the connection must be discarded: the runner leaves it mid-protocol.
-    """
 
-    def __init__(self, conn: psycopg.Connection[Any], *, io_timeout: float) -> None:
+class _Session:
+    """Protocol steps on one connection: every wait has the I/O timeout."""
+
+    def __init__(self, conn: psycopg.Connection[Any], io_timeout: float) -> None:
         self.conn = conn
         self.pgconn = conn.pgconn
         self.io_timeout = io_timeout
         self.encoding = conn.info.encoding
-        self.chunks_served = 0
 
-    # -- protocol helpers -------------------------------------------------------------------
-
-    def _wait(self, *, write: bool = False) -> None:
+    def wait(self, *, write: bool = False) -> None:
         sock = self.pgconn.socket
         r, w, _ = select.select(
             [] if write else [sock], [sock] if write else [], [], self.io_timeout
@@ -87,31 +91,30 @@ class ChunkRunner:
                 f"no response from the server for {self.io_timeout:g}s (network stalled?)"
             )
 
-    def _send(self, query: sql.Composable) -> None:
+    def send(self, query: sql.Composable) -> None:
         self.pgconn.send_query_params(query.as_bytes(self.conn), None)
         while self.pgconn.flush():
-            self._wait(write=True)
+            self.wait(write=True)
 
-    def _result(self) -> pq.abc.PGresult | None:
+    def result(self) -> pq.abc.PGresult | None:
         pgconn = self.pgconn
         while pgconn.is_busy():
-            self._wait()
+            self.wait()
             pgconn.consume_input()
         return pgconn.get_result()
 
-    def _raise(self, res: pq.abc.PGresult) -> None:
+    def fail(self, res: pq.abc.PGresult) -> None:
         err = error_from_result(res, encoding=self.encoding)
-        while self._result() is not None:  # drain so the error is the whole story
+        while self.result() is not None:  # drain so the error is the whole story
             pass
         raise err
 
-    def _execute(self, query: sql.Composable) -> list[tuple[str, ...]]:
-        """Run one statement; return its rows as text (an empty list for a command)."""
-        self._send(query)
+    def collect(self) -> list[tuple[str, ...]]:
+        """The rows (as text) of the statement sent last; an empty list for a command."""
         rows: list[tuple[str, ...]] = []
-        while (res := self._result()) is not None:
+        while (res := self.result()) is not None:
             if res.status == pq.ExecStatus.FATAL_ERROR:
-                self._raise(res)
+                self.fail(res)
             if res.status == pq.ExecStatus.TUPLES_OK:
                 for i in range(res.ntuples):
                     rows.append(
@@ -122,9 +125,14 @@ class ChunkRunner:
                     )
         return rows
 
-    def _set_local(self, values: Mapping[str, str | None]) -> dict[str, str]:
+    def execute(self, query: sql.Composable) -> list[tuple[str, ...]]:
+        """Run one statement; return its rows as text (an empty list for a command)."""
+        self.send(query)
+        return self.collect()
+
+    def set_local(self, values: Mapping[str, str | None]) -> dict[str, str]:
         """Set each setting for this transaction (``None``: keep it); return the values before."""
-        row = self._execute(
+        row = self.execute(
             sql.SQL("SELECT {}").format(
                 sql.SQL(", ").join(
                     sql.SQL("current_setting({})").format(sql.Literal(n))
@@ -136,73 +144,24 @@ class ChunkRunner:
         )[0]
         return dict(zip(values, row, strict=True))
 
-    # -- the chunk ----------------------------------------------------------------------------
-
-    def run(
-        self,
-        plan: TablePlan,
-        options: CopyOptions,
-        *,
-        after: Sequence[str] | None,
-        rows: int,
-        header: bool,
-        sink: Sink,
-        until: Sequence[str] | None = None,
-        snapshot: str | None = None,
-        on_data: Callable[[int, int], None] | None = None,
-    ) -> ChunkOutcome:
-        """Export the next ``rows`` rows after key ``after`` into ``sink``, committed.
-
-        ``rows == 0`` exports everything after ``after`` in this one chunk (single-COPY mode).
-
-        ``until`` closes the range (inclusive) for a parallel worker; ``final`` then means the
-        range is exhausted. ``snapshot`` is an exported snapshot id to read from (point-in-time
-        export). ``on_data(rows, bytes)`` is called after each buffer write with the chunk's
-        totals so far.
-        """
-        self._execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+    def begin(self, snapshot: str | None) -> None:
+        self.execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         if snapshot is not None:
-            self._execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        local = key_text_settings(plan.key_types)
-        if local:  # key text must round-trip exactly whatever settings are pinned
-            saved = self._set_local({n: None for n in local})
-            self._set_local(local)
-        # rows == 0: the whole (rest of the) range in this one COPY
-        found = self._execute(bound_query(plan, after, rows, until)) if rows > 0 else []
-        final = not found
-        if final:
-            found = self._execute(last_key_query(plan, after, until))
-        if local:  # the COPY itself runs under the pinned settings
-            self._set_local(saved)
-        last_key = found[0] if found else None
-        copied = self._copy(
-            copy_query(
-                plan,
-                options,
-                after=after,
-                upto=until if final else last_key,
-                limit=None if final else rows,
-                header=header,
-            ),
-            sink,
-            on_data,
-        )
-        self._execute(sql.SQL("COMMIT"))
-        self.chunks_served += 1
-        return ChunkOutcome(rows=copied, last_key=last_key, final=final)
+            self.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
 
-    def _copy(
+    def copy(
         self, query: sql.Composable, sink: Sink, on_data: Callable[[int, int], None] | None
     ) -> int:
-        self._send(query)
-        res = self._result()
+        """Stream a ``COPY … TO STDOUT`` into ``sink``; return the rows COPY reported."""
+        self.send(query)
+        res = self.result()
         if res is None or res.status != pq.ExecStatus.COPY_OUT:
             if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
-                self._raise(res)
+                self.fail(res)
             raise psycopg.OperationalError("COPY did not start")
         pgconn = self.pgconn
         get = pgconn.get_copy_data
-        wait = self._wait
+        wait = self.wait
         consume = pgconn.consume_input
         buf = bytearray()
         size = messages = written = 0
@@ -229,14 +188,163 @@ class ChunkRunner:
         if buf:
             sink.write(buf)
             written += size
-        res = self._result()
+        res = self.result()
         if res is None:
             raise psycopg.OperationalError("COPY ended without a result")
         if res.status == pq.ExecStatus.FATAL_ERROR:
-            self._raise(res)
+            self.fail(res)
         copied = int(res.command_tuples or 0)
-        while self._result() is not None:
+        while self.result() is not None:
             pass
         if on_data is not None:
             on_data(messages, written)
         return copied
+
+
+class ChunkRunner:
+    """Runs chunks on open connections (autocommit, settings already pinned).
+
+    ``side`` is an optional second connection that finds each chunk's last key while the main
+    one streams the COPY. After any exception both connections must be discarded: the runner
+    leaves them mid-protocol.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        *,
+        io_timeout: float,
+        side: psycopg.Connection[Any] | None = None,
+    ) -> None:
+        self.main = _Session(conn, io_timeout)
+        self.side = _Session(side, io_timeout) if side is not None else None
+        self.chunks_served = 0
+
+    def run(
+        self,
+        plan: TablePlan,
+        options: CopyOptions,
+        *,
+        after: Sequence[str] | None,
+        rows: int,
+        header: bool,
+        sink: Sink,
+        until: Sequence[str] | None = None,
+        snapshot: str | None = None,
+        on_data: Callable[[int, int], None] | None = None,
+    ) -> ChunkOutcome:
+        """Export the next ``rows`` rows after key ``after`` into ``sink``, committed.
+
+        ``rows == 0`` exports everything after ``after`` in this one chunk (single-COPY mode).
+
+        ``until`` closes the range (inclusive) for a parallel worker; ``final`` then means the
+        range is exhausted. ``snapshot`` is an exported snapshot id to read from (point-in-time
+        export). ``on_data(rows, bytes)`` is called after each buffer write with the chunk's
+        totals so far.
+        """
+        if self.side is not None and plan.key_unique and rows > 0:
+            outcome = self._run_overlapped(
+                plan, options, after, rows, header, sink, until, snapshot, on_data
+            )
+        else:
+            outcome = self._run_serial(
+                plan, options, after, rows, header, sink, until, snapshot, on_data
+            )
+        self.chunks_served += 1
+        return outcome
+
+    def _find_last(
+        self,
+        s: _Session,
+        plan: TablePlan,
+        after: Sequence[str] | None,
+        rows: int,
+        until: Sequence[str] | None,
+        *,
+        sent: bool = False,
+    ) -> tuple[tuple[str, ...] | None, bool]:
+        """``(last key, final)`` in ``s``'s open transaction; the bound query may be ``sent``."""
+        if not sent:
+            s.send(bound_query(plan, after, rows, until))
+        found = s.collect()
+        if found:
+            return found[0], False
+        found = s.execute(last_key_query(plan, after, until))
+        return (found[0] if found else None), True
+
+    def _run_serial(
+        self,
+        plan: TablePlan,
+        options: CopyOptions,
+        after: Sequence[str] | None,
+        rows: int,
+        header: bool,
+        sink: Sink,
+        until: Sequence[str] | None,
+        snapshot: str | None,
+        on_data: Callable[[int, int], None] | None,
+    ) -> ChunkOutcome:
+        m = self.main
+        m.begin(snapshot)
+        local = key_text_settings(plan.key_types)
+        if local:  # key text must round-trip exactly whatever settings are pinned
+            saved = m.set_local({n: None for n in local})
+            m.set_local(local)
+        if rows > 0:
+            last_key, final = self._find_last(m, plan, after, rows, until)
+        else:  # the whole (rest of the) range in this one COPY
+            found = m.execute(last_key_query(plan, after, until))
+            last_key, final = (found[0] if found else None), True
+        if local:  # the COPY itself runs under the pinned settings
+            m.set_local(saved)
+        copied = m.copy(
+            copy_query(
+                plan,
+                options,
+                after=after,
+                upto=until if final else last_key,
+                limit=None if final else rows,
+                header=header,
+            ),
+            sink,
+            on_data,
+        )
+        m.execute(sql.SQL("COMMIT"))
+        return ChunkOutcome(rows=copied, last_key=last_key, final=final)
+
+    def _run_overlapped(
+        self,
+        plan: TablePlan,
+        options: CopyOptions,
+        after: Sequence[str] | None,
+        rows: int,
+        header: bool,
+        sink: Sink,
+        until: Sequence[str] | None,
+        snapshot: str | None,
+        on_data: Callable[[int, int], None] | None,
+    ) -> ChunkOutcome:
+        m, s = self.main, self.side
+        assert s is not None
+        m.begin(snapshot)
+        if snapshot is None:
+            snapshot = m.execute(sql.SQL("SELECT pg_export_snapshot()"))[0][0]
+        s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
+        local = key_text_settings(plan.key_types)
+        if local:
+            s.set_local(local)
+        s.send(bound_query(plan, after, rows, until))  # runs while the COPY streams
+        copied = m.copy(
+            copy_query(plan, options, after=after, upto=until, limit=rows, header=header),
+            sink,
+            on_data,
+        )
+        last_key, final = self._find_last(s, plan, after, rows, until, sent=True)
+        s.execute(sql.SQL("ROLLBACK"))
+        if (copied == rows) == final:
+            raise ChunkMismatch(
+                f"COPY returned {copied} rows but the bound query says the chunk "
+                f"{'ends the range' if final else 'is full'} (asked for {rows})"
+            )
+        m.execute(sql.SQL("COMMIT"))
+        return ChunkOutcome(rows=copied, last_key=last_key, final=final)

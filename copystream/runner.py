@@ -77,7 +77,7 @@ class _Exporter:
         self.sleep = sleep
         self.started = time.monotonic()
         self.retries = 0
-        self.conn: psycopg.Connection[Any] | None = None
+        self.conns: list[psycopg.Connection[Any]] = []
         self.conn_born = 0.0
         self._start_rows = self._start_bytes = 0  # where this run began (for rates)
         self.snapshot: str | None = None  # exported snapshot every chunk reads (--consistent)
@@ -85,22 +85,27 @@ class _Exporter:
 
     # -- connections --------------------------------------------------------------------------
 
-    def open_runner(self, settings: dict[str, str]) -> ChunkRunner:
+    def open_runner(self, settings: dict[str, str], *, side: bool) -> ChunkRunner:
+        """Fresh connection(s) with the pinned settings; ``side`` adds the bound-finding sibling."""
         self.close()
-        conn = connect(self.target, settings=settings)
-        if self.statement_timeout is not None:
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                [f"{int(self.statement_timeout * 1000)}ms"],
-            )
-        self.conn, self.conn_born = conn, time.monotonic()
-        return ChunkRunner(conn, io_timeout=self.io_timeout)
+        for _ in range(2 if side else 1):
+            conn = connect(self.target, settings=settings)
+            self.conns.append(conn)
+            if self.statement_timeout is not None:
+                conn.execute(
+                    "SELECT set_config('statement_timeout', %s, false)",
+                    [f"{int(self.statement_timeout * 1000)}ms"],
+                )
+        self.conn_born = time.monotonic()
+        return ChunkRunner(
+            self.conns[0], io_timeout=self.io_timeout, side=self.conns[1] if side else None
+        )
 
     def close(self) -> None:
-        if self.conn is not None:
+        for conn in self.conns:
             with contextlib.suppress(Exception):
-                self.conn.close()
-            self.conn = None
+                conn.close()
+        self.conns = []
 
     def _report(self, plan: TablePlan, base: Checkpoint, rows: int, nbytes: int) -> None:
         """Progress during a chunk: ``rows``/``nbytes`` received since ``base`` was saved."""
@@ -142,7 +147,8 @@ class _Exporter:
             sink.begin_chunk()
             try:
                 if runner is None:
-                    runner = self.open_runner(cp.settings)
+                    # the sibling pays off only when chunks are paged by a unique key
+                    runner = self.open_runner(cp.settings, side=plan.key_unique and rows_next > 0)
                 outcome = runner.run(
                     plan,
                     options,
