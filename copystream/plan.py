@@ -323,7 +323,11 @@ def single_copy_query(plan: TablePlan, options: CopyOptions) -> sql.Composed:
 
 
 def _resolve_names(
-    names: Sequence[str], existing: Sequence[str], what: str, table: str
+    names: Sequence[str],
+    existing: Sequence[str],
+    what: str,
+    table: str,
+    error: type[UsageError] = UsageError,
 ) -> list[str]:
     out = []
     for name in names:
@@ -333,7 +337,7 @@ def _resolve_names(
         elif name not in existing and name.lower() in existing:
             name = name.lower()  # unquoted names fold to lower case, as in psql
         if name not in existing:
-            raise UsageError(
+            raise error(
                 f"{what} {name!r} does not exist in {table}; columns are: {', '.join(existing)}"
             )
         out.append(name)
@@ -415,7 +419,7 @@ def introspect(
         ).fetchall()
     ]
 
-    explicit = _resolve_names(key, existing, "key column", qualified) if key else None
+    explicit = _resolve_names(key, existing, "key column", qualified, KeyProblem) if key else None
     warnings = []
     if explicit and relkind in ("v", "m", "f"):
         # Views cannot declare NOT NULL: check the data instead (a NULL key would be skipped).
@@ -506,8 +510,10 @@ def _partition_estimates(
 def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan) -> None:
     """Reject a filter that is not valid SQL for this table (EXPLAIN only; nothing runs).
 
-    psycopg sends this through the extended query protocol, which refuses more than one
-    statement, so a filter cannot smuggle a second command in.
+    The EXPLAIN goes through the extended query protocol, which refuses more than one
+    statement, so a filter cannot smuggle a second command in (``true); COMMIT; DROP ...``).
+    psycopg uses the simple protocol, which runs any number of statements, for a query without
+    parameters unless binary results are asked for: hence ``binary=True``.
     """
     query = sql.SQL("EXPLAIN SELECT 1 FROM {}{}").format(
         plan.table_ident, _conditions(plan, None, None)
@@ -515,7 +521,7 @@ def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan)
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
-            conn.execute(query)
+            conn.execute(query, binary=True)
     except psycopg.errors.Error as e:
         msg = e.diag.message_primary or str(e).splitlines()[0]
         raise InvalidFilter(f"invalid --where filter {plan.where!r}: {msg}") from e
