@@ -29,12 +29,12 @@ __all__ = ["main"]
 log = logging.getLogger("copystream")
 
 
-def _split(value: str | None) -> list[str] | None:
+def _split(value: str | None, option: str) -> list[str] | None:
     if value is None:
         return None
     parts = [p.strip() for p in value.split(",")]
     if not all(parts):
-        raise click.BadParameter(f"empty name in {value!r}")
+        raise click.BadParameter(f"empty name in {value!r}", param_hint=f"'{option}'")
     return parts
 
 
@@ -169,7 +169,9 @@ def export(
         null=null,
         quote=quote,
         escape=escape,
-        force_quote=True if force_quote == "*" else tuple(_split(force_quote) or ()),
+        force_quote=True
+        if force_quote == "*"
+        else tuple(_split(force_quote, "--force-quote") or ()),
         encoding=encoding,
     )
     if report is not None and not report.parent.is_dir():
@@ -179,8 +181,8 @@ def export(
             dsn,
             table,
             output,
-            key=_split(key),
-            columns=_split(columns),
+            key=_split(key, "--key"),
+            columns=_split(columns, "--columns"),
             where=where,
             chunk_rows=chunk_rows,
             options=options,
