@@ -137,7 +137,7 @@ class Checkpoint:
 
     def check_same_export(self, export: dict[str, Any], output: Path) -> None:
         """Raise :class:`CheckpointMismatch` unless ``export`` is what this checkpoint is for."""
-        for field_name in ("table", "key", "columns", "where", "options", "range"):
+        for field_name in ("table", "key", "key_types", "columns", "where", "options", "range"):
             mine, theirs = self.export.get(field_name), export.get(field_name)
             if mine != theirs:
                 raise CheckpointMismatch(
@@ -240,7 +240,9 @@ def checkpoint_path(output: Path) -> Path:
 
 def save_checkpoint(output: Path, cp: Checkpoint) -> None:
     """Write the checkpoint atomically and durably, owner-only (0600)."""
-    atomic_write(checkpoint_path(output), json.dumps(cp.to_json(), indent=1).encode() + b"\n")
+    # Compact: the checkpoint is rewritten after every chunk and grows by a record per chunk.
+    data = json.dumps(cp.to_json(), separators=(",", ":"), ensure_ascii=False).encode()
+    atomic_write(checkpoint_path(output), data + b"\n")
 
 
 def load_checkpoint(output: Path) -> Checkpoint | None:

@@ -150,9 +150,17 @@ class _Session:
             self.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
 
     def copy(
-        self, query: sql.Composable, sink: Sink, on_data: Callable[[int, int], None] | None
+        self,
+        query: sql.Composable,
+        sink: Sink,
+        on_data: Callable[[int, int], None] | None,
+        *,
+        header: bool = False,
     ) -> int:
-        """Stream a ``COPY … TO STDOUT`` into ``sink``; return the rows COPY reported."""
+        """Stream a ``COPY … TO STDOUT`` into ``sink``; return the rows COPY reported.
+
+        ``on_data(rows, bytes)`` gets rows so far, not counting a ``header`` line.
+        """
         self.send(query)
         res = self.result()
         if res is None or res.status != pq.ExecStatus.COPY_OUT:
@@ -164,7 +172,8 @@ class _Session:
         wait = self.wait
         consume = pgconn.consume_input
         buf = bytearray()
-        size = messages = written = 0
+        size = written = 0
+        messages = -1 if header else 0  # one message per row, plus the header line
         while True:
             nbytes, data = get(1)
             if nbytes > 0:
@@ -197,7 +206,7 @@ class _Session:
         while self.result() is not None:
             pass
         if on_data is not None:
-            on_data(messages, written)
+            on_data(max(messages, 0), written)
         return copied
 
 
@@ -308,6 +317,7 @@ class ChunkRunner:
             ),
             sink,
             on_data,
+            header=header,
         )
         m.execute(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
@@ -338,6 +348,7 @@ class ChunkRunner:
             copy_query(plan, options, after=after, upto=until, limit=rows, header=header),
             sink,
             on_data,
+            header=header,
         )
         last_key, final = self._find_last(s, plan, after, rows, until, sent=True)
         s.execute(sql.SQL("ROLLBACK"))

@@ -212,6 +212,15 @@ class _Exporter:
                 sink.rollback()
                 raise
             cp = advanced
+            log.debug(
+                "%s: chunk %d committed: %s rows, %s bytes in %.2fs, last key %s",
+                self.output.name,
+                len(cp.chunks) - 1,
+                f"{outcome.rows:,}",
+                f"{nbytes:,}",
+                time.monotonic() - t0,
+                outcome.last_key,
+            )
             state = state.succeeded(time.monotonic())
             if runner.chunks_served >= RECYCLE_CHUNKS or (
                 time.monotonic() - self.conn_born > RECYCLE_SECONDS
