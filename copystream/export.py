@@ -122,7 +122,8 @@ def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Con
             if not d.retry:
                 raise connect_error(e, target) from e
             state = d.state
-            log.warning("connecting failed (%s); retrying in %.1fs", d.reason, d.delay)
+            # debug only: a wrong host or port must end in one error line (exit 2), no more
+            log.debug("connecting failed (%s); retrying in %.1fs", d.reason, d.delay)
             sleep(d.delay)
 
 
@@ -216,9 +217,11 @@ def _exclusive(output: Path) -> Iterator[None]:
             raise UsageError(
                 f"another copystream process is exporting to {output} right now"
             ) from e
-        yield
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        try:
+            yield
+        finally:  # after a failure too: a lock file must not be left behind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     finally:
         os.close(fd)
 
@@ -233,6 +236,16 @@ def remove_export_files(output: Path) -> None:
             p.unlink()
 
 
+#: Connection failures no retry can cure: a host name that does not resolve (libpq's and
+#: psycopg's wording), a malformed port or option.
+_PERMANENT_CONNECT = (
+    "could not translate host name",
+    "failed to resolve host",
+    "invalid integer value",
+    "invalid connection option",
+)
+
+
 def _connect_reason(e: psycopg.Error) -> str | None:
     text = str(e)
     if (
@@ -241,7 +254,7 @@ def _connect_reason(e: psycopg.Error) -> str | None:
         or ("authentication" in text)
     ):
         return None
-    if "could not translate host name" in text:
+    if any(m in text for m in _PERMANENT_CONNECT):
         return None
     return classify(e) or "connection failed"
 
@@ -382,7 +395,7 @@ def export_table(
     try:
         for w in plan.warnings:
             log.warning("%s", w)
-        log.info("%s: paging by %s (%s)", plan.qualified, ", ".join(plan.key), plan.key_source)
+        log.debug("%s: paging by %s (%s)", plan.qualified, ", ".join(plan.key), plan.key_source)
         identity = _export_identity(plan, opts)
 
         if restart:
@@ -393,7 +406,7 @@ def export_table(
             parts.check_same_export(identity, out)
         elif cp is not None:
             cp.check_same_export(identity, out)
-        elif out.exists():
+        elif os.path.lexists(out):  # a dangling symlink too: never create through it
             done = _already_complete(out, identity, plan, started)
             if done is not None:
                 return done
