@@ -373,10 +373,13 @@ def _chunk_error(
         )
     if isinstance(e, psycopg.errors.InsufficientPrivilege):
         return UsageError(f"permission denied exporting {plan.qualified}: {msg}")
-    if isinstance(
-        e, psycopg.errors.SyntaxErrorOrAccessRuleViolation | psycopg.errors.DataException
-    ):
-        return InvalidFilter(f"exporting {plan.qualified} failed: {msg}")
+    if isinstance(e, psycopg.Error) and (e.sqlstate or "")[:2] in ("42", "22", "21"):
+        # By SQLSTATE class: psycopg's exception for one SQLSTATE (SyntaxError, DivisionByZero,
+        # ...) does not inherit from its class's (SyntaxErrorOrAccessRuleViolation, ...).
+        # Syntax, data and cardinality errors come from the request (in practice the --where
+        # filter): running it again fails again, so it is a usage error.
+        hint = "; check the --where filter" if plan.where else ""
+        return InvalidFilter(f"exporting {plan.qualified} failed: {msg}{hint}")
     if isinstance(e, psycopg.Error):
         if e.sqlstate and e.sqlstate.startswith("28"):
             return connect_error(e, target)
