@@ -36,7 +36,7 @@ from .parallel import (
 from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect
 from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
-from .runner import PartJob, run_part
+from .runner import PartJob, _chunk_error, run_part
 from .settings import PINNED_SETTINGS, read_settings_query
 
 __all__ = ["ExportResult", "ExportStatus", "export_status", "export_table"]
@@ -433,9 +433,13 @@ def export_table(
         if consistent:
             snap = _SnapshotHolder(target, settings)
         if parallel and parts is None:
-            boundaries = sample_boundaries(
-                conn, plan, workers, snapshot=snap.snapshot if snap is not None else None
-            )
+            try:
+                boundaries = sample_boundaries(
+                    conn, plan, workers, snapshot=snap.snapshot if snap is not None else None
+                )
+            except psycopg.Error as e:
+                # The filter first runs here: a writing or failing --where is a usage error.
+                raise _chunk_error(e, "sampling the key range failed", plan, target) from e
             parts = new_parts(identity, settings, started_at, boundaries)
             save_parts(out, parts)
     except BaseException:
