@@ -269,6 +269,57 @@ def status(output: Path, as_json: bool) -> None:
     )
 
 
+@cli.command()
+@click.argument("plan", type=click.Path(path_type=Path))
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Tables exported at the same time, each in its own process (largest first).",
+)
+@click.option("--dry-run", is_flag=True, help="Print the resolved plan; export nothing.")
+@click.option("--no-progress", is_flag=True, help="No live view or progress log lines.")
+@click.option(
+    "--only",
+    multiple=True,
+    metavar="NAME",
+    help="Run only the plan's tables matching NAME (a name or pattern); repeatable.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="More log lines.")
+def bulk(
+    plan: Path, jobs: int, dry_run: bool, no_progress: bool, only: tuple[str, ...], verbose: bool
+) -> None:
+    """Export every table of the TOML plan PLAN; run it again to resume."""
+    from . import bulk as b
+
+    _setup_logging(verbose)
+    reporter: Callable[[b.BulkProgress], None] | None = None
+    try:
+        loaded = b.load_plan(plan)
+        with contextlib.ExitStack() as stack:
+            if not (no_progress or dry_run):
+                if sys.stderr.isatty():
+                    reporter = stack.enter_context(b.BulkBarReporter())
+                else:
+                    reporter = b.BulkLogReporter(interval=30.0)
+            result = b.run_bulk(
+                loaded, jobs=jobs, only=only or None, dry_run=dry_run, progress=reporter
+            )
+    except b.PlanError as e:  # every problem of the plan, one line each; nothing was written
+        for problem in e.problems:
+            click.echo(f"copystream: error: {problem}", err=True)
+        sys.exit(2)  # click returns, not raises, an Exit when not standalone
+    secrets = loaded.secrets
+    text = b.format_dry_run(result) if dry_run else b.format_summary_table(result)
+    click.echo(redact(text, *secrets))
+    for t in result.failed:
+        why = "; ".join(t.errors)
+        click.echo(redact(f"copystream: error: {t.table} ({t.entry}): {why}", *secrets), err=True)
+    if result.exit_code:
+        sys.exit(result.exit_code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``copystream`` console script."""
     args = sys.argv[1:] if argv is None else argv
