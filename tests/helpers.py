@@ -131,7 +131,7 @@ class Killed:
 
     checkpoint: dict[str, Any] | None  # as the killed process last saved it
     size: int  # bytes in the output at the kill (-1: no output file)
-    returncode: int  # -9 if it was killed; 0 if it finished first (only with after_seconds)
+    returncode: int  # -9 if it was SIGKILLed; 0 if it finished first (only with after_seconds)
     stderr: str
 
 
@@ -144,12 +144,14 @@ def kill_export(
     after_seconds: float | None = None,
     env: Mapping[str, str] | None = None,
     timeout: float = 120.0,
+    sig: int = signal.SIGKILL,
 ) -> Killed:
     """Start the export ``cmd`` and SIGKILL it at a point of progress.
 
     The kill comes when the checkpoint records at least ``min_chunks`` chunks, or when the
     output holds at least ``min_bytes`` bytes, or after ``after_seconds``. With a progress
     condition the export must still be running when it is met (else AssertionError).
+    ``sig`` is the signal sent (SIGKILL unless told otherwise).
     """
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
@@ -176,7 +178,7 @@ def kill_export(
                     assert time.monotonic() < deadline, "the kill point was never reached"
                     time.sleep(POLL)
             if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGKILL)
+                os.kill(proc.pid, sig)
             proc.wait(timeout=timeout)
         finally:
             if proc.poll() is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -284,6 +285,27 @@ def test_repeated_kills_one_file(db: str, reference: Callable[..., bytes], tmp_p
     proc = run(export_cmd(db, "big", out, "--chunk-rows", "5000"))
     assert_ok(proc)
     check_resumed(out, proc.stdout, proc.stderr, cp, k.size, expected, BIG_ROWS)
+
+
+def test_sigint_exits_1_and_resumes(
+    db: str, reference: Callable[..., bytes], tmp_path: Path
+) -> None:
+    """Ctrl-C: exit 1, a one-line hint to run again, no traceback; the re-run resumes."""
+    expected = reference(db, T_QUERY)
+    out = tmp_path / "t.csv"
+    cmd = export_cmd(db, "t", out, "--chunk-rows", "100")
+    k = kill_export(cmd, out, min_chunks=3, sig=signal.SIGINT)
+    assert k.returncode == 1, k.stderr
+    assert "Traceback" not in k.stderr
+    last = k.stderr.strip().splitlines()[-1]
+    assert last.startswith("copystream: error: ") and "run the same command again" in last
+    cp = k.checkpoint
+    assert cp is not None and len(cp["chunks"]) >= 3 and not cp["finished"]
+    data = out.read_bytes()
+    assert data[: cp["offset"]] == expected[: cp["offset"]]
+    proc = run(cmd)
+    assert_ok(proc)
+    check_resumed(out, proc.stdout, proc.stderr, cp, k.size, expected, SMALL_ROWS)
 
 
 def test_resume_in_another_environment_keeps_first_settings(
