@@ -511,6 +511,7 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
             problem(where, "exclude", "allowed only with pattern =")
         if "output" in raw and "pattern" in raw:
             problem(where, "output", "not allowed with pattern = (each table gets its own file)")
+        named_twice = False
         if isinstance(name, str):
             folded = _fold_name(name)
             try:
@@ -524,6 +525,7 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
                 other = seen_names.get(folded)
                 if other is not None:
                     problem(where, "name", f"{name!r} is named twice (also in {other})")
+                    named_twice = True
                 else:
                     seen_names[folded] = where
         excludes: list[str] = []
@@ -539,7 +541,7 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
                     excludes.append(t)
         merged = {**defaults, **values}
         fmt = str(merged.get("format", fmt_default))
-        if isinstance(name, str):
+        if isinstance(name, str) and not named_twice:
             # The default output is known before the server is asked only for a name with a
             # schema; the others are checked again once resolved (still before anything runs).
             folded = _fold_name(name)
@@ -1155,7 +1157,7 @@ def _drain(r: _Running) -> None:
         if kind == "progress":
             r.progress = a
         elif kind == "log":
-            log.log(int(a), "%s", b)
+            log.log(int(a), "%s", _in_plan_terms(str(b)))
         elif kind == "result":
             r.result, r.error = a, b
 
