@@ -1100,9 +1100,9 @@ def _worker_main(
     job: _Job, conn: multiprocessing.connection.Connection, level: int, coordinator: int
 ) -> None:
     """Runs in a worker process: export one table, send progress, logs and the result."""
-    from .parallel import _worker_init  # dies with the coordinator; ignores Ctrl-C
+    from .workers import die_with_coordinator  # dies with the coordinator; ignores Ctrl-C
 
-    _worker_init(None, level, coordinator)
+    die_with_coordinator(coordinator, level)
     lock = threading.Lock()
 
     def send(message: object) -> None:

@@ -19,15 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import os
-import queue as queue_mod
-import signal
-import sys
+import re
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,13 +32,21 @@ import xxhash
 from psycopg import sql
 
 from ._atomic import atomic_write, fsync_dir
-from .checkpoint import Checkpoint, ChunkRecord, canonical_digest, checkpoint_path
+from .checkpoint import (
+    Checkpoint,
+    ChunkRecord,
+    canonical_digest,
+    checkpoint_path,
+    load_checkpoint,
+)
 from .chunk import key_text_settings
-from .errors import CheckpointMismatch, CopystreamError, ExportFailed
+from .errors import CheckpointMismatch, ExportFailed, InvalidFilter
 from .plan import TablePlan, key_columns, key_text, where_clause
 from .progress import Progress
-from .runner import PartJob, PartOutcome, run_part
+from .retry import classify
+from .runner import PartJob, PartOutcome
 from .sink import hash_range
+from .workers import run_jobs
 
 __all__ = [
     "PartsPlan",
@@ -61,7 +64,12 @@ __all__ = [
 log = logging.getLogger("copystream")
 
 PARTS_VERSION = 1
-#: Sampled keys used to place the boundaries: ±1% balance needs a few thousand per range.
+#: Table blocks read to place the boundaries. ``TABLESAMPLE SYSTEM`` takes whole blocks, and the
+#: rows of a block are often neighbours in key order, so the balance depends on how many blocks
+#: are sampled, not on how many rows: 5,000 blocks (40 MB) keep ranges within a few percent of
+#: each other for up to ~16 ranges. A table of up to twice that is read whole.
+SAMPLE_BLOCKS = 5_000
+#: At most about this many (evenly spaced) sampled keys are sent to the client.
 SAMPLE_ROWS = 30_000
 
 Key = tuple[str, ...]
@@ -151,12 +159,20 @@ def save_parts(output: Path, parts: PartsPlan) -> None:
     atomic_write(parts_path(output), json.dumps(parts.to_json(), indent=1).encode() + b"\n")
 
 
-def remove_parts(output: Path, parts: PartsPlan) -> None:
-    """Delete the part files, their checkpoints and the plan (after a join, or ``--restart``)."""
-    for i in range(len(parts.ranges)):
-        for p in (part_path(output, i), checkpoint_path(part_path(output, i))):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
+    """Delete the part files, their checkpoints and the plan (after a join, or ``--restart``).
+
+    Every ``OUTPUT.part-NNNN`` file goes, whatever ``parts`` says: also those of a plan that
+    cannot be read any more (``--restart`` must be able to discard a damaged one).
+    """
+    part_name = re.compile(re.escape(output.name) + r"\.part-\d{4,}(?:\.checkpoint\.json)?")
+    with os.scandir(output.parent) as entries:
+        names = [e.name for e in entries if part_name.fullmatch(e.name)]
+    for i in range(len(parts.ranges) if parts is not None else 0):
+        names += [part_path(output, i).name, checkpoint_path(part_path(output, i)).name]
+    for name in sorted(set(names)):
+        with contextlib.suppress(FileNotFoundError):
+            (output.parent / name).unlink()
     with contextlib.suppress(FileNotFoundError):
         parts_path(output).unlink()
     fsync_dir(output.parent)
@@ -177,16 +193,21 @@ def new_parts(
 def pick_boundaries(sample: Sequence[Key], parts: int) -> list[Key]:
     """Up to ``parts - 1`` boundaries at even quantiles of an ordered sample. Pure.
 
-    ``sample`` must be in key order (PostgreSQL sorted it). Repeated keys give one boundary.
+    ``sample`` must be in key order (PostgreSQL sorted it). Range ``i`` ends (inclusively) at the
+    last key of the ``i``-th of ``parts`` equal slices of the sample, so the ranges get equal
+    shares of it (to within one key). Repeated keys give one boundary.
     """
     if parts <= 1 or not sample:
         return []
     out: list[Key] = []
     for i in range(1, parts):
-        k = sample[min(len(sample) - 1, (i * len(sample)) // parts)]
+        j = (i * len(sample)) // parts - 1  # the last key of slice i (fewer keys than parts: < 0)
+        if j < 0:
+            continue
+        k = sample[j]
         if not out or out[-1] != k:
             out.append(k)
-    if out and out[-1] == sample[-1] and len(out) > 1:
+    if out and out[-1] == sample[-1]:
         out.pop()  # a boundary at the very end would leave an empty last range
     return out
 
@@ -197,19 +218,26 @@ def sample_boundaries(
     """Boundaries splitting ``plan``'s rows into ``parts`` ranges of about equal row counts."""
     if parts <= 1:
         return []
-    est = plan.estimated_rows or (plan.estimated_bytes or 0) // 100
+    pages = (plan.estimated_bytes or 0) // 8192 or (plan.estimated_rows or 0) // 100
     sampling: sql.Composable = sql.SQL("")
-    if plan.relkind in ("r", "m", "p") and est > SAMPLE_ROWS:
-        pct = max(0.0001, min(100.0, 100.0 * SAMPLE_ROWS / est))
+    if plan.relkind in ("r", "m", "p") and pages > 2 * SAMPLE_BLOCKS:
+        pct = max(0.0001, min(100.0, 100.0 * SAMPLE_BLOCKS / pages))
         sampling = sql.SQL(" TABLESAMPLE SYSTEM ({})").format(sql.Literal(round(pct, 6)))
+    # The server sorts the sampled keys and sends every n-th: evenly spaced quantiles of the
+    # whole sample, without shipping (or holding) all of it.
     query = sql.SQL(
-        "SELECT {keys} FROM (SELECT {cols} FROM {table}{sampling}{where} ORDER BY {cols}) AS s"
+        "SELECT {keys} FROM (SELECT {cols}, row_number() OVER (ORDER BY {cols}) AS {rn}, "
+        "count(*) OVER () AS {n} FROM {table}{sampling}{where}) AS s "
+        "WHERE {rn} % GREATEST(1, {n} / {most}) = 0 ORDER BY {rn}"
     ).format(
         keys=key_text(plan),
         cols=key_columns(plan),
+        rn=sql.Identifier("copystream sample rn"),
+        n=sql.Identifier("copystream sample n"),
         table=plan.table_ident,
         sampling=sampling,
         where=where_clause(plan),
+        most=sql.Literal(min(SAMPLE_ROWS, parts * 100)),  # 1% of a range: plenty
     )
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -217,7 +245,16 @@ def sample_boundaries(
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         for name, value in key_text_settings(plan.key_types).items():  # exact key text
             conn.execute("SELECT set_config(%s, %s, true)", [name, value])
-        rows = conn.execute(query).fetchall()
+        try:
+            rows = conn.execute(query).fetchall()
+        except psycopg.Error as e:  # the filter runs here first: its errors are the user's
+            msg = e.diag.message_primary or str(e).strip().splitlines()[0]
+            if e.sqlstate is not None and classify(e) is None:  # the server refused the query
+                raise InvalidFilter(f"sampling the keys of {plan.qualified} failed: {msg}") from e
+            raise ExportFailed(
+                f"sampling the keys of {plan.qualified} failed: {msg}; nothing was exported yet, "
+                "run the same command again"
+            ) from e
     sample = [tuple(str(v) for v in r) for r in rows]
     bounds = pick_boundaries(sample, parts)
     log.info(
@@ -230,43 +267,6 @@ def sample_boundaries(
 
 
 # -- running ------------------------------------------------------------------------------------
-
-_progress_queue: Any = None
-
-
-def _worker_init(progress_queue: Any, level: int, coordinator: int) -> None:
-    """Runs in each worker process before its first job."""
-    global _progress_queue
-    _progress_queue = progress_queue
-    if sys.platform.startswith("linux"):  # die with the coordinator: no orphan keeps writing
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != coordinator:  # it died before the line above took effect
-        os._exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles Ctrl-C
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s copystream[{os.getpid()}] %(levelname)s: %(message)s")
-    )
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
-
-
-def _run_in_worker(index: int, job: PartJob) -> PartOutcome:
-    last = 0.0
-
-    def report(p: Progress) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if _progress_queue is not None and (now - last > 0.25 or p.done):
-            last = now
-            with contextlib.suppress(Exception):
-                _progress_queue.put_nowait((index, p.rows, p.bytes))
-
-    return run_part(job, progress=report)
 
 
 def run_parts(
@@ -287,78 +287,39 @@ def run_parts(
         if path.exists() and not checkpoint_path(path).exists():
             path.unlink()  # created but never checkpointed: nothing in it counts
         span = [list(lo) if lo else None, list(hi) if hi else None]
+        identity = {**parts.export, "range": span}
+        cp = load_checkpoint(path)  # damaged or foreign: refused before any worker starts
+        if cp is not None:
+            cp.check_same_export(identity, path)
         jobs.append(
             replace(
                 template,
                 path=str(path),
-                identity={**parts.export, "range": span},
+                identity=identity,
                 lower=lo,
                 upper=hi,
                 first=i == 0,
             )
         )
-    ctx = multiprocessing.get_context("spawn")
-    progress_queue = ctx.Queue()
     done_rows = [0] * len(jobs)
     done_bytes = [0] * len(jobs)
     started = time.monotonic()
-    results: dict[int, PartOutcome] = {}
-    errors: list[BaseException] = []
-    with ProcessPoolExecutor(
-        max_workers=min(workers, len(jobs)),
-        mp_context=ctx,
-        initializer=_worker_init,
-        initargs=(progress_queue, log.getEffectiveLevel(), os.getpid()),
-    ) as pool:
-        futures: dict[Future[PartOutcome], int] = {
-            pool.submit(_run_in_worker, i, job): i for i, job in enumerate(jobs)
-        }
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
-            for f in finished:
-                i = futures[f]
-                try:
-                    results[i] = f.result()
-                    done_rows[i] = results[i].checkpoint.rows
-                    done_bytes[i] = results[i].checkpoint.offset
-                except BrokenProcessPool as e:
-                    errors.append(
-                        ExportFailed(
-                            "a worker process died; the checkpoints are intact, run the same "
-                            "command again to resume"
-                        )
-                    )
-                    errors[-1].__cause__ = e
-                except BaseException as e:
-                    errors.append(e)
-            while True:
-                try:
-                    i, rows, nbytes = progress_queue.get_nowait()
-                except (queue_mod.Empty, OSError, ValueError):
-                    break
-                done_rows[i], done_bytes[i] = rows, nbytes
-            if progress is not None:
-                progress(
-                    Progress(
-                        plan.qualified,
-                        sum(done_rows),
-                        sum(done_bytes),
-                        plan.estimated_rows,
-                        time.monotonic() - started,
-                        len(results),
-                    )
+
+    def on_progress(i: int, rows: int, nbytes: int) -> None:
+        done_rows[i], done_bytes[i] = rows, nbytes
+        if progress is not None:
+            progress(
+                Progress(
+                    plan.qualified,
+                    sum(done_rows),
+                    sum(done_bytes),
+                    plan.estimated_rows,
+                    time.monotonic() - started,
+                    0,
                 )
-    progress_queue.close()
-    if errors:
-        first = errors[0]
-        if isinstance(first, CopystreamError):
-            raise first
-        raise ExportFailed(
-            f"a worker failed: {first}; the checkpoints are intact, run the same command again "
-            "to resume"
-        ) from first
-    return [results[i] for i in range(len(jobs))]
+            )
+
+    return run_jobs(jobs, min(workers, len(jobs)), on_progress)
 
 
 # -- joining ------------------------------------------------------------------------------------

@@ -21,20 +21,22 @@ from .errors import DiskFull, PrefixMismatch
 
 __all__ = ["HASH_BLOCK", "Sink", "hash_range"]
 
-#: Read size when re-hashing a file prefix: large enough to run at memory/disk speed.
-HASH_BLOCK = 4 * 1024 * 1024
+#: Read size when re-hashing a file prefix: one reused buffer, large enough for memory speed.
+HASH_BLOCK = 1024 * 1024
 
 
 def hash_range(fd: int, start: int, length: int, *states: xxhash.xxh3_128) -> int:
     """Feed ``length`` bytes of ``fd`` from ``start`` into every hash state; return bytes read."""
+    buf = bytearray(min(HASH_BLOCK, max(length, 1)))
+    view = memoryview(buf)
     done = 0
     while done < length:
-        block = os.pread(fd, min(HASH_BLOCK, length - done), start + done)
-        if not block:
+        n = os.preadv(fd, [view[: min(len(buf), length - done)]], start + done)
+        if not n:
             break
         for st in states:
-            st.update(block)
-        done += len(block)
+            st.update(view[:n])
+        done += n
     return done
 
 
