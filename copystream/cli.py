@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -341,13 +342,15 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _secrets_in(args: list[str]) -> list[str]:
-    out: list[str] = []
+    """Passwords that error lines must not show: from --dsn, COPYSTREAM_DSN and PGPASSWORD."""
+    out: list[str] = [os.environ["PGPASSWORD"]] if os.environ.get("PGPASSWORD") else []
+    values: list[Any] = [os.environ.get("COPYSTREAM_DSN")]
     for i, a in enumerate(args):
-        value: Any = None
         if a == "--dsn" and i + 1 < len(args):
-            value = args[i + 1]
+            values.append(args[i + 1])
         elif a.startswith("--dsn="):
-            value = a.split("=", 1)[1]
+            values.append(a.split("=", 1)[1])
+    for value in values:
         if value:
             with contextlib.suppress(CopystreamError):
                 out.extend(Target(value).secrets)
