@@ -11,6 +11,18 @@ The library is the product; the ``copystream`` command is a thin layer over it::
 
 from __future__ import annotations
 
+from .bulk import (
+    BulkBarReporter,
+    BulkLogReporter,
+    BulkPlan,
+    BulkProgress,
+    BulkResult,
+    PlanEntry,
+    PlanError,
+    TableOutcome,
+    load_plan,
+    run_bulk,
+)
 from .checkpoint import Checkpoint, ChunkRecord
 from .errors import (
     AuthenticationFailed,
@@ -40,6 +52,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AuthenticationFailed",
     "BarReporter",
+    "BulkBarReporter",
+    "BulkLogReporter",
+    "BulkPlan",
+    "BulkProgress",
+    "BulkResult",
     "Checkpoint",
     "CheckpointMismatch",
     "ChunkRecord",
@@ -56,11 +73,14 @@ __all__ = [
     "Manifest",
     "OutputExists",
     "OutputProblem",
+    "PlanEntry",
+    "PlanError",
     "PrefixMismatch",
     "Progress",
     "RetriesExhausted",
     "RetryPolicy",
     "TableNotFound",
+    "TableOutcome",
     "UsageError",
     "VerificationFailed",
     "VerifyResult",
@@ -68,5 +88,7 @@ __all__ = [
     "export_status",
     "export_table",
     "load_manifest",
+    "load_plan",
+    "run_bulk",
     "verify_file",
 ]

@@ -552,25 +552,29 @@ def test_sigkill_midway_then_rerun_is_byte_identical_and_reports_the_missing_tab
 ) -> None:
     plan = write_plan(tmp_path / "plan.toml", shop, MIGRATION, chunk_rows=2000)
     out = tmp_path / "out"
+    workers: dict[int, tuple[psutil.Process, str]] = {}
+
+    def collect(pid: int) -> None:
+        """Remember every descendant of the job (with its command line, read while alive)."""
+        with contextlib.suppress(psutil.Error):
+            for p in psutil.Process(pid).children(recursive=True):
+                if p.pid not in workers:
+                    with contextlib.suppress(psutil.Error):
+                        workers[p.pid] = (p, " ".join(p.cmdline()))
+
     with background(bulk_cmd(plan, "--jobs", "2")) as proc:
-        workers: dict[int, psutil.Process] = {}
         deadline = time.monotonic() + 120
         while chunks_in_checkpoints(out) < 1:
-            with contextlib.suppress(psutil.Error):
-                for p in psutil.Process(proc.pid).children(recursive=True):
-                    workers.setdefault(p.pid, p)
+            collect(proc.pid)
             assert proc.poll() is None, "the job ended before the kill point"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.002)
-        with contextlib.suppress(psutil.Error):
-            for p in psutil.Process(proc.pid).children(recursive=True):
-                workers.setdefault(p.pid, p)
+        collect(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    spawned = [p for p in workers.values() if "spawn_main" in " ".join(p.cmdline() or [""])]
-    assert spawned, "no worker process was seen"
+    assert any("spawn_main" in cmd for _, cmd in workers.values()), "no worker process seen"
     deadline = time.monotonic() + 20
-    while any(alive(p) for p in workers.values()):
+    while any(alive(p) for p, _ in workers.values()):
         assert time.monotonic() < deadline, "a worker process outlived the killed job"
         time.sleep(0.01)
 
