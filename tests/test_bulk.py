@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -29,6 +31,7 @@ import pytest
 from helpers import assert_one_error_line, cli, read_manifest, run, scratch_database, xxh
 
 import copystream
+import copystream.errors
 from copystream.bulk import (
     PlanError,
     Relation,
@@ -645,11 +648,17 @@ format = "text"
 where = "data IS NOT NULL"
 """,
     )
-    proc = run(bulk_cmd(plan))
+    proc = run(cli("bulk", str(plan)))  # stderr is not a terminal: progress as log lines
     assert proc.returncode == 1
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("copystream: error: ")]
     assert len(errors) == 1
     assert "public.orders (tables[0])" in errors[0] and "no_such_column" in errors[0]
+    assert "Traceback" not in proc.stderr
+    logged = proc.stderr
+    assert 'copystream INFO: "Mixed"."CamelTable": started' in logged
+    assert 'copystream INFO: "Mixed"."CamelTable": done, 500 rows' in logged
+    assert "copystream WARNING: public.orders: FAILED: invalid where filter" in logged
+    assert "copystream INFO: job: 3/3 tables finished (1 failed), " in logged
     rows = by_table(read_report(tmp_path / "out"))
     assert rows["public.orders"]["status"] == "failed"
     assert not (tmp_path / "out" / "public.orders.csv").exists()
@@ -693,6 +702,44 @@ def test_a_worker_that_dies_fails_only_its_table_and_the_rerun_resumes(
     assert again["public.blobs"]["status"] == "skipped"
     assert_outputs_match_psql(shop, psql_csv, report, ["public.orders", "public.blobs"])
     assert_report_matches_manifests(report)
+
+
+def test_a_server_that_cannot_be_reached_fails_its_tables_only(shop: str, tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    down = f"host=127.0.0.1 port={port} dbname=x user=u password=Down-Pw-99 connect_timeout=2"
+    plan = write_plan(
+        tmp_path / "plan.toml",
+        shop,
+        '[[tables]]\nname = "public.empty"\n'
+        f'[[tables]]\nname = "public.far"\ndsn = "{down}"\n'
+        f'[[tables]]\npattern = "far.*"\ndsn = "{down}"\n',
+    )
+    proc = run(bulk_cmd(plan))
+    assert proc.returncode == 1, proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("copystream: error: ")]
+    assert len(errors) == 2 and all("cannot connect to 127.0.0.1" in e for e in errors)
+    assert "public.far (tables[1])" in errors[0] and "far.* (tables[2])" in errors[1]
+    rows = by_table(read_report(tmp_path / "out"))
+    assert rows["public.empty"]["status"] == "done"
+    report = (tmp_path / "out" / "copystream-report.json").read_text()
+    assert "Down-Pw-99" not in report + proc.stderr + proc.stdout
+    # when no server of the plan can be reached, the command itself is wrong: exit 2, one line
+    only_down = write_plan(tmp_path / "down.toml", down, '[[tables]]\nname = "t"\n', output_dir="d")
+    proc2 = run(bulk_cmd(only_down))
+    assert_one_error_line(proc2, 2, "cannot connect to 127.0.0.1")
+    assert "Down-Pw-99" not in proc2.stderr and not (tmp_path / "d").exists()
+
+
+def test_errors_cross_process_boundaries() -> None:
+    """Errors pickle (they may cross from a worker process) with their message and exit code."""
+    for name in copystream.errors.__all__:
+        cls = getattr(copystream.errors, name)
+        err = pickle.loads(pickle.dumps(cls("what went wrong")))
+        assert type(err) is cls and str(err) == "what went wrong"
+    plan_error = pickle.loads(pickle.dumps(PlanError(["p.toml:1: a", "p.toml:2: b"])))
+    assert plan_error.problems == ("p.toml:1: a", "p.toml:2: b") and plan_error.exit_code == 2
 
 
 def test_library_returns_what_the_command_reports(
