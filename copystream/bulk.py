@@ -911,6 +911,11 @@ def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
             for e in entries:
                 if e.name is not None:
                     lookups[(dsn, e.name)] = _lookup(conn, e.name)
+        except psycopg.Error as err:  # e.g. the connection dropped: this server's tables fail
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            catalogs[dsn] = redact(
+                f"cannot read the catalog of {target.describe()}: {detail}", *plan.secrets
+            )
         finally:
             conn.close()
     if errors and len(errors) == len(by_dsn):
@@ -1123,7 +1128,8 @@ def _worker_main(
         result = export_table(
             job.conninfo or None, job.table, job.output, progress=report, **job.kwargs
         )
-        message: tuple[str, Any, Any] = ("result", result, None)
+        # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
+        message: tuple[str, Any, Any] = ("result", replace(result, chunks=()), None)
     except CopystreamError as e:
         message = ("result", None, str(e))
     except Exception as e:  # a bug: fail this table, not the job
@@ -1144,7 +1150,7 @@ class _Running:
     closed: bool = False
 
 
-def _drain(r: _Running) -> None:
+def _drain(r: _Running, secrets: Sequence[str]) -> None:
     """Read every message the worker has sent so far."""
     while not r.closed:
         try:
@@ -1157,7 +1163,7 @@ def _drain(r: _Running) -> None:
         if kind == "progress":
             r.progress = a
         elif kind == "log":
-            log.log(int(a), "%s", _in_plan_terms(str(b)))
+            log.log(int(a), "%s", _in_plan_terms(redact(str(b), *secrets)))
         elif kind == "result":
             r.result, r.error = a, b
 
@@ -1281,7 +1287,10 @@ class _Report:
 def _job_lock(directory: Path) -> Iterator[None]:
     """One bulk job per output directory at a time."""
     path = directory / _LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise UsageError(f"cannot write in the output directory {directory}: {e.strerror}") from e
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1439,11 +1448,11 @@ def _execute(
             if waitables:
                 multiprocessing.connection.wait(waitables, timeout=0.25)
             for r in list(running):
-                _drain(r)
+                _drain(r, secrets)
                 if r.process.is_alive():
                     continue
                 r.process.join()
-                _drain(r)
+                _drain(r, secrets)
                 running.remove(r)
                 r.conn.close()
                 if r.result is not None:
@@ -1559,8 +1568,8 @@ def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcom
                     columns=list(t.entry.columns) if t.entry.columns else None,
                     where=t.entry.where,
                 )
-            except CopystreamError as e:
-                why = _in_plan_terms(redact(str(e), *secrets))
+            except (CopystreamError, psycopg.Error) as e:
+                why = _in_plan_terms(redact(str(e).strip().split("\n")[0], *secrets))
                 out.append(_outcome(t, "refused", errors=(why,)))
                 continue
             note, refused = _file_state(t.output)
