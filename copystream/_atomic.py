@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import DiskFull
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "remove_stale_temporaries"]
 
 
 def fsync_dir(directory: Path) -> None:
@@ -60,3 +60,35 @@ def _raise_if_full(path: Path, e: OSError) -> None:
             f"cannot write {path}: {os.strerror(e.errno)}; free some space and run the same "
             "command again to resume"
         ) from e
+
+
+#: The characters of the random part of a ``mkstemp`` name (8 of them).
+_TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
+
+
+def remove_stale_temporaries(path: Path) -> int:
+    """Delete the temporary files that interrupted :func:`atomic_write` calls of ``path`` left.
+
+    A process killed between creating its ``.NAME.XXXXXXXX.tmp`` and renaming it leaves that
+    file behind, and every kill adds one. Call this only while no other process can be writing
+    ``path`` (under the export's lock). Returns how many were removed.
+    """
+    prefix, removed = f".{path.name}.", 0
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        middle = name[len(prefix) : -len(".tmp")]
+        if (
+            name.startswith(prefix)
+            and name.endswith(".tmp")
+            and len(middle) == 8
+            and set(middle) <= _TEMP_CHARS
+            and entry.is_file(follow_symlinks=False)
+        ):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+                removed += 1
+    return removed

@@ -25,7 +25,7 @@ from typing import Any
 
 import xxhash
 
-from ._atomic import atomic_write
+from ._atomic import atomic_write, remove_stale_temporaries
 from .checkpoint import ChunkRecord
 from .errors import UsageError, VerificationFailed
 from .sink import hash_range
@@ -131,9 +131,14 @@ def manifest_path(output: Path) -> Path:
 
 
 def save_manifest(output: Path, manifest: Manifest) -> None:
-    """Write the manifest atomically and durably, owner-only (0600)."""
+    """Write the manifest atomically and durably, owner-only (0600).
+
+    Temporary files of earlier writes that were killed mid-way are removed (the caller holds the
+    export's lock).
+    """
     data = json.dumps(manifest.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
     atomic_write(manifest_path(output), data)
+    remove_stale_temporaries(manifest_path(output))
 
 
 def load_manifest(output: Path) -> Manifest | None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from ._atomic import remove_stale_temporaries
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -301,6 +302,7 @@ def run_part(
         sleep=sleep,
     )
     ex.snapshot = job.snapshot
+    remove_stale_temporaries(checkpoint_path(path))  # left by runs that were killed
     cp = load_checkpoint(path)
     fresh = cp is None
     if cp is None:
