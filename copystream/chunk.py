@@ -337,9 +337,19 @@ class ChunkRunner:
         m, s = self.main, self.side
         assert s is not None
         m.begin(snapshot)
+        own = snapshot is None
         if snapshot is None:
             snapshot = m.execute(sql.SQL("SELECT pg_export_snapshot()"))[0][0]
-        s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
+        try:
+            s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
+        except psycopg.errors.InvalidParameterValue as e:
+            if not own:
+                raise
+            # "invalid snapshot identifier": the main transaction that exported it is gone (its
+            # backend was terminated): a lost connection, not a bad request.
+            raise psycopg.OperationalError(
+                f"the chunk's connection was lost while its snapshot was being shared ({e})"
+            ) from e
         local = key_text_settings(plan.key_types)
         if local:
             s.set_local(local)
