@@ -293,7 +293,7 @@ def test_sigint_exits_1_and_resumes(
     """Ctrl-C: exit 1, a one-line hint to run again, no traceback; the re-run resumes."""
     expected = reference(db, T_QUERY)
     out = tmp_path / "t.csv"
-    cmd = export_cmd(db, "t", out, "--chunk-rows", "100")
+    cmd = export_cmd(db, "t", out, "--chunk-rows", "500")
     k = kill_export(cmd, out, min_chunks=3, sig=signal.SIGINT)
     assert k.returncode == 1, k.stderr
     assert "Traceback" not in k.stderr
@@ -349,7 +349,7 @@ def test_sigkill_then_resume_with_options(
     """The header is written once, the filter and column list hold across the resume."""
     expected = reference(db, query, options)
     out = tmp_path / "t.csv"
-    cmd = export_cmd(db, "t", out, "--chunk-rows", "100", *extra)
+    cmd = export_cmd(db, "t", out, "--chunk-rows", "500", *extra)
     k = kill_export(cmd, out, min_chunks=3)
     cp = check_killed(k, expected, out.read_bytes(), min_chunks=3)
     proc = run(cmd)
