@@ -442,9 +442,11 @@ def export_table(
                 raise _chunk_error(e, "sampling the key range failed", plan, target) from e
             parts = new_parts(identity, settings, started_at, boundaries)
             save_parts(out, parts)
-    except BaseException:
+    except BaseException as e:
         if snap is not None:
             snap.close()
+        if isinstance(e, psycopg.Error):  # e.g. the connection lost while reading the settings
+            raise _chunk_error(e, "preparing the export failed", plan, target) from e
         raise
     finally:
         conn.close()

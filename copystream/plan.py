@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import InvalidFilter, KeyProblem, TableNotFound, UsageError
+from .retry import classify
 
 __all__ = [
     "CopyOptions",
@@ -523,6 +524,8 @@ def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan)
             conn.execute("SET TRANSACTION READ ONLY")
             conn.execute(query, binary=True)
     except psycopg.errors.Error as e:
+        if classify(e) is not None:
+            raise  # a lost connection, not a bad filter: the caller retries
         msg = e.diag.message_primary or str(e).splitlines()[0]
         raise InvalidFilter(f"invalid --where filter {plan.where!r}: {msg}") from e
 
