@@ -8,16 +8,22 @@ seconds, not hours), ``application_name=copystream`` unless the DSN names one, a
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import socket
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from .errors import AuthenticationFailed, ConnectionFailed, UsageError
+from .retry import StallTimeout
 from .settings import apply_settings_query
 
-__all__ = ["Target", "connect", "connect_error", "describe_target", "redact"]
+__all__ = ["Target", "connect", "connect_error", "describe_target", "io_deadline", "redact"]
 
 #: libpq parameters added unless the DSN sets them. keepalives: first probe after 10 s idle, then
 #: every 5 s, 3 misses = dead (about 25 s). tcp_user_timeout: unacknowledged data for 30 s = dead.
@@ -143,3 +149,45 @@ def connect_error(e: psycopg.Error, target: Target) -> UsageError:
     if e.sqlstate in ("28P01", "28000") or _AUTH_PATTERNS.search(text):
         return AuthenticationFailed(f"authentication failed connecting to {where}: {detail}")
     return ConnectionFailed(f"cannot connect to {where}: {detail}")
+
+
+@contextlib.contextmanager
+def io_deadline(conn: psycopg.Connection[Any], seconds: float, doing: str) -> Iterator[None]:
+    """Bound a block of ordinary (blocking) psycopg calls on ``conn`` to ``seconds``.
+
+    Keepalives and ``tcp_user_timeout`` notice a dead network, but not a peer that stops
+    answering while its kernel still acknowledges (a hung server process, a stuck proxy or
+    pooler): a blocking query would then wait forever. If the block is still running after
+    ``seconds``, the connection's socket is shut down, which ends the blocked call with an
+    error; it is raised as :class:`~copystream.retry.StallTimeout` (transient: retried).
+    """
+    lock = threading.Lock()
+    state = {"done": False, "fired": False}
+
+    def fire() -> None:
+        with lock:
+            if state["done"]:
+                return
+            state["fired"] = True
+        with contextlib.suppress(OSError):
+            sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # acts on the connection's own socket
+            finally:
+                sock.close()
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    except psycopg.Error as e:
+        if state["fired"]:
+            raise StallTimeout(
+                f"no response from the server for {seconds:g}s while {doing} (stalled?)"
+            ) from e
+        raise
+    finally:
+        with lock:
+            state["done"] = True
+        timer.cancel()

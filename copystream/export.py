@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from .checkpoint import Checkpoint, ChunkRecord, checkpoint_path, load_checkpoint, remove_checkpoint
-from .connection import Target, connect, connect_error, redact
+from .connection import Target, connect, connect_error, io_deadline, redact
 from .errors import CopystreamError, OutputExists, OutputProblem, RetriesExhausted, UsageError
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest, verify_file
 from .parallel import (
@@ -136,11 +136,13 @@ def _connect_and_plan(
     where: str | None,
     policy: RetryPolicy,
     sleep: Callable[[float], None],
+    io_timeout: float = 300.0,
 ) -> tuple[psycopg.Connection[Any], TablePlan]:
     """Connect and plan the export; return the open connection and the plan.
 
     A transient failure while planning (the connection dropped, the server restarting) is
     retried on a fresh connection as ``policy`` says, like a chunk: it is not a usage error.
+    Planning that gets no answer within ``io_timeout`` (a hung server or proxy) is one too.
     """
     state = RetryState()
     conn: psycopg.Connection[Any] | None = first_connect(target, sleep)
@@ -149,7 +151,9 @@ def _connect_and_plan(
         try:
             if conn is None:
                 conn = connect(target)
-            return conn, introspect(conn, table, key=keys, columns=columns, where=where)
+            with io_deadline(conn, io_timeout, "planning the export"):
+                plan = introspect(conn, table, key=keys, columns=columns, where=where)
+            return conn, plan
         except psycopg.Error as e:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -389,7 +393,14 @@ def export_table(
         # the policy's own default.
         policy = replace(policy, retry_statement_timeout=True)
     conn, plan = _connect_and_plan(
-        target, table, keys=keys, columns=columns, where=where, policy=policy, sleep=sleep
+        target,
+        table,
+        keys=keys,
+        columns=columns,
+        where=where,
+        policy=policy,
+        sleep=sleep,
+        io_timeout=io_timeout,
     )
     snap: _SnapshotHolder | None = None
     try:
