@@ -40,6 +40,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from copystream import RetriesExhausted, RetryPolicy, export_table, verify_file
 from copystream.checkpoint import checkpoint_path, load_checkpoint
 from copystream.ephemeral import EphemeralPostgres
+from copystream.export import ExportResult
 from copystream.manifest import manifest_path
 
 try:
@@ -440,6 +441,37 @@ def test_connection_cut_while_planning(
     assert result.rows == 20_000
 
 
+def test_connection_cut_at_every_point_of_planning(
+    dsn: str, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """The first connection cut after 0, 150, 300, ... bytes: inside the handshake, each catalog
+    query, the --where check, the settings read, then the first chunk. Every cut must end in the
+    right file, or in exit code 1 (never a usage error, never "unexpected"), after which a
+    re-run finishes it."""
+    make_table(dsn, 3_000)
+    expected = psql_csv(dsn, QUERY)
+    outcomes: dict[str, list[int]] = {}
+    for nbytes in range(0, 4_000, 150):
+        out = tmp_path / f"t{nbytes}.csv"
+        with Proxy("127.0.0.1", int(conninfo_to_dict(dsn)["port"] or 5432)) as proxy:
+            proxy.cut_after(nbytes, times=1)
+            conninfo = via_proxy(dsn, proxy.port)
+
+            def export(conninfo: str = conninfo, out: Path = out) -> ExportResult:
+                return export_table(conninfo, "t", out, where="id > 0", retry_policy=FAST)
+
+            try:
+                run_guarded(export, unblock=proxy.cut_all)
+                outcome = "finished"
+            except Exception as e:
+                assert getattr(e, "exit_code", None) == 1, f"cut after {nbytes} bytes: {e!r}"
+                outcome = type(e).__name__
+                export_table(dsn, "t", out, where="id > 0")
+        outcomes.setdefault(outcome, []).append(nbytes)
+        assert_finished(out, expected)
+    print({k: f"{len(v)} cuts ({v[0]}..{v[-1]})" for k, v in outcomes.items()})
+
+
 def test_stalled_network_is_detected_and_retried(
     dsn: str, psql_csv: PsqlCsv, tmp_path: Path, proxy: Proxy
 ) -> None:
@@ -488,6 +520,49 @@ def test_stalled_network_is_detected_and_retried(
     assert stalls.messages, "the stall was not detected by the I/O timeout"
     assert result.retries >= 1
     assert proxy.connections >= 3  # planning, the stalled one, and a fresh one
+    assert_finished(out, expected)
+
+
+def test_planning_that_never_answers_is_retried(
+    dsn: str, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A query of the planning phase that hangs on the server (here: behind a lock) is given up
+    after the I/O timeout and retried, as a chunk would be; the export must not hang."""
+    make_table(dsn, 20_000)
+    expected = psql_csv(dsn, QUERY)
+    out = tmp_path / "t.csv"
+    locker = psycopg.connect(dsn, application_name="fault-locker")
+    locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # until rollback
+    released = threading.Lock()
+
+    def release() -> None:
+        with released:
+            if not locker.closed:
+                locker.rollback()
+                locker.close()
+
+    stop = threading.Event()
+    with watch_log(lambda m: "planning the export" in m and "I/O timeout" in m) as hangs:
+
+        def releaser() -> None:  # the lock goes away once the hang has been noticed
+            if hangs.seen.wait(30) and not stop.is_set():
+                release()
+
+        thread = threading.Thread(target=releaser, name="releaser", daemon=True)
+        thread.start()
+        try:
+            result = run_guarded(
+                lambda: export_table(
+                    dsn, "t", out, where="id > 0", retry_policy=FAST, io_timeout=1.0
+                ),
+                unblock=release,
+            )
+        finally:
+            stop.set()
+            thread.join(10)
+            release()
+    print(f"planning timeouts: {len(hangs.messages)}, retries: {result.retries}")
+    assert hangs.messages
     assert_finished(out, expected)
 
 
