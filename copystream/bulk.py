@@ -10,23 +10,28 @@ skipped, unfinished ones resume from their checkpoints, failed ones are tried ag
 report, ``copystream-report.json`` in the output directory, is rewritten atomically as tables
 finish.
 
-Each table runs in its own ``spawn``'d process (not a pool), so a worker that dies (the OOM
-killer, a crash) fails only its own table; workers are killed if the coordinating process dies
-(``PR_SET_PDEATHSIG``, as in :mod:`copystream.parallel`), so a re-run never races an orphan.
+Each table runs in a worker process of its own (``python -m copystream._bulk_worker``, not a
+pool), so a worker that dies (the OOM killer, a crash) fails only its own table; workers are
+killed if the coordinating process dies (``PR_SET_PDEATHSIG``, as in
+:mod:`copystream.workers`), so a re-run never races an orphan.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import difflib
 import fcntl
+import itertools
 import json
 import logging
-import multiprocessing
-import multiprocessing.connection
 import os
+import pickle
+import queue
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import tomllib
@@ -1078,43 +1083,57 @@ class BulkProgress:
 
 
 # -- the worker process -------------------------------------------------------------------------
+#
+# A worker is ``python -m copystream._bulk_worker COORDINATOR_PID LOG_LEVEL``, a plain subprocess
+# (like the parallel export's workers, see copystream.workers): multiprocessing's ``spawn``
+# would re-import the caller's ``__main__`` in every worker (a cron script without a main guard
+# would start the job again; an Airflow task would re-import Airflow). The worker reads its
+# pickled job on stdin and writes one line per event on stdout: ``P <progress>``,
+# ``L <level> <message>``, then ``R <result>`` or ``E <message>`` (payloads base64).
 
 
 @dataclass(frozen=True)
 class _Job:
-    index: int
     conninfo: str
     table: str
     output: str
     kwargs: dict[str, Any]
 
 
-class _PipeLogHandler(logging.Handler):
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class _LineLogHandler(logging.Handler):
     """Sends a worker's log lines to the coordinator, which logs them in its own way."""
 
-    def __init__(self, send: Callable[[object], None]) -> None:
+    def __init__(self, send: Callable[[str], None]) -> None:
         super().__init__()
         self._send = send
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self._send(("log", record.levelno, record.getMessage()))
+            self._send(f"L {record.levelno} {_b64(record.getMessage().encode())}")
 
 
-def _worker_main(
-    job: _Job, conn: multiprocessing.connection.Connection, level: int, coordinator: int
-) -> None:
-    """Runs in a worker process: export one table, send progress, logs and the result."""
-    from .workers import die_with_coordinator  # dies with the coordinator; ignores Ctrl-C
+def worker_main(argv: Sequence[str]) -> int:
+    """Body of ``python -m copystream._bulk_worker COORDINATOR_PID LOG_LEVEL``: one table."""
+    from .workers import die_with_coordinator  # killed with the coordinator; ignores Ctrl-C
 
-    die_with_coordinator(coordinator, level)
+    die_with_coordinator(int(argv[0]), int(argv[1]))
+    job: _Job = pickle.load(sys.stdin.buffer)
+    # The events get the real stdout to themselves; anything else printed goes to stderr.
+    events = os.fdopen(os.dup(1), "w", encoding="ascii")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     lock = threading.Lock()
 
-    def send(message: object) -> None:
+    def send(line: str) -> None:
         with lock:
-            conn.send(message)
+            events.write(line + "\n")
+            events.flush()
 
-    log.handlers[:] = [_PipeLogHandler(send)]
+    log.handlers[:] = [_LineLogHandler(send)]
     last = 0.0
 
     def report(p: Progress) -> None:
@@ -1122,50 +1141,89 @@ def _worker_main(
         now = time.monotonic()
         if p.done or now - last >= 0.2:
             last = now
-            send(("progress", p, None))
+            send(f"P {_b64(pickle.dumps(p))}")
 
     try:
         result = export_table(
             job.conninfo or None, job.table, job.output, progress=report, **job.kwargs
         )
-        # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
-        message: tuple[str, Any, Any] = ("result", replace(result, chunks=()), None)
     except CopystreamError as e:
-        message = ("result", None, str(e))
+        send(f"E {_b64(str(e).encode())}")
+        return 1
     except Exception as e:  # a bug: fail this table, not the job
-        message = ("result", None, f"unexpected {type(e).__name__}: {e} (please report this)")
-    send(message)
-    conn.close()
+        send(f"E {_b64(f'unexpected {type(e).__name__}: {e} (please report this)'.encode())}")
+        return 1
+    # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
+    send(f"R {_b64(pickle.dumps(replace(result, chunks=())))}")
+    return 0
 
 
-@dataclass
 class _Running:
-    task: _Task
-    process: multiprocessing.process.BaseProcess
-    conn: multiprocessing.connection.Connection
-    started: float
-    progress: Progress
-    result: ExportResult | None = None
-    error: str | None = None
-    closed: bool = False
+    """A worker process exporting one table, and what it has said so far."""
 
-
-def _drain(r: _Running, secrets: Sequence[str]) -> None:
-    """Read every message the worker has sent so far."""
-    while not r.closed:
+    def __init__(self, task: _Task, index: int, events: queue.Queue[tuple[int, str]]) -> None:
+        self.task = task
+        self.started = time.monotonic()
+        self.progress = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
+        self.result: ExportResult | None = None
+        self.error: str | None = None
+        job = _Job(
+            conninfo=task.entry.dsn or "",
+            table=task.table,
+            output=str(task.output),
+            kwargs=task.entry.export_kwargs(),
+        )
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "copystream._bulk_worker",
+                str(os.getpid()),
+                str(log.getEffectiveLevel()),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self.proc.stdin is not None and self.proc.stdout is not None
         try:
-            if not r.conn.poll():
-                return
-            kind, a, b = r.conn.recv()
-        except (EOFError, OSError):
-            r.closed = True
-            return
-        if kind == "progress":
-            r.progress = a
-        elif kind == "log":
-            log.log(int(a), "%s", _in_plan_terms(redact(str(b), *secrets)))
-        elif kind == "result":
-            r.result, r.error = a, b
+            self.proc.stdin.write(pickle.dumps(job))
+            self.proc.stdin.close()
+        except BrokenPipeError:  # it died at once; its exit status will say how
+            pass
+        self.reader = threading.Thread(
+            target=self._read, args=(self.proc.stdout, index, events), daemon=True
+        )
+        self.reader.start()
+        log.debug("%s: started in process %s", task.table, self.proc.pid)
+
+    @staticmethod
+    def _read(stdout: IO[bytes], index: int, events: queue.Queue[tuple[int, str]]) -> None:
+        for raw in stdout:
+            events.put((index, raw.decode("ascii", errors="replace").rstrip("\n")))
+        events.put((index, "EOF"))
+
+    def handle(self, line: str, secrets: Sequence[str]) -> None:
+        """Take in one event line of the worker."""
+        kind, _, payload = line.partition(" ")
+        try:
+            if kind == "P":
+                self.progress = pickle.loads(base64.b64decode(payload))
+            elif kind == "L":
+                level, _, text = payload.partition(" ")
+                message = base64.b64decode(text).decode(errors="replace")
+                log.log(int(level), "%s", _in_plan_terms(redact(message, *secrets)))
+            elif kind == "R":
+                self.result = pickle.loads(base64.b64decode(payload))
+            elif kind == "E":
+                self.error = base64.b64decode(payload).decode(errors="replace")
+        except (ValueError, pickle.UnpicklingError, EOFError):  # a torn line of a killed worker
+            pass
+
+    def stop(self) -> None:
+        """Terminate the worker (its own workers die with it)."""
+        with contextlib.suppress(Exception):
+            self.proc.terminate()
 
 
 def _outcome(task: _Task, status: str, **kw: Any) -> TableOutcome:
@@ -1388,10 +1446,11 @@ def _execute(
     started: float,
 ) -> list[TableOutcome]:
     """Run the tasks, ``jobs`` processes at a time; record each outcome as it comes."""
-    ctx = multiprocessing.get_context("spawn")
+    events: queue.Queue[tuple[int, str]] = queue.Queue()
+    counter = itertools.count()
     # Tables that cannot run (missing, no server) are reported first: they take no worker.
     todo = [t for t in ordered if t.error is not None] + [t for t in ordered if t.error is None]
-    running: list[_Running] = []
+    running: dict[int, _Running] = {}
     outcomes: list[TableOutcome] = []
     base_rows = base_bytes = 0  # of finished tables: what was on disk before this run
     last_report = 0.0
@@ -1413,7 +1472,7 @@ def _execute(
             return
         finished_rows = sum(o.rows for o in outcomes)
         finished_bytes = sum(o.bytes for o in outcomes)
-        live = [r.progress for r in running]
+        live = [r.progress for r in running.values()]
         estimate = finished_rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
         estimate += sum(t.estimated_rows or 0 for t in todo)
         progress(
@@ -1440,71 +1499,55 @@ def _execute(
                 if task.error is not None:
                     finish(task, _outcome(task, "failed", errors=(task.error,)))
                     continue
-                running.append(_start(ctx, task))
+                index = next(counter)
+                running[index] = _Running(task, index, events)
             if changed:
                 emit()
-            waitables: list[Any] = [r.process.sentinel for r in running]
-            waitables += [r.conn for r in running if not r.closed]
-            if waitables:
-                multiprocessing.connection.wait(waitables, timeout=0.25)
-            for r in list(running):
-                _drain(r, secrets)
-                if r.process.is_alive():
-                    continue
-                r.process.join()
-                _drain(r, secrets)
-                running.remove(r)
-                r.conn.close()
-                if r.result is not None:
-                    outcome = _from_result(r.task, r.result)
-                    if outcome.status == "skipped":
-                        base_rows += outcome.rows
-                        base_bytes += outcome.bytes
-                    else:
-                        base_rows += r.progress.start_rows
-                        base_bytes += r.progress.start_bytes
+            try:
+                index, line = events.get(timeout=0.25)
+            except queue.Empty:
+                index, line = -1, ""
+            while index in running:
+                r = running[index]
+                if line != "EOF":
+                    r.handle(line, secrets)
                 else:
-                    error = r.error or _died(r.process.exitcode)
-                    outcome = _outcome(
-                        r.task, "failed", errors=(error,), seconds=time.monotonic() - r.started
-                    )
-                finish(r.task, outcome)
-                changed = True
+                    code = r.proc.wait()
+                    del running[index]
+                    if r.result is not None:
+                        outcome = _from_result(r.task, r.result)
+                        if outcome.status == "skipped":
+                            base_rows += outcome.rows
+                            base_bytes += outcome.bytes
+                        else:
+                            base_rows += r.progress.start_rows
+                            base_bytes += r.progress.start_bytes
+                    else:
+                        outcome = _outcome(
+                            r.task,
+                            "failed",
+                            errors=(r.error or _died(code),),
+                            seconds=time.monotonic() - r.started,
+                        )
+                    finish(r.task, outcome)
+                    changed = True
+                try:
+                    index, line = events.get_nowait()
+                except queue.Empty:
+                    break
             now = time.monotonic()
             if changed or now - last_report >= 0.25:
                 last_report = now
                 emit()
     except BaseException:
-        _stop(running)
-        for r in running:
+        _stop(list(running.values()))
+        for r in running.values():
             report.set(r.task, _outcome(r.task, "failed", errors=("interrupted",)))
         with contextlib.suppress(Exception):
             report.write(finished=False, warnings=warnings, seconds=time.monotonic() - started)
         raise
     emit(done=True)
     return outcomes
-
-
-def _start(ctx: Any, task: _Task) -> _Running:
-    receive, send = ctx.Pipe(duplex=False)
-    job = _Job(
-        index=task.entry.index,
-        conninfo=task.entry.dsn or "",
-        table=task.table,
-        output=str(task.output),
-        kwargs=task.entry.export_kwargs(),
-    )
-    process = ctx.Process(
-        target=_worker_main,
-        args=(job, send, log.getEffectiveLevel(), os.getpid()),
-        name=f"copystream-bulk {task.table}",
-        daemon=False,
-    )
-    process.start()
-    send.close()  # the worker holds the only writing end: EOF when it is gone
-    log.debug("%s: started in process %s", task.table, process.pid)
-    first = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
-    return _Running(task, process, receive, time.monotonic(), first)
 
 
 def _died(exitcode: int | None) -> str:
@@ -1527,16 +1570,14 @@ def _died(exitcode: int | None) -> str:
 def _stop(running: Sequence[_Running]) -> None:
     """Terminate the workers (their own workers die with them) and wait for them."""
     for r in running:
-        with contextlib.suppress(Exception):
-            r.process.terminate()
+        r.stop()
     deadline = time.monotonic() + 5.0
     for r in running:
-        r.process.join(max(0.0, deadline - time.monotonic()))
-        if r.process.is_alive():
-            r.process.kill()
-            r.process.join()
-        with contextlib.suppress(Exception):
-            r.conn.close()
+        try:
+            r.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            r.proc.kill()
+            r.proc.wait()
 
 
 def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcome]:
@@ -1743,7 +1784,7 @@ class _ConsoleHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self.console.print(self.format(record), markup=False, highlight=False, soft_wrap=True)
+            self.console.print(self.format(record), markup=False, highlight=False)
 
 
 class BulkBarReporter:
@@ -1789,7 +1830,7 @@ class BulkBarReporter:
     def __call__(self, p: BulkProgress) -> None:
         """Receive one snapshot of the job."""
         for o in p.outcomes[self._seen :]:
-            self._bar.console.print(_describe(o), markup=False, highlight=False, soft_wrap=True)
+            self._bar.console.print(_describe(o), markup=False, highlight=False)
         self._seen = len(p.outcomes)
         desc = f"[bold]job {p.finished}/{p.tables} tables" + (
             f" [red]({p.failed} failed)" if p.failed else ""

@@ -18,6 +18,7 @@ import pickle
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -575,7 +576,9 @@ def test_sigkill_midway_then_rerun_is_byte_identical_and_reports_the_missing_tab
         collect(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert any("spawn_main" in cmd for _, cmd in workers.values()), "no worker process seen"
+    assert any("copystream._bulk_worker" in cmd for _, cmd in workers.values()), (
+        "no worker process seen"
+    )
     deadline = time.monotonic() + 20
     while any(alive(p) for p, _ in workers.values()):
         assert time.monotonic() < deadline, "a worker process outlived the killed job"
@@ -685,7 +688,9 @@ def test_a_worker_that_dies_fails_only_its_table_and_the_rerun_resumes(
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.002)
         victims = [
-            p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())
+            p
+            for p in psutil.Process(proc.pid).children()
+            if "copystream._bulk_worker" in " ".join(p.cmdline())
         ]
         assert len(victims) == 1  # --jobs 1: the orders worker
         victims[0].kill()
@@ -730,6 +735,25 @@ def test_a_server_that_cannot_be_reached_fails_its_tables_only(shop: str, tmp_pa
     proc2 = run(bulk_cmd(only_down))
     assert_one_error_line(proc2, 2, "cannot connect to 127.0.0.1")
     assert "Down-Pw-99" not in proc2.stderr and not (tmp_path / "d").exists()
+
+
+def test_a_script_without_a_main_guard_runs_the_job_once(shop: str, tmp_path: Path) -> None:
+    """Workers do not re-import the caller's __main__ (as multiprocessing's spawn would)."""
+    plan = write_plan(
+        tmp_path / "plan.toml",
+        shop,
+        '[[tables]]\nname = "public.empty"\n[[tables]]\npattern = \'"Mixed".*\'\n',
+    )
+    script = tmp_path / "nightly.py"
+    script.write_text(
+        "import sys\nimport copystream\n\n"
+        "result = copystream.run_bulk(sys.argv[1], jobs=2)\n"
+        "print('RESULT', result.exit_code, len(result.tables))\n"
+    )
+    proc = run([sys.executable, str(script), str(plan)])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["RESULT 0 2"]
+    assert {t["status"] for t in read_report(tmp_path / "out")["tables"]} == {"done"}
 
 
 def test_errors_cross_process_boundaries() -> None:
