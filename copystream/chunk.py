@@ -342,11 +342,15 @@ class ChunkRunner:
             snapshot = m.execute(sql.SQL("SELECT pg_export_snapshot()"))[0][0]
         try:
             s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
-        except psycopg.errors.InvalidParameterValue as e:
+        except (
+            psycopg.errors.InvalidParameterValue,  # "invalid snapshot identifier"
+            psycopg.errors.ObjectNotInPrerequisiteState,  # "could not import the requested ..."
+        ) as e:
             if not own:
                 raise
-            # "invalid snapshot identifier": the main transaction that exported it is gone (its
-            # backend was terminated): a lost connection, not a bad request.
+            # The main transaction that exported the snapshot is gone (its backend was
+            # terminated, just before or while the sibling imported it): a lost connection,
+            # not a bad request.
             raise psycopg.OperationalError(
                 f"the chunk's connection was lost while its snapshot was being shared ({e})"
             ) from e
