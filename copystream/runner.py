@@ -312,7 +312,7 @@ def run_part(
             export=job.identity,
             settings=job.settings,
             started_at=job.started_at,
-            chunk_rows=job.chunk_rows or job.first_rows,
+            chunk_rows=job.first_rows if job.chunk_rows is None else job.chunk_rows,
             estimated_rows=job.plan.estimated_rows,
             last_key=job.lower,
         )
