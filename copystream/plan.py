@@ -370,7 +370,7 @@ def introspect(
         )
     info = conn.execute(
         """SELECT n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname), c.relkind,
-                  c.reltuples::bigint, c.relpages::bigint * current_setting('block_size')::bigint,
+                  c.reltuples::bigint, pg_table_size(c.oid),
                   has_table_privilege(c.oid, 'SELECT')
            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s""",
         [oid],
@@ -497,8 +497,7 @@ def _partition_estimates(
     conn: psycopg.Connection[tuple[object, ...]], oid: object
 ) -> tuple[int | None, int | None]:
     row = conn.execute(
-        """SELECT sum(GREATEST(c.reltuples, 0))::bigint,
-                  sum(c.relpages)::bigint * current_setting('block_size')::bigint
+        """SELECT sum(GREATEST(c.reltuples, 0))::bigint, sum(pg_table_size(c.oid))::bigint
            FROM pg_partition_tree(%s::regclass) t JOIN pg_class c ON c.oid = t.relid
            WHERE t.isleaf""",
         [oid],
