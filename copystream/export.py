@@ -232,9 +232,7 @@ def _exclusive(output: Path) -> Iterator[None]:
 
 def remove_export_files(output: Path) -> None:
     """Delete the output and every file copystream keeps beside it (``--restart``)."""
-    parts = load_parts(output, strict=False)
-    if parts is not None:
-        remove_parts(output, parts)
+    remove_parts(output, load_parts(output, strict=False))  # a damaged plan's parts too
     for p in (checkpoint_path(output), manifest_path(output), output):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
@@ -403,7 +401,11 @@ def export_table(
         io_timeout=io_timeout,
     )
     snap: _SnapshotHolder | None = None
+    lock = contextlib.ExitStack()
     try:
+        # Before any file beside the output is read, removed (--restart) or made: a second
+        # export to the same output must be refused without touching the first one's files.
+        lock.enter_context(_exclusive(out))
         for w in plan.warnings:
             log.warning("%s", w)
         log.debug("%s: paging by %s (%s)", plan.qualified, ", ".join(plan.key), plan.key_source)
@@ -420,6 +422,7 @@ def export_table(
         elif os.path.lexists(out):  # a dangling symlink too: never create through it
             done = _already_complete(out, identity, plan, started)
             if done is not None:
+                lock.close()
                 return done
             if not force:
                 raise OutputExists(
@@ -454,6 +457,7 @@ def export_table(
             parts = new_parts(identity, settings, started_at, boundaries)
             save_parts(out, parts)
     except BaseException as e:
+        lock.close()
         if snap is not None:
             snap.close()
         if isinstance(e, psycopg.Error):  # e.g. the connection lost while reading the settings
@@ -481,7 +485,7 @@ def export_table(
         snapshot=snap.snapshot if snap is not None else None,
     )
     try:
-        with _exclusive(out):
+        with lock:
             if parts is not None:
                 outcomes = run_parts(out, parts, template, workers, progress)
                 final, digest = join_parts(out, parts, outcomes)
@@ -493,6 +497,12 @@ def export_table(
             point_in_time = (
                 snap is not None and not resumed and not any(o.snapshot_lost for o in outcomes)
             )
+            if snap is not None and resumed:
+                log.warning(
+                    "%s: resumed an interrupted export whose earlier rows came from another "
+                    "snapshot: this export is no longer point-in-time",
+                    plan.qualified,
+                )
             manifest = _finish(
                 out,
                 plan,
