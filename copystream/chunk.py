@@ -20,6 +20,7 @@ statements go through the extended query protocol, which runs exactly one statem
 
 from __future__ import annotations
 
+import functools
 import select
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,6 +92,22 @@ class _Session:
                 f"no response from the server for {self.io_timeout:g}s (network stalled?)"
             )
 
+    def wait_with(self, sibling: _Sibling) -> None:
+        """Wait for data on this connection, meanwhile moving ``sibling``'s queries on."""
+        while not sibling.done:
+            r, _, _ = select.select(
+                [self.pgconn.socket, sibling.s.pgconn.socket], [], [], self.io_timeout
+            )
+            if not r:
+                raise StallTimeout(
+                    f"no response from the server for {self.io_timeout:g}s (network stalled?)"
+                )
+            if sibling.s.pgconn.socket in r:
+                sibling.poll()
+            if self.pgconn.socket in r:
+                return
+        self.wait()
+
     def send(self, query: sql.Composable) -> None:
         self.pgconn.send_query_params(query.as_bytes(self.conn), None)
         while self.pgconn.flush():
@@ -156,20 +173,25 @@ class _Session:
         on_data: Callable[[int, int], None] | None,
         *,
         header: bool = False,
+        sibling: _Sibling | None = None,
     ) -> int:
         """Stream a ``COPY … TO STDOUT`` into ``sink``; return the rows COPY reported.
 
-        ``on_data(rows, bytes)`` gets rows so far, not counting a ``header`` line.
+        ``on_data(rows, bytes)`` gets rows so far, not counting a ``header`` line. While the
+        COPY waits for data, a ``sibling``'s queries are moved on as their answers arrive.
         """
         self.send(query)
-        res = self.result()
+        pgconn = self.pgconn
+        wait = self.wait if sibling is None else functools.partial(self.wait_with, sibling)
+        while pgconn.is_busy():  # the COPY may first wait for its lock: keep the sibling going
+            wait()
+            pgconn.consume_input()
+        res = pgconn.get_result()
         if res is None or res.status != pq.ExecStatus.COPY_OUT:
             if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
                 self.fail(res)
             raise psycopg.OperationalError("COPY did not start")
-        pgconn = self.pgconn
         get = pgconn.get_copy_data
-        wait = self.wait
         consume = pgconn.consume_input
         buf = bytearray()
         size = written = 0
@@ -208,6 +230,87 @@ class _Session:
         if on_data is not None:
             on_data(max(messages, 0), written)
         return copied
+
+
+class _Sibling:
+    """The sibling's queries for one chunk: the bound, maybe the last key, then ROLLBACK.
+
+    Moved on whenever its socket is readable (also while the COPY streams), so that its
+    transaction, and the table lock it holds, ends as soon as its answer is in. Otherwise a
+    statement wanting an exclusive lock (ALTER TABLE, TRUNCATE) that queued between the sibling's
+    lock and the COPY's would wait for the sibling, the COPY would wait behind it, and the
+    sibling would wait for the COPY to end: a deadlock PostgreSQL cannot see.
+    """
+
+    def __init__(
+        self,
+        s: _Session,
+        plan: TablePlan,
+        after: Sequence[str] | None,
+        rows: int,
+        until: Sequence[str] | None,
+    ) -> None:
+        self.s, self.plan, self.after, self.until = s, plan, after, until
+        self.stage = "bound"
+        self.rows: list[tuple[str, ...]] = []
+        self.last_key: tuple[str, ...] | None = None
+        self.final = False
+        self.done = False
+        self.error: BaseException | None = None
+        s.send(bound_query(plan, after, rows, until))
+
+    def poll(self) -> None:
+        """Take whatever answers have arrived and send the next query; never blocks."""
+        pg = self.s.pgconn
+        pg.consume_input()
+        while not self.done and not pg.is_busy():
+            res = pg.get_result()
+            if res is None:
+                self._next()
+            elif res.status == pq.ExecStatus.FATAL_ERROR and self.error is None:
+                self.error = error_from_result(res, encoding=self.s.encoding)
+            elif res.status == pq.ExecStatus.TUPLES_OK:
+                self.rows.extend(
+                    tuple(
+                        (res.get_value(i, j) or b"").decode(self.s.encoding)
+                        for j in range(res.nfields)
+                    )
+                    for i in range(res.ntuples)
+                )
+
+    def _next(self) -> None:
+        if self.error is not None:  # the statement failed: its transaction is aborted
+            if self.stage == "rollback":
+                self.done = True
+            else:
+                self.stage = "rollback"
+                self.s.send(sql.SQL("ROLLBACK"))
+            return
+        if self.stage == "bound":
+            if self.rows:
+                self.last_key, self.final = self.rows[0], False
+                self.stage = "rollback"
+                self.s.send(sql.SQL("ROLLBACK"))
+            else:
+                self.stage = "last"
+                self.s.send(last_key_query(self.plan, self.after, self.until))
+        elif self.stage == "last":
+            self.last_key, self.final = (self.rows[0] if self.rows else None), True
+            self.stage = "rollback"
+            self.s.send(sql.SQL("ROLLBACK"))
+        else:
+            self.done = True
+        self.rows = []
+
+    def finish(self) -> tuple[tuple[str, ...] | None, bool]:
+        """Wait for the remaining answers; ``(last key, final)``."""
+        while not self.done:
+            if self.s.pgconn.is_busy():
+                self.s.wait()
+            self.poll()
+        if self.error is not None:
+            raise self.error
+        return self.last_key, self.final
 
 
 class ChunkRunner:
@@ -269,12 +372,9 @@ class ChunkRunner:
         after: Sequence[str] | None,
         rows: int,
         until: Sequence[str] | None,
-        *,
-        sent: bool = False,
     ) -> tuple[tuple[str, ...] | None, bool]:
-        """``(last key, final)`` in ``s``'s open transaction; the bound query may be ``sent``."""
-        if not sent:
-            s.send(bound_query(plan, after, rows, until))
+        """``(last key, final)`` in ``s``'s open transaction."""
+        s.send(bound_query(plan, after, rows, until))
         found = s.collect()
         if found:
             return found[0], False
@@ -357,19 +457,22 @@ class ChunkRunner:
         local = key_text_settings(plan.key_types)
         if local:
             s.set_local(local)
-        s.send(bound_query(plan, after, rows, until))  # runs while the COPY streams
+        sibling = _Sibling(s, plan, after, rows, until)  # runs while the COPY streams
         copied = m.copy(
             copy_query(plan, options, after=after, upto=until, limit=rows, header=header),
             sink,
             on_data,
             header=header,
+            sibling=sibling,
         )
-        last_key, final = self._find_last(s, plan, after, rows, until, sent=True)
-        s.execute(sql.SQL("ROLLBACK"))
+        # End the COPY's transaction before waiting for the sibling: the sibling may be queued
+        # behind an exclusive lock that waits for this transaction. Its imported snapshot
+        # outlives the transaction that exported it.
+        m.execute(sql.SQL("COMMIT"))
+        last_key, final = sibling.finish()
         if (copied == rows) == final:
             raise ChunkMismatch(
                 f"COPY returned {copied} rows but the bound query says the chunk "
                 f"{'ends the range' if final else 'is full'} (asked for {rows})"
             )
-        m.execute(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
