@@ -518,10 +518,17 @@ def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan)
     query = sql.SQL("EXPLAIN SELECT 1 FROM {}{}").format(
         plan.table_ident, _conditions(plan, None, None)
     )
+    # The chunks wrap the filter in parentheses and AND it with the key range. A filter that
+    # closes them itself ("a = 1) OR (a > 0") would OR the key range away and export the same
+    # rows forever; here, with no parentheses around it, such a filter is a syntax error.
+    bare = sql.SQL("EXPLAIN SELECT 1 FROM {} WHERE CASE WHEN {} THEN true END").format(
+        plan.table_ident, sql.SQL(plan.where or "true")
+    )
     try:
         with conn.transaction():
             conn.execute("SET TRANSACTION READ ONLY")
             conn.execute(query, binary=True)
+            conn.execute(bare, binary=True)
     except psycopg.errors.Error as e:
         if classify(e) is not None:
             raise  # a lost connection, not a bad filter: the caller retries

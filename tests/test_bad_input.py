@@ -157,6 +157,9 @@ def _dbname(dsn: str) -> str:
         pytest.param(
             "t", ["--where", "id >>> 'x' AND ("], ["invalid --where", "syntax"], id="where-syntax"
         ),
+        pytest.param(  # closes the chunk's parentheses: would OR the key range away
+            "t", ["--where", "id > 5) OR (id > 0"], ["invalid --where", "syntax"], id="where-parens"
+        ),
         pytest.param(
             "t", ["--where", "nosuchcol > 3"], ["invalid --where", "nosuchcol"], id="where-column"
         ),
