@@ -1,0 +1,50 @@
+"""Bulk migrations: many tables from one TOML plan, run as one resumable job.
+
+A *plan* names tables (``name = "public.orders"``) and patterns (``pattern = "sales.*"``, as
+``pg_dump -t``), with export options as defaults and per table. :func:`load_plan` reads and
+validates it (pure: every problem of the file is reported at once, with its place);
+:func:`run_bulk` resolves the patterns on the server, orders the tables largest first and runs
+each through :func:`copystream.export_table` in a worker process of its own, up to ``jobs`` at a
+time. Running the same plan again resumes: finished tables whose manifest still verifies are
+skipped, unfinished ones resume from their checkpoints, failed ones are tried again. The job's
+report, ``copystream-report.json`` in the output directory, is rewritten atomically as tables
+finish.
+
+Each table runs in a worker process of its own (``python -m copystream._bulk_worker``, not a
+pool), so a worker that dies (the OOM killer, a crash) fails only its own table; workers are
+killed if the coordinating process dies (``PR_SET_PDEATHSIG``, as in
+:mod:`copystream.workers`), so a re-run never races an orphan.
+"""
+
+from __future__ import annotations
+
+from .display import BulkBarReporter, BulkLogReporter, format_dry_run, format_summary_table
+from .names import NamePattern, parse_name_pattern
+from .outcome import BulkProgress, BulkResult, TableOutcome
+from .plan import REPORT_NAME, BulkPlan, PlanEntry, PlanError, default_output, load_plan, parse_plan
+from .resolve import Relation, match_pattern, order_largest_first, resolve
+from .run import run_bulk
+
+__all__ = [
+    "REPORT_NAME",
+    "BulkBarReporter",
+    "BulkLogReporter",
+    "BulkPlan",
+    "BulkProgress",
+    "BulkResult",
+    "NamePattern",
+    "PlanEntry",
+    "PlanError",
+    "Relation",
+    "TableOutcome",
+    "default_output",
+    "format_dry_run",
+    "format_summary_table",
+    "load_plan",
+    "match_pattern",
+    "order_largest_first",
+    "parse_name_pattern",
+    "parse_plan",
+    "resolve",
+    "run_bulk",
+]

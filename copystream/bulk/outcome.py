@@ -1,0 +1,217 @@
+"""What a bulk job reports: each table's :class:`TableOutcome`, the job's :class:`BulkResult`,
+the live :class:`BulkProgress` snapshots, and export messages put in a plan's terms."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..export import ExportResult
+from ..progress import Progress
+from .resolve import _Task
+
+
+@dataclass(frozen=True)
+class TableOutcome:
+    """What happened to one table of a bulk job (or, in a dry run, what would).
+
+    ``status`` is ``"done"`` (exported in this run, from zero or resumed), ``"skipped"`` (already
+    complete and still verifying), ``"failed"`` (``errors`` says why), ``"pending"`` (not run
+    yet: only in a report written while the job runs), or in a dry run ``"ready"`` or
+    ``"refused"``.
+    """
+
+    table: str
+    entry: str  # "tables[N]": the plan entry that selected it
+    output: Path
+    status: str
+    rows: int = 0
+    bytes: int = 0
+    xxh3_128: str | None = None
+    seconds: float = 0.0
+    retries: int = 0
+    errors: tuple[str, ...] = ()
+    resumed: bool = False
+    key: tuple[str, ...] = ()
+    key_source: str = ""
+    estimated_rows: int | None = None
+    estimated_bytes: int | None = None
+    warnings: tuple[str, ...] = ()
+    note: str = ""  # dry run: what the files beside the output say (new, resumes, finished)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the table is exported (done or skipped) or, in a dry run, would be."""
+        return self.status in ("done", "skipped", "ready")
+
+    def to_json(self) -> dict[str, Any]:
+        """The table's entry in the job report."""
+        return {
+            "table": self.table,
+            "entry": self.entry,
+            "output": str(self.output),
+            "status": self.status,
+            "rows": self.rows,
+            "bytes": self.bytes,
+            "xxh3_128": self.xxh3_128,
+            "seconds": round(self.seconds, 3),
+            "retries": self.retries,
+            "errors": list(self.errors),
+            "resumed": self.resumed,
+            "key": list(self.key),
+            "key_source": self.key_source,
+            "estimated_rows": self.estimated_rows,
+            "estimated_bytes": self.estimated_bytes,
+            "warnings": list(self.warnings),
+        }
+
+
+@dataclass(frozen=True)
+class BulkResult:
+    """What :func:`run_bulk` did: one :class:`TableOutcome` per table, in the order they ran."""
+
+    plan: Path
+    tables: tuple[TableOutcome, ...]
+    warnings: tuple[str, ...]
+    seconds: float
+    dry_run: bool
+    jobs: int
+    report: Path | None  # the job report written (None in a dry run)
+
+    @property
+    def failed(self) -> tuple[TableOutcome, ...]:
+        """The tables that failed (or, in a dry run, would be refused)."""
+        return tuple(t for t in self.tables if not t.ok)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every table succeeded (or, in a dry run, would be exported)."""
+        return not self.failed
+
+    @property
+    def exit_code(self) -> int:
+        """What the command exits with: 0 if every table succeeded, else 1."""
+        return 0 if self.ok else 1
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-safe form: the job report's totals and tables."""
+        return {
+            "plan": str(self.plan),
+            "dry_run": self.dry_run,
+            "jobs": self.jobs,
+            "seconds": round(self.seconds, 3),
+            "totals": _totals(self.tables),
+            "warnings": list(self.warnings),
+            "tables": [t.to_json() for t in self.tables],
+        }
+
+
+def _totals(tables: Sequence[TableOutcome]) -> dict[str, int]:
+    out = {"tables": len(tables), "rows": 0, "bytes": 0}
+    for status in ("done", "skipped", "failed", "pending"):
+        out[status] = 0
+    for t in tables:
+        out[t.status] = out.get(t.status, 0) + 1
+        out["rows"] += t.rows
+        out["bytes"] += t.bytes
+    return out
+
+
+@dataclass(frozen=True)
+class BulkProgress:
+    """A snapshot of a running bulk job, passed to ``run_bulk(progress=...)``.
+
+    ``running`` holds the latest :class:`~copystream.Progress` of each table being exported;
+    ``outcomes`` every table finished so far, in finishing order. ``rows`` and ``bytes`` count
+    the finished and running tables; ``start_rows``/``start_bytes`` the part of them that was
+    already on disk when this run started (skipped tables, resumed prefixes).
+    """
+
+    tables: int
+    outcomes: tuple[TableOutcome, ...]
+    running: tuple[Progress, ...]
+    rows: int
+    bytes: int
+    start_rows: int
+    start_bytes: int
+    estimated_rows: int | None  # of all the job's tables (finished ones: their actual rows)
+    elapsed: float
+    done: bool = False
+
+    @property
+    def finished(self) -> int:
+        """Tables finished (done, skipped or failed)."""
+        return len(self.outcomes)
+
+    @property
+    def failed(self) -> int:
+        """Tables that failed so far."""
+        return sum(1 for o in self.outcomes if not o.ok)
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second written by this run."""
+        return (self.bytes - self.start_bytes) / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left by the estimated row counts, or ``None`` when unknown."""
+        here = self.rows - self.start_rows
+        if not self.estimated_rows or here <= 0 or self.elapsed <= 0:
+            return None
+        return max(self.estimated_rows - self.rows, 0) * self.elapsed / here
+
+
+def _outcome(task: _Task, status: str, **kw: Any) -> TableOutcome:
+    return TableOutcome(
+        table=task.table,
+        entry=task.entry.label,
+        output=task.output,
+        status=status,
+        estimated_rows=task.estimated_rows,
+        estimated_bytes=task.estimated_bytes,
+        **kw,
+    )
+
+
+def _from_result(task: _Task, r: ExportResult) -> TableOutcome:
+    return _outcome(
+        task,
+        "skipped" if r.already_complete else "done",
+        rows=r.rows,
+        bytes=r.bytes,
+        xxh3_128=r.xxh3_128,
+        seconds=r.seconds,
+        retries=r.retries,
+        resumed=r.resumed,
+        key=r.key,
+        key_source=_key_source(r.key_source),
+        warnings=r.warnings,
+    )
+
+
+def _key_source(source: str) -> str:
+    return "the plan's key" if source == "--key" else source
+
+
+#: The export command's words in export_table's messages, and what a plan says instead.
+_PLAN_WORDS = (
+    ("pass --restart or --force to overwrite it", "delete it to export the table again"),
+    (
+        "pass --restart to discard it and start from zero",
+        "delete the output and the files beside it to start from zero",
+    ),
+    ("with --key", "with key = in the plan"),
+    ("--key", "key"),
+    ("--where", "where"),
+    ("--columns", "columns"),
+)
+
+
+def _in_plan_terms(message: str) -> str:
+    """``message`` with the export command's option names put as a plan names them."""
+    for old, new in _PLAN_WORDS:
+        message = message.replace(old, new)
+    return message

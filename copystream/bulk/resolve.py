@@ -1,0 +1,318 @@
+"""Resolving a plan on its server(s): the catalog read without locks, names looked up,
+patterns matched, ``--only`` applied, and the tables ordered largest first."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from ..connection import Target, redact
+from ..errors import CopystreamError, UsageError
+from ..export import first_connect
+from .names import NamePattern, parse_name_pattern
+from .plan import BulkPlan, PlanEntry, PlanError, _fold_name, default_output
+
+
+@dataclass(frozen=True)
+class Relation:
+    """A relation as the catalog lists it: what patterns are matched against."""
+
+    oid: int
+    schema: str
+    name: str
+    qualified: str  # as PostgreSQL quotes it
+    relkind: str
+    partition: bool  # a partition of a partitioned table (exported through its parent)
+    visible: bool  # on the search_path
+    system: bool  # pg_catalog, information_schema, toast or temporary schemas
+    estimated_rows: int | None
+    estimated_bytes: int | None
+
+
+#: Every exportable relation with its planner estimates, without taking a lock on any of them
+#: (pg_relation_size or pg_partition_tree would lock each table: thousands of them could
+#: exhaust the lock table, and one under ALTER TABLE would block the job's planning).
+_CATALOG_QUERY = """
+WITH RECURSIVE tree(root, relid) AS (
+    SELECT c.oid, c.oid FROM pg_catalog.pg_class c WHERE c.relkind = 'p'
+    UNION ALL
+    SELECT t.root, i.inhrelid FROM tree t JOIN pg_catalog.pg_inherits i ON i.inhparent = t.relid
+), leaves AS (
+    SELECT t.root, sum(GREATEST(l.reltuples, 0))::bigint AS tuples,
+           sum(l.relpages)::bigint AS pages
+    FROM tree t JOIN pg_catalog.pg_class l ON l.oid = t.relid
+    WHERE l.relkind <> 'p'
+    GROUP BY t.root
+)
+SELECT c.oid::bigint, n.nspname, c.relname, format('%I.%I', n.nspname, c.relname),
+       c.relkind::text, c.relispartition, pg_catalog.pg_table_is_visible(c.oid),
+       n.nspname IN ('pg_catalog', 'information_schema') OR n.nspname LIKE 'pg\\_toast%'
+           OR n.nspname LIKE 'pg\\_temp\\_%',
+       CASE WHEN c.relkind = 'p' THEN COALESCE(lv.tuples, 0)
+            WHEN c.reltuples >= 0 THEN c.reltuples::bigint END,
+       CASE WHEN c.relkind = 'p' THEN COALESCE(lv.pages, 0)
+            WHEN c.relkind IN ('r', 'm') THEN c.relpages::bigint END
+           * current_setting('block_size')::bigint
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN leaves lv ON lv.root = c.oid
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+ORDER BY n.nspname, c.relname
+"""
+
+
+def _fetch_catalog(conn: psycopg.Connection[Any]) -> dict[int, Relation]:
+    out: dict[int, Relation] = {}
+    for r in conn.execute(_CATALOG_QUERY).fetchall():
+        rel = Relation(
+            oid=int(r[0]),
+            schema=str(r[1]),
+            name=str(r[2]),
+            qualified=str(r[3]),
+            relkind=str(r[4]),
+            partition=bool(r[5]),
+            visible=bool(r[6]),
+            system=bool(r[7]),
+            estimated_rows=int(r[8]) if r[8] is not None else None,
+            estimated_bytes=int(r[9]) if r[9] is not None else None,
+        )
+        out[rel.oid] = rel
+    return out
+
+
+def _lookup(conn: psycopg.Connection[Any], name: str) -> int | str:
+    """The oid of an explicitly named relation, or why it cannot be found."""
+    try:
+        row = conn.execute("SELECT to_regclass(%s)::oid::bigint", [name]).fetchone()
+    except psycopg.errors.Error as e:
+        return f"{name!r} is not a valid table name: {e.diag.message_primary or e}"
+    if row is None or row[0] is None:
+        return f"table {name} does not exist (or is not visible with the current search_path)"
+    return int(row[0])
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One table of the job, resolved: what to export, from where, to where."""
+
+    entry: PlanEntry
+    table: str  # qualified as PostgreSQL quotes it; the name as written if unresolved
+    schema: str | None
+    name: str
+    output: Path
+    estimated_rows: int | None = None
+    estimated_bytes: int | None = None
+    error: str | None = None  # the table fails without running (missing table, no server)
+
+
+@dataclass(frozen=True)
+class _Resolution:
+    tasks: tuple[_Task, ...]
+    warnings: tuple[str, ...]
+
+
+def match_pattern(entry: PlanEntry, catalog: Mapping[int, Relation]) -> list[Relation]:
+    """The relations ``entry``'s pattern selects, less its excludes, in catalog order. Pure.
+
+    Partitions are left out (their parent exports their rows), and so are system schemas.
+    """
+    assert entry.pattern is not None
+    pattern = parse_name_pattern(entry.pattern)
+    excludes = [parse_name_pattern(x) for x in entry.exclude]
+    return [
+        rel
+        for rel in catalog.values()
+        if not rel.partition
+        and not rel.system
+        and pattern.matches(rel.schema, rel.name, visible=rel.visible)
+        and not any(x.matches(rel.schema, rel.name, visible=rel.visible) for x in excludes)
+    ]
+
+
+def resolve(
+    plan: BulkPlan,
+    catalogs: Mapping[str, dict[int, Relation] | str],
+    lookups: Mapping[tuple[str, str], int | str],
+) -> _Resolution:
+    """Turn the plan's entries into tasks, given what the server(s) said. Pure.
+
+    ``catalogs`` maps each DSN (``""``: the libpq environment) to its relations or to the reason
+    it could not be read; ``lookups`` maps ``(dsn, name)`` of every explicit name to its oid or
+    to why it was not found. Explicit entries win over pattern matches of the same table; of
+    two patterns matching one table the first wins. Two explicit entries naming the same table,
+    or two tables writing one output, raise :class:`PlanError`.
+    """
+    tasks: list[_Task] = []
+    warnings: list[str] = []
+    problems: list[str] = []
+    claimed: dict[tuple[str, int], PlanEntry] = {}
+    source = str(plan.path)
+
+    def where(e: PlanEntry) -> str:
+        return f"{source}:{e.line}: {e.label}" if e.line is not None else f"{source}: {e.label}"
+
+    for e in plan.entries:  # explicit names first: they win over patterns
+        if e.name is None:
+            continue
+        dsn = e.dsn or ""
+        catalog = catalogs.get(dsn)
+        found = lookups.get((dsn, e.name), "not looked up")
+        folded = _fold_name(e.name) or (None, e.name)
+        fmt = e.options.format
+        if isinstance(catalog, str) or isinstance(found, str):
+            reason = catalog if isinstance(catalog, str) else str(found)
+            out = plan.output_dir / (e.output or _unresolved_output(folded, fmt))
+            tasks.append(_Task(e, e.name, folded[0], folded[1], out, error=reason))
+            continue
+        rel = (catalog or {}).get(found)
+        if rel is None:
+            out = plan.output_dir / (e.output or _unresolved_output(folded, fmt))
+            reason = f"{e.name} is not a table, view, materialized view or foreign table"
+            tasks.append(_Task(e, e.name, folded[0], folded[1], out, error=reason))
+            continue
+        other = claimed.get((dsn, rel.oid))
+        if other is not None:
+            problems.append(f"{where(e)}.name: {rel.qualified} is also named in {other.label}")
+            continue
+        claimed[(dsn, rel.oid)] = e
+        tasks.append(_task(plan, e, rel))
+
+    for e in plan.entries:
+        if e.pattern is None:
+            continue
+        dsn = e.dsn or ""
+        catalog = catalogs.get(dsn)
+        if isinstance(catalog, str) or catalog is None:
+            reason = catalog if isinstance(catalog, str) else "not looked up"
+            out = plan.output_dir / f"{e.label}.unresolved"
+            tasks.append(_Task(e, f"{e.pattern} ({e.label})", None, e.pattern, out, error=reason))
+            continue
+        matched = match_pattern(e, catalog)
+        fresh = [r for r in matched if (dsn, r.oid) not in claimed]
+        if not matched:
+            warnings.append(f"{where(e)}: pattern {e.pattern!r} matches no table")
+        for rel in fresh:
+            claimed[(dsn, rel.oid)] = e
+            tasks.append(_task(plan, e, rel))
+
+    outputs: dict[str, _Task] = {}
+    for t in tasks:
+        if t.error is not None:
+            continue
+        norm = os.path.normpath(t.output)
+        other_task = outputs.get(norm)
+        if other_task is not None:
+            problems.append(
+                f"{where(t.entry)}: {t.table} and {other_task.table} ({other_task.entry.label}) "
+                f"would both be written to {t.output}"
+            )
+        else:
+            outputs[norm] = t
+    if problems:
+        raise PlanError(problems)
+    order = {id(t): i for i, t in enumerate(tasks)}
+    tasks.sort(key=lambda t: (t.entry.index, order[id(t)]))
+    return _Resolution(tuple(tasks), tuple(warnings))
+
+
+def _unresolved_output(folded: tuple[str | None, str], fmt: str) -> str:
+    """The output named in the report for a table that could not be resolved."""
+    schema, table = folded
+    return default_output(schema, table, fmt) if schema else default_output("", table, fmt)[1:]
+
+
+def _task(plan: BulkPlan, e: PlanEntry, rel: Relation) -> _Task:
+    out = e.output or default_output(rel.schema, rel.name, e.options.format)
+    return _Task(
+        e,
+        rel.qualified,
+        rel.schema,
+        rel.name,
+        plan.output_dir / out,
+        rel.estimated_rows,
+        rel.estimated_bytes,
+    )
+
+
+def order_largest_first(tasks: Sequence[_Task]) -> list[_Task]:
+    """The tasks by estimated size, largest first (then rows; unknown sizes last). Pure.
+
+    Starting the largest table first keeps it from starting last and finishing long after
+    everything else; ties keep the plan's order.
+    """
+    indexed = list(enumerate(tasks))
+    indexed.sort(
+        key=lambda it: (
+            it[1].estimated_bytes is None,
+            -(it[1].estimated_bytes or 0),
+            -(it[1].estimated_rows or 0),
+            it[0],
+        )
+    )
+    return [t for _, t in indexed]
+
+
+def _select_only(tasks: Sequence[_Task], only: Sequence[str]) -> list[_Task]:
+    """The tasks whose table matches one of the ``--only`` names or patterns. Pure."""
+    patterns: list[NamePattern] = []
+    for text in only:
+        try:
+            patterns.append(parse_name_pattern(text))
+        except ValueError as e:
+            raise UsageError(f"--only {text!r} is not a valid name or pattern: {e}") from e
+    chosen: list[_Task] = []
+    used: set[int] = set()
+    for t in tasks:
+        for i, p in enumerate(patterns):
+            if p.schema is None or t.schema is None:
+                hit = re.fullmatch(p.table.regex, t.name, re.DOTALL) is not None
+            else:
+                hit = p.matches(t.schema, t.name)
+            if hit:
+                used.add(i)
+                chosen.append(t)
+                break
+    unused = [only[i] for i in range(len(patterns)) if i not in used]
+    if unused:
+        raise UsageError(f"--only {unused[0]!r} matches no table of the plan")
+    return chosen
+
+
+def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
+    """Read each DSN's catalog once and look up the explicit names; then :func:`resolve`."""
+    catalogs: dict[str, dict[int, Relation] | str] = {}
+    lookups: dict[tuple[str, str], int | str] = {}
+    errors: list[CopystreamError] = []
+    by_dsn: dict[str, list[PlanEntry]] = {}
+    for e in plan.entries:
+        by_dsn.setdefault(e.dsn or "", []).append(e)
+    for dsn, entries in by_dsn.items():
+        target = Target(dsn)
+        try:
+            conn = first_connect(target, time.sleep)
+        except CopystreamError as err:
+            errors.append(err)
+            catalogs[dsn] = redact(str(err), *plan.secrets)
+            continue
+        try:
+            catalogs[dsn] = _fetch_catalog(conn)
+            for e in entries:
+                if e.name is not None:
+                    lookups[(dsn, e.name)] = _lookup(conn, e.name)
+        except psycopg.Error as err:  # e.g. the connection dropped: this server's tables fail
+            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            catalogs[dsn] = redact(
+                f"cannot read the catalog of {target.describe()}: {detail}", *plan.secrets
+            )
+        finally:
+            conn.close()
+    if errors and len(errors) == len(by_dsn):
+        raise errors[0]  # no server could be reached at all: the command itself is wrong (exit 2)
+    return resolve(plan, catalogs, lookups)
