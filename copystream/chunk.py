@@ -21,6 +21,7 @@ statements go through the extended query protocol, which runs exactly one statem
 from __future__ import annotations
 
 import functools
+import re
 import select
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,24 +41,33 @@ __all__ = ["WRITE_BUFFER", "ChunkOutcome", "ChunkRunner"]
 #: writes cost ~1.5x the time; beyond ~1 MiB nothing more is gained and memory grows.
 WRITE_BUFFER = 1 << 20
 
-_FLOAT_TYPES = ("real", "double precision", "float")
-_DATETIME_TYPES = ("timestamp", "date", "time")
+#: Key types whose text is the same under every setting that shapes output (DateStyle,
+#: extra_float_digits, ...), so it always parses back to exactly the same value.
+_PLAIN_TYPES = frozenset(
+    {
+        "smallint", "integer", "bigint", "numeric", "text", "character varying", "character",
+        "uuid", "bytea", "boolean", "oid", "name", "bit", "bit varying", "inet", "cidr",
+        "macaddr", "macaddr8", "money", "pg_lsn", '"char"',
+    }
+)  # fmt: skip
+_TYPMOD = re.compile(r"\(\d+(?:,\d+)?\)")
 
 
 def key_text_settings(key_types: Sequence[str]) -> dict[str, str]:
     """Settings under which the key's text form parses back to exactly the same value. Pure.
 
-    Floats need every digit. Date/time keys need ISO output: the SQL, Postgres and German
+    Floats need every digit: with fewer, 0.1 + 0.2 prints as 0.3, and paging from that text
+    repeats the same chunk forever. Date/time keys need ISO output: the SQL, Postgres and German
     DateStyles print a time zone *abbreviation*, which may parse back to another offset (under
     ``TimeZone=Asia/Kolkata`` "IST" is read as Israel time), and keys would be skipped.
     ISO input is read the same way under every DateStyle, so the COPY's literal is safe.
+
+    ``key_types`` are ``format_type`` names, which name a domain, range, composite or enum type
+    by its own name and hide the float or timestamp inside; so every type not known to print the
+    same way under all settings gets both settings (harmless for types that need neither).
     """
-    out: dict[str, str] = {}
-    if any(t.startswith(_FLOAT_TYPES) for t in key_types):
-        out["extra_float_digits"] = "3"
-    if any(t.startswith(_DATETIME_TYPES) for t in key_types):
-        out["DateStyle"] = "ISO"
-    return out
+    plain = all(_TYPMOD.sub("", t).removesuffix("[]") in _PLAIN_TYPES for t in key_types)
+    return {} if plain else {"extra_float_digits": "3", "DateStyle": "ISO"}
 
 
 @dataclass(frozen=True)
