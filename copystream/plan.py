@@ -431,9 +431,34 @@ def introspect(
                 f"{qualified} is a {_RELKINDS[relkind]}: NOT NULL of key column(s) "
                 f"{', '.join(unknown)} cannot be declared, but no NULL is there now"
             )
+    if relkind == "m" and not explicit:
+        # Nor can a materialized view, but its unique index (the one REFRESH CONCURRENTLY needs)
+        # pages it as well as a table's when no NULL is in the index's columns.
+        for ix in indexes:
+            unknown = [c for c in ix.columns if c not in not_null]
+            if not ix.usable or (
+                unknown and _has_null_keys(conn, sql.Identifier(schema, name), unknown)
+            ):
+                continue
+            if unknown:
+                not_null |= set(unknown)
+                warnings.append(
+                    f"{qualified} is a materialized view: NOT NULL of the columns of its unique "
+                    f"index {ix.name} cannot be declared, but no NULL is there now"
+                )
+            break
     key_cols, source, unique, indexed = choose_key(
         table=qualified, explicit=explicit, indexes=indexes, not_null=not_null, existing=existing
     )
+    if unique and relkind != "p" and _has_inheritance_children(conn, oid):
+        # The parent's primary key or unique index covers only its own rows, but a SELECT from
+        # it returns its children's too, which may repeat a key: paged as unique (LIMIT n), a
+        # chunk could end inside a tie and the next one skip the rest of it.
+        unique = False
+        warnings.append(
+            f"{qualified} has inheritance children, which its {source} does not cover: the key "
+            "is paged as not unique (rows that tie on it are kept in one chunk)"
+        )
     indexed = indexed or any(ix[: len(key_cols)] == key_cols for ix in all_indexes)
     if not indexed:
         warnings.append(
@@ -491,6 +516,12 @@ def _has_null_keys(
         conn.execute("SET TRANSACTION READ ONLY")
         row = conn.execute(query).fetchone()
     return bool(row and row[0])
+
+
+def _has_inheritance_children(conn: psycopg.Connection[tuple[object, ...]], oid: object) -> bool:
+    row = conn.execute("SELECT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = %s)", [oid])
+    found = row.fetchone()
+    return bool(found and found[0])
 
 
 def _partition_estimates(
