@@ -134,6 +134,7 @@ def _connect_and_plan(
     keys: Sequence[str] | None,
     columns: Sequence[str] | None,
     where: str | None,
+    options: CopyOptions | None,
     policy: RetryPolicy,
     sleep: Callable[[float], None],
     io_timeout: float = 300.0,
@@ -152,7 +153,9 @@ def _connect_and_plan(
             if conn is None:
                 conn = connect(target)
             with io_deadline(conn, io_timeout, "planning the export"):
-                plan = introspect(conn, table, key=keys, columns=columns, where=where)
+                plan = introspect(
+                    conn, table, key=keys, columns=columns, where=where, options=options
+                )
             return conn, plan
         except psycopg.Error as e:
             if conn is not None:
@@ -396,6 +399,7 @@ def export_table(
         keys=keys,
         columns=columns,
         where=where,
+        options=opts,
         policy=policy,
         sleep=sleep,
         io_timeout=io_timeout,

@@ -352,11 +352,13 @@ def introspect(
     key: Sequence[str] | None = None,
     columns: Sequence[str] | None = None,
     where: str | None = None,
+    options: CopyOptions | None = None,
 ) -> TablePlan:
     """Resolve ``table`` on the server (as psql would, honouring ``search_path``) and plan it.
 
     Raises :class:`TableNotFound`, :class:`KeyProblem`, :class:`InvalidFilter` or
-    :class:`UsageError`. Runs only catalog reads and an ``EXPLAIN`` of the filter.
+    :class:`UsageError`. Runs only catalog reads, an ``EXPLAIN`` of the filter and, given
+    ``options``, a ``COPY`` of no row with them.
     """
     try:
         row = conn.execute("SELECT to_regclass(%s)::oid", [table]).fetchone()
@@ -502,7 +504,35 @@ def introspect(
     )
     if where is not None:
         _check_filter(conn, plan)
+    if options is not None:
+        _check_options(conn, plan, options)
     return plan
+
+
+def _check_options(
+    conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan, options: CopyOptions
+) -> None:
+    """Reject COPY options the server refuses before any file exists (``LIMIT 0``: no row read).
+
+    A two-byte delimiter, a quote in text format, a FORCE_QUOTE column that is not exported or
+    an unknown encoding would otherwise fail the first chunk as if it were resumable.
+    """
+    query = sql.SQL("COPY (SELECT {} FROM {} LIMIT 0) TO STDOUT {}").format(
+        sql.SQL(", ").join(sql.Identifier(c) for c in plan.columns),
+        plan.table_ident,
+        options.compose(header=options.header),
+    )
+    try:
+        with conn.transaction():
+            conn.execute("SET TRANSACTION READ ONLY")
+            with conn.cursor().copy(query) as copy:
+                for _ in copy:
+                    pass
+    except psycopg.Error as e:
+        if classify(e) is not None:
+            raise  # a lost connection, not a bad option: the caller retries
+        msg = e.diag.message_primary or str(e).splitlines()[0]
+        raise UsageError(f"invalid output options for {plan.qualified}: {msg}") from e
 
 
 def _has_null_keys(
