@@ -192,6 +192,15 @@ class _Exporter:
                 )
                 self.sleep(d.delay)
                 continue
+            if not outcome.final and outcome.last_key == cp.last_key:
+                # A key whose text does not read back as itself would page the same rows again
+                # and again: stop rather than grow the file forever.
+                sink.rollback()
+                raise ExportFailed(
+                    f"paging {plan.qualified} by {', '.join(plan.key)} made no progress after key "
+                    f"{cp.last_key}: its text form does not read back exactly; choose another "
+                    "--key"
+                )
             try:
                 sink.sync()
                 _, nbytes, digest = sink.end_chunk()

@@ -1,7 +1,8 @@
 """The session settings that shape COPY's text, pinned for the life of an export.
 
-``TimeZone``, ``DateStyle``, ``IntervalStyle``, ``extra_float_digits``, ``bytea_output`` and
-``client_encoding`` all change the bytes COPY produces. They are read once, from the first
+``TimeZone``, ``DateStyle``, ``IntervalStyle``, ``extra_float_digits``, ``bytea_output``,
+``client_encoding`` and ``search_path`` (for ``regclass`` and friends) all change the bytes COPY
+produces. They are read once, from the first
 connection of a new export (so ``PGTZ``, ``PGDATESTYLE`` and friends apply then), recorded in the
 checkpoint, and applied explicitly on every later connection and on resume, whatever the
 environment of the resuming process. One file never mixes formats.
@@ -23,6 +24,7 @@ PINNED_SETTINGS: tuple[str, ...] = (
     "extra_float_digits",
     "bytea_output",
     "client_encoding",
+    "search_path",  # the text of regclass, regtype, regproc... columns names objects by it
 )
 
 

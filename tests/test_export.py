@@ -35,6 +35,7 @@ PINNED = {
     "extra_float_digits",
     "bytea_output",
     "client_encoding",
+    "search_path",
 }
 
 # -- the awkward table ------------------------------------------------------------------------

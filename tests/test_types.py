@@ -492,11 +492,6 @@ def test_toast_sized_values(
             _check_manifest(out, result, 4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="search_path is not among the pinned settings: regclass/regtype/regproc text depends "
-    "on it, so a resume under another search_path writes the rest of the file differently",
-)
 def test_reg_types_resumed_under_another_search_path(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
