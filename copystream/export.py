@@ -97,7 +97,18 @@ def _now_iso() -> str:
 
 
 def peak_rss() -> int:
-    """Peak resident set size of this process, in bytes."""
+    """Peak resident set size of this process, in bytes.
+
+    Linux's ``VmHWM``: ``ru_maxrss`` also counts the memory of the process that started this
+    one (a large Airflow worker would make a small export look large).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
