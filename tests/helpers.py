@@ -135,6 +135,10 @@ class Killed:
     stderr: str
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_export(
     cmd: list[str],
     out: Path,
@@ -155,7 +159,14 @@ def kill_export(
     """
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=err, env=env_with(env), start_new_session=True
+            cmd,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=env_with(env),
+            start_new_session=True,
+            # A shell runs background jobs with SIGINT ignored, and Python then installs no
+            # KeyboardInterrupt handler: give the child a real Ctrl-C whatever we inherited.
+            preexec_fn=_default_sigint if sig == signal.SIGINT else None,
         )
         try:
             deadline = time.monotonic() + timeout
