@@ -545,6 +545,29 @@ def export_table(
                 done=True,
             )
         )
+    return _result(
+        out,
+        plan,
+        manifest,
+        started,
+        resumed=resumed,
+        already_complete=False,
+        retries=sum(o.retries for o in outcomes),
+        point_in_time=point_in_time,
+    )
+
+
+def _result(
+    out: Path,
+    plan: TablePlan,
+    manifest: Manifest,
+    started: float,
+    *,
+    resumed: bool,
+    already_complete: bool,
+    retries: int,
+    point_in_time: bool,
+) -> ExportResult:
     return ExportResult(
         output=out,
         table=plan.qualified,
@@ -554,8 +577,8 @@ def export_table(
         chunks=manifest.chunks,
         seconds=time.monotonic() - started,
         resumed=resumed,
-        already_complete=False,
-        retries=sum(o.retries for o in outcomes),
+        already_complete=already_complete,
+        retries=retries,
         peak_rss=peak_rss(),
         key=plan.key,
         key_source=plan.key_source,
@@ -588,21 +611,15 @@ def _already_complete(
     except CopystreamError:
         return None
     log.info("%s: %s is already complete and verifies; nothing to do", plan.qualified, out)
-    return ExportResult(
-        output=out,
-        table=plan.qualified,
-        rows=manifest.rows,
-        bytes=manifest.bytes,
-        xxh3_128=manifest.xxh3_128,
-        chunks=manifest.chunks,
-        seconds=time.monotonic() - started,
+    return _result(
+        out,
+        plan,
+        manifest,
+        started,
         resumed=False,
         already_complete=True,
         retries=0,
-        peak_rss=peak_rss(),
-        key=plan.key,
-        key_source=plan.key_source,
-        warnings=plan.warnings,
+        point_in_time=manifest.point_in_time,
     )
 
 

@@ -32,7 +32,7 @@ from . import errors
 from .errors import CopystreamError, ExportFailed
 from .runner import PartJob, PartOutcome
 
-__all__ = ["decode_error", "die_with_coordinator", "encode_error", "run_jobs"]
+__all__ = ["decode_error", "die_with_coordinator", "encode_error", "run_jobs", "spawn_worker"]
 
 log = logging.getLogger("copystream")
 
@@ -53,24 +53,31 @@ def decode_error(payload: str) -> CopystreamError:
     return cls(message)
 
 
+def spawn_worker(module: str, job: object) -> subprocess.Popen[bytes]:
+    """Start ``python -m module COORDINATOR_PID LOG_LEVEL`` and hand it the pickled ``job``.
+
+    Its stdout is a pipe for its event lines; its stderr is ours (its log lines).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, str(os.getpid()), str(log.getEffectiveLevel())],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        close_fds=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        proc.stdin.write(pickle.dumps(job))
+        proc.stdin.close()
+    except BrokenPipeError:  # it died at once; its exit status will say how
+        pass
+    return proc
+
+
 class _Worker:
     def __init__(self, index: int, job: PartJob, events: queue.Queue[tuple[int, str, str]]) -> None:
         self.index = index
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "copystream._worker",
-                str(os.getpid()),
-                str(log.getEffectiveLevel()),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(pickle.dumps(job))
-        self.proc.stdin.close()
+        self.proc = spawn_worker("copystream._worker", job)
+        assert self.proc.stdout is not None
         self.reader = threading.Thread(
             target=self._read, args=(self.proc.stdout, events), daemon=True
         )

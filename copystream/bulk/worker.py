@@ -22,6 +22,7 @@ from ..connection import redact
 from ..errors import CopystreamError
 from ..export import ExportResult, export_table
 from ..progress import Progress
+from ..workers import spawn_worker
 from .outcome import _in_plan_terms
 from .resolve import _Task
 
@@ -116,24 +117,8 @@ class _Running:
             output=str(task.output),
             kwargs=task.entry.export_kwargs(),
         )
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "copystream._bulk_worker",
-                str(os.getpid()),
-                str(log.getEffectiveLevel()),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            close_fds=True,
-        )
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(pickle.dumps(job))
-            self.proc.stdin.close()
-        except BrokenPipeError:  # it died at once; its exit status will say how
-            pass
+        self.proc = spawn_worker("copystream._bulk_worker", job)
+        assert self.proc.stdout is not None
         self.reader = threading.Thread(
             target=self._read, args=(self.proc.stdout, index, events), daemon=True
         )
