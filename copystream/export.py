@@ -611,6 +611,7 @@ def _already_complete(
     except CopystreamError:
         return None
     log.info("%s: %s is already complete and verifies; nothing to do", plan.qualified, out)
+    remove_parts(out)  # part files an interrupted clean-up after the join may have left
     return _result(
         out,
         plan,

@@ -3,14 +3,15 @@
 The split uses quantiles of a ``TABLESAMPLE`` of the key, ordered by PostgreSQL itself, so it
 balances by row count for any btree-orderable key (text under any collation, uuid, timestamps,
 composite keys), not only integers. Each range is a :class:`~copystream.runner.PartJob` with its
-own connection, part file (``OUTPUT.part-NNNN``) and checkpoint; the ranges are recorded in
-``OUTPUT.parts.json`` so that re-running the same command resumes every unfinished range. When all
-parts are done they are joined in key order into OUTPUT with ``copy_file_range`` (no Python copy
-loop), the joined file is re-hashed chunk by chunk against the parts' records, and the manifest
-has the same form as a single-worker export's, with chunk offsets in the final file.
+own connection, file and checkpoint (``OUTPUT.part-NNNN.checkpoint.json``); the first range writes
+OUTPUT itself, the others ``OUTPUT.part-NNNN``. The ranges are recorded in ``OUTPUT.parts.json``
+so that re-running the same command resumes every unfinished range. When all parts are done the
+later ones are appended to OUTPUT in key order with ``copy_file_range`` (no Python copy loop), the
+joined file is re-hashed chunk by chunk against the parts' records, and the manifest has the same
+form as a single-worker export's, with chunk offsets in the final file.
 
-Workers are processes, not threads (the GIL would serialise the read loops), started with the
-``spawn`` method, and on Linux they are killed if the coordinating process dies, so that a
+Workers are processes, not threads (the GIL would serialise the read loops): see
+:mod:`copystream.workers`. On Linux they are killed if the coordinating process dies, so that a
 re-run never races an orphaned worker.
 """
 
@@ -44,7 +45,7 @@ from .errors import CheckpointMismatch, ExportFailed
 from .plan import TablePlan, key_columns, key_text, where_clause
 from .progress import Progress
 from .runner import PartJob, PartOutcome
-from .sink import hash_range
+from .sink import check_prefix, hash_range
 from .workers import run_jobs
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "join_parts",
     "load_parts",
     "new_parts",
+    "part_data_path",
     "part_path",
     "pick_boundaries",
     "remove_parts",
@@ -132,8 +134,14 @@ def parts_path(output: Path) -> Path:
 
 
 def part_path(output: Path, index: int) -> Path:
-    """The file of part ``index``."""
+    """The name of part ``index``: its checkpoint is ``checkpoint_path(part_path(...))``."""
     return output.with_name(f"{output.name}.part-{index:04d}")
+
+
+def part_data_path(output: Path, index: int) -> Path:
+    """The file part ``index`` writes: OUTPUT itself for the first part (its bytes are already
+    where they belong, so the join copies only the later parts), else ``part_path``."""
+    return output if index == 0 else part_path(output, index)
 
 
 def load_parts(output: Path, *, strict: bool = True) -> PartsPlan | None:
@@ -164,6 +172,11 @@ def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
     Every ``OUTPUT.part-NNNN`` file goes, whatever ``parts`` says: also those of a plan that
     cannot be read any more (``--restart`` must be able to discard a damaged one).
     """
+    # The plan goes first: once it is gone, OUTPUT (which the first part wrote) is never taken
+    # for an unfinished part again, whatever part files an interruption leaves behind.
+    with contextlib.suppress(FileNotFoundError):
+        parts_path(output).unlink()
+        fsync_dir(output.parent)
     part_name = re.compile(re.escape(output.name) + r"\.part-\d{4,}(?:\.checkpoint\.json)?")
     with os.scandir(output.parent) as entries:
         names = [e.name for e in entries if part_name.fullmatch(e.name)]
@@ -172,8 +185,6 @@ def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
     for name in sorted(set(names)):
         with contextlib.suppress(FileNotFoundError):
             (output.parent / name).unlink()
-    with contextlib.suppress(FileNotFoundError):
-        parts_path(output).unlink()
     fsync_dir(output.parent)
 
 
@@ -289,18 +300,21 @@ def run_parts(
     plan = template.plan
     jobs = []
     for i, (lo, hi) in enumerate(parts.ranges):
-        path = part_path(output, i)
-        if path.exists() and not checkpoint_path(path).exists():
+        state, path = part_path(output, i), part_data_path(output, i)
+        if path.exists() and not checkpoint_path(state).exists():
             path.unlink()  # created but never checkpointed: nothing in it counts
         span = [list(lo) if lo else None, list(hi) if hi else None]
         identity = {**parts.export, "range": span}
-        cp = load_checkpoint(path)  # damaged or foreign: refused before any worker starts
+        cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
         if cp is not None:
-            cp.check_same_export(identity, path)
+            cp.check_same_export(identity, state)
+            # so is an edited part (its worker checks again, from the page cache)
+            check_prefix(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
         jobs.append(
             replace(
                 template,
                 path=str(path),
+                state=str(state),
                 identity=identity,
                 lower=lo,
                 upper=hi,
@@ -356,12 +370,12 @@ def _copy_all(src: int, dst: int, count: int) -> None:
 def join_parts(
     output: Path, parts: PartsPlan, outcomes: Sequence[PartOutcome]
 ) -> tuple[Checkpoint, str]:
-    """Concatenate the finished parts into ``output`` and re-hash it against their chunks.
+    """Append the finished later parts to ``output`` and re-hash it against their chunks.
 
-    Returns the combined checkpoint (chunk offsets in the final file) and the file's digest.
+    ``output`` holds the first part already (it was written in place), and nothing after it:
+    resuming the first part cut off whatever an interrupted join had appended. Returns the
+    combined checkpoint (chunk offsets in the final file) and the file's digest.
     """
-    with contextlib.suppress(FileNotFoundError):
-        output.unlink()  # only ever a join that was interrupted: the parts plan is still there
     chunks: list[ChunkRecord] = []
     offset = 0
     for o in outcomes:
@@ -370,9 +384,11 @@ def join_parts(
                 ChunkRecord(len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key)
             )
         offset += o.checkpoint.offset
-    fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(output, os.O_RDWR | os.O_CLOEXEC)
     try:
-        for i, o in enumerate(outcomes):
+        os.ftruncate(fd, outcomes[0].checkpoint.offset)
+        os.lseek(fd, 0, os.SEEK_END)
+        for i, o in enumerate(outcomes[1:], start=1):
             src = os.open(part_path(output, i), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 _copy_all(src, fd, o.checkpoint.offset)

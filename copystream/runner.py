@@ -276,6 +276,10 @@ class PartJob:
     io_timeout: float
     statement_timeout: float | None
     snapshot: str | None
+    #: Where the part's checkpoint lives, as ``checkpoint_path(state)``; ``None``: beside
+    #: ``path``. The first part of a parallel export writes OUTPUT itself but keeps its own
+    #: checkpoint (``OUTPUT.part-0000.checkpoint.json``), distinct from a single-worker one.
+    state: str | None = None
 
 
 @dataclass(frozen=True)
@@ -301,9 +305,10 @@ def run_part(
     A usage error before the first committed chunk of a fresh part removes what it created.
     """
     path = Path(job.path)
+    state = Path(job.state) if job.state is not None else path
     ex = _Exporter(
         Target(job.conninfo),
-        path,
+        state,
         policy=job.policy,
         io_timeout=job.io_timeout,
         statement_timeout=job.statement_timeout,
@@ -311,8 +316,8 @@ def run_part(
         sleep=sleep,
     )
     ex.snapshot = job.snapshot
-    remove_stale_temporaries(checkpoint_path(path))  # left by runs that were killed
-    cp = load_checkpoint(path)
+    remove_stale_temporaries(checkpoint_path(state))  # left by runs that were killed
+    cp = load_checkpoint(state)
     fresh = cp is None
     if cp is None:
         if path.exists():
@@ -325,9 +330,9 @@ def run_part(
             estimated_rows=job.plan.estimated_rows,
             last_key=job.lower,
         )
-        save_checkpoint(path, cp)
+        save_checkpoint(state, cp)
     else:
-        cp.check_same_export(job.identity, path)
+        cp.check_same_export(job.identity, state)
         if job.chunk_rows is not None:
             cp = _with_rows(cp, job.chunk_rows)
     if cp.offset == 0 and not path.exists():
@@ -340,7 +345,7 @@ def run_part(
     else:
         sink = Sink.reopen(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
         if not fresh and not cp.finished:
-            log.info("%s: resuming at row %s, byte %s", path.name, f"{cp.rows:,}", cp.offset)
+            log.info("%s: resuming at row %s, byte %s", state.name, f"{cp.rows:,}", cp.offset)
     try:
         try:
             cp = ex.run_chunks(
@@ -349,7 +354,7 @@ def run_part(
         except UsageError:
             if fresh and not cp.chunks:
                 sink.close()
-                _discard(path)
+                _discard(path, state)
             raise
         digest = sink.digest
     finally:
@@ -410,8 +415,8 @@ def _chunk_error(
     )
 
 
-def _discard(out: Path) -> None:
+def _discard(out: Path, state: Path) -> None:
     """Remove what a fresh export created before its first chunk failed for good."""
-    for p in (checkpoint_path(out), out):
+    for p in (checkpoint_path(state), out):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

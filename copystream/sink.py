@@ -19,7 +19,7 @@ import xxhash
 
 from .errors import DiskFull, PrefixMismatch
 
-__all__ = ["HASH_BLOCK", "Sink", "hash_range"]
+__all__ = ["HASH_BLOCK", "Sink", "check_prefix", "hash_range"]
 
 #: Read size when re-hashing a file prefix: one reused buffer, large enough for memory speed.
 HASH_BLOCK = 1024 * 1024
@@ -38,6 +38,56 @@ def hash_range(fd: int, start: int, length: int, *states: xxhash.xxh3_128) -> in
             st.update(view[:n])
         done += n
     return done
+
+
+def check_prefix(path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str) -> None:
+    """Raise :class:`PrefixMismatch` unless ``path`` starts with the recorded chunks.
+
+    The read-only check of :meth:`Sink.reopen`, for a coordinator that must refuse a damaged
+    part before any worker starts.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if size := sum(c[1] for c in chunks):
+            raise PrefixMismatch(
+                f"{path} is missing but its checkpoint records {size} bytes; pass --restart "
+                "to export it again from the start"
+            ) from None
+        return
+    try:
+        _verify_prefix(fd, path, chunks, prefix_digest)
+    finally:
+        os.close(fd)
+
+
+def _verify_prefix(
+    fd: int, path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str
+) -> xxhash.xxh3_128:
+    """Hash ``fd``'s recorded chunks, comparing each; return the whole prefix's hash state."""
+    size = sum(c[1] for c in chunks)
+    actual = os.fstat(fd).st_size
+    if actual < size:
+        raise PrefixMismatch(
+            f"{path} is {actual} bytes but its checkpoint records {size}: the file was "
+            "truncated or replaced; pass --restart to export it again from the start"
+        )
+    file_hash = xxhash.xxh3_128()
+    for i, (offset, nbytes, digest) in enumerate(chunks):
+        chunk_hash = xxhash.xxh3_128()
+        hash_range(fd, offset, nbytes, file_hash, chunk_hash)
+        if chunk_hash.hexdigest() != digest:
+            raise PrefixMismatch(
+                f"{path} does not match its checkpoint from chunk {i} (bytes {offset}-"
+                f"{offset + nbytes}): the file was modified; pass --restart to export "
+                "it again from the start"
+            )
+    if file_hash.hexdigest() != prefix_digest:
+        raise PrefixMismatch(
+            f"{path} does not match its checkpoint's digest; pass --restart to export "
+            "it again from the start"
+        )
+    return file_hash
 
 
 class Sink:
@@ -75,28 +125,8 @@ class Sink:
         size = sum(c[1] for c in chunks)
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            actual = os.fstat(fd).st_size
-            if actual < size:
-                raise PrefixMismatch(
-                    f"{path} is {actual} bytes but its checkpoint records {size}: the file was "
-                    "truncated or replaced; pass --restart to export it again from the start"
-                )
-            file_hash = xxhash.xxh3_128()
-            for i, (offset, nbytes, digest) in enumerate(chunks):
-                chunk_hash = xxhash.xxh3_128()
-                hash_range(fd, offset, nbytes, file_hash, chunk_hash)
-                if chunk_hash.hexdigest() != digest:
-                    raise PrefixMismatch(
-                        f"{path} does not match its checkpoint from chunk {i} (bytes {offset}-"
-                        f"{offset + nbytes}): the file was modified; pass --restart to export "
-                        "it again from the start"
-                    )
-            if file_hash.hexdigest() != prefix_digest:
-                raise PrefixMismatch(
-                    f"{path} does not match its checkpoint's digest; pass --restart to export "
-                    "it again from the start"
-                )
-            if actual > size:
+            file_hash = _verify_prefix(fd, path, chunks, prefix_digest)
+            if os.fstat(fd).st_size > size:
                 os.ftruncate(fd, size)  # bytes of a chunk that never reached its checkpoint
                 os.fsync(fd)
         except BaseException:

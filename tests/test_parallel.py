@@ -1,8 +1,8 @@
 """Parallel export (``--workers N``) and point-in-time export (``--consistent``).
 
 A parallel export splits the key space at sampled quantiles, exports every range in its own
-worker process into ``OUTPUT.part-NNNN`` (with its own checkpoint) and joins the parts in key
-order. Whatever the split, the joined file must be byte for byte what psql's
+worker process (the first into OUTPUT itself, the others into ``OUTPUT.part-NNNN``, each with its
+own checkpoint) and appends the later parts in key order. Whatever the split, the joined file must be byte for byte what psql's
 ``\\copy (SELECT ... ORDER BY key)`` writes and what a single-worker export writes, with a manifest
 of the same form. The tests here check that for every kind of key, with a header, a filter that
 leaves ranges empty and more workers than rows; that the ranges are balanced on skewed keys; that
@@ -66,7 +66,8 @@ ROWS = 100_000
 
 
 def part_file(out: Path, i: int) -> Path:
-    return out.with_name(f"{out.name}.part-{i:04d}")
+    """The file part ``i`` writes: the first part writes OUTPUT itself."""
+    return out if i == 0 else out.with_name(f"{out.name}.part-{i:04d}")
 
 
 def part_checkpoint(out: Path, i: int) -> Path:
@@ -265,7 +266,7 @@ def kill_coordinator(s: Started, out: Path) -> list[psutil.Process]:
         assert time.monotonic() < deadline, "worker processes outlived their coordinator"
         time.sleep(0.01)
     # nothing keeps writing: the part files and their checkpoints stay as they are
-    files = sorted(out.parent.glob(out.name + ".part-*"))
+    files = [out, *sorted(out.parent.glob(out.name + ".part-*"))]
     before = {p: (p.stat().st_size, p.read_bytes()[-64:]) for p in files}
     time.sleep(1.0)
     after = {p: (p.stat().st_size, p.read_bytes()[-64:]) for p in files}
@@ -646,7 +647,9 @@ def test_kill_coordinator_kills_workers_then_resume(
         workers = kill_coordinator(s, out)
     assert len(workers) == 2
     assert s.proc.returncode == -signal.SIGKILL
-    assert not out.exists()  # the parts are joined only at the end
+    # OUTPUT holds the first range's rows so far (it writes in place); the rest come at the join
+    head = out.read_bytes()
+    assert 0 < len(head) < len(big_ref) // 2 and big_ref.startswith(head)
     plan = json.loads(parts_json(out).read_bytes())
     assert len(plan["ranges"]) == 2
     # the sampled ranges hold about the same number of rows
@@ -769,14 +772,57 @@ def test_kill_during_the_join(big: str, big_ref: bytes, tmp_path: Path) -> None:
             break
         caught = False
     assert caught, "could not stop the export between its parts and the end of the join"
-    # whatever the join had written, simulate the worst: a torn, wrong output
-    out.write_bytes(big_ref[: len(big_ref) // 3] + b"garbage")
+    # OUTPUT is the first part's file; whatever the join had appended, simulate the worst: a
+    # torn append of wrong bytes after the first part
+    first = part_checkpoints(out, 2)[0]
+    assert first is not None
+    head = big_ref[: first["offset"]]
+    assert out.read_bytes()[: len(head)] == head
+    out.write_bytes(head + big_ref[len(head) : len(head) + 1000] + b"garbage")
     proc = run(cmd)
     assert_ok(proc)
     assert out.read_bytes() == big_ref
     m = read_manifest(out)
     assert m["resumed"] is True
     assert_manifest_tiles(out, m)
+    assert leftovers(out) == []
+
+
+def test_part_files_left_by_an_interrupted_clean_up_are_removed(
+    big: str, big_ref: bytes, tmp_path: Path
+) -> None:
+    """The plan is removed first after the join: stray part files later mean nothing but
+    litter, and the next run (already complete) clears them without touching OUTPUT."""
+    out = tmp_path / "cu.csv"
+    cmd = export_cmd(big, "t", out, "--workers", "2")
+    assert_ok(run(cmd))
+    part_file(out, 1).write_bytes(b"stale part")
+    part_checkpoint(out, 1).write_bytes(b"{}")
+    proc = run(cmd)
+    assert_ok(proc)
+    assert "already complete" in proc.stderr
+    assert out.read_bytes() == big_ref
+    assert leftovers(out) == []
+
+
+def test_damaged_first_part_is_refused(big: str, big_ref: bytes, tmp_path: Path) -> None:
+    """OUTPUT holds the first part while the export runs: an edit there is refused, not
+    appended to, until --restart."""
+    out = tmp_path / "d0.csv"
+    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "1000")
+    with started(cmd) as s:
+        assert wait_until(s, progress_in_every_part(out, 2, chunks=2))
+        kill_coordinator(s, out)
+    lock_file(out).unlink()  # left by the killed coordinator
+    data = bytearray(out.read_bytes())
+    data[10] ^= 1
+    out.write_bytes(bytes(data))
+    files = {x.name: x.read_bytes() for x in tmp_path.iterdir()}
+    proc = run(cmd)
+    assert_one_error_line(proc, 2, "d0.csv", "--restart")
+    assert {x.name: x.read_bytes() for x in tmp_path.iterdir()} == files  # nothing touched
+    assert_ok(run([*cmd, "--restart"]))
+    assert out.read_bytes() == big_ref
     assert leftovers(out) == []
 
 

@@ -13,7 +13,7 @@ import pytest
 import xxhash
 
 from copystream.errors import DiskFull, PrefixMismatch
-from copystream.sink import Sink, hash_range
+from copystream.sink import Sink, check_prefix, hash_range
 
 
 def h(data: bytes) -> str:
@@ -224,6 +224,30 @@ def test_reopen_refuses_a_wrong_prefix_digest(out: Path) -> None:
     with pytest.raises(PrefixMismatch):
         Sink.reopen(out, chunks, h(b"something else"))
     assert out.read_bytes() == good + b"tail"
+
+
+def test_check_prefix_reads_only(out: Path) -> None:
+    """check_prefix accepts what reopen accepts, refuses what it refuses, and never writes."""
+    chunks, prefix = make_file(out)
+    with open(out, "ab") as f:
+        f.write(b"uncommitted tail")
+    data = out.read_bytes()
+    check_prefix(out, chunks, prefix)  # the tail is no reason to refuse
+    assert out.read_bytes() == data  # and it is not cut either
+    flipped = bytearray(data)
+    flipped[len(CHUNK0) + 1] ^= 0x01
+    out.write_bytes(bytes(flipped))
+    with pytest.raises(PrefixMismatch, match="from chunk 1 "):
+        check_prefix(out, chunks, prefix)
+    assert out.read_bytes() == bytes(flipped)
+    out.write_bytes(data[:5])
+    with pytest.raises(PrefixMismatch, match="truncated"):
+        check_prefix(out, chunks, prefix)
+    out.unlink()
+    with pytest.raises(PrefixMismatch, match="missing"):
+        check_prefix(out, chunks, prefix)
+    check_prefix(out, [], h(b""))  # nothing recorded, nothing there: fine
+    assert not out.exists()
 
 
 def test_reopen_refuses_swapped_chunks(out: Path) -> None:
