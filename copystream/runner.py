@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -33,7 +34,6 @@ from .chunk import ChunkRunner
 from .connection import Target, connect, connect_error, redact
 from .errors import (
     CopystreamError,
-    DiskFull,
     ExportFailed,
     InvalidFilter,
     OutputExists,
@@ -53,6 +53,52 @@ log = logging.getLogger("copystream")
 
 RECYCLE_CHUNKS = 1_000
 RECYCLE_SECONDS = 3_600.0
+
+
+class _Committer:
+    """Makes committed chunks durable in a background thread: ``fsync``, then the checkpoint.
+
+    The fsync of a ~2 s chunk takes tens of milliseconds of writeback during which the server
+    would otherwise sit idle; here it overlaps the next chunk's COPY. The order that resuming
+    relies on is kept: a checkpoint is written only after every byte it records is durable,
+    and at most one commit is in flight, so the checkpoint on disk lags the file by at most one
+    chunk (which a resume cuts off and redoes, as after any crash).
+    """
+
+    def __init__(self, sink: Sink, state: Path, durable: Checkpoint) -> None:
+        self._sink = sink
+        self._state = state
+        self.durable = durable  # the checkpoint on disk
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, cp: Checkpoint) -> None:
+        """Wait for the commit in flight (raising its error), then start committing ``cp``."""
+        self.wait()
+        self._thread = threading.Thread(
+            target=self._commit, args=(cp,), name="copystream-commit", daemon=True
+        )
+        self._thread.start()
+
+    def _commit(self, cp: Checkpoint) -> None:
+        try:
+            self._sink.sync()
+            save_checkpoint(self._state, cp)
+        except BaseException as e:  # handed to the main thread by wait()
+            self._error = e
+        else:
+            self.durable = cp
+
+    def wait(self) -> None:
+        """Wait until the commit in flight is on disk. If it failed, cut the file back to the
+        checkpoint on disk (giving the space back after a full disk) and raise its error."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            self._sink.cut(self.durable.offset)
+            raise e
 
 
 class _Exporter:
@@ -137,12 +183,35 @@ class _Exporter:
         until: tuple[str, ...] | None = None,
         first: bool = True,
     ) -> Checkpoint:
-        """Run chunks until the range is exhausted; return the final checkpoint."""
+        """Run chunks until the range is exhausted; return the final checkpoint, on disk."""
+        self._start_rows, self._start_bytes = cp.rows, cp.offset
+        committer = _Committer(sink, self.output, cp)
+        try:
+            cp = self._loop(plan, options, cp, sink, chunk_rows, committer, until, first)
+            committer.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the error in hand is the one to report
+                committer.wait()
+            raise
+        finally:
+            self.close()
+        return cp
+
+    def _loop(
+        self,
+        plan: TablePlan,
+        options: CopyOptions,
+        cp: Checkpoint,
+        sink: Sink,
+        chunk_rows: int | None,
+        committer: _Committer,
+        until: tuple[str, ...] | None,
+        first: bool,
+    ) -> Checkpoint:
         adaptive = chunk_rows is None
         rows_next = cp.chunk_rows
         state = RetryState()
         runner: ChunkRunner | None = None
-        self._start_rows, self._start_bytes = cp.rows, cp.offset
         while not cp.finished:
             t0 = time.monotonic()
             sink.begin_chunk()
@@ -201,26 +270,21 @@ class _Exporter:
                     f"{cp.last_key}: its text form does not read back exactly; choose another "
                     "--key"
                 )
-            try:
-                sink.sync()
-                _, nbytes, digest = sink.end_chunk()
-                advanced = cp.advance(
-                    nbytes=nbytes,
-                    rows=outcome.rows,
-                    digest=digest,
-                    prefix_digest=sink.digest,
-                    last_key=outcome.last_key,
-                    finished=outcome.final,
-                )
-                if adaptive:
-                    rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
-                    advanced = _with_rows(advanced, rows_next)
-                save_checkpoint(self.output, advanced)
-            except DiskFull:
-                # The checkpoint on disk is still the previous one: cut the chunk off again,
-                # which also gives its space back.
-                sink.rollback()
-                raise
+            _, nbytes, digest = sink.end_chunk()
+            advanced = cp.advance(
+                nbytes=nbytes,
+                rows=outcome.rows,
+                digest=digest,
+                prefix_digest=sink.digest,
+                last_key=outcome.last_key,
+                finished=outcome.final,
+            )
+            if adaptive:
+                rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
+                advanced = _with_rows(advanced, rows_next)
+            # fsync and checkpoint in the background while the next chunk streams (a failed
+            # commit, e.g. a full disk, is raised here at the next chunk's end, or at the end)
+            committer.submit(advanced)
             cp = advanced
             log.debug(
                 "%s: chunk %d committed: %s rows, %s bytes in %.2fs, last key %s",
@@ -237,7 +301,6 @@ class _Exporter:
             ):
                 self.close()
                 runner = None
-        self.close()
         return cp
 
 

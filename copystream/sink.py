@@ -171,6 +171,15 @@ class Sink:
         self._file_hash = self._saved_hash.copy()
         self._chunk_hash = xxhash.xxh3_128()
 
+    def cut(self, offset: int) -> None:
+        """Truncate the file to ``offset`` (an earlier chunk's end) after a failed commit.
+
+        The digests are not rewound: the sink is closed after this, and the file resumed from
+        its checkpoint.
+        """
+        os.ftruncate(self._fd, offset)
+        self.offset = min(self.offset, offset)
+
     def sync(self) -> None:
         """Make every byte written so far durable (called before each checkpoint)."""
         try:

@@ -1,0 +1,121 @@
+"""The background commit of chunks (copystream.runner._Committer): fsync, then the checkpoint.
+
+The export loop hands each committed chunk's checkpoint to a thread that makes the file durable
+and then writes the checkpoint, while the next chunk streams. What resuming relies on must hold:
+a checkpoint on disk never records bytes that were not synced before it, at most one commit is in
+flight, and a commit that fails is raised in the export's thread with the file cut back to the
+checkpoint still on disk. End-to-end crash and disk-full behaviour is in test_faults and
+test_kill_points; these tests pin the mechanism on real files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from copystream.checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    new_checkpoint,
+    save_checkpoint,
+)
+from copystream.runner import _Committer
+from copystream.sink import Sink
+
+
+def chunk(sink: Sink, cp: Checkpoint, data: bytes, key: str) -> Checkpoint:
+    sink.begin_chunk()
+    sink.write(data)
+    _, nbytes, digest = sink.end_chunk()
+    return cp.advance(
+        nbytes=nbytes,
+        rows=data.count(b"\n"),
+        digest=digest,
+        prefix_digest=sink.digest,
+        last_key=(key,),
+        finished=False,
+    )
+
+
+def start(out: Path) -> tuple[Sink, Checkpoint]:
+    cp = new_checkpoint(
+        export={"table": "t"}, settings={}, started_at="now", chunk_rows=2, estimated_rows=None
+    )
+    return Sink.create(out), cp
+
+
+def test_each_commit_is_on_disk_after_wait(tmp_path: Path) -> None:
+    out = tmp_path / "o.csv"
+    sink, cp = start(out)
+    save_checkpoint(out, cp)  # as run_part does before the first chunk
+    committer = _Committer(sink, out, cp)
+    try:
+        for i in range(5):
+            cp = chunk(sink, cp, f"{i},a\n{i},b\n".encode(), str(i))
+            committer.submit(cp)  # waits for the previous commit first
+            on_disk = load_checkpoint(out)
+            assert on_disk is not None and on_disk.rows in (cp.rows - 2, cp.rows)
+        committer.wait()
+        assert load_checkpoint(out) == cp == committer.durable
+        assert out.read_bytes()[: cp.offset] == b"".join(
+            f"{i},a\n{i},b\n".encode() for i in range(5)
+        )
+        assert xxhash.xxh3_128(out.read_bytes()).hexdigest() == cp.xxh3_128
+    finally:
+        sink.close()
+
+
+def test_a_failed_commit_is_raised_and_cuts_the_file_back(tmp_path: Path) -> None:
+    """The checkpoint cannot be written (its directory is gone): the error reaches the caller
+    at its next wait, and the file is cut back to the checkpoint that is on disk."""
+    work = tmp_path / "work"
+    work.mkdir()
+    out = tmp_path / "o.csv"
+    sink, cp = start(out)
+    state = work / "o.csv"  # the checkpoint lives here
+    committer = _Committer(sink, state, cp)
+    try:
+        cp1 = chunk(sink, cp, b"1,a\n", "1")
+        committer.submit(cp1)
+        committer.wait()
+        assert load_checkpoint(state) == cp1
+        checkpoint_path(state).unlink()
+        work.rmdir()  # the next checkpoint cannot be written
+        cp2 = chunk(sink, cp1, b"2,b\n", "2")
+        committer.submit(cp2)  # runs in the background: nothing raised yet
+        sink.begin_chunk()
+        sink.write(b"3,c\n")  # the next chunk streams meanwhile
+        with pytest.raises(FileNotFoundError):
+            committer.wait()
+        assert committer.durable == cp1
+        assert out.read_bytes() == b"1,a\n"  # chunks 2 and 3 never reached a checkpoint
+        committer.wait()  # the error is raised once
+    finally:
+        sink.close()
+
+
+def test_commit_syncs_before_it_writes_the_checkpoint(tmp_path: Path) -> None:
+    """The order is fsync, then checkpoint: seen through the calls the thread makes."""
+    out = tmp_path / "o.csv"
+    sink, cp = start(out)
+    calls: list[str] = []
+    real_sync = sink.sync
+
+    def sync() -> None:
+        calls.append("sync")
+        real_sync()
+        calls.append(f"checkpoint on disk: {os.path.exists(checkpoint_path(out))}")
+
+    sink.sync = sync  # type: ignore[method-assign]
+    committer = _Committer(sink, out, cp)
+    try:
+        committer.submit(chunk(sink, cp, b"1,a\n", "1"))
+        committer.wait()
+    finally:
+        sink.close()
+    assert calls == ["sync", "checkpoint on disk: False"]
+    assert load_checkpoint(out) is not None
