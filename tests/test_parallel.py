@@ -2,13 +2,14 @@
 
 A parallel export splits the key space at sampled quantiles, exports every range in its own
 worker process (the first into OUTPUT itself, the others into ``OUTPUT.part-NNNN``, each with its
-own checkpoint) and appends the later parts in key order. Whatever the split, the joined file must be byte for byte what psql's
-``\\copy (SELECT ... ORDER BY key)`` writes and what a single-worker export writes, with a manifest
-of the same form. The tests here check that for every kind of key, with a header, a filter that
-leaves ranges empty and more workers than rows; that the ranges are balanced on skewed keys; that
-killing the coordinator kills its workers and a re-run resumes every range (also with another
-``--workers``, also when the kill hits the join); that a second export to the same output is
-refused; and that ``--consistent`` reads exactly the table as it was when the export started
+own checkpoint) and appends the later parts in key order. Whatever the split, the joined file
+must be byte for byte what psql's ``\\copy (SELECT ... ORDER BY key)`` writes and what a
+single-worker export writes, with a manifest of the same form. The tests here check that for
+every kind of key, with a header, a filter that leaves ranges empty and more workers than rows;
+that the ranges are balanced on skewed keys; that killing the coordinator kills its workers and
+a re-run resumes every range (also with another ``--workers``, also when the kill hits the
+join); that an edited OUTPUT is refused; that a second export to the same output is refused;
+and that ``--consistent`` reads exactly the table as it was when the export started
 (and says so only when it did). Long variants (a million rows, the real block sample) are slow.
 """
 
@@ -640,7 +641,7 @@ def test_kill_coordinator_kills_workers_then_resume(
 ) -> None:
     out = tmp_path / "k.csv"
     report = tmp_path / "report.json"
-    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "1500", "--report",
+    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "600", "--report",
                      str(report))  # fmt: skip
     with started(cmd) as s:
         assert wait_until(s, progress_in_every_part(out, 2, chunks=2))
@@ -649,13 +650,15 @@ def test_kill_coordinator_kills_workers_then_resume(
     assert s.proc.returncode == -signal.SIGKILL
     # OUTPUT holds the first range's rows so far (it writes in place); the rest come at the join
     head = out.read_bytes()
-    assert 0 < len(head) < len(big_ref) // 2 and big_ref.startswith(head)
+    assert 0 < len(head) < len(big_ref) and big_ref.startswith(head)
     plan = json.loads(parts_json(out).read_bytes())
     assert len(plan["ranges"]) == 2
     # the sampled ranges hold about the same number of rows
     assert_balanced(range_counts(big, "t", ["id"], plan["ranges"]))
     before = part_checkpoints(out, 2)
-    assert all(cp is not None and not cp["finished"] for cp in before)
+    assert all(cp is not None for cp in before)
+    # (a descheduled test runner may see one range finish before the kill, never both)
+    assert not all(cp is not None and cp["finished"] for cp in before)
 
     proc = run(cmd)
     assert_ok(proc)
@@ -664,12 +667,13 @@ def test_kill_coordinator_kills_workers_then_resume(
     assert m["resumed"] is True and m["workers"] == 2
     assert json.loads(report.read_bytes())["resumed"] is True
     assert_manifest_tiles(out, m)
-    # every range continued where the killed run had checkpointed it
+    # every unfinished range continued where the killed run had checkpointed it
     for i, cp in enumerate(before):
         assert cp is not None
-        assert f"{out.name}.part-{i:04d}: resuming at row {cp['rows']:,}," in proc.stderr, (
-            proc.stderr
-        )
+        if not cp["finished"]:
+            assert f"{out.name}.part-{i:04d}: resuming at row {cp['rows']:,}," in proc.stderr, (
+                proc.stderr
+            )
     assert leftovers(out) == []
 
 
