@@ -254,19 +254,24 @@ def status(output: Path, as_json: bool) -> None:
                     "estimated_rows": s.estimated_rows,
                     "percent": pct,
                     "chunks": s.chunks,
+                    "ranges": s.ranges,
+                    "ranges_finished": s.ranges_finished,
                 }
             )
         )
         return
-    key = ", ".join(s.last_key) if s.last_key else "(none)"
     share = (
         f" ({pct:.1f}% of ~{s.estimated_rows:,} estimated rows)"
         if pct is not None and (s.estimated_rows)
         else ""
     )
+    if s.ranges > 1 and s.state != "complete":
+        where = f"{s.ranges_finished} of {s.ranges} key ranges finished"
+    else:
+        where = "last key " + (", ".join(s.last_key) if s.last_key else "(none)")
     click.echo(
         f"{s.output}: {s.state}; table {s.table}; {s.rows:,} rows{share}, "
-        f"{s.bytes:,} bytes in {s.chunks} chunks; last key {key}"
+        f"{s.bytes:,} bytes in {s.chunks} chunks; {where}"
     )
 
 

@@ -28,6 +28,7 @@ from .parallel import (
     join_parts,
     load_parts,
     new_parts,
+    part_path,
     remove_parts,
     run_parts,
     sample_boundaries,
@@ -633,9 +634,11 @@ class ExportStatus:
     table: str | None
     rows: int
     bytes: int
-    last_key: tuple[str, ...] | None
+    last_key: tuple[str, ...] | None  # None for an unfinished --workers export (one per range)
     estimated_rows: int | None
     chunks: int
+    ranges: int = 1  # key ranges of a --workers export (1: a single-worker export)
+    ranges_finished: int = 0  # of which are exported (all once the export is complete)
 
     @property
     def percent(self) -> float | None:
@@ -648,9 +651,11 @@ class ExportStatus:
 
 
 def export_status(output: str | os.PathLike[str]) -> ExportStatus:
-    """Report how far the export to ``output`` got, from its checkpoint or manifest.
+    """Report how far the export to ``output`` got, from its checkpoint(s) or manifest.
 
-    Raises :class:`UsageError` if there is neither.
+    An unfinished ``--workers`` export is read from its parts plan and every range's
+    checkpoint: rows, bytes and chunks are their sums. Only reads files. Raises
+    :class:`UsageError` if there is no checkpoint, parts plan or manifest.
     """
     out = Path(output)
     cp = load_checkpoint(out)
@@ -664,6 +669,23 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
             cp.last_key,
             cp.estimated_rows,
             len(cp.chunks),
+            ranges_finished=int(cp.finished),
+        )
+    parts = load_parts(out)
+    if parts is not None:
+        cps = [load_checkpoint(part_path(out, i)) for i in range(len(parts.ranges))]
+        started = [c for c in cps if c is not None]
+        return ExportStatus(
+            out,
+            "in progress",
+            str(parts.export.get("table")),
+            sum(c.rows for c in started),
+            sum(c.offset for c in started),
+            None,
+            next((c.estimated_rows for c in started), None),
+            sum(len(c.chunks) for c in started),
+            ranges=len(parts.ranges),
+            ranges_finished=sum(c.finished for c in started),
         )
     manifest = load_manifest(out)
     if manifest is not None:
@@ -677,5 +699,7 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
             last,
             manifest.rows,
             len(manifest.chunks),
+            ranges=manifest.workers,
+            ranges_finished=manifest.workers,
         )
     raise UsageError(f"no checkpoint or manifest beside {out}: no export to report on")

@@ -36,6 +36,7 @@ import pytest
 from helpers import (
     assert_ok,
     assert_one_error_line,
+    cli,
     env_with,
     export_cmd,
     kill_export,
@@ -45,7 +46,7 @@ from helpers import (
 )
 from psycopg import sql
 
-from copystream import CopyOptions, export_table, parallel, verify_file
+from copystream import CopyOptions, export_status, export_table, parallel, verify_file
 from copystream.ephemeral import EphemeralPostgres
 from copystream.export import _export_identity
 from copystream.parallel import (
@@ -660,12 +661,32 @@ def test_kill_coordinator_kills_workers_then_resume(
     # (a descheduled test runner may see one range finish before the kill, never both)
     assert not all(cp is not None and cp["finished"] for cp in before)
 
+    # status reads the ranges' checkpoints: their sums, and how many ranges are done
+    rows = sum(cp["rows"] for cp in before if cp is not None)
+    nbytes = sum(cp["offset"] for cp in before if cp is not None)
+    finished = sum(bool(cp["finished"]) for cp in before if cp is not None)
+    st = export_status(out)
+    assert (st.state, st.table, st.rows, st.bytes, st.last_key) == (
+        "in progress", "public.t", rows, nbytes, None
+    )  # fmt: skip
+    assert (st.ranges, st.ranges_finished) == (2, finished)
+    assert st.chunks == sum(len(cp["chunks"]) for cp in before if cp is not None)
+    shown = run(cli("status", str(out)))
+    assert_ok(shown)
+    assert f"in progress; table public.t; {rows:,} rows" in shown.stdout
+    assert f"{finished} of 2 key ranges finished" in shown.stdout
+    as_json = json.loads(run(cli("status", str(out), "--json")).stdout)
+    assert (as_json["rows"], as_json["ranges"], as_json["ranges_finished"]) == (rows, 2, finished)
+    assert part_checkpoints(out, 2) == before  # status only reads
+
     proc = run(cmd)
     assert_ok(proc)
     assert out.read_bytes() == big_ref
     m = read_manifest(out)
     assert m["resumed"] is True and m["workers"] == 2
     assert json.loads(report.read_bytes())["resumed"] is True
+    st = export_status(out)
+    assert (st.state, st.rows, st.ranges, st.ranges_finished) == ("complete", m["rows"], 2, 2)
     assert_manifest_tiles(out, m)
     # every unfinished range continued where the killed run had checkpointed it
     for i, cp in enumerate(before):
