@@ -207,10 +207,15 @@ def _connect_and_plan(
 class _SnapshotHolder:
     """A session holding an exported snapshot open for ``--consistent`` exports."""
 
-    def __init__(self, target: Target, settings: dict[str, str]) -> None:
+    def __init__(self, target: Target, settings: dict[str, str], io_timeout: float) -> None:
         self.conn = connect(target, settings=settings)
-        self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
+        try:
+            with io_deadline(self.conn, io_timeout, "exporting a snapshot"):
+                self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
+        except BaseException:
+            self.conn.close()
+            raise
         assert row is not None
         self.snapshot = str(row[0])
         log.info("holding exported snapshot %s for a point-in-time export", self.snapshot)
@@ -453,7 +458,8 @@ def export_table(
         elif parts is not None:
             settings, started_at = parts.settings, parts.started_at
         else:
-            row = conn.execute(read_settings_query()).fetchone()
+            with io_deadline(conn, io_timeout, "reading the session settings"):
+                row = conn.execute(read_settings_query()).fetchone()
             assert row is not None
             settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
             started_at = _now_iso()
@@ -461,12 +467,13 @@ def export_table(
         if workers > 1 and cp is not None:
             log.info("%s: resuming a single-worker export; --workers does not apply", out)
         if consistent:
-            snap = _SnapshotHolder(target, settings)
+            snap = _SnapshotHolder(target, settings, io_timeout)
         if parallel and parts is None:
             try:
-                boundaries = sample_boundaries(
-                    conn, plan, workers, snapshot=snap.snapshot if snap is not None else None
-                )
+                with io_deadline(conn, io_timeout, "sampling the key range"):
+                    boundaries = sample_boundaries(
+                        conn, plan, workers, snapshot=snap.snapshot if snap is not None else None
+                    )
             except psycopg.Error as e:
                 # The filter first runs here: a writing or failing --where is a usage error.
                 raise _chunk_error(e, "sampling the key range failed", plan, target) from e

@@ -309,9 +309,16 @@ def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:
 
 
 def _snapshot_gone(e: BaseException) -> bool:
-    """Whether ``e`` says the exported snapshot can no longer be imported."""
+    """Whether ``e`` says the exported snapshot can no longer be imported.
+
+    22023 "invalid snapshot identifier": its file is gone with the exporting transaction.
+    55000 "could not import the requested snapshot": the file was still there but the
+    transaction that exported it had ended (its session died a moment before).
+    """
     return isinstance(e, psycopg.Error) and (
-        e.sqlstate == "22023" or "invalid snapshot identifier" in str(e)
+        e.sqlstate == "22023"
+        or "invalid snapshot identifier" in str(e)
+        or (e.sqlstate == "55000" and "could not import the requested snapshot" in str(e))
     )
 
 

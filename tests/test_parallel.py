@@ -48,6 +48,7 @@ from psycopg import sql
 
 from copystream import CopyOptions, export_status, export_table, parallel, verify_file
 from copystream.ephemeral import EphemeralPostgres
+from copystream.errors import ExportFailed
 from copystream.export import _export_identity
 from copystream.parallel import (
     new_parts,
@@ -56,6 +57,7 @@ from copystream.parallel import (
     save_parts,
 )
 from copystream.plan import introspect
+from copystream.runner import _snapshot_gone
 from copystream.settings import PINNED_SETTINGS, read_settings_query
 
 PsqlCsv = Callable[..., bytes]
@@ -1097,3 +1099,73 @@ def test_snapshot_lost_midway(dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_
     assert m["point_in_time"] is False
     assert "no longer point-in-time" in stderr
     assert leftovers(out) == []
+
+
+# -- deadlines and a vanished snapshot ----------------------------------------------------------
+
+
+def test_sampling_has_an_io_deadline(big: str, big_ref: bytes, tmp_path: Path) -> None:
+    """A server that stops answering while the key is sampled (here: the sampling query waits
+    for an exclusive lock taken right after planning) ends the export after --io-timeout with
+    a resumable failure, instead of hanging as long as the lock is held."""
+    out = tmp_path / "sd.csv"
+    locker = psycopg.connect(big, autocommit=True)
+    held = threading.Event()
+
+    class LockAfterPlanning(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "paging by" in record.getMessage() and not held.is_set():
+                locker.execute("BEGIN")
+                locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+                held.set()
+
+    def release() -> None:  # without a deadline the export would wait until here, then finish
+        with psycopg.connect(big, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", [locker.info.backend_pid])
+
+    releaser = threading.Timer(20, release)
+    releaser.start()
+    handler = LockAfterPlanning(level=logging.DEBUG)
+    logger = logging.getLogger("copystream")
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    started_at = time.monotonic()
+    try:
+        with pytest.raises(ExportFailed) as info:
+            export_table(big, "t", out, workers=2, io_timeout=1.0)
+        elapsed = time.monotonic() - started_at
+    finally:
+        releaser.cancel()
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+        locker.close()  # ends the lock
+    assert held.is_set(), "the lock was never taken"
+    assert "sampling the key range" in str(info.value)
+    assert info.value.exit_code == 1
+    assert elapsed < 30, f"the stalled sampling took {elapsed:.1f}s to be noticed"
+    assert not out.exists() and not parts_json(out).exists()
+    assert_ok(run(export_cmd(big, "t", out, "--workers", "2")))  # and it works once answered
+    assert out.read_bytes() == big_ref
+
+
+def test_a_vanished_snapshot_is_recognised(big: str) -> None:
+    """Both ways PostgreSQL refuses to import an exported snapshot that is gone count as
+    "snapshot gone" (the export continues without it), and nothing else does."""
+    with psycopg.connect(big, autocommit=True) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        with pytest.raises(psycopg.Error) as real:  # a snapshot id whose file does not exist
+            conn.execute("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'")
+        conn.execute("ROLLBACK")
+    assert _snapshot_gone(real.value), (real.value.sqlstate, str(real.value))
+    # 55000 is what the import says when the file outlived its transaction by a moment
+    assert _snapshot_gone(
+        psycopg.errors.ObjectNotInPrerequisiteState(
+            "could not import the requested snapshot\nDETAIL: The source process with PID 42 "
+            "is not running anymore."
+        )
+    )
+    assert not _snapshot_gone(
+        psycopg.errors.ObjectNotInPrerequisiteState("cannot update a table during recovery")
+    )
+    assert not _snapshot_gone(psycopg.errors.SyntaxError("syntax error at or near"))
