@@ -386,7 +386,6 @@ def run_part(
         sleep=sleep,
     )
     ex.snapshot = job.snapshot
-    remove_stale_temporaries(checkpoint_path(state))  # left by runs that were killed
     cp = load_checkpoint(state)
     fresh = cp is None
     if cp is None:
@@ -416,6 +415,9 @@ def run_part(
         sink = Sink.reopen(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
         if not fresh and not cp.finished:
             log.info("%s: resuming at row %s, byte %s", state.name, f"{cp.rows:,}", cp.offset)
+    # Temporary checkpoint files of runs that were killed mid-write: removed only now, so that a
+    # refused resume (a foreign checkpoint, an edited file) leaves every file as it was.
+    remove_stale_temporaries(checkpoint_path(state))
     try:
         try:
             cp = ex.run_chunks(
