@@ -30,10 +30,11 @@ from .checkpoint import (
     new_checkpoint,
     save_checkpoint,
 )
-from .chunk import ChunkRunner
+from .chunk import ChunkRunner, SnapshotGone
 from .connection import Target, connect, connect_error, redact
 from .errors import (
     CopystreamError,
+    DiskFull,
     ExportFailed,
     InvalidFilter,
     OutputExists,
@@ -89,16 +90,42 @@ class _Committer:
         else:
             self.durable = cp
 
+    def check(self) -> None:
+        """Raise the error of a commit that has already failed; never blocks."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
     def wait(self) -> None:
-        """Wait until the commit in flight is on disk. If it failed, cut the file back to the
-        checkpoint on disk (giving the space back after a full disk) and raise its error."""
+        """Wait until the commit in flight is on disk, and raise its error if it failed.
+
+        After a full disk the file is cut back to the checkpoint on disk, giving the space back
+        (``DiskFull`` is raised before the new checkpoint replaces the old one). Any other
+        error may come after the replacement (a failed directory fsync), so the file is left
+        as it is: a resume cuts it to whichever checkpoint is on disk.
+        """
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None:
             e, self._error = self._error, None
-            self._sink.cut(self.durable.offset)
+            if isinstance(e, DiskFull):
+                self._sink.cut(self.durable.offset)
             raise e
+
+    def settle(self) -> BaseException | None:
+        """Wait for the commit in flight while another error is being raised; return its own
+        error instead of raising it. A second Ctrl-C does not cut this wait short: the file
+        must not be closed under the thread's fsync."""
+        while True:
+            try:
+                self.wait()
+            except KeyboardInterrupt:
+                if self._thread is not None:
+                    continue  # interrupted inside join(): the thread still runs
+                return None
+            except BaseException as e:
+                return e
+            return None
 
 
 class _Exporter:
@@ -189,9 +216,11 @@ class _Exporter:
         try:
             cp = self._loop(plan, options, cp, sink, chunk_rows, committer, until, first)
             committer.wait()
-        except BaseException:
-            with contextlib.suppress(Exception):  # the error in hand is the one to report
-                committer.wait()
+        except BaseException as e:
+            failed = committer.settle()
+            if failed is not None and isinstance(e, Exception) and failed is not e:
+                # the commit's failure (a full disk, say) is the cause the user must act on
+                raise failed from e
             raise
         finally:
             self.close()
@@ -213,6 +242,7 @@ class _Exporter:
         state = RetryState()
         runner: ChunkRunner | None = None
         while not cp.finished:
+            committer.check()  # a failed commit stops the export, also while retrying
             t0 = time.monotonic()
             sink.begin_chunk()
             try:
@@ -311,15 +341,11 @@ def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:
 def _snapshot_gone(e: BaseException) -> bool:
     """Whether ``e`` says the exported snapshot can no longer be imported.
 
-    22023 "invalid snapshot identifier": its file is gone with the exporting transaction.
-    55000 "could not import the requested snapshot": the file was still there but the
-    transaction that exported it had ended (its session died a moment before).
+    The chunk's ``SET TRANSACTION SNAPSHOT`` raises :class:`~copystream.chunk.SnapshotGone`
+    for both ways PostgreSQL refuses it (22023: its file is gone with the exporting
+    transaction; 55000: the file was still there but that transaction had just ended).
     """
-    return isinstance(e, psycopg.Error) and (
-        e.sqlstate == "22023"
-        or "invalid snapshot identifier" in str(e)
-        or (e.sqlstate == "55000" and "could not import the requested snapshot" in str(e))
-    )
+    return isinstance(e, SnapshotGone) or (isinstance(e, psycopg.Error) and e.sqlstate == "22023")
 
 
 @dataclass(frozen=True)
@@ -424,7 +450,7 @@ def run_part(
                 job.plan, job.options, cp, sink, job.chunk_rows, until=job.upper, first=job.first
             )
         except UsageError:
-            if fresh and not cp.chunks:
+            if fresh and not _committed_chunks(state):
                 sink.close()
                 _discard(path, state)
             raise
@@ -485,6 +511,15 @@ def _chunk_error(
         f"exporting {plan.qualified} failed: {msg}; the checkpoint is intact, run the same "
         "command again to resume"
     )
+
+
+def _committed_chunks(state: Path) -> bool:
+    """Whether the checkpoint on disk records any chunk (a damaged one counts as yes: keep)."""
+    try:
+        cp = load_checkpoint(state)
+    except CopystreamError:
+        return True
+    return cp is not None and bool(cp.chunks)
 
 
 def _discard(out: Path, state: Path) -> None:

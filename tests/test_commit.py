@@ -10,7 +10,10 @@ test_kill_points; these tests pin the mechanism on real files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from copystream.checkpoint import (
     new_checkpoint,
     save_checkpoint,
 )
+from copystream.errors import DiskFull
 from copystream.runner import _Committer
 from copystream.sink import Sink
 
@@ -69,9 +73,11 @@ def test_each_commit_is_on_disk_after_wait(tmp_path: Path) -> None:
         sink.close()
 
 
-def test_a_failed_commit_is_raised_and_cuts_the_file_back(tmp_path: Path) -> None:
+def test_a_failed_commit_is_raised_and_a_resume_cuts_the_file_back(tmp_path: Path) -> None:
     """The checkpoint cannot be written (its directory is gone): the error reaches the caller
-    at its next wait, and the file is cut back to the checkpoint that is on disk."""
+    at its next wait. The file is left as it is (an error other than a full disk may come after
+    the new checkpoint replaced the old one), and resuming from the checkpoint on disk cuts it
+    back."""
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "o.csv"
@@ -83,19 +89,67 @@ def test_a_failed_commit_is_raised_and_cuts_the_file_back(tmp_path: Path) -> Non
         committer.submit(cp1)
         committer.wait()
         assert load_checkpoint(state) == cp1
+        saved = checkpoint_path(state).read_bytes()
         checkpoint_path(state).unlink()
         work.rmdir()  # the next checkpoint cannot be written
         cp2 = chunk(sink, cp1, b"2,b\n", "2")
         committer.submit(cp2)  # runs in the background: nothing raised yet
         sink.begin_chunk()
         sink.write(b"3,c\n")  # the next chunk streams meanwhile
-        with pytest.raises(FileNotFoundError):
-            committer.wait()
+        with pytest.raises(FileNotFoundError):  # check() never blocks: poll it
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                committer.check()
+                time.sleep(0.001)
         assert committer.durable == cp1
-        assert out.read_bytes() == b"1,a\n"  # chunks 2 and 3 never reached a checkpoint
+        assert out.read_bytes() == b"1,a\n2,b\n3,c\n"  # not cut: the resume decides
         committer.wait()  # the error is raised once
     finally:
         sink.close()
+    work.mkdir()
+    checkpoint_path(state).write_bytes(saved)
+    on_disk = load_checkpoint(state)
+    assert on_disk == cp1
+    resumed = Sink.reopen(
+        out, [(c.offset, c.bytes, c.xxh3_128) for c in on_disk.chunks], cp1.xxh3_128
+    )
+    resumed.close()
+    assert out.read_bytes() == b"1,a\n"
+
+
+def test_a_full_disk_at_the_checkpoint_cuts_the_file_back(tmp_path: Path) -> None:
+    """A real full filesystem (a 1 MB tmpfs) when the checkpoint is written: DiskFull, raised
+    before the new checkpoint replaced the old one, so the file is cut back to the checkpoint on
+    disk and its space given back."""
+    where = tmp_path / "small"
+    where.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(where)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here (CI runs as root and mounts it)")
+    try:
+        out = where / "o.csv"
+        sink, cp = start(out)
+        save_checkpoint(out, cp)
+        committer = _Committer(sink, out, cp)
+        try:
+            cp1 = chunk(sink, cp, b"1," + b"a" * 100_000 + b"\n", "1")
+            committer.submit(cp1)
+            committer.wait()
+            cp2 = chunk(sink, cp1, b"2," + b"b" * 100_000 + b"\n", "2")
+            # take every block that is left
+            with open(where / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+            committer.submit(cp2)
+            with pytest.raises(DiskFull):
+                committer.wait()
+            assert committer.durable == cp1
+            assert out.stat().st_size == cp1.offset  # cut back: the space is free again
+            assert load_checkpoint(out) == cp1
+        finally:
+            sink.close()
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 def test_commit_syncs_before_it_writes_the_checkpoint(tmp_path: Path) -> None:
