@@ -438,6 +438,13 @@ def export_table(
         cp = load_checkpoint(out)
         if parts is not None:
             parts.check_same_export(identity, out)
+            if manifest_path(out).exists():
+                # killed after the manifest was written, before the parts were removed: the
+                # export is complete (if OUTPUT verifies), not to be taken apart and joined again
+                done = _already_complete(out, identity, plan, started)
+                if done is not None:
+                    lock.close()
+                    return done
         elif cp is not None:
             cp.check_same_export(identity, out)
         elif os.path.lexists(out):  # a dangling symlink too: never create through it
@@ -453,6 +460,7 @@ def export_table(
             for p in (manifest_path(out), out):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
+            remove_parts(out)  # part files an older, interrupted clean-up may have left
         if cp is not None:
             settings, started_at = cp.settings, cp.started_at
         elif parts is not None:
@@ -478,6 +486,7 @@ def export_table(
                 # The filter first runs here: a writing or failing --where is a usage error.
                 raise _chunk_error(e, "sampling the key range failed", plan, target) from e
             parts = new_parts(identity, settings, started_at, boundaries)
+            remove_parts(out)  # orphaned part files (no plan names them) must not be resumed
             save_parts(out, parts)
     except BaseException as e:
         lock.close()

@@ -41,7 +41,7 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .chunk import key_text_settings
-from .errors import CheckpointMismatch, ExportFailed
+from .errors import CheckpointMismatch, ExportFailed, OutputExists
 from .plan import TablePlan, key_columns, key_text, where_clause
 from .progress import Progress
 from .runner import PartJob, PartOutcome
@@ -64,7 +64,10 @@ __all__ = [
 
 log = logging.getLogger("copystream")
 
-PARTS_VERSION = 1
+#: Version 2: the first range writes OUTPUT itself. Version 1 (copystream 0.1.0) wrote every
+#: range to a part file; such a plan is still resumed, and joined the way 0.1.0 did.
+PARTS_VERSION = 2
+_KNOWN_VERSIONS = (1, 2)
 #: Table blocks read to place the boundaries. ``TABLESAMPLE SYSTEM`` takes whole blocks, and the
 #: rows of a block are often neighbours in key order, so the balance depends on how many blocks
 #: are sampled, not on how many rows: 5,000 blocks (40 MB) keep ranges within a few percent of
@@ -84,6 +87,12 @@ class PartsPlan:
     settings: dict[str, str]
     started_at: str
     ranges: tuple[tuple[Key | None, Key | None], ...]
+    version: int = PARTS_VERSION
+
+    @property
+    def first_in_place(self) -> bool:
+        """Whether the first range writes OUTPUT itself (every plan but 0.1.0's)."""
+        return self.version >= 2
 
     def check_same_export(self, identity: dict[str, Any], output: Path) -> None:
         """Raise :class:`CheckpointMismatch` unless this plan is for ``identity``."""
@@ -97,7 +106,7 @@ class PartsPlan:
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form with a self-digest."""
         body: dict[str, Any] = {
-            "version": PARTS_VERSION,
+            "version": self.version,
             "kind": "copystream-parts",
             "export": self.export,
             "settings": self.settings,
@@ -112,7 +121,7 @@ class PartsPlan:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> PartsPlan:
         """Inverse of :meth:`to_json`; ``ValueError`` on a damaged record."""
-        if d.get("kind") != "copystream-parts" or d.get("version") != PARTS_VERSION:
+        if d.get("kind") != "copystream-parts" or d.get("version") not in _KNOWN_VERSIONS:
             raise ValueError("not a copystream parts plan of a known version")
         body = {k: v for k, v in d.items() if k != "parts_xxh3_128"}
         if canonical_digest(body) != d.get("parts_xxh3_128"):
@@ -125,6 +134,7 @@ class PartsPlan:
                 (tuple(lo) if lo is not None else None, tuple(hi) if hi is not None else None)
                 for lo, hi in d["ranges"]
             ),
+            version=int(d["version"]),
         )
 
 
@@ -138,10 +148,10 @@ def part_path(output: Path, index: int) -> Path:
     return output.with_name(f"{output.name}.part-{index:04d}")
 
 
-def part_data_path(output: Path, index: int) -> Path:
+def part_data_path(output: Path, index: int, *, first_in_place: bool = True) -> Path:
     """The file part ``index`` writes: OUTPUT itself for the first part (its bytes are already
     where they belong, so the join copies only the later parts), else ``part_path``."""
-    return output if index == 0 else part_path(output, index)
+    return output if index == 0 and first_in_place else part_path(output, index)
 
 
 def load_parts(output: Path, *, strict: bool = True) -> PartsPlan | None:
@@ -300,8 +310,15 @@ def run_parts(
     plan = template.plan
     jobs = []
     for i, (lo, hi) in enumerate(parts.ranges):
-        state, path = part_path(output, i), part_data_path(output, i)
-        if path.exists() and not checkpoint_path(state).exists():
+        state = part_path(output, i)
+        path = part_data_path(output, i, first_in_place=parts.first_in_place)
+        if os.path.lexists(path) and not checkpoint_path(state).exists():
+            if path == output:  # never removed here: it may be a finished export of its own
+                raise OutputExists(
+                    f"{output} exists but the first range of the unfinished --workers export "
+                    f"recorded in {parts_path(output).name} has no checkpoint; pass --restart "
+                    "to export it again from the start"
+                )
             path.unlink()  # created but never checkpointed: nothing in it counts
         span = [list(lo) if lo else None, list(hi) if hi else None]
         identity = {**parts.export, "range": span}
@@ -384,11 +401,18 @@ def join_parts(
                 ChunkRecord(len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key)
             )
         offset += o.checkpoint.offset
-    fd = os.open(output, os.O_RDWR | os.O_CLOEXEC)
-    try:
+    if parts.first_in_place:
+        fd = os.open(output, os.O_RDWR | os.O_CLOEXEC)
         os.ftruncate(fd, outcomes[0].checkpoint.offset)
         os.lseek(fd, 0, os.SEEK_END)
-        for i, o in enumerate(outcomes[1:], start=1):
+        first_copied = 1
+    else:  # a 0.1.0 plan: every range is in a part file; OUTPUT is at most a torn join
+        with contextlib.suppress(FileNotFoundError):
+            output.unlink()
+        fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        first_copied = 0
+    try:
+        for i, o in enumerate(outcomes[first_copied:], start=first_copied):
             src = os.open(part_path(output, i), os.O_RDONLY | os.O_CLOEXEC)
             try:
                 _copy_all(src, fd, o.checkpoint.offset)

@@ -47,6 +47,7 @@ from helpers import (
 from psycopg import sql
 
 from copystream import CopyOptions, export_status, export_table, parallel, verify_file
+from copystream.chunk import SnapshotGone, _Session
 from copystream.ephemeral import EphemeralPostgres
 from copystream.errors import ExportFailed
 from copystream.export import _export_identity
@@ -832,6 +833,85 @@ def test_part_files_left_by_an_interrupted_clean_up_are_removed(
     assert leftovers(out) == []
 
 
+def killed_two_worker_export(big: str, out: Path) -> list[str]:
+    """A 2-worker export of ``t`` SIGKILLed once both ranges have checkpointed; its command."""
+    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "1000")
+    with started(cmd) as s:
+        assert wait_until(s, progress_in_every_part(out, 2, chunks=2))
+        kill_coordinator(s, out)
+    lock_file(out).unlink()  # left by the killed coordinator
+    return cmd
+
+
+def as_version_1(out: Path) -> None:
+    """Turn an unfinished export's files into what copystream 0.1.0 left: the first range in
+    OUTPUT.part-0000 (not OUTPUT), and a parts plan of version 1."""
+    plan = parallel.load_parts(out)
+    assert plan is not None and plan.version == 2
+    out.rename(part_file(out, 0).with_name(f"{out.name}.part-0000"))
+    old = parallel.PartsPlan(plan.export, plan.settings, plan.started_at, plan.ranges, version=1)
+    parts_json(out).write_text(json.dumps(old.to_json()))
+    assert json.loads(parts_json(out).read_bytes())["version"] == 1
+
+
+def test_an_unfinished_export_of_version_0_1_0_is_resumed(
+    big: str, big_ref: bytes, tmp_path: Path
+) -> None:
+    out = tmp_path / "v1.csv"
+    cmd = killed_two_worker_export(big, out)
+    as_version_1(out)
+    proc = run(cmd)
+    assert_ok(proc)
+    assert "v1.csv.part-0000: resuming at row" in proc.stderr
+    assert out.read_bytes() == big_ref
+    assert_manifest_tiles(out, read_manifest(out))
+    assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_killed_after_the_manifest_is_complete_not_joined_again(
+    big: str, big_ref: bytes, tmp_path: Path, version: int
+) -> None:
+    """Killed between writing the manifest and removing the parts (0.1.0 removed the plan last,
+    so its part-0000 checkpoint may be gone too): the next run finds a complete export that
+    verifies, clears the parts and touches neither OUTPUT nor its manifest."""
+    out = tmp_path / "mk.csv"
+    cmd = killed_two_worker_export(big, out)
+    if version == 1:
+        as_version_1(out)
+    plan = parts_json(out).read_bytes()
+    part1 = (part_file(out, 1).read_bytes(), part_checkpoint(out, 1).read_bytes())
+    assert_ok(run(cmd))  # finishes; the plan and part files are removed
+    assert out.read_bytes() == big_ref
+    # put back what the kill in that window leaves
+    parts_json(out).write_bytes(plan)
+    part_file(out, 1).write_bytes(part1[0])
+    part_checkpoint(out, 1).write_bytes(part1[1])
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out, manifest_of(out))}
+    proc = run(cmd)
+    assert_ok(proc)
+    assert "already complete" in proc.stderr
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (out, manifest_of(out))} == before
+    assert leftovers(out) == []
+
+
+def test_output_without_its_first_range_checkpoint_is_not_removed(big: str, tmp_path: Path) -> None:
+    """A parts plan whose first range never checkpointed, and a file at OUTPUT that is not
+    that range's: refused (exit 2, one line), never deleted."""
+    out = tmp_path / "nr.csv"
+    cmd = killed_two_worker_export(big, out)
+    part_checkpoint(out, 0).unlink()
+    out.write_bytes(b"someone else's file\n")
+    files = {x.name: x.read_bytes() for x in tmp_path.iterdir()}
+    proc = run(cmd)
+    assert_one_error_line(proc, 2, "nr.csv", "--restart")
+    assert {x.name: x.read_bytes() for x in tmp_path.iterdir()} == files
+
+
+def manifest_of(out: Path) -> Path:
+    return out.with_name(out.name + ".manifest.json")
+
+
 def test_damaged_first_part_is_refused(big: str, big_ref: bytes, tmp_path: Path) -> None:
     """OUTPUT holds the first part while the export runs: an edit there is refused, not
     appended to, until --restart."""
@@ -1150,21 +1230,23 @@ def test_sampling_has_an_io_deadline(big: str, big_ref: bytes, tmp_path: Path) -
 
 
 def test_a_vanished_snapshot_is_recognised(big: str) -> None:
-    """Both ways PostgreSQL refuses to import an exported snapshot that is gone count as
-    "snapshot gone" (the export continues without it), and nothing else does."""
+    """The chunk's snapshot import turns PostgreSQL's refusal into SnapshotGone, which the
+    runner takes as "snapshot gone" (the export continues without it); nothing else is."""
     with psycopg.connect(big, autocommit=True) as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        with pytest.raises(psycopg.Error) as real:  # a snapshot id whose file does not exist
+        session = _Session(conn, 10.0)
+        with pytest.raises(SnapshotGone) as gone:  # a snapshot id whose file does not exist
+            session.begin("00000003-0000001B-1")
+        conn.execute("ROLLBACK")
+        assert isinstance(gone.value.__cause__, psycopg.errors.InvalidParameterValue)
+        assert "invalid snapshot identifier" in str(gone.value)
+        with pytest.raises(psycopg.Error) as raw:  # the same refusal, not through a chunk
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             conn.execute("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'")
         conn.execute("ROLLBACK")
-    assert _snapshot_gone(real.value), (real.value.sqlstate, str(real.value))
-    # 55000 is what the import says when the file outlived its transaction by a moment
-    assert _snapshot_gone(
-        psycopg.errors.ObjectNotInPrerequisiteState(
-            "could not import the requested snapshot\nDETAIL: The source process with PID 42 "
-            "is not running anymore."
-        )
-    )
+    assert _snapshot_gone(gone.value)
+    assert _snapshot_gone(raw.value)  # 22023 by its SQLSTATE
+    # 55000 means "snapshot gone" only when the import raised it (then it is SnapshotGone)
+    assert _snapshot_gone(SnapshotGone("could not import the requested snapshot"))
     assert not _snapshot_gone(
         psycopg.errors.ObjectNotInPrerequisiteState("cannot update a table during recovery")
     )
