@@ -83,6 +83,13 @@ class ChunkMismatch(psycopg.OperationalError):
     """The COPY and the bound query disagree on the chunk's rows (they share one snapshot)."""
 
 
+class SnapshotGone(psycopg.OperationalError):
+    """``SET TRANSACTION SNAPSHOT`` refused the exported snapshot: the transaction that
+    exported it has ended (22023 "invalid snapshot identifier", or 55000 "could not import the
+    requested snapshot" when its file outlived it by a moment), whatever the server's language.
+    """
+
+
 class _Session:
     """Protocol steps on one connection: every wait has the I/O timeout."""
 
@@ -174,7 +181,13 @@ class _Session:
     def begin(self, snapshot: str | None) -> None:
         self.execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         if snapshot is not None:
-            self.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            try:
+                self.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            except (
+                psycopg.errors.InvalidParameterValue,  # 22023
+                psycopg.errors.ObjectNotInPrerequisiteState,  # 55000
+            ) as e:
+                raise SnapshotGone(str(e)) from e
 
     def copy(
         self,
@@ -452,10 +465,7 @@ class ChunkRunner:
             snapshot = m.execute(sql.SQL("SELECT pg_export_snapshot()"))[0][0]
         try:
             s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
-        except (
-            psycopg.errors.InvalidParameterValue,  # "invalid snapshot identifier"
-            psycopg.errors.ObjectNotInPrerequisiteState,  # "could not import the requested ..."
-        ) as e:
+        except SnapshotGone as e:
             if not own:
                 raise
             # The main transaction that exported the snapshot is gone (its backend was

@@ -184,7 +184,8 @@ def io_deadline(conn: psycopg.Connection[Any], seconds: float, doing: str) -> It
     except psycopg.Error as e:
         if state["fired"]:
             raise StallTimeout(
-                f"no response from the server for {seconds:g}s while {doing} (stalled?)"
+                f"no response from the server for {seconds:g}s while {doing} (stalled? if "
+                "it is only slow, raise --io-timeout)"
             ) from e
         raise
     finally:
