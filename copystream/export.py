@@ -34,7 +34,7 @@ from .parallel import (
     sample_boundaries,
     save_parts,
 )
-from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect
+from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect, many_chunks_warning
 from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
 from .runner import PartJob, _chunk_error, run_part
@@ -488,6 +488,11 @@ def export_table(
             parts = new_parts(identity, settings, started_at, boundaries)
             remove_parts(out)  # orphaned part files (no plan names them) must not be resumed
             save_parts(out, parts)
+        many = many_chunks_warning(
+            plan.estimated_rows, chunk_rows, len(parts.ranges) if parts is not None else 1
+        )
+        if many is not None:
+            log.warning("%s: %s", plan.qualified, many)
     except BaseException as e:
         lock.close()
         if snap is not None:

@@ -639,3 +639,28 @@ def next_chunk_rows(current: int, rows: int, seconds: float) -> int:
 
 def _clamp(rows: int) -> int:
     return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, rows))
+
+
+#: Beyond this many chunks per range, a fixed ``--chunk-rows`` costs noticeably: the checkpoint
+#: records every chunk and is rewritten after each one (about 200 bytes per chunk).
+MANY_CHUNKS = 10_000
+
+
+def many_chunks_warning(
+    estimated_rows: int | None, chunk_rows: int | None, ranges: int = 1
+) -> str | None:
+    """A warning when a fixed chunk size would make a very long checkpoint, else ``None``. Pure.
+
+    ``ranges``: the key ranges of a ``--workers`` export (each has its own checkpoint).
+    """
+    if not chunk_rows or not estimated_rows or ranges < 1:
+        return None
+    chunks = estimated_rows // (chunk_rows * ranges)
+    if chunks <= MANY_CHUNKS:
+        return None
+    return (
+        f"--chunk-rows {chunk_rows:,} makes about {chunks:,} chunks"
+        + (" per range" if ranges > 1 else "")
+        + "; every checkpoint records all chunks so far, so writing them grows with each chunk: "
+        "omit --chunk-rows (chunks adapt to ~2 s each) or give a larger number"
+    )

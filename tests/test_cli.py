@@ -287,6 +287,30 @@ def test_status_of_finished_export(finished: Path, tmp_path: Path) -> None:
     assert s["chunks"] == len(m["chunks"]) == 10
 
 
+def test_warning_for_a_fixed_chunk_size_that_makes_many_chunks(
+    db: str, tmp_path: Path, run_sql: Callable[[str, str], object]
+) -> None:
+    """The planner believes the table has 10 million rows (its statistics are stale): with
+    --chunk-rows 100 that is 100,000 chunks, and a warning says what it costs."""
+    run_sql(
+        db,
+        "CREATE TABLE stale (id int PRIMARY KEY) WITH (autovacuum_enabled = false);"
+        "INSERT INTO stale SELECT generate_series(1, 300); ANALYZE stale;"
+        "UPDATE pg_class SET reltuples = 10000000 WHERE oid = 'stale'::regclass",
+    )
+    try:
+        out = tmp_path / "stale.csv"
+        proc = run(export_cmd(db, "stale", out, "--chunk-rows", "100"))
+        assert_ok(proc)
+        assert "--chunk-rows 100 makes about 100,000 chunks" in proc.stderr, proc.stderr
+        assert read_manifest(out)["rows"] == 300  # a warning, nothing else changes
+        quiet = run(export_cmd(db, "stale", tmp_path / "adaptive.csv"))
+        assert_ok(quiet)
+        assert "chunks" not in quiet.stderr  # adaptive chunk sizes never warn
+    finally:
+        run_sql(db, "DROP TABLE stale")
+
+
 def test_status_of_nothing(tmp_path: Path) -> None:
     proc = run(cli("status", str(tmp_path / "never.csv")))
     assert_one_error_line(proc, 2, "never.csv")

@@ -30,6 +30,7 @@ from copystream.plan import (
     first_chunk_rows,
     introspect,
     last_key_query,
+    many_chunks_warning,
     next_chunk_rows,
 )
 
@@ -350,6 +351,21 @@ def test_filter_with_or_cannot_widen_the_key_range_on_server(dsn: str, run_sql: 
 
 
 # -- chunk sizing --------------------------------------------------------------------------------
+
+
+def test_many_chunks_warning() -> None:
+    assert many_chunks_warning(10_000_000, None) is None  # adaptive: never
+    assert many_chunks_warning(10_000_000, 0) is None  # one COPY
+    assert many_chunks_warning(None, 10) is None  # no estimate
+    assert many_chunks_warning(10_000_000, 1_000) is None  # exactly 10,000 chunks
+    w = many_chunks_warning(10_001_000, 1_000)
+    assert w is not None and "about 10,001 chunks" in w and "omit --chunk-rows" in w
+    assert many_chunks_warning(20_002_000, 1_000, ranges=2) == (
+        "--chunk-rows 1,000 makes about 10,001 chunks per range; every checkpoint records all "
+        "chunks so far, so writing them grows with each chunk: omit --chunk-rows (chunks adapt "
+        "to ~2 s each) or give a larger number"
+    )
+    assert many_chunks_warning(20_002_000, 1_000, ranges=3) is None
 
 
 def test_first_chunk_without_estimates() -> None:
