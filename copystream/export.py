@@ -438,9 +438,9 @@ def export_table(
         cp = load_checkpoint(out)
         if parts is not None:
             parts.check_same_export(identity, out)
-            if manifest_path(out).exists():
-                # killed after the manifest was written, before the parts were removed: the
-                # export is complete (if OUTPUT verifies), not to be taken apart and joined again
+            if _manifest_started_at(out) == parts.started_at:
+                # killed after this export's manifest was written, before the parts were
+                # removed: complete (if OUTPUT verifies), not to be taken apart and joined again
                 done = _already_complete(out, identity, plan, started)
                 if done is not None:
                     lock.close()
@@ -487,6 +487,8 @@ def export_table(
                 raise _chunk_error(e, "sampling the key range failed", plan, target) from e
             parts = new_parts(identity, settings, started_at, boundaries)
             remove_parts(out)  # orphaned part files (no plan names them) must not be resumed
+            with contextlib.suppress(FileNotFoundError):  # of an OUTPUT deleted by hand
+                manifest_path(out).unlink()
             save_parts(out, parts)
         many = many_chunks_warning(
             plan.estimated_rows, chunk_rows, len(parts.ranges) if parts is not None else 1
@@ -607,6 +609,15 @@ def _result(
         warnings=plan.warnings,
         point_in_time=point_in_time,
     )
+
+
+def _manifest_started_at(out: Path) -> str | None:
+    """When the export that wrote ``out``'s manifest started; ``None`` without a usable one."""
+    try:
+        manifest = load_manifest(out)
+    except UsageError:
+        return None
+    return manifest.started_at if manifest is not None else None
 
 
 def _already_complete(

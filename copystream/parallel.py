@@ -18,6 +18,7 @@ re-run never races an orphaned worker.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ import psycopg
 import xxhash
 from psycopg import sql
 
-from ._atomic import atomic_write, fsync_dir
+from ._atomic import atomic_write, fsync_dir, remove_stale_temporaries
 from .checkpoint import (
     Checkpoint,
     ChunkRecord,
@@ -40,8 +41,8 @@ from .checkpoint import (
     checkpoint_path,
     load_checkpoint,
 )
-from .chunk import key_text_settings
-from .errors import CheckpointMismatch, ExportFailed, OutputExists
+from .chunk import SnapshotGone, key_text_settings
+from .errors import CheckpointMismatch, DiskFull, ExportFailed, OutputExists
 from .plan import TablePlan, key_columns, key_text, where_clause
 from .progress import Progress
 from .runner import PartJob, PartOutcome
@@ -187,6 +188,7 @@ def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
     with contextlib.suppress(FileNotFoundError):
         parts_path(output).unlink()
         fsync_dir(output.parent)
+    remove_stale_temporaries(parts_path(output))  # of a save_parts that was killed
     part_name = re.compile(re.escape(output.name) + r"\.part-\d{4,}(?:\.checkpoint\.json)?")
     with os.scandir(output.parent) as entries:
         names = [e.name for e in entries if part_name.fullmatch(e.name)]
@@ -257,7 +259,13 @@ def sample_boundaries(
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if snapshot is not None:
-            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            try:
+                conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            except (
+                psycopg.errors.InvalidParameterValue,
+                psycopg.errors.ObjectNotInPrerequisiteState,
+            ) as e:  # the session holding it died: a lost connection, not a bad request
+                raise SnapshotGone(str(e)) from e
         for name, value in key_text_settings(plan.key_types).items():  # exact key text
             conn.execute("SELECT set_config(%s, %s, true)", [name, value])
         sampling: sql.Composable = sql.SQL("")
@@ -412,13 +420,22 @@ def join_parts(
         fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         first_copied = 0
     try:
-        for i, o in enumerate(outcomes[first_copied:], start=first_copied):
-            src = os.open(part_path(output, i), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _copy_all(src, fd, o.checkpoint.offset)
-            finally:
-                os.close(src)
-        os.fsync(fd)
+        try:
+            for i, o in enumerate(outcomes[first_copied:], start=first_copied):
+                src = os.open(part_path(output, i), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _copy_all(src, fd, o.checkpoint.offset)
+                finally:
+                    os.close(src)
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                os.ftruncate(fd, outcomes[0].checkpoint.offset if first_copied else 0)
+                raise DiskFull(
+                    f"cannot join the parts into {output}: {os.strerror(e.errno)}; free some "
+                    "space and run the same command again to finish"
+                ) from e
+            raise
         whole = xxhash.xxh3_128()
         for c in chunks:
             h = xxhash.xxh3_128()

@@ -343,9 +343,10 @@ def _snapshot_gone(e: BaseException) -> bool:
 
     The chunk's ``SET TRANSACTION SNAPSHOT`` raises :class:`~copystream.chunk.SnapshotGone`
     for both ways PostgreSQL refuses it (22023: its file is gone with the exporting
-    transaction; 55000: the file was still there but that transaction had just ended).
+    transaction; 55000: the file was still there but that transaction had just ended). Any
+    other error, a 22023 from a --where filter too, is not about the snapshot.
     """
-    return isinstance(e, SnapshotGone) or (isinstance(e, psycopg.Error) and e.sqlstate == "22023")
+    return isinstance(e, SnapshotGone)
 
 
 @dataclass(frozen=True)
@@ -523,7 +524,11 @@ def _committed_chunks(state: Path) -> bool:
 
 
 def _discard(out: Path, state: Path) -> None:
-    """Remove what a fresh export created before its first chunk failed for good."""
-    for p in (checkpoint_path(state), out):
+    """Remove what a fresh export created before its first chunk failed for good.
+
+    The file first: a kill in between leaves a checkpoint at offset 0 without a file, which
+    resumes; the other order would leave a file without a checkpoint, which is refused.
+    """
+    for p in (out, checkpoint_path(state)):
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

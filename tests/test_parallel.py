@@ -826,11 +826,14 @@ def test_part_files_left_by_an_interrupted_clean_up_are_removed(
     assert_ok(run(cmd))
     part_file(out, 1).write_bytes(b"stale part")
     part_checkpoint(out, 1).write_bytes(b"{}")
+    plan_temp = tmp_path / ".cu.csv.parts.json.k1ll3d_0.tmp"  # a save_parts killed mid-write
+    plan_temp.write_bytes(b'{"version":')
     proc = run(cmd)
     assert_ok(proc)
     assert "already complete" in proc.stderr
     assert out.read_bytes() == big_ref
     assert leftovers(out) == []
+    assert not plan_temp.exists()
 
 
 def killed_two_worker_export(big: str, out: Path) -> list[str]:
@@ -1244,10 +1247,55 @@ def test_a_vanished_snapshot_is_recognised(big: str) -> None:
             conn.execute("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'")
         conn.execute("ROLLBACK")
     assert _snapshot_gone(gone.value)
-    assert _snapshot_gone(raw.value)  # 22023 by its SQLSTATE
+    assert not _snapshot_gone(raw.value)  # a 22023 not from the chunk's import: not the snapshot
     # 55000 means "snapshot gone" only when the import raised it (then it is SnapshotGone)
     assert _snapshot_gone(SnapshotGone("could not import the requested snapshot"))
     assert not _snapshot_gone(
         psycopg.errors.ObjectNotInPrerequisiteState("cannot update a table during recovery")
     )
     assert not _snapshot_gone(psycopg.errors.SyntaxError("syntax error at or near"))
+
+
+def test_a_failing_filter_under_consistent_is_not_a_lost_snapshot(big: str, tmp_path: Path) -> None:
+    """A --where that fails with 22023 (the SQLSTATE of "invalid snapshot identifier" too)
+    is the user's error: one line, exit 2, no "snapshot is gone" warning, no second try."""
+    out = tmp_path / "fw.csv"
+    where = "regexp_match(v, 'a', 'z') IS NOT NULL"  # invalid regexp option: 22023
+    proc = run(export_cmd(big, "t", out, "--consistent", "--where", where))
+    assert proc.returncode == 2, proc.stderr
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("copystream: error:")]
+    assert len(errors) == 1 and "regular expression" in errors[0], proc.stderr
+    assert "WARNING" not in proc.stderr and "snapshot is gone" not in proc.stderr, proc.stderr
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_a_full_disk_during_the_join_then_resume(big: str, big_ref: bytes, tmp_path: Path) -> None:
+    """The parts fit, their join does not (a real tmpfs): exit 1 with one line, OUTPUT cut back
+    to the first range, and once space is freed the same command finishes the join."""
+    where = tmp_path / "small"
+    where.mkdir()
+    # the parts and the filler fit (1.5x the output), the join's copy of the last half not (2x)
+    size = len(big_ref) * 7 // 4 + 256 * 1024
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(where)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not permitted here (CI runs as root and mounts it)")
+    try:
+        out = where / "j.csv"
+        filler = where / "filler"
+        filler.write_bytes(b"\0" * (len(big_ref) // 2))
+        cmd = export_cmd(big, "t", out, "--workers", "2")
+        proc = run(cmd)
+        assert proc.returncode == 1, proc.stderr
+        errors = [x for x in proc.stderr.splitlines() if x.startswith("copystream: error:")]
+        assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert "cannot join the parts" in errors[0] and "run the same command again" in errors[0]
+        first = part_checkpoints(out, 2)[0]
+        assert first is not None and first["finished"]
+        assert out.stat().st_size == first["offset"]  # the torn append is cut off again
+        filler.unlink()
+        again = run(cmd)
+        assert_ok(again)
+        assert out.read_bytes() == big_ref
+        assert leftovers(out) == []
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
