@@ -1,7 +1,7 @@
-"""Entry point of a parallel-export worker process (see :mod:`copystream.workers`)."""
+"""Entry point of a parallel-export worker process (see :mod:`copystream.pool`)."""
 
 import sys
 
-from .workers import worker_main
+from .pool import worker_main
 
 sys.exit(worker_main(sys.argv[1:]))

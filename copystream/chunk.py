@@ -31,7 +31,7 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.errors import error_from_result
 
-from .plan import CopyOptions, TablePlan, bound_query, copy_query, last_key_query
+from .plan import CopyOptions, ResolvedTable, bound_query, copy_query, last_key_query
 from .retry import StallTimeout
 from .sink import Sink
 
@@ -268,7 +268,7 @@ class _Sibling:
     def __init__(
         self,
         s: _Session,
-        plan: TablePlan,
+        plan: ResolvedTable,
         after: Sequence[str] | None,
         rows: int,
         until: Sequence[str] | None,
@@ -357,7 +357,7 @@ class ChunkRunner:
 
     def run(
         self,
-        plan: TablePlan,
+        plan: ResolvedTable,
         options: CopyOptions,
         *,
         after: Sequence[str] | None,
@@ -391,7 +391,7 @@ class ChunkRunner:
     def _find_last(
         self,
         s: _Session,
-        plan: TablePlan,
+        plan: ResolvedTable,
         after: Sequence[str] | None,
         rows: int,
         until: Sequence[str] | None,
@@ -406,7 +406,7 @@ class ChunkRunner:
 
     def _run_serial(
         self,
-        plan: TablePlan,
+        plan: ResolvedTable,
         options: CopyOptions,
         after: Sequence[str] | None,
         rows: int,
@@ -447,7 +447,7 @@ class ChunkRunner:
 
     def _run_overlapped(
         self,
-        plan: TablePlan,
+        plan: ResolvedTable,
         options: CopyOptions,
         after: Sequence[str] | None,
         rows: int,

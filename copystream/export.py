@@ -24,7 +24,10 @@ from .checkpoint import Checkpoint, ChunkRecord, checkpoint_path, load_checkpoin
 from .connection import Target, connect, connect_error, io_deadline, redact
 from .errors import CopystreamError, OutputExists, OutputProblem, RetriesExhausted, UsageError
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest, verify_file
-from .parallel import (
+from .part import PartJob, _chunk_error, run_part
+from .plan import CopyOptions, ResolvedTable, first_chunk_rows, introspect, many_chunks_warning
+from .progress import Progress
+from .ranges import (
     join_parts,
     load_parts,
     new_parts,
@@ -34,10 +37,7 @@ from .parallel import (
     sample_boundaries,
     save_parts,
 )
-from .plan import CopyOptions, TablePlan, first_chunk_rows, introspect, many_chunks_warning
-from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
-from .runner import PartJob, _chunk_error, run_part
 from .settings import PINNED_SETTINGS, read_settings_query
 
 __all__ = ["ExportResult", "ExportStatus", "export_status", "export_table"]
@@ -150,7 +150,7 @@ def _connect_and_plan(
     policy: RetryPolicy,
     sleep: Callable[[float], None],
     io_timeout: float = 300.0,
-) -> tuple[psycopg.Connection[Any], TablePlan]:
+) -> tuple[psycopg.Connection[Any], ResolvedTable]:
     """Connect and plan the export; return the open connection and the plan.
 
     A transient failure while planning (the connection dropped, the server restarting) is
@@ -281,7 +281,7 @@ def _connect_reason(e: psycopg.Error) -> str | None:
     return classify(e) or "connection failed"
 
 
-def _export_identity(plan: TablePlan, options: CopyOptions) -> dict[str, Any]:
+def _export_identity(plan: ResolvedTable, options: CopyOptions) -> dict[str, Any]:
     return {
         "table": plan.qualified,
         "key": list(plan.key),
@@ -294,7 +294,7 @@ def _export_identity(plan: TablePlan, options: CopyOptions) -> dict[str, Any]:
 
 def _finish(
     output: Path,
-    plan: TablePlan,
+    plan: ResolvedTable,
     cp: Checkpoint,
     digest: str,
     started: float,
@@ -583,7 +583,7 @@ def export_table(
 
 def _result(
     out: Path,
-    plan: TablePlan,
+    plan: ResolvedTable,
     manifest: Manifest,
     started: float,
     *,
@@ -621,7 +621,7 @@ def _manifest_started_at(out: Path) -> str | None:
 
 
 def _already_complete(
-    out: Path, identity: dict[str, Any], plan: TablePlan, started: float
+    out: Path, identity: dict[str, Any], plan: ResolvedTable, started: float
 ) -> ExportResult | None:
     """A result for an export that already finished and still verifies, else ``None``."""
     try:

@@ -24,7 +24,7 @@ from .retry import classify
 __all__ = [
     "CopyOptions",
     "IndexInfo",
-    "TablePlan",
+    "ResolvedTable",
     "bound_query",
     "choose_key",
     "copy_query",
@@ -122,7 +122,7 @@ class IndexInfo:
 
 
 @dataclass(frozen=True)
-class TablePlan:
+class ResolvedTable:
     """Everything a chunk needs to know about the relation being exported."""
 
     oid: int
@@ -199,14 +199,14 @@ def choose_key(
 # -- queries (pure) ---------------------------------------------------------------------------
 
 
-def _key_list(plan: TablePlan, *, desc: bool = False, bare: bool = False) -> sql.Composed:
+def _key_list(plan: ResolvedTable, *, desc: bool = False, bare: bool = False) -> sql.Composed:
     if bare:
         return sql.SQL(", ").join(sql.Identifier(c) for c in plan.key)
     suffix = sql.SQL(" DESC") if desc else sql.SQL("")
     return sql.SQL(", ").join(sql.Composed([sql.Identifier(c), suffix]) for c in plan.key)
 
 
-def _key_row(plan: TablePlan) -> sql.Composable:
+def _key_row(plan: ResolvedTable) -> sql.Composable:
     if len(plan.key) == 1:
         return sql.Identifier(plan.key[0])
     return sql.SQL("({})").format(sql.SQL(", ").join(sql.Identifier(c) for c in plan.key))
@@ -221,7 +221,7 @@ def _value_row(values: Sequence[str]) -> sql.Composable:
 
 
 def _conditions(
-    plan: TablePlan, after: Sequence[str] | None, upto: Sequence[str] | None
+    plan: ResolvedTable, after: Sequence[str] | None, upto: Sequence[str] | None
 ) -> sql.Composable:
     conds: list[sql.Composable] = []
     if after is not None:
@@ -235,27 +235,27 @@ def _conditions(
     return sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds)
 
 
-def key_columns(plan: TablePlan) -> sql.Composed:
+def key_columns(plan: ResolvedTable) -> sql.Composed:
     """The key columns as a comma-separated identifier list."""
     return _key_list(plan, bare=True)
 
 
-def where_clause(plan: TablePlan) -> sql.Composable:
+def where_clause(plan: ResolvedTable) -> sql.Composable:
     """`` WHERE (filter)`` or nothing."""
     return _conditions(plan, None, None)
 
 
-def key_text(plan: TablePlan) -> sql.Composed:
+def key_text(plan: ResolvedTable) -> sql.Composed:
     """The key columns cast to text (their exact PostgreSQL text form)."""
     return _key_text(plan)
 
 
-def _key_text(plan: TablePlan) -> sql.Composed:
+def _key_text(plan: ResolvedTable) -> sql.Composed:
     return sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in plan.key)
 
 
 def bound_query(
-    plan: TablePlan, after: Sequence[str] | None, rows: int, until: Sequence[str] | None = None
+    plan: ResolvedTable, after: Sequence[str] | None, rows: int, until: Sequence[str] | None = None
 ) -> sql.Composed:
     """The key (as text) of the ``rows``-th row after ``after`` (and at most ``until``).
 
@@ -276,7 +276,7 @@ def bound_query(
 
 
 def last_key_query(
-    plan: TablePlan, after: Sequence[str] | None, until: Sequence[str] | None = None
+    plan: ResolvedTable, after: Sequence[str] | None, until: Sequence[str] | None = None
 ) -> sql.Composed:
     """The greatest key (as text) after ``after`` and at most ``until``: the final chunk's last."""
     return sql.SQL(
@@ -291,7 +291,7 @@ def last_key_query(
 
 
 def copy_query(
-    plan: TablePlan,
+    plan: ResolvedTable,
     options: CopyOptions,
     *,
     after: Sequence[str] | None,
@@ -315,7 +315,7 @@ def copy_query(
     return sql.SQL("COPY ({}) TO STDOUT {}").format(select, options.compose(header=header))
 
 
-def single_copy_query(plan: TablePlan, options: CopyOptions) -> sql.Composed:
+def single_copy_query(plan: ResolvedTable, options: CopyOptions) -> sql.Composed:
     """The whole table in key order, in one COPY (what ``psql \\copy`` would run)."""
     return copy_query(plan, options, after=None, upto=None, limit=None, header=options.header)
 
@@ -353,7 +353,7 @@ def introspect(
     columns: Sequence[str] | None = None,
     where: str | None = None,
     options: CopyOptions | None = None,
-) -> TablePlan:
+) -> ResolvedTable:
     """Resolve ``table`` on the server (as psql would, honouring ``search_path``) and plan it.
 
     Raises :class:`TableNotFound`, :class:`KeyProblem`, :class:`InvalidFilter` or
@@ -485,7 +485,7 @@ def introspect(
     if relkind == "p":
         estimated_rows, estimated_bytes = _partition_estimates(conn, oid)
 
-    plan = TablePlan(
+    plan = ResolvedTable(
         oid=int(str(oid)),
         schema=schema,
         name=name,
@@ -510,7 +510,7 @@ def introspect(
 
 
 def _check_options(
-    conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan, options: CopyOptions
+    conn: psycopg.Connection[tuple[object, ...]], plan: ResolvedTable, options: CopyOptions
 ) -> None:
     """Reject COPY options the server refuses before any file exists (``LIMIT 0``: no row read).
 
@@ -568,7 +568,7 @@ def _partition_estimates(
     return int(str(row[0])), int(str(row[1]))
 
 
-def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: TablePlan) -> None:
+def _check_filter(conn: psycopg.Connection[tuple[object, ...]], plan: ResolvedTable) -> None:
     """Reject a filter that is not valid SQL for this table (EXPLAIN only; nothing runs).
 
     The EXPLAIN goes through the extended query protocol, which refuses more than one

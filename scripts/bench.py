@@ -3,7 +3,7 @@ r"""Benchmark ``copystream export`` against psql's ``\copy`` on a realistic tabl
 
 What it does:
 
-1. Starts a throwaway PostgreSQL server (:class:`copystream.ephemeral.EphemeralPostgres`, tuned
+1. Starts a throwaway PostgreSQL server (:class:`copystream.testing.EphemeralPostgres`, tuned
    for benchmarking reads: fsync off, shared_buffers 1GB, no autovacuum) or uses ``--dsn``.
 2. Creates ``bench_orders`` with ``--rows`` rows of mixed types (bigint primary key, ints, text
    with occasional quotes, commas and newlines, numeric, timestamptz, jsonb, uuid, NULLs; about
@@ -76,9 +76,9 @@ try:
 
     import copystream
     from copystream.checkpoint import checkpoint_path, load_checkpoint
-    from copystream.ephemeral import EphemeralPostgres, find_bin_dir
     from copystream.manifest import manifest_path
     from copystream.sink import Sink
+    from copystream.testing import EphemeralPostgres, find_bin_dir
 except ImportError as exc:  # pragma: no cover - depends on the environment
     sys.exit(
         f"bench: error: {exc}; run with the project's venv (.venv/bin/python scripts/bench.py) "

@@ -1,6 +1,6 @@
 """Driver of ``scripts/demo.sh``: a resumable export shown end to end on a throwaway server.
 
-1. start a throwaway PostgreSQL server (:class:`copystream.ephemeral.EphemeralPostgres`);
+1. start a throwaway PostgreSQL server (:class:`copystream.testing.EphemeralPostgres`);
 2. create a sample ``orders`` table (bigint primary key, int, text with quotes, commas and
    newlines, numeric, timestamptz, jsonb, NULLs) and ANALYZE it;
 3. run ``copystream export`` with its progress bar on this terminal, and SIGKILL it once its
@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 #: The sample table. Every column type that COPY formats differently is here, and the text
 #: column holds what CSV must quote: double quotes, commas, newlines, empty strings and NULLs.

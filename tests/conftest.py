@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]

@@ -24,7 +24,7 @@ import psycopg
 import xxhash
 from psycopg import sql
 
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 #: How often the kill helper looks at the checkpoint / output of a running export.
 POLL = 0.001

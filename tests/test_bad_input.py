@@ -29,7 +29,6 @@ from typing import Any
 import pytest
 
 import copystream
-from copystream.ephemeral import EphemeralPostgres
 from copystream.errors import (
     AuthenticationFailed,
     ConnectionFailed,
@@ -41,6 +40,7 @@ from copystream.errors import (
     TableNotFound,
     UsageError,
 )
+from copystream.testing import EphemeralPostgres
 
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 

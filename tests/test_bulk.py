@@ -41,7 +41,7 @@ from copystream.bulk import (
     parse_name_pattern,
     parse_plan,
 )
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 

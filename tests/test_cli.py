@@ -28,7 +28,7 @@ from helpers import (
     xxh,
 )
 
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 

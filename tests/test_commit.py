@@ -1,4 +1,4 @@
-"""The background commit of chunks (copystream.runner._Committer): fsync, then the checkpoint.
+"""The background commit of chunks (copystream.part._Committer): fsync, then the checkpoint.
 
 The export loop hands each committed chunk's checkpoint to a thread that makes the file durable
 and then writes the checkpoint, while the next chunk streams. What resuming relies on must hold:
@@ -27,7 +27,7 @@ from copystream.checkpoint import (
     save_checkpoint,
 )
 from copystream.errors import DiskFull
-from copystream.runner import _Committer
+from copystream.part import _Committer
 from copystream.sink import Sink
 
 

@@ -9,8 +9,8 @@ import psycopg
 import pytest
 
 from copystream.connection import Target, connect, connect_error, describe_target, redact
-from copystream.ephemeral import EphemeralPostgres
 from copystream.errors import AuthenticationFailed, ConnectionFailed, UsageError
+from copystream.testing import EphemeralPostgres
 
 SECRET = "S3cr3t-Pa55"
 

@@ -1,4 +1,4 @@
-"""Tests for copystream.ephemeral and the shared fixtures built on it."""
+"""Tests for copystream.testing and the shared fixtures built on it."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from copystream.ephemeral import EphemeralPostgres, find_bin_dir
+from copystream.testing import EphemeralPostgres, find_bin_dir
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]

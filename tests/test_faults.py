@@ -39,9 +39,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from copystream import RetriesExhausted, RetryPolicy, export_table, verify_file
 from copystream.checkpoint import checkpoint_path, load_checkpoint
-from copystream.ephemeral import EphemeralPostgres
 from copystream.export import ExportResult
 from copystream.manifest import manifest_path
+from copystream.testing import EphemeralPostgres
 
 try:
     from fix_proxy import Proxy

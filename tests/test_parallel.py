@@ -46,20 +46,21 @@ from helpers import (
 )
 from psycopg import sql
 
-from copystream import CopyOptions, export_status, export_table, parallel, verify_file
+from copystream import CopyOptions, export_status, export_table, verify_file
+from copystream import ranges as parallel
 from copystream.chunk import SnapshotGone, _Session
-from copystream.ephemeral import EphemeralPostgres
 from copystream.errors import ExportFailed
 from copystream.export import _export_identity
-from copystream.parallel import (
+from copystream.part import _snapshot_gone
+from copystream.plan import introspect
+from copystream.ranges import (
     new_parts,
     pick_boundaries,
     sample_boundaries,
     save_parts,
 )
-from copystream.plan import introspect
-from copystream.runner import _snapshot_gone
 from copystream.settings import PINNED_SETTINGS, read_settings_query
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
@@ -852,7 +853,7 @@ def as_version_1(out: Path) -> None:
     plan = parallel.load_parts(out)
     assert plan is not None and plan.version == 2
     out.rename(part_file(out, 0).with_name(f"{out.name}.part-0000"))
-    old = parallel.PartsPlan(plan.export, plan.settings, plan.started_at, plan.ranges, version=1)
+    old = parallel.KeyRanges(plan.export, plan.settings, plan.started_at, plan.ranges, version=1)
     parts_json(out).write_text(json.dumps(old.to_json()))
     assert json.loads(parts_json(out).read_bytes())["version"] == 1
 

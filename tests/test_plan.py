@@ -23,7 +23,7 @@ from copystream.plan import (
     TARGET_CHUNK_SECONDS,
     CopyOptions,
     IndexInfo,
-    TablePlan,
+    ResolvedTable,
     bound_query,
     choose_key,
     copy_query,
@@ -151,8 +151,8 @@ def test_explicit_key_order_is_kept() -> None:
 # -- query composition ---------------------------------------------------------------------------
 
 
-def make_plan(**changes: object) -> TablePlan:
-    base = TablePlan(
+def make_plan(**changes: object) -> ResolvedTable:
+    base = ResolvedTable(
         oid=1,
         schema="public",
         name="t",

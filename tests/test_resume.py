@@ -38,7 +38,7 @@ from helpers import (
 )
 
 import copystream
-from copystream.ephemeral import EphemeralPostgres
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 

@@ -23,8 +23,8 @@ import pytest
 
 import copystream
 from copystream._atomic import atomic_write
-from copystream.ephemeral import EphemeralPostgres
 from copystream.errors import InvalidFilter
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]

@@ -23,7 +23,6 @@ from helpers import read_manifest
 from psycopg import sql
 
 from copystream import export_table, verify_file
-from copystream.ephemeral import EphemeralPostgres
 from copystream.plan import (
     FIRST_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
@@ -34,6 +33,7 @@ from copystream.plan import (
     introspect,
     next_chunk_rows,
 )
+from copystream.testing import EphemeralPostgres
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]

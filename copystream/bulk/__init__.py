@@ -13,7 +13,7 @@ finish.
 Each table runs in a worker process of its own (``python -m copystream._bulk_worker``, not a
 pool), so a worker that dies (the OOM killer, a crash) fails only its own table; workers are
 killed if the coordinating process dies (``PR_SET_PDEATHSIG``, as in
-:mod:`copystream.workers`), so a re-run never races an orphan.
+:mod:`copystream.pool`), so a re-run never races an orphan.
 """
 
 from __future__ import annotations

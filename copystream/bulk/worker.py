@@ -21,15 +21,15 @@ from typing import IO, Any
 from ..connection import redact
 from ..errors import CopystreamError
 from ..export import ExportResult, export_table
+from ..pool import spawn_worker
 from ..progress import Progress
-from ..workers import spawn_worker
 from .outcome import _in_plan_terms
 from .resolve import _Task
 
 log = logging.getLogger("copystream")
 
 # A worker is ``python -m copystream._bulk_worker COORDINATOR_PID LOG_LEVEL``, a plain subprocess
-# (like the parallel export's workers, see copystream.workers): multiprocessing's ``spawn``
+# (like the parallel export's workers, see copystream.pool): multiprocessing's ``spawn``
 # would re-import the caller's ``__main__`` in every worker (a cron script without a main guard
 # would start the job again; an Airflow task would re-import Airflow). The worker reads its
 # pickled job on stdin and writes one line per event on stdout: ``P <progress>``,
@@ -62,7 +62,7 @@ class _LineLogHandler(logging.Handler):
 
 def worker_main(argv: Sequence[str]) -> int:
     """Body of ``python -m copystream._bulk_worker COORDINATOR_PID LOG_LEVEL``: one table."""
-    from ..workers import die_with_coordinator  # killed with the coordinator; ignores Ctrl-C
+    from ..pool import die_with_coordinator  # killed with the coordinator; ignores Ctrl-C
 
     die_with_coordinator(int(argv[0]), int(argv[1]))
     job: _Job = pickle.load(sys.stdin.buffer)

@@ -4,7 +4,7 @@ Workers are plain subprocesses of the current Python interpreter, not ``multipro
 children: ``spawn`` re-imports the caller's ``__main__`` in every child (a script without an
 ``if __name__ == "__main__"`` guard would run again; an Airflow task would re-import Airflow),
 and ``fork`` copies a possibly multi-threaded, large host process. A worker reads its pickled
-:class:`~copystream.runner.PartJob` on stdin and writes one line per event on stdout:
+:class:`~copystream.part.PartJob` on stdin and writes one line per event on stdout:
 ``P <rows> <bytes>`` for progress, ``R <base64 pickle of PartOutcome>`` for the result, or
 ``E <json [error class, message, exit code]>``. Its log lines go to the inherited stderr.
 
@@ -30,7 +30,7 @@ from typing import IO, Any
 
 from . import errors
 from .errors import CopystreamError, ExportFailed
-from .runner import PartJob, PartOutcome
+from .part import PartJob, PartOutcome
 
 __all__ = ["decode_error", "die_with_coordinator", "encode_error", "run_jobs", "spawn_worker"]
 
@@ -183,7 +183,7 @@ def worker_main(argv: Sequence[str]) -> int:
             out.write(f"P {p.rows} {p.bytes}\n")
             out.flush()
 
-    from .runner import run_part
+    from .part import run_part
 
     try:
         outcome = run_part(job, progress=report)

@@ -2,7 +2,7 @@
 
 The split uses quantiles of a ``TABLESAMPLE`` of the key, ordered by PostgreSQL itself, so it
 balances by row count for any btree-orderable key (text under any collation, uuid, timestamps,
-composite keys), not only integers. Each range is a :class:`~copystream.runner.PartJob` with its
+composite keys), not only integers. Each range is a :class:`~copystream.part.PartJob` with its
 own connection, file and checkpoint (``OUTPUT.part-NNNN.checkpoint.json``); the first range writes
 OUTPUT itself, the others ``OUTPUT.part-NNNN``. The ranges are recorded in ``OUTPUT.parts.json``
 so that re-running the same command resumes every unfinished range. When all parts are done the
@@ -11,7 +11,7 @@ joined file is re-hashed chunk by chunk against the parts' records, and the mani
 form as a single-worker export's, with chunk offsets in the final file.
 
 Workers are processes, not threads (the GIL would serialise the read loops): see
-:mod:`copystream.workers`. On Linux they are killed if the coordinating process dies, so that a
+:mod:`copystream.pool`. On Linux they are killed if the coordinating process dies, so that a
 re-run never races an orphaned worker.
 """
 
@@ -43,14 +43,14 @@ from .checkpoint import (
 )
 from .chunk import SnapshotGone, key_text_settings
 from .errors import CheckpointMismatch, DiskFull, ExportFailed, OutputExists
-from .plan import TablePlan, key_columns, key_text, where_clause
+from .part import PartJob, PartOutcome
+from .plan import ResolvedTable, key_columns, key_text, where_clause
+from .pool import run_jobs
 from .progress import Progress
-from .runner import PartJob, PartOutcome
 from .sink import check_prefix, hash_range
-from .workers import run_jobs
 
 __all__ = [
-    "PartsPlan",
+    "KeyRanges",
     "join_parts",
     "load_parts",
     "new_parts",
@@ -81,7 +81,7 @@ Key = tuple[str, ...]
 
 
 @dataclass(frozen=True)
-class PartsPlan:
+class KeyRanges:
     """The ranges of a parallel export (``OUTPUT.parts.json``)."""
 
     export: dict[str, Any]
@@ -120,7 +120,7 @@ class PartsPlan:
         return body
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> PartsPlan:
+    def from_json(cls, d: dict[str, Any]) -> KeyRanges:
         """Inverse of :meth:`to_json`; ``ValueError`` on a damaged record."""
         if d.get("kind") != "copystream-parts" or d.get("version") not in _KNOWN_VERSIONS:
             raise ValueError("not a copystream parts plan of a known version")
@@ -155,7 +155,7 @@ def part_data_path(output: Path, index: int, *, first_in_place: bool = True) -> 
     return output if index == 0 and first_in_place else part_path(output, index)
 
 
-def load_parts(output: Path, *, strict: bool = True) -> PartsPlan | None:
+def load_parts(output: Path, *, strict: bool = True) -> KeyRanges | None:
     """The parts plan beside ``output``, or ``None``; a damaged one raises unless not strict."""
     path = parts_path(output)
     try:
@@ -163,7 +163,7 @@ def load_parts(output: Path, *, strict: bool = True) -> PartsPlan | None:
     except FileNotFoundError:
         return None
     try:
-        return PartsPlan.from_json(json.loads(raw))
+        return KeyRanges.from_json(json.loads(raw))
     except (ValueError, KeyError, TypeError) as e:
         if not strict:
             return None
@@ -172,12 +172,12 @@ def load_parts(output: Path, *, strict: bool = True) -> PartsPlan | None:
         ) from e
 
 
-def save_parts(output: Path, parts: PartsPlan) -> None:
+def save_parts(output: Path, parts: KeyRanges) -> None:
     """Write the parts plan atomically (0600)."""
     atomic_write(parts_path(output), json.dumps(parts.to_json(), indent=1).encode() + b"\n")
 
 
-def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
+def remove_parts(output: Path, parts: KeyRanges | None = None) -> None:
     """Delete the part files, their checkpoints and the plan (after a join, or ``--restart``).
 
     Every ``OUTPUT.part-NNNN`` file goes, whatever ``parts`` says: also those of a plan that
@@ -202,11 +202,11 @@ def remove_parts(output: Path, parts: PartsPlan | None = None) -> None:
 
 def new_parts(
     identity: dict[str, Any], settings: dict[str, str], started_at: str, boundaries: Sequence[Key]
-) -> PartsPlan:
+) -> KeyRanges:
     """The plan for ranges split at ``boundaries`` (ascending). Pure."""
     edges: list[Key | None] = [None, *boundaries, None]
     ranges = tuple((edges[i], edges[i + 1]) for i in range(len(edges) - 1))
-    return PartsPlan(export=identity, settings=settings, started_at=started_at, ranges=ranges)
+    return KeyRanges(export=identity, settings=settings, started_at=started_at, ranges=ranges)
 
 
 # -- splitting ----------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def pick_boundaries(sample: Sequence[Key], parts: int) -> list[Key]:
     return out
 
 
-def _heap_blocks(conn: psycopg.Connection[Any], plan: TablePlan) -> int:
+def _heap_blocks(conn: psycopg.Connection[Any], plan: ResolvedTable) -> int:
     """Blocks in the table's heap (of all its partitions), from the files' sizes: no statistics
     needed, and out-of-line (TOAST) data, which TABLESAMPLE does not sample, left out."""
     if plan.relkind == "p":
@@ -251,7 +251,7 @@ def _heap_blocks(conn: psycopg.Connection[Any], plan: TablePlan) -> int:
 
 
 def sample_boundaries(
-    conn: psycopg.Connection[Any], plan: TablePlan, parts: int, *, snapshot: str | None = None
+    conn: psycopg.Connection[Any], plan: ResolvedTable, parts: int, *, snapshot: str | None = None
 ) -> list[Key]:
     """Boundaries splitting ``plan``'s rows into ``parts`` ranges of about equal row counts."""
     if parts <= 1:
@@ -306,7 +306,7 @@ def sample_boundaries(
 
 def run_parts(
     output: Path,
-    parts: PartsPlan,
+    parts: KeyRanges,
     template: PartJob,
     workers: int,
     progress: Callable[[Progress], None] | None,
@@ -393,7 +393,7 @@ def _copy_all(src: int, dst: int, count: int) -> None:
 
 
 def join_parts(
-    output: Path, parts: PartsPlan, outcomes: Sequence[PartOutcome]
+    output: Path, parts: KeyRanges, outcomes: Sequence[PartOutcome]
 ) -> tuple[Checkpoint, str]:
     """Append the finished later parts to ``output`` and re-hash it against their chunks.
 

@@ -184,7 +184,7 @@ class EphemeralPostgres:
         )
         pg.setup()  # initdb
         with open(os.path.join(self.data_dir, "postgresql.conf"), "a") as f:
-            f.write("\n# copystream.ephemeral\n")
+            f.write("\n# copystream.testing\n")
             for key, value in self._settings.items():
                 quoted = value.replace("'", "''")
                 f.write(f"{key} = '{quoted}'\n")

@@ -2,7 +2,7 @@
 
 A *part* is a contiguous key range written to one file with its own checkpoint. A single-worker
 export is one part (the whole key space, written to OUTPUT itself); ``--workers N`` runs N parts
-in worker processes (:mod:`copystream.parallel`). :func:`run_part` is the loop that both use:
+in worker processes (:mod:`copystream.ranges`). :func:`run_part` is the loop that both use:
 open or resume the part's checkpoint and file, run :class:`~copystream.chunk.ChunkRunner` chunk
 after chunk, make each chunk durable, then checkpoint it; on a failure roll the file back,
 classify the error, and retry on a fresh connection as :func:`copystream.retry.decide` says.
@@ -43,7 +43,7 @@ from .errors import (
     TableNotFound,
     UsageError,
 )
-from .plan import CopyOptions, TablePlan, next_chunk_rows
+from .plan import CopyOptions, ResolvedTable, next_chunk_rows
 from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
 from .sink import Sink
@@ -128,7 +128,7 @@ class _Committer:
             return None
 
 
-class _Exporter:
+class PartRunner:
     """One run of one export. Holds the mutable state; the decisions live in pure functions."""
 
     def __init__(
@@ -181,7 +181,7 @@ class _Exporter:
                 conn.close()
         self.conns = []
 
-    def _report(self, plan: TablePlan, base: Checkpoint, rows: int, nbytes: int) -> None:
+    def _report(self, plan: ResolvedTable, base: Checkpoint, rows: int, nbytes: int) -> None:
         """Progress during a chunk: ``rows``/``nbytes`` received since ``base`` was saved."""
         if self.progress is not None:
             self.progress(
@@ -201,7 +201,7 @@ class _Exporter:
 
     def run_chunks(
         self,
-        plan: TablePlan,
+        plan: ResolvedTable,
         options: CopyOptions,
         cp: Checkpoint,
         sink: Sink,
@@ -228,7 +228,7 @@ class _Exporter:
 
     def _loop(
         self,
-        plan: TablePlan,
+        plan: ResolvedTable,
         options: CopyOptions,
         cp: Checkpoint,
         sink: Sink,
@@ -358,7 +358,7 @@ class PartJob:
     """
 
     conninfo: str
-    plan: TablePlan
+    plan: ResolvedTable
     options: CopyOptions
     path: str
     identity: dict[str, Any]
@@ -403,7 +403,7 @@ def run_part(
     """
     path = Path(job.path)
     state = Path(job.state) if job.state is not None else path
-    ex = _Exporter(
+    ex = PartRunner(
         Target(job.conninfo),
         state,
         policy=job.policy,
@@ -463,7 +463,7 @@ def run_part(
 
 
 def _chunk_error(
-    e: Exception, why: str, plan: TablePlan, target: Target, *, transient: bool = False
+    e: Exception, why: str, plan: ResolvedTable, target: Target, *, transient: bool = False
 ) -> CopystreamError:
     """The user-facing error for a chunk that failed for good. The checkpoint is intact.
 
