@@ -43,9 +43,9 @@ from .errors import (
 )
 from .export import ExportResult, ExportStatus, export_status, export_table
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
-from .plan import CopyOptions
 from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
+from .spec import CopyOptions
 
 __version__ = "0.1.0"
 

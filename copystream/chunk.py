@@ -31,9 +31,10 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.errors import error_from_result
 
-from .plan import CopyOptions, ResolvedTable, bound_query, copy_query, last_key_query
+from .plan import ResolvedTable, bound_query, copy_query, last_key_query
 from .retry import StallTimeout
 from .sink import Sink
+from .spec import CopyOptions
 
 __all__ = ["WRITE_BUFFER", "ChunkOutcome", "ChunkRunner"]
 

@@ -22,8 +22,8 @@ from .connection import Target, redact
 from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
 from .manifest import verify_file
-from .plan import CopyOptions
 from .progress import BarReporter, LogReporter, Progress, format_summary
+from .spec import CopyOptions
 
 __all__ = ["main"]
 

@@ -25,7 +25,7 @@ from .connection import Target, connect, connect_error, io_deadline, redact
 from .errors import CopystreamError, OutputExists, OutputProblem, RetriesExhausted, UsageError
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest, verify_file
 from .part import PartJob, _chunk_error, run_part
-from .plan import CopyOptions, ResolvedTable, first_chunk_rows, introspect, many_chunks_warning
+from .plan import ResolvedTable, first_chunk_rows, introspect, many_chunks_warning
 from .progress import Progress
 from .ranges import (
     join_parts,
@@ -39,6 +39,7 @@ from .ranges import (
 )
 from .retry import RetryPolicy, RetryState, classify, decide
 from .settings import PINNED_SETTINGS, read_settings_query
+from .spec import CopyOptions
 
 __all__ = ["ExportResult", "ExportStatus", "export_status", "export_table"]
 

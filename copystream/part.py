@@ -43,10 +43,11 @@ from .errors import (
     TableNotFound,
     UsageError,
 )
-from .plan import CopyOptions, ResolvedTable, next_chunk_rows
+from .plan import ResolvedTable, next_chunk_rows
 from .progress import Progress
 from .retry import RetryPolicy, RetryState, classify, decide
 from .sink import Sink
+from .spec import CopyOptions
 
 __all__ = ["PartJob", "PartOutcome", "run_part"]
 

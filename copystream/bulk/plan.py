@@ -15,7 +15,7 @@ from typing import Any
 
 from ..connection import Target
 from ..errors import CopystreamError, UsageError
-from ..plan import CopyOptions
+from ..spec import CopyOptions
 from .names import parse_name_pattern
 
 #: The job report, in the plan's output directory.
