@@ -142,8 +142,7 @@ class Checkpoint:
             if mine != theirs:
                 raise CheckpointMismatch(
                     f"{checkpoint_path(output)} was made for another export ({field_name} was "
-                    f"{_show(mine)}, now {_show(theirs)}); pass --restart to discard it and "
-                    "start from zero"
+                    f"{_show(mine)}, now {_show(theirs)})"
                 )
 
     def to_json(self) -> dict[str, Any]:
@@ -259,7 +258,7 @@ def load_checkpoint(output: Path) -> Checkpoint | None:
         return Checkpoint.from_json(json.loads(raw))
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointMismatch(
-            f"{path} cannot be used: {e}; pass --restart to discard it and start from zero"
+            f"{path} cannot be used: {e}"
         ) from e
 
 

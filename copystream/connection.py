@@ -185,7 +185,7 @@ def io_deadline(conn: psycopg.Connection[Any], seconds: float, doing: str) -> It
         if state["fired"]:
             raise StallTimeout(
                 f"no response from the server for {seconds:g}s while {doing} (stalled? if "
-                "it is only slow, raise --io-timeout)"
+                "it is only slow, raise the I/O timeout)"
             ) from e
         raise
     finally:

@@ -1,9 +1,13 @@
-"""The one exception tree of copystream.
+"""The one exception tree of copystream, and the remedy each error carries as data.
 
 Every error that copystream raises on purpose is a :class:`CopystreamError`. Each carries an
-``exit_code`` (what the command line exits with) and a message that tells the user what to do.
-Errors caused by a psycopg error are raised ``from`` it, so the server's diagnostics stay
-reachable through ``__cause__``.
+``exit_code`` (what the command line exits with), a ``problem`` (what went wrong, in words that
+name no interface) and a :class:`Remedy` (what to do about it). The remedy is worded by whoever
+shows the error, in its own terms: the command line says "pass --restart", a bulk plan's report
+"delete the output ...", the Python API "pass restart=True" (:meth:`CopystreamError.worded`;
+``str(error)`` is the Python wording). Errors caused by a psycopg error are raised ``from`` it,
+so the server's diagnostics stay reachable through ``__cause__``. Errors survive pickling with
+their class, problem and remedy (they cross from worker processes to the coordinator).
 
 Two families:
 
@@ -17,7 +21,11 @@ Two families:
 
 from __future__ import annotations
 
+import enum
+from typing import Any, Literal
+
 __all__ = [
+    "Audience",
     "AuthenticationFailed",
     "CheckpointMismatch",
     "ConnectionFailed",
@@ -29,20 +37,107 @@ __all__ = [
     "OutputExists",
     "OutputProblem",
     "PrefixMismatch",
+    "Remedy",
     "RetriesExhausted",
     "TableNotFound",
     "UsageError",
     "VerificationFailed",
 ]
 
+#: Who words a remedy: the ``copystream`` command, a bulk plan's report, or Python code.
+Audience = Literal["cli", "plan", "python"]
+
+
+class Remedy(enum.Enum):
+    """What the user should do about an error. Data: each interface words it (:meth:`words`)."""
+
+    RESTART = "restart"  # discard the checkpoint and output, export again from zero
+    OVERWRITE = "overwrite"  # an output exists without a checkpoint: restart or force
+    CHOOSE_KEY = "choose_key"  # page by other columns
+    FIX_FILTER = "fix_filter"  # the filter is at fault
+    FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
+    RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
+
+    def words(self, audience: Audience = "python") -> str:
+        """This remedy as ``audience`` says it."""
+        return _WORDS[self][audience]
+
+
+_WORDS: dict[Remedy, dict[Audience, str]] = {
+    Remedy.RESTART: {
+        "cli": "pass --restart to discard it and start from zero",
+        "plan": "delete the output and the files beside it to start from zero",
+        "python": "pass restart=True to discard it and start from zero",
+    },
+    Remedy.OVERWRITE: {
+        "cli": "pass --restart or --force to overwrite it",
+        "plan": "delete it to export the table again",
+        "python": "pass restart=True or force=True to overwrite it",
+    },
+    Remedy.CHOOSE_KEY: {
+        "cli": "name the column(s) to page by with --key",
+        "plan": "name the column(s) to page by with key = in the plan",
+        "python": "name the column(s) to page by with key=",
+    },
+    Remedy.FIX_FILTER: {
+        "cli": "check the --where filter",
+        "plan": "check the where filter of the plan",
+        "python": "check the where= filter",
+    },
+    Remedy.FREE_SPACE: {
+        "cli": "free some space and run the same command again to resume",
+        "plan": "free some space and run the plan again to resume",
+        "python": "free some space and call again with the same arguments to resume",
+    },
+    Remedy.RUN_AGAIN: {
+        "cli": "the checkpoint is intact, run the same command again to resume",
+        "plan": "the checkpoint is intact, run the plan again to resume",
+        "python": "the checkpoint is intact, call again with the same arguments to resume",
+    },
+}
+
+_CLASS_DEFAULT: Any = object()
+
 
 class CopystreamError(Exception):
     """Base of every error copystream raises on purpose.
 
-    ``str(error)`` is a single line fit to show the user as it is.
+    ``problem`` says what went wrong; ``remedy`` (or ``None``) what to do. ``str(error)`` is a
+    single line fit to show a Python user as it is; :meth:`worded` words it for another audience.
     """
 
     exit_code: int = 1
+    #: The remedy when the raiser names none (each class its own).
+    remedy: Remedy | None = None
+
+    def __init__(self, problem: str, *, remedy: Remedy | None = _CLASS_DEFAULT) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        if remedy is not _CLASS_DEFAULT:
+            self.remedy = remedy
+
+    def worded(self, audience: Audience = "python") -> str:
+        """The problem and its remedy as one line for ``audience``."""
+        if self.remedy is None:
+            return self.problem
+        return f"{self.problem}; {self.remedy.words(audience)}"
+
+    def __str__(self) -> str:
+        return self.worded("python")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt with its class, problem, remedy and any attributes a subclass added.
+        return (_rebuild, (type(self), self.problem, self.remedy), dict(self.__dict__))
+
+
+def _rebuild(
+    cls: type[CopystreamError], problem: str, remedy: Remedy | None
+) -> CopystreamError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, problem)
+    error.problem = problem
+    error.remedy = remedy
+    return error
 
 
 class UsageError(CopystreamError):
@@ -66,6 +161,8 @@ class TableNotFound(UsageError):
 class KeyProblem(UsageError):
     """No usable key: the table has no primary key, or the chosen key cannot page the table."""
 
+    remedy = Remedy.CHOOSE_KEY
+
 
 class InvalidFilter(UsageError):
     """The ``where`` filter is not valid SQL for this table."""
@@ -78,9 +175,13 @@ class OutputProblem(UsageError):
 class OutputExists(OutputProblem):
     """The output file exists and there is no checkpoint to resume it from."""
 
+    remedy = Remedy.OVERWRITE
+
 
 class CheckpointMismatch(UsageError):
     """The checkpoint beside the output was made for a different export."""
+
+    remedy = Remedy.RESTART
 
 
 class PrefixMismatch(UsageError):
@@ -89,11 +190,14 @@ class PrefixMismatch(UsageError):
     The file is left untouched; nothing can be appended to it safely.
     """
 
+    remedy = Remedy.RESTART
+
 
 class ExportFailed(CopystreamError):
     """The export stopped before the end; the checkpoint is intact and a re-run resumes."""
 
     exit_code = 1
+    remedy = Remedy.RUN_AGAIN
 
 
 class RetriesExhausted(ExportFailed):
@@ -102,6 +206,8 @@ class RetriesExhausted(ExportFailed):
 
 class DiskFull(ExportFailed):
     """Writing the output failed for lack of space (or quota) on the client."""
+
+    remedy = Remedy.FREE_SPACE
 
 
 class VerificationFailed(CopystreamError):

@@ -133,8 +133,7 @@ def run_jobs(
                 code = worker.proc.wait()
                 if i not in results and i not in failures:
                     failures[i] = ExportFailed(
-                        f"worker process for part {i} died (exit status {code}); the "
-                        "checkpoints are intact, run the same command again to resume"
+                        f"worker process for part {i} died (exit status {code})"
                     )
     finally:
         for worker in running.values():

@@ -42,7 +42,7 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .chunk import SnapshotGone, key_text_settings
-from .errors import CheckpointMismatch, DiskFull, ExportFailed, OutputExists
+from .errors import CheckpointMismatch, DiskFull, ExportFailed, OutputExists, Remedy
 from .part import PartJob, PartOutcome
 from .plan import ResolvedTable, key_columns, key_text, where_clause
 from .pool import run_jobs
@@ -100,8 +100,7 @@ class KeyRanges:
         for name in ("table", "key", "columns", "where", "options"):
             if self.export.get(name) != identity.get(name):
                 raise CheckpointMismatch(
-                    f"{parts_path(output)} was made for another export ({name} differs); "
-                    "pass --restart to discard it and start from zero"
+                    f"{parts_path(output)} was made for another export ({name} differs)"
                 )
 
     def to_json(self) -> dict[str, Any]:
@@ -168,7 +167,7 @@ def load_parts(output: Path, *, strict: bool = True) -> KeyRanges | None:
         if not strict:
             return None
         raise CheckpointMismatch(
-            f"{path} cannot be used: {e}; pass --restart to discard it and start from zero"
+            f"{path} cannot be used: {e}"
         ) from e
 
 
@@ -324,8 +323,8 @@ def run_parts(
             if path == output:  # never removed here: it may be a finished export of its own
                 raise OutputExists(
                     f"{output} exists but the first range of the unfinished --workers export "
-                    f"recorded in {parts_path(output).name} has no checkpoint; pass --restart "
-                    "to export it again from the start"
+                    f"recorded in {parts_path(output).name} has no checkpoint",
+                    remedy=Remedy.RESTART,
                 )
             path.unlink()  # created but never checkpointed: nothing in it counts
         span = [list(lo) if lo else None, list(hi) if hi else None]
@@ -432,8 +431,7 @@ def join_parts(
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                 os.ftruncate(fd, outcomes[0].checkpoint.offset if first_copied else 0)
                 raise DiskFull(
-                    f"cannot join the parts into {output}: {os.strerror(e.errno)}; free some "
-                    "space and run the same command again to finish"
+                    f"cannot join the parts into {output}: {os.strerror(e.errno)}"
                 ) from e
             raise
         whole = xxhash.xxh3_128()
@@ -442,8 +440,7 @@ def join_parts(
             hash_range(fd, c.offset, c.bytes, whole, h)
             if h.hexdigest() != c.xxh3_128:
                 raise ExportFailed(
-                    f"joining the parts of {output} produced wrong bytes in chunk {c.index}; "
-                    "run the same command again to retry the join"
+                    f"joining the parts of {output} produced wrong bytes in chunk {c.index}"
                 )
     finally:
         os.close(fd)

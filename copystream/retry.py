@@ -1,13 +1,16 @@
 """Retry as data: classify an error, then decide — attempt again, after how long, or give up.
 
-Everything here is pure. :func:`classify` looks at an exception; :func:`decide` looks at a
-:class:`RetryPolicy`, a :class:`RetryState` and the current time. The runner owns the clock, the
-sleep and the random source, so tests of the backoff run instantly.
+:func:`classify` looks at an exception; :func:`decide` looks at a :class:`RetryPolicy`, a
+:class:`RetryState` and the current time: both are pure. :class:`Retrier` is the one loop helper
+every retrying loop uses (connecting, planning, chunks): classify → decide → log and wait, with
+the clock and the sleep injected, so tests of the backoff run instantly.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -17,12 +20,15 @@ from .errors import CopystreamError
 
 __all__ = [
     "Decision",
+    "Retrier",
     "RetryPolicy",
     "RetryState",
     "StallTimeout",
     "classify",
     "decide",
 ]
+
+log = logging.getLogger("copystream")
 
 #: SQLSTATEs worth retrying: the server or the network, not the request, was at fault.
 TRANSIENT_SQLSTATES = {
@@ -140,3 +146,67 @@ def decide(
             False, 0.0, new_state, f"retry time budget of {policy.budget:g}s used up ({reason})"
         )
     return Decision(True, delay, new_state, reason)
+
+
+class Retrier:
+    """The state of one retrying loop: classify → decide → log and wait.
+
+    Used the same way by every loop that retries::
+
+        retrier = Retrier(policy, sleep=sleep)
+        while True:
+            try:
+                return attempt()
+            except psycopg.Error as e:
+                d = retrier.failed(e)
+                if not d.retry:
+                    raise give_up(e, d) from e
+                retrier.wait(d, "planning the export of t")
+
+    ``classifier`` says whether an error is transient (default :func:`classify`, honouring the
+    policy's ``retry_statement_timeout``); ``retries`` counts every wait taken.
+    """
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        classifier: Callable[[BaseException], str | None] | None = None,
+    ) -> None:
+        self.policy = policy
+        self.state = RetryState()
+        self.retries = 0
+        self.transient = False  # whether the last failure recorded was transient
+        self._sleep = sleep
+        self._clock = clock
+        self._classify = classifier or (
+            lambda e: classify(e, retry_statement_timeout=policy.retry_statement_timeout)
+        )
+
+    def failed(self, exc: BaseException) -> Decision:
+        """Record a failure and decide about it; :attr:`transient` says how it was classified."""
+        reason = self._classify(exc)
+        d = decide(self.policy, self.state, reason=reason, now=self._clock())
+        self.state = d.state
+        self.transient = reason is not None
+        return d
+
+    def wait(self, d: Decision, doing: str, *, level: int = logging.WARNING) -> None:
+        """Log the retry of ``doing`` and sleep the decided delay."""
+        self.retries += 1
+        log.log(
+            level,
+            "%s failed (%s); retry %d/%d in %.1fs",
+            doing,
+            d.reason,
+            d.state.attempts,
+            self.policy.retries,
+            d.delay,
+        )
+        self._sleep(d.delay)
+
+    def succeeded(self) -> None:
+        """A step succeeded: the per-step count starts again (the budget keeps running)."""
+        self.state = self.state.succeeded(self._clock())

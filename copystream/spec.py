@@ -1,19 +1,199 @@
 """What an export is (:class:`ExportSpec`) and how it runs (:class:`RunOptions`).
 
-Every option of an export is declared once, here: its field, default, check and help text. The
-library's :func:`copystream.export_table`, the ``copystream export`` flags and the keys of a bulk
-plan are all derived from these declarations.
+Every option of an export is declared once, here, as a dataclass field with its default, its
+kind (:class:`Kind`: how a value is checked and read from text) and its help text. The keyword
+arguments of :func:`copystream.export_table`, the flags of ``copystream export`` and the keys of
+a bulk plan are all derived from these declarations (:func:`option_fields`), so adding an option
+means adding a field here (and its documentation), nothing else.
+
+The export's identity is the resolved :class:`ExportSpec` (table, key and its types, columns,
+filter, COPY options): :meth:`ExportSpec.identity` is what checkpoints, range files and manifests
+record, and :func:`identity_mismatch` the one comparison of two identities.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from psycopg import sql
 
 from .errors import UsageError
+from .retry import RetryPolicy
 
-__all__ = ["CopyOptions"]
+__all__ = [
+    "CopyOptions",
+    "ExportSpec",
+    "Kind",
+    "Option",
+    "RunOptions",
+    "build",
+    "identity_mismatch",
+    "option_fields",
+]
+
+
+# -- kinds of option values (pure) ---------------------------------------------------------------
+
+
+class Kind:
+    """How values of one kind of option are checked (Python and TOML values) and read from text.
+
+    ``want`` describes an acceptable value for messages ("an integer >= 0").
+    """
+
+    want = "a value"
+
+    def ok(self, value: object) -> bool:
+        """Whether ``value`` (as Python code or a TOML plan gives it) is acceptable."""
+        raise NotImplementedError
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` (accepted by :meth:`ok`) as the field stores it."""
+        return value
+
+    def parse(self, text: str) -> Any:
+        """A command-line flag's text as a value (raises ``ValueError`` when it is not one)."""
+        return text
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class Count(Kind):
+    """A whole number of at least ``least``."""
+
+    def __init__(self, least: int) -> None:
+        self.least = least
+        self.want = f"an integer >= {least}"
+
+    def ok(self, value: object) -> bool:
+        return _is_int(value) and int(str(value)) >= self.least
+
+    def parse(self, text: str) -> int:
+        return int(text)
+
+
+class Seconds(Kind):
+    """A number of seconds of at least ``least``."""
+
+    def __init__(self, least: float) -> None:
+        self.least = least
+        self.want = f"seconds >= {least:g}"
+
+    def ok(self, value: object) -> bool:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        return number and float(str(value)) >= self.least
+
+    def coerce(self, value: Any) -> float:
+        return float(value)
+
+    def parse(self, text: str) -> float:
+        return float(text)
+
+
+class Flag(Kind):
+    """True or false."""
+
+    want = "true or false"
+
+    def ok(self, value: object) -> bool:
+        return isinstance(value, bool)
+
+
+class Text(Kind):
+    """A string (``empty=False``: a non-empty one)."""
+
+    def __init__(self, *, empty: bool = True, want: str = "a string") -> None:
+        self.empty = empty
+        self.want = want
+
+    def ok(self, value: object) -> bool:
+        return isinstance(value, str) and (self.empty or bool(value))
+
+
+class Choice(Kind):
+    """One of a few words."""
+
+    def __init__(self, *words: str) -> None:
+        self.words = words
+        self.want = " or ".join(f'"{w}"' for w in words)
+
+    def ok(self, value: object) -> bool:
+        return value in self.words
+
+
+def _names(value: object) -> bool:
+    return (
+        isinstance(value, list | tuple)
+        and bool(value)
+        and all(isinstance(x, str) and x for x in value)
+    )
+
+
+def _split(text: str) -> tuple[str, ...]:
+    parts = tuple(p.strip() for p in text.split(","))
+    if not all(parts):
+        raise ValueError(f"empty name in {text!r}")
+    return parts
+
+
+class Names(Kind):
+    """Column names: a list (``single``: or one name); a comma-separated list on the command line."""
+
+    def __init__(self, *, single: bool = False) -> None:
+        self.single = single
+        self.want = (
+            "a column name or an array of them" if single else "a non-empty array of column names"
+        )
+
+    def ok(self, value: object) -> bool:
+        return (self.single and isinstance(value, str) and bool(value)) or _names(value)
+
+    def coerce(self, value: Any) -> tuple[str, ...]:
+        return (value,) if isinstance(value, str) else tuple(value)
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        return _split(text)
+
+
+class ForceQuote(Kind):
+    """``"*"`` or true (every column), or column names."""
+
+    want = '"*", true, or an array of column names'
+
+    def ok(self, value: object) -> bool:
+        return value == "*" or isinstance(value, bool) or _names(value)
+
+    def coerce(self, value: Any) -> tuple[str, ...] | bool:
+        if value == "*" or value is True:
+            return True
+        return tuple(value) if value else ()
+
+    def parse(self, text: str) -> tuple[str, ...] | bool:
+        return True if text == "*" else _split(text)
+
+
+FLAG = Flag()
+TEXT = Text()
+
+
+@dataclass(frozen=True)
+class Option:
+    """The declaration of one export option (a dataclass field's metadata)."""
+
+    kind: Kind
+    help: str
+    plan: bool = True  # may be set in a bulk plan (``restart`` and ``force`` may not)
+
+
+def option(default: Any, kind: Kind, help: str, *, plan: bool = True) -> Any:
+    """A dataclass field that is an export option."""
+    return field(default=default, metadata={"option": Option(kind, help, plan)})
 
 
 @dataclass(frozen=True)
@@ -23,14 +203,16 @@ class CopyOptions:
     The defaults give PostgreSQL's plain CSV (``FORMAT csv``).
     """
 
-    format: str = "csv"
-    header: bool = False
-    delimiter: str | None = None
-    null: str | None = None
-    quote: str | None = None
-    escape: str | None = None
-    force_quote: tuple[str, ...] | bool = ()
-    encoding: str | None = None
+    format: str = option("csv", Choice("csv", "text"), "COPY format.")
+    header: bool = option(False, FLAG, "Write a header line.")
+    delimiter: str | None = option(None, TEXT, "Field delimiter (COPY DELIMITER).")
+    null: str | None = option(None, TEXT, "String written for NULL (COPY NULL).")
+    quote: str | None = option(None, TEXT, "Quote character (COPY QUOTE, csv only).")
+    escape: str | None = option(None, TEXT, "Escape character (COPY ESCAPE, csv only).")
+    force_quote: tuple[str, ...] | bool = option(
+        (), ForceQuote(), "Columns always quoted, comma-separated, or '*' (csv only)."
+    )
+    encoding: str | None = option(None, Text(empty=False), "Output encoding (COPY ENCODING).")
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-safe form, recorded in the checkpoint and manifest."""
@@ -83,3 +265,158 @@ def _format_word(fmt: str) -> str:
     if fmt not in words:
         raise UsageError(f"unknown format {fmt!r}: use 'csv' or 'text'")
     return words[fmt]
+
+
+# -- what is exported, and how -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What is exported: the table, the key that pages it, the columns, the filter, the format.
+
+    As the user asks for it, ``table`` is a name as typed in psql and ``key``/``columns`` may be
+    ``None`` (the primary key, every column). :meth:`resolved` fills them in from the server's
+    answer; the resolved spec is the export's identity (:meth:`identity`).
+    """
+
+    table: str
+    key: tuple[str, ...] | None = option(
+        None, Names(single=True), "Column(s) to page by, comma-separated (default: primary key)."
+    )
+    columns: tuple[str, ...] | None = option(
+        None, Names(), "Columns to export, comma-separated, in this order."
+    )
+    where: str | None = option(
+        None, Text(want="a string (an SQL filter)"), "SQL filter applied inside every chunk."
+    )
+    options: CopyOptions = field(default_factory=CopyOptions)
+    key_types: tuple[str, ...] | None = None  # known once resolved
+
+    def resolved(
+        self, table: str, key: Sequence[str], key_types: Sequence[str], columns: Sequence[str]
+    ) -> ExportSpec:
+        """This spec as the server resolved it (qualified name, chosen key and its types)."""
+        return replace(
+            self, table=table, key=tuple(key), key_types=tuple(key_types), columns=tuple(columns)
+        )
+
+    def identity(self) -> dict[str, Any]:
+        """The JSON form recorded as ``export`` in checkpoints and range files."""
+        return {
+            "table": self.table,
+            "key": list(self.key or ()),
+            "key_types": list(self.key_types or ()),
+            "columns": list(self.columns or ()),
+            "where": self.where,
+            "options": self.options.to_dict(),
+        }
+
+
+#: The fields two identities must agree on, in the order a mismatch is reported.
+IDENTITY_FIELDS = ("table", "key", "key_types", "columns", "where", "options", "range")
+
+
+def identity_mismatch(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:
+    """The first field on which ``recorded`` differs from ``expected`` (``None``: the same)."""
+    for name in IDENTITY_FIELDS:
+        if recorded.get(name) != expected.get(name):
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How an export runs: chunk sizing, parallelism, consistency, retries, timeouts, restart.
+
+    None of these changes the bytes of the output.
+    """
+
+    chunk_rows: int | None = option(
+        None, Count(0), "Rows per chunk (default: adaptive); 0 = the whole table in one COPY."
+    )
+    workers: int = option(
+        1, Count(1), "Worker processes, each exporting one key range; parts are joined in order."
+    )
+    consistent: bool = option(
+        False, FLAG, "Read every chunk from one exported snapshot (point-in-time export)."
+    )
+    retries: int = option(RetryPolicy.retries, Count(0), "Retries of a failing chunk.")
+    retry_budget: float = option(
+        RetryPolicy.budget, Seconds(0), "Total seconds the export may spend retrying."
+    )
+    io_timeout: float = option(
+        300.0, Seconds(0.1), "Seconds without data from the server before a chunk is retried."
+    )
+    statement_timeout: float | None = option(
+        None,
+        Seconds(0.001),
+        "Server statement_timeout per statement, in seconds (retried when hit).",
+    )
+    restart: bool = option(
+        False, FLAG, "Discard any checkpoint and output; start from zero.", plan=False
+    )
+    force: bool = option(
+        False, FLAG, "Overwrite an existing output that has no checkpoint.", plan=False
+    )
+    retry_policy: RetryPolicy | None = None  # a full policy (delays too), replacing the above
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The retry policy in force. The cancellations of a ``statement_timeout`` asked for
+        here are retried, whatever the policy's own default."""
+        policy = self.retry_policy or RetryPolicy(retries=self.retries, budget=self.retry_budget)
+        if self.statement_timeout is not None and not policy.retry_statement_timeout:
+            policy = replace(policy, retry_statement_timeout=True)
+        return policy
+
+
+# -- the declarations, and building from them ----------------------------------------------------
+
+
+def option_fields() -> Iterator[tuple[str, Option, Any]]:
+    """Every export option: ``(name, declaration, default)``, in the order of the help."""
+    for owner in (ExportSpec, CopyOptions, RunOptions):
+        for f in dataclasses.fields(owner):
+            opt = f.metadata.get("option")
+            if opt is not None:
+                yield f.name, opt, f.default
+
+
+def _owners() -> dict[str, type[Any]]:
+    return {
+        f.name: owner
+        for owner in (ExportSpec, CopyOptions, RunOptions)
+        for f in dataclasses.fields(owner)
+        if "option" in f.metadata
+    }
+
+
+def build(table: str, **kwargs: Any) -> tuple[ExportSpec, RunOptions]:
+    """The spec and run options of :func:`copystream.export_table`'s keyword arguments.
+
+    Every option of :func:`option_fields` is accepted by name (``None`` leaves the default);
+    besides them, ``options`` (a whole :class:`CopyOptions`, which the COPY options given
+    by name then amend) and ``retry_policy``. Raises :class:`UsageError` for an unknown name or
+    a value of the wrong kind.
+    """
+    owners = _owners()
+    declared = {name: opt for name, opt, _ in option_fields()}
+    values: dict[type[Any], dict[str, Any]] = {ExportSpec: {}, CopyOptions: {}, RunOptions: {}}
+    base = kwargs.pop("options", None) or CopyOptions()
+    if "retry_policy" in kwargs:
+        values[RunOptions]["retry_policy"] = kwargs.pop("retry_policy")
+    for name, value in kwargs.items():
+        if name not in owners:
+            close = difflib.get_close_matches(name, [*owners, "options", "retry_policy"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise UsageError(f"unknown export option {name!r}{hint}")
+        if value is None:
+            continue
+        kind = declared[name].kind
+        if not kind.ok(value):
+            raise UsageError(f"{name}: expected {kind.want}, got {value!r}")
+        values[owners[name]][name] = kind.coerce(value)
+    if values[CopyOptions].get("header") is False and base.header:
+        del values[CopyOptions]["header"]  # header=False does not undo options' header
+    spec = ExportSpec(table, options=replace(base, **values[CopyOptions]), **values[ExportSpec])
+    return spec, RunOptions(**values[RunOptions])
