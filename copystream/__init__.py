@@ -23,7 +23,6 @@ from .bulk import (
     load_plan,
     run_bulk,
 )
-from .checkpoint import Checkpoint, ChunkRecord
 from .errors import (
     AuthenticationFailed,
     CheckpointMismatch,
@@ -36,16 +35,17 @@ from .errors import (
     OutputExists,
     OutputProblem,
     PrefixMismatch,
+    Remedy,
     RetriesExhausted,
     TableNotFound,
     UsageError,
     VerificationFailed,
 )
-from .export import ExportResult, ExportStatus, export_status, export_table
+from .export import ExportResult, ExportStatus, export_status, export_table, run_export
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
 from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
-from .spec import CopyOptions
+from .spec import CopyOptions, ExportSpec, RunOptions
 
 __version__ = "0.1.0"
 
@@ -57,15 +57,14 @@ __all__ = [
     "BulkPlan",
     "BulkProgress",
     "BulkResult",
-    "Checkpoint",
     "CheckpointMismatch",
-    "ChunkRecord",
     "ConnectionFailed",
     "CopyOptions",
     "CopystreamError",
     "DiskFull",
     "ExportFailed",
     "ExportResult",
+    "ExportSpec",
     "ExportStatus",
     "InvalidFilter",
     "KeyProblem",
@@ -77,8 +76,10 @@ __all__ = [
     "PlanError",
     "PrefixMismatch",
     "Progress",
+    "Remedy",
     "RetriesExhausted",
     "RetryPolicy",
+    "RunOptions",
     "TableNotFound",
     "TableOutcome",
     "UsageError",
@@ -90,5 +91,6 @@ __all__ = [
     "load_manifest",
     "load_plan",
     "run_bulk",
+    "run_export",
     "verify_file",
 ]

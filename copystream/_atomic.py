@@ -1,16 +1,48 @@
-"""Durable, atomic replacement of small files (checkpoints, manifests, reports)."""
+"""Durable, atomic replacement of small files (checkpoints, manifests, reports), and the lock
+files that keep two processes from writing the same files at once."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskFull
+from .errors import DiskFull, UsageError
 
-__all__ = ["atomic_write", "fsync_dir", "remove_stale_temporaries"]
+__all__ = [
+    "NO_SPACE",
+    "atomic_write",
+    "fsync_dir",
+    "locked",
+    "raise_if_full",
+    "remove_stale_temporaries",
+]
+
+
+@contextlib.contextmanager
+def locked(path: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created 0600, never through a symlink).
+
+    Raises :class:`UsageError` with ``busy`` when another process holds it. The lock file is
+    removed on the way out, whatever happened, so none is left behind.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise UsageError(busy) from e
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -35,7 +67,7 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
     try:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
-        _raise_if_full(path, e)
+        raise_if_full(e, f"cannot write {path}")
         raise
     try:
         with os.fdopen(fd, "wb") as f:
@@ -48,18 +80,21 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         if isinstance(e, OSError):
-            _raise_if_full(path, e)
+            raise_if_full(e, f"cannot write {path}")
         raise
     fsync_dir(directory)
 
 
-def _raise_if_full(path: Path, e: OSError) -> None:
-    """Raise :class:`DiskFull` from ``e`` when it says the disk (or quota) is full."""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        raise DiskFull(
-            f"cannot write {path}: {os.strerror(e.errno)}; free some space and run the same "
-            "command again to resume"
-        ) from e
+#: What the kernel says when there is no room: the disk is full, the quota used up, the file
+#: larger than the filesystem allows.
+NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def raise_if_full(e: OSError, doing: str) -> None:
+    """Raise :class:`DiskFull` ("``doing``: reason") from ``e`` when it says there is no room;
+    else return (the caller re-raises ``e``). The one place the errno mapping lives."""
+    if e.errno in NO_SPACE:
+        raise DiskFull(f"{doing}: {os.strerror(e.errno)}") from e
 
 
 #: The characters of the random part of a ``mkstemp`` name (8 of them).

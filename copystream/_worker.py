@@ -1,4 +1,4 @@
-"""Entry point of a parallel-export worker process (see :mod:`copystream.pool`)."""
+"""The one entry point of worker processes, for key ranges and bulk tables (see pool.py)."""
 
 import sys
 

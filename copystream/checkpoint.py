@@ -14,11 +14,16 @@ JSON form (version 1)::
      "export": {"table": ..., "key": [...], "key_types": [...], "columns": [...], "where": ...,
                 "options": {...}},
      "settings": {"TimeZone": ..., ...}, "started_at": "<ISO 8601>", "chunk_rows": N,
-     "estimated_rows": N|null, "offset": N, "rows": N, "last_key": [text, ...]|null,
+     "estimated_rows": N|null, "destination": {"kind": "file", ...},
+     "offset": N, "rows": N, "last_key": [text, ...]|null,
      "xxh3_128": "<digest of bytes [0, offset)>", "finished": false,
      "chunks": [{"index": i, "offset": N, "bytes": N, "rows": N, "xxh3_128": hex,
                  "last_key": [text, ...]|null}, ...],
      "checkpoint_xxh3_128": "<digest of this object without this field>"}
+
+``destination`` is the state of what the bytes are written to (its ``kind``, and whatever else
+that kind needs to resume: :meth:`copystream.destinations.Destination.state`). A checkpoint
+without it (written by copystream 0.1.0) is a local file's, ``{"kind": "file"}``.
 
 Key values are stored as PostgreSQL's own text form of each key column, so they round-trip
 exactly (no float rounding, no time-zone shift, no normalisation).
@@ -37,6 +42,7 @@ import xxhash
 
 from ._atomic import atomic_write, fsync_dir
 from .errors import CheckpointMismatch
+from .spec import require_same
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -51,6 +57,9 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+
+#: The destination of a checkpoint that records none (copystream 0.1.0's): a local file.
+_FILE_DESTINATION: dict[str, Any] = {"kind": "file"}
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,8 @@ class Checkpoint:
     xxh3_128: str = xxhash.xxh3_128().hexdigest()
     finished: bool = False
     chunks: tuple[ChunkRecord, ...] = field(default=())
+    #: The destination's own state (``Destination.state()``), at least its ``kind``.
+    destination: dict[str, Any] = field(default_factory=lambda: dict(_FILE_DESTINATION))
 
     def advance(
         self,
@@ -114,10 +125,12 @@ class Checkpoint:
         prefix_digest: str,
         last_key: tuple[str, ...] | None,
         finished: bool,
+        destination: dict[str, Any] | None = None,
     ) -> Checkpoint:
         """The checkpoint after one more committed chunk. Pure.
 
         An empty chunk (no bytes) adds no record: it only marks the export finished.
+        ``destination`` is the destination's state after the chunk (``None``: unchanged).
         """
         chunks = self.chunks
         if nbytes or rows:
@@ -133,17 +146,12 @@ class Checkpoint:
             xxh3_128=prefix_digest,
             finished=finished,
             chunks=chunks,
+            destination=self.destination if destination is None else dict(destination),
         )
 
     def check_same_export(self, export: dict[str, Any], output: Path) -> None:
         """Raise :class:`CheckpointMismatch` unless ``export`` is what this checkpoint is for."""
-        for field_name in ("table", "key", "key_types", "columns", "where", "options", "range"):
-            mine, theirs = self.export.get(field_name), export.get(field_name)
-            if mine != theirs:
-                raise CheckpointMismatch(
-                    f"{checkpoint_path(output)} was made for another export ({field_name} was "
-                    f"{_show(mine)}, now {_show(theirs)})"
-                )
+        require_same(self.export, export, checkpoint_path(output))
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form including the self-digest."""
@@ -155,6 +163,7 @@ class Checkpoint:
             "started_at": self.started_at,
             "chunk_rows": self.chunk_rows,
             "estimated_rows": self.estimated_rows,
+            "destination": self.destination,
             "offset": self.offset,
             "rows": self.rows,
             "last_key": list(self.last_key) if self.last_key is not None else None,
@@ -184,6 +193,9 @@ class Checkpoint:
             started_at=str(d["started_at"]),
             chunk_rows=int(d["chunk_rows"]),
             estimated_rows=d["estimated_rows"],
+            # absent from copystream 0.1.0's checkpoints; the self-digest covers the body as
+            # written, so reading it with a default is all an old checkpoint needs
+            destination=dict(d.get("destination", _FILE_DESTINATION)),
             offset=int(d["offset"]),
             rows=int(d["rows"]),
             last_key=tuple(str(v) for v in lk) if lk is not None else None,
@@ -191,10 +203,6 @@ class Checkpoint:
             finished=bool(d["finished"]),
             chunks=tuple(ChunkRecord.from_json(c) for c in d["chunks"]),
         )
-
-
-def _show(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False)
 
 
 def _canonical(obj: Any) -> bytes:
@@ -217,10 +225,12 @@ def new_checkpoint(
     chunk_rows: int,
     estimated_rows: int | None,
     last_key: tuple[str, ...] | None = None,
+    destination: dict[str, Any] | None = None,
 ) -> Checkpoint:
     """The checkpoint of an export that has not written a byte yet. Pure.
 
-    ``last_key`` is the (exclusive) lower bound of a parallel worker's key range.
+    ``last_key`` is the (exclusive) lower bound of a parallel worker's key range;
+    ``destination`` the state of the destination about to be created (default: a local file).
     """
     return Checkpoint(
         export=export,
@@ -229,6 +239,7 @@ def new_checkpoint(
         chunk_rows=chunk_rows,
         estimated_rows=estimated_rows,
         last_key=last_key,
+        destination=dict(destination if destination is not None else _FILE_DESTINATION),
     )
 
 

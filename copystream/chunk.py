@@ -1,4 +1,4 @@
-"""One chunk: one READ ONLY, REPEATABLE READ transaction and one COPY, streamed to the sink.
+"""One chunk: one READ ONLY, REPEATABLE READ transaction and one COPY, streamed to the destination.
 
 The chunk's last key always comes from the same snapshot as its rows, never from parsing CSV:
 
@@ -31,12 +31,13 @@ import psycopg
 from psycopg import pq, sql
 from psycopg.errors import error_from_result
 
-from .plan import ResolvedTable, bound_query, copy_query, last_key_query
+from .destinations import Destination
+from .queries import bound_query, copy_query, last_key_query
 from .retry import StallTimeout
-from .sink import Sink
 from .spec import CopyOptions
+from .table import ResolvedTable
 
-__all__ = ["WRITE_BUFFER", "ChunkOutcome", "ChunkRunner"]
+__all__ = ["WRITE_BUFFER", "Chunk", "ChunkOutcome", "ChunkRunner"]
 
 #: Rows are gathered until this many bytes, then written and hashed in one call each. Per-row
 #: writes cost ~1.5x the time; beyond ~1 MiB nothing more is gained and memory grows.
@@ -78,6 +79,25 @@ class ChunkOutcome:
     rows: int
     last_key: tuple[str, ...] | None  # None only when the chunk found no rows
     final: bool  # fewer rows than asked for remained: the export is complete
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """The chunk to run: the next ``rows`` rows of ``table`` after key ``after``.
+
+    ``rows == 0`` exports everything after ``after`` in one chunk (single-COPY mode). ``until``
+    closes the range (inclusive) for a parallel worker; ``final`` then means the range is
+    exhausted. ``header``: this chunk starts the file and carries the header line.
+    ``snapshot``: an exported snapshot id to read from (point-in-time export).
+    """
+
+    table: ResolvedTable
+    options: CopyOptions
+    after: Sequence[str] | None
+    rows: int
+    header: bool = False
+    until: Sequence[str] | None = None
+    snapshot: str | None = None
 
 
 class ChunkMismatch(psycopg.OperationalError):
@@ -193,13 +213,13 @@ class _Session:
     def copy(
         self,
         query: sql.Composable,
-        sink: Sink,
+        dest: Destination,
         on_data: Callable[[int, int], None] | None,
         *,
         header: bool = False,
         sibling: _Sibling | None = None,
     ) -> int:
-        """Stream a ``COPY … TO STDOUT`` into ``sink``; return the rows COPY reported.
+        """Stream a ``COPY … TO STDOUT`` into ``dest``; return the rows COPY reported.
 
         ``on_data(rows, bytes)`` gets rows so far, not counting a ``header`` line. While the
         COPY waits for data, a ``sibling``'s queries are moved on as their answers arrive.
@@ -227,7 +247,7 @@ class _Session:
                 size += nbytes
                 messages += 1
                 if size >= WRITE_BUFFER:
-                    sink.write(buf)
+                    dest.write(buf)
                     written += size
                     buf = bytearray()
                     size = 0
@@ -241,7 +261,7 @@ class _Session:
             else:  # -2 raises inside psycopg; anything else is a protocol surprise
                 raise psycopg.OperationalError(f"unexpected COPY state {nbytes}")
         if buf:
-            sink.write(buf)
+            dest.write(buf)
             written += size
         res = self.result()
         if res is None:
@@ -358,116 +378,71 @@ class ChunkRunner:
 
     def run(
         self,
-        plan: ResolvedTable,
-        options: CopyOptions,
-        *,
-        after: Sequence[str] | None,
-        rows: int,
-        header: bool,
-        sink: Sink,
-        until: Sequence[str] | None = None,
-        snapshot: str | None = None,
+        chunk: Chunk,
+        dest: Destination,
         on_data: Callable[[int, int], None] | None = None,
     ) -> ChunkOutcome:
-        """Export the next ``rows`` rows after key ``after`` into ``sink``, committed.
+        """Export ``chunk`` into ``dest``, committed.
 
-        ``rows == 0`` exports everything after ``after`` in this one chunk (single-COPY mode).
-
-        ``until`` closes the range (inclusive) for a parallel worker; ``final`` then means the
-        range is exhausted. ``snapshot`` is an exported snapshot id to read from (point-in-time
-        export). ``on_data(rows, bytes)`` is called after each buffer write with the chunk's
-        totals so far.
+        ``on_data(rows, bytes)`` is called after each buffer write with the chunk's totals so far.
         """
-        if self.side is not None and plan.key_unique and rows > 0:
-            outcome = self._run_overlapped(
-                plan, options, after, rows, header, sink, until, snapshot, on_data
-            )
+        if self.side is not None and chunk.table.key_unique and chunk.rows > 0:
+            outcome = self._run_overlapped(chunk, dest, on_data)
         else:
-            outcome = self._run_serial(
-                plan, options, after, rows, header, sink, until, snapshot, on_data
-            )
+            outcome = self._run_serial(chunk, dest, on_data)
         self.chunks_served += 1
         return outcome
 
-    def _find_last(
-        self,
-        s: _Session,
-        plan: ResolvedTable,
-        after: Sequence[str] | None,
-        rows: int,
-        until: Sequence[str] | None,
-    ) -> tuple[tuple[str, ...] | None, bool]:
+    def _find_last(self, s: _Session, c: Chunk) -> tuple[tuple[str, ...] | None, bool]:
         """``(last key, final)`` in ``s``'s open transaction."""
-        s.send(bound_query(plan, after, rows, until))
+        s.send(bound_query(c.table, c.after, c.rows, c.until))
         found = s.collect()
         if found:
             return found[0], False
-        found = s.execute(last_key_query(plan, after, until))
+        found = s.execute(last_key_query(c.table, c.after, c.until))
         return (found[0] if found else None), True
 
     def _run_serial(
-        self,
-        plan: ResolvedTable,
-        options: CopyOptions,
-        after: Sequence[str] | None,
-        rows: int,
-        header: bool,
-        sink: Sink,
-        until: Sequence[str] | None,
-        snapshot: str | None,
-        on_data: Callable[[int, int], None] | None,
+        self, c: Chunk, dest: Destination, on_data: Callable[[int, int], None] | None
     ) -> ChunkOutcome:
         m = self.main
-        m.begin(snapshot)
-        local = key_text_settings(plan.key_types)
+        m.begin(c.snapshot)
+        local = key_text_settings(c.table.key_types)
         if local:  # key text must round-trip exactly whatever settings are pinned
             saved = m.set_local({n: None for n in local})
             m.set_local(local)
-        if rows > 0:
-            last_key, final = self._find_last(m, plan, after, rows, until)
+        if c.rows > 0:
+            last_key, final = self._find_last(m, c)
         else:  # the whole (rest of the) range in this one COPY
-            found = m.execute(last_key_query(plan, after, until))
+            found = m.execute(last_key_query(c.table, c.after, c.until))
             last_key, final = (found[0] if found else None), True
         if local:  # the COPY itself runs under the pinned settings
             m.set_local(saved)
-        copied = m.copy(
-            copy_query(
-                plan,
-                options,
-                after=after,
-                upto=until if final else last_key,
-                limit=None if final else rows,
-                header=header,
-            ),
-            sink,
-            on_data,
-            header=header,
+        query = copy_query(
+            c.table,
+            c.options,
+            after=c.after,
+            upto=c.until if final else last_key,
+            limit=None if final else c.rows,
+            header=c.header,
         )
+        copied = m.copy(query, dest, on_data, header=c.header)
         m.execute(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
 
     def _run_overlapped(
-        self,
-        plan: ResolvedTable,
-        options: CopyOptions,
-        after: Sequence[str] | None,
-        rows: int,
-        header: bool,
-        sink: Sink,
-        until: Sequence[str] | None,
-        snapshot: str | None,
-        on_data: Callable[[int, int], None] | None,
+        self, c: Chunk, dest: Destination, on_data: Callable[[int, int], None] | None
     ) -> ChunkOutcome:
         m, s = self.main, self.side
         assert s is not None
-        m.begin(snapshot)
-        own = snapshot is None
+        m.begin(c.snapshot)
+        snapshot = c.snapshot
         if snapshot is None:
             snapshot = m.execute(sql.SQL("SELECT pg_export_snapshot()"))[0][0]
         try:
             s.begin(snapshot)  # the sibling now sees exactly what the COPY will see
         except SnapshotGone as e:
-            if not own:
+            if c.snapshot is not None:
                 raise
             # The main transaction that exported the snapshot is gone (its backend was
             # terminated, just before or while the sibling imported it): a lost connection,
@@ -475,25 +450,22 @@ class ChunkRunner:
             raise psycopg.OperationalError(
                 f"the chunk's connection was lost while its snapshot was being shared ({e})"
             ) from e
-        local = key_text_settings(plan.key_types)
+        local = key_text_settings(c.table.key_types)
         if local:
             s.set_local(local)
-        sibling = _Sibling(s, plan, after, rows, until)  # runs while the COPY streams
-        copied = m.copy(
-            copy_query(plan, options, after=after, upto=until, limit=rows, header=header),
-            sink,
-            on_data,
-            header=header,
-            sibling=sibling,
+        sibling = _Sibling(s, c.table, c.after, c.rows, c.until)  # runs while the COPY streams
+        query = copy_query(
+            c.table, c.options, after=c.after, upto=c.until, limit=c.rows, header=c.header
         )
+        copied = m.copy(query, dest, on_data, header=c.header, sibling=sibling)
         # End the COPY's transaction before waiting for the sibling: the sibling may be queued
         # behind an exclusive lock that waits for this transaction. Its imported snapshot
         # outlives the transaction that exported it.
         m.execute(sql.SQL("COMMIT"))
         last_key, final = sibling.finish()
-        if (copied == rows) == final:
+        if (copied == c.rows) == final:
             raise ChunkMismatch(
                 f"COPY returned {copied} rows but the bound query says the chunk "
-                f"{'ends the range' if final else 'is full'} (asked for {rows})"
+                f"{'ends the range' if final else 'is full'} (asked for {c.rows})"
             )
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)

@@ -22,21 +22,12 @@ from .connection import Target, redact
 from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
 from .manifest import verify_file
-from .progress import BarReporter, LogReporter, Progress, format_summary
-from .spec import CopyOptions
+from .progress import BarReporter, LogReporter, Progress
+from .spec import Choice, Count, Flag, Kind, Seconds, Text, option_fields
 
 __all__ = ["main"]
 
 log = logging.getLogger("copystream")
-
-
-def _split(value: str | None, option: str) -> list[str] | None:
-    if value is None:
-        return None
-    parts = [p.strip() for p in value.split(",")]
-    if not all(parts):
-        raise click.BadParameter(f"empty name in {value!r}", param_hint=f"'{option}'")
-    return parts
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -53,6 +44,48 @@ def cli() -> None:
     """Export PostgreSQL tables to files through COPY: resumable, verifiable, constant memory."""
 
 
+def _flag_type(kind: Kind) -> click.ParamType | None:  # type: ignore[type-arg]
+    if isinstance(kind, Count):
+        return click.IntRange(min=kind.least)
+    if isinstance(kind, Seconds):
+        return click.FloatRange(min=kind.least)
+    if isinstance(kind, Choice):
+        return click.Choice(list(kind.words))
+    return None
+
+
+def _parsed(kind: Kind) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def parse(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None or not isinstance(value, str) or isinstance(kind, Text | Choice):
+            return value
+        try:
+            return kind.parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+
+    return parse
+
+
+def export_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Add a flag for every export option declared in :mod:`copystream.spec`."""
+    for name, opt, default in reversed(list(option_fields())):
+        flag = "--" + name.replace("_", "-")
+        if isinstance(opt.kind, Flag):
+            command = click.option(flag, name, is_flag=True, default=None, help=opt.help)(command)
+            continue
+        shown = default not in (None, (), "")
+        command = click.option(
+            flag,
+            name,
+            type=_flag_type(opt.kind),
+            default=default if shown else None,
+            show_default=shown,
+            callback=_parsed(opt.kind),
+            help=opt.help,
+        )(command)
+    return command
+
+
 @cli.command()
 @click.argument("table")
 @click.argument("output", type=click.Path(dir_okay=True, path_type=Path))
@@ -62,152 +95,31 @@ def cli() -> None:
     help="libpq connection string or URI "
     "(default: the libpq environment, PG* variables, service file, .pgpass).",
 )
-@click.option("--key", help="Column(s) to page by, comma-separated (default: primary key).")
-@click.option("--columns", help="Columns to export, comma-separated, in this order.")
-@click.option("--where", "where", help="SQL filter applied inside every chunk.")
-@click.option(
-    "--chunk-rows",
-    type=click.IntRange(min=0),
-    help="Rows per chunk (default: adaptive); 0 = the whole table in one COPY.",
-)
-@click.option("--header", is_flag=True, help="Write a header line.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["csv", "text"]),
-    default="csv",
-    show_default=True,
-    help="COPY format.",
-)
-@click.option("--delimiter", help="Field delimiter (COPY DELIMITER).")
-@click.option("--null", "null", help="String written for NULL (COPY NULL).")
-@click.option("--quote", help="Quote character (COPY QUOTE, csv only).")
-@click.option("--escape", help="Escape character (COPY ESCAPE, csv only).")
-@click.option("--force-quote", help="Columns always quoted, comma-separated, or '*' (csv only).")
-@click.option("--encoding", help="Output encoding (COPY ENCODING).")
-@click.option("--restart", is_flag=True, help="Discard any checkpoint and output; start from zero.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output that has no checkpoint.")
+@export_options
 @click.option("--no-progress", is_flag=True, help="No progress bar or progress log lines.")
 @click.option(
     "--report",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the summary as JSON to this file.",
 )
-@click.option(
-    "--retries",
-    type=click.IntRange(min=0),
-    default=5,
-    show_default=True,
-    help="Retries of a failing chunk.",
-)
-@click.option(
-    "--retry-budget",
-    type=click.FloatRange(min=0),
-    default=900.0,
-    show_default=True,
-    help="Total seconds the export may spend retrying.",
-)
-@click.option(
-    "--io-timeout",
-    type=click.FloatRange(min=0.1),
-    default=300.0,
-    show_default=True,
-    help="Seconds without data from the server before a chunk is retried.",
-)
-@click.option(
-    "--statement-timeout",
-    type=click.FloatRange(min=0.001),
-    help="Server statement_timeout per statement, in seconds (retried when hit).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Worker processes, each exporting one key range; parts are joined in order.",
-)
-@click.option(
-    "--consistent",
-    is_flag=True,
-    help="Read every chunk from one exported snapshot (point-in-time export).",
-)
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 def export(
     table: str,
     output: Path,
     dsn: str | None,
-    key: str | None,
-    columns: str | None,
-    where: str | None,
-    chunk_rows: int | None,
-    header: bool,
-    fmt: str,
-    delimiter: str | None,
-    null: str | None,
-    quote: str | None,
-    escape: str | None,
-    force_quote: str | None,
-    encoding: str | None,
-    restart: bool,
-    force: bool,
     no_progress: bool,
     report: Path | None,
-    retries: int,
-    retry_budget: float,
-    io_timeout: float,
-    statement_timeout: float | None,
-    workers: int,
-    consistent: bool,
     verbose: bool,
+    **options: Any,
 ) -> None:
     """Export TABLE to the file OUTPUT; run it again after an interruption to resume."""
     _setup_logging(verbose)
     secrets = Target(dsn or "").secrets
-    options = CopyOptions(
-        format=fmt,
-        header=header,
-        delimiter=delimiter,
-        null=null,
-        quote=quote,
-        escape=escape,
-        force_quote=True
-        if force_quote == "*"
-        else tuple(_split(force_quote, "--force-quote") or ()),
-        encoding=encoding,
-    )
     if report is not None and not report.parent.is_dir():
         raise UsageError(f"report directory {report.parent} does not exist")
     with _progress(no_progress) as reporter:
-        result = export_table(
-            dsn,
-            table,
-            output,
-            key=_split(key, "--key"),
-            columns=_split(columns, "--columns"),
-            where=where,
-            chunk_rows=chunk_rows,
-            options=options,
-            restart=restart,
-            force=force,
-            progress=reporter,
-            retries=retries,
-            retry_budget=retry_budget,
-            io_timeout=io_timeout,
-            statement_timeout=statement_timeout,
-            workers=workers,
-            consistent=consistent,
-        )
-    summary = format_summary(
-        table=result.table,
-        rows=result.rows,
-        nbytes=result.bytes,
-        seconds=result.seconds,
-        peak_rss=result.peak_rss,
-        resumed=result.resumed,
-    )
-    if result.already_complete:
-        summary += " — already complete, nothing done"
-    click.echo(redact(summary, *secrets))
+        result = export_table(dsn, table, output, progress=reporter, **options)
+    click.echo(redact(result.summary(), *secrets))
     if report is not None:
         atomic_write(report, json.dumps(result.to_json(), indent=1).encode() + b"\n")
 
@@ -339,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as e:
         _fail(redact(e.format_message(), *secrets), 2)
     except CopystreamError as e:
-        _fail(redact(str(e), *secrets), e.exit_code)
+        _fail(redact(e.worded("cli"), *secrets), e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", 1)
     except Exception as e:  # a bug, not the user's mistake: one line, and how to see more

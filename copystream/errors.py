@@ -22,6 +22,8 @@ Two families:
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 __all__ = [
@@ -34,6 +36,7 @@ __all__ = [
     "ExportFailed",
     "InvalidFilter",
     "KeyProblem",
+    "Opt",
     "OutputExists",
     "OutputProblem",
     "PrefixMismatch",
@@ -96,6 +99,20 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
     },
 }
 
+@dataclass(frozen=True)
+class Opt:
+    """An export option named inside a problem: ``--where`` on the command line, ``where`` in
+    a bulk plan and in Python. A problem is text and :class:`Opt` parts, never text to rewrite."""
+
+    name: str
+
+    def words(self, audience: Audience) -> str:
+        """The option as ``audience`` names it."""
+        return "--" + self.name.replace("_", "-") if audience == "cli" else self.name
+
+
+Problem = str | Sequence[str | Opt]
+
 _CLASS_DEFAULT: Any = object()
 
 
@@ -110,32 +127,41 @@ class CopystreamError(Exception):
     #: The remedy when the raiser names none (each class its own).
     remedy: Remedy | None = None
 
-    def __init__(self, problem: str, *, remedy: Remedy | None = _CLASS_DEFAULT) -> None:
-        super().__init__(problem)
-        self.problem = problem
+    def __init__(self, problem: Problem, *, remedy: Remedy | None = _CLASS_DEFAULT) -> None:
+        parts = (problem,) if isinstance(problem, str) else tuple(problem)
+        self.parts: tuple[str | Opt, ...] = parts
+        super().__init__(self.problem)
         if remedy is not _CLASS_DEFAULT:
             self.remedy = remedy
+
+    @property
+    def problem(self) -> str:
+        """What went wrong, as Python code would name its options."""
+        return self._problem("python")
+
+    def _problem(self, audience: Audience) -> str:
+        return "".join(p if isinstance(p, str) else p.words(audience) for p in self.parts)
 
     def worded(self, audience: Audience = "python") -> str:
         """The problem and its remedy as one line for ``audience``."""
         if self.remedy is None:
-            return self.problem
-        return f"{self.problem}; {self.remedy.words(audience)}"
+            return self._problem(audience)
+        return f"{self._problem(audience)}; {self.remedy.words(audience)}"
 
     def __str__(self) -> str:
         return self.worded("python")
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuilt with its class, problem, remedy and any attributes a subclass added.
-        return (_rebuild, (type(self), self.problem, self.remedy), dict(self.__dict__))
+        return (_rebuild, (type(self), self.parts, self.remedy), dict(self.__dict__))
 
 
 def _rebuild(
-    cls: type[CopystreamError], problem: str, remedy: Remedy | None
+    cls: type[CopystreamError], parts: tuple[str | Opt, ...], remedy: Remedy | None
 ) -> CopystreamError:
     error = cls.__new__(cls)
-    Exception.__init__(error, problem)
-    error.problem = problem
+    error.parts = parts
+    Exception.__init__(error, error.problem)
     error.remedy = remedy
     return error
 

@@ -27,8 +27,8 @@ import xxhash
 
 from ._atomic import atomic_write, remove_stale_temporaries
 from .checkpoint import ChunkRecord
+from .destinations.local import hash_range
 from .errors import UsageError, VerificationFailed
-from .sink import hash_range
 
 __all__ = [
     "MANIFEST_VERSION",

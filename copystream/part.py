@@ -1,11 +1,13 @@
-"""Run one part of an export: chunks in a loop, with retries, into one file and checkpoint.
+"""Run one part of an export: chunks in a loop, with retries, into one destination and checkpoint.
 
-A *part* is a contiguous key range written to one file with its own checkpoint. A single-worker
-export is one part (the whole key space, written to OUTPUT itself); ``--workers N`` runs N parts
-in worker processes (:mod:`copystream.ranges`). :func:`run_part` is the loop that both use:
-open or resume the part's checkpoint and file, run :class:`~copystream.chunk.ChunkRunner` chunk
-after chunk, make each chunk durable, then checkpoint it; on a failure roll the file back,
-classify the error, and retry on a fresh connection as :func:`copystream.retry.decide` says.
+A *part* is a contiguous key range written to one destination with its own checkpoint. A
+single-worker export is one part (the whole key space, written to OUTPUT itself); ``workers``
+runs one part per key range in worker processes (:mod:`copystream.ranges`). :func:`run_part` is
+the loop that both use: open or resume the part's checkpoint and destination
+(:mod:`copystream.destinations`), run :class:`~copystream.chunk.ChunkRunner` chunk after chunk,
+make each chunk durable, then checkpoint it; on a failure roll the chunk back and retry on a
+fresh connection as the :class:`~copystream.retry.Retrier` decides, or give up with the error
+:func:`~copystream.failures.translate` words.
 """
 
 from __future__ import annotations
@@ -30,45 +32,46 @@ from .checkpoint import (
     new_checkpoint,
     save_checkpoint,
 )
-from .chunk import ChunkRunner, SnapshotGone
-from .connection import Target, connect, connect_error, redact
+from .chunk import Chunk, ChunkOutcome, ChunkRunner, SnapshotGone
+from .connection import Target, connect
+from .destinations import Destination, fresh_state, open_at_checkpoint
 from .errors import (
     CopystreamError,
     DiskFull,
     ExportFailed,
-    InvalidFilter,
     OutputExists,
-    PrefixMismatch,
-    RetriesExhausted,
-    TableNotFound,
+    Remedy,
     UsageError,
 )
-from .plan import ResolvedTable, next_chunk_rows
+from .failures import Phase, translate
 from .progress import Progress
-from .retry import RetryPolicy, RetryState, classify, decide
-from .sink import Sink
-from .spec import CopyOptions
+from .retry import Retrier
+from .sizing import next_chunk_rows
+from .spec import ExportSpec, RunOptions
+from .table import ResolvedTable
 
 __all__ = ["PartJob", "PartOutcome", "run_part"]
 
 log = logging.getLogger("copystream")
 
+#: A connection is replaced after this many chunks or seconds, so that server-side memory held by
+#: a long-lived backend, or a connection pooler's limits, never build up over a long export.
 RECYCLE_CHUNKS = 1_000
 RECYCLE_SECONDS = 3_600.0
 
 
 class _Committer:
-    """Makes committed chunks durable in a background thread: ``fsync``, then the checkpoint.
+    """Makes committed chunks durable in a background thread: ``sync``, then the checkpoint.
 
-    The fsync of a ~2 s chunk takes tens of milliseconds of writeback during which the server
-    would otherwise sit idle; here it overlaps the next chunk's COPY. The order that resuming
-    relies on is kept: a checkpoint is written only after every byte it records is durable,
-    and at most one commit is in flight, so the checkpoint on disk lags the file by at most one
-    chunk (which a resume cuts off and redoes, as after any crash).
+    The sync (an fsync, for a file) of a ~2 s chunk takes tens of milliseconds of writeback
+    during which the server would otherwise sit idle; here it overlaps the next chunk's COPY. The
+    order that resuming relies on is kept: a checkpoint is written only after every byte it
+    records is durable, and at most one commit is in flight, so the checkpoint on disk lags the
+    destination by at most one chunk (which a resume cuts off and redoes, as after any crash).
     """
 
-    def __init__(self, sink: Sink, state: Path, durable: Checkpoint) -> None:
-        self._sink = sink
+    def __init__(self, dest: Destination, state: Path, durable: Checkpoint) -> None:
+        self._dest = dest
         self._state = state
         self.durable = durable  # the checkpoint on disk
         self._thread: threading.Thread | None = None
@@ -84,7 +87,7 @@ class _Committer:
 
     def _commit(self, cp: Checkpoint) -> None:
         try:
-            self._sink.sync()
+            self._dest.sync()
             save_checkpoint(self._state, cp)
         except BaseException as e:  # handed to the main thread by wait()
             self._error = e
@@ -99,10 +102,10 @@ class _Committer:
     def wait(self) -> None:
         """Wait until the commit in flight is on disk, and raise its error if it failed.
 
-        After a full disk the file is cut back to the checkpoint on disk, giving the space back
-        (``DiskFull`` is raised before the new checkpoint replaces the old one). Any other
-        error may come after the replacement (a failed directory fsync), so the file is left
-        as it is: a resume cuts it to whichever checkpoint is on disk.
+        After a full disk the destination is cut back to the checkpoint on disk, giving the
+        space back (``DiskFull`` is raised before the new checkpoint replaces the old one). Any
+        other error may come after the replacement (a failed directory fsync), so the
+        destination is left as it is: a resume cuts it to whichever checkpoint is on disk.
         """
         if self._thread is not None:
             self._thread.join()
@@ -110,13 +113,13 @@ class _Committer:
         if self._error is not None:
             e, self._error = self._error, None
             if isinstance(e, DiskFull):
-                self._sink.cut(self.durable.offset)
+                self._dest.cut(self.durable.offset)
             raise e
 
     def settle(self) -> BaseException | None:
         """Wait for the commit in flight while another error is being raised; return its own
-        error instead of raising it. A second Ctrl-C does not cut this wait short: the file
-        must not be closed under the thread's fsync."""
+        error instead of raising it. A second Ctrl-C does not cut this wait short: the
+        destination must not be closed under the thread's sync."""
         while True:
             try:
                 self.wait()
@@ -129,68 +132,140 @@ class _Committer:
             return None
 
 
+@dataclass(frozen=True)
+class PartJob:
+    """One contiguous key range exported to one destination with its own checkpoint.
+
+    The single-process export is one part covering the whole key space and writing OUTPUT
+    itself; a parallel export runs one part per range in worker processes (so this is
+    picklable). ``spec`` is resolved (it is the export's identity); ``run`` says how to run it
+    (chunk size, retry policy, timeouts).
+    """
+
+    conninfo: str
+    table: ResolvedTable
+    spec: ExportSpec
+    run: RunOptions
+    path: str
+    settings: dict[str, str]
+    started_at: str
+    first_rows: int  # rows of the first chunk when chunks are sized adaptively
+    lower: tuple[str, ...] | None = None  # exclusive
+    upper: tuple[str, ...] | None = None  # inclusive
+    first: bool = True  # this part starts the output (it carries the header)
+    ranged: bool = False  # one of the key ranges of a parallel export
+    snapshot: str | None = None  # exported snapshot every chunk reads (point-in-time export)
+    #: Where the part's checkpoint lives, as ``checkpoint_path(state)``; ``None``: beside
+    #: ``path``. The first part of a parallel export writes OUTPUT itself but keeps its own
+    #: checkpoint (``OUTPUT.part-0000.checkpoint.json``), distinct from a single-worker one.
+    state: str | None = None
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What the part's checkpoint records as ``export``: the spec's identity, and the key
+        range (``[lower, upper]``, ``null`` = unbounded) of a parallel export's part."""
+        identity = self.spec.identity()
+        if self.ranged:
+            identity["range"] = [
+                list(self.lower) if self.lower else None,
+                list(self.upper) if self.upper else None,
+            ]
+        return identity
+
+
+@dataclass(frozen=True)
+class PartOutcome:
+    """What :func:`run_part` left behind: a finished checkpoint and the part's digest."""
+
+    checkpoint: Checkpoint
+    digest: str
+    retries: int
+    resumed: bool
+    snapshot_lost: bool
+
+
 class PartRunner:
-    """One run of one export. Holds the mutable state; the decisions live in pure functions."""
+    """One run of one part. Holds the mutable state; the decisions live in pure functions."""
 
     def __init__(
         self,
-        target: Target,
-        output: Path,
+        job: PartJob,
+        state: Path,
         *,
-        policy: RetryPolicy,
-        io_timeout: float,
-        statement_timeout: float | None,
         progress: Callable[[Progress], None] | None,
         sleep: Callable[[float], None],
     ) -> None:
-        self.target = target
-        self.output = output
-        self.policy = policy
-        self.io_timeout = io_timeout
-        self.statement_timeout = statement_timeout
+        self.job = job
+        self.target = Target(job.conninfo)
+        self.output = state  # the checkpoint is checkpoint_path(state)
         self.progress = progress
-        self.sleep = sleep
+        self.retrier = Retrier(job.run.policy, sleep=sleep)
+        table = job.table
+        # where a chunk's error happened, for translate()
+        self.phase = Phase(
+            self.target,
+            table.qualified,
+            f"exporting {table.qualified}",
+            filtered=table.where is not None,
+        )
         self.started = time.monotonic()
-        self.retries = 0
         self.conns: list[psycopg.Connection[Any]] = []
+        self.runner: ChunkRunner | None = None  # on self.conns; None: open before the next chunk
         self.conn_born = 0.0
         self._start_rows = self._start_bytes = 0  # where this run began (for rates)
-        self.snapshot: str | None = None  # exported snapshot every chunk reads (--consistent)
+        self.snapshot = job.snapshot  # None once it is gone (then snapshot_lost)
         self.snapshot_lost = False
+
+    @property
+    def retries(self) -> int:
+        """Retries taken so far."""
+        return self.retrier.retries
 
     # -- connections --------------------------------------------------------------------------
 
     def open_runner(self, settings: dict[str, str], *, side: bool) -> ChunkRunner:
         """Fresh connection(s) with the pinned settings; ``side`` adds the bound-finding sibling."""
         self.close()
+        timeout = self.job.run.statement_timeout
         for _ in range(2 if side else 1):
             conn = connect(self.target, settings=settings)
             self.conns.append(conn)
-            if self.statement_timeout is not None:
+            if timeout is not None:
                 conn.execute(
                     "SELECT set_config('statement_timeout', %s, false)",
-                    [f"{int(self.statement_timeout * 1000)}ms"],
+                    [f"{int(timeout * 1000)}ms"],
                 )
         self.conn_born = time.monotonic()
-        return ChunkRunner(
-            self.conns[0], io_timeout=self.io_timeout, side=self.conns[1] if side else None
+        self.runner = ChunkRunner(
+            self.conns[0], io_timeout=self.job.run.io_timeout, side=self.conns[1] if side else None
         )
+        return self.runner
 
     def close(self) -> None:
+        """Close the connections (the runner on them goes too)."""
+        self.runner = None
         for conn in self.conns:
             with contextlib.suppress(Exception):
                 conn.close()
         self.conns = []
 
-    def _report(self, plan: ResolvedTable, base: Checkpoint, rows: int, nbytes: int) -> None:
+    def _recycle(self) -> None:
+        """Close the connections when they have served long enough (see ``RECYCLE_CHUNKS``)."""
+        if self.runner is not None and (
+            self.runner.chunks_served >= RECYCLE_CHUNKS
+            or time.monotonic() - self.conn_born > RECYCLE_SECONDS
+        ):
+            self.close()
+
+    def _report(self, base: Checkpoint, rows: int, nbytes: int) -> None:
         """Progress during a chunk: ``rows``/``nbytes`` received since ``base`` was saved."""
         if self.progress is not None:
             self.progress(
                 Progress(
-                    plan.qualified,
+                    self.job.table.qualified,
                     base.rows + rows,
                     base.offset + nbytes,
-                    plan.estimated_rows,
+                    self.job.table.estimated_rows,
                     time.monotonic() - self.started,
                     len(base.chunks),
                     start_bytes=self._start_bytes,
@@ -200,22 +275,12 @@ class PartRunner:
 
     # -- the loop -----------------------------------------------------------------------------
 
-    def run_chunks(
-        self,
-        plan: ResolvedTable,
-        options: CopyOptions,
-        cp: Checkpoint,
-        sink: Sink,
-        chunk_rows: int | None,
-        *,
-        until: tuple[str, ...] | None = None,
-        first: bool = True,
-    ) -> Checkpoint:
+    def run_chunks(self, cp: Checkpoint, dest: Destination) -> Checkpoint:
         """Run chunks until the range is exhausted; return the final checkpoint, on disk."""
         self._start_rows, self._start_bytes = cp.rows, cp.offset
-        committer = _Committer(sink, self.output, cp)
+        committer = _Committer(dest, self.output, cp)
         try:
-            cp = self._loop(plan, options, cp, sink, chunk_rows, committer, until, first)
+            cp = self._loop(cp, dest, committer)
             committer.wait()
         except BaseException as e:
             failed = committer.settle()
@@ -227,112 +292,109 @@ class PartRunner:
             self.close()
         return cp
 
-    def _loop(
-        self,
-        plan: ResolvedTable,
-        options: CopyOptions,
-        cp: Checkpoint,
-        sink: Sink,
-        chunk_rows: int | None,
-        committer: _Committer,
-        until: tuple[str, ...] | None,
-        first: bool,
-    ) -> Checkpoint:
-        adaptive = chunk_rows is None
+    def _loop(self, cp: Checkpoint, dest: Destination, committer: _Committer) -> Checkpoint:
         rows_next = cp.chunk_rows
-        state = RetryState()
-        runner: ChunkRunner | None = None
         while not cp.finished:
             committer.check()  # a failed commit stops the export, also while retrying
             t0 = time.monotonic()
-            sink.begin_chunk()
-            try:
-                if runner is None:
-                    # the sibling pays off only when chunks are paged by a unique key
-                    runner = self.open_runner(cp.settings, side=plan.key_unique and rows_next > 0)
-                outcome = runner.run(
-                    plan,
-                    options,
-                    after=cp.last_key,
-                    rows=rows_next,
-                    header=first and options.header and cp.offset == 0,
-                    sink=sink,
-                    until=until,
-                    snapshot=self.snapshot,
-                    on_data=functools.partial(self._report, plan, cp),
-                )
-            except Exception as e:
-                sink.rollback()
-                self.close()
-                runner = None
-                if self.snapshot is not None and _snapshot_gone(e):
-                    log.warning(
-                        "%s: the exported snapshot is gone (its coordinator ended); continuing "
-                        "without it: this export is no longer point-in-time",
-                        plan.qualified,
-                    )
-                    self.snapshot, self.snapshot_lost = None, True
-                    continue
-                reason = classify(e, retry_statement_timeout=self.policy.retry_statement_timeout)
-                d = decide(self.policy, state, reason=reason, now=time.monotonic())
-                if not d.retry:
-                    raise _chunk_error(
-                        e, d.reason, plan, self.target, transient=reason is not None
-                    ) from e
-                state = d.state
-                self.retries += 1
-                log.warning(
-                    "chunk %d of %s failed (%s); retry %d/%d in %.1fs",
-                    len(cp.chunks),
-                    plan.qualified,
-                    reason,
-                    d.state.attempts,
-                    self.policy.retries,
-                    d.delay,
-                )
-                self.sleep(d.delay)
-                continue
-            if not outcome.final and outcome.last_key == cp.last_key:
-                # A key whose text does not read back as itself would page the same rows again
-                # and again: stop rather than grow the file forever.
-                sink.rollback()
-                raise ExportFailed(
-                    f"paging {plan.qualified} by {', '.join(plan.key)} made no progress after key "
-                    f"{cp.last_key}: its text form does not read back exactly; choose another "
-                    "--key"
-                )
-            _, nbytes, digest = sink.end_chunk()
-            advanced = cp.advance(
-                nbytes=nbytes,
-                rows=outcome.rows,
-                digest=digest,
-                prefix_digest=sink.digest,
-                last_key=outcome.last_key,
-                finished=outcome.final,
-            )
-            if adaptive:
-                rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
-                advanced = _with_rows(advanced, rows_next)
-            # fsync and checkpoint in the background while the next chunk streams (a failed
-            # commit, e.g. a full disk, is raised here at the next chunk's end, or at the end)
-            committer.submit(advanced)
-            cp = advanced
-            log.debug(
-                "%s: chunk %d committed: %s rows, %s bytes in %.2fs, last key %s",
-                self.output.name,
-                len(cp.chunks) - 1,
-                f"{outcome.rows:,}",
-                f"{nbytes:,}",
-                time.monotonic() - t0,
-                outcome.last_key,
-            )
-            state = state.succeeded(time.monotonic())
-            if runner.chunks_served >= RECYCLE_CHUNKS or (
-                time.monotonic() - self.conn_born > RECYCLE_SECONDS
-            ):
-                self.close()
-                runner = None
+            outcome = self._attempt(cp, dest, rows_next)
+            if outcome is None:
+                continue  # failed, and worth another attempt: the retry waited already
+            cp, rows_next = self._commit(cp, dest, committer, outcome, rows_next, t0)
+            self.retrier.succeeded()
+            self._recycle()
         return cp
+
+    def _attempt(self, cp: Checkpoint, dest: Destination, rows: int) -> ChunkOutcome | None:
+        """One attempt at the chunk after ``cp``: its outcome, or ``None`` when it failed in a
+        way worth another attempt (rolled back, connections closed). Raises when it is not."""
+        job = self.job
+        dest.begin_chunk()
+        try:
+            runner = self.runner
+            if runner is None:
+                # the sibling pays off only when chunks are paged by a unique key
+                runner = self.open_runner(cp.settings, side=job.table.key_unique and rows > 0)
+            chunk = Chunk(
+                job.table,
+                job.spec.options,
+                after=cp.last_key,
+                rows=rows,
+                header=job.first and job.spec.options.header and cp.offset == 0,
+                until=job.upper,
+                snapshot=self.snapshot,
+            )
+            return runner.run(chunk, dest, functools.partial(self._report, cp))
+        except Exception as e:
+            dest.rollback()
+            self.close()
+            self._failed(e, len(cp.chunks))
+            return None
+
+    def _failed(self, e: Exception, index: int) -> None:
+        """Deal with the failure ``e`` of chunk ``index``: continue without a snapshot that is
+        gone, wait before a retry, or raise the error for good."""
+        qualified = self.job.table.qualified
+        if self.snapshot is not None and _snapshot_gone(e):
+            log.warning(
+                "%s: the exported snapshot is gone (its coordinator ended); continuing "
+                "without it: this export is no longer point-in-time",
+                qualified,
+            )
+            self.snapshot, self.snapshot_lost = None, True
+            return
+        d = self.retrier.failed(e)
+        if not d.retry:
+            raise translate(e, self.phase, why=d.reason, transient=self.retrier.transient) from e
+        self.retrier.wait(d, f"chunk {index} of {qualified}")
+
+    def _commit(
+        self,
+        cp: Checkpoint,
+        dest: Destination,
+        committer: _Committer,
+        outcome: ChunkOutcome,
+        rows_next: int,
+        t0: float,
+    ) -> tuple[Checkpoint, int]:
+        """End the chunk that produced ``outcome`` and hand its checkpoint to the committer;
+        return that checkpoint and the row count of the next chunk."""
+        table = self.job.table
+        if not outcome.final and outcome.last_key == cp.last_key:
+            # A key whose text does not read back as itself would page the same rows again
+            # and again: stop rather than grow the output forever.
+            dest.rollback()
+            raise ExportFailed(
+                f"paging {table.qualified} by {', '.join(table.key)} made no progress after key "
+                f"{cp.last_key}: its text form does not read back exactly",
+                remedy=Remedy.CHOOSE_KEY,
+            )
+        written = dest.end_chunk()
+        advanced = cp.advance(
+            nbytes=written.bytes,
+            rows=outcome.rows,
+            digest=written.xxh3_128,
+            prefix_digest=dest.digest,
+            last_key=outcome.last_key,
+            finished=outcome.final,
+            destination=dest.state(),
+        )
+        if self.job.run.chunk_rows is None:  # adaptive
+            rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
+            advanced = _with_rows(advanced, rows_next)
+        # sync and checkpoint in the background while the next chunk streams (a failed
+        # commit, e.g. a full disk, is raised here at the next chunk's end, or at the end)
+        committer.submit(advanced)
+        log.debug(
+            "%s: chunk %d committed: %s rows, %s bytes in %.2fs, last key %s",
+            self.output.name,
+            len(advanced.chunks) - 1,
+            f"{outcome.rows:,}",
+            f"{written.bytes:,}",
+            time.monotonic() - t0,
+            outcome.last_key,
+        )
+        return advanced, rows_next
 
 
 def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:
@@ -345,50 +407,9 @@ def _snapshot_gone(e: BaseException) -> bool:
     The chunk's ``SET TRANSACTION SNAPSHOT`` raises :class:`~copystream.chunk.SnapshotGone`
     for both ways PostgreSQL refuses it (22023: its file is gone with the exporting
     transaction; 55000: the file was still there but that transaction had just ended). Any
-    other error, a 22023 from a --where filter too, is not about the snapshot.
+    other error, a 22023 from a filter too, is not about the snapshot.
     """
     return isinstance(e, SnapshotGone)
-
-
-@dataclass(frozen=True)
-class PartJob:
-    """One contiguous key range exported to one file with its own checkpoint.
-
-    The single-process export is one part covering the whole key space and writing OUTPUT
-    itself; a parallel export runs one part per range in worker processes (so this is picklable).
-    """
-
-    conninfo: str
-    plan: ResolvedTable
-    options: CopyOptions
-    path: str
-    identity: dict[str, Any]
-    settings: dict[str, str]
-    started_at: str
-    lower: tuple[str, ...] | None  # exclusive
-    upper: tuple[str, ...] | None  # inclusive
-    first: bool  # this part starts the output (it carries the header)
-    chunk_rows: int | None
-    first_rows: int
-    policy: RetryPolicy
-    io_timeout: float
-    statement_timeout: float | None
-    snapshot: str | None
-    #: Where the part's checkpoint lives, as ``checkpoint_path(state)``; ``None``: beside
-    #: ``path``. The first part of a parallel export writes OUTPUT itself but keeps its own
-    #: checkpoint (``OUTPUT.part-0000.checkpoint.json``), distinct from a single-worker one.
-    state: str | None = None
-
-
-@dataclass(frozen=True)
-class PartOutcome:
-    """What :func:`run_part` left behind: a finished checkpoint and the part file's digest."""
-
-    checkpoint: Checkpoint
-    digest: str
-    retries: int
-    resumed: bool
-    snapshot_lost: bool
 
 
 def run_part(
@@ -397,122 +418,59 @@ def run_part(
     progress: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> PartOutcome:
-    """Export one part: create or resume its checkpoint and file, run chunks to the end.
+    """Export one part: create or resume its checkpoint and destination, run chunks to the end.
 
-    The file must not exist without a checkpoint (the caller decides about overwriting).
+    The output must not exist without a checkpoint (the caller decides about overwriting).
     A usage error before the first committed chunk of a fresh part removes what it created.
     """
     path = Path(job.path)
     state = Path(job.state) if job.state is not None else path
-    ex = PartRunner(
-        Target(job.conninfo),
-        state,
-        policy=job.policy,
-        io_timeout=job.io_timeout,
-        statement_timeout=job.statement_timeout,
-        progress=progress,
-        sleep=sleep,
-    )
-    ex.snapshot = job.snapshot
-    cp = load_checkpoint(state)
-    fresh = cp is None
-    if cp is None:
-        if path.exists():
-            raise OutputExists(f"{path} exists and has no checkpoint to resume from")
-        cp = new_checkpoint(
-            export=job.identity,
-            settings=job.settings,
-            started_at=job.started_at,
-            chunk_rows=job.first_rows if job.chunk_rows is None else job.chunk_rows,
-            estimated_rows=job.plan.estimated_rows,
-            last_key=job.lower,
-        )
-        save_checkpoint(state, cp)
-    else:
-        cp.check_same_export(job.identity, state)
-        if job.chunk_rows is not None:
-            cp = _with_rows(cp, job.chunk_rows)
-    if cp.offset == 0 and not path.exists():
-        sink = Sink.create(path)
-    elif not path.exists():
-        raise PrefixMismatch(
-            f"{path} is missing but its checkpoint records {cp.offset} bytes; pass "
-            "--restart to export it again from the start"
-        )
-    else:
-        sink = Sink.reopen(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
-        if not fresh and not cp.finished:
-            log.info("%s: resuming at row %s, byte %s", state.name, f"{cp.rows:,}", cp.offset)
+    cp, fresh = _checkpoint(job, path, state)
+    resuming = not fresh and not cp.finished and path.exists()
+    dest = open_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
+    if resuming:
+        log.info("%s: resuming at row %s, byte %s", state.name, f"{cp.rows:,}", cp.offset)
     # Temporary checkpoint files of runs that were killed mid-write: removed only now, so that a
     # refused resume (a foreign checkpoint, an edited file) leaves every file as it was.
     remove_stale_temporaries(checkpoint_path(state))
+    ex = PartRunner(job, state, progress=progress, sleep=sleep)
     try:
         try:
-            cp = ex.run_chunks(
-                job.plan, job.options, cp, sink, job.chunk_rows, until=job.upper, first=job.first
-            )
+            cp = ex.run_chunks(cp, dest)
         except UsageError:
             if fresh and not _committed_chunks(state):
-                sink.close()
+                dest.close()
                 _discard(path, state)
             raise
-        digest = sink.digest
+        digest = dest.digest
     finally:
-        sink.close()
+        dest.close()
         ex.close()
     return PartOutcome(cp, digest, ex.retries, not fresh, ex.snapshot_lost)
 
 
-def _chunk_error(
-    e: Exception, why: str, plan: ResolvedTable, target: Target, *, transient: bool = False
-) -> CopystreamError:
-    """The user-facing error for a chunk that failed for good. The checkpoint is intact.
-
-    ``transient``: the policy retried ``e`` (until its retries or budget ran out).
-    """
-    if isinstance(e, CopystreamError):
-        return e
-    msg = redact(
-        str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, *target.secrets
+def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool]:
+    """The part's checkpoint, and whether it is new: the one on disk if it is for this export
+    (else :class:`CheckpointMismatch`), or a new one, saved before the destination exists."""
+    cp = load_checkpoint(state)
+    if cp is not None:
+        cp.check_same_export(job.identity, state)
+        if job.run.chunk_rows is not None:
+            cp = _with_rows(cp, job.run.chunk_rows)
+        return cp, False
+    if path.exists():
+        raise OutputExists(f"{path} exists and has no checkpoint to resume from")
+    cp = new_checkpoint(
+        export=job.identity,
+        settings=job.settings,
+        started_at=job.started_at,
+        chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
+        estimated_rows=job.table.estimated_rows,
+        last_key=job.lower,
+        destination=fresh_state(path),
     )
-    if isinstance(e, psycopg.errors.ReadOnlySqlTransaction):
-        return InvalidFilter(
-            f"the export of {plan.qualified} tried to write ({msg}); every export transaction "
-            "is READ ONLY: remove writing functions from --where"
-        )
-    if isinstance(e, psycopg.errors.UndefinedTable):
-        return TableNotFound(f"{plan.qualified} disappeared during the export: {msg}")
-    if isinstance(e, psycopg.errors.UndefinedColumn | psycopg.errors.DatatypeMismatch):
-        return UsageError(
-            f"the definition of {plan.qualified} changed during the export ({msg}); "
-            "pass --restart to export it again"
-        )
-    if isinstance(e, psycopg.errors.InsufficientPrivilege):
-        return UsageError(f"permission denied exporting {plan.qualified}: {msg}")
-    if isinstance(e, psycopg.Error) and (e.sqlstate or "")[:2] in ("42", "22", "21"):
-        # By SQLSTATE class: psycopg's exception for one SQLSTATE (SyntaxError, DivisionByZero,
-        # ...) does not inherit from its class's (SyntaxErrorOrAccessRuleViolation, ...).
-        # Syntax, data and cardinality errors come from the request (in practice the --where
-        # filter): running it again fails again, so it is a usage error.
-        hint = "; check the --where filter" if plan.where else ""
-        return InvalidFilter(f"exporting {plan.qualified} failed: {msg}{hint}")
-    if isinstance(e, psycopg.Error):
-        if e.sqlstate and e.sqlstate.startswith("28"):
-            return connect_error(e, target)
-        if isinstance(e, psycopg.OperationalError) and "connect" in msg and e.sqlstate is None:
-            return RetriesExhausted(
-                f"exporting {plan.qualified} stopped: {why}: {msg}; the checkpoint is intact, "
-                "run the same command again to resume"
-            )
-    if transient or classify(e) is not None:
-        return RetriesExhausted(
-            f"exporting {plan.qualified} stopped: {why}; last error: {msg}; the checkpoint is "
-            "intact, run the same command again to resume"
-        )
-    return ExportFailed(
-        f"exporting {plan.qualified} failed: {msg}; the checkpoint is intact, run the same "
-        "command again to resume"
-    )
+    save_checkpoint(state, cp)
+    return cp, True
 
 
 def _committed_chunks(state: Path) -> bool:

@@ -1,94 +1,129 @@
-"""Worker processes for parallel exports: ``python -m copystream._worker``, one per part.
+"""The one pool of worker processes: ``--workers`` (key ranges) and ``bulk --jobs`` (tables).
 
-Workers are plain subprocesses of the current Python interpreter, not ``multiprocessing``
-children: ``spawn`` re-imports the caller's ``__main__`` in every child (a script without an
-``if __name__ == "__main__"`` guard would run again; an Airflow task would re-import Airflow),
-and ``fork`` copies a possibly multi-threaded, large host process. A worker reads its pickled
-:class:`~copystream.part.PartJob` on stdin and writes one line per event on stdout:
-``P <rows> <bytes>`` for progress, ``R <base64 pickle of PartOutcome>`` for the result, or
-``E <json [error class, message, exit code]>``. Its log lines go to the inherited stderr.
+Workers are plain subprocesses of the current interpreter, ``python -m copystream._worker``, not
+``multiprocessing`` children: ``spawn`` re-imports the caller's ``__main__`` in every child (a
+script without an ``if __name__ == "__main__"`` guard would run again; an Airflow task would
+re-import Airflow), and ``fork`` copies a possibly multi-threaded, large host process.
+
+A :class:`Task` names a module-level function and its arguments. The worker reads the pickled
+task on stdin, calls ``function(*args, progress=report)`` and writes one event per line on its
+stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a log line
+(level, message), then ``R`` the function's result or ``E`` the exception it raised (a
+:class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else
+as an :class:`ExportFailed` naming it). The coordinator reads the events as :class:`Event`
+values from :func:`run_tasks`.
 
 On Linux a worker asks the kernel to kill it when its coordinator dies (``PR_SET_PDEATHSIG``),
-so a re-run never races an orphan writing the same part.
+so a re-run never races an orphan writing the same files.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import os
 import pickle
 import queue
+import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO, Any
 
-from . import errors
 from .errors import CopystreamError, ExportFailed
-from .part import PartJob, PartOutcome
 
-__all__ = ["decode_error", "die_with_coordinator", "encode_error", "run_jobs", "spawn_worker"]
+__all__ = ["Event", "Task", "run_tasks", "worker_main"]
 
 log = logging.getLogger("copystream")
 
-
-def encode_error(e: BaseException) -> str:
-    """The ``E`` line payload for an exception raised in a worker."""
-    if isinstance(e, CopystreamError):
-        return json.dumps([type(e).__name__, str(e), e.exit_code])
-    return json.dumps(["ExportFailed", f"{type(e).__name__}: {e}", 1])
+#: Seconds between two progress events of one worker (a finished one always reports).
+PROGRESS_INTERVAL = 0.2
 
 
-def decode_error(payload: str) -> CopystreamError:
-    """The exception an ``E`` line stands for, as its own :class:`CopystreamError` class."""
-    name, message, _code = json.loads(payload)
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, CopystreamError)):
-        cls = ExportFailed
-    return cls(message)
+@dataclass(frozen=True)
+class Task:
+    """A call to run in a worker: ``function(*args, progress=callback)``, all picklable."""
+
+    function: Callable[..., Any]
+    args: tuple[Any, ...]
 
 
-def spawn_worker(module: str, job: object) -> subprocess.Popen[bytes]:
-    """Start ``python -m module COORDINATOR_PID LOG_LEVEL`` and hand it the pickled ``job``.
+@dataclass(frozen=True)
+class Event:
+    """Something a task did. ``kind`` is ``"started"``, ``"progress"`` (``value``: the progress
+    object), ``"log"`` (``value``: ``(level, message)``), ``"done"`` (``value``: the result),
+    ``"failed"`` (``value``: a :class:`CopystreamError`) or ``"tick"`` (nothing happened for a
+    while; ``index`` is -1)."""
 
-    Its stdout is a pipe for its event lines; its stderr is ours (its log lines).
-    """
+    index: int
+    kind: str
+    value: Any = None
+
+
+def _encode(kind: str, value: object) -> str:
+    return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
+
+
+def _spawn(task: Task) -> subprocess.Popen[bytes]:
+    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL`` and hand it ``task``."""
+    level = str(log.getEffectiveLevel())
     proc = subprocess.Popen(
-        [sys.executable, "-m", module, str(os.getpid()), str(log.getEffectiveLevel())],
+        [sys.executable, "-m", "copystream._worker", str(os.getpid()), level],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         close_fds=True,
     )
-    assert proc.stdin is not None and proc.stdout is not None
+    assert proc.stdin is not None
     try:
-        proc.stdin.write(pickle.dumps(job))
+        proc.stdin.write(pickle.dumps(task))
         proc.stdin.close()
     except BrokenPipeError:  # it died at once; its exit status will say how
         pass
     return proc
 
 
-class _Worker:
-    def __init__(self, index: int, job: PartJob, events: queue.Queue[tuple[int, str, str]]) -> None:
-        self.index = index
-        self.proc = spawn_worker("copystream._worker", job)
-        assert self.proc.stdout is not None
-        self.reader = threading.Thread(
-            target=self._read, args=(self.proc.stdout, events), daemon=True
-        )
-        self.reader.start()
+def died(code: int | None) -> str:
+    """How a worker that reported no outcome ended, from its exit status."""
+    if code is not None and code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        how = f"was killed by {name}"
+        return how + (" (out of memory?)" if code == -signal.SIGKILL else "")
+    return f"exited with status {code}"
 
-    def _read(self, stdout: IO[bytes], events: queue.Queue[tuple[int, str, str]]) -> None:
+
+class _Worker:
+    """One running worker process and the thread that reads its events."""
+
+    def __init__(self, index: int, task: Task, events: queue.Queue[tuple[int, bytes]]) -> None:
+        self.index = index
+        self.outcome: Event | None = None
+        self.proc = _spawn(task)
+        assert self.proc.stdout is not None
+        threading.Thread(target=self._read, args=(self.proc.stdout, events), daemon=True).start()
+
+    def _read(self, stdout: IO[bytes], events: queue.Queue[tuple[int, bytes]]) -> None:
         for raw in stdout:
-            line = raw.decode().rstrip("\n")
-            kind, _, payload = line.partition(" ")
-            events.put((self.index, kind, payload))
-        events.put((self.index, "EOF", ""))
+            events.put((self.index, raw))
+        events.put((self.index, b""))
+
+    def event(self, raw: bytes) -> Event | None:
+        """The event of one line; ``None`` for a torn line (a worker killed mid-write)."""
+        kind, _, payload = raw.decode("ascii", errors="replace").strip().partition(" ")
+        names = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
+        try:
+            value = pickle.loads(base64.b64decode(payload))
+        except Exception:
+            return None
+        if kind not in names:
+            return None
+        return Event(self.index, names[kind], value)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -97,59 +132,63 @@ class _Worker:
             self.proc.wait(timeout=10)
 
 
-def run_jobs(
-    jobs: Sequence[PartJob],
-    workers: int,
-    on_progress: Callable[[int, int, int], None] | None = None,
-) -> list[PartOutcome]:
-    """Run ``jobs`` in up to ``workers`` worker processes; outcomes in job order.
+def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterator[Event]:
+    """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    ``on_progress(index, rows, bytes)`` is called as workers report. If any job fails, the
-    others still run to their end; then the first failure is raised (checkpoints are intact).
+    Every task ends with exactly one ``done`` or ``failed`` event (a worker that dies without
+    an outcome fails with :class:`ExportFailed` saying how it ended). A ``tick`` comes when
+    nothing happened for ``tick`` seconds. Closing the generator early (or an exception in
+    the consumer) kills the workers still running.
     """
-    events: queue.Queue[tuple[int, str, str]] = queue.Queue()
-    waiting = list(range(len(jobs)))
+    events: queue.Queue[tuple[int, bytes]] = queue.Queue()
+    waiting = list(range(len(tasks)))
     running: dict[int, _Worker] = {}
-    results: dict[int, PartOutcome] = {}
-    failures: dict[int, CopystreamError] = {}
     try:
         while waiting or running:
-            while waiting and len(running) < max(1, workers):
+            while waiting and len(running) < max(1, jobs):
                 i = waiting.pop(0)
-                running[i] = _Worker(i, jobs[i], events)
+                running[i] = _Worker(i, tasks[i], events)
+                yield Event(i, "started", running[i].proc.pid)
             try:
-                i, kind, payload = events.get(timeout=1.0)
+                i, raw = events.get(timeout=tick)
             except queue.Empty:
+                yield Event(-1, "tick")
                 continue
-            if kind == "P" and on_progress is not None:
-                rows, nbytes = payload.split()
-                on_progress(i, int(rows), int(nbytes))
-            elif kind == "R":
-                results[i] = pickle.loads(base64.b64decode(payload))
-            elif kind == "E":
-                failures[i] = decode_error(payload)
-            elif kind == "EOF":
-                worker = running.pop(i)
-                code = worker.proc.wait()
-                if i not in results and i not in failures:
-                    failures[i] = ExportFailed(
-                        f"worker process for part {i} died (exit status {code})"
-                    )
+            worker = running[i]
+            if raw:
+                event = worker.event(raw)
+                if event is not None and event.kind in ("done", "failed"):
+                    worker.outcome = event
+                elif event is not None:
+                    yield event
+                continue
+            del running[i]
+            code = worker.proc.wait()
+            yield worker.outcome or Event(
+                i, "failed", ExportFailed(f"the worker process {died(code)}")
+            )
     finally:
         for worker in running.values():
             worker.stop()
-    if failures:
-        raise failures[min(failures)]
-    return [results[i] for i in range(len(jobs))]
 
 
-def die_with_coordinator(coordinator: int, level: int) -> None:
-    """Set up a worker process: killed when ``coordinator`` dies, Ctrl-C left to it, logging.
+# -- inside a worker ------------------------------------------------------------------------------
 
-    Exits at once if the coordinator is already gone (it died before the kernel was told).
-    """
-    import signal
 
+class _EventLog(logging.Handler):
+    """Sends a worker's log lines to the coordinator, which logs them in its own way."""
+
+    def __init__(self, send: Callable[[str], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with contextlib.suppress(Exception):
+            self._send(_encode("L", (record.levelno, record.getMessage())))
+
+
+def _die_with_coordinator(coordinator: int) -> None:
+    """Be killed when ``coordinator`` dies; leave Ctrl-C to it; exit if it is already gone."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -158,38 +197,50 @@ def die_with_coordinator(coordinator: int, level: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if os.getppid() != coordinator:
         os._exit(1)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter(f"%(asctime)s copystream[{os.getpid()}] %(levelname)s: %(message)s")
-    )
-    log.handlers[:] = [handler]
-    log.setLevel(level)
-    log.propagate = False
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``."""
-    die_with_coordinator(int(argv[0]), int(argv[1]))
-    job: PartJob = pickle.load(sys.stdin.buffer)
-    out = sys.stdout
-    last = 0.0
+    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``: one task."""
+    _die_with_coordinator(int(argv[0]))
+    task: Task = pickle.load(sys.stdin.buffer)
+    # The events get the real stdout to themselves; anything else printed goes to stderr.
+    out = os.fdopen(os.dup(1), "w", encoding="ascii")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
 
-    def report(p: Any) -> None:
-        nonlocal last
-        now = time.monotonic()
-        if now - last > 0.25 or p.done:
-            last = now
-            out.write(f"P {p.rows} {p.bytes}\n")
+    def send(line: str) -> None:
+        with lock:
+            out.write(line)
             out.flush()
 
-    from .part import run_part
+    log.handlers[:] = [_EventLog(send)]
+    log.setLevel(int(argv[1]))
+    log.propagate = False
+    last = 0.0
+
+    def report(progress: Any) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if getattr(progress, "done", False) or now - last >= PROGRESS_INTERVAL:
+            last = now
+            send(_encode("P", progress))
 
     try:
-        outcome = run_part(job, progress=report)
-    except BaseException as e:  # every failure goes back to the coordinator as one line
-        out.write(f"E {encode_error(e)}\n")
-        out.flush()
+        result = task.function(*task.args, progress=report)
+    except BaseException as e:  # every failure goes back to the coordinator as one event
+        send(_encode("E", _portable(e)))
         return 1
-    out.write(f"R {base64.b64encode(pickle.dumps(outcome)).decode()}\n")
-    out.flush()
+    send(_encode("R", result))
     return 0
+
+
+def _portable(e: BaseException) -> CopystreamError:
+    """``e`` as an error that pickles whole: itself if it is a CopystreamError that does."""
+    if isinstance(e, CopystreamError):
+        try:
+            pickle.dumps(e)
+        except Exception:
+            return ExportFailed(e.problem, remedy=e.remedy)
+        return e
+    return ExportFailed(f"unexpected {type(e).__name__}: {e} (please report this)", remedy=None)

@@ -12,15 +12,42 @@ import logging
 import time
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-__all__ = ["BarReporter", "LogReporter", "Progress", "format_summary"]
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+__all__ = ["BarReporter", "LogReporter", "Progress"]
 
 log = logging.getLogger("copystream")
 
 
+class _Pace:
+    """The pace of a snapshot (one export's, or a bulk job's): its ``rate`` and ``eta``."""
+
+    rows: int
+    bytes: int
+    start_rows: int  # rows and bytes already on disk when this run started
+    start_bytes: int
+    estimated_rows: int | None
+    elapsed: float  # seconds since this run started
+
+    @property
+    def rate(self) -> float:
+        """Bytes per second written by this run."""
+        return _per_second(self.bytes - self.start_bytes, self.elapsed)
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left by the estimated row count, or ``None`` when unknown."""
+        done_here = self.rows - self.start_rows
+        if not self.estimated_rows or done_here <= 0 or self.elapsed <= 0:
+            return None
+        return max(self.estimated_rows - self.rows, 0) * self.elapsed / done_here
+
+
 @dataclass(frozen=True)
-class Progress:
+class Progress(_Pace):
     """A snapshot of an export's progress."""
 
     table: str
@@ -33,22 +60,37 @@ class Progress:
     start_bytes: int = 0  # bytes already in the file when this run started (resume)
     start_rows: int = 0  # rows already in the file when this run started (resume)
 
-    @property
-    def rate(self) -> float:
-        """Bytes per second written by this run."""
-        return (self.bytes - self.start_bytes) / self.elapsed if self.elapsed > 0 else 0.0
 
-    @property
-    def eta(self) -> float | None:
-        """Seconds left by the estimated row count, or ``None`` when unknown."""
-        done_here = self.rows - self.start_rows
-        if not self.estimated_rows or done_here <= 0 or self.elapsed <= 0:
-            return None
-        return max(self.estimated_rows - self.rows, 0) * self.elapsed / done_here
+def _per_second(amount: float, seconds: float) -> float:
+    """``amount`` per second (0 before any time has passed)."""
+    return amount / seconds if seconds > 0 else 0.0
 
 
-def _mb(n: float) -> str:
-    return f"{n / 1e6:,.1f} MB"
+def _mb(n: float | None) -> str:
+    """``n`` bytes in MB, as every report shows them (``-`` when unknown)."""
+    return "-" if n is None else f"{n / 1e6:,.1f} MB"
+
+
+def _rich_bar(
+    file: IO[str] | None, description: str, rows: str, mb: str, rate: str
+) -> RichProgress:
+    """A live rich view on ``file`` (stderr when None): ``description``, a bar, ``rows``,
+    ``mb``, ``rate`` (rich text formats of a task) and the time left. Rich is imported only
+    when a bar is shown."""
+    from rich.console import Console
+    from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
+    from rich.progress import Progress as RichProgress
+
+    return RichProgress(
+        TextColumn(description),
+        BarColumn(),
+        TextColumn(rows),
+        TextColumn(mb),
+        TextColumn(rate),
+        TimeRemainingColumn(),
+        console=Console(file=file, stderr=file is None),
+        transient=False,
+    )
 
 
 class LogReporter:
@@ -86,25 +128,12 @@ class BarReporter:
     """A live progress bar on a terminal (stderr): rows, MB, MB/s, ETA."""
 
     def __init__(self, file: IO[str] | None = None) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-        from rich.progress import (
-            Progress as RichProgress,
-        )
-
-        self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:,.0f} rows"),
-            TextColumn("{task.fields[mb]}"),
-            TextColumn("{task.fields[rate]}/s"),
-            TimeRemainingColumn(),
-            console=Console(file=file, stderr=file is None),
-            transient=False,
+        self._bar = _rich_bar(
+            file,
+            "[bold]{task.description}",
+            "{task.completed:,.0f} rows",
+            "{task.fields[mb]}",
+            "{task.fields[rate]}/s",
         )
         self._task: Any = None
 
@@ -127,15 +156,3 @@ class BarReporter:
         self._bar.update(
             self._task, completed=p.rows, total=total, mb=_mb(p.bytes), rate=_mb(p.rate)
         )
-
-
-def format_summary(
-    *, table: str, rows: int, nbytes: int, seconds: float, peak_rss: int, resumed: bool
-) -> str:
-    """The one-line summary printed at the end of an export."""
-    rate = nbytes / seconds if seconds > 0 else 0.0
-    how = " (resumed)" if resumed else ""
-    return (
-        f"{table}: {rows:,} rows, {_mb(nbytes)} in {seconds:.1f}s ({_mb(rate)}/s), "
-        f"peak memory {peak_rss / 1e6:.0f} MB{how}"
-    )

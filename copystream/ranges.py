@@ -18,7 +18,7 @@ re-run never races an orphaned worker.
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import json
 import logging
 import os
@@ -33,7 +33,7 @@ import psycopg
 import xxhash
 from psycopg import sql
 
-from ._atomic import atomic_write, fsync_dir, remove_stale_temporaries
+from ._atomic import NO_SPACE, atomic_write, fsync_dir, raise_if_full, remove_stale_temporaries
 from .checkpoint import (
     Checkpoint,
     ChunkRecord,
@@ -42,12 +42,14 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .chunk import SnapshotGone, key_text_settings
-from .errors import CheckpointMismatch, DiskFull, ExportFailed, OutputExists, Remedy
-from .part import PartJob, PartOutcome
-from .plan import ResolvedTable, key_columns, key_text, where_clause
-from .pool import run_jobs
+from .destinations import check_at_checkpoint
+from .destinations.local import hash_range
+from .errors import CheckpointMismatch, ExportFailed, OutputExists, Remedy
+from .part import PartJob, PartOutcome, run_part
+from .pool import Task, run_tasks
 from .progress import Progress
-from .sink import check_prefix, hash_range
+from .queries import key_columns, key_text, where_clause
+from .table import ResolvedTable
 
 __all__ = [
     "KeyRanges",
@@ -94,14 +96,6 @@ class KeyRanges:
     def first_in_place(self) -> bool:
         """Whether the first range writes OUTPUT itself (every plan but 0.1.0's)."""
         return self.version >= 2
-
-    def check_same_export(self, identity: dict[str, Any], output: Path) -> None:
-        """Raise :class:`CheckpointMismatch` unless this plan is for ``identity``."""
-        for name in ("table", "key", "columns", "where", "options"):
-            if self.export.get(name) != identity.get(name):
-                raise CheckpointMismatch(
-                    f"{parts_path(output)} was made for another export ({name} differs)"
-                )
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form with a self-digest."""
@@ -312,9 +306,10 @@ def run_parts(
 ) -> list[PartOutcome]:
     """Run every part (finished ones only re-verify) with up to ``workers`` processes.
 
-    ``template`` is the whole-range job; each part replaces its path, identity and range.
+    ``template`` is the whole-range job; each part's job has its own path, checkpoint and key
+    range (``ranged``: the range is part of its identity).
     """
-    plan = template.plan
+    plan = template.table
     jobs = []
     for i, (lo, hi) in enumerate(parts.ranges):
         state = part_path(output, i)
@@ -327,43 +322,57 @@ def run_parts(
                     remedy=Remedy.RESTART,
                 )
             path.unlink()  # created but never checkpointed: nothing in it counts
-        span = [list(lo) if lo else None, list(hi) if hi else None]
-        identity = {**parts.export, "range": span}
+        job = replace(
+            template,
+            path=str(path),
+            state=str(state),
+            lower=lo,
+            upper=hi,
+            first=i == 0,
+            ranged=True,
+        )
         cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
         if cp is not None:
-            cp.check_same_export(identity, state)
+            cp.check_same_export(job.identity, state)
             # so is an edited part (its worker checks again, from the page cache)
-            check_prefix(path, [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks], cp.xxh3_128)
-        jobs.append(
-            replace(
-                template,
-                path=str(path),
-                state=str(state),
-                identity=identity,
-                lower=lo,
-                upper=hi,
-                first=i == 0,
-            )
-        )
-    done_rows = [0] * len(jobs)
-    done_bytes = [0] * len(jobs)
+            check_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
+        jobs.append(job)
+    return _run_in_pool(jobs, workers, plan.qualified, plan.estimated_rows, progress)
+
+
+def _run_in_pool(
+    jobs: Sequence[PartJob],
+    workers: int,
+    table: str,
+    estimated_rows: int | None,
+    progress: Callable[[Progress], None] | None,
+) -> list[PartOutcome]:
+    """Run the range jobs in the worker pool; their outcomes in order.
+
+    If a range fails, the others still run to their end; then the first failure is raised
+    (every checkpoint is intact).
+    """
+    rows = [0] * len(jobs)
+    nbytes = [0] * len(jobs)
     started = time.monotonic()
-
-    def on_progress(i: int, rows: int, nbytes: int) -> None:
-        done_rows[i], done_bytes[i] = rows, nbytes
-        if progress is not None:
-            progress(
-                Progress(
-                    plan.qualified,
-                    sum(done_rows),
-                    sum(done_bytes),
-                    plan.estimated_rows,
-                    time.monotonic() - started,
-                    0,
-                )
-            )
-
-    return run_jobs(jobs, min(workers, len(jobs)), on_progress)
+    results: dict[int, PartOutcome] = {}
+    failures: dict[int, BaseException] = {}
+    tasks = [Task(run_part, (job,)) for job in jobs]
+    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0):
+        if event.kind == "progress":
+            rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
+            if progress is not None:
+                elapsed = time.monotonic() - started
+                progress(Progress(table, sum(rows), sum(nbytes), estimated_rows, elapsed, 0))
+        elif event.kind == "log":
+            log.log(*event.value)
+        elif event.kind == "done":
+            results[event.index] = event.value
+        elif event.kind == "failed":
+            failures[event.index] = event.value
+    if failures:
+        raise failures[min(failures)]
+    return [results[i] for i in range(len(jobs))]
 
 
 # -- joining ------------------------------------------------------------------------------------
@@ -373,20 +382,20 @@ def _copy_all(src: int, dst: int, count: int) -> None:
     """Copy ``count`` bytes from ``src``'s start to ``dst``'s position, inside the kernel."""
     left = count
     offset = 0
-    try:
-        while left > 0:
-            n = os.copy_file_range(src, dst, left, offset)
-            if n == 0:
-                break
-            left -= n
-            offset += n
-    except OSError:  # filesystems without copy_file_range support: sendfile is still in-kernel
-        while left > 0:
-            n = os.sendfile(dst, src, offset, left)
-            if n == 0:
-                break
-            left -= n
-            offset += n
+    copy = functools.partial(os.copy_file_range, src, dst)
+    while left > 0:
+        try:
+            n = copy(left, offset)
+        except OSError:
+            if copy.func is os.sendfile:
+                raise
+            # filesystems without copy_file_range support: sendfile is still in-kernel
+            copy = functools.partial(os.sendfile, dst, src)
+            continue
+        if n == 0:
+            break
+        left -= n
+        offset += n
     if left:
         raise ExportFailed(f"a part file is shorter than its checkpoint ({left} bytes missing)")
 
@@ -428,11 +437,9 @@ def join_parts(
                     os.close(src)
             os.fsync(fd)
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            if e.errno in NO_SPACE:
                 os.ftruncate(fd, outcomes[0].checkpoint.offset if first_copied else 0)
-                raise DiskFull(
-                    f"cannot join the parts into {output}: {os.strerror(e.errno)}"
-                ) from e
+                raise_if_full(e, f"cannot join the parts into {output}")
             raise
         whole = xxhash.xxh3_128()
         for c in chunks:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from psycopg import sql
 
-from .errors import UsageError
+from .errors import CheckpointMismatch, UsageError
 from .retry import RetryPolicy
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "build",
     "identity_mismatch",
     "option_fields",
+    "require_same",
 ]
 
 
@@ -143,7 +145,7 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 class Names(Kind):
-    """Column names: a list (``single``: or one name); a comma-separated list on the command line."""
+    """Column names: a list (``single``: or one name); comma-separated on the command line."""
 
     def __init__(self, *, single: bool = False) -> None:
         self.single = single
@@ -167,7 +169,8 @@ class ForceQuote(Kind):
     want = '"*", true, or an array of column names'
 
     def ok(self, value: object) -> bool:
-        return value == "*" or isinstance(value, bool) or _names(value)
+        # () is the Python default (no column); a plan's empty array is refused as before
+        return value == "*" or value == () or isinstance(value, bool) or _names(value)
 
     def coerce(self, value: Any) -> tuple[str, ...] | bool:
         if value == "*" or value is True:
@@ -212,7 +215,9 @@ class CopyOptions:
     force_quote: tuple[str, ...] | bool = option(
         (), ForceQuote(), "Columns always quoted, comma-separated, or '*' (csv only)."
     )
-    encoding: str | None = option(None, Text(empty=False), "Output encoding (COPY ENCODING).")
+    encoding: str | None = option(
+        None, Text(empty=False, want="an encoding name"), "Output encoding (COPY ENCODING)."
+    )
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-safe form, recorded in the checkpoint and manifest."""
@@ -322,6 +327,21 @@ def identity_mismatch(recorded: Mapping[str, Any], expected: Mapping[str, Any]) 
         if recorded.get(name) != expected.get(name):
             return name
     return None
+
+
+def require_same(recorded: Mapping[str, Any], expected: Mapping[str, Any], where: object) -> None:
+    """Raise :class:`CheckpointMismatch` unless ``recorded`` (what the file ``where`` was made
+    for) is the export ``expected``: the one place two identities are compared."""
+    name = identity_mismatch(recorded, expected)
+    if name is not None:
+        mine, theirs = _show(recorded.get(name)), _show(expected.get(name))
+        raise CheckpointMismatch(
+            f"{where} was made for another export ({name} was {mine}, now {theirs})"
+        )
+
+
+def _show(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

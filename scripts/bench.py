@@ -76,8 +76,8 @@ try:
 
     import copystream
     from copystream.checkpoint import checkpoint_path, load_checkpoint
+    from copystream.destinations.local import LocalFile
     from copystream.manifest import manifest_path
-    from copystream.sink import Sink
     from copystream.testing import EphemeralPostgres, find_bin_dir
 except ImportError as exc:  # pragma: no cover - depends on the environment
     sys.exit(
@@ -859,7 +859,7 @@ def step_resume(b: Bench, table: str) -> dict[str, Any]:
     timings = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
-        Sink.reopen(out, chunks, cp.xxh3_128).close()
+        LocalFile.reopen(out, chunks, cp.xxh3_128).close()
         timings[label] = time.perf_counter() - t0
 
     # The resumed run (same command without --restart), verbose for the log's timestamps.
@@ -901,7 +901,7 @@ def step_resume(b: Bench, table: str) -> dict[str, Any]:
         f"({(size_at_kill - cp.offset) / MB:,.1f} MB) written but not checkpointed"
     )
     print(
-        f"  prefix verification (Sink.reopen, {cp.offset / MB:,.1f} MB): "
+        f"  prefix verification (LocalFile.reopen, {cp.offset / MB:,.1f} MB): "
         f"{result['verify_cold_gb_per_s']:.2f} GB/s cold (file evicted from the page cache), "
         f"{result['verify_warm_gb_per_s']:.2f} GB/s warm"
         + (f"; resume log: {log_seconds:.3f}s" if log_seconds is not None else "")

@@ -333,14 +333,14 @@ consistent = true
     assert (
         orders.dsn == "host=other dbname=x" and sales.dsn == "host=db dbname=shop password=s3cret"
     )
-    kw = orders.export_kwargs()
-    assert kw["key"] == ["id"] and kw["chunk_rows"] == 1000 and kw["retries"] == 9
-    assert kw["statement_timeout"] == 30.0
-    assert kw["options"] == copystream.CopyOptions(header=False, force_quote=True)
+    spec, run = orders.spec_for("public.orders"), orders.run
+    assert spec.key == ("id",) and run.chunk_rows == 1000 and run.retries == 9
+    assert run.statement_timeout == 30.0
+    assert spec.options == copystream.CopyOptions(header=False, force_quote=True)
     assert sales.exclude == ("sales.tmp_*",)
-    skw = sales.export_kwargs()
-    assert skw["options"].format == "text" and skw["options"].header is True
-    assert skw["workers"] == 2 and skw["consistent"] is True
+    sspec, srun = sales.spec_for("sales.x"), sales.run
+    assert sspec.options.format == "text" and sspec.options.header is True
+    assert srun.workers == 2 and srun.consistent is True
     assert "s3cret" not in repr(plan)  # the DSN is kept out of repr
     assert "s3cret" in plan.secrets
 
@@ -576,7 +576,7 @@ def test_sigkill_midway_then_rerun_is_byte_identical_and_reports_the_missing_tab
         collect(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-    assert any("copystream._bulk_worker" in cmd for _, cmd in workers.values()), (
+    assert any("copystream._worker" in cmd for _, cmd in workers.values()), (
         "no worker process seen"
     )
     deadline = time.monotonic() + 20
@@ -690,7 +690,7 @@ def test_a_worker_that_dies_fails_only_its_table_and_the_rerun_resumes(
         victims = [
             p
             for p in psutil.Process(proc.pid).children()
-            if "copystream._bulk_worker" in " ".join(p.cmdline())
+            if "copystream._worker" in " ".join(p.cmdline())
         ]
         assert len(victims) == 1  # --jobs 1: the orders worker
         victims[0].kill()
@@ -757,11 +757,19 @@ def test_a_script_without_a_main_guard_runs_the_job_once(shop: str, tmp_path: Pa
 
 
 def test_errors_cross_process_boundaries() -> None:
-    """Errors pickle (they may cross from a worker process) with their message and exit code."""
+    """Errors pickle (they may cross from a worker process) with their message, remedy and
+    exit code."""
     for name in copystream.errors.__all__:
         cls = getattr(copystream.errors, name)
+        if not (isinstance(cls, type) and issubclass(cls, copystream.errors.CopystreamError)):
+            continue
         err = pickle.loads(pickle.dumps(cls("what went wrong")))
-        assert type(err) is cls and str(err) == "what went wrong"
+        assert type(err) is cls and err.problem == "what went wrong"
+        assert err.remedy is cls.remedy and str(err) == cls("what went wrong").worded()
+        assert err.exit_code == cls.exit_code
+        restart = copystream.errors.Remedy.RESTART
+        moved = pickle.loads(pickle.dumps(cls("x", remedy=restart)))
+        assert moved.remedy is restart and "--restart" in moved.worded("cli")
     plan_error = pickle.loads(pickle.dumps(PlanError(["p.toml:1: a", "p.toml:2: b"])))
     assert plan_error.problems == ("p.toml:1: a", "p.toml:2: b") and plan_error.exit_code == 2
 

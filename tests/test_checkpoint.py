@@ -178,7 +178,7 @@ def test_self_digest_detects_an_edited_field(tmp_path: Path, edit: Any) -> None:
     with pytest.raises(CheckpointMismatch) as ei:
         load_checkpoint(out)
     assert "self-digest" in str(ei.value)
-    assert "--restart" in str(ei.value)
+    assert "--restart" in ei.value.worded("cli")
     assert ei.value.exit_code == 2
 
 
@@ -208,7 +208,7 @@ def test_unreadable_checkpoint_is_a_mismatch(tmp_path: Path, content: bytes) -> 
     checkpoint_path(out).write_bytes(content)
     with pytest.raises(CheckpointMismatch) as ei:
         load_checkpoint(out)
-    assert "--restart" in str(ei.value)
+    assert "--restart" in ei.value.worded("cli")
 
 
 # -- saving -------------------------------------------------------------------------------------
@@ -298,7 +298,7 @@ def test_other_export_is_refused(tmp_path: Path, field: str, value: object) -> N
     other = {**EXPORT, field: value}
     with pytest.raises(CheckpointMismatch) as ei:
         advanced().check_same_export(other, tmp_path / "out.csv")
-    msg = str(ei.value)
+    msg = ei.value.worded("cli")
     assert "--restart" in msg
     assert f"({field} was " in msg
     assert "out.csv.checkpoint.json" in msg

@@ -26,40 +26,40 @@ from copystream.checkpoint import (
     new_checkpoint,
     save_checkpoint,
 )
+from copystream.destinations.local import LocalFile
 from copystream.errors import DiskFull
 from copystream.part import _Committer
-from copystream.sink import Sink
 
 
-def chunk(sink: Sink, cp: Checkpoint, data: bytes, key: str) -> Checkpoint:
-    sink.begin_chunk()
-    sink.write(data)
-    _, nbytes, digest = sink.end_chunk()
+def chunk(dest: LocalFile, cp: Checkpoint, data: bytes, key: str) -> Checkpoint:
+    dest.begin_chunk()
+    dest.write(data)
+    _, nbytes, digest = dest.end_chunk()
     return cp.advance(
         nbytes=nbytes,
         rows=data.count(b"\n"),
         digest=digest,
-        prefix_digest=sink.digest,
+        prefix_digest=dest.digest,
         last_key=(key,),
         finished=False,
     )
 
 
-def start(out: Path) -> tuple[Sink, Checkpoint]:
+def start(out: Path) -> tuple[LocalFile, Checkpoint]:
     cp = new_checkpoint(
         export={"table": "t"}, settings={}, started_at="now", chunk_rows=2, estimated_rows=None
     )
-    return Sink.create(out), cp
+    return LocalFile.create(out), cp
 
 
 def test_each_commit_is_on_disk_after_wait(tmp_path: Path) -> None:
     out = tmp_path / "o.csv"
-    sink, cp = start(out)
+    dest, cp = start(out)
     save_checkpoint(out, cp)  # as run_part does before the first chunk
-    committer = _Committer(sink, out, cp)
+    committer = _Committer(dest, out, cp)
     try:
         for i in range(5):
-            cp = chunk(sink, cp, f"{i},a\n{i},b\n".encode(), str(i))
+            cp = chunk(dest, cp, f"{i},a\n{i},b\n".encode(), str(i))
             committer.submit(cp)  # waits for the previous commit first
             on_disk = load_checkpoint(out)
             assert on_disk is not None and on_disk.rows in (cp.rows - 2, cp.rows)
@@ -70,7 +70,7 @@ def test_each_commit_is_on_disk_after_wait(tmp_path: Path) -> None:
         )
         assert xxhash.xxh3_128(out.read_bytes()).hexdigest() == cp.xxh3_128
     finally:
-        sink.close()
+        dest.close()
 
 
 def test_a_failed_commit_is_raised_and_a_resume_cuts_the_file_back(tmp_path: Path) -> None:
@@ -81,21 +81,21 @@ def test_a_failed_commit_is_raised_and_a_resume_cuts_the_file_back(tmp_path: Pat
     work = tmp_path / "work"
     work.mkdir()
     out = tmp_path / "o.csv"
-    sink, cp = start(out)
+    dest, cp = start(out)
     state = work / "o.csv"  # the checkpoint lives here
-    committer = _Committer(sink, state, cp)
+    committer = _Committer(dest, state, cp)
     try:
-        cp1 = chunk(sink, cp, b"1,a\n", "1")
+        cp1 = chunk(dest, cp, b"1,a\n", "1")
         committer.submit(cp1)
         committer.wait()
         assert load_checkpoint(state) == cp1
         saved = checkpoint_path(state).read_bytes()
         checkpoint_path(state).unlink()
         work.rmdir()  # the next checkpoint cannot be written
-        cp2 = chunk(sink, cp1, b"2,b\n", "2")
+        cp2 = chunk(dest, cp1, b"2,b\n", "2")
         committer.submit(cp2)  # runs in the background: nothing raised yet
-        sink.begin_chunk()
-        sink.write(b"3,c\n")  # the next chunk streams meanwhile
+        dest.begin_chunk()
+        dest.write(b"3,c\n")  # the next chunk streams meanwhile
         with pytest.raises(FileNotFoundError):  # check() never blocks: poll it
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
@@ -105,12 +105,12 @@ def test_a_failed_commit_is_raised_and_a_resume_cuts_the_file_back(tmp_path: Pat
         assert out.read_bytes() == b"1,a\n2,b\n3,c\n"  # not cut: the resume decides
         committer.wait()  # the error is raised once
     finally:
-        sink.close()
+        dest.close()
     work.mkdir()
     checkpoint_path(state).write_bytes(saved)
     on_disk = load_checkpoint(state)
     assert on_disk == cp1
-    resumed = Sink.reopen(
+    resumed = LocalFile.reopen(
         out, [(c.offset, c.bytes, c.xxh3_128) for c in on_disk.chunks], cp1.xxh3_128
     )
     resumed.close()
@@ -128,14 +128,14 @@ def test_a_full_disk_at_the_checkpoint_cuts_the_file_back(tmp_path: Path) -> Non
         pytest.skip("mounting a tmpfs is not permitted here (CI runs as root and mounts it)")
     try:
         out = where / "o.csv"
-        sink, cp = start(out)
+        dest, cp = start(out)
         save_checkpoint(out, cp)
-        committer = _Committer(sink, out, cp)
+        committer = _Committer(dest, out, cp)
         try:
-            cp1 = chunk(sink, cp, b"1," + b"a" * 100_000 + b"\n", "1")
+            cp1 = chunk(dest, cp, b"1," + b"a" * 100_000 + b"\n", "1")
             committer.submit(cp1)
             committer.wait()
-            cp2 = chunk(sink, cp1, b"2," + b"b" * 100_000 + b"\n", "2")
+            cp2 = chunk(dest, cp1, b"2," + b"b" * 100_000 + b"\n", "2")
             # take every block that is left
             with open(where / "filler", "wb", buffering=0) as f, contextlib.suppress(OSError):
                 while True:
@@ -147,7 +147,7 @@ def test_a_full_disk_at_the_checkpoint_cuts_the_file_back(tmp_path: Path) -> Non
             assert out.stat().st_size == cp1.offset  # cut back: the space is free again
             assert load_checkpoint(out) == cp1
         finally:
-            sink.close()
+            dest.close()
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
@@ -155,21 +155,21 @@ def test_a_full_disk_at_the_checkpoint_cuts_the_file_back(tmp_path: Path) -> Non
 def test_commit_syncs_before_it_writes_the_checkpoint(tmp_path: Path) -> None:
     """The order is fsync, then checkpoint: seen through the calls the thread makes."""
     out = tmp_path / "o.csv"
-    sink, cp = start(out)
+    dest, cp = start(out)
     calls: list[str] = []
-    real_sync = sink.sync
+    real_sync = dest.sync
 
     def sync() -> None:
         calls.append("sync")
         real_sync()
         calls.append(f"checkpoint on disk: {os.path.exists(checkpoint_path(out))}")
 
-    sink.sync = sync  # type: ignore[method-assign]
-    committer = _Committer(sink, out, cp)
+    dest.sync = sync  # type: ignore[method-assign]
+    committer = _Committer(dest, out, cp)
     try:
-        committer.submit(chunk(sink, cp, b"1,a\n", "1"))
+        committer.submit(chunk(dest, cp, b"1,a\n", "1"))
         committer.wait()
     finally:
-        sink.close()
+        dest.close()
     assert calls == ["sync", "checkpoint on disk: False"]
     assert load_checkpoint(out) is not None

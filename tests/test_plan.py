@@ -1,4 +1,5 @@
-"""Unit tests of copystream.plan: key choice, query composition, adaptive chunk sizing.
+"""Unit tests of planning: key choice and resolution (copystream.table), query composition
+(copystream.queries), adaptive chunk sizing (copystream.sizing), introspection (copystream.catalog).
 
 Almost everything here is pure. A few tests run the composed SQL on a real server (``dsn``) to
 prove that quoting, row comparison and the parenthesised filter do what the rendered text says.
@@ -14,24 +15,27 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from copystream.catalog import introspect
 from copystream.errors import KeyProblem, UsageError
-from copystream.plan import (
+from copystream.queries import bound_query, copy_query, last_key_query
+from copystream.sizing import (
     FIRST_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
     MIN_CHUNK_ROWS,
     SMALL_TABLE_BYTES,
     TARGET_CHUNK_SECONDS,
-    CopyOptions,
-    IndexInfo,
-    ResolvedTable,
-    bound_query,
-    choose_key,
-    copy_query,
     first_chunk_rows,
-    introspect,
-    last_key_query,
     many_chunks_warning,
     next_chunk_rows,
+)
+from copystream.spec import CopyOptions
+from copystream.table import (
+    IndexInfo,
+    ResolvedTable,
+    TableFacts,
+    choose_key,
+    next_null_check,
+    resolve,
 )
 
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
@@ -90,7 +94,7 @@ def test_unusable_index_is_not_a_key() -> None:
 def test_no_key_names_the_table_and_suggests_key_option() -> None:
     with pytest.raises(KeyProblem) as ei:
         choose(indexes=[])
-    msg = str(ei.value)
+    msg = ei.value.worded("cli")  # the command's words; str(e) says key= instead
     assert "public.t" in msg
     assert "--key" in msg
     assert ei.value.exit_code == 2
@@ -146,6 +150,151 @@ def test_explicit_key_order_is_kept() -> None:
     assert key == ("b", "a")
     assert unique  # {a, b} is unique whatever the order
     assert indexed  # unique implies it is reported as supported
+
+
+# -- resolve (pure) -----------------------------------------------------------------------------
+
+
+def make_facts(**changes: object) -> TableFacts:
+    base = TableFacts(
+        oid=1,
+        schema="public",
+        name="t",
+        qualified="public.t",
+        relkind="r",
+        reltuples=1000,
+        relbytes=65536,
+        can_select=True,
+        attributes=(("id", "integer", True), ("code", "text", False), ("note", "text", False)),
+        unique_indexes=(PK,),
+        index_columns=(("id",),),
+        has_children=False,
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_resolve_table_with_a_primary_key() -> None:
+    facts = make_facts()
+    assert next_null_check(facts, key=None, checked={}) is None  # a table declares NOT NULL
+    t = resolve(facts)
+    assert (t.key, t.key_types, t.key_source, t.key_unique, t.key_indexed) == (
+        ("id",),
+        ("integer",),
+        "primary key",
+        True,
+        True,
+    )
+    assert t.columns == ("id", "code", "note")
+    assert (t.estimated_rows, t.estimated_bytes) == (1000, 65536)
+    assert t.warnings == ()
+    assert (t.oid, t.schema, t.name, t.qualified, t.relkind) == (1, "public", "t", "public.t", "r")
+    never_analyzed = resolve(make_facts(reltuples=-1), columns=["NOTE", '"id"'], where="id > 0")
+    assert never_analyzed.estimated_rows is None
+    assert never_analyzed.columns == ("note", "id")
+    assert never_analyzed.where == "id > 0"
+
+
+def test_resolve_view_with_explicit_key_found_null_free() -> None:
+    view = make_facts(
+        relkind="v",
+        qualified="public.v",
+        attributes=(("id", "integer", False), ("note", "text", False)),
+        unique_indexes=(),
+        index_columns=(),
+    )
+    # The decision asks for exactly one check, then has enough.
+    assert next_null_check(view, key=["ID"], checked={}) == ("id",)
+    assert next_null_check(view, key=["ID"], checked={("id",): True}) is None
+    assert next_null_check(view, key=["ID"], checked={("id",): False}) is None
+    t = resolve(view, key=["ID"], null_free_columns={("id",)})
+    assert (t.key, t.key_source, t.key_unique, t.key_indexed) == (("id",), "--key", False, False)
+    assert t.warnings[0] == (
+        "public.v is a view: NOT NULL of key column(s) id cannot be declared, "
+        "but no NULL is there now"
+    )
+    assert any("no index starts with the key (id)" in w for w in t.warnings)
+    assert any("not provably unique" in w for w in t.warnings)
+    # A NULL found (or no check made): the key is refused as nullable.
+    with pytest.raises(KeyProblem) as ei:
+        resolve(view, key=["id"])
+    assert "nullable" in str(ei.value)
+
+
+def test_resolve_matview_pages_by_its_unique_index() -> None:
+    first = IndexInfo("mv_code_key", ("code",), primary=False, usable=True)
+    second = IndexInfo("mv_id_key", ("id",), primary=False, usable=True)
+    mv = make_facts(
+        relkind="m",
+        qualified="public.mv",
+        attributes=(("id", "integer", False), ("code", "text", False), ("note", "text", False)),
+        unique_indexes=(first, second),
+        index_columns=(("code",), ("id",)),
+    )
+    # One index at a time, in order, until one holds no NULL: no scan more than needed.
+    assert next_null_check(mv, key=None, checked={}) == ("code",)
+    assert next_null_check(mv, key=None, checked={("code",): False}) == ("id",)
+    assert next_null_check(mv, key=None, checked={("code",): True}) is None
+    t = resolve(mv, null_free_columns={("id",)})
+    assert (t.key, t.key_source, t.key_unique, t.key_indexed) == (
+        ("id",),
+        "unique index mv_id_key",
+        True,
+        True,
+    )
+    assert t.warnings == (
+        "public.mv is a materialized view: NOT NULL of the columns of its unique index "
+        "mv_id_key cannot be declared, but no NULL is there now",
+    )
+    with pytest.raises(KeyProblem) as ei:
+        resolve(mv)  # NULLs in both
+    assert "no primary key and no unique index over NOT NULL columns" in str(ei.value)
+
+
+def test_resolve_inheritance_children_make_the_key_not_unique() -> None:
+    t = resolve(make_facts(has_children=True))
+    assert (t.key, t.key_source, t.key_unique, t.key_indexed) == (
+        ("id",),
+        "primary key",
+        False,
+        True,
+    )
+    assert t.warnings == (
+        "public.t has inheritance children, which its primary key does not cover: the key is "
+        "paged as not unique (rows that tie on it are kept in one chunk)",
+    )
+    # A partitioned table's partitions are children too, but its primary key covers them.
+    p = resolve(make_facts(relkind="p", has_children=True, partition_rows=7, partition_bytes=9))
+    assert p.key_unique is True and p.warnings == ()
+    assert (p.estimated_rows, p.estimated_bytes) == (7, 9)
+
+
+def test_resolve_warns_when_no_index_supports_the_key() -> None:
+    facts = make_facts(attributes=(("id", "integer", True), ("code", "text", True)))
+    t = resolve(facts, key=["code"])
+    assert (t.key, t.key_unique, t.key_indexed) == (("code",), False, False)
+    assert t.warnings == (
+        "no index starts with the key (code) of public.t: every chunk will scan the table; "
+        "create one or choose an indexed --key",
+        "key (code) of public.t is not provably unique: rows that tie on it are kept in one "
+        "chunk, but their order within the tie is not defined",
+    )
+    # A non-unique index whose first column is the key supports it.
+    with_index = dataclasses.replace(facts, index_columns=(("id",), ("code", "id")))
+    indexed = resolve(with_index, key=["code"])
+    assert indexed.key_indexed is True
+    assert not any("no index" in w for w in indexed.warnings)
+
+
+def test_resolve_refuses_what_cannot_be_exported() -> None:
+    with pytest.raises(KeyProblem) as ei:
+        resolve(make_facts(), key=["nope"])
+    assert "'nope' does not exist in public.t" in str(ei.value)
+    with pytest.raises(UsageError) as ui:
+        resolve(make_facts(), columns=["nope"])
+    assert "column 'nope' does not exist in public.t" in str(ui.value)
+    with pytest.raises(UsageError) as pi:
+        resolve(make_facts(can_select=False))
+    assert "permission denied" in str(pi.value)
 
 
 # -- query composition ---------------------------------------------------------------------------
@@ -475,4 +624,4 @@ def test_introspect_key_sources_and_index_detection(dsn: str, run_sql: RunSql) -
         assert any("no index starts with the key (b)" in w for w in gb.warnings)
         with pytest.raises(KeyProblem) as ei:
             introspect(conn, "g")
-        assert "public.g" in str(ei.value) and "--key" in str(ei.value)
+        assert "public.g" in str(ei.value) and "--key" in ei.value.worded("cli")

@@ -23,14 +23,14 @@ from helpers import read_manifest
 from psycopg import sql
 
 from copystream import export_table, verify_file
-from copystream.plan import (
+from copystream.catalog import introspect
+from copystream.sizing import (
     FIRST_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
     MIN_CHUNK_ROWS,
     SMALL_TABLE_BYTES,
     TARGET_CHUNK_SECONDS,
     first_chunk_rows,
-    introspect,
     next_chunk_rows,
 )
 from copystream.testing import EphemeralPostgres

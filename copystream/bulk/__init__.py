@@ -10,7 +10,7 @@ skipped, unfinished ones resume from their checkpoints, failed ones are tried ag
 report, ``copystream-report.json`` in the output directory, is rewritten atomically as tables
 finish.
 
-Each table runs in a worker process of its own (``python -m copystream._bulk_worker``, not a
+Each table runs in a worker process of its own (``python -m copystream._worker``, not a
 pool), so a worker that dies (the OOM killer, a crash) fails only its own table; workers are
 killed if the coordinating process dies (``PR_SET_PDEATHSIG``, as in
 :mod:`copystream.pool`), so a re-run never races an orphan.

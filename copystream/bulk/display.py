@@ -10,13 +10,10 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import IO, Any
 
+from ..progress import _mb, _rich_bar
 from .outcome import BulkProgress, BulkResult, TableOutcome, _totals
 
 log = logging.getLogger("copystream")
-
-
-def _mb(n: float | None) -> str:
-    return "-" if n is None else f"{n / 1e6:,.1f} MB"
 
 
 def _num(n: int | None) -> str:
@@ -154,19 +151,12 @@ class BulkBarReporter:
     of the ``copystream`` logger are printed above the view meanwhile."""
 
     def __init__(self, file: IO[str] | None = None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
-        from rich.progress import Progress as RichProgress
-
-        self._bar = RichProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed:>12,.0f} rows"),
-            TextColumn("{task.fields[mb]:>12}"),
-            TextColumn("{task.fields[rate]:>12}"),
-            TimeRemainingColumn(),
-            console=Console(file=file, stderr=file is None),
-            transient=False,
+        self._bar = _rich_bar(
+            file,
+            "{task.description}",
+            "{task.completed:>12,.0f} rows",
+            "{task.fields[mb]:>12}",
+            "{task.fields[rate]:>12}",
         )
         self._job: Any = None
         self._tasks: dict[str, Any] = {}

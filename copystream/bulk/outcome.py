@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..export import ExportResult
-from ..progress import Progress
+from ..progress import Progress, _Pace
 from .resolve import _Task
 
 
@@ -108,19 +108,27 @@ class BulkResult:
         }
 
 
+#: The statuses the totals always count (0 if no table has them), in the report's key order.
+_STATUSES = ("done", "skipped", "failed", "pending")
+
+
 def _totals(tables: Sequence[TableOutcome]) -> dict[str, int]:
-    out = {"tables": len(tables), "rows": 0, "bytes": 0}
-    for status in ("done", "skipped", "failed", "pending"):
-        out[status] = 0
-    for t in tables:
-        out[t.status] = out.get(t.status, 0) + 1
-        out["rows"] += t.rows
-        out["bytes"] += t.bytes
+    return _tally([(t.status, t.rows, t.bytes) for t in tables], _STATUSES)
+
+
+def _tally(tables: Sequence[tuple[str, int, int]], statuses: Sequence[str]) -> dict[str, int]:
+    """The totals of tables given as ``(status, rows, bytes)``: tables, rows and bytes, then the
+    tables of each status (each of ``statuses`` first)."""
+    out = {"tables": len(tables), "rows": 0, "bytes": 0, **dict.fromkeys(statuses, 0)}
+    for status, rows, nbytes in tables:
+        out[status] = out.get(status, 0) + 1
+        out["rows"] += rows
+        out["bytes"] += nbytes
     return out
 
 
 @dataclass(frozen=True)
-class BulkProgress:
+class BulkProgress(_Pace):
     """A snapshot of a running bulk job, passed to ``run_bulk(progress=...)``.
 
     ``running`` holds the latest :class:`~copystream.Progress` of each table being exported;
@@ -149,19 +157,6 @@ class BulkProgress:
     def failed(self) -> int:
         """Tables that failed so far."""
         return sum(1 for o in self.outcomes if not o.ok)
-
-    @property
-    def rate(self) -> float:
-        """Bytes per second written by this run."""
-        return (self.bytes - self.start_bytes) / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta(self) -> float | None:
-        """Seconds left by the estimated row counts, or ``None`` when unknown."""
-        here = self.rows - self.start_rows
-        if not self.estimated_rows or here <= 0 or self.elapsed <= 0:
-            return None
-        return max(self.estimated_rows - self.rows, 0) * self.elapsed / here
 
 
 def _outcome(task: _Task, status: str, **kw: Any) -> TableOutcome:
@@ -194,24 +189,3 @@ def _from_result(task: _Task, r: ExportResult) -> TableOutcome:
 
 def _key_source(source: str) -> str:
     return "the plan's key" if source == "--key" else source
-
-
-#: The export command's words in export_table's messages, and what a plan says instead.
-_PLAN_WORDS = (
-    ("pass --restart or --force to overwrite it", "delete it to export the table again"),
-    (
-        "pass --restart to discard it and start from zero",
-        "delete the output and the files beside it to start from zero",
-    ),
-    ("with --key", "with key = in the plan"),
-    ("--key", "key"),
-    ("--where", "where"),
-    ("--columns", "columns"),
-)
-
-
-def _in_plan_terms(message: str) -> str:
-    """``message`` with the export command's option names put as a plan names them."""
-    for old, new in _PLAN_WORDS:
-        message = message.replace(old, new)
-    return message

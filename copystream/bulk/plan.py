@@ -15,7 +15,7 @@ from typing import Any
 
 from ..connection import Target
 from ..errors import CopystreamError, UsageError
-from ..spec import CopyOptions
+from ..spec import ExportSpec, RunOptions, build, option_fields
 from .names import parse_name_pattern
 
 #: The job report, in the plan's output directory.
@@ -44,8 +44,9 @@ class PlanError(UsageError):
 class PlanEntry:
     """One ``[[tables]]`` entry of a plan, with the ``[defaults]`` merged in.
 
-    Exactly one of ``name`` (one table) and ``pattern`` (any number) is set. The options are
-    those of :func:`copystream.export_table`.
+    Exactly one of ``name`` (one table) and ``pattern`` (any number) is set. ``spec`` and
+    ``run`` hold the entry's export options (``spec.table`` is left empty: each table the
+    entry selects fills it in, :meth:`spec_for`).
     """
 
     index: int  # position in the plan's tables array (0-based)
@@ -55,38 +56,17 @@ class PlanEntry:
     exclude: tuple[str, ...] = ()
     output: str | None = None  # as written (relative to the output directory)
     dsn: str | None = field(default=None, repr=False)
-    key: tuple[str, ...] | None = None
-    columns: tuple[str, ...] | None = None
-    where: str | None = None
-    chunk_rows: int | None = None
-    options: CopyOptions = field(default_factory=CopyOptions)
-    retries: int = 5
-    retry_budget: float = 900.0
-    io_timeout: float = 300.0
-    statement_timeout: float | None = None
-    workers: int = 1
-    consistent: bool = False
+    spec: ExportSpec = field(default_factory=lambda: ExportSpec(""))
+    run: RunOptions = field(default_factory=RunOptions)
 
     @property
     def label(self) -> str:
         """``tables[N]``: how messages and the report refer to this entry."""
         return f"tables[{self.index}]"
 
-    def export_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`copystream.export_table` for a table of this entry."""
-        return {
-            "key": list(self.key) if self.key else None,
-            "columns": list(self.columns) if self.columns else None,
-            "where": self.where,
-            "chunk_rows": self.chunk_rows,
-            "options": self.options,
-            "retries": self.retries,
-            "retry_budget": self.retry_budget,
-            "io_timeout": self.io_timeout,
-            "statement_timeout": self.statement_timeout,
-            "workers": self.workers,
-            "consistent": self.consistent,
-        }
+    def spec_for(self, table: str) -> ExportSpec:
+        """What this entry exports of ``table``."""
+        return replace(self.spec, table=table)
 
 
 @dataclass(frozen=True)
@@ -113,18 +93,6 @@ class BulkPlan:
         return sorted(set(out), key=len, reverse=True)  # longest first: a DSN before its password
 
 
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
-def _names(v: object) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
-
-
 def _check_dsn(v: object) -> str | None:
     if not isinstance(v, str):
         return "expected a string"
@@ -147,56 +115,34 @@ def _check(
     return check
 
 
+#: TOML's name for each Python type tomllib returns, in the order to test them (bool is an int).
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "a boolean"),
+    (int, "an integer"),
+    (float, "a float"),
+    (str, "a string"),
+    (list, "an array"),
+    (dict, "a table"),
+)
+
+
 def _toml_type(v: object) -> str:
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a float"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    if isinstance(v, dict):
-        return "a table"
-    return type(v).__name__
-
-
-def _str(v: object) -> bool:
-    return isinstance(v, str)
+    return next((name for t, name in _TOML_TYPES if isinstance(v, t)), type(v).__name__)
 
 
 def _nonempty(v: object) -> bool:
     return isinstance(v, str) and bool(v)
 
 
-#: Options allowed in ``[defaults]`` and in each ``[[tables]]`` entry, with their checks.
+def _names(v: object) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, str) and x for x in v)
+
+
+#: Options allowed in ``[defaults]`` and in each ``[[tables]]`` entry, with their checks: the
+#: export options a plan may set (declared in copystream.spec), and the connection string.
 _OPTIONS: dict[str, Callable[[object], str | None]] = {
     "dsn": _check_dsn,
-    "key": _check(lambda v: _nonempty(v) or _names(v), "a column name or an array of them"),
-    "columns": _check(_names, "a non-empty array of column names"),
-    "where": _check(_str, "a string (an SQL filter)"),
-    "chunk_rows": _check(lambda v: _is_int(v) and int(str(v)) >= 0, "an integer >= 0"),
-    "header": _check(lambda v: isinstance(v, bool), "true or false"),
-    "format": _check(lambda v: v in ("csv", "text"), '"csv" or "text"'),
-    "delimiter": _check(_str, "a string"),
-    "null": _check(_str, "a string"),
-    "quote": _check(_str, "a string"),
-    "escape": _check(_str, "a string"),
-    "force_quote": _check(
-        lambda v: v == "*" or isinstance(v, bool) or _names(v),
-        '"*", true, or an array of column names',
-    ),
-    "encoding": _check(_nonempty, "an encoding name"),
-    "retries": _check(lambda v: _is_int(v) and int(str(v)) >= 0, "an integer >= 0"),
-    "retry_budget": _check(lambda v: _is_number(v) and float(str(v)) >= 0, "seconds >= 0"),
-    "io_timeout": _check(lambda v: _is_number(v) and float(str(v)) >= 0.1, "seconds >= 0.1"),
-    "statement_timeout": _check(
-        lambda v: _is_number(v) and float(str(v)) >= 0.001, "seconds >= 0.001"
-    ),
-    "workers": _check(lambda v: _is_int(v) and int(str(v)) >= 1, "an integer >= 1"),
-    "consistent": _check(lambda v: isinstance(v, bool), "true or false"),
+    **{name: _check(opt.kind.ok, opt.kind.want) for name, opt, _ in option_fields() if opt.plan},
 }
 _DEFAULTS_ONLY: dict[str, Callable[[object], str | None]] = {
     "output_dir": _check(_nonempty, "a directory path"),
@@ -209,6 +155,9 @@ _ENTRY_ONLY: dict[str, Callable[[object], str | None]] = {
         lambda v: _nonempty(v) and not str(v).endswith("/"), "a file path (not a directory)"
     ),
 }
+#: Every key allowed in ``[defaults]`` and in a ``[[tables]]`` entry, with its check.
+_DEFAULTS_KEYS = {**_OPTIONS, **_DEFAULTS_ONLY}
+_ENTRY_KEYS = {**_OPTIONS, **_ENTRY_ONLY}
 
 
 class _Locator:
@@ -252,8 +201,6 @@ class _Locator:
             start = self.defaults()
         else:
             start = self.entry(int(where[len("tables[") : -1]))
-            if start is None:
-                return None
         if start is None:
             return None
         return self._key_line(start, key) if key else start
@@ -276,6 +223,40 @@ def default_output(schema: str, table: str, fmt: str) -> str:
     return f"{schema}.{table}.{ext}".replace("/", "_")
 
 
+class _Problems:
+    """The problems found in a plan, each with its place: all reported at once, in file order."""
+
+    def __init__(self, source: str, loc: _Locator) -> None:
+        self.source = source
+        self.loc = loc
+        self.found: list[tuple[int, str]] = []  # (line, problem)
+
+    def add(self, where: str, key: str | None, message: str) -> None:
+        """Record ``message`` about ``key`` of ``where`` ("top", "defaults" or "tables[N]")."""
+        line = self.loc.at(where, key)
+        place = f"{self.source}:{line}" if line is not None else self.source
+        path = where if where != "top" else ""
+        if key is not None:
+            path = f"{path}.{key}" if path else key
+        text = f"{place}: {path}: {message}" if path else f"{place}: {message}"
+        self.found.append((line or 0, text))
+
+    def add_unplaced(self, message: str) -> None:
+        """Record a problem of the whole file (it sorts first)."""
+        self.found.append((0, f"{self.source}: {message}"))
+
+    def unknown(self, where: str, key: str, allowed: Sequence[str]) -> None:
+        """Record an unknown key, with the closest allowed one as a hint."""
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        self.add(where, key, f"unknown key{hint}")
+
+    def raise_if_any(self) -> None:
+        """Raise :class:`PlanError` listing every problem by line, if there is any."""
+        if self.found:
+            raise PlanError([text for _, text in sorted(self.found, key=lambda f: f[0])])
+
+
 def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None) -> BulkPlan:
     """Parse and validate the TOML text of a plan. Pure (no file or server is touched).
 
@@ -288,152 +269,166 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PlanError([f"{source}: not valid TOML: {e}"]) from e
-    loc = _Locator(text)
-    found: list[tuple[int, str]] = []  # (line, problem): reported in the file's order
-
-    def problem(where: str, key: str | None, message: str) -> None:
-        line = loc.at(where, key)
-        place = f"{source}:{line}" if line is not None else source
-        path = where if where != "top" else ""
-        if key is not None:
-            path = f"{path}.{key}" if path else key
-        found.append((line or 0, f"{place}: {path}: {message}" if path else f"{place}: {message}"))
-
-    def unknown(where: str, key: str, allowed: Sequence[str]) -> None:
-        close = difflib.get_close_matches(key, allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        problem(where, key, f"unknown key{hint}")
-
+    problems = _Problems(source, _Locator(text))
     for key in doc:
         if key not in ("defaults", "tables"):
-            unknown("top", key, ["defaults", "tables"])
+            problems.unknown("top", key, ["defaults", "tables"])
+    defaults = _parse_defaults(doc.get("defaults", {}), problems)
+    output_dir = base / str(defaults.get("output_dir", "."))
+    checker = _EntryChecker(problems, defaults, output_dir)
+    entries = [checker.check(i, raw) for i, raw in enumerate(_tables_array(doc, problems))]
+    problems.raise_if_any()
+    kept = tuple(e for e in entries if e is not None)
+    return BulkPlan(path=Path(source), output_dir=output_dir, entries=kept)
 
-    defaults: dict[str, Any] = {}
-    raw_defaults = doc.get("defaults", {})
-    if not isinstance(raw_defaults, dict):
-        problem("top", "defaults", "expected a table ([defaults])")
-        raw_defaults = {}
-    for key, value in raw_defaults.items():
-        check = _OPTIONS.get(key) or _DEFAULTS_ONLY.get(key)
+
+def _parse_defaults(raw: object, problems: _Problems) -> dict[str, Any]:
+    """The ``[defaults]`` that pass their checks."""
+    if not isinstance(raw, dict):
+        problems.add("top", "defaults", "expected a table ([defaults])")
+        return {}
+    why = "not allowed in [defaults] (it belongs in a [[tables]] entry)"
+    return _checked_keys(problems, "defaults", raw, _DEFAULTS_KEYS, elsewhere=_ENTRY_ONLY, why=why)
+
+
+def _checked_keys(
+    problems: _Problems,
+    where: str,
+    raw: Mapping[str, Any],
+    allowed: Mapping[str, Callable[[object], str | None]],
+    *,
+    elsewhere: Mapping[str, object],
+    why: str,
+) -> dict[str, Any]:
+    """The keys of ``raw`` that pass their checks; the others are recorded as problems (``why``
+    for the keys that belong ``elsewhere``)."""
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        check = allowed.get(key)
         if check is None:
-            why = " (it belongs in a [[tables]] entry)" if key in _ENTRY_ONLY else ""
-            if why:
-                problem("defaults", key, f"not allowed in [defaults]{why}")
+            if key in elsewhere:
+                problems.add(where, key, why)
             else:
-                unknown("defaults", key, [*_OPTIONS, *_DEFAULTS_ONLY])
+                problems.unknown(where, key, list(allowed))
             continue
         msg = check(value)
         if msg:
-            problem("defaults", key, msg)
+            problems.add(where, key, msg)
         else:
-            defaults[key] = value
+            values[key] = value
+    return values
 
-    raw_tables = doc.get("tables")
-    if raw_tables is None:
-        found.append((0, f"{source}: the plan has no [[tables]] entry: nothing to export"))
-        raw_tables = []
-    elif not isinstance(raw_tables, list):
-        problem("top", "tables", "expected an array of tables ([[tables]])")
-        raw_tables = []
 
-    fmt_default = str(defaults.get("format", "csv"))
-    output_dir = base / str(defaults.get("output_dir", "."))
-    entries: list[PlanEntry] = []
-    seen_names: dict[tuple[str | None, str], str] = {}
-    seen_outputs: dict[str, str] = {}
-    for i, raw in enumerate(raw_tables):
-        where = f"tables[{i}]"
+def _tables_array(doc: Mapping[str, Any], problems: _Problems) -> list[Any]:
+    """The ``[[tables]]`` array (empty, with a problem recorded, when missing or not one)."""
+    raw = doc.get("tables")
+    if raw is None:
+        problems.add_unplaced("the plan has no [[tables]] entry: nothing to export")
+        return []
+    if not isinstance(raw, list):
+        problems.add("top", "tables", "expected an array of tables ([[tables]])")
+        return []
+    return raw
+
+
+class _EntryChecker:
+    """Checks the ``[[tables]]`` entries in order, remembering the names and outputs seen."""
+
+    def __init__(self, problems: _Problems, defaults: dict[str, Any], output_dir: Path) -> None:
+        self.problems = problems
+        self.defaults = defaults
+        self.output_dir = output_dir
+        self.seen_names: dict[tuple[str | None, str], str] = {}  # folded name -> tables[N]
+        self.seen_outputs: dict[str, str] = {}  # normalized path -> tables[N]
+
+    def check(self, index: int, raw: object) -> PlanEntry | None:
+        """Entry ``index`` with the defaults merged in (None if it is not a table at all)."""
+        where = f"tables[{index}]"
         if not isinstance(raw, dict):
-            problem(where, None, f"expected a table, got {_toml_type(raw)}")
-            continue
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            check = _OPTIONS.get(key) or _ENTRY_ONLY.get(key)
-            if check is None:
-                if key in _DEFAULTS_ONLY:
-                    problem(where, key, "allowed only in [defaults]")
-                else:
-                    unknown(where, key, [*_OPTIONS, *_ENTRY_ONLY])
-                continue
-            msg = check(value)
-            if msg:
-                problem(where, key, msg)
-            else:
-                values[key] = value
-        name, pattern = values.get("name"), values.get("pattern")
-        if ("name" in raw) == ("pattern" in raw):
-            problem(where, None, "give either name = (one table) or pattern = (a pattern)")
-        if "exclude" in raw and "pattern" not in raw:
-            problem(where, "exclude", "allowed only with pattern =")
-        if "output" in raw and "pattern" in raw:
-            problem(where, "output", "not allowed with pattern = (each table gets its own file)")
-        named_twice = False
-        if isinstance(name, str):
-            folded = _fold_name(name)
-            try:
-                parsed = parse_name_pattern(name)
-            except ValueError as e:
-                problem(where, "name", f"{name!r} is not a valid table name: {e}")
-            else:
-                if parsed.wild:
-                    problem(where, "name", f"{name!r} has wildcards: use pattern = for those")
-            if folded is not None:
-                other = seen_names.get(folded)
-                if other is not None:
-                    problem(where, "name", f"{name!r} is named twice (also in {other})")
-                    named_twice = True
-                else:
-                    seen_names[folded] = where
-        excludes: list[str] = []
-        for key, texts in (("pattern", [pattern]), ("exclude", values.get("exclude", []))):
-            for t in [texts] if isinstance(texts, str) else texts:
-                if not isinstance(t, str):
-                    continue
-                try:
-                    parse_name_pattern(t)
-                except ValueError as e:
-                    problem(where, key, f"{t!r} is not a valid pattern: {e}")
-                if key == "exclude":
-                    excludes.append(t)
-        merged = {**defaults, **values}
-        fmt = str(merged.get("format", fmt_default))
+            self.problems.add(where, None, f"expected a table, got {_toml_type(raw)}")
+            return None
+        why = "allowed only in [defaults]"
+        values = _checked_keys(
+            self.problems, where, raw, _ENTRY_KEYS, elsewhere=_DEFAULTS_ONLY, why=why
+        )
+        self._check_selection(where, raw)
+        name = values.get("name")
+        named_twice = isinstance(name, str) and self._check_name(where, name)
+        excludes = self._check_patterns(where, values)
+        merged = {**self.defaults, **values}
         if isinstance(name, str) and not named_twice:
-            # The default output is known before the server is asked only for a name with a
-            # schema; the others are checked again once resolved (still before anything runs).
-            folded = _fold_name(name)
-            out = values.get("output")
-            if out is None and folded is not None and folded[0] is not None:
-                out = default_output(folded[0], folded[1], fmt)
-            if isinstance(out, str):
-                norm = os.path.normpath(output_dir / out)
-                other = seen_outputs.get(norm)
-                if other is not None:
-                    problem(where, "output", f"{out!r} is also the output of {other}")
-                else:
-                    seen_outputs[norm] = where
-                if Path(norm).name == REPORT_NAME:
-                    problem(where, "output", f"{REPORT_NAME} is the job report's name")
-        entries.append(_entry(i, loc.entry(i), merged, excludes))
+            self._check_output(where, name, values.get("output"), str(merged.get("format", "csv")))
+        return _entry(index, self.problems.loc.entry(index), merged, excludes)
 
-    if found:
-        raise PlanError([text for _, text in sorted(found, key=lambda f: f[0])])
-    return BulkPlan(path=Path(source), output_dir=output_dir, entries=tuple(entries))
+    def _check_selection(self, where: str, raw: Mapping[str, Any]) -> None:
+        """Exactly one of name and pattern; exclude only with a pattern, output only without."""
+        if ("name" in raw) == ("pattern" in raw):
+            self.problems.add(
+                where, None, "give either name = (one table) or pattern = (a pattern)"
+            )
+        if "exclude" in raw and "pattern" not in raw:
+            self.problems.add(where, "exclude", "allowed only with pattern =")
+        if "output" in raw and "pattern" in raw:
+            self.problems.add(
+                where, "output", "not allowed with pattern = (each table gets its own file)"
+            )
+
+    def _check_name(self, where: str, name: str) -> bool:
+        """Check an explicit table name; whether an earlier entry named the same table."""
+        try:
+            parsed = parse_name_pattern(name)
+        except ValueError as e:
+            self.problems.add(where, "name", f"{name!r} is not a valid table name: {e}")
+        else:
+            if parsed.wild:
+                self.problems.add(where, "name", f"{name!r} has wildcards: use pattern = for those")
+        folded = _fold_name(name)
+        if folded is None:
+            return False
+        other = self.seen_names.get(folded)
+        if other is not None:
+            self.problems.add(where, "name", f"{name!r} is named twice (also in {other})")
+            return True
+        self.seen_names[folded] = where
+        return False
+
+    def _check_patterns(self, where: str, values: Mapping[str, Any]) -> list[str]:
+        """Check the pattern and the excludes; the excludes as a list."""
+        exclude = values.get("exclude", [])
+        excludes = [exclude] if isinstance(exclude, str) else list(exclude)
+        texts = [("pattern", values.get("pattern")), *(("exclude", x) for x in excludes)]
+        for key, t in texts:
+            if not isinstance(t, str):
+                continue
+            try:
+                parse_name_pattern(t)
+            except ValueError as e:
+                self.problems.add(where, key, f"{t!r} is not a valid pattern: {e}")
+        return excludes
+
+    def _check_output(self, where: str, name: str, output: str | None, fmt: str) -> None:
+        """Check that a named entry's output is its own and is not the job report."""
+        # The default output is known before the server is asked only for a name with a
+        # schema; the others are checked again once resolved (still before anything runs).
+        folded = _fold_name(name)
+        out = output
+        if out is None and folded is not None and folded[0] is not None:
+            out = default_output(folded[0], folded[1], fmt)
+        if out is None:
+            return
+        norm = os.path.normpath(self.output_dir / out)
+        other = self.seen_outputs.get(norm)
+        if other is not None:
+            self.problems.add(where, "output", f"{out!r} is also the output of {other}")
+        else:
+            self.seen_outputs[norm] = where
+        if Path(norm).name == REPORT_NAME:
+            self.problems.add(where, "output", f"{REPORT_NAME} is the job report's name")
 
 
 def _entry(index: int, line: int | None, v: Mapping[str, Any], exclude: list[str]) -> PlanEntry:
-    key = v.get("key")
-    fq = v.get("force_quote", ())
-    options = CopyOptions(
-        format=str(v.get("format", "csv")),
-        header=bool(v.get("header", False)),
-        delimiter=v.get("delimiter"),
-        null=v.get("null"),
-        quote=v.get("quote"),
-        escape=v.get("escape"),
-        force_quote=True if fq == "*" or fq is True else tuple(fq) if fq else (),
-        encoding=v.get("encoding"),
-    )
-    timeout = v.get("statement_timeout")
+    options = {k: value for k, value in v.items() if k in _OPTIONS and k != "dsn"}
+    spec, run = build("", **options)
     return PlanEntry(
         index=index,
         line=line,
@@ -442,17 +437,8 @@ def _entry(index: int, line: int | None, v: Mapping[str, Any], exclude: list[str
         exclude=tuple(exclude),
         output=v.get("output"),
         dsn=v.get("dsn"),
-        key=(key,) if isinstance(key, str) else tuple(key) if key else None,
-        columns=tuple(v["columns"]) if v.get("columns") else None,
-        where=v.get("where"),
-        chunk_rows=v.get("chunk_rows"),
-        options=options,
-        retries=int(v.get("retries", 5)),
-        retry_budget=float(v.get("retry_budget", 900.0)),
-        io_timeout=float(v.get("io_timeout", 300.0)),
-        statement_timeout=float(timeout) if timeout is not None else None,
-        workers=int(v.get("workers", 1)),
-        consistent=bool(v.get("consistent", False)),
+        spec=spec,
+        run=run,
     )
 
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .._atomic import atomic_write
-from .outcome import TableOutcome, _outcome
+from .outcome import _STATUSES, TableOutcome, _outcome, _tally
 from .plan import BulkPlan
 from .resolve import _Task
 
@@ -50,13 +50,8 @@ class _Report:
 
     def write(self, *, finished: bool, warnings: Sequence[str], seconds: float) -> None:
         tables = [self.rows[i] for i in self.order]
-        totals: dict[str, int] = {"tables": len(tables), "rows": 0, "bytes": 0}
-        for status in ("done", "skipped", "failed", "pending", "not run"):
-            totals[status] = 0
-        for t in tables:
-            totals[t["status"]] = totals.get(t["status"], 0) + 1
-            totals["rows"] += int(t["rows"])
-            totals["bytes"] += int(t["bytes"])
+        counts = [(t["status"], int(t["rows"]), int(t["bytes"])) for t in tables]
+        totals = _tally(counts, (*_STATUSES, "not run"))
         doc = {
             "version": REPORT_VERSION,
             "kind": "copystream-bulk-report",

@@ -15,7 +15,7 @@ import psycopg
 
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
-from ..export import first_connect
+from ..pipeline import first_connect
 from .names import NamePattern, parse_name_pattern
 from .plan import BulkPlan, PlanEntry, PlanError, _fold_name, default_output
 
@@ -149,77 +149,105 @@ def resolve(
     two patterns matching one table the first wins. Two explicit entries naming the same table,
     or two tables writing one output, raise :class:`PlanError`.
     """
-    tasks: list[_Task] = []
-    warnings: list[str] = []
-    problems: list[str] = []
-    claimed: dict[tuple[str, int], PlanEntry] = {}
-    source = str(plan.path)
+    r = _Resolver(plan, catalogs, lookups)
+    for e in plan.entries:  # explicit names first: they win over patterns
+        if e.name is not None:
+            r.add_named(e, e.name)
+    for e in plan.entries:
+        if e.pattern is not None:
+            r.add_matched(e, e.pattern)
+    r.check_outputs()
+    if r.problems:
+        raise PlanError(r.problems)
+    order = {id(t): i for i, t in enumerate(r.tasks)}
+    tasks = sorted(r.tasks, key=lambda t: (t.entry.index, order[id(t)]))
+    return _Resolution(tuple(tasks), tuple(r.warnings))
 
-    def where(e: PlanEntry) -> str:
+
+class _Resolver:
+    """One :func:`resolve` under way: the tasks so far, the tables they claim, what is wrong."""
+
+    def __init__(
+        self,
+        plan: BulkPlan,
+        catalogs: Mapping[str, dict[int, Relation] | str],
+        lookups: Mapping[tuple[str, str], int | str],
+    ) -> None:
+        self.plan = plan
+        self.catalogs = catalogs
+        self.lookups = lookups
+        self.tasks: list[_Task] = []
+        self.warnings: list[str] = []
+        self.problems: list[str] = []
+        self.claimed: dict[tuple[str, int], PlanEntry] = {}  # (dsn, oid) -> its entry
+
+    def where(self, e: PlanEntry) -> str:
+        """``plan:LINE: tables[N]``: the entry's place in messages."""
+        source = str(self.plan.path)
         return f"{source}:{e.line}: {e.label}" if e.line is not None else f"{source}: {e.label}"
 
-    for e in plan.entries:  # explicit names first: they win over patterns
-        if e.name is None:
-            continue
+    def add_named(self, e: PlanEntry, name: str) -> None:
+        """The task of an explicit name (failing without running if it cannot be found)."""
         dsn = e.dsn or ""
-        catalog = catalogs.get(dsn)
-        found = lookups.get((dsn, e.name), "not looked up")
-        folded = _fold_name(e.name) or (None, e.name)
-        fmt = e.options.format
+        catalog = self.catalogs.get(dsn)
+        found = self.lookups.get((dsn, name), "not looked up")
         if isinstance(catalog, str) or isinstance(found, str):
             reason = catalog if isinstance(catalog, str) else str(found)
-            out = plan.output_dir / (e.output or _unresolved_output(folded, fmt))
-            tasks.append(_Task(e, e.name, folded[0], folded[1], out, error=reason))
-            continue
+            self.tasks.append(self._unresolved(e, name, reason))
+            return
         rel = (catalog or {}).get(found)
         if rel is None:
-            out = plan.output_dir / (e.output or _unresolved_output(folded, fmt))
-            reason = f"{e.name} is not a table, view, materialized view or foreign table"
-            tasks.append(_Task(e, e.name, folded[0], folded[1], out, error=reason))
-            continue
-        other = claimed.get((dsn, rel.oid))
+            reason = f"{name} is not a table, view, materialized view or foreign table"
+            self.tasks.append(self._unresolved(e, name, reason))
+            return
+        other = self.claimed.get((dsn, rel.oid))
         if other is not None:
-            problems.append(f"{where(e)}.name: {rel.qualified} is also named in {other.label}")
-            continue
-        claimed[(dsn, rel.oid)] = e
-        tasks.append(_task(plan, e, rel))
+            self.problems.append(
+                f"{self.where(e)}.name: {rel.qualified} is also named in {other.label}"
+            )
+            return
+        self._claim(dsn, e, rel)
 
-    for e in plan.entries:
-        if e.pattern is None:
-            continue
+    def add_matched(self, e: PlanEntry, pattern: str) -> None:
+        """The tasks of the tables a pattern matches that no earlier entry claimed."""
         dsn = e.dsn or ""
-        catalog = catalogs.get(dsn)
+        catalog = self.catalogs.get(dsn)
         if isinstance(catalog, str) or catalog is None:
             reason = catalog if isinstance(catalog, str) else "not looked up"
-            out = plan.output_dir / f"{e.label}.unresolved"
-            tasks.append(_Task(e, f"{e.pattern} ({e.label})", None, e.pattern, out, error=reason))
-            continue
+            out = self.plan.output_dir / f"{e.label}.unresolved"
+            self.tasks.append(_Task(e, f"{pattern} ({e.label})", None, pattern, out, error=reason))
+            return
         matched = match_pattern(e, catalog)
-        fresh = [r for r in matched if (dsn, r.oid) not in claimed]
         if not matched:
-            warnings.append(f"{where(e)}: pattern {e.pattern!r} matches no table")
-        for rel in fresh:
-            claimed[(dsn, rel.oid)] = e
-            tasks.append(_task(plan, e, rel))
+            self.warnings.append(f"{self.where(e)}: pattern {pattern!r} matches no table")
+        for rel in [r for r in matched if (dsn, r.oid) not in self.claimed]:
+            self._claim(dsn, e, rel)
 
-    outputs: dict[str, _Task] = {}
-    for t in tasks:
-        if t.error is not None:
-            continue
-        norm = os.path.normpath(t.output)
-        other_task = outputs.get(norm)
-        if other_task is not None:
-            problems.append(
-                f"{where(t.entry)}: {t.table} and {other_task.table} ({other_task.entry.label}) "
-                f"would both be written to {t.output}"
-            )
-        else:
-            outputs[norm] = t
-    if problems:
-        raise PlanError(problems)
-    order = {id(t): i for i, t in enumerate(tasks)}
-    tasks.sort(key=lambda t: (t.entry.index, order[id(t)]))
-    return _Resolution(tuple(tasks), tuple(warnings))
+    def check_outputs(self) -> None:
+        """Record a problem for each task writing the output of an earlier one."""
+        outputs: dict[str, _Task] = {}
+        for t in self.tasks:
+            if t.error is not None:
+                continue
+            norm = os.path.normpath(t.output)
+            other = outputs.get(norm)
+            if other is not None:
+                self.problems.append(
+                    f"{self.where(t.entry)}: {t.table} and {other.table} ({other.entry.label}) "
+                    f"would both be written to {t.output}"
+                )
+            else:
+                outputs[norm] = t
+
+    def _claim(self, dsn: str, e: PlanEntry, rel: Relation) -> None:
+        self.claimed[(dsn, rel.oid)] = e
+        self.tasks.append(_task(self.plan, e, rel))
+
+    def _unresolved(self, e: PlanEntry, name: str, reason: str) -> _Task:
+        """The task of a name that cannot be exported: it fails without running."""
+        folded = _fold_name(name) or (None, name)
+        output = e.output or _unresolved_output(folded, e.spec.options.format)
+        return _Task(e, name, folded[0], folded[1], self.plan.output_dir / output, error=reason)
 
 
 def _unresolved_output(folded: tuple[str | None, str], fmt: str) -> str:
@@ -229,7 +257,7 @@ def _unresolved_output(folded: tuple[str | None, str], fmt: str) -> str:
 
 
 def _task(plan: BulkPlan, e: PlanEntry, rel: Relation) -> _Task:
-    out = e.output or default_output(rel.schema, rel.name, e.options.format)
+    out = e.output or default_output(rel.schema, rel.name, e.spec.options.format)
     return _Task(
         e,
         rel.qualified,

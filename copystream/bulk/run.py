@@ -5,12 +5,8 @@ run, says what would happen)."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import itertools
-import json
 import logging
 import os
-import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -19,25 +15,26 @@ from typing import Any
 
 import psycopg
 
-from .._atomic import remove_stale_temporaries
-from ..checkpoint import checkpoint_path
+from .._atomic import locked, remove_stale_temporaries
+from ..catalog import introspect
 from ..connection import Target, connect, connect_error, redact
 from ..errors import CopystreamError, UsageError
-from ..manifest import manifest_path
-from ..plan import introspect
+from ..export import ExportResult, run_export
+from ..pool import Event, Task, run_tasks
+from ..progress import Progress
+from ..spec import ExportSpec, RunOptions
+from ..state import Complete, Occupied, Resume, discover
 from .outcome import (
     BulkProgress,
     BulkResult,
     TableOutcome,
     _from_result,
-    _in_plan_terms,
     _key_source,
     _outcome,
 )
 from .plan import BulkPlan, load_plan
 from .report import _Report
 from .resolve import _resolve_on_servers, _select_only, _Task, order_largest_first
-from .worker import _died, _Running, _stop
 
 log = logging.getLogger("copystream")
 
@@ -47,25 +44,14 @@ _LOCK_NAME = ".copystream-bulk.lock"
 @contextlib.contextmanager
 def _job_lock(directory: Path) -> Iterator[None]:
     """One bulk job per output directory at a time."""
-    path = directory / _LOCK_NAME
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    except OSError as e:
-        raise UsageError(f"cannot write in the output directory {directory}: {e.strerror}") from e
-    try:
+    busy = f"another copystream bulk job is running with output directory {directory}"
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise UsageError(
-                f"another copystream bulk job is running with output directory {directory}"
-            ) from e
-        try:
-            yield
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-    finally:
-        os.close(fd)
+            stack.enter_context(locked(directory / _LOCK_NAME, busy))
+        except OSError as e:
+            why = f"cannot write in the output directory {directory}: {e.strerror}"
+            raise UsageError(why) from e
+        yield
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -139,6 +125,94 @@ def run_bulk(
     )
 
 
+def export_task(
+    conninfo: str, spec: ExportSpec, output: str, run: RunOptions, *, progress: Any
+) -> ExportResult:
+    """One table of a bulk job, as a worker process runs it (see :mod:`copystream.pool`)."""
+    result = run_export(conninfo or None, spec, output, run, progress=progress)
+    # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
+    return replace(result, chunks=())
+
+
+def _task_args(t: _Task) -> tuple[Any, ...]:
+    return (t.entry.dsn or "", t.entry.spec_for(t.table), str(t.output), t.entry.run)
+
+
+class _Execution:
+    """The tasks of a job running in the worker pool, and what is known of each so far."""
+
+    def __init__(
+        self,
+        report: _Report,
+        warnings: Sequence[str],
+        secrets: Sequence[str],
+        progress: Callable[[BulkProgress], None] | None,
+        started: float,
+    ) -> None:
+        self.report, self.warnings, self.secrets = report, warnings, secrets
+        self.progress, self.started = progress, started
+        self.outcomes: list[TableOutcome] = []
+        self.live: dict[int, Progress] = {}  # index -> latest progress of a running table
+        self.begun: dict[int, float] = {}
+        self.todo: list[_Task] = []
+        self.tables = 0
+        self.base_rows = self.base_bytes = 0  # of finished tables: on disk before this run
+
+    def record(self, task: _Task, outcome: TableOutcome) -> None:
+        """Keep ``outcome`` (secrets masked) and rewrite the report."""
+        outcome = replace(outcome, errors=tuple(redact(e, *self.secrets) for e in outcome.errors))
+        self.outcomes.append(outcome)
+        self.report.set(task, outcome)
+        elapsed = time.monotonic() - self.started
+        self.report.write(finished=False, warnings=self.warnings, seconds=elapsed)
+        if not outcome.ok:
+            log.debug("%s failed: %s", task.table, "; ".join(outcome.errors))
+
+    def ended(self, task: _Task, index: int, event: Event) -> None:
+        """A table's worker reported its outcome (or died)."""
+        last = self.live.pop(index, None)
+        if event.kind == "done":
+            outcome = _from_result(task, event.value)
+            if outcome.status == "skipped":
+                self.base_rows += outcome.rows
+                self.base_bytes += outcome.bytes
+            elif last is not None:
+                self.base_rows += last.start_rows
+                self.base_bytes += last.start_bytes
+        else:
+            error = event.value
+            why = error.worded("plan") if isinstance(error, CopystreamError) else str(error)
+            if why.startswith("the worker process "):
+                why = f"the worker process exporting it {why[len('the worker process '):]}"
+            seconds = time.monotonic() - self.begun.get(index, self.started)
+            outcome = _outcome(task, "failed", errors=(why,), seconds=seconds)
+        self.record(task, outcome)
+
+    def emit(self, done: bool = False) -> None:
+        """Tell the caller's progress callback where the job stands."""
+        if self.progress is None:
+            return
+        rows = sum(o.rows for o in self.outcomes)
+        nbytes = sum(o.bytes for o in self.outcomes)
+        live = list(self.live.values())
+        estimate = rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
+        estimate += sum(t.estimated_rows or 0 for t in self.todo)
+        self.progress(
+            BulkProgress(
+                tables=self.tables,
+                outcomes=tuple(self.outcomes),
+                running=tuple(live),
+                rows=rows + sum(p.rows for p in live),
+                bytes=nbytes + sum(p.bytes for p in live),
+                start_rows=self.base_rows + sum(p.start_rows for p in live),
+                start_bytes=self.base_bytes + sum(p.start_bytes for p in live),
+                estimated_rows=estimate or None,
+                elapsed=time.monotonic() - self.started,
+                done=done,
+            )
+        )
+
+
 def _execute(
     ordered: Sequence[_Task],
     jobs: int,
@@ -148,109 +222,43 @@ def _execute(
     progress: Callable[[BulkProgress], None] | None,
     started: float,
 ) -> list[TableOutcome]:
-    """Run the tasks, ``jobs`` processes at a time; record each outcome as it comes."""
-    events: queue.Queue[tuple[int, str]] = queue.Queue()
-    counter = itertools.count()
-    # Tables that cannot run (missing, no server) are reported first: they take no worker.
-    todo = [t for t in ordered if t.error is not None] + [t for t in ordered if t.error is None]
-    running: dict[int, _Running] = {}
-    outcomes: list[TableOutcome] = []
-    base_rows = base_bytes = 0  # of finished tables: what was on disk before this run
-    last_report = 0.0
-
-    def finish(task: _Task, outcome: TableOutcome) -> None:
-        outcome = replace(
-            outcome,
-            errors=tuple(_in_plan_terms(redact(e, *secrets)) for e in outcome.errors),
-            warnings=tuple(_in_plan_terms(w) for w in outcome.warnings),
-        )
-        outcomes.append(outcome)
-        report.set(task, outcome)
-        report.write(finished=False, warnings=warnings, seconds=time.monotonic() - started)
-        if not outcome.ok:
-            log.debug("%s failed: %s", task.table, "; ".join(outcome.errors))
-
-    def emit(done: bool = False) -> None:
-        if progress is None:
-            return
-        finished_rows = sum(o.rows for o in outcomes)
-        finished_bytes = sum(o.bytes for o in outcomes)
-        live = [r.progress for r in running.values()]
-        estimate = finished_rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
-        estimate += sum(t.estimated_rows or 0 for t in todo)
-        progress(
-            BulkProgress(
-                tables=len(ordered),
-                outcomes=tuple(outcomes),
-                running=tuple(live),
-                rows=finished_rows + sum(p.rows for p in live),
-                bytes=finished_bytes + sum(p.bytes for p in live),
-                start_rows=base_rows + sum(p.start_rows for p in live),
-                start_bytes=base_bytes + sum(p.start_bytes for p in live),
-                estimated_rows=estimate or None,
-                elapsed=time.monotonic() - started,
-                done=done,
-            )
-        )
-
+    """Run the tasks in the worker pool, ``jobs`` at a time; record each outcome as it comes."""
+    ex = _Execution(report, warnings, secrets, progress, started)
+    ex.tables = len(ordered)
+    for t in ordered:  # tables that cannot run (missing, no server) take no worker
+        if t.error is not None:
+            ex.record(t, _outcome(t, "failed", errors=(t.error,)))
+    runnable = [t for t in ordered if t.error is None]
+    ex.todo = list(runnable)
+    tasks = [Task(export_task, _task_args(t)) for t in runnable]
+    last_emit = 0.0
     try:
-        while todo or running:
-            changed = False
-            while todo and len(running) < jobs:
-                task = todo.pop(0)
-                changed = True
-                if task.error is not None:
-                    finish(task, _outcome(task, "failed", errors=(task.error,)))
-                    continue
-                index = next(counter)
-                running[index] = _Running(task, index, events)
-            if changed:
-                emit()
-            try:
-                index, line = events.get(timeout=0.25)
-            except queue.Empty:
-                index, line = -1, ""
-            while index in running:
-                r = running[index]
-                if line != "EOF":
-                    r.handle(line, secrets)
-                else:
-                    code = r.proc.wait()
-                    del running[index]
-                    if r.result is not None:
-                        outcome = _from_result(r.task, r.result)
-                        if outcome.status == "skipped":
-                            base_rows += outcome.rows
-                            base_bytes += outcome.bytes
-                        else:
-                            base_rows += r.progress.start_rows
-                            base_bytes += r.progress.start_bytes
-                    else:
-                        outcome = _outcome(
-                            r.task,
-                            "failed",
-                            errors=(r.error or _died(code),),
-                            seconds=time.monotonic() - r.started,
-                        )
-                    finish(r.task, outcome)
-                    changed = True
-                try:
-                    index, line = events.get_nowait()
-                except queue.Empty:
-                    break
-            now = time.monotonic()
-            if changed or now - last_report >= 0.25:
-                last_report = now
-                emit()
+        for event in run_tasks(tasks, jobs):
+            task = runnable[event.index] if event.index >= 0 else None
+            if event.kind == "started" and task is not None:
+                ex.todo.remove(task)
+                ex.begun[event.index] = time.monotonic()
+                ex.live[event.index] = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
+                log.debug("%s: started in process %s", task.table, event.value)
+            elif event.kind == "progress":
+                ex.live[event.index] = event.value
+            elif event.kind == "log":
+                level, message = event.value
+                log.log(level, "%s", redact(message, *secrets))
+            elif event.kind in ("done", "failed") and task is not None:
+                ex.ended(task, event.index, event)
+            if event.kind != "progress" or time.monotonic() - last_emit >= 0.25:
+                last_emit = time.monotonic()
+                ex.emit()
     except BaseException:
-        _stop(list(running.values()))
-        for r in running.values():
-            report.set(r.task, _outcome(r.task, "failed", errors=("interrupted",)))
+        for index in list(ex.live):
+            task = runnable[index]
+            report.set(task, _outcome(task, "failed", errors=("interrupted",)))
         with contextlib.suppress(Exception):
             report.write(finished=False, warnings=warnings, seconds=time.monotonic() - started)
         raise
-    emit(done=True)
-    return outcomes
+    ex.emit(done=True)
+    return ex.outcomes
 
 
 def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcome]:
@@ -275,15 +283,11 @@ def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcom
                 out.append(_outcome(t, "refused", errors=(conn,)))
                 continue
             try:
-                p = introspect(
-                    conn,
-                    t.table,
-                    key=list(t.entry.key) if t.entry.key else None,
-                    columns=list(t.entry.columns) if t.entry.columns else None,
-                    where=t.entry.where,
-                )
+                spec = t.entry.spec
+                p = introspect(conn, t.table, key=spec.key, columns=spec.columns, where=spec.where)
             except (CopystreamError, psycopg.Error) as e:
-                why = _in_plan_terms(redact(str(e).strip().split("\n")[0], *secrets))
+                text = e.worded("plan") if isinstance(e, CopystreamError) else str(e)
+                why = redact(text.strip().split("\n")[0], *secrets)
                 out.append(_outcome(t, "refused", errors=(why,)))
                 continue
             note, refused = _file_state(t.output)
@@ -296,7 +300,7 @@ def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcom
                     key_source=_key_source(p.key_source),
                     estimated_rows=p.estimated_rows,
                     estimated_bytes=p.estimated_bytes,
-                    warnings=tuple(_in_plan_terms(w) for w in p.warnings),
+                    warnings=p.warnings,
                     note=note,
                 )
             )
@@ -309,16 +313,15 @@ def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcom
 
 def _file_state(output: Path) -> tuple[str, bool]:
     """What the files beside ``output`` say about its export, and whether it would be refused."""
-    cp = checkpoint_path(output)
-    parts = output.with_name(output.name + ".parts.json")
-    if cp.exists() or parts.exists():
-        try:
-            rows = int(json.loads(cp.read_bytes()).get("rows", 0)) if cp.exists() else 0
-        except (OSError, ValueError, TypeError, AttributeError):
-            rows = 0
+    try:
+        found = discover(output)
+    except CopystreamError as e:
+        return e.worded("plan"), True
+    if isinstance(found, Resume):
+        rows = found.checkpoint.rows if found.checkpoint is not None else 0
         return (f"resumes after {rows:,} rows" if rows else "resumes"), False
-    if manifest_path(output).exists():
+    if isinstance(found, Complete):
         return "finished (re-verified; skipped if unchanged)", False
-    if os.path.lexists(output):
+    if isinstance(found, Occupied):
         return f"{output} exists and has no checkpoint to resume from", True
     return "new", False

@@ -1,28 +1,41 @@
-"""The sink: bytes to the output file, hashed on the way, durable at checkpoints.
+"""A local file as a destination: bytes written at explicit offsets, hashed on the way.
 
-A :class:`Sink` owns the output file descriptor and two xxh3-128 states: one over the whole file
-and one over the current chunk. Data arrives in buffers of about a megabyte (the chunk runner
+A :class:`LocalFile` owns the output file descriptor and two xxh3-128 states: one over the whole
+file and one over the current chunk. Data arrives in buffers of about a megabyte (the chunk runner
 gathers rows), so hashing and writing cost a few calls per megabyte, not per row.
 
-A chunk is a small transaction on the file: :meth:`begin_chunk` remembers the offset and a copy of
-the whole-file hash state; :meth:`end_chunk` returns the chunk's size and digest; :meth:`rollback`
-truncates the file back and restores the hash state, so a failed chunk leaves no trace.
+A chunk is a small transaction on the file: :meth:`~LocalFile.begin_chunk` remembers the offset
+and a copy of the whole-file hash state; :meth:`~LocalFile.end_chunk` returns the chunk's place,
+size and digest; :meth:`~LocalFile.rollback` truncates the file back and restores the hash state,
+so a failed chunk leaves no trace. The committed position is a byte offset: the file's first
+``offset`` bytes are the chunks the checkpoint records, and nothing else is kept on a resume.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 from pathlib import Path
+from typing import Any, NoReturn
 
 import xxhash
 
-from .errors import DiskFull, PrefixMismatch
+from .._atomic import raise_if_full
+from ..errors import PrefixMismatch
+from . import ChunkWritten
 
-__all__ = ["HASH_BLOCK", "Sink", "check_prefix", "hash_range"]
+__all__ = ["HASH_BLOCK", "KIND", "LocalFile", "check_prefix", "hash_range"]
+
+#: The ``kind`` of a local file's state in a checkpoint.
+KIND = "file"
 
 #: Read size when re-hashing a file prefix: one reused buffer, large enough for memory speed.
 HASH_BLOCK = 1024 * 1024
+
+#: The errors of a write (or of an fsync, which NFS uses to report them late) that mean the
+#: disk, a quota or the file size limit is full: the user frees space and resumes.
+
+
+Chunks = list[tuple[int, int, str]]  # (offset, bytes, xxh3_128 hex) of each recorded chunk
 
 
 def hash_range(fd: int, start: int, length: int, *states: xxhash.xxh3_128) -> int:
@@ -40,20 +53,21 @@ def hash_range(fd: int, start: int, length: int, *states: xxhash.xxh3_128) -> in
     return done
 
 
-def check_prefix(path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str) -> None:
+def _missing(path: Path, size: int) -> NoReturn:
+    raise PrefixMismatch(f"{path} is missing but its checkpoint records {size} bytes")
+
+
+def check_prefix(path: Path, chunks: Chunks, prefix_digest: str) -> None:
     """Raise :class:`PrefixMismatch` unless ``path`` starts with the recorded chunks.
 
-    The read-only check of :meth:`Sink.reopen`, for a coordinator that must refuse a damaged
-    part before any worker starts.
+    The read-only check of :meth:`LocalFile.reopen`, for a coordinator that must refuse a
+    damaged part before any worker starts. A missing file passes only if nothing is recorded.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         if size := sum(c[1] for c in chunks):
-            raise PrefixMismatch(
-                f"{path} is missing but its checkpoint records {size} bytes; pass --restart "
-                "to export it again from the start"
-            ) from None
+            _missing(path, size)
         return
     try:
         _verify_prefix(fd, path, chunks, prefix_digest)
@@ -61,16 +75,14 @@ def check_prefix(path: Path, chunks: list[tuple[int, int, str]], prefix_digest: 
         os.close(fd)
 
 
-def _verify_prefix(
-    fd: int, path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str
-) -> xxhash.xxh3_128:
+def _verify_prefix(fd: int, path: Path, chunks: Chunks, prefix_digest: str) -> xxhash.xxh3_128:
     """Hash ``fd``'s recorded chunks, comparing each; return the whole prefix's hash state."""
     size = sum(c[1] for c in chunks)
     actual = os.fstat(fd).st_size
     if actual < size:
         raise PrefixMismatch(
             f"{path} is {actual} bytes but its checkpoint records {size}: the file was "
-            "truncated or replaced; pass --restart to export it again from the start"
+            "truncated or replaced"
         )
     file_hash = xxhash.xxh3_128()
     for i, (offset, nbytes, digest) in enumerate(chunks):
@@ -79,22 +91,19 @@ def _verify_prefix(
         if chunk_hash.hexdigest() != digest:
             raise PrefixMismatch(
                 f"{path} does not match its checkpoint from chunk {i} (bytes {offset}-"
-                f"{offset + nbytes}): the file was modified; pass --restart to export "
-                "it again from the start"
+                f"{offset + nbytes}): the file was modified"
             )
     if file_hash.hexdigest() != prefix_digest:
-        raise PrefixMismatch(
-            f"{path} does not match its checkpoint's digest; pass --restart to export "
-            "it again from the start"
-        )
+        raise PrefixMismatch(f"{path} does not match its checkpoint's digest")
     return file_hash
 
 
-class Sink:
+class LocalFile:
     """The output file, written at the end, with a rolling whole-file digest.
 
-    Create it with :meth:`create` (a new, empty file) or :meth:`reopen` (an existing file whose
-    prefix is verified against recorded chunk digests before anything is truncated).
+    A :class:`~copystream.destinations.Destination`. Create it with :meth:`create` (a new, empty
+    file) or :meth:`reopen` (an existing file whose prefix is verified against recorded chunk
+    digests before anything is truncated). ``offset`` is the end of what is written so far.
     """
 
     def __init__(self, fd: int, path: Path, offset: int, file_hash: xxhash.xxh3_128) -> None:
@@ -109,13 +118,13 @@ class Sink:
     # -- opening ------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: Path) -> Sink:
+    def create(cls, path: Path) -> LocalFile:
         """Create ``path`` (which must not exist) as an empty output file."""
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         return cls(fd, path, 0, xxhash.xxh3_128())
 
     @classmethod
-    def reopen(cls, path: Path, chunks: list[tuple[int, int, str]], prefix_digest: str) -> Sink:
+    def reopen(cls, path: Path, chunks: Chunks, prefix_digest: str) -> LocalFile:
         """Open an existing output, verify its first ``sum(bytes)`` bytes, then cut the rest.
 
         ``chunks`` are ``(offset, bytes, xxh3_128 hex)`` records in file order and
@@ -123,7 +132,10 @@ class Sink:
         on any mismatch :class:`PrefixMismatch` is raised and the file is left untouched.
         """
         size = sum(c[1] for c in chunks)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            _missing(path, size)
         try:
             file_hash = _verify_prefix(fd, path, chunks, prefix_digest)
             if os.fstat(fd).st_size > size:
@@ -153,16 +165,14 @@ class Sink:
                 view = view[n:]
                 self.offset += n
         except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise DiskFull(
-                    f"cannot write {self.path}: {os.strerror(e.errno)}; free some space and run "
-                    "the same command again to resume"
-                ) from e
+            raise_if_full(e, f"cannot write {self.path}")
             raise
 
-    def end_chunk(self) -> tuple[int, int, str]:
-        """Close the current chunk: ``(offset, bytes, xxh3_128 hex)`` of what it wrote."""
-        return self._chunk_start, self.offset - self._chunk_start, self._chunk_hash.hexdigest()
+    def end_chunk(self) -> ChunkWritten:
+        """Close the current chunk: where it starts, its size and the digest of its bytes."""
+        return ChunkWritten(
+            self._chunk_start, self.offset - self._chunk_start, self._chunk_hash.hexdigest()
+        )
 
     def rollback(self) -> None:
         """Forget everything written since :meth:`begin_chunk`: truncate and rewind the digest."""
@@ -171,31 +181,31 @@ class Sink:
         self._file_hash = self._saved_hash.copy()
         self._chunk_hash = xxhash.xxh3_128()
 
-    def cut(self, offset: int) -> None:
-        """Truncate the file to ``offset`` (an earlier chunk's end) after a failed commit.
+    def cut(self, position: int) -> None:
+        """Truncate the file to ``position`` (an earlier chunk's end) after a failed commit.
 
-        The digests are not rewound: the sink is closed after this, and the file resumed from
-        its checkpoint.
+        The digests are not rewound: the file is closed after this, and resumed from its
+        checkpoint.
         """
-        os.ftruncate(self._fd, offset)
-        self.offset = min(self.offset, offset)
+        os.ftruncate(self._fd, position)
+        self.offset = min(self.offset, position)
 
     def sync(self) -> None:
         """Make every byte written so far durable (called before each checkpoint)."""
         try:
             os.fsync(self._fd)
         except OSError as e:  # e.g. NFS reports a full disk only now
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFull(
-                    f"cannot write {self.path}: {os.strerror(e.errno)}; free some space and run "
-                    "the same command again to resume"
-                ) from e
+            raise_if_full(e, f"cannot write {self.path}")
             raise
 
     @property
     def digest(self) -> str:
         """xxh3-128 hex digest of the file's bytes so far."""
         return self._file_hash.hexdigest()
+
+    def state(self) -> dict[str, Any]:
+        """What the checkpoint records of a local file: its kind (the offset says the rest)."""
+        return {"kind": KIND}
 
     def close(self) -> None:
         """Close the file descriptor (idempotent)."""
