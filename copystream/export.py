@@ -183,7 +183,8 @@ def run_export(
     with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
         found = discover_state(session)
         if isinstance(found, Complete):
-            log.info("%s: %s is already complete and verifies; nothing to do", spec.table, out)
+            q = session.table.qualified
+            log.info("%s: %s is already complete and verifies; nothing to do", q, out)
             remove_parts(out)  # part files an interrupted clean-up after the join may have left
             m = found.manifest
             return _result(out, session.table, m, started, already=True, pit=m.point_in_time)

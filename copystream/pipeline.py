@@ -133,8 +133,9 @@ def plan_export(
                 )  # fmt: skip
             return conn, table
         except psycopg.Error as e:
-            with contextlib.suppress(Exception):
-                conn.close() if conn is not None else None
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
             conn = None
             d = retrier.failed(e)
             if not d.retry:
