@@ -40,6 +40,8 @@ from helpers import (
 import copystream
 from copystream.testing import EphemeralPostgres
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 PsqlCsv = Callable[..., bytes]
 
 BIG_ROWS = 300_000
