@@ -124,9 +124,9 @@ def _switch_user() -> list[str]:
 
 def _write_wrapper(path: str, target: str, library_path: str | None = None) -> None:
     switch = " ".join(shlex.quote(w) for w in _switch_user())
-    env = f"LD_LIBRARY_PATH={shlex.quote(library_path)} " if library_path else ""
+    env = f"export LD_LIBRARY_PATH={shlex.quote(library_path)}\n" if library_path else ""
     with open(path, "w") as f:
-        f.write(f'#!/bin/sh\ncd / && {env}exec {switch} {shlex.quote(target)} "$@"\n')
+        f.write(f'#!/bin/sh\n{env}cd / && exec {switch} {shlex.quote(target)} "$@"\n')
     os.chmod(path, 0o755)
 
 

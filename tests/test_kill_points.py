@@ -29,8 +29,6 @@ from copystream import verify_file
 from copystream.checkpoint import checkpoint_path, load_checkpoint
 from copystream.manifest import manifest_path
 
-pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
-
 QUERY = "SELECT * FROM t ORDER BY id"
 ROWS = 200_000
 CHUNK_ROWS = 500  # ~34 kB chunks: 400 chunk cycles to land in
