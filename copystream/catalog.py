@@ -18,6 +18,7 @@ from psycopg import sql
 from .errors import InvalidFilter, Opt, TableNotFound, UsageError
 from .queries import where_clause
 from .retry import classify
+from .server import name_errors_are_soft, not_null_sql
 from .spec import CopyOptions
 from .table import (
     IndexInfo,
@@ -28,7 +29,7 @@ from .table import (
     resolve,
 )
 
-__all__ = ["check_filter", "check_options", "fetch_facts", "introspect"]
+__all__ = ["check_filter", "check_options", "fetch_facts", "introspect", "missing_table_problem"]
 
 _Conn = psycopg.Connection[tuple[object, ...]]
 
@@ -37,11 +38,12 @@ _Conn = psycopg.Connection[tuple[object, ...]]
 #: first, then by number of columns, then by name: the order :func:`choose_key` prefers them in.
 #: An expression column of a unique index has no name (null), which makes the index unusable; of
 #: another index it is left out. The partition-tree sums are only computed for relkind 'p'.
+#: ``{not_null}`` is what NOT NULL means on the server's version (:func:`~.server.not_null_sql`).
 _FACTS_QUERY = """
 SELECT n.nspname, c.relname, format('%%I.%%I', n.nspname, c.relname), c.relkind,
        c.reltuples::bigint, pg_table_size(c.oid), has_table_privilege(c.oid, 'SELECT'),
        (SELECT coalesce(json_agg(json_build_array(
-                   a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull)
+                   a.attname, format_type(a.atttypid, a.atttypmod), {not_null})
                  ORDER BY a.attnum), '[]')
           FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
        (SELECT coalesce(json_agg(json_build_array(
@@ -111,14 +113,28 @@ def fetch_facts(conn: _Conn, table: str) -> TableFacts:
         raise TableNotFound(f"{table!r} is not a valid table name: {e.diag.message_primary}") from e
     oid = row[0] if row else None
     if oid is None:
-        raise TableNotFound(
-            f"table {table} does not exist (or is not visible with the current search_path)"
-        )
-    info = conn.execute(_FACTS_QUERY, [oid]).fetchone()
+        raise TableNotFound(missing_table_problem(conn, table))
+    query = sql.SQL(_FACTS_QUERY).format(not_null=not_null_sql(conn.info.server_version))
+    info = conn.execute(query, [oid]).fetchone()
     assert info is not None
     facts = _facts_of_row(int(str(oid)), info)
     check_readable(facts)
     return facts
+
+
+def missing_table_problem(conn: _Conn, table: str) -> str:
+    """Why ``to_regclass(table)`` found nothing: a malformed name, or no such table.
+
+    Up to PostgreSQL 15 a malformed name (``"unclosed``) makes ``to_regclass`` raise; from 16 it
+    returns NULL as for a missing table, and ``pg_input_error_info`` tells the two apart.
+    """
+    if name_errors_are_soft(conn.info.server_version):
+        row = conn.execute(
+            "SELECT message, sql_error_code FROM pg_input_error_info(%s, 'regclass')", [table]
+        ).fetchone()
+        if row is not None and row[1] in ("42601", "42602"):  # syntax error, invalid name
+            return f"{table!r} is not a valid table name: {row[0]}"
+    return f"table {table} does not exist (or is not visible with the current search_path)"
 
 
 def _facts_of_row(oid: int, row: tuple[object, ...]) -> TableFacts:

@@ -34,6 +34,7 @@ from psycopg.errors import error_from_result
 from .destinations import Destination
 from .queries import bound_query, copy_query, last_key_query
 from .retry import StallTimeout
+from .server import snapshot_gone_errors
 from .spec import CopyOptions
 from .table import ResolvedTable
 
@@ -106,8 +107,10 @@ class ChunkMismatch(psycopg.OperationalError):
 
 class SnapshotGone(psycopg.OperationalError):
     """``SET TRANSACTION SNAPSHOT`` refused the exported snapshot: the transaction that
-    exported it has ended (22023 "invalid snapshot identifier", or 55000 "could not import the
-    requested snapshot" when its file outlived it by a moment), whatever the server's language.
+    exported it has ended (22023 "invalid snapshot identifier" up to PostgreSQL 16, 42704
+    "snapshot … does not exist" from 17, or 55000 "could not import the requested snapshot" when
+    its file outlived it by a moment), whatever the server's language
+    (:func:`copystream.server.snapshot_gone_errors`).
     """
 
 
@@ -204,10 +207,7 @@ class _Session:
         if snapshot is not None:
             try:
                 self.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            except (
-                psycopg.errors.InvalidParameterValue,  # 22023
-                psycopg.errors.ObjectNotInPrerequisiteState,  # 55000
-            ) as e:
+            except snapshot_gone_errors(self.conn.info.server_version) as e:
                 raise SnapshotGone(str(e)) from e
 
     def copy(

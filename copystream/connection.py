@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 
 from .errors import AuthenticationFailed, ConnectionFailed, UsageError
 from .retry import StallTimeout
+from .server import require_supported
 from .settings import apply_settings_query
 
 __all__ = ["Target", "connect", "connect_error", "describe_target", "io_deadline", "redact"]
@@ -124,10 +125,16 @@ def connect(target: Target, *, settings: dict[str, str] | None = None) -> psycop
     """Open an autocommit connection with keepalives, then pin ``settings`` if given.
 
     Raises the psycopg error on failure; :func:`connect_error` turns it into a user-facing one.
+    A server older than copystream supports is refused (:class:`UsageError`, connection closed).
     """
     params = dict(HYGIENE)
     params.update(target.params)
     conn: psycopg.Connection[Any] = psycopg.Connection.connect(**params, autocommit=True)
+    try:
+        require_supported(conn.info.server_version, target.describe())
+    except UsageError:
+        conn.close()
+        raise
     if settings:
         conn.execute(apply_settings_query(settings))
     return conn

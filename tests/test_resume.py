@@ -177,6 +177,7 @@ def kill_and_resume(
 # -- SIGKILL and resume -----------------------------------------------------------------------
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 @pytest.mark.parametrize("chunks", [1, 3, 60], ids=lambda n: f"after-{n}-chunks")
 def test_sigkill_after_chunks_then_resume(
     db: str, reference: Callable[..., bytes], tmp_path: Path, chunks: int
@@ -190,6 +191,7 @@ def test_sigkill_after_chunks_then_resume(
     assert cp["last_key"] == [str(cp["rows"])]
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_sigkill_inside_first_chunk_then_resume(
     db: str, reference: Callable[..., bytes], tmp_path: Path
 ) -> None:
@@ -203,6 +205,7 @@ def test_sigkill_inside_first_chunk_then_resume(
     assert len(m["chunks"]) == 3
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_sigkill_mid_chunk_by_size_then_resume(
     db: str, reference: Callable[..., bytes], tmp_path: Path
 ) -> None:
@@ -216,6 +219,7 @@ def test_sigkill_mid_chunk_by_size_then_resume(
     assert len(cp["chunks"]) in (2, 3)
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_sigkill_at_random_times(db: str, reference: Callable[..., bytes], tmp_path: Path) -> None:
     """Killed at any moment (even before the first checkpoint, or while finishing)."""
     expected = reference(db, BIG_QUERY)
@@ -267,6 +271,7 @@ def test_sigkill_at_many_random_times(
         random_kill_and_resume(db, out, expected, rng.uniform(0.0, 3.0), extra)
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_repeated_kills_one_file(db: str, reference: Callable[..., bytes], tmp_path: Path) -> None:
     """Killed again and again while resuming (with a new chunk size each time), then finished."""
     expected = reference(db, BIG_QUERY)
@@ -287,6 +292,7 @@ def test_repeated_kills_one_file(db: str, reference: Callable[..., bytes], tmp_p
     check_resumed(out, proc.stdout, proc.stderr, cp, k.size, expected, BIG_ROWS)
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_sigint_exits_1_and_resumes(
     db: str, reference: Callable[..., bytes], tmp_path: Path
 ) -> None:
@@ -309,6 +315,7 @@ def test_sigint_exits_1_and_resumes(
     check_resumed(out, proc.stdout, proc.stderr, cp, k.size, expected, SMALL_ROWS)
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_resume_in_another_environment_keeps_first_settings(
     db: str, reference: Callable[..., bytes], tmp_path: Path
 ) -> None:
@@ -329,6 +336,7 @@ def test_resume_in_another_environment_keeps_first_settings(
     assert m["settings"]["TimeZone"] == "UTC"
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 @pytest.mark.parametrize(
     ("extra", "query", "options"),
     [
@@ -455,6 +463,7 @@ def test_damaged_checkpoint_is_refused(db: str, tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
 def test_uncommitted_tail_is_cut_on_resume(
     db: str, reference: Callable[..., bytes], tmp_path: Path
 ) -> None:

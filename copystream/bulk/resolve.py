@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 
+from ..catalog import missing_table_problem
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
 from ..pipeline import first_connect
@@ -94,7 +95,7 @@ def _lookup(conn: psycopg.Connection[Any], name: str) -> int | str:
     except psycopg.errors.Error as e:
         return f"{name!r} is not a valid table name: {e.diag.message_primary or e}"
     if row is None or row[0] is None:
-        return f"table {name} does not exist (or is not visible with the current search_path)"
+        return missing_table_problem(conn, name)
     return int(row[0])
 
 
