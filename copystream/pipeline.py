@@ -71,7 +71,8 @@ __all__ = [
 
 log = logging.getLogger("copystream")
 
-#: Retries of the very first connection: a wrong host or port is a usage error, reported fast.
+#: Retries of the very first connection: a wrong host or port is a usage error, reported fast
+#: (:func:`~copystream.failures.classify_connect` counts even a refused connection).
 FIRST_CONNECT = RetryPolicy(retries=2, base_delay=0.5, max_delay=2.0, budget=10.0)
 
 
@@ -131,6 +132,7 @@ def plan_export(
                     conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
                     options=spec.options,
                 )  # fmt: skip
+            retrier.succeeded(doing)
             return conn, table
         except psycopg.Error as e:
             with contextlib.suppress(Exception):
