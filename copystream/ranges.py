@@ -44,11 +44,19 @@ from .checkpoint import (
 from .chunk import SnapshotGone, key_text_settings
 from .destinations import check_at_checkpoint
 from .destinations.local import hash_range
-from .errors import CheckpointMismatch, ExportFailed, OutputExists, Remedy
+from .errors import (
+    CheckpointMismatch,
+    CopystreamError,
+    ExportFailed,
+    OutputExists,
+    Remedy,
+    RetriesExhausted,
+)
 from .part import PartJob, PartOutcome, run_part
 from .pool import Task, run_tasks
 from .progress import Progress
 from .queries import key_columns, key_text, where_clause
+from .retry import Failure, Retrier
 from .table import ResolvedTable
 
 __all__ = [
@@ -349,16 +357,18 @@ def _run_in_pool(
 ) -> list[PartOutcome]:
     """Run the range jobs in the worker pool; their outcomes in order.
 
-    If a range fails, the others still run to their end; then the first failure is raised
-    (every checkpoint is intact).
+    A worker that dies (the OOM killer, a stray ``kill -9``) is started again from its range's
+    checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
+    to their end; then the first failure is raised (every checkpoint is intact).
     """
     rows = [0] * len(jobs)
     nbytes = [0] * len(jobs)
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
+    restarts = _Restarts(jobs, table)
     tasks = [Task(run_part, (job,)) for job in jobs]
-    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0):
+    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
             if progress is not None:
@@ -367,12 +377,74 @@ def _run_in_pool(
         elif event.kind == "log":
             log.log(*event.value)
         elif event.kind == "done":
-            results[event.index] = event.value
+            results[event.index] = restarts.settled(event.index, event.value)
         elif event.kind == "failed":
-            failures[event.index] = event.value
+            failures[event.index] = restarts.error(event.index, event.value)
     if failures:
         raise failures[min(failures)]
     return [results[i] for i in range(len(jobs))]
+
+
+def _died(e: BaseException) -> Failure:
+    """A dead worker is worth a retry, counted (an OOM kill may well come again)."""
+    return Failure(e.problem if isinstance(e, CopystreamError) else str(e))
+
+
+class _Restarts:
+    """Whether to start a range's dead worker again: the pool's ``restart`` decision.
+
+    A dead worker counts against the export's retry policy like a failed chunk (``retries``
+    in a row; the count starts again once the range has committed a chunk since its worker
+    last started), and waits the policy's backoff. The new worker resumes from the range's
+    checkpoint, as a re-run would.
+    """
+
+    def __init__(self, jobs: Sequence[PartJob], table: str) -> None:
+        self.jobs = jobs
+        self.table = table
+        self.retriers = [Retrier(job.run.policy, classifier=_died) for job in jobs]
+        self.chunks = [max(0, self._chunks(i)) for i in range(len(jobs))]
+        self.resumed = [self._chunks(i) >= 0 for i in range(len(jobs))]  # before this run
+        self.gave_up: dict[int, str] = {}
+
+    def _chunks(self, i: int) -> int:
+        """Chunks the checkpoint of range ``i`` records now (-1: it has none)."""
+        state = self.jobs[i].state
+        try:
+            cp = load_checkpoint(Path(state)) if state is not None else None
+        except CopystreamError:
+            return 0
+        return len(cp.chunks) if cp is not None else -1
+
+    def __call__(self, i: int, error: ExportFailed) -> float | None:
+        retrier = self.retriers[i]
+        chunks = self._chunks(i)
+        if chunks > self.chunks[i]:  # it got somewhere since it started: a new streak
+            retrier.succeeded()
+            self.chunks[i] = chunks
+        d = retrier.failed(error)
+        doing = f"range {i + 1} of {len(self.jobs)} of {self.table}"
+        if not d.retry:
+            self.gave_up[i] = f"{doing} stopped: {d.reason}"
+            return None
+        then = f"; its new worker resumes from the checkpoint ({chunks:,} chunks)"
+        retrier.announce(d, doing, then=then)
+        return d.delay
+
+    def settled(self, i: int, outcome: PartOutcome) -> PartOutcome:
+        """The outcome of range ``i`` with its restarts counted as retries. A restarted worker
+        resumed the range within this run (from the same snapshot, if any): the range counts
+        as resumed only if it was before this run began."""
+        restarts = self.retriers[i].retries
+        if not restarts:
+            return outcome
+        return replace(outcome, retries=outcome.retries + restarts, resumed=self.resumed[i])
+
+    def error(self, i: int, error: BaseException) -> BaseException:
+        """The error range ``i`` fails with: the worker's own, or the verdict on its deaths."""
+        if i in self.gave_up:
+            return RetriesExhausted(self.gave_up[i])
+        return error
 
 
 # -- joining ------------------------------------------------------------------------------------

@@ -707,6 +707,76 @@ def test_kill_coordinator_kills_workers_then_resume(
     assert leftovers(out) == []
 
 
+def test_a_killed_worker_is_restarted_from_its_checkpoint(
+    big: str, big_ref: bytes, tmp_path: Path
+) -> None:
+    """What the OOM killer does: one worker process of ``--workers 2`` SIGKILLed, then the
+    worker started in its place SIGKILLed too. Each time the coordinator starts a new worker
+    for that range, which resumes from the range's checkpoint; the export finishes (exit 0,
+    byte-identical), each restart logged and counted in the report's retries."""
+    out = tmp_path / "w.csv"
+    report = tmp_path / "w.json"
+    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "300", "--report",
+                     str(report))  # fmt: skip
+    killed: list[int] = []
+    with started(cmd) as s:
+        assert wait_until(s, progress_in_every_part(out, 2, chunks=3))
+        for _ in range(2):
+            seen = {p.pid for p in worker_processes(s.proc.pid)}
+            # the newest worker (after the first kill: the one started in place of the victim)
+            victim = max(worker_processes(s.proc.pid), key=lambda p: p.create_time())
+            done = sum(len(cp["chunks"]) for cp in part_checkpoints(out, 2) if cp is not None)
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+            def replaced(seen: set[int] = seen, done: int = done) -> bool:
+                new = {p.pid for p in worker_processes(s.proc.pid)} - seen
+                now = sum(len(cp["chunks"]) for cp in part_checkpoints(out, 2) if cp)
+                return bool(new) and now >= done + 2  # a new worker, and it got somewhere
+
+            assert wait_until(s, replaced, what="restarted worker"), s.stderr()
+        s.proc.wait(timeout=120)
+        err = s.stderr()
+    assert s.proc.returncode == 0, err
+    assert "Traceback" not in err
+    deaths = [x for x in err.splitlines() if "was killed by SIGKILL" in x]
+    assert len(deaths) == 2, err
+    assert all("its new worker resumes from the checkpoint" in x for x in deaths), deaths
+    assert "resuming at row" in err  # the new worker carried on from the range's checkpoint
+    assert out.read_bytes() == big_ref
+    m = read_manifest(out)
+    assert m["resumed"] is False and m["workers"] == 2
+    assert_manifest_tiles(out, m)
+    assert json.loads(report.read_bytes())["retries"] >= 2
+    assert leftovers(out) == []
+
+
+def test_a_killed_worker_beyond_the_retries_stops_the_export_resumably(
+    big: str, big_ref: bytes, tmp_path: Path
+) -> None:
+    """With ``--retries 0`` a dead worker is not restarted: the export stops with exit 1 and one
+    line saying why, the other range still runs to its end, and a re-run finishes."""
+    out = tmp_path / "r0.csv"
+    cmd = export_cmd(big, "t", out, "--workers", "2", "--chunk-rows", "300")
+    with started([*cmd, "--retries", "0"]) as s:
+        assert wait_until(s, progress_in_every_part(out, 2, chunks=3))
+        victim = worker_processes(s.proc.pid)[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        s.proc.wait(timeout=120)
+        err = s.stderr()
+    errors = [x for x in err.splitlines() if x.startswith("copystream: error:")]
+    assert s.proc.returncode == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "0 retries used up (the worker process was killed by SIGKILL" in errors[0]
+    assert "run the same command again to resume" in errors[0]
+    cps = part_checkpoints(out, 2)
+    assert sum(bool(cp and cp["finished"]) for cp in cps) == 1  # the other range finished
+    proc = run(cmd)
+    assert_ok(proc)
+    assert out.read_bytes() == big_ref
+    assert read_manifest(out)["resumed"] is True
+    assert leftovers(out) == []
+
+
 def test_several_kills_with_changing_workers(big: str, big_ref: bytes, tmp_path: Path) -> None:
     """Three ranges recorded by --workers 3 are resumed by --workers 2, then by --workers 1."""
     out = tmp_path / "c.csv"
