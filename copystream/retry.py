@@ -209,18 +209,19 @@ def decide(
     reason = failure.reason
 
     def stop(why: str) -> Decision:
-        return Decision(False, 0.0, new_state, f"{why} ({reason})", outage, failing)
+        return Decision(False, 0.0, new_state, why, outage, failing)
 
-    if outage and failing >= policy.max_outage:
+    if outage and failing >= policy.max_outage:  # the error itself says how it was unreachable
         return stop(f"the server was unreachable for {policy.max_outage:g}s")
+    why = f"({reason})"
     if not outage and new_state.repeats > policy.retries:
-        return stop(f"{policy.retries} retries used up")
+        return stop(f"{policy.retries} retries used up {why}")
     cap = policy.cap(new_state.attempts)
     delay = rand(cap / 2, cap)
     if outage:  # the last attempt comes when the allowed outage ends, not after it
         delay = min(delay, policy.max_outage - failing)
     if state.spent + failing + delay > policy.budget:
-        return stop(f"retry time budget of {policy.budget:g}s used up")
+        return stop(f"retry time budget of {policy.budget:g}s used up {why}")
     waited = replace(new_state, waited=new_state.waited + delay)
     return Decision(True, delay, waited, reason, outage, failing)
 

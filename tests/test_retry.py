@@ -280,9 +280,7 @@ def test_an_outage_is_a_duration_not_a_count() -> None:
         assert max(waits) <= 15.0 and waits[0] >= 0.25
         assert all(w >= min(p.cap(n + 1) / 2, 300.0 - sum(waits[:n]) - 0.01 * n) - 1e-9
                    for n, w in enumerate(waits))  # fmt: skip
-        assert end.reason == (
-            "the server was unreachable for 300s (connection lost (Connection refused))"
-        )
+        assert end.reason == "the server was unreachable for 300s"
     # retries=0 does not shorten an outage
     waits, _ = run_outage(RetryPolicy(retries=0, max_outage=20.0), take_max)
     assert 19.9 <= sum(waits) + 0.01 * len(waits) <= 20.02
