@@ -145,8 +145,12 @@ def export_table(
         options: a whole :class:`CopyOptions`, which the COPY options by name amend.
         restart: discard any checkpoint, manifest and output and start from zero.
         force: overwrite an existing output that has no checkpoint.
-        retries / retry_budget: per-chunk retries and total seconds spent retrying.
-        retry_policy: a full :class:`RetryPolicy` (delays too), replacing the two above.
+        max_outage: seconds a chunk waits out a server that cannot be reached (a restart, a
+            failover: connection refused or lost, shutdowns, too many connections); 300.
+        retries: retries of a chunk whose error repeats on a live server (serialization
+            failure, deadlock, lock or statement timeout, a stalled stream); 5.
+        retry_budget: total seconds the export may spend failing and waiting; 900.
+        retry_policy: a full :class:`RetryPolicy` (delays too), replacing the three above.
         io_timeout: seconds without a byte from the server before the chunk is retried.
         statement_timeout: per-statement server timeout (seconds); its cancellations are retried.
         workers: worker processes; the key space is split into this many ranges balanced by

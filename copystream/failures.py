@@ -2,8 +2,9 @@
 
 Connecting, planning, sampling the key range and running chunks all end the same way when an
 error is not worth (another) retry: :func:`translate` turns it into a :class:`CopystreamError`
-with a remedy. :func:`classify_connect` is the classifier of connection attempts, where a
-refused password or a host that does not resolve is not worth a retry.
+with a remedy. :func:`classify_connect` is the classifier of the first connection attempts,
+where a refused password or a host that does not resolve is not worth a retry, and a server that
+cannot be reached is more likely a wrong host or port than an outage.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .errors import (
     TableNotFound,
     UsageError,
 )
-from .retry import classify
+from .retry import Failure, classify
 
 __all__ = ["Phase", "classify_connect", "first_line", "translate"]
 
@@ -48,8 +49,13 @@ class Phase:
     planning: bool = False  # before the table was resolved: a permanent error is a usage error
 
 
-def classify_connect(e: BaseException) -> str | None:
-    """Why a failed connection attempt is worth another (``None``: it is not)."""
+def classify_connect(e: BaseException) -> Failure | None:
+    """Why a failed first connection attempt is worth another (``None``: it is not).
+
+    Never an outage: before anything has worked, a server that cannot be reached is counted
+    against a few quick attempts (a person must fix a wrong host or port, exit 2); once the
+    export has connected, the same error is an outage and waited out.
+    """
     text = str(e)
     if isinstance(e, psycopg.Error) and (
         e.sqlstate in ("28P01", "28000", "3D000")
@@ -59,7 +65,8 @@ def classify_connect(e: BaseException) -> str | None:
         return None
     if any(m in text for m in _PERMANENT_CONNECT):
         return None
-    return classify(e) or "connection failed"
+    failure = classify(e)
+    return Failure(failure.reason if failure is not None else "connection failed")
 
 
 def first_line(e: BaseException, *secrets: str) -> str:

@@ -215,6 +215,7 @@ class PartRunner:
         self._start_rows = self._start_bytes = 0  # where this run began (for rates)
         self.snapshot = job.snapshot  # None once it is gone (then snapshot_lost)
         self.snapshot_lost = False
+        self.rows_next = 0  # rows of the next attempt (0: the rest of the range in one COPY)
 
     @property
     def retries(self) -> int:
@@ -293,33 +294,36 @@ class PartRunner:
         return cp
 
     def _loop(self, cp: Checkpoint, dest: Destination, committer: _Committer) -> Checkpoint:
-        rows_next = cp.chunk_rows
+        self.rows_next = cp.chunk_rows
         while not cp.finished:
             committer.check()  # a failed commit stops the export, also while retrying
             t0 = time.monotonic()
-            outcome = self._attempt(cp, dest, rows_next)
+            outcome = self._attempt(cp, dest)
             if outcome is None:
                 continue  # failed, and worth another attempt: the retry waited already
-            cp, rows_next = self._commit(cp, dest, committer, outcome, rows_next, t0)
-            self.retrier.succeeded()
+            cp = self._commit(cp, dest, committer, outcome, t0)
+            self.retrier.succeeded(f"chunk {len(cp.chunks) - 1} of {self.job.table.qualified}")
             self._recycle()
         return cp
 
-    def _attempt(self, cp: Checkpoint, dest: Destination, rows: int) -> ChunkOutcome | None:
+    def _attempt(self, cp: Checkpoint, dest: Destination) -> ChunkOutcome | None:
         """One attempt at the chunk after ``cp``: its outcome, or ``None`` when it failed in a
         way worth another attempt (rolled back, connections closed). Raises when it is not."""
         job = self.job
         dest.begin_chunk()
+        connected = False
         try:
             runner = self.runner
             if runner is None:
                 # the sibling pays off only when chunks are paged by a unique key
-                runner = self.open_runner(cp.settings, side=job.table.key_unique and rows > 0)
+                side = job.table.key_unique and self.rows_next > 0
+                runner = self.open_runner(cp.settings, side=side)
+            connected = True
             chunk = Chunk(
                 job.table,
                 job.spec.options,
                 after=cp.last_key,
-                rows=rows,
+                rows=self.rows_next,
                 header=job.first and job.spec.options.header and cp.offset == 0,
                 until=job.upper,
                 snapshot=self.snapshot,
@@ -328,12 +332,13 @@ class PartRunner:
         except Exception as e:
             dest.rollback()
             self.close()
-            self._failed(e, len(cp.chunks))
+            self._failed(e, len(cp.chunks), ran=connected)
             return None
 
-    def _failed(self, e: Exception, index: int) -> None:
+    def _failed(self, e: Exception, index: int, *, ran: bool) -> None:
         """Deal with the failure ``e`` of chunk ``index``: continue without a snapshot that is
-        gone, wait before a retry, or raise the error for good."""
+        gone, wait before a retry (with fewer rows when the chunk had begun: ``ran``), or raise
+        the error for good."""
         qualified = self.job.table.qualified
         if self.snapshot is not None and _snapshot_gone(e):
             log.warning(
@@ -346,7 +351,13 @@ class PartRunner:
         d = self.retrier.failed(e)
         if not d.retry:
             raise translate(e, self.phase, why=d.reason, transient=self.retrier.transient) from e
-        self.retrier.wait(d, f"chunk {index} of {qualified}")
+        then = ""
+        if ran and self.job.run.chunk_rows is None:  # adaptive: a smaller chunk next time
+            smaller = next_chunk_rows(self.rows_next, 0, 0.0, failed=True)
+            if smaller != self.rows_next:
+                then = f", with {smaller:,} rows instead of {_rows(self.rows_next)}"
+            self.rows_next = smaller
+        self.retrier.wait(d, f"chunk {index} of {qualified}", then=then)
 
     def _commit(
         self,
@@ -354,11 +365,10 @@ class PartRunner:
         dest: Destination,
         committer: _Committer,
         outcome: ChunkOutcome,
-        rows_next: int,
         t0: float,
-    ) -> tuple[Checkpoint, int]:
+    ) -> Checkpoint:
         """End the chunk that produced ``outcome`` and hand its checkpoint to the committer;
-        return that checkpoint and the row count of the next chunk."""
+        return that checkpoint (which records the row count of the next chunk)."""
         table = self.job.table
         if not outcome.final and outcome.last_key == cp.last_key:
             # A key whose text does not read back as itself would page the same rows again
@@ -380,8 +390,8 @@ class PartRunner:
             destination=dest.state(),
         )
         if self.job.run.chunk_rows is None:  # adaptive
-            rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
-            advanced = _with_rows(advanced, rows_next)
+            self.rows_next = next_chunk_rows(self.rows_next, outcome.rows, time.monotonic() - t0)
+            advanced = _with_rows(advanced, self.rows_next)
         # sync and checkpoint in the background while the next chunk streams (a failed
         # commit, e.g. a full disk, is raised here at the next chunk's end, or at the end)
         committer.submit(advanced)
@@ -394,7 +404,12 @@ class PartRunner:
             time.monotonic() - t0,
             outcome.last_key,
         )
-        return advanced, rows_next
+        return advanced
+
+
+def _rows(n: int) -> str:
+    """A chunk's row count for a log line (``0``: a single COPY of the rest)."""
+    return f"{n:,}" if n > 0 else "the whole range"
 
 
 def _with_rows(cp: Checkpoint, rows: int) -> Checkpoint:

@@ -36,12 +36,12 @@ from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
 from .connection import Target, connect, io_deadline
 from .errors import OutputExists, OutputProblem
 from .failures import Phase, classify_connect, translate
+from .join import join_parts, joined_outcomes
 from .manifest import Manifest, manifest_path, save_manifest
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
     KeyRanges,
-    join_parts,
     load_parts,
     new_parts,
     remove_parts,
@@ -71,7 +71,8 @@ __all__ = [
 
 log = logging.getLogger("copystream")
 
-#: Retries of the very first connection: a wrong host or port is a usage error, reported fast.
+#: Retries of the very first connection: a wrong host or port is a usage error, reported fast
+#: (:func:`~copystream.failures.classify_connect` counts even a refused connection).
 FIRST_CONNECT = RetryPolicy(retries=2, base_delay=0.5, max_delay=2.0, budget=10.0)
 
 
@@ -131,6 +132,7 @@ def plan_export(
                     conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
                     options=spec.options,
                 )  # fmt: skip
+            retrier.succeeded(doing)
             return conn, table
         except psycopg.Error as e:
             if conn is not None:
@@ -388,7 +390,10 @@ def execute(
     """Run the export's part in this process, or its key ranges in the worker pool and join."""
     out = session.output
     if run.ranges is not None:
-        outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
+        if run.ranges.join is not None:  # the join began: its parts are being consumed
+            outcomes = joined_outcomes(out, run.ranges)
+        else:
+            outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
         final, digest = join_parts(out, run.ranges, outcomes)
         return Ran(tuple(outcomes), final, digest)
     outcome = run_part(run.job, progress=progress, sleep=sleep)

@@ -54,10 +54,12 @@ class Task:
 
 @dataclass(frozen=True)
 class Event:
-    """Something a task did. ``kind`` is ``"started"``, ``"progress"`` (``value``: the progress
-    object), ``"log"`` (``value``: ``(level, message)``), ``"done"`` (``value``: the result),
-    ``"failed"`` (``value``: a :class:`CopystreamError`) or ``"tick"`` (nothing happened for a
-    while; ``index`` is -1)."""
+    """Something a task did. ``kind`` is ``"started"`` (``value``: the worker's pid),
+    ``"progress"`` (``value``: the progress object), ``"log"`` (``value``: ``(level,
+    message)``), ``"done"`` (``value``: the result), ``"failed"`` (``value``: a
+    :class:`CopystreamError`), ``"restarting"`` (its worker died and is started again;
+    ``value``: the :class:`ExportFailed` saying how it died) or ``"tick"`` (nothing happened
+    for a while; ``index`` is -1)."""
 
     index: int
     kind: str
@@ -132,25 +134,32 @@ class _Worker:
             self.proc.wait(timeout=10)
 
 
-def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterator[Event]:
+#: Decides about a worker that died without reporting an outcome: seconds to wait before
+#: starting its task again, or ``None`` to let the task fail with the error given.
+Restart = Callable[[int, ExportFailed], float | None]
+
+
+def run_tasks(
+    tasks: Sequence[Task], jobs: int, *, tick: float = 0.25, restart: Restart | None = None
+) -> Iterator[Event]:
     """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    Every task ends with exactly one ``done`` or ``failed`` event (a worker that dies without
-    an outcome fails with :class:`ExportFailed` saying how it ended). A ``tick`` comes when
-    nothing happened for ``tick`` seconds. Closing the generator early (or an exception in
-    the consumer) kills the workers still running.
+    Every task ends with exactly one ``done`` or ``failed`` event. A worker that dies without
+    an outcome (killed by a signal, say) fails with :class:`ExportFailed` saying how it ended,
+    unless ``restart(index, error)`` gives a delay: then its task is started again in a new
+    worker after that many seconds (a ``restarting`` event, ``value``: the error, then
+    ``started`` again). A ``tick`` comes when nothing happened for ``tick`` seconds. Closing
+    the generator early (or an exception in the consumer) kills the workers still running.
     """
     events: queue.Queue[tuple[int, bytes]] = queue.Queue()
-    waiting = list(range(len(tasks)))
+    waiting = [(0.0, i) for i in range(len(tasks))]  # (not before, index), in start order
     running: dict[int, _Worker] = {}
     try:
         while waiting or running:
-            while waiting and len(running) < max(1, jobs):
-                i = waiting.pop(0)
-                running[i] = _Worker(i, tasks[i], events)
-                yield Event(i, "started", running[i].proc.pid)
+            yield from _start_due(tasks, jobs, waiting, running, events)
             try:
-                i, raw = events.get(timeout=tick)
+                room = len(running) < max(1, jobs)
+                i, raw = events.get(timeout=_until_due(waiting, tick) if room else tick)
             except queue.Empty:
                 yield Event(-1, "tick")
                 continue
@@ -164,12 +173,42 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterat
                 continue
             del running[i]
             code = worker.proc.wait()
-            yield worker.outcome or Event(
-                i, "failed", ExportFailed(f"the worker process {died(code)}")
-            )
+            if worker.outcome is not None:
+                yield worker.outcome
+                continue
+            error = ExportFailed(f"the worker process {died(code)}")
+            delay = restart(i, error) if restart is not None else None
+            if delay is None:
+                yield Event(i, "failed", error)
+                continue
+            waiting.append((time.monotonic() + delay, i))
+            waiting.sort()
+            yield Event(i, "restarting", error)
     finally:
         for worker in running.values():
             worker.stop()
+
+
+def _start_due(
+    tasks: Sequence[Task],
+    jobs: int,
+    waiting: list[tuple[float, int]],
+    running: dict[int, _Worker],
+    events: queue.Queue[tuple[int, bytes]],
+) -> Iterator[Event]:
+    """Start the waiting tasks that are due, while there is room; yield their ``started``."""
+    now = time.monotonic()
+    while waiting and waiting[0][0] <= now and len(running) < max(1, jobs):
+        _, i = waiting.pop(0)
+        running[i] = _Worker(i, tasks[i], events)
+        yield Event(i, "started", running[i].proc.pid)
+
+
+def _until_due(waiting: list[tuple[float, int]], tick: float) -> float:
+    """How long to wait for an event: ``tick``, or less when a delayed start falls due."""
+    if not waiting:
+        return tick
+    return max(0.001, min(tick, waiting[0][0] - time.monotonic()))
 
 
 # -- inside a worker ------------------------------------------------------------------------------

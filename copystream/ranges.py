@@ -1,24 +1,24 @@
-"""Parallel export: split the key space, run one part per range in worker processes, join.
+"""Parallel export: split the key space, run one part per range in worker processes.
 
 The split uses quantiles of a ``TABLESAMPLE`` of the key, ordered by PostgreSQL itself, so it
 balances by row count for any btree-orderable key (text under any collation, uuid, timestamps,
 composite keys), not only integers. Each range is a :class:`~copystream.part.PartJob` with its
 own connection, file and checkpoint (``OUTPUT.part-NNNN.checkpoint.json``); the first range writes
 OUTPUT itself, the others ``OUTPUT.part-NNNN``. The ranges are recorded in ``OUTPUT.parts.json``
-so that re-running the same command resumes every unfinished range. When all parts are done the
-later ones are appended to OUTPUT in key order with ``copy_file_range`` (no Python copy loop), the
-joined file is re-hashed chunk by chunk against the parts' records, and the manifest has the same
-form as a single-worker export's, with chunk offsets in the final file.
+so that re-running the same command resumes every unfinished range. When all parts are done,
+:mod:`copystream.join` appends the later ones to OUTPUT in key order, in constant free space,
+and the manifest has the same form as a single-worker export's, with chunk offsets in the final
+file.
 
 Workers are processes, not threads (the GIL would serialise the read loops): see
 :mod:`copystream.pool`. On Linux they are killed if the coordinating process dies, so that a
-re-run never races an orphaned worker.
+re-run never races an orphaned worker; a worker that dies on its own is started again from its
+range's checkpoint (:class:`_Restarts`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -30,31 +30,34 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import xxhash
 from psycopg import sql
 
-from ._atomic import NO_SPACE, atomic_write, fsync_dir, raise_if_full, remove_stale_temporaries
+from ._atomic import atomic_write, fsync_dir, remove_stale_temporaries
 from .checkpoint import (
-    Checkpoint,
-    ChunkRecord,
     canonical_digest,
     checkpoint_path,
     load_checkpoint,
 )
 from .chunk import SnapshotGone, key_text_settings
 from .destinations import check_at_checkpoint
-from .destinations.local import hash_range
-from .errors import CheckpointMismatch, ExportFailed, OutputExists, Remedy
+from .errors import (
+    CheckpointMismatch,
+    CopystreamError,
+    ExportFailed,
+    OutputExists,
+    Remedy,
+    RetriesExhausted,
+)
 from .part import PartJob, PartOutcome, run_part
 from .pool import Task, run_tasks
 from .progress import Progress
 from .queries import key_columns, key_text, where_clause
+from .retry import Failure, Retrier
 from .server import snapshot_gone_errors
 from .table import ResolvedTable
 
 __all__ = [
     "KeyRanges",
-    "join_parts",
     "load_parts",
     "new_parts",
     "part_data_path",
@@ -69,9 +72,12 @@ __all__ = [
 log = logging.getLogger("copystream")
 
 #: Version 2: the first range writes OUTPUT itself. Version 1 (copystream 0.1.0) wrote every
-#: range to a part file; such a plan is still resumed, and joined the way 0.1.0 did.
+#: range to a part file; such a plan is still resumed and joined. Version 3: a plan whose join
+#: has begun (it carries a ``join`` record); copystream versions that do not know it refuse it
+#: rather than run ranges whose part files the join has consumed.
 PARTS_VERSION = 2
-_KNOWN_VERSIONS = (1, 2)
+JOINING_VERSION = 3
+_KNOWN_VERSIONS = (1, 2, 3)
 #: Table blocks read to place the boundaries. ``TABLESAMPLE SYSTEM`` takes whole blocks, and the
 #: rows of a block are often neighbours in key order, so the balance depends on how many blocks
 #: are sampled, not on how many rows: 5,000 blocks (40 MB) keep ranges within a few percent of
@@ -92,6 +98,9 @@ class KeyRanges:
     started_at: str
     ranges: tuple[tuple[Key | None, Key | None], ...]
     version: int = PARTS_VERSION
+    #: How far the join got once it began: OUTPUT holds, durably, every part before
+    #: ``join[0]`` and the first ``join[1]`` bytes of that part; ``None``: not begun.
+    join: tuple[int, int] | None = None
 
     @property
     def first_in_place(self) -> bool:
@@ -101,7 +110,7 @@ class KeyRanges:
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form with a self-digest."""
         body: dict[str, Any] = {
-            "version": self.version,
+            "version": JOINING_VERSION if self.join is not None else self.version,
             "kind": "copystream-parts",
             "export": self.export,
             "settings": self.settings,
@@ -110,6 +119,8 @@ class KeyRanges:
                 [list(lo) if lo else None, list(hi) if hi else None] for lo, hi in self.ranges
             ],
         }
+        if self.join is not None:
+            body["join"] = {"part": self.join[0], "copied": self.join[1]}
         body["parts_xxh3_128"] = canonical_digest(body)
         return body
 
@@ -130,7 +141,16 @@ class KeyRanges:
                 for lo, hi in d["ranges"]
             ),
             version=int(d["version"]),
+            join=_join_record(d),
         )
+
+
+def _join_record(d: dict[str, Any]) -> tuple[int, int] | None:
+    """The ``join`` record of a plan's JSON: present exactly in a version 3 plan."""
+    if (d["version"] == JOINING_VERSION) != ("join" in d):
+        raise ValueError("its join record does not match its version")
+    join = d.get("join")
+    return None if join is None else (int(join["part"]), int(join["copied"]))
 
 
 def parts_path(output: Path) -> Path:
@@ -348,16 +368,18 @@ def _run_in_pool(
 ) -> list[PartOutcome]:
     """Run the range jobs in the worker pool; their outcomes in order.
 
-    If a range fails, the others still run to their end; then the first failure is raised
-    (every checkpoint is intact).
+    A worker that dies (the OOM killer, a stray ``kill -9``) is started again from its range's
+    checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
+    to their end; then the first failure is raised (every checkpoint is intact).
     """
     rows = [0] * len(jobs)
     nbytes = [0] * len(jobs)
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
+    restarts = _Restarts(jobs, table)
     tasks = [Task(run_part, (job,)) for job in jobs]
-    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0):
+    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
             if progress is not None:
@@ -366,106 +388,71 @@ def _run_in_pool(
         elif event.kind == "log":
             log.log(*event.value)
         elif event.kind == "done":
-            results[event.index] = event.value
+            results[event.index] = restarts.settled(event.index, event.value)
         elif event.kind == "failed":
-            failures[event.index] = event.value
+            failures[event.index] = restarts.error(event.index, event.value)
     if failures:
         raise failures[min(failures)]
     return [results[i] for i in range(len(jobs))]
 
 
-# -- joining ------------------------------------------------------------------------------------
+def _died(e: BaseException) -> Failure:
+    """A dead worker is worth a retry, counted (an OOM kill may well come again)."""
+    return Failure(e.problem if isinstance(e, CopystreamError) else str(e))
 
 
-def _copy_all(src: int, dst: int, count: int) -> None:
-    """Copy ``count`` bytes from ``src``'s start to ``dst``'s position, inside the kernel."""
-    left = count
-    offset = 0
-    copy = functools.partial(os.copy_file_range, src, dst)
-    while left > 0:
-        try:
-            n = copy(left, offset)
-        except OSError:
-            if copy.func is os.sendfile:
-                raise
-            # filesystems without copy_file_range support: sendfile is still in-kernel
-            copy = functools.partial(os.sendfile, dst, src)
-            continue
-        if n == 0:
-            break
-        left -= n
-        offset += n
-    if left:
-        raise ExportFailed(f"a part file is shorter than its checkpoint ({left} bytes missing)")
+class _Restarts:
+    """Whether to start a range's dead worker again: the pool's ``restart`` decision.
 
-
-def join_parts(
-    output: Path, parts: KeyRanges, outcomes: Sequence[PartOutcome]
-) -> tuple[Checkpoint, str]:
-    """Append the finished later parts to ``output`` and re-hash it against their chunks.
-
-    ``output`` holds the first part already (it was written in place), and nothing after it:
-    resuming the first part cut off whatever an interrupted join had appended. Returns the
-    combined checkpoint (chunk offsets in the final file) and the file's digest.
+    A dead worker counts against the export's retry policy like a failed chunk (``retries``
+    in a row; the count starts again once the range has committed a chunk since its worker
+    last started), and waits the policy's backoff. The new worker resumes from the range's
+    checkpoint, as a re-run would.
     """
-    chunks: list[ChunkRecord] = []
-    offset = 0
-    for o in outcomes:
-        for c in o.checkpoint.chunks:
-            chunks.append(
-                ChunkRecord(len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key)
-            )
-        offset += o.checkpoint.offset
-    if parts.first_in_place:
-        fd = os.open(output, os.O_RDWR | os.O_CLOEXEC)
-        os.ftruncate(fd, outcomes[0].checkpoint.offset)
-        os.lseek(fd, 0, os.SEEK_END)
-        first_copied = 1
-    else:  # a 0.1.0 plan: every range is in a part file; OUTPUT is at most a torn join
-        with contextlib.suppress(FileNotFoundError):
-            output.unlink()
-        fd = os.open(output, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        first_copied = 0
-    try:
+
+    def __init__(self, jobs: Sequence[PartJob], table: str) -> None:
+        self.jobs = jobs
+        self.table = table
+        self.retriers = [Retrier(job.run.policy, classifier=_died) for job in jobs]
+        self.chunks = [max(0, self._chunks(i)) for i in range(len(jobs))]
+        self.resumed = [self._chunks(i) >= 0 for i in range(len(jobs))]  # before this run
+        self.gave_up: dict[int, str] = {}
+
+    def _chunks(self, i: int) -> int:
+        """Chunks the checkpoint of range ``i`` records now (-1: it has none)."""
+        state = self.jobs[i].state
         try:
-            for i, o in enumerate(outcomes[first_copied:], start=first_copied):
-                src = os.open(part_path(output, i), os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _copy_all(src, fd, o.checkpoint.offset)
-                finally:
-                    os.close(src)
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno in NO_SPACE:
-                os.ftruncate(fd, outcomes[0].checkpoint.offset if first_copied else 0)
-                raise_if_full(e, f"cannot join the parts into {output}")
-            raise
-        whole = xxhash.xxh3_128()
-        for c in chunks:
-            h = xxhash.xxh3_128()
-            hash_range(fd, c.offset, c.bytes, whole, h)
-            if h.hexdigest() != c.xxh3_128:
-                raise ExportFailed(
-                    f"joining the parts of {output} produced wrong bytes in chunk {c.index}"
-                )
-    finally:
-        os.close(fd)
-    fsync_dir(output.parent)
-    first = outcomes[0].checkpoint
-    last_key = next(
-        (o.checkpoint.last_key for o in reversed(outcomes) if o.checkpoint.chunks), None
-    )
-    combined = Checkpoint(
-        export=parts.export,
-        settings=parts.settings,
-        started_at=parts.started_at,
-        chunk_rows=first.chunk_rows,
-        estimated_rows=first.estimated_rows,
-        offset=offset,
-        rows=sum(o.checkpoint.rows for o in outcomes),
-        last_key=last_key,
-        xxh3_128=whole.hexdigest(),
-        finished=True,
-        chunks=tuple(chunks),
-    )
-    return combined, whole.hexdigest()
+            cp = load_checkpoint(Path(state)) if state is not None else None
+        except CopystreamError:
+            return 0
+        return len(cp.chunks) if cp is not None else -1
+
+    def __call__(self, i: int, error: ExportFailed) -> float | None:
+        retrier = self.retriers[i]
+        chunks = self._chunks(i)
+        if chunks > self.chunks[i]:  # it got somewhere since it started: a new streak
+            retrier.succeeded()
+            self.chunks[i] = chunks
+        d = retrier.failed(error)
+        doing = f"range {i + 1} of {len(self.jobs)} of {self.table}"
+        if not d.retry:
+            self.gave_up[i] = f"{doing} stopped: {d.reason}"
+            return None
+        then = f"; its new worker resumes from the checkpoint ({chunks:,} chunks)"
+        retrier.announce(d, doing, then=then)
+        return d.delay
+
+    def settled(self, i: int, outcome: PartOutcome) -> PartOutcome:
+        """The outcome of range ``i`` with its restarts counted as retries. A restarted worker
+        resumed the range within this run (from the same snapshot, if any): the range counts
+        as resumed only if it was before this run began."""
+        restarts = self.retriers[i].retries
+        if not restarts:
+            return outcome
+        return replace(outcome, retries=outcome.retries + restarts, resumed=self.resumed[i])
+
+    def error(self, i: int, error: BaseException) -> BaseException:
+        """The error range ``i`` fails with: the worker's own, or the verdict on its deaths."""
+        if i in self.gave_up:
+            return RetriesExhausted(self.gave_up[i])
+        return error

@@ -1,7 +1,9 @@
 """How many rows each chunk of an adaptive export holds. Pure: no I/O.
 
 The first chunk is sized from the planner's estimates (a small table is one COPY); every next one
-is steered from how long the last one took, towards :data:`TARGET_CHUNK_SECONDS`. A separate
+is steered from how long the last one took, towards :data:`TARGET_CHUNK_SECONDS`, and an attempt
+that failed is tried again with half the rows (a chunk that cannot finish between two failures
+— backends terminated every second — gets small enough to, then grows back). A separate
 module because these rules are tuning, not planning: they change for speed, never for
 correctness (every chunk size pages the table exactly once).
 """
@@ -9,6 +11,7 @@ correctness (every chunk size pages the table exactly once).
 from __future__ import annotations
 
 __all__ = [
+    "AFTER_FAILED_COPY_ROWS",
     "FIRST_CHUNK_BYTES",
     "MANY_CHUNKS",
     "MAX_CHUNK_ROWS",
@@ -46,12 +49,22 @@ def first_chunk_rows(estimated_rows: int | None, estimated_bytes: int | None) ->
     return 100_000
 
 
-def next_chunk_rows(current: int, rows: int, seconds: float) -> int:
-    """Rows in the next adaptive chunk, given the last chunk took ``seconds`` for ``rows``. Pure.
+#: Rows of the attempt after a failed single COPY (``0``: the whole range at once): from then on
+#: the range goes in chunks, so that the next failure costs less than all of it again.
+AFTER_FAILED_COPY_ROWS = 50_000
 
-    Aims at :data:`TARGET_CHUNK_SECONDS`, changes by at most 4x per step (one slow chunk does not
-    collapse the size), and stays within the bounds.
+
+def next_chunk_rows(current: int, rows: int, seconds: float, *, failed: bool = False) -> int:
+    """Rows in the next adaptive chunk. Pure.
+
+    After a success (the last chunk took ``seconds`` for ``rows``): aims at
+    :data:`TARGET_CHUNK_SECONDS`, changes by at most 4x per step (one slow chunk does not collapse
+    the size), and stays within the bounds. After a ``failed`` attempt at ``current`` rows: half
+    of it, down to :data:`MIN_CHUNK_ROWS` (a single COPY becomes :data:`AFTER_FAILED_COPY_ROWS`);
+    successes then grow it back towards the target.
     """
+    if failed:
+        return AFTER_FAILED_COPY_ROWS if current <= 0 else _clamp(current // 2)
     if current <= 0 or rows <= 0 or seconds <= 0:
         return current
     ideal = rows / seconds * TARGET_CHUNK_SECONDS

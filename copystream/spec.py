@@ -360,7 +360,14 @@ class RunOptions:
     consistent: bool = option(
         False, FLAG, "Read every chunk from one exported snapshot (point-in-time export)."
     )
-    retries: int = option(RetryPolicy.retries, Count(0), "Retries of a failing chunk.")
+    retries: int = option(
+        RetryPolicy.retries, Count(0), "Retries of a chunk whose error repeats on a live server."
+    )
+    max_outage: float = option(
+        RetryPolicy.max_outage,
+        Seconds(0),
+        "Seconds to wait out a server that cannot be reached (a restart, a failover).",
+    )
     retry_budget: float = option(
         RetryPolicy.budget, Seconds(0), "Total seconds the export may spend retrying."
     )
@@ -384,7 +391,9 @@ class RunOptions:
     def policy(self) -> RetryPolicy:
         """The retry policy in force. The cancellations of a ``statement_timeout`` asked for
         here are retried, whatever the policy's own default."""
-        policy = self.retry_policy or RetryPolicy(retries=self.retries, budget=self.retry_budget)
+        policy = self.retry_policy or RetryPolicy(
+            retries=self.retries, budget=self.retry_budget, max_outage=self.max_outage
+        )
         if self.statement_timeout is not None and not policy.retry_statement_timeout:
             policy = replace(policy, retry_statement_timeout=True)
         return policy

@@ -199,3 +199,51 @@ def kill_export(
         stderr = err.read().decode(errors="replace")
     size = out.stat().st_size if out.exists() else -1
     return Killed(read_checkpoint(out), size, proc.returncode, stderr)
+
+
+class Renames:
+    """Counts the files renamed into a directory under one name (Linux inotify, IN_MOVED_TO):
+    how a test stops a process right after its N-th atomic replacement of a file, such as a
+    join record in ``OUTPUT.parts.json``, with no polling delay to miss it by."""
+
+    _IN_MOVED_TO = 0x80
+    _IN_CLOEXEC = 0o2000000
+
+    def __init__(self, directory: Path, name: str) -> None:
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(self._IN_CLOEXEC)
+        if self.fd < 0:
+            raise OSError(ctypes.get_errno(), "inotify_init1")
+        if self._libc.inotify_add_watch(self.fd, str(directory).encode(), self._IN_MOVED_TO) < 0:
+            os.close(self.fd)
+            raise OSError(ctypes.get_errno(), "inotify_add_watch")
+        self.name = name.encode()
+        self.count = 0
+
+    def wait(self, count: int, timeout: float, alive: Any = None) -> bool:
+        """Block until ``count`` renames were seen in all (``False`` on timeout, or as soon as
+        ``alive()`` says the process being watched has ended)."""
+        import select
+        import struct
+
+        deadline = time.monotonic() + timeout
+        while self.count < count:
+            left = deadline - time.monotonic()
+            if left <= 0 or (alive is not None and not alive()):
+                return False
+            ready, _, _ = select.select([self.fd], [], [], min(left, 0.05))
+            if not ready:
+                continue
+            data = os.read(self.fd, 65536)
+            at = 0
+            while at < len(data):
+                _, _, _, size = struct.unpack_from("iIII", data, at)
+                name = data[at + 16 : at + 16 + size].rstrip(b"\0")
+                at += 16 + size
+                self.count += name == self.name
+        return True
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -25,6 +25,7 @@ from psycopg import sql
 from copystream import export_table, verify_file
 from copystream.catalog import introspect
 from copystream.sizing import (
+    AFTER_FAILED_COPY_ROWS,
     FIRST_CHUNK_BYTES,
     MAX_CHUNK_ROWS,
     MIN_CHUNK_ROWS,
@@ -133,6 +134,62 @@ def test_next_chunk_converges_on_a_steady_rate(rate: float) -> None:
         assert steps <= math.ceil(abs(math.log(want / start, 4))) + 1, (rate, start, sizes)
         for a, b in itertools.pairwise(sizes):
             assert b <= 4 * a and a <= 4 * b + 4
+
+
+def test_a_failed_attempt_halves_the_next_one_down_to_the_floor() -> None:
+    assert next_chunk_rows(400_000, 0, 0.0, failed=True) == 200_000
+    assert next_chunk_rows(3_001, 0, 0.0, failed=True) == 1_500
+    assert next_chunk_rows(MIN_CHUNK_ROWS + 1, 0, 0.0, failed=True) == MIN_CHUNK_ROWS
+    assert next_chunk_rows(MIN_CHUNK_ROWS, 0, 0.0, failed=True) == MIN_CHUNK_ROWS
+    # what the failed attempt had done so far is no input: only that it failed
+    assert next_chunk_rows(400_000, 399_999, 1e-6, failed=True) == 200_000
+    # a single COPY (0) that failed goes on in chunks
+    assert next_chunk_rows(0, 0, 0.0, failed=True) == AFTER_FAILED_COPY_ROWS
+
+
+def test_repeated_failures_reach_the_floor_in_log2_steps() -> None:
+    n, steps = MAX_CHUNK_ROWS, 0
+    while n > MIN_CHUNK_ROWS:
+        n = next_chunk_rows(n, 0, 0.0, failed=True)
+        steps += 1
+    assert steps == math.ceil(math.log2(MAX_CHUNK_ROWS / MIN_CHUNK_ROWS))
+
+
+def simulate_kills(kill_every: float, kills_for: float) -> tuple[list[int], list[int], int]:
+    """Chunks of a 6M-row export at 200k rows/s (20 ms per attempt besides) whose work is
+    killed every ``kill_every`` s for the first ``kills_for`` s: the sizes committed during
+    the kills, the sizes after them, and the number of failed attempts."""
+    rate, overhead = 200_000.0, 0.02
+    now, next_kill = 0.0, kill_every
+    during: list[int] = []
+    after: list[int] = []
+    size, failures, left = 400_000, 0, 6_000_000
+    while left > 0:
+        took = overhead + min(size, left) / rate
+        if now < kills_for and now + took > next_kill:  # killed mid-chunk
+            now, next_kill = next_kill, next_kill + kill_every
+            failures += 1
+            size = next_chunk_rows(size, 0, 0.0, failed=True)
+            continue
+        (during if now < kills_for else after).append(size)
+        now += took
+        left -= size
+        size = next_chunk_rows(size, size, took)
+    return during, after, failures
+
+
+@pytest.mark.parametrize("kill_every", [0.3, 0.5, 0.7, 2.0])
+def test_under_periodic_kills_chunks_shrink_until_they_fit_then_grow_back(
+    kill_every: float,
+) -> None:
+    """A chunk of ~2 s never finishes between two kills: it shrinks until chunks do, the
+    export keeps committing while the kills go on, and afterwards the size grows back to
+    the target (2 s at 200k rows/s = 400k rows) within a few chunks."""
+    during, after, failures = simulate_kills(kill_every, 10.0)
+    assert failures >= 3, failures
+    assert max(during) < 400_000  # smaller than the chunk that kept failing
+    assert sum(during) >= 0.2 * 10.0 * 200_000, during  # progress under the kills
+    assert max(after[:4]) >= 0.95 * 400_000, after[:8]  # 20 ms overhead: not quite 400k
 
 
 # -- real exports -------------------------------------------------------------------------------
