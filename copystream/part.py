@@ -378,6 +378,7 @@ class PartRunner:
             last_key=outcome.last_key,
             finished=outcome.final,
             destination=dest.state(),
+            raw=written.raw,
         )
         if self.job.run.chunk_rows is None:  # adaptive
             rows_next = next_chunk_rows(rows_next, outcome.rows, time.monotonic() - t0)
@@ -467,7 +468,7 @@ def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool
         chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
         estimated_rows=job.table.estimated_rows,
         last_key=job.lower,
-        destination=fresh_state(path),
+        destination=fresh_state(path, job.spec),
     )
     save_checkpoint(state, cp)
     return cp, True

@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-import xxhash
 from psycopg import sql
 
 from ._atomic import NO_SPACE, atomic_write, fsync_dir, raise_if_full, remove_stale_temporaries
@@ -42,8 +41,7 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .chunk import SnapshotGone, key_text_settings
-from .destinations import check_at_checkpoint
-from .destinations.local import hash_range
+from .destinations import check_at_checkpoint, rehash
 from .errors import CheckpointMismatch, ExportFailed, OutputExists, Remedy
 from .part import PartJob, PartOutcome, run_part
 from .pool import Task, run_tasks
@@ -414,7 +412,9 @@ def join_parts(
     for o in outcomes:
         for c in o.checkpoint.chunks:
             chunks.append(
-                ChunkRecord(len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key)
+                ChunkRecord(
+                    len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key, c.raw
+                )
             )
         offset += o.checkpoint.offset
     if parts.first_in_place:
@@ -441,14 +441,12 @@ def join_parts(
                 os.ftruncate(fd, outcomes[0].checkpoint.offset if first_copied else 0)
                 raise_if_full(e, f"cannot join the parts into {output}")
             raise
-        whole = xxhash.xxh3_128()
-        for c in chunks:
-            h = xxhash.xxh3_128()
-            hash_range(fd, c.offset, c.bytes, whole, h)
-            if h.hexdigest() != c.xxh3_128:
-                raise ExportFailed(
-                    f"joining the parts of {output} produced wrong bytes in chunk {c.index}"
-                )
+        try:  # a compressed output's chunks are decompressed too: the CSV's digest
+            digest, destination = rehash(fd, chunks, parts.export)
+        except ValueError as e:
+            raise ExportFailed(
+                f"joining the parts of {output} produced wrong bytes in chunk {e.args[0]}"
+            ) from None
     finally:
         os.close(fd)
     fsync_dir(output.parent)
@@ -465,8 +463,9 @@ def join_parts(
         offset=offset,
         rows=sum(o.checkpoint.rows for o in outcomes),
         last_key=last_key,
-        xxh3_128=whole.hexdigest(),
+        xxh3_128=digest,
         finished=True,
         chunks=tuple(chunks),
+        destination=destination,
     )
-    return combined, whole.hexdigest()
+    return combined, digest
