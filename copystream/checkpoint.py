@@ -125,6 +125,12 @@ class Checkpoint:
     #: The destination's own state (``Destination.state()``), at least its ``kind``.
     destination: dict[str, Any] = field(default_factory=lambda: dict(_FILE_DESTINATION))
 
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes exported so far as COPY wrote them: ``offset``, or for a compressed output the
+        uncompressed size its destination state records (what progress reports count)."""
+        return int(self.destination.get("uncompressed_bytes", self.offset))
+
     def advance(
         self,
         *,

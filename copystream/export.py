@@ -209,7 +209,7 @@ def run_export(
         t, final = session.table, ran.final
         elapsed = time.monotonic() - started
         progress(
-            Progress(t.qualified, final.rows, final.offset, t.estimated_rows, elapsed,
+            Progress(t.qualified, final.rows, final.raw_bytes, t.estimated_rows, elapsed,
                      len(final.chunks), done=True)
         )  # fmt: skip
     retries = sum(o.retries for o in ran.outcomes)

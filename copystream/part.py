@@ -264,7 +264,7 @@ class PartRunner:
                 Progress(
                     self.job.table.qualified,
                     base.rows + rows,
-                    base.offset + nbytes,
+                    base.raw_bytes + nbytes,
                     self.job.table.estimated_rows,
                     time.monotonic() - self.started,
                     len(base.chunks),
@@ -277,7 +277,7 @@ class PartRunner:
 
     def run_chunks(self, cp: Checkpoint, dest: Destination) -> Checkpoint:
         """Run chunks until the range is exhausted; return the final checkpoint, on disk."""
-        self._start_rows, self._start_bytes = cp.rows, cp.offset
+        self._start_rows, self._start_bytes = cp.rows, cp.raw_bytes
         committer = _Committer(dest, self.output, cp)
         try:
             cp = self._loop(cp, dest, committer)

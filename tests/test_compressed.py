@@ -460,3 +460,12 @@ def test_checkpoint_records_the_codec_and_the_csv_digest_so_far(db: str, tmp_pat
     }
     assert cp["export"]["compress"] == {"codec": "gzip", "level": 6}
     assert all("uncompressed_xxh3_128" in c for c in cp["chunks"])
+
+
+def test_progress_counts_the_csv_bytes(db: str, expected: bytes, tmp_path: Path) -> None:
+    """Progress reports COPY's bytes, not the compressed ones: they only grow, and end at the
+    CSV's size (the committed compressed offset plus a chunk in flight would jump back)."""
+    seen: list[copystream.Progress] = []
+    copystream.export_table(db, "t", tmp_path / "p.csv.zst", chunk_rows=2000, progress=seen.append)
+    sizes = [p.bytes for p in seen]
+    assert sizes == sorted(sizes) and seen[-1].done and sizes[-1] == len(expected)
