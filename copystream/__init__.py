@@ -45,7 +45,7 @@ from .export import ExportResult, ExportStatus, export_status, export_table, run
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
 from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
-from .spec import CopyOptions, ExportSpec, RunOptions
+from .spec import Compression, CopyOptions, ExportSpec, RunOptions
 
 __version__ = "0.1.0"
 
@@ -58,6 +58,7 @@ __all__ = [
     "BulkProgress",
     "BulkResult",
     "CheckpointMismatch",
+    "Compression",
     "ConnectionFailed",
     "CopyOptions",
     "CopystreamError",

@@ -23,7 +23,8 @@ JSON form (version 1)::
 
 ``destination`` is the state of what the bytes are written to (its ``kind``, and whatever else
 that kind needs to resume: :meth:`copystream.destinations.Destination.state`). A checkpoint
-without it (written by copystream 0.1.0) is a local file's, ``{"kind": "file"}``.
+without it (written by copystream 0.1.0) is a local file's, ``{"kind": "file"}``. The chunks of
+a compressed output also record ``uncompressed_bytes`` and ``uncompressed_xxh3_128``.
 
 Key values are stored as PostgreSQL's own text form of each key column, so they round-trip
 exactly (no float rounding, no time-zone shift, no normalisation).
@@ -72,10 +73,13 @@ class ChunkRecord:
     rows: int
     xxh3_128: str
     last_key: tuple[str, ...] | None
+    #: Of a compressed output: the chunk's size and xxh3-128 before compression (``bytes`` and
+    #: ``xxh3_128`` are those of its frame as stored). ``None`` for an uncompressed output.
+    raw: tuple[int, str] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """JSON-safe form."""
-        return {
+        """JSON-safe form (``uncompressed_*`` only for a compressed output)."""
+        d: dict[str, Any] = {
             "index": self.index,
             "offset": self.offset,
             "bytes": self.bytes,
@@ -83,11 +87,15 @@ class ChunkRecord:
             "xxh3_128": self.xxh3_128,
             "last_key": list(self.last_key) if self.last_key is not None else None,
         }
+        if self.raw is not None:
+            d["uncompressed_bytes"], d["uncompressed_xxh3_128"] = self.raw
+        return d
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ChunkRecord:
         """Inverse of :meth:`to_json`."""
         lk = d["last_key"]
+        raw = d.get("uncompressed_bytes")
         return cls(
             index=int(d["index"]),
             offset=int(d["offset"]),
@@ -95,6 +103,7 @@ class ChunkRecord:
             rows=int(d["rows"]),
             xxh3_128=str(d["xxh3_128"]),
             last_key=tuple(str(v) for v in lk) if lk is not None else None,
+            raw=(int(raw), str(d["uncompressed_xxh3_128"])) if raw is not None else None,
         )
 
 
@@ -116,6 +125,12 @@ class Checkpoint:
     #: The destination's own state (``Destination.state()``), at least its ``kind``.
     destination: dict[str, Any] = field(default_factory=lambda: dict(_FILE_DESTINATION))
 
+    @property
+    def raw_bytes(self) -> int:
+        """Bytes exported so far as COPY wrote them: ``offset``, or for a compressed output the
+        uncompressed size its destination state records (what progress reports count)."""
+        return int(self.destination.get("uncompressed_bytes", self.offset))
+
     def advance(
         self,
         *,
@@ -126,17 +141,19 @@ class Checkpoint:
         last_key: tuple[str, ...] | None,
         finished: bool,
         destination: dict[str, Any] | None = None,
+        raw: tuple[int, str] | None = None,
     ) -> Checkpoint:
         """The checkpoint after one more committed chunk. Pure.
 
         An empty chunk (no bytes) adds no record: it only marks the export finished.
-        ``destination`` is the destination's state after the chunk (``None``: unchanged).
+        ``destination`` is the destination's state after the chunk (``None``: unchanged);
+        ``raw`` the chunk's uncompressed size and digest (a compressed output's).
         """
         chunks = self.chunks
         if nbytes or rows:
             chunks = (
                 *chunks,
-                ChunkRecord(len(chunks), self.offset, nbytes, rows, digest, last_key),
+                ChunkRecord(len(chunks), self.offset, nbytes, rows, digest, last_key, raw),
             )
         return replace(
             self,

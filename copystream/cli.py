@@ -137,13 +137,22 @@ def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
 
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
-def verify(output: Path) -> None:
+@click.option(
+    "--deep", is_flag=True, help="Also decompress a compressed OUTPUT and check the CSV's digests."
+)
+def verify(output: Path, deep: bool) -> None:
     """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
-    r = verify_file(output)
-    click.echo(
+    r = verify_file(output, deep=deep)
+    line = (
         f"{r.path}: OK, {r.rows:,} rows, {r.bytes:,} bytes, {r.chunks} chunks, "
         f"xxh3_128 {r.xxh3_128}"
     )
+    if r.deep:
+        line += (
+            f"; decompressed: {r.uncompressed_bytes:,} bytes, "
+            f"xxh3_128 {r.uncompressed_xxh3_128}"
+        )
+    click.echo(line)
 
 
 @cli.command()

@@ -58,12 +58,19 @@ class ExportResult:
     key_source: str = ""
     warnings: tuple[str, ...] = field(default=())
     point_in_time: bool = False  # every row read from one snapshot (--consistent, no resume)
+    #: A compressed output's codec and level (``{"codec": "zstd", "level": 3}``) and the size
+    #: of its uncompressed CSV (``bytes`` is the compressed size); ``None`` when uncompressed.
+    compress: dict[str, Any] | None = None
+    uncompressed_bytes: int | None = None
 
     def summary(self) -> str:
         """The one line ``copystream export`` prints at the end."""
         rate = _per_second(self.bytes, self.seconds)
+        size = _mb(self.bytes)
+        if self.compress is not None and self.uncompressed_bytes is not None:
+            size += f" {self.compress['codec']} ({_mb(self.uncompressed_bytes)} uncompressed)"
         line = (
-            f"{self.table}: {self.rows:,} rows, {_mb(self.bytes)} in {self.seconds:.1f}s "
+            f"{self.table}: {self.rows:,} rows, {size} in {self.seconds:.1f}s "
             f"({_mb(rate)}/s), peak memory {self.peak_rss / 1e6:.0f} MB"
         )
         if self.resumed:
@@ -91,6 +98,8 @@ class ExportResult:
             "key_source": self.key_source,
             "warnings": list(self.warnings),
             "point_in_time": self.point_in_time,
+            "compress": self.compress,
+            "uncompressed_bytes": self.uncompressed_bytes,
         }
 
 
@@ -156,6 +165,11 @@ def export_table(
         workers: worker processes; the key space is split into this many ranges balanced by
             sampled row counts, exported in parallel to part files and joined in key order (the
             result is byte-identical to a single-worker export).
+        compress: ``"zstd"``, ``"gzip"`` or ``"none"``, optionally with ``":LEVEL"`` (or a
+            :class:`~copystream.spec.Compression`); default: what ``output``'s suffix says
+            (``.zst``: zstd level 3, ``.gz``: gzip level 6, else none). Every chunk is one
+            zstd frame or gzip member, so the file is valid at every checkpoint; ``bytes`` and
+            the digests are those of the compressed file, ``uncompressed_bytes`` the CSV's.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -200,7 +214,7 @@ def run_export(
         t, final = session.table, ran.final
         elapsed = time.monotonic() - started
         progress(
-            Progress(t.qualified, final.rows, final.offset, t.estimated_rows, elapsed,
+            Progress(t.qualified, final.rows, final.raw_bytes, t.estimated_rows, elapsed,
                      len(final.chunks), done=True)
         )  # fmt: skip
     retries = sum(o.retries for o in ran.outcomes)
@@ -237,6 +251,8 @@ def _result(
         key_source=table.key_source,
         warnings=table.warnings,
         point_in_time=pit,
+        compress=manifest.compress,
+        uncompressed_bytes=manifest.uncompressed_bytes,
     )
 
 

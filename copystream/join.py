@@ -34,12 +34,11 @@ import os
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-
-import xxhash
+from typing import Any
 
 from ._atomic import NO_SPACE, fsync_dir, raise_if_full
 from .checkpoint import Checkpoint, ChunkRecord, load_checkpoint
-from .destinations.local import hash_range
+from .destinations import rehash
 from .errors import CheckpointMismatch, DiskFull, ExportFailed, PrefixMismatch, Remedy
 from .part import PartOutcome
 from .ranges import KeyRanges, part_path, save_parts
@@ -174,11 +173,11 @@ def join_parts(
     join = _Join(output, parts, [o.checkpoint.offset for o in outcomes])
     try:
         join.append()
-        chunks, digest = _verify(output, join.fd, outcomes)
+        chunks, digest, destination = _verify(output, join.fd, outcomes, parts.export)
     finally:
         os.close(join.fd)
     fsync_dir(output.parent)
-    return _combined(parts, outcomes, chunks, digest), digest
+    return _combined(parts, outcomes, chunks, digest, destination), digest
 
 
 class _Join:
@@ -264,33 +263,38 @@ def _free(directory: Path) -> int:
 
 
 def _verify(
-    output: Path, fd: int, outcomes: Sequence[PartOutcome]
-) -> tuple[list[ChunkRecord], str]:
-    """Re-hash the joined file chunk by chunk against the parts' records."""
+    output: Path, fd: int, outcomes: Sequence[PartOutcome], export: dict[str, Any]
+) -> tuple[list[ChunkRecord], str, dict[str, Any]]:
+    """Re-hash the joined file chunk by chunk against the parts' records (a compressed file's
+    chunks are decompressed too); the chunks, the file's digest and its destination state."""
     chunks: list[ChunkRecord] = []
     offset = 0
     for o in outcomes:
         for c in o.checkpoint.chunks:
             chunks.append(
-                ChunkRecord(len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key)
+                ChunkRecord(
+                    len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key, c.raw
+                )
             )
         offset += o.checkpoint.offset
     if os.fstat(fd).st_size != offset:
         raise ExportFailed(f"joining the parts of {output} left it at the wrong size")
-    whole = xxhash.xxh3_128()
-    for c in chunks:
-        h = xxhash.xxh3_128()
-        hash_range(fd, c.offset, c.bytes, whole, h)
-        if h.hexdigest() != c.xxh3_128:
-            raise ExportFailed(
-                f"joining the parts of {output} produced wrong bytes in chunk {c.index}",
-                remedy=Remedy.RESTART,
-            )
-    return chunks, whole.hexdigest()
+    try:
+        digest, destination = rehash(fd, chunks, export)
+    except ValueError as e:
+        raise ExportFailed(
+            f"joining the parts of {output} produced wrong bytes in chunk {e.args[0]}",
+            remedy=Remedy.RESTART,
+        ) from None
+    return chunks, digest, destination
 
 
 def _combined(
-    parts: KeyRanges, outcomes: Sequence[PartOutcome], chunks: list[ChunkRecord], digest: str
+    parts: KeyRanges,
+    outcomes: Sequence[PartOutcome],
+    chunks: list[ChunkRecord],
+    digest: str,
+    destination: dict[str, Any],
 ) -> Checkpoint:
     """The checkpoint of the whole joined file, as a single-worker export would have it."""
     first = outcomes[0].checkpoint
@@ -309,4 +313,5 @@ def _combined(
         xxh3_128=digest,
         finished=True,
         chunks=tuple(chunks),
+        destination=destination,
     )

@@ -11,7 +11,12 @@ checkpoint is removed after it. JSON form (version 1)::
                  "last_key": ["..."]}, ...],
      "chunk_rows": N, "settings": {"TimeZone": ..., ...},
      "started_at": ISO, "finished_at": ISO, "seconds": float, "resumed": bool,
-     "workers": N, "point_in_time": bool}
+     "workers": N, "point_in_time": bool, "compress": null}
+
+A compressed output records ``"compress": {"codec": "zstd", "level": 3}``; ``bytes``,
+``xxh3_128`` and the chunks' digests are then those of the compressed bytes (``verify`` needs no
+decompression), and ``uncompressed_bytes`` and ``uncompressed_xxh3_128``, of the whole file and
+of each chunk, those of the CSV itself (what psql would write; ``verify --deep`` checks them).
 """
 
 from __future__ import annotations
@@ -66,9 +71,19 @@ class Manifest:
     resumed: bool
     workers: int = 1
     point_in_time: bool = False
+    compress: dict[str, Any] | None = None  # {"codec": ..., "level": ...}; None: uncompressed
+    uncompressed_bytes: int | None = None  # of a compressed output: the CSV's size and digest
+    uncompressed_xxh3_128: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
+        d = self._body()
+        if self.compress is not None:
+            d["uncompressed_bytes"] = self.uncompressed_bytes
+            d["uncompressed_xxh3_128"] = self.uncompressed_xxh3_128
+        return d
+
+    def _body(self) -> dict[str, Any]:
         return {
             "version": MANIFEST_VERSION,
             "kind": "copystream-manifest",
@@ -91,6 +106,7 @@ class Manifest:
             "resumed": self.resumed,
             "workers": self.workers,
             "point_in_time": self.point_in_time,
+            "compress": self.compress,
         }
 
     @classmethod
@@ -122,6 +138,9 @@ class Manifest:
             resumed=bool(d["resumed"]),
             workers=int(d.get("workers", 1)),
             point_in_time=bool(d.get("point_in_time", False)),
+            compress=dict(d["compress"]) if d.get("compress") is not None else None,
+            uncompressed_bytes=d.get("uncompressed_bytes"),
+            uncompressed_xxh3_128=d.get("uncompressed_xxh3_128"),
         )
 
 
@@ -163,14 +182,20 @@ class VerifyResult:
     bytes: int
     chunks: int
     xxh3_128: str
+    #: Of a compressed output: the uncompressed size and digest (checked by ``deep``).
+    uncompressed_bytes: int | None = None
+    uncompressed_xxh3_128: str | None = None
+    deep: bool = False  # the output was decompressed and checked too
 
 
-def verify_file(output: str | os.PathLike[str]) -> VerifyResult:
+def verify_file(output: str | os.PathLike[str], *, deep: bool = False) -> VerifyResult:
     """Re-hash ``output`` against its manifest.
 
     Returns a :class:`VerifyResult` when every chunk and the whole file match. Raises
     :class:`VerificationFailed` naming the first chunk that differs (or a size mismatch), and
-    :class:`UsageError` when there is no manifest or no file.
+    :class:`UsageError` when there is no manifest or no file. A compressed output is checked
+    as stored, without decompressing; ``deep=True`` also decompresses it and checks every chunk
+    and the whole against the uncompressed digests (nothing more for an uncompressed output).
 
     Example::
 
@@ -181,37 +206,73 @@ def verify_file(output: str | os.PathLike[str]) -> VerifyResult:
     manifest = load_manifest(path)
     if manifest is None:
         raise UsageError(f"{manifest_path(path)} does not exist: nothing to verify against")
+    fd = _open(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError as e:
-        raise UsageError(f"{path} does not exist") from e
-    except IsADirectoryError as e:
-        raise UsageError(f"{path} is a directory") from e
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):  # Linux opens a directory O_RDONLY without complaint
-            raise UsageError(f"{path} is a directory")
-        size = st.st_size
-        whole = xxhash.xxh3_128()
-        for c in manifest.chunks:
-            part = xxhash.xxh3_128()
-            got = hash_range(fd, c.offset, c.bytes, whole, part)
-            if got != c.bytes or part.hexdigest() != c.xxh3_128:
-                raise VerificationFailed(
-                    f"{path}: chunk {c.index} (bytes {c.offset}-{c.offset + c.bytes}, "
-                    f"rows after key {_key_before(manifest, c.index)}) differs from the manifest"
-                )
+        size = os.fstat(fd).st_size
+        deep = deep and manifest.compress is not None
+        whole, raw = _hash_chunks(fd, path, manifest, deep)
         if size != manifest.bytes:
             raise VerificationFailed(
                 f"{path} is {size} bytes but the manifest records {manifest.bytes}"
             )
         if whole.hexdigest() != manifest.xxh3_128:
             raise VerificationFailed(f"{path}: whole-file digest differs from the manifest")
+        if deep and (raw[0], raw[1].hexdigest()) != (
+            manifest.uncompressed_bytes,
+            manifest.uncompressed_xxh3_128,
+        ):
+            raise VerificationFailed(f"{path}: the uncompressed digest differs from the manifest")
     finally:
         os.close(fd)
     return VerifyResult(
-        path, manifest.rows, manifest.bytes, len(manifest.chunks), whole.hexdigest()
-    )
+        path, manifest.rows, manifest.bytes, len(manifest.chunks), whole.hexdigest(),
+        manifest.uncompressed_bytes, manifest.uncompressed_xxh3_128, deep,
+    )  # fmt: skip
+
+
+def _open(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as e:
+        raise UsageError(f"{path} does not exist") from e
+    except IsADirectoryError as e:
+        raise UsageError(f"{path} is a directory") from e
+    if stat.S_ISDIR(os.fstat(fd).st_mode):  # Linux opens a directory O_RDONLY without complaint
+        os.close(fd)
+        raise UsageError(f"{path} is a directory")
+    return fd
+
+
+def _hash_chunks(
+    fd: int, path: Path, manifest: Manifest, deep: bool
+) -> tuple[Any, tuple[int, Any]]:
+    """Hash every chunk (``deep``: decompressed too) against the manifest; return the whole
+    file's hash state and the uncompressed size and hash state (``deep`` only)."""
+    cdc = None
+    if deep:
+        from .destinations.compressed import CorruptFrame, codec, hash_chunk
+
+        assert manifest.compress is not None
+        cdc = codec(str(manifest.compress["codec"]), int(manifest.compress["level"]))
+    whole, raw_whole, raw_size = xxhash.xxh3_128(), xxhash.xxh3_128(), 0
+    for c in manifest.chunks:
+        part, raw_part = xxhash.xxh3_128(), xxhash.xxh3_128()
+        differs = f"{path}: chunk {c.index} (bytes {c.offset}-{c.offset + c.bytes}, " + (
+            f"rows after key {_key_before(manifest, c.index)}) differs from the manifest"
+        )
+        if cdc is None:
+            got = hash_range(fd, c.offset, c.bytes, whole, part)
+            ok = got == c.bytes
+        else:
+            try:
+                n = hash_chunk(fd, c.offset, c.bytes, cdc, (whole, part), (raw_whole, raw_part))
+            except CorruptFrame as e:
+                raise VerificationFailed(f"{differs} (it does not decompress)") from e
+            raw_size += n
+            ok = (n, raw_part.hexdigest()) == c.raw
+        if not ok or part.hexdigest() != c.xxh3_128:
+            raise VerificationFailed(differs)
+    return whole, (raw_size, raw_whole)
 
 
 def _key_before(manifest: Manifest, index: int) -> str:

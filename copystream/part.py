@@ -265,7 +265,7 @@ class PartRunner:
                 Progress(
                     self.job.table.qualified,
                     base.rows + rows,
-                    base.offset + nbytes,
+                    base.raw_bytes + nbytes,
                     self.job.table.estimated_rows,
                     time.monotonic() - self.started,
                     len(base.chunks),
@@ -278,7 +278,7 @@ class PartRunner:
 
     def run_chunks(self, cp: Checkpoint, dest: Destination) -> Checkpoint:
         """Run chunks until the range is exhausted; return the final checkpoint, on disk."""
-        self._start_rows, self._start_bytes = cp.rows, cp.offset
+        self._start_rows, self._start_bytes = cp.rows, cp.raw_bytes
         committer = _Committer(dest, self.output, cp)
         try:
             cp = self._loop(cp, dest, committer)
@@ -388,6 +388,7 @@ class PartRunner:
             last_key=outcome.last_key,
             finished=outcome.final,
             destination=dest.state(),
+            raw=written.raw,
         )
         if self.job.run.chunk_rows is None:  # adaptive
             self.rows_next = next_chunk_rows(self.rows_next, outcome.rows, time.monotonic() - t0)
@@ -482,7 +483,7 @@ def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool
         chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
         estimated_rows=job.table.estimated_rows,
         last_key=job.lower,
-        destination=fresh_state(path),
+        destination=fresh_state(path, job.spec),
     )
     save_checkpoint(state, cp)
     return cp, True

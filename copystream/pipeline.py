@@ -211,7 +211,7 @@ class ExportSession:
         self._stack.callback(self.close_connection)
         self.table = table
         self.spec = self.requested.resolved(
-            table.qualified, table.key, table.key_types, table.columns
+            table.qualified, table.key, table.key_types, table.columns, output=self.output
         )
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
@@ -431,6 +431,9 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
         resumed=ran.resumed,
         workers=len(run.ranges.ranges) if run.ranges is not None else 1,
         point_in_time=snapshot_kept and not ran.resumed,
+        compress=cp.export.get("compress"),
+        uncompressed_bytes=cp.destination.get("uncompressed_bytes"),
+        uncompressed_xxh3_128=cp.destination.get("uncompressed_xxh3_128"),
     )
     save_manifest(out, manifest)
     remove_checkpoint(out)

@@ -52,7 +52,7 @@ class Progress(_Pace):
 
     table: str
     rows: int  # rows written so far (during a chunk, rows received so far)
-    bytes: int
+    bytes: int  # bytes of COPY output so far (for a compressed output: before compression)
     estimated_rows: int | None  # the planner's estimate of the table's rows (may be stale)
     elapsed: float  # seconds since this run started
     chunks: int  # chunks committed

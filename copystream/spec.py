@@ -18,7 +18,7 @@ import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from psycopg import sql
 
@@ -26,6 +26,7 @@ from .errors import CheckpointMismatch, UsageError
 from .retry import RetryPolicy
 
 __all__ = [
+    "Compression",
     "CopyOptions",
     "ExportSpec",
     "Kind",
@@ -181,6 +182,86 @@ class ForceQuote(Kind):
         return True if text == "*" else _split(text)
 
 
+@dataclass(frozen=True)
+class Compression:
+    """How the output is compressed: ``codec`` ``"zstd"``, ``"gzip"`` or ``"none"``, at ``level``.
+
+    Each chunk becomes one zstd frame or gzip member, so the file is valid at every checkpoint.
+    """
+
+    codec: str
+    level: int | None = None  # None only for "none"
+
+    #: Default level and accepted range of each codec. zstd 3 and gzip 6 are the CLIs' defaults:
+    #: the sizes users expect, and zstd 3 keeps up with one backend (README, benchmarks).
+    LEVELS: ClassVar[dict[str, tuple[int, int, int]]] = {"zstd": (3, 1, 22), "gzip": (6, 1, 9)}
+    #: OUTPUT suffixes that ask for a codec when ``compress`` is not given.
+    SUFFIXES: ClassVar[dict[str, str]] = {".zst": "zstd", ".gz": "gzip"}
+
+    @classmethod
+    def parse(cls, text: str) -> Compression:
+        """``zstd``, ``gzip:9``, ``none``... as a :class:`Compression` (``ValueError`` if not)."""
+        codec, sep, level = text.strip().lower().partition(":")
+        if codec == "none":
+            if sep:
+                raise ValueError("compression none takes no level")
+            return cls("none")
+        if codec not in cls.LEVELS:
+            raise ValueError(f"unknown compression {text!r}: use zstd, gzip or none[:LEVEL]")
+        default, least, most = cls.LEVELS[codec]
+        try:
+            number = int(level) if sep else default
+        except ValueError:
+            raise ValueError(f"compression level {level!r} is not a whole number") from None
+        if not least <= number <= most:
+            raise ValueError(f"{codec} levels go from {least} to {most}, not {number}")
+        return cls(codec, number)
+
+    @classmethod
+    def for_output(cls, output: object) -> Compression:
+        """The compression an OUTPUT's suffix asks for (``.zst``, ``.gz``; else none). Pure."""
+        name = str(output).lower()
+        for suffix, codec in cls.SUFFIXES.items():
+            if name.endswith(suffix):
+                return cls.parse(codec)
+        return cls("none")
+
+    @property
+    def suffix(self) -> str:
+        """The file suffix of this codec (``""`` for none)."""
+        return next((s for s, c in self.SUFFIXES.items() if c == self.codec), "")
+
+    def to_json(self) -> dict[str, Any] | None:
+        """The form identities and manifests record: ``None`` for uncompressed output."""
+        return None if self.codec == "none" else {"codec": self.codec, "level": self.level}
+
+    def __str__(self) -> str:
+        return self.codec if self.level is None else f"{self.codec}:{self.level}"
+
+
+class Compress(Kind):
+    """A compression: ``zstd``, ``gzip`` or ``none``, optionally ``:LEVEL``."""
+
+    want = 'a compression ("zstd", "gzip" or "none", optionally with ":LEVEL")'
+
+    def ok(self, value: object) -> bool:
+        if isinstance(value, Compression):
+            return True
+        if not isinstance(value, str):
+            return False
+        try:
+            Compression.parse(value)
+        except ValueError:
+            return False
+        return True
+
+    def coerce(self, value: Any) -> Compression:
+        return value if isinstance(value, Compression) else Compression.parse(value)
+
+    def parse(self, text: str) -> Compression:
+        return Compression.parse(text)
+
+
 FLAG = Flag()
 TEXT = Text()
 
@@ -294,16 +375,33 @@ class ExportSpec:
     where: str | None = option(
         None, Text(want="a string (an SQL filter)"), "SQL filter applied inside every chunk."
     )
+    compress: Compression | None = option(  # noqa: RUF009 (a field declaration, not a value)
+        None,
+        Compress(),
+        "Compress the output: zstd, gzip or none, optionally :LEVEL (default: from OUTPUT's "
+        "suffix, .zst or .gz; zstd level 3, gzip 6).",
+    )
     options: CopyOptions = field(default_factory=CopyOptions)
     key_types: tuple[str, ...] | None = None  # known once resolved
 
     def resolved(
-        self, table: str, key: Sequence[str], key_types: Sequence[str], columns: Sequence[str]
+        self,
+        table: str,
+        key: Sequence[str],
+        key_types: Sequence[str],
+        columns: Sequence[str],
+        *,
+        output: object = None,
     ) -> ExportSpec:
-        """This spec as the server resolved it (qualified name, chosen key and its types)."""
+        """This spec as the server resolved it (qualified name, chosen key and its types), with
+        the compression ``output``'s suffix asks for when none was given."""
+        compress = self.compress
+        if compress is None:
+            compress = Compression.for_output(output) if output is not None else None
         return replace(
-            self, table=table, key=tuple(key), key_types=tuple(key_types), columns=tuple(columns)
-        )
+            self, table=table, key=tuple(key), key_types=tuple(key_types), columns=tuple(columns),
+            compress=compress,
+        )  # fmt: skip
 
     def identity(self) -> dict[str, Any]:
         """The JSON form recorded as ``export`` in checkpoints and range files."""
@@ -314,11 +412,13 @@ class ExportSpec:
             "columns": list(self.columns or ()),
             "where": self.where,
             "options": self.options.to_dict(),
+            "compress": self.compress.to_json() if self.compress is not None else None,
         }
 
 
-#: The fields two identities must agree on, in the order a mismatch is reported.
-IDENTITY_FIELDS = ("table", "key", "key_types", "columns", "where", "options", "range")
+#: The fields two identities must agree on, in the order a mismatch is reported. A record
+#: without ``compress`` (copystream 0.1.0) is an uncompressed export's: ``None`` either way.
+IDENTITY_FIELDS = ("table", "key", "key_types", "columns", "where", "options", "compress", "range")
 
 
 def identity_mismatch(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> str | None:

@@ -79,6 +79,7 @@ def manifest_identity(manifest: Manifest) -> dict[str, Any]:
         "columns": list(manifest.columns),
         "where": manifest.where,
         "options": manifest.options,
+        "compress": manifest.compress,
     }
 
 

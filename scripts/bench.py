@@ -25,6 +25,13 @@ What it does:
    copystream command (`python -m copystream --version`) is measured too, to read small runs.
 5. Prints medians per config and writes everything (per-run figures too) as JSON.
 
+Compressed output: ``--compress zstd,gzip`` (levels as ``zstd:1``) runs, in rounds of their
+own, the pipeline a user would write, ``psql -c "COPY (…) TO STDOUT (FORMAT csv)" | zstd -3 -T0
+> f.csv.zst`` (``gzip -6`` for gzip; the same level as copystream's), against ``copystream
+export … f.csv.zst`` with 1 worker and each ``--workers`` count. Every output is decompressed by
+the real tool and compared with psql's CSV; the ratios are to the pipeline of the same codec in
+the same round, and the sizes are compared with the pipeline's.
+
 Optional extras: ``--memory-growth`` (peak RSS of a 1-worker export at two table sizes),
 ``--resume-check`` (SIGKILL mid-export, time the prefix verification, count redone rows) and
 ``--profile`` (one in-process 1-worker export under cProfile: top functions).
@@ -34,6 +41,7 @@ Examples::
     .venv/bin/python scripts/bench.py                       # the full benchmark (5M rows)
     .venv/bin/python scripts/bench.py --rows 200000 --rounds 2 --workers 2,4
     .venv/bin/python scripts/bench.py --rows 200000 --rounds 0 --resume-check --profile
+    .venv/bin/python scripts/bench.py --rounds 0 --compress zstd,gzip --compress-rounds 3
     .venv/bin/python scripts/bench.py --rows 5000000 --keep-server     # prints a --dsn to reuse
     .venv/bin/python scripts/bench.py --dsn 'host=127.0.0.1 port=5433 dbname=bench' --rounds 5
 
@@ -53,6 +61,7 @@ import os
 import platform
 import pstats
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -759,6 +768,141 @@ def step_rounds(b: Bench, table: str) -> dict[str, Any]:
     return {"configs": names, "summary": summary, "runs": [asdict(r) for r in records]}
 
 
+def _pipeline_cmd(b: Bench, table: str, out: Path, codec: str, level: int) -> list[str]:
+    """``psql -c "COPY (...) TO STDOUT" | zstd -LEVEL -T0 > out`` (or gzip), through bash."""
+    with psycopg.connect(b.dsn) as conn:
+        query = sql.SQL("COPY (SELECT * FROM {} ORDER BY id) TO STDOUT (FORMAT csv)").format(
+            sql.Identifier(table)
+        )
+        text = query.as_string(conn)
+    psql = [b.psql_bin, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", b.dsn, "-c", text]
+    compressor = ["zstd", f"-{level}", "-T0", "-q"] if codec == "zstd" else ["gzip", f"-{level}"]
+    line = " ".join(shlex.quote(a) for a in psql) + " | " + " ".join(compressor)
+    return ["bash", "-o", "pipefail", "-c", f"{line} > {shlex.quote(str(out))}"]
+
+
+def _decompressed_digest(codec: str, path: Path) -> tuple[int, str]:
+    """Size and xxh3-128 of ``path`` decompressed by the real ``zstd``/``gzip`` command."""
+    h, size = xxhash.xxh3_128(), 0
+    with subprocess.Popen([codec, "-dc", str(path)], stdout=subprocess.PIPE) as proc:
+        assert proc.stdout is not None
+        while block := proc.stdout.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{codec} -dc {path} failed ({proc.returncode})")
+    return size, h.hexdigest()
+
+
+def _compressed_run(
+    b: Bench, rnd: int, table: str, config: str, cmd: list[str], out: Path
+) -> dict[str, Any]:
+    stdout, stderr = out.with_name(out.name + ".stdout"), out.with_name(out.name + ".stderr")
+    m = run_measured(
+        cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval, server=b.server_cpu
+    )
+    if m.returncode != 0:
+        text = stderr.read_text(errors="replace").strip()
+        raise RuntimeError(f"{config} (round {rnd}) exited {m.returncode}: {text}")
+    _, ref_size, ref_digest = b.references[table]
+    codec = config.split("-")[1]
+    identical = _decompressed_digest(codec, out) == (ref_size, ref_digest)
+    if not identical:
+        msg = f"{config} round {rnd}: the decompressed output differs from psql's CSV"
+        loud(msg)
+        b.errors.append(msg)
+    size = out.stat().st_size
+    for path in (stdout, stderr, Path(str(out) + ".report.json")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    remove_output(out)
+    return {
+        "config": config, "round": rnd, "wall_s": m.wall, "bytes": size,
+        "cpu_s": m.cpu_user + m.cpu_sys, "peak_rss_process_mb": m.peak_process / MB,
+        "peak_rss_tree_mb": m.peak_tree / MB, "server_cpu_s": m.server_cpu,
+        "identical": identical,
+    }  # fmt: skip
+
+
+def _compressed_configs(b: Bench, codec: str, level: int) -> list[tuple[str, int | None]]:
+    configs: list[tuple[str, int | None]] = [(f"pipe-{codec}", None), (f"cs-{codec}-1w", 1)]
+    configs += [(f"cs-{codec}-{n}w", n) for n in b.args.workers if b.workers_supported]
+    return configs
+
+
+def step_compressed(b: Bench, table: str) -> dict[str, Any]:
+    """Rounds of the compressing pipeline against copystream's compressed export."""
+    records: list[dict[str, Any]] = []
+    _, ref_size, _ = b.reference(table)
+    codecs = [copystream.Compression.parse(c) for c in b.args.compress]
+    configs = [(c, cfg) for c in codecs for cfg in _compressed_configs(b, c.codec, c.level or 0)]
+    for rnd in range(b.args.compress_rounds):
+        start = rnd % len(configs)
+        for comp, (name, workers) in configs[start:] + configs[:start]:
+            out = b.fresh(name).with_suffix(".csv" + comp.suffix)
+            if workers is None:
+                cmd = _pipeline_cmd(b, table, out, comp.codec, comp.level or 0)
+            else:
+                cmd = b.copystream_cmd(table, out, workers if workers > 1 else None,
+                                       extra=["--compress", str(comp)])  # fmt: skip
+            r = _compressed_run(b, rnd, table, name, cmd, out)
+            records.append(r)
+            log(
+                f"compressed round {rnd + 1}/{b.args.compress_rounds} {name}: {r['wall_s']:.2f}s, "
+                f"{r['bytes'] / MB:,.1f} MB, peak RSS {r['peak_rss_process_mb']:.1f} MB/process"
+            )
+    summary = _compressed_summary(records, [name for _, (name, _) in configs])
+    _print_compressed(summary, ref_size)
+    return {"summary": summary, "runs": records}
+
+
+def _compressed_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Medians per config; ratios (wall and size) to the same codec's pipeline, per round."""
+    pipe = {
+        (r["config"].split("-")[1], r["round"]): r
+        for r in records
+        if r["config"].startswith("pipe-")
+    }
+    out = []
+    for name in names:
+        runs = [r for r in records if r["config"] == name]
+        pairs = [(r, pipe[(name.split("-")[1], r["round"])]) for r in runs]
+        out.append({
+            "config": name, "runs": len(runs),
+            "wall_s": _median([r["wall_s"] for r in runs]),
+            "ratio_to_pipeline": _median([r["wall_s"] / p["wall_s"] for r, p in pairs]),
+            "size_mb": _median([r["bytes"] / MB for r in runs]),
+            "size_to_pipeline": _median([r["bytes"] / p["bytes"] for r, p in pairs]),
+            "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
+            "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
+            "cpu_s": _median([r["cpu_s"] for r in runs]),
+            "all_identical": all(r["identical"] for r in runs),
+        })  # fmt: skip
+    return out
+
+
+def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
+    print(f"\nCompressed output, medians per config ({csv_bytes / MB:,.1f} MB of CSV):\n")
+    head = (
+        f"{'config':<15}{'runs':>5}{'wall s':>8}{'x pipe':>8}{'size MB':>9}{'x size':>8}"
+        f"{'RSS/proc MB':>12}{'max':>7}{'CPU s':>7}  identical"
+    )
+    print(head)
+    print("-" * len(head))
+    for s in summary:
+        print(
+            f"{s['config']:<15}{s['runs']:>5}{s['wall_s']:>8.2f}{s['ratio_to_pipeline']:>8.2f}"
+            f"{s['size_mb']:>9.1f}{s['size_to_pipeline']:>8.3f}{s['peak_rss_process_mb']:>12.1f}"
+            f"{s['peak_rss_process_mb_max']:>7.1f}{s['cpu_s']:>7.2f}  "
+            f"{'yes' if s['all_identical'] else 'NO'}"
+        )
+    print(
+        "\nx pipe: median of per-round wall-time ratios to the same codec's psql | zstd/gzip\n"
+        "pipeline; x size: the compressed size over the pipeline's; RSS/proc: the largest\n"
+        "single process (for the pipeline: psql, zstd or gzip); CPU s: client user+sys."
+    )
+
+
 def step_memory_growth(b: Bench, table: str) -> dict[str, Any]:
     small = b.args.growth_rows
     if small >= b.args.rows:
@@ -1066,6 +1210,17 @@ def _worker_list(text: str) -> list[int]:
     return values
 
 
+def _codec_list(text: str) -> list[str]:
+    out = [t.strip() for t in text.split(",") if t.strip()]
+    for t in out:
+        try:
+            if copystream.Compression.parse(t).codec == "none":
+                raise ValueError("none compresses nothing")
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return out
+
+
 def _table_name(text: str) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_]{0,50}", text):
         raise argparse.ArgumentTypeError("use a plain lower-case name (letters, digits, _)")
@@ -1144,6 +1299,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "2,4); skipped with a note if `copystream export` has no --workers option",
     )
     g.add_argument(
+        "--compress",
+        type=_codec_list,
+        default=[],
+        help="compressed-output rounds for these codecs (e.g. zstd,gzip or zstd:1): the "
+        "psql | zstd -LEVEL -T0 (gzip -LEVEL) pipeline against copystream --compress",
+    )
+    g.add_argument(
+        "--compress-rounds",
+        type=int,
+        default=3,
+        help="rounds of the compressed configs (default 3)",
+    )
+    g.add_argument(
         "--sample-interval",
         type=float,
         default=0.05,
@@ -1208,8 +1376,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--rounds must be 0 or more")
     if args.sample_interval <= 0:
         p.error("--sample-interval must be positive")
-    if args.rounds == 0 and not (args.memory_growth or args.resume_check or args.profile):
-        p.error("--rounds 0 leaves nothing to do: add --memory-growth, --resume-check or --profile")
+    extras = args.memory_growth or args.resume_check or args.profile or args.compress
+    if args.rounds == 0 and not extras:
+        p.error(
+            "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile "
+            "or --compress"
+        )
     return args
 
 
@@ -1340,6 +1512,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["startup"] = step_startup(b)
             if args.rounds > 0:
                 results["rounds"] = step_rounds(b, args.table)
+            if args.compress and args.compress_rounds > 0:
+                results["compressed"] = step_compressed(b, args.table)
             if args.memory_growth:
                 results["memory_growth"] = step_memory_growth(b, args.table)
             if args.resume_check:

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..connection import Target
 from ..errors import CopystreamError, UsageError
-from ..spec import ExportSpec, RunOptions, build, option_fields
+from ..spec import Compression, ExportSpec, RunOptions, build, option_fields
 from .names import parse_name_pattern
 
 #: The job report, in the plan's output directory.
@@ -217,10 +217,20 @@ def _fold_name(name: str) -> tuple[str | None, str] | None:
     return (p.schema.literal if p.schema else None, p.table.literal)
 
 
-def default_output(schema: str, table: str, fmt: str) -> str:
-    """``<schema>.<table>.csv`` (``.txt`` for the text format), with ``/`` made safe. Pure."""
+def default_output(schema: str, table: str, fmt: str, compress: object = None) -> str:
+    """``<schema>.<table>.csv`` (``.txt`` for the text format), with ``/`` made safe, and the
+    suffix of the ``compress`` option (``.zst``, ``.gz``) when it compresses. Pure."""
     ext = "txt" if fmt == "text" else "csv"
-    return f"{schema}.{table}.{ext}".replace("/", "_")
+    return f"{schema}.{table}.{ext}{_suffix(compress)}".replace("/", "_")
+
+
+def _suffix(compress: object) -> str:
+    if isinstance(compress, str):
+        try:
+            compress = Compression.parse(compress)
+        except ValueError:
+            return ""  # reported as a problem of its own
+    return compress.suffix if isinstance(compress, Compression) else ""
 
 
 class _Problems:
@@ -357,7 +367,8 @@ class _EntryChecker:
         excludes = self._check_patterns(where, values)
         merged = {**self.defaults, **values}
         if isinstance(name, str) and not named_twice:
-            self._check_output(where, name, values.get("output"), str(merged.get("format", "csv")))
+            fmt = str(merged.get("format", "csv"))
+            self._check_output(where, name, values.get("output"), fmt, merged.get("compress"))
         return _entry(index, self.problems.loc.entry(index), merged, excludes)
 
     def _check_selection(self, where: str, raw: Mapping[str, Any]) -> None:
@@ -406,14 +417,16 @@ class _EntryChecker:
                 self.problems.add(where, key, f"{t!r} is not a valid pattern: {e}")
         return excludes
 
-    def _check_output(self, where: str, name: str, output: str | None, fmt: str) -> None:
+    def _check_output(
+        self, where: str, name: str, output: str | None, fmt: str, compress: object
+    ) -> None:
         """Check that a named entry's output is its own and is not the job report."""
         # The default output is known before the server is asked only for a name with a
         # schema; the others are checked again once resolved (still before anything runs).
         folded = _fold_name(name)
         out = output
         if out is None and folded is not None and folded[0] is not None:
-            out = default_output(folded[0], folded[1], fmt)
+            out = default_output(folded[0], folded[1], fmt, compress)
         if out is None:
             return
         norm = os.path.normpath(self.output_dir / out)

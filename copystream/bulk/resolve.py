@@ -17,6 +17,7 @@ from ..catalog import missing_table_problem
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
 from ..pipeline import first_connect
+from ..spec import ExportSpec
 from .names import NamePattern, parse_name_pattern
 from .plan import BulkPlan, PlanEntry, PlanError, _fold_name, default_output
 
@@ -247,18 +248,19 @@ class _Resolver:
     def _unresolved(self, e: PlanEntry, name: str, reason: str) -> _Task:
         """The task of a name that cannot be exported: it fails without running."""
         folded = _fold_name(name) or (None, name)
-        output = e.output or _unresolved_output(folded, e.spec.options.format)
+        output = e.output or _unresolved_output(folded, e.spec)
         return _Task(e, name, folded[0], folded[1], self.plan.output_dir / output, error=reason)
 
 
-def _unresolved_output(folded: tuple[str | None, str], fmt: str) -> str:
+def _unresolved_output(folded: tuple[str | None, str], spec: ExportSpec) -> str:
     """The output named in the report for a table that could not be resolved."""
     schema, table = folded
-    return default_output(schema, table, fmt) if schema else default_output("", table, fmt)[1:]
+    name = default_output(schema or "", table, spec.options.format, spec.compress)
+    return name if schema else name[1:]
 
 
 def _task(plan: BulkPlan, e: PlanEntry, rel: Relation) -> _Task:
-    out = e.output or default_output(rel.schema, rel.name, e.spec.options.format)
+    out = e.output or default_output(rel.schema, rel.name, e.spec.options.format, e.spec.compress)
     return _Task(
         e,
         rel.qualified,

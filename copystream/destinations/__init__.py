@@ -3,7 +3,8 @@
 The chunk loop (:mod:`copystream.part`) writes every chunk to a :class:`Destination` and never
 names a file: a local file (:mod:`.local`) is one implementation; a compressed file, an S3
 multipart upload and a Parquet dataset are others, each in its own module and each owning its
-notion of a durable position. :func:`open_at_checkpoint` gives the loop the destination a
+notion of a durable position; :func:`fresh_state` chooses the kind an export's spec asks for
+(:mod:`.compressed` for ``compress``). :func:`open_at_checkpoint` gives the loop the destination a
 checkpoint describes (a fresh one, or an existing one reopened at its committed position);
 :func:`check_at_checkpoint` is the same verification without opening anything for writing.
 """
@@ -11,11 +12,13 @@ checkpoint describes (a fresh one, or an existing one reopened at its committed 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from ..checkpoint import Checkpoint
+from ..checkpoint import Checkpoint, ChunkRecord
 from ..errors import CheckpointMismatch
+from ..spec import ExportSpec
 
 __all__ = [
     "ChunkWritten",
@@ -23,18 +26,33 @@ __all__ = [
     "check_at_checkpoint",
     "fresh_state",
     "open_at_checkpoint",
+    "rehash",
 ]
 
 
-class ChunkWritten(NamedTuple):
-    """One ended chunk: where its stored bytes start, how many there are, and their xxh3-128.
-
-    A tuple, so it unpacks as ``offset, nbytes, digest``.
-    """
-
+class _Stored(NamedTuple):
     offset: int
     bytes: int
     xxh3_128: str  # hex digest of the chunk's stored bytes
+
+
+class ChunkWritten(_Stored):
+    """One ended chunk: where its stored bytes start, how many there are, and their xxh3-128.
+
+    A tuple of those three, so it unpacks as ``offset, nbytes, digest`` (and compares as one).
+    A destination that stores other bytes than it is given (a compressed file) also says what
+    it was given: ``raw``, the size and xxh3-128 hex digest of the chunk's uncompressed bytes
+    (``None`` when they are the bytes stored).
+    """
+
+    raw: tuple[int, str] | None
+
+    def __new__(
+        cls, offset: int, bytes: int, xxh3_128: str, raw: tuple[int, str] | None = None
+    ) -> ChunkWritten:
+        written = super().__new__(cls, offset, bytes, xxh3_128)
+        written.raw = raw
+        return written
 
 
 class Destination(Protocol):
@@ -61,7 +79,11 @@ class Destination(Protocol):
         """Start a chunk: the point :meth:`rollback` returns to."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` after what is stored (raises ``DiskFull`` when there is no room)."""
+        """Store ``data`` after what is stored (raises ``DiskFull`` when there is no room).
+
+        ``data`` may be stored later, on another thread, up to :meth:`end_chunk`: the caller
+        must not change it after the call (so an error may be raised by a later call too).
+        """
 
     def end_chunk(self) -> ChunkWritten:
         """End the current chunk and say where its bytes are and what they hash to."""
@@ -90,23 +112,37 @@ class Destination(Protocol):
         """Release what the destination holds (idempotent); stored chunks stay."""
 
 
-def _kind(path: Path) -> str:
-    """The kind of destination ``path`` names. Every path is a local file so far."""
-    return "file"
+def _wanted(path: Path, export: Mapping[str, Any]) -> dict[str, Any]:
+    """The fresh state of the destination an export (its identity) asks for at ``path``."""
+    compress = export.get("compress")
+    if compress is None:
+        return {"kind": "file"}
+    from .compressed import fresh_state as compressed_state
+
+    return compressed_state(compress["codec"], int(compress["level"]))
 
 
-def fresh_state(path: Path) -> dict[str, Any]:
-    """The destination state a new checkpoint records for ``path``, before anything is stored."""
-    return {"kind": _kind(path)}
+def fresh_state(path: Path, spec: ExportSpec | None = None) -> dict[str, Any]:
+    """The destination state a new checkpoint records for ``spec`` written to ``path``, before
+    anything is stored: this is where the kind of destination is chosen (``None``: a file)."""
+    return _wanted(path, spec.identity() if spec is not None else {})
 
 
-def _check_kind(path: Path, cp: Checkpoint, recorded_in: Path) -> None:
-    recorded, kind = cp.destination.get("kind"), _kind(path)
-    if recorded != kind:
+def _check_kind(path: Path, cp: Checkpoint, recorded_in: Path) -> dict[str, Any]:
+    """The destination the checkpoint's export asks for, if the checkpoint's state is of it."""
+    wanted = _wanted(path, cp.export)
+    recorded, kind = cp.destination.get("kind"), wanted["kind"]
+    same = recorded == kind and all(cp.destination.get(k) == wanted.get(k) for k in _FIXED)
+    if not same:
         raise CheckpointMismatch(
             f"{recorded_in} was made for another export (destination was "
             f"{json.dumps(recorded, ensure_ascii=False)}, now {json.dumps(kind)})"
         )
+    return wanted
+
+
+#: The parts of a destination's state that say what it is (not how far it got).
+_FIXED = ("codec", "level")
 
 
 def _chunks(cp: Checkpoint) -> list[tuple[int, int, str]]:
@@ -116,14 +152,21 @@ def _chunks(cp: Checkpoint) -> list[tuple[int, int, str]]:
 def open_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Destination:
     """The destination ``cp`` describes, open at its committed position.
 
-    A checkpoint at position 0 whose destination does not exist yet gets a fresh one. Otherwise
-    the existing destination is verified against the checkpoint's chunks first (raising
-    ``PrefixMismatch`` and changing nothing when it does not match), then what a killed chunk
-    left past the committed position is cut. A checkpoint made for another kind of destination
-    raises ``CheckpointMismatch``. ``recorded_in`` is the checkpoint's file, for messages.
+    The kind of destination is the one the checkpoint's export asks for (a local file, or a
+    compressed one). A checkpoint at position 0 whose destination does not exist yet gets a
+    fresh one. Otherwise the existing destination is verified against the checkpoint's chunks
+    first (raising ``PrefixMismatch`` and changing nothing when it does not match), then what a
+    killed chunk left past the committed position is cut. A checkpoint whose state is of another
+    kind raises ``CheckpointMismatch``. ``recorded_in`` is the checkpoint's file, for messages.
     """
-    _check_kind(path, cp, recorded_in)
-    from .local import LocalFile  # each kind's module is imported when it is used
+    wanted = _check_kind(path, cp, recorded_in)
+    if wanted["kind"] != "file":
+        from .compressed import CompressedFile  # each kind's module is imported when used
+
+        if cp.offset == 0 and not path.exists():
+            return CompressedFile.create(path, wanted)
+        return CompressedFile.reopen(path, cp.chunks, cp.xxh3_128, cp.destination)
+    from .local import LocalFile
 
     if cp.offset == 0 and not path.exists():
         return LocalFile.create(path)
@@ -137,3 +180,39 @@ def check_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Non
     from .local import check_prefix
 
     check_prefix(path, _chunks(cp), cp.xxh3_128)
+
+
+def rehash(
+    fd: int, chunks: Sequence[ChunkRecord], export: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Re-hash the recorded ``chunks`` of the file ``fd`` (the join of a ``workers`` export):
+    the whole file's digest and the destination state it ends in (for a compressed file, its
+    uncompressed size and digest, so the chunks are decompressed too). Raises ``ValueError``
+    with the index of the first chunk that differs from its record."""
+    import xxhash
+
+    from .local import hash_range
+
+    wanted = _wanted(Path(), export)
+    whole, raw = xxhash.xxh3_128(), xxhash.xxh3_128()
+    if wanted["kind"] == "file":
+        for c in chunks:
+            h = xxhash.xxh3_128()
+            hash_range(fd, c.offset, c.bytes, whole, h)
+            if h.hexdigest() != c.xxh3_128:
+                raise ValueError(c.index)
+        return whole.hexdigest(), wanted
+    from .compressed import CorruptFrame, codec, hash_chunk
+
+    cdc, size = codec(wanted["codec"], wanted["level"]), 0
+    for c in chunks:
+        h, r = xxhash.xxh3_128(), xxhash.xxh3_128()
+        try:
+            n = hash_chunk(fd, c.offset, c.bytes, cdc, (whole, h), (raw, r))
+        except CorruptFrame:
+            raise ValueError(c.index) from None
+        if h.hexdigest() != c.xxh3_128 or (n, r.hexdigest()) != c.raw:
+            raise ValueError(c.index)
+        size += n
+    state = {**wanted, "uncompressed_bytes": size, "uncompressed_xxh3_128": raw.hexdigest()}
+    return whole.hexdigest(), state

@@ -1,0 +1,471 @@
+"""Compressed output (``--compress zstd|gzip``): one frame (member) per chunk, resumable.
+
+The claims, each against the real tools: the decompressed file is byte for byte psql's CSV
+(``zstd -dc``, ``gzip -dc``); the file cut at every checkpoint is a valid ``.zst`` / ``.gz``
+(``zstd -t``, ``gzip -t``), so a SIGKILL anywhere resumes by cut-and-append; the manifest
+records the compressed digests (``verify`` reads no uncompressed byte) and the CSV's digest
+(``verify --deep`` decompresses and checks it); ``--workers`` joins the parts' frames; DuckDB
+and Python's gzip read the result. The destination itself (:mod:`copystream.destinations
+.compressed`) is tested without a server first.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+from helpers import (
+    assert_ok,
+    assert_one_error_line,
+    checkpoint_file,
+    cli,
+    export_cmd,
+    kill_export,
+    manifest_file,
+    read_manifest,
+    run,
+    scratch_database,
+    snapshot,
+)
+
+import copystream
+from copystream.checkpoint import ChunkRecord
+from copystream.destinations import ChunkWritten
+from copystream.destinations.compressed import (
+    CompressedFile,
+    CorruptFrame,
+    codec,
+    fresh_state,
+    hash_chunk,
+)
+from copystream.errors import PrefixMismatch, UsageError, VerificationFailed
+from copystream.spec import Compression, ExportSpec, build
+from copystream.testing import EphemeralPostgres
+
+PsqlCsv = Callable[..., bytes]
+
+ROWS = 60_000
+QUERY = "SELECT * FROM t ORDER BY id"
+SCHEMA = f"""
+CREATE TABLE t (id bigint PRIMARY KEY, name text, ts timestamptz, amount numeric(12,2),
+                note text);
+INSERT INTO t SELECT g, 'name ' || g,
+        timestamptz '2020-01-01 00:00:00+00' + g * interval '37.123 seconds',
+        (g * 7.31)::numeric(12,2),
+        CASE WHEN g % 10 = 0 THEN NULL ELSE E'line\\n"q",' || md5(g::text) END
+    FROM generate_series(1, {ROWS}) g;
+ANALYZE t;
+"""
+TOOLS = {"zstd": ".csv.zst", "gzip": ".csv.gz"}
+
+
+def xxh(data: bytes) -> str:
+    return xxhash.xxh3_128(data).hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tools() -> None:
+    """The real tools the claims are checked with: a failure, never a skip, when missing."""
+    for tool in ("zstd", "gzip"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"the {tool} command is needed by these tests: apt-get install {tool}")
+
+
+@pytest.fixture(scope="module")
+def db(pg: EphemeralPostgres) -> Iterator[str]:
+    with scratch_database(pg, SCHEMA) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def expected(db: str, pg: EphemeralPostgres) -> bytes:
+    """psql's CSV of the table: what every decompressed export must equal."""
+    cmd = [pg.psql_bin, "-X", "-q", db, "-c", f"\\copy ({QUERY}) TO STDOUT WITH (FORMAT csv)"]
+    return subprocess.run(cmd, capture_output=True, check=True).stdout
+
+
+def decompressed(tool: str, data: bytes) -> bytes:
+    """``data`` decompressed by the real ``zstd`` or ``gzip`` command."""
+    proc = subprocess.run([tool, "-dc"], input=data, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()
+    return proc.stdout
+
+
+def tool_accepts(tool: str, path: Path) -> bool:
+    """Whether the real ``zstd -t`` / ``gzip -t`` finds ``path`` a valid, complete file."""
+    return subprocess.run([tool, "-t", "-q", str(path)], capture_output=True).returncode == 0
+
+
+# -- the option -------------------------------------------------------------------------------
+
+
+def test_compress_values_parse_and_suffixes_infer() -> None:
+    assert Compression.parse("zstd") == Compression("zstd", 3)
+    assert Compression.parse("gzip") == Compression("gzip", 6)
+    assert Compression.parse("ZSTD:19") == Compression("zstd", 19)
+    assert Compression.parse("none") == Compression("none")
+    for bad, why in [
+        ("lz4", "unknown compression"),
+        ("zstd:0", "from 1 to 22"),
+        ("gzip:10", "from 1 to 9"),
+        ("gzip:fast", "not a whole number"),
+        ("none:3", "takes no level"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            Compression.parse(bad)
+    assert Compression.for_output("x/orders.csv.zst") == Compression("zstd", 3)
+    assert Compression.for_output("orders.CSV.GZ") == Compression("gzip", 6)
+    assert Compression.for_output("orders.csv") == Compression("none")
+    # inference happens when the spec is resolved; an explicit value wins over the suffix
+    spec = ExportSpec("t")
+    assert spec.resolved("public.t", ["id"], ["int"], ["id"], output="a.gz").compress == (
+        Compression("gzip", 6)
+    )
+    explicit, _ = build("t", compress="none")
+    resolved = explicit.resolved("public.t", ["id"], ["int"], ["id"], output="a.csv.zst")
+    assert resolved.compress == Compression("none")
+    assert resolved.identity()["compress"] is None
+    zstd9, _ = build("t", compress="zstd:9")
+    assert zstd9.identity()["compress"] == {"codec": "zstd", "level": 9}
+    with pytest.raises(UsageError, match="compress: expected a compression"):
+        build("t", compress="zstd:99")
+
+
+# -- the destination, without a server ----------------------------------------------------------
+
+
+def write_chunk(dest: CompressedFile, *pieces: bytes) -> ChunkWritten:
+    dest.begin_chunk()
+    for p in pieces:
+        dest.write(p)
+    return dest.end_chunk()
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_each_chunk_is_one_frame_and_a_rollback_leaves_no_trace(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"x{TOOLS[name]}"
+    dest = CompressedFile.create(out, fresh_state(name, 1))
+    try:
+        a = write_chunk(dest, b"id,v\n", b"1,a\n" * 5000)
+        dest.begin_chunk()
+        dest.write(b"never kept\n" * 1000)
+        dest.rollback()
+        b = write_chunk(dest, b"2,b\n" * 7000)
+        empty = write_chunk(dest)  # the last chunk of a range may find no rows
+        dest.sync()
+        state = dest.state()
+    finally:
+        dest.close()
+    data = out.read_bytes()
+    raw = b"id,v\n" + b"1,a\n" * 5000 + b"2,b\n" * 7000
+    assert decompressed(name, data) == raw
+    assert (a.offset, b.offset, a.bytes + b.bytes) == (0, a.bytes, len(data))
+    assert a.xxh3_128 == xxh(data[: a.bytes]) and b.xxh3_128 == xxh(data[a.bytes :])
+    assert a.raw == (5 + 20_000, xxh(raw[:20_005])) and b.raw == (28_000, xxh(raw[20_005:]))
+    assert empty == (len(data), 0, xxh(b"")), "an empty chunk stores no frame"
+    assert (state["uncompressed_bytes"], state["uncompressed_xxh3_128"]) == (len(raw), xxh(raw))
+    assert tool_accepts(name, out)
+    # every chunk is a whole frame on its own
+    assert decompressed(name, data[: a.bytes]) == raw[:20_005]
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_an_empty_export_is_one_empty_frame(name: str, tmp_path: Path) -> None:
+    """An empty file is not a valid .zst or .gz: the first chunk always stores a frame."""
+    out = tmp_path / f"empty{TOOLS[name]}"
+    dest = CompressedFile.create(out, fresh_state(name, 3))
+    try:
+        first = write_chunk(dest)
+    finally:
+        dest.close()
+    assert first.bytes > 0 and first.raw == (0, xxh(b""))
+    assert tool_accepts(name, out) and decompressed(name, out.read_bytes()) == b""
+
+
+def _records(chunks: list[ChunkWritten]) -> list[ChunkRecord]:
+    return [
+        ChunkRecord(i, c.offset, c.bytes, 1, c.xxh3_128, (str(i),), c.raw)
+        for i, c in enumerate(chunks)
+    ]
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_reopen_verifies_both_digests_then_cuts_the_torn_frame(name: str, tmp_path: Path) -> None:
+    out = tmp_path / f"r{TOOLS[name]}"
+    dest = CompressedFile.create(out, fresh_state(name, 3))
+    chunks = [write_chunk(dest, b"%d,row\n" % i * 3000) for i in range(3)]
+    state, digest = dest.state(), dest.digest
+    dest.close()
+    size = out.stat().st_size
+    with out.open("ab") as f:
+        f.write(b"\x28\xb5\x2f\xfd half a frame")  # a chunk killed mid-write
+    again = CompressedFile.reopen(out, _records(chunks), digest, state)
+    try:
+        assert out.stat().st_size == size  # the torn frame is gone
+        assert again.state() == state  # the uncompressed digest state was rebuilt
+        more = write_chunk(again, b"9,last\n")
+        assert more.offset == size
+    finally:
+        again.close()
+    assert decompressed(name, out.read_bytes()).endswith(b"2,row\n9,last\n")
+    # a changed byte inside the committed prefix: refused, the file untouched
+    data = bytearray(out.read_bytes())
+    data[chunks[1].offset + 5] ^= 0xFF
+    out.write_bytes(bytes(data))
+    with pytest.raises(PrefixMismatch, match="from chunk 1"):
+        CompressedFile.reopen(out, _records(chunks), digest, state)
+    assert out.read_bytes() == bytes(data)
+
+
+def test_decoding_refuses_torn_and_foreign_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    for name in ("zstd", "gzip"):
+        frame = codec(name, 3).frame()
+        data = frame.compress(b"abc\n" * 10_000) + frame.flush()
+        path.write_bytes(data + data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert hash_chunk(fd, 0, 2 * len(data), codec(name, 3)) == 80_000  # across frames
+            for start, length in [(0, len(data) - 1), (1, len(data) - 1)]:
+                with pytest.raises(CorruptFrame):
+                    hash_chunk(fd, start, length, codec(name, 3))
+        finally:
+            os.close(fd)
+
+
+def test_compression_runs_on_its_own_thread(tmp_path: Path) -> None:
+    """``write`` only queues: the frame is compressed, hashed and written by another thread
+    (so the chunk loop keeps reading from the server while zstd works)."""
+    seen: list[str] = []
+    cdc = codec("zstd", 3)
+    real = cdc.frame
+
+    class Spy:
+        def __init__(self) -> None:
+            self.inner = real()
+
+        def compress(self, data: bytes) -> bytes:
+            seen.append(threading.current_thread().name)
+            return self.inner.compress(data)
+
+        def flush(self) -> bytes:
+            return self.inner.flush()
+
+    cdc.frame = Spy  # type: ignore[method-assign]
+    fd = os.open(tmp_path / "t.zst", os.O_WRONLY | os.O_CREAT, 0o644)
+    dest = CompressedFile(fd, tmp_path / "t.zst", cdc, 0, xxhash.xxh3_128(), (0, xxhash.xxh3_128()))
+    try:
+        write_chunk(dest, b"x" * 100, b"y" * 100)
+    finally:
+        dest.close()
+    assert seen == ["copystream-compress"] * 2
+    assert threading.current_thread().name not in seen
+
+
+# -- exports end to end -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_export_decompresses_to_psqls_csv_and_is_valid_at_every_checkpoint(
+    name: str, db: str, expected: bytes, tmp_path: Path
+) -> None:
+    out = tmp_path / f"t{TOOLS[name]}"  # the codec comes from the suffix
+    assert_ok(run(export_cmd(db, "t", out, "--chunk-rows", "4000")))
+    data = out.read_bytes()
+    assert decompressed(name, data) == expected
+    m = read_manifest(out)
+    assert m["compress"] == {"codec": name, "level": Compression.parse(name).level}
+    assert (m["bytes"], m["xxh3_128"]) == (len(data), xxh(data))
+    assert (m["uncompressed_bytes"], m["uncompressed_xxh3_128"]) == (len(expected), xxh(expected))
+    assert len(data) < len(expected) / 2
+    assert len(m["chunks"]) == ROWS // 4000
+    raw_at = 0
+    for c in m["chunks"]:
+        frame = data[c["offset"] : c["offset"] + c["bytes"]]
+        assert c["xxh3_128"] == xxh(frame)
+        raw = expected[raw_at : raw_at + c["uncompressed_bytes"]]
+        assert decompressed(name, frame) == raw and c["uncompressed_xxh3_128"] == xxh(raw)
+        raw_at += len(raw)
+        # the file as a checkpoint at this chunk's end leaves it: valid for the real tool
+        cut = tmp_path / f"cut{TOOLS[name]}"
+        cut.write_bytes(data[: c["offset"] + c["bytes"]])
+        assert tool_accepts(name, cut), f"{name} -t refuses the file cut after chunk {c['index']}"
+    cut.write_bytes(data[: m["chunks"][3]["offset"] + 7])  # mid-frame: the tools notice
+    assert not tool_accepts(name, cut)
+    for deep in ([], ["--deep"]):
+        proc = run(cli("verify", str(out), *deep))
+        assert_ok(proc)
+        assert ("decompressed:" in proc.stdout) == bool(deep)
+
+
+def test_readable_by_duckdb_and_pythons_gzip(db: str, expected: bytes, tmp_path: Path) -> None:
+    import duckdb  # the test extra installs it
+
+    zst, gz = tmp_path / "t.csv.zst", tmp_path / "t.csv.gz"
+    copystream.export_table(db, "t", zst, chunk_rows=5000, header=True)
+    copystream.export_table(db, "t", gz, chunk_rows=5000, header=True)
+    with gzip.open(gz, "rb") as f:
+        assert f.read().split(b"\n", 1)[1] == expected  # all members, not only the first
+    for path in (zst, gz):
+        rows = duckdb.sql(
+            f"SELECT count(*), sum(id), count(note), max(ts) FROM read_csv('{path}', header=true)"
+        ).fetchall()
+        assert rows == [(ROWS, ROWS * (ROWS + 1) // 2, ROWS - ROWS // 10, rows[0][3])]
+        assert str(rows[0][3]).startswith("2020-01-26")
+
+
+def test_the_library_reports_both_sizes(db: str, expected: bytes, tmp_path: Path) -> None:
+    out = tmp_path / "lib.csv"
+    r = copystream.export_table(db, "t", out, compress="gzip:1", chunk_rows=20_000)
+    assert r.compress == {"codec": "gzip", "level": 1} and r.uncompressed_bytes == len(expected)
+    assert r.bytes == out.stat().st_size and "uncompressed" in r.summary()
+    assert r.to_json()["uncompressed_bytes"] == len(expected)
+    v = copystream.verify_file(out, deep=True)
+    assert (v.deep, v.uncompressed_bytes, v.uncompressed_xxh3_128) == (
+        True,
+        len(expected),
+        xxh(expected),
+    )
+    assert copystream.verify_file(out).deep is False
+    # the same call again: complete, nothing done; another level is another export
+    assert copystream.export_table(db, "t", out, compress="gzip:1").already_complete
+    with pytest.raises(copystream.OutputExists):
+        copystream.export_table(db, "t", out, compress="gzip:2")
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_sigkill_at_several_points_then_resume(
+    name: str, db: str, expected: bytes, tmp_path: Path
+) -> None:
+    """Killed three times mid-export: each time the file cut at its checkpoint is a valid file
+    holding exactly psql's first bytes; the last run finishes byte-identical after
+    decompression."""
+    out = tmp_path / f"k{TOOLS[name]}"
+    cmd = export_cmd(db, "t", out, "--chunk-rows", "500")
+    for chunks in (3, 40, 90):
+        killed = kill_export(cmd, out, min_chunks=chunks)
+        assert killed.returncode == -9, killed.stderr
+        cp = killed.checkpoint
+        assert cp is not None and cp["destination"]["kind"] == "compressed-file"
+        prefix = out.read_bytes()[: cp["offset"]]
+        cut = tmp_path / f"prefix{TOOLS[name]}"
+        cut.write_bytes(prefix)
+        assert tool_accepts(name, cut)
+        raw = decompressed(name, prefix)
+        assert raw == expected[: len(raw)]
+        state = cp["destination"]
+        assert (state["uncompressed_bytes"], state["uncompressed_xxh3_128"]) == (len(raw), xxh(raw))
+    assert_ok(run(cmd))
+    m = read_manifest(out)
+    assert m["resumed"] and decompressed(name, out.read_bytes()) == expected
+    assert m["uncompressed_xxh3_128"] == xxh(expected)
+    copystream.verify_file(out, deep=True)
+
+
+@pytest.mark.parametrize("name", ["zstd", "gzip"])
+def test_workers_join_the_parts_frames(name: str, db: str, expected: bytes, tmp_path: Path) -> None:
+    out = tmp_path / f"w{TOOLS[name]}"
+    cmd = export_cmd(db, "t", out, "--workers", "3", "--chunk-rows", "3000")
+    killed = kill_export(cmd, out, min_bytes=1)  # the first range writes OUTPUT in place
+    assert killed.returncode in (-9, 0)
+    assert_ok(run(cmd))
+    data = out.read_bytes()
+    assert decompressed(name, data) == expected and tool_accepts(name, out)
+    m = read_manifest(out)
+    assert m["workers"] == 3 and m["uncompressed_xxh3_128"] == xxh(expected)
+    assert sum(c["uncompressed_bytes"] for c in m["chunks"]) == len(expected)
+    assert not list(tmp_path.glob("*.part-*"))
+    copystream.verify_file(out, deep=True)
+
+
+def test_verify_and_verify_deep_find_what_differs(db: str, tmp_path: Path) -> None:
+    out = tmp_path / "v.csv.zst"
+    copystream.export_table(db, "t", out, chunk_rows=10_000)
+    m = read_manifest(out)
+    # a manifest whose CSV digest is wrong: the stored bytes still verify, --deep does not
+    edited = {**m, "uncompressed_xxh3_128": "0" * 32}
+    manifest_file(out).write_text(json.dumps(edited))
+    assert_ok(run(cli("verify", str(out))))
+    assert_one_error_line(run(cli("verify", "--deep", str(out))), 1, "uncompressed digest differs")
+    # a chunk's CSV digest is wrong: --deep names the chunk
+    chunks = [dict(c) for c in m["chunks"]]
+    chunks[2]["uncompressed_xxh3_128"] = "0" * 32
+    manifest_file(out).write_text(json.dumps({**m, "chunks": chunks}))
+    with pytest.raises(VerificationFailed, match="chunk 2 "):
+        copystream.verify_file(out, deep=True)
+    # a damaged frame: both name its chunk
+    manifest_file(out).write_text(json.dumps(m))
+    data = bytearray(out.read_bytes())
+    data[m["chunks"][4]["offset"] + 20] ^= 0x55
+    out.write_bytes(bytes(data))
+    for deep in (False, True):
+        with pytest.raises(VerificationFailed, match="chunk 4 "):
+            copystream.verify_file(out, deep=deep)
+
+
+def test_resuming_with_another_compression_is_refused(db: str, tmp_path: Path) -> None:
+    out = tmp_path / "o.csv.zst"
+    killed = kill_export(export_cmd(db, "t", out, "--chunk-rows", "500"), out, min_chunks=5)
+    assert killed.returncode == -9
+    before = snapshot(tmp_path)
+    proc = run(export_cmd(db, "t", out, "--compress", "zstd:9"))
+    assert_one_error_line(proc, 2, "compress was", "--restart")
+    assert snapshot(tmp_path) == before
+    assert_ok(run(export_cmd(db, "t", out, "--compress", "zstd:9", "--restart")))
+    assert read_manifest(out)["compress"] == {"codec": "zstd", "level": 9}
+
+
+@pytest.mark.parametrize("value", ["lz4", "zstd:23", "none:1", "gzip:"])
+def test_a_bad_compress_value_is_one_error_line(value: str, db: str, tmp_path: Path) -> None:
+    out = tmp_path / "bad.csv"
+    assert_one_error_line(run(export_cmd(db, "t", out, "--compress", value)), 2, "--compress")
+    assert not list(tmp_path.iterdir())
+
+
+def test_bulk_names_compressed_outputs_by_their_codec(
+    db: str, expected: bytes, tmp_path: Path
+) -> None:
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        "[defaults]\n"
+        f"dsn = {json.dumps(db)}\n"
+        'output_dir = "out"\ncompress = "zstd:5"\n'
+        '[[tables]]\nname = "public.t"\n'
+    )
+    result = copystream.run_bulk(copystream.load_plan(plan))
+    assert result.exit_code == 0, result.to_json()
+    out = tmp_path / "out" / "public.t.csv.zst"
+    assert decompressed("zstd", out.read_bytes()) == expected
+    assert read_manifest(out)["compress"] == {"codec": "zstd", "level": 5}
+
+
+def test_checkpoint_records_the_codec_and_the_csv_digest_so_far(db: str, tmp_path: Path) -> None:
+    out = tmp_path / "c.csv.gz"
+    killed = kill_export(export_cmd(db, "t", out, "--chunk-rows", "500"), out, min_chunks=4)
+    cp: dict[str, Any] | None = json.loads(checkpoint_file(out).read_text())
+    assert killed.returncode == -9 and cp is not None
+    assert {k: cp["destination"][k] for k in ("kind", "codec", "level")} == {
+        "kind": "compressed-file",
+        "codec": "gzip",
+        "level": 6,
+    }
+    assert cp["export"]["compress"] == {"codec": "gzip", "level": 6}
+    assert all("uncompressed_xxh3_128" in c for c in cp["chunks"])
+
+
+def test_progress_counts_the_csv_bytes(db: str, expected: bytes, tmp_path: Path) -> None:
+    """Progress reports COPY's bytes, not the compressed ones: they only grow, and end at the
+    CSV's size (the committed compressed offset plus a chunk in flight would jump back)."""
+    seen: list[copystream.Progress] = []
+    copystream.export_table(db, "t", tmp_path / "p.csv.zst", chunk_rows=2000, progress=seen.append)
+    sizes = [p.bytes for p in seen]
+    assert sizes == sorted(sizes) and seen[-1].done and sizes[-1] == len(expected)
