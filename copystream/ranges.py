@@ -411,11 +411,7 @@ def join_parts(
     offset = 0
     for o in outcomes:
         for c in o.checkpoint.chunks:
-            chunks.append(
-                ChunkRecord(
-                    len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key, c.raw
-                )
-            )
+            chunks.append(replace(c, index=len(chunks), offset=offset + c.offset))
         offset += o.checkpoint.offset
     if parts.first_in_place:
         fd = os.open(output, os.O_RDWR | os.O_CLOEXEC)
