@@ -271,11 +271,7 @@ def _verify(
     offset = 0
     for o in outcomes:
         for c in o.checkpoint.chunks:
-            chunks.append(
-                ChunkRecord(
-                    len(chunks), offset + c.offset, c.bytes, c.rows, c.xxh3_128, c.last_key, c.raw
-                )
-            )
+            chunks.append(replace(c, index=len(chunks), offset=offset + c.offset))
         offset += o.checkpoint.offset
     if os.fstat(fd).st_size != offset:
         raise ExportFailed(f"joining the parts of {output} left it at the wrong size")

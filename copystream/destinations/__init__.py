@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+import xxhash
+
 from ..checkpoint import Checkpoint, ChunkRecord
 from ..errors import CheckpointMismatch
 from ..spec import ExportSpec
@@ -189,8 +191,6 @@ def rehash(
     the whole file's digest and the destination state it ends in (for a compressed file, its
     uncompressed size and digest, so the chunks are decompressed too). Raises ``ValueError``
     with the index of the first chunk that differs from its record."""
-    import xxhash
-
     from .local import hash_range
 
     wanted = _wanted(Path(), export)
