@@ -5,13 +5,20 @@ Workers are plain subprocesses of the current interpreter, ``python -m copystrea
 script without an ``if __name__ == "__main__"`` guard would run again; an Airflow task would
 re-import Airflow), and ``fork`` copies a possibly multi-threaded, large host process.
 
-A :class:`Task` names a module-level function and its arguments. The worker reads the pickled
-task on stdin, calls ``function(*args, progress=report)`` and writes one event per line on its
-stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a log line
-(level, message), then ``R`` the function's result or ``E`` the exception it raised (a
-:class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else
-as an :class:`ExportFailed` naming it). The coordinator reads the events as :class:`Event`
-values from :func:`run_tasks`.
+Workers live long: :func:`run_tasks` starts at most ``jobs`` of them and hands each the next
+waiting task whenever it is free, so a thousand small tasks cost ``jobs`` interpreter start-ups,
+not a thousand, and what a task function keeps at module level (an open connection, say) serves
+the next task of the same process. A :class:`Task` names a module-level function and its
+arguments; the coordinator writes each task to a worker's stdin as one line,
+``<base64 of a pickle>``. The worker calls ``function(*args, progress=report)`` and writes one
+event per line on its stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a
+log line (level, message), then ``R`` the function's result or ``E`` the exception it raised (a
+:class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else as
+an :class:`ExportFailed` naming it), and waits for the next task. After an unexpected exception
+(not a :class:`CopystreamError`) it says so (``X``, before the ``E``) and exits, so no state a
+bug left behind reaches another task; a fresh worker takes over. A worker that dies fails only
+the task it was running. The coordinator reads the events as :class:`Event` values from
+:func:`run_tasks`.
 
 On Linux a worker asks the kernel to kill it when its coordinator dies (``PR_SET_PDEATHSIG``),
 so a re-run never races an orphan writing the same files.
@@ -20,7 +27,9 @@ so a re-run never races an orphan writing the same files.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import itertools
 import logging
 import os
 import pickle
@@ -42,11 +51,18 @@ log = logging.getLogger("copystream")
 
 #: Seconds between two progress events of one worker (a finished one always reports).
 PROGRESS_INTERVAL = 0.2
+#: Seconds a worker with no more tasks is given to exit by itself before it is killed.
+EXIT_GRACE = 10.0
 
 
 @dataclass(frozen=True)
 class Task:
-    """A call to run in a worker: ``function(*args, progress=callback)``, all picklable."""
+    """A call to run in a worker: ``function(*args, progress=callback)``, all picklable.
+
+    Workers run many tasks in a row: a task must not leave anything running behind it (a
+    thread, an open transaction). What it keeps on purpose at module level serves the next
+    task of the same worker.
+    """
 
     function: Callable[..., Any]
     args: tuple[Any, ...]
@@ -54,10 +70,10 @@ class Task:
 
 @dataclass(frozen=True)
 class Event:
-    """Something a task did. ``kind`` is ``"started"``, ``"progress"`` (``value``: the progress
-    object), ``"log"`` (``value``: ``(level, message)``), ``"done"`` (``value``: the result),
-    ``"failed"`` (``value``: a :class:`CopystreamError`) or ``"tick"`` (nothing happened for a
-    while; ``index`` is -1)."""
+    """Something a task did. ``kind`` is ``"started"`` (``value``: the worker's pid),
+    ``"progress"`` (``value``: the progress object), ``"log"`` (``value``: ``(level,
+    message)``), ``"done"`` (``value``: the result), ``"failed"`` (``value``: a
+    :class:`CopystreamError`) or ``"tick"`` (nothing happened for a while; ``index`` is -1)."""
 
     index: int
     kind: str
@@ -68,22 +84,15 @@ def _encode(kind: str, value: object) -> str:
     return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
 
 
-def _spawn(task: Task) -> subprocess.Popen[bytes]:
-    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL`` and hand it ``task``."""
+def _spawn() -> subprocess.Popen[bytes]:
+    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``."""
     level = str(log.getEffectiveLevel())
-    proc = subprocess.Popen(
+    return subprocess.Popen(
         [sys.executable, "-m", "copystream._worker", str(os.getpid()), level],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         close_fds=True,
     )
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(pickle.dumps(task))
-        proc.stdin.close()
-    except BrokenPipeError:  # it died at once; its exit status will say how
-        pass
-    return proc
 
 
 def died(code: int | None) -> str:
@@ -98,34 +107,59 @@ def died(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-class _Worker:
-    """One running worker process and the thread that reads its events."""
+_KINDS = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
 
-    def __init__(self, index: int, task: Task, events: queue.Queue[tuple[int, bytes]]) -> None:
-        self.index = index
-        self.outcome: Event | None = None
-        self.proc = _spawn(task)
+
+class _Worker:
+    """One running worker process, the task it runs (if any) and the thread reading its events."""
+
+    def __init__(self, serial: int, events: queue.Queue[tuple[int, bytes]]) -> None:
+        self.serial = serial
+        self.task: int | None = None  # index of the task it runs
+        self.retiring = False  # it exits after its current task (it said so, or none is left)
+        self.proc = _spawn()
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout, events), daemon=True).start()
 
     def _read(self, stdout: IO[bytes], events: queue.Queue[tuple[int, bytes]]) -> None:
         for raw in stdout:
-            events.put((self.index, raw))
-        events.put((self.index, b""))
+            events.put((self.serial, raw))
+        events.put((self.serial, b""))
+
+    def give(self, index: int, task: Task) -> None:
+        """Hand it task ``index`` (a worker that died meanwhile reports no outcome for it)."""
+        self.task = index
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(base64.b64encode(pickle.dumps(task)) + b"\n")
+            self.proc.stdin.flush()
+
+    def retire(self) -> None:
+        """No more tasks for it: it exits once its current one is done."""
+        self.retiring = True
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
     def event(self, raw: bytes) -> Event | None:
         """The event of one line; ``None`` for a torn line (a worker killed mid-write)."""
         kind, _, payload = raw.decode("ascii", errors="replace").strip().partition(" ")
-        names = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
+        if kind == "X":  # it exits after this task: give it no other
+            self.retiring = True
+            return None
         try:
             value = pickle.loads(base64.b64decode(payload))
         except Exception:
             return None
-        if kind not in names:
+        if kind not in _KINDS or self.task is None:
             return None
-        return Event(self.index, names[kind], value)
+        return Event(self.task, _KINDS[kind], value)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Let it exit within ``grace`` seconds, else kill it; reap it."""
+        self.retire()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
         if self.proc.poll() is None:
             self.proc.kill()
         with contextlib.suppress(Exception):
@@ -135,41 +169,69 @@ class _Worker:
 def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterator[Event]:
     """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    Every task ends with exactly one ``done`` or ``failed`` event (a worker that dies without
-    an outcome fails with :class:`ExportFailed` saying how it ended). A ``tick`` comes when
-    nothing happened for ``tick`` seconds. Closing the generator early (or an exception in
-    the consumer) kills the workers still running.
+    Each worker takes the next waiting task as soon as it is free. Every task ends with exactly
+    one ``done`` or ``failed`` event (a worker that dies without an outcome fails its task with
+    :class:`ExportFailed` saying how it ended; the tasks after it go to a fresh worker). A
+    ``tick`` comes when nothing happened for ``tick`` seconds. Closing the generator early (or
+    an exception in the consumer) kills the workers still running.
     """
     events: queue.Queue[tuple[int, bytes]] = queue.Queue()
-    waiting = list(range(len(tasks)))
-    running: dict[int, _Worker] = {}
+    waiting = collections.deque(range(len(tasks)))
+    workers: dict[int, _Worker] = {}
+    serials = itertools.count()
+    clean = False
     try:
-        while waiting or running:
-            while waiting and len(running) < max(1, jobs):
-                i = waiting.pop(0)
-                running[i] = _Worker(i, tasks[i], events)
-                yield Event(i, "started", running[i].proc.pid)
+        while waiting or any(w.task is not None for w in workers.values()):
+            yield from _hand_out(tasks, waiting, workers, jobs, lambda: next(serials), events)
             try:
-                i, raw = events.get(timeout=tick)
+                serial, raw = events.get(timeout=tick)
             except queue.Empty:
                 yield Event(-1, "tick")
                 continue
-            worker = running[i]
+            worker = workers[serial]
             if raw:
                 event = worker.event(raw)
-                if event is not None and event.kind in ("done", "failed"):
-                    worker.outcome = event
-                elif event is not None:
+                if event is not None:
+                    if event.kind in ("done", "failed"):
+                        worker.task = None
                     yield event
                 continue
-            del running[i]
+            del workers[serial]  # it exited: of itself when idle, or it died
             code = worker.proc.wait()
-            yield worker.outcome or Event(
-                i, "failed", ExportFailed(f"the worker process {died(code)}")
-            )
+            if worker.task is not None:
+                why = f"the worker process {died(code)}"
+                yield Event(worker.task, "failed", ExportFailed(why))
+        clean = True
     finally:
-        for worker in running.values():
-            worker.stop()
+        for worker in workers.values():
+            worker.stop(EXIT_GRACE if clean else 0.0)
+
+
+def _hand_out(
+    tasks: Sequence[Task],
+    waiting: collections.deque[int],
+    workers: dict[int, _Worker],
+    jobs: int,
+    serial: Callable[[], int],
+    events: queue.Queue[tuple[int, bytes]],
+) -> Iterator[Event]:
+    """Give each free worker the next waiting task (or, when none is left, let it exit); start
+    workers while tasks wait and fewer than ``jobs`` are at work."""
+    for worker in list(workers.values()):
+        if worker.task is not None or worker.retiring:
+            continue
+        if not waiting:
+            worker.retire()
+            continue
+        i = waiting.popleft()
+        worker.give(i, tasks[i])
+        yield Event(i, "started", worker.proc.pid)
+    while waiting and sum(not w.retiring for w in workers.values()) < max(1, jobs):
+        worker = _Worker(serial(), events)
+        workers[worker.serial] = worker
+        i = waiting.popleft()
+        worker.give(i, tasks[i])
+        yield Event(i, "started", worker.proc.pid)
 
 
 # -- inside a worker ------------------------------------------------------------------------------
@@ -200,9 +262,10 @@ def _die_with_coordinator(coordinator: int) -> None:
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``: one task."""
+    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``: the tasks its stdin
+    brings, one at a time, until it closes (or a task fails unexpectedly)."""
     _die_with_coordinator(int(argv[0]))
-    task: Task = pickle.load(sys.stdin.buffer)
+    tasks = sys.stdin.buffer
     # The events get the real stdout to themselves; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
@@ -217,6 +280,20 @@ def worker_main(argv: Sequence[str]) -> int:
     log.handlers[:] = [_EventLog(send)]
     log.setLevel(int(argv[1]))
     log.propagate = False
+    for line in tasks:
+        try:
+            task: Task = pickle.loads(base64.b64decode(line))
+        except Exception as e:  # e.g. its function cannot be imported here
+            send("X -\n")
+            send(_encode("E", _portable(e)))
+            return 1
+        if not _run(task, send):
+            return 1
+    return 0
+
+
+def _run(task: Task, send: Callable[[str], None]) -> bool:
+    """Run one task and send its events; whether the worker may take another one."""
     last = 0.0
 
     def report(progress: Any) -> None:
@@ -229,10 +306,13 @@ def worker_main(argv: Sequence[str]) -> int:
     try:
         result = task.function(*task.args, progress=report)
     except BaseException as e:  # every failure goes back to the coordinator as one event
+        expected = isinstance(e, CopystreamError)
+        if not expected:
+            send("X -\n")  # before the outcome: the coordinator gives this worker no more
         send(_encode("E", _portable(e)))
-        return 1
+        return expected
     send(_encode("R", result))
-    return 0
+    return True
 
 
 def _portable(e: BaseException) -> CopystreamError:
