@@ -10,8 +10,14 @@
 * **run** (:func:`execute`): one part in this process, or the key ranges in the worker pool.
 * **finish** (:func:`finish`): join the ranges, write the manifest, remove the checkpoints.
 
+A small table with nothing on disk yet (:func:`copies_whole`) skips start, run and finish: it is
+one COPY on the planning connection, written atomically (:func:`copy_small`, then
+:func:`copystream.whole.publish`).
+
 :class:`ExportSession` is the one context manager that owns what must be released whatever
-happens: the lock, the planning connection and the snapshot's session.
+happens: the lock, the planning connection and the snapshot's session. It is also the seam for
+drivers that plan many tables at once: it takes an already resolved table, a lent connection and
+a snapshot the caller holds.
 """
 
 from __future__ import annotations
@@ -20,19 +26,21 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from ._atomic import locked
+from ._atomic import locked, remove_stale_temporaries
 from .catalog import introspect
 from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
+from .chunk import SnapshotGone
 from .connection import Target, connect, io_deadline
 from .errors import OutputExists, OutputProblem
 from .failures import Phase, classify_connect, translate
@@ -55,21 +63,28 @@ from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
 from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
+from .whole import Written, copy_once, is_small, one_chunk
 
 __all__ = [
     "ExportSession",
     "Ran",
     "Run",
+    "SnapshotHolder",
     "check_output",
+    "copies_whole",
+    "copy_small",
     "discover_state",
     "execute",
     "finish",
     "lock_path",
     "remove_export_files",
+    "retrying",
     "start",
 ]
 
 log = logging.getLogger("copystream")
+
+T = TypeVar("T")
 
 #: Retries of the very first connection: a wrong host or port is a usage error, reported fast.
 FIRST_CONNECT = RetryPolicy(retries=2, base_delay=0.5, max_delay=2.0, budget=10.0)
@@ -109,29 +124,28 @@ def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Con
             retrier.wait(d, "connecting", level=logging.DEBUG)
 
 
-def plan_export(
-    target: Target, spec: ExportSpec, run: RunOptions, sleep: Callable[[float], None]
-) -> tuple[psycopg.Connection[Any], ResolvedTable]:
-    """Connect and resolve the table; return the open connection and the resolved table.
-
-    A transient failure while planning (the connection dropped, the server restarting) is
-    retried on a fresh connection as the policy says, like a chunk: it is not a usage error.
-    Planning that gets no answer within the I/O timeout (a hung server or proxy) is one too.
-    """
+def retrying(
+    target: Target,
+    run: RunOptions,
+    sleep: Callable[[float], None],
+    doing: str,
+    table: str,
+    step: Callable[[psycopg.Connection[Any]], T],
+    conn: psycopg.Connection[Any] | None,
+    *,
+    planning: bool,
+) -> tuple[psycopg.Connection[Any], T]:
+    """``step`` on ``conn`` (or a new connection), within the I/O timeout, with the retries of
+    ``run``'s policy on fresh connections; the connection and what ``step`` returned."""
     retrier = Retrier(run.policy, sleep=sleep)
-    doing = f"planning the export of {spec.table}"
-    conn: psycopg.Connection[Any] | None = first_connect(target, sleep)
     while True:
         connecting = conn is None
         try:
             if conn is None:
                 conn = connect(target)
-            with io_deadline(conn, run.io_timeout, "planning the export"):
-                table = introspect(
-                    conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
-                    options=spec.options,
-                )  # fmt: skip
-            return conn, table
+            with io_deadline(conn, run.io_timeout, doing):
+                value = step(conn)
+            return conn, value
         except psycopg.Error as e:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -139,7 +153,7 @@ def plan_export(
             conn = None
             d = retrier.failed(e)
             if not d.retry:
-                phase = Phase(target, spec.table, doing, connecting=connecting, planning=True)
+                phase = Phase(target, table, doing, connecting=connecting, planning=planning)
                 raise translate(e, phase, why=d.reason, transient=retrier.transient) from e
             retrier.wait(d, doing)
         except BaseException:
@@ -159,13 +173,22 @@ def exclusive(output: Path) -> contextlib.AbstractContextManager[None]:
     return locked(lock_path(output), busy)
 
 
-class _SnapshotHolder:
-    """A session holding an exported snapshot open for a ``consistent`` export."""
+class SnapshotHolder:
+    """A session holding an exported snapshot open: for a ``consistent`` export, or for a whole
+    bulk job (every table and chunk of it imports the snapshot, ``SET TRANSACTION SNAPSHOT``).
 
-    def __init__(self, target: Target, settings: dict[str, str], io_timeout: float) -> None:
+    ``snapshot`` is its id; ``taken_at`` when it was taken. It lives as long as this session:
+    :meth:`close` (or the end of the process) ends it.
+    """
+
+    def __init__(
+        self, target: Target, settings: dict[str, str] | None, io_timeout: float, what: str
+    ) -> None:
         self.conn = connect(target, settings=settings)
         try:
             with io_deadline(self.conn, io_timeout, "exporting a snapshot"):
+                # it idles in its transaction for as long as the export runs, on purpose
+                self.conn.execute("SET idle_in_transaction_session_timeout = 0")
                 self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
         except BaseException:
@@ -173,7 +196,8 @@ class _SnapshotHolder:
             raise
         assert row is not None
         self.snapshot = str(row[0])
-        log.info("holding exported snapshot %s for a point-in-time export", self.snapshot)
+        self.taken_at = now_iso()
+        log.info("holding exported snapshot %s for %s", self.snapshot, what)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -185,6 +209,15 @@ class ExportSession:
 
     Entering it prepares the export (connects, resolves the table with retries, takes the
     lock); leaving it releases everything that is still held, in every case.
+
+    The seam for drivers that plan many tables at once (a bulk job): given ``table``, the
+    export uses that resolved table instead of asking the server again (what is on disk is
+    still checked against the spec it resolves to, by :func:`discover_state`), and connects only
+    when it needs to (an output already complete is never connected for). Given ``conn``, an
+    open autocommit connection lent by the caller, it uses that one and leaves it open (it
+    closes it only when an error may have left it mid-protocol: the lender checks
+    ``conn.closed``). Given ``snapshot``, the id of a snapshot the caller holds, every chunk
+    reads from it instead of one this export would hold (``consistent``).
     """
 
     def __init__(
@@ -194,6 +227,10 @@ class ExportSession:
         output: Path,
         run: RunOptions,
         sleep: Callable[[float], None],
+        *,
+        table: ResolvedTable | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+        snapshot: str | None = None,
     ) -> None:
         self.target = Target(conninfo or "")
         self.output = output
@@ -201,11 +238,22 @@ class ExportSession:
         self.sleep = sleep
         self.requested = spec
         self._stack = contextlib.ExitStack()
-        self.snapshot: _SnapshotHolder | None = None
+        self.snapshot: SnapshotHolder | None = None
+        self.given_table = table
+        self.conn: psycopg.Connection[Any] | None = conn
+        self.lent = conn is not None
+        self.job_snapshot = snapshot
 
     def __enter__(self) -> ExportSession:
-        conn, table = plan_export(self.target, self.requested, self.run, self.sleep)
-        self.conn: psycopg.Connection[Any] | None = conn
+        if self.given_table is None:
+            doing = f"planning the export of {self.requested.table}"
+            first = self.conn or first_connect(self.target, self.sleep)
+            self.conn, table = retrying(
+                self.target, self.run, self.sleep, doing, self.requested.table,
+                self._introspect, first, planning=True,
+            )  # fmt: skip
+        else:
+            table = self.given_table
         self._stack.callback(self.close_connection)
         self.table = table
         self.spec = self.requested.resolved(
@@ -223,6 +271,13 @@ class ExportSession:
         log.debug("%s: paging by %s (%s)", table.qualified, ", ".join(table.key), table.key_source)
         return self
 
+    def _introspect(self, conn: psycopg.Connection[Any]) -> ResolvedTable:
+        spec = self.requested
+        return introspect(
+            conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
+            options=spec.options,
+        )  # fmt: skip
+
     def __exit__(
         self,
         kind: type[BaseException] | None,
@@ -239,25 +294,48 @@ class ExportSession:
         q = self.table.qualified
         return Phase(self.target, q, f"exporting {q}", filtered=self.table.where is not None)
 
+    def connection(self) -> psycopg.Connection[Any]:
+        """The planning connection, opened now (with retries) if there is none."""
+        if self.conn is None:
+            doing = f"connecting to export {self.table.qualified}"
+            self.conn, _ = retrying(
+                self.target, self.run, self.sleep, doing, self.table.qualified,
+                lambda conn: None, None, planning=False,
+            )  # fmt: skip
+            self.lent = False
+        return self.conn
+
     def close_connection(self) -> None:
-        """Close the planning connection (no longer needed once the jobs are set up)."""
-        if self.conn is not None:
+        """Let go of the planning connection (no longer needed once the jobs are set up); a
+        lent one stays open for its lender."""
+        if self.conn is not None and not self.lent:
             self.conn.close()
-            self.conn = None
+        self.conn = None
+
+    def discard_connection(self) -> None:
+        """Close the planning connection, lent or not: an error left it in an unknown state."""
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
 
     def query(self, doing: str, query: sql.Composed) -> tuple[Any, ...]:
         """One row of ``query`` on the planning connection, within the I/O timeout."""
-        assert self.conn is not None
-        with io_deadline(self.conn, self.run.io_timeout, doing):
-            row = self.conn.execute(query).fetchone()
+        conn = self.connection()
+        with io_deadline(conn, self.run.io_timeout, doing):
+            row = conn.execute(query).fetchone()
         assert row is not None
         return tuple(row)
 
     def hold_snapshot(self, settings: dict[str, str]) -> str | None:
-        """Export and hold a snapshot (``consistent``); its id, or ``None``."""
+        """The snapshot every chunk reads: the caller's, or (``consistent``) one exported and
+        held now; ``None`` when there is none."""
+        if self.job_snapshot is not None:
+            return self.job_snapshot
         if not self.run.consistent:
             return None
-        self.snapshot = _SnapshotHolder(self.target, settings, self.run.io_timeout)
+        what = "a point-in-time export"
+        self.snapshot = SnapshotHolder(self.target, settings, self.run.io_timeout, what)
         return self.snapshot.snapshot
 
 
@@ -319,12 +397,10 @@ def _split(
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
-    assert session.conn is not None
+    conn = session.connection()
     try:
-        with io_deadline(session.conn, session.run.io_timeout, "sampling the key range"):
-            bounds = sample_boundaries(
-                session.conn, session.table, session.run.workers, snapshot=snapshot
-            )
+        with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
+            bounds = sample_boundaries(conn, session.table, session.run.workers, snapshot=snapshot)
     except psycopg.Error as e:
         # The filter first runs here: a writing or failing filter is a usage error.
         why = "sampling the key range failed"
@@ -439,3 +515,128 @@ def discover_state(session: ExportSession) -> OnDisk:
     if session.run.restart:
         remove_export_files(session.output)
     return discover(session.output, session.spec.identity())
+
+
+# -- a small table: one COPY, written atomically ----------------------------------------------
+
+
+def copies_whole(session: ExportSession, found: OnDisk) -> bool:
+    """Whether this export is one COPY written atomically (:mod:`copystream.whole`): a small
+    table (:func:`~copystream.whole.is_small`) with nothing of it on disk yet."""
+    return isinstance(found, Fresh) and is_small(session.table, session.run)
+
+
+def copy_small(
+    session: ExportSession,
+    progress: Callable[[Progress], None] | None,
+    sleep: Callable[[float], None],
+    started: float,
+    *,
+    tidy: bool = True,
+) -> tuple[Written, int]:
+    """Export the small table of ``session`` with one COPY into a temporary file; the result
+    to :func:`~copystream.whole.publish`, and the retries it took.
+
+    Transient failures are retried on a fresh connection as the policy says; a snapshot held by
+    the caller that is gone is done without (the manifest says the export is then not
+    point-in-time). ``tidy``: remove the stale temporary files of the output (and of its
+    manifest) first.
+    """
+    out, table, run = session.output, session.table, session.run
+    if tidy:
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(manifest_path(out))
+    retrier = Retrier(run.policy, sleep=sleep)
+    snapshot, lost = session.job_snapshot, False
+    while True:
+        try:
+            conn = session.connection()
+            settings = _settings_of(conn, run.io_timeout)
+            pit = (snapshot is not None or run.consistent) and not lost
+            return copy_once(
+                conn, table, session.spec, run, out,
+                snapshot=snapshot,
+                on_data=_reporter(table, progress, started),
+                manifest=_whole_manifest(session, settings, now_iso(), started, pit),
+            ), retrier.retries  # fmt: skip
+        except psycopg.Error as e:
+            session.discard_connection()  # it may be mid-protocol
+            if snapshot is not None and isinstance(e, SnapshotGone):
+                log.warning(
+                    "%s: the exported snapshot is gone (its coordinator ended); exporting "
+                    "without it: this table is not part of the point-in-time image",
+                    table.qualified,
+                )
+                snapshot, lost = None, True
+                continue
+            d = retrier.failed(e)
+            if not d.retry:
+                raise translate(e, session.phase, why=d.reason, transient=retrier.transient) from e
+            retrier.wait(d, f"exporting {table.qualified}")
+        except BaseException:
+            session.discard_connection()
+            raise
+
+
+#: The pinned settings of each open connection, read when it first serves a small table: only
+#: copystream uses these connections, and it never changes a pinned setting of a session.
+_SETTINGS: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _settings_of(conn: psycopg.Connection[Any], io_timeout: float) -> dict[str, str]:
+    """The session settings that shape COPY's text, as ``conn`` has them."""
+    settings = _SETTINGS.get(conn)
+    if settings is None:
+        with io_deadline(conn, io_timeout, "reading the session settings"):
+            row = conn.execute(read_settings_query()).fetchone()
+        assert row is not None
+        settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+        _SETTINGS[conn] = settings
+    return dict(settings)
+
+
+def _reporter(
+    table: ResolvedTable, progress: Callable[[Progress], None] | None, started: float
+) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+
+    def on_data(rows: int, nbytes: int) -> None:
+        elapsed = time.monotonic() - started
+        progress(Progress(table.qualified, rows, nbytes, table.estimated_rows, elapsed, 0))
+
+    return on_data
+
+
+def _whole_manifest(
+    session: ExportSession, settings: dict[str, str], started_at: str, started: float, pit: bool
+) -> Callable[[int, int, str, tuple[str, ...] | None], Manifest]:
+    """What makes the manifest of a small export: the one a chunked export of one chunk writes."""
+    table, spec = session.table, session.spec
+
+    def manifest(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> Manifest:
+        return Manifest(
+            table=table.qualified,
+            key=table.key,
+            key_types=table.key_types,
+            key_source=table.key_source,
+            columns=table.columns,
+            where=table.where,
+            options=spec.options.to_dict(),
+            rows=rows,
+            bytes=nbytes,
+            xxh3_128=digest,
+            chunks=(one_chunk(rows, nbytes, digest, last_key),),
+            chunk_rows=0,  # one COPY, as an adaptive export of a small table records it
+            settings=settings,
+            started_at=started_at,
+            finished_at=now_iso(),
+            seconds=round(time.monotonic() - started, 3),
+            resumed=False,
+            workers=1,
+            point_in_time=pit,
+        )
+
+    return manifest
