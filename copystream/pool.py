@@ -61,11 +61,14 @@ class Task:
 
     Workers run many tasks in a row: a task must not leave anything running behind it (a
     thread, an open transaction). What it keeps on purpose at module level serves the next
-    task of the same worker.
+    task of the same worker. A ``short`` task is expected to take little time: a worker running
+    one is handed the next short task already, so that it never waits for the coordinator
+    between the two (a long task is handed only to a free worker, never queued behind another).
     """
 
     function: Callable[..., Any]
     args: tuple[Any, ...]
+    short: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,11 +114,12 @@ _KINDS = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
 
 
 class _Worker:
-    """One running worker process, the task it runs (if any) and the thread reading its events."""
+    """One running worker process, the tasks handed to it and the thread reading its events."""
 
     def __init__(self, serial: int, events: queue.Queue[tuple[int, bytes]]) -> None:
         self.serial = serial
-        self.task: int | None = None  # index of the task it runs
+        self.queue: collections.deque[int] = collections.deque()  # the first one runs
+        self.started = False  # the first one has begun (it said so)
         self.retiring = False  # it exits after its current task (it said so, or none is left)
         self.proc = _spawn()
         assert self.proc.stdout is not None
@@ -126,9 +130,15 @@ class _Worker:
             events.put((self.serial, raw))
         events.put((self.serial, b""))
 
+    @property
+    def task(self) -> int | None:
+        """The index of the task it runs (or will run next), if any."""
+        return self.queue[0] if self.queue else None
+
     def give(self, index: int, task: Task) -> None:
-        """Hand it task ``index`` (a worker that died meanwhile reports no outcome for it)."""
-        self.task = index
+        """Hand it task ``index``, to run after those it has (a worker that died meanwhile
+        reports no outcome for it)."""
+        self.queue.append(index)
         assert self.proc.stdin is not None
         with contextlib.suppress(BrokenPipeError, OSError):
             self.proc.stdin.write(base64.b64encode(pickle.dumps(task)) + b"\n")
@@ -142,18 +152,28 @@ class _Worker:
                 self.proc.stdin.close()
 
     def event(self, raw: bytes) -> Event | None:
-        """The event of one line; ``None`` for a torn line (a worker killed mid-write)."""
+        """The event of one line; ``None`` for a torn line (a worker killed mid-write). An
+        outcome ends the task it is about."""
         kind, _, payload = raw.decode("ascii", errors="replace").strip().partition(" ")
+        if self.task is None:
+            return None
         if kind == "X":  # it exits after this task: give it no other
             self.retiring = True
             return None
+        if kind == "S":
+            self.started = True
+            return Event(self.task, "started", self.proc.pid)
         try:
             value = pickle.loads(base64.b64decode(payload))
         except Exception:
             return None
-        if kind not in _KINDS or self.task is None:
+        if kind not in _KINDS:
             return None
-        return Event(self.task, _KINDS[kind], value)
+        event = Event(self.task, _KINDS[kind], value)
+        if event.kind in ("done", "failed"):
+            self.queue.popleft()
+            self.started = False
+        return event
 
     def stop(self, grace: float = 0.0) -> None:
         """Let it exit within ``grace`` seconds, else kill it; reap it."""
@@ -169,11 +189,12 @@ class _Worker:
 def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterator[Event]:
     """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    Each worker takes the next waiting task as soon as it is free. Every task ends with exactly
-    one ``done`` or ``failed`` event (a worker that dies without an outcome fails its task with
-    :class:`ExportFailed` saying how it ended; the tasks after it go to a fresh worker). A
-    ``tick`` comes when nothing happened for ``tick`` seconds. Closing the generator early (or
-    an exception in the consumer) kills the workers still running.
+    Each worker takes the next waiting task as soon as it is free (a short one: already while
+    it runs a short one). Every task ends with exactly one ``done`` or ``failed`` event, after
+    its ``started`` event if it began (a worker that dies fails the task it was running with
+    :class:`ExportFailed` saying how it ended; the tasks handed to it that it had not begun go
+    to another worker). A ``tick`` comes when nothing happened for ``tick`` seconds. Closing the
+    generator early (or an exception in the consumer) kills the workers still running.
     """
     events: queue.Queue[tuple[int, bytes]] = queue.Queue()
     waiting = collections.deque(range(len(tasks)))
@@ -181,8 +202,8 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterat
     serials = itertools.count()
     clean = False
     try:
-        while waiting or any(w.task is not None for w in workers.values()):
-            yield from _hand_out(tasks, waiting, workers, jobs, lambda: next(serials), events)
+        while waiting or any(w.queue for w in workers.values()):
+            _hand_out(tasks, waiting, workers, jobs, lambda: next(serials), events)
             try:
                 serial, raw = events.get(timeout=tick)
             except queue.Empty:
@@ -192,15 +213,17 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterat
             if raw:
                 event = worker.event(raw)
                 if event is not None:
-                    if event.kind in ("done", "failed"):
-                        worker.task = None
                     yield event
                 continue
             del workers[serial]  # it exited: of itself when idle, or it died
             code = worker.proc.wait()
-            if worker.task is not None:
-                why = f"the worker process {died(code)}"
-                yield Event(worker.task, "failed", ExportFailed(why))
+            if worker.started:
+                yield Event(
+                    worker.queue.popleft(),
+                    "failed",
+                    ExportFailed(f"the worker process {died(code)}"),
+                )
+            waiting.extendleft(reversed(worker.queue))  # handed to it, never begun
         clean = True
     finally:
         for worker in workers.values():
@@ -214,24 +237,26 @@ def _hand_out(
     jobs: int,
     serial: Callable[[], int],
     events: queue.Queue[tuple[int, bytes]],
-) -> Iterator[Event]:
-    """Give each free worker the next waiting task (or, when none is left, let it exit); start
-    workers while tasks wait and fewer than ``jobs`` are at work."""
+) -> None:
+    """Give each free worker the next waiting task, and one running a short task the next
+    short one (or, when none is left, let a free worker exit); start workers while tasks wait
+    and fewer than ``jobs`` are at work."""
     for worker in list(workers.values()):
-        if worker.task is not None or worker.retiring:
+        if worker.retiring:
             continue
-        if not waiting:
+        if not worker.queue and not waiting:
             worker.retire()
-            continue
-        i = waiting.popleft()
-        worker.give(i, tasks[i])
-        yield Event(i, "started", worker.proc.pid)
+        elif waiting and (
+            not worker.queue
+            or (len(worker.queue) == 1 and tasks[worker.queue[0]].short and tasks[waiting[0]].short)
+        ):
+            i = waiting.popleft()
+            worker.give(i, tasks[i])
     while waiting and sum(not w.retiring for w in workers.values()) < max(1, jobs):
         worker = _Worker(serial(), events)
         workers[worker.serial] = worker
         i = waiting.popleft()
         worker.give(i, tasks[i])
-        yield Event(i, "started", worker.proc.pid)
 
 
 # -- inside a worker ------------------------------------------------------------------------------
@@ -294,6 +319,7 @@ def worker_main(argv: Sequence[str]) -> int:
 
 def _run(task: Task, send: Callable[[str], None]) -> bool:
     """Run one task and send its events; whether the worker may take another one."""
+    send("S -\n")
     last = 0.0
 
     def report(progress: Any) -> None:

@@ -36,7 +36,7 @@ import psycopg
 
 from ._atomic import fsync_dir, raise_if_full
 from .checkpoint import ChunkRecord
-from .chunk import Chunk, ChunkRunner
+from .chunk import Chunk, ChunkOutcome, ChunkRunner
 from .destinations.local import LocalFile
 from .errors import CopystreamError, ExportFailed, OutputExists
 from .manifest import Manifest, manifest_path
@@ -115,20 +115,17 @@ def copy_once(
     """
     dest = _create_temporary(output)
     try:
-        if run.statement_timeout is not None:
-            conn.execute(
-                "SELECT set_config('statement_timeout', %s, false)",
-                [f"{int(run.statement_timeout * 1000)}ms"],
-            )
         runner = ChunkRunner(conn, io_timeout=run.io_timeout)
         chunk = Chunk(
             table, spec.options, after=None, rows=0, header=spec.options.header, snapshot=snapshot
         )
         dest.begin_chunk()
-        outcome = runner.run(chunk, dest, on_data)
+        if table.where is None:  # one round trip (no SQL of the user's in it)
+            timeout = run.statement_timeout
+            outcome = runner.run_whole(chunk, dest, on_data, statement_timeout=timeout)
+        else:
+            outcome = _with_timeout(conn, run, lambda: runner.run(chunk, dest, on_data))
         written = dest.end_chunk()
-        if run.statement_timeout is not None:  # the connection may serve another table next
-            conn.execute("RESET statement_timeout")
     except BaseException:
         dest.close()
         with contextlib.suppress(FileNotFoundError):
@@ -144,6 +141,20 @@ def copy_once(
             dest.path.unlink()
         raise
     return Written(output, dest.path, record, manifest_temporary)
+
+
+def _with_timeout(
+    conn: psycopg.Connection[Any], run: RunOptions, do: Callable[[], ChunkOutcome]
+) -> ChunkOutcome:
+    """``do()`` under ``run``'s statement timeout, which the connection does not keep after
+    (it may serve another table next)."""
+    if run.statement_timeout is None:
+        return do()
+    timeout = f"{int(run.statement_timeout * 1000)}ms"
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", [timeout])
+    outcome = do()
+    conn.execute("RESET statement_timeout")
+    return outcome
 
 
 def one_chunk(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> ChunkRecord:

@@ -107,9 +107,20 @@ def test_an_unexpected_error_retires_its_worker_an_expected_one_does_not() -> No
 
 def test_closing_early_kills_the_workers() -> None:
     gen = run_tasks([Task(remember, (n,)) for n in range(4)], 2)
-    first = next(gen)
-    assert first.kind == "started"
+    first = next(e for e in gen if e.kind == "started")
     pid = first.value
     gen.close()
     with pytest.raises(ProcessLookupError):  # killed and reaped
         os.kill(pid, 0)
+
+
+def test_short_tasks_are_handed_out_ahead_and_a_death_loses_only_the_running_one() -> None:
+    tasks = [Task(remember, (n,), short=True) for n in range(10)]
+    tasks[4] = Task(die, (), short=True)
+    events = list(run_tasks(tasks, 1))
+    done = outcomes(events)
+    assert sorted(done) == list(range(10))
+    assert done[4].kind == "failed" and "SIGKILL" in str(done[4].value)
+    assert all(done[i].kind == "done" for i in range(10) if i != 4)  # none lost with it
+    started = [e.index for e in events if e.kind == "started"]
+    assert started == list(range(10))  # each task started once, in order

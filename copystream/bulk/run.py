@@ -24,7 +24,7 @@ from ..pipeline import SnapshotHolder, exclusive
 from ..pool import Event, Task, run_tasks
 from ..progress import Progress
 from ..state import Complete, Occupied, OnDisk, Resume, discover
-from ..whole import Written, publish
+from ..whole import Written, is_small, publish
 from .outcome import (
     BulkProgress,
     BulkResult,
@@ -285,6 +285,11 @@ def _has_files(output: Path) -> bool:
     return any(os.path.lexists(p) for p in (*names, parts))
 
 
+def _short(t: _Task) -> bool:
+    """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
+    return t.resolved is not None and is_small(t.resolved, t.run)
+
+
 def _task_args(t: _Task, job: _Job) -> tuple[Any, ...]:
     holder = job.snapshot_of(t)
     snapshot = holder.snapshot if holder is not None else None
@@ -495,7 +500,7 @@ def _execute(
 
 def _run(runnable: Sequence[_Task], job: _Job, ex: _Execution) -> None:
     """The pool's events, as the job's outcomes, progress and report."""
-    tasks = [Task(export_task, _task_args(t, job)) for t in runnable]
+    tasks = [Task(export_task, _task_args(t, job), short=_short(t)) for t in runnable]
     last_emit = 0.0
     for event in run_tasks(tasks, job.jobs):
         task = runnable[event.index] if event.index >= 0 else None
