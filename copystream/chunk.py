@@ -416,8 +416,6 @@ class ChunkRunner:
         c: Chunk,
         dest: Destination,
         on_data: Callable[[int, int], None] | None = None,
-        *,
-        statement_timeout: float | None = None,
     ) -> ChunkOutcome:
         """Export the whole table of ``c`` into ``dest`` in one round trip, committed.
 
@@ -426,10 +424,11 @@ class ChunkRunner:
         not the rows, are the cost. That is the simple query protocol, which runs any number
         of statements: so only for a chunk whose statements hold no SQL of the user's (no
         filter; everything else is composed of quoted identifiers and literals), of the whole
-        table. ``statement_timeout`` (seconds) holds for this transaction only.
+        table. (A ``statement_timeout`` set inside such a query does not hold for it: set one
+        on the session first.)
         """
         m = self.main
-        statements, imported, last = _whole_statements(c, statement_timeout)
+        statements, imported, last = _whole_statements(c)
         m.pgconn.send_query(b"; ".join(q.as_bytes(m.conn) for q in statements))
         while m.pgconn.flush():
             m.wait(write=True)
@@ -534,9 +533,7 @@ class ChunkRunner:
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
 
 
-def _whole_statements(
-    c: Chunk, statement_timeout: float | None
-) -> tuple[list[sql.Composable], int, int]:
+def _whole_statements(c: Chunk) -> tuple[list[sql.Composable], int, int]:
     """The statements of :meth:`ChunkRunner.run_whole`, the index of the snapshot's import
     (-1: none) and of the last key's query. Pure."""
     t = c.table
@@ -547,9 +544,6 @@ def _whole_statements(
     if c.snapshot is not None:
         imported = len(statements)
         statements.append(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(c.snapshot)))
-    if statement_timeout is not None:
-        ms = sql.Literal(f"{int(statement_timeout * 1000)}ms")
-        statements.append(sql.SQL("SELECT set_config('statement_timeout', {}, true)").format(ms))
     local = key_text_settings(t.key_types)
     if local:  # key text must round-trip exactly; the savepoint's rollback undoes the settings
         statements.append(sql.SQL("SAVEPOINT copystream_key"))

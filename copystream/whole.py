@@ -121,8 +121,7 @@ def copy_once(
         )
         dest.begin_chunk()
         if table.where is None:  # one round trip (no SQL of the user's in it)
-            timeout = run.statement_timeout
-            outcome = runner.run_whole(chunk, dest, on_data, statement_timeout=timeout)
+            outcome = _with_timeout(conn, run, lambda: runner.run_whole(chunk, dest, on_data))
         else:
             outcome = _with_timeout(conn, run, lambda: runner.run(chunk, dest, on_data))
         written = dest.end_chunk()
