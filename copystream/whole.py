@@ -40,7 +40,7 @@ from .chunk import Chunk, ChunkOutcome, ChunkRunner
 from .destinations.local import LocalFile
 from .errors import CopystreamError, ExportFailed, OutputExists
 from .manifest import Manifest, manifest_path
-from .sizing import first_chunk_rows
+from .sizing import SMALL_TABLE_BYTES, first_chunk_rows
 from .spec import ExportSpec, RunOptions
 from .table import ResolvedTable
 
@@ -58,7 +58,9 @@ def is_small(table: ResolvedTable, run: RunOptions) -> bool:
         return False
     if table.estimated_rows is None or table.estimated_bytes is None:
         return False
-    return first_chunk_rows(table.estimated_rows, table.estimated_bytes) == 0
+    # what a chunked export would do in one COPY anyway, and a table known to be empty
+    rows, nbytes = table.estimated_rows, table.estimated_bytes
+    return first_chunk_rows(rows, nbytes) == 0 or (rows == 0 and nbytes < SMALL_TABLE_BYTES)
 
 
 @dataclass(frozen=True)
