@@ -234,13 +234,16 @@ def run_session(
     for a whole directory at once passes ``False``)."""
     out = session.output
     found = discover_state(session)
+    small = not isinstance(found, Complete) and copies_whole(session, found)
+    if not small and session.lock():  # read again, now that no other export can change it
+        found = discover_state(session)
     if isinstance(found, Complete):
         q = session.table.qualified
         log.info("%s: %s is already complete and verifies; nothing to do", q, out)
         remove_parts(out)  # part files an interrupted clean-up after the join may have left
         m = found.manifest
         return Exported(_result(out, session.table, m, started, already=True, pit=m.point_in_time))
-    if copies_whole(session, found):
+    if small:
         written, retries = copy_small(session, progress, sleep, started, tidy=tidy)
         m = written.manifest
         result = _result(out, session.table, m, started, retries=retries, pit=m.point_in_time)

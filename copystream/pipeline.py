@@ -217,7 +217,10 @@ class ExportSession:
     open autocommit connection lent by the caller, it uses that one and leaves it open (it
     closes it only when an error may have left it mid-protocol: the lender checks
     ``conn.closed``). Given ``snapshot``, the id of a snapshot the caller holds, every chunk
-    reads from it instead of one this export would hold (``consistent``).
+    reads from it instead of one this export would hold (``consistent``). With ``lock_late``,
+    the output's lock is taken only when the export writes more than the temporary files of a
+    small table (:meth:`lock`): for a caller that publishes those under the lock itself
+    (:func:`copystream.whole.publish` checks that no other export began meanwhile).
     """
 
     def __init__(
@@ -231,6 +234,7 @@ class ExportSession:
         table: ResolvedTable | None = None,
         conn: psycopg.Connection[Any] | None = None,
         snapshot: str | None = None,
+        lock_late: bool = False,
     ) -> None:
         self.target = Target(conninfo or "")
         self.output = output
@@ -243,6 +247,10 @@ class ExportSession:
         self.conn: psycopg.Connection[Any] | None = conn
         self.lent = conn is not None
         self.job_snapshot = snapshot
+        if lock_late and run.restart:
+            raise ValueError("restart removes files: it needs the lock from the start")
+        self.locked = False
+        self.lock_late = lock_late
 
     def __enter__(self) -> ExportSession:
         if self.given_table is None:
@@ -261,15 +269,24 @@ class ExportSession:
         )
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
-        try:
-            self._stack.enter_context(exclusive(self.output))
-        except BaseException:
-            self._stack.close()
-            raise
+        if not self.lock_late:
+            try:
+                self.lock()
+            except BaseException:
+                self._stack.close()
+                raise
         for w in table.warnings:
             log.warning("%s", w)
         log.debug("%s: paging by %s (%s)", table.qualified, ", ".join(table.key), table.key_source)
         return self
+
+    def lock(self) -> bool:
+        """Take the output's lock unless it is held; whether it was taken now."""
+        if self.locked:
+            return False
+        self._stack.enter_context(exclusive(self.output))
+        self.locked = True
+        return True
 
     def _introspect(self, conn: psycopg.Connection[Any]) -> ResolvedTable:
         spec = self.requested

@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import importlib
 import itertools
 import logging
 import os
@@ -45,7 +46,7 @@ from typing import IO, Any
 
 from .errors import CopystreamError, ExportFailed
 
-__all__ = ["Event", "Task", "run_tasks", "worker_main"]
+__all__ = ["Event", "Task", "run_tasks", "started_ahead", "worker_main"]
 
 log = logging.getLogger("copystream")
 
@@ -87,11 +88,11 @@ def _encode(kind: str, value: object) -> str:
     return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
 
 
-def _spawn() -> subprocess.Popen[bytes]:
-    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``."""
+def _spawn(preload: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``."""
     level = str(log.getEffectiveLevel())
     return subprocess.Popen(
-        [sys.executable, "-m", "copystream._worker", str(os.getpid()), level],
+        [sys.executable, "-m", "copystream._worker", str(os.getpid()), level, *preload],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         close_fds=True,
@@ -121,7 +122,7 @@ class _Worker:
         self.queue: collections.deque[int] = collections.deque()  # the first one runs
         self.started = False  # the first one has begun (it said so)
         self.retiring = False  # it exits after its current task (it said so, or none is left)
-        self.proc = _spawn()
+        self.proc = _AHEAD.pop(0) if _AHEAD else _spawn()
         assert self.proc.stdout is not None
         threading.Thread(target=self._read, args=(self.proc.stdout, events), daemon=True).start()
 
@@ -184,6 +185,34 @@ class _Worker:
             self.proc.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=10)
+
+
+#: Worker processes started ahead of their tasks (:func:`started_ahead`), for the next
+#: :func:`run_tasks` to take.
+_AHEAD: list[subprocess.Popen[bytes]] = []
+
+
+@contextlib.contextmanager
+def started_ahead(count: int, preload: Sequence[str] = ()) -> Iterator[None]:
+    """Start ``count`` worker processes now, importing the modules ``preload`` names, for the
+    next :func:`run_tasks` to take: their interpreters start while the caller still prepares
+    its tasks. Those left unused are ended on the way out."""
+    procs = [_spawn(preload) for _ in range(count)]
+    _AHEAD[:] = procs
+    try:
+        yield
+    finally:
+        _AHEAD.clear()
+        for proc in procs:
+            if proc.returncode is None and proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # an unused one exits at once
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=EXIT_GRACE)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def run_tasks(tasks: Sequence[Task], jobs: int, *, tick: float = 0.25) -> Iterator[Event]:
@@ -287,9 +316,13 @@ def _die_with_coordinator(coordinator: int) -> None:
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``: the tasks its stdin
-    brings, one at a time, until it closes (or a task fails unexpectedly)."""
+    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``: import the
+    modules, then run the tasks its stdin brings, one at a time, until it closes (or a task
+    fails unexpectedly)."""
     _die_with_coordinator(int(argv[0]))
+    for module in argv[2:]:  # what its tasks will need, while the coordinator prepares them
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     tasks = sys.stdin.buffer
     # The events get the real stdout to themselves; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="ascii")

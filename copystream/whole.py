@@ -26,6 +26,7 @@ import errno
 import json
 import os
 import secrets
+import sys
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,11 +36,12 @@ from typing import Any
 import psycopg
 
 from ._atomic import fsync_dir, raise_if_full
-from .checkpoint import ChunkRecord
+from .checkpoint import ChunkRecord, checkpoint_path
 from .chunk import Chunk, ChunkOutcome, ChunkRunner
 from .destinations.local import LocalFile
 from .errors import CopystreamError, ExportFailed, OutputExists
 from .manifest import Manifest, manifest_path
+from .ranges import parts_path
 from .sizing import SMALL_TABLE_BYTES, first_chunk_rows
 from .spec import ExportSpec, RunOptions
 from .table import ResolvedTable
@@ -197,28 +199,66 @@ def _write_temporary(path: Path, data: bytes) -> Path:
     return Path(tmp)
 
 
+def _vacant(output: Path) -> None:
+    """Raise :class:`OutputExists` if another export wrote to ``output`` meanwhile (its file,
+    checkpoint or key ranges are there): the caller holds the lock, so none can begin now."""
+    for path in (output, checkpoint_path(output), parts_path(output)):
+        if os.path.lexists(path):
+            raise OutputExists(f"{path} appeared while {output.name} was being exported")
+
+
 def _link(temporary: Path, output: Path) -> None:
     """Give ``temporary`` the name ``output``, never replacing a file of that name."""
     try:
-        try:
-            os.link(temporary, output)
-        except FileExistsError:
-            raise
-        except OSError as e:
-            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+        if not _rename_noreplace(temporary, output):  # no renameat2: a link, then an unlink
+            try:
+                os.link(temporary, output)
+            except FileExistsError:
                 raise
-            # A filesystem without hard links: the caller holds the output's lock, so a check
-            # before the rename is as good.
-            if os.path.lexists(output):
-                raise FileExistsError(errno.EEXIST, "exists", str(output)) from e
-            os.replace(temporary, output)
-            return
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                # Neither: the caller holds the output's lock, so a check before the rename is
+                # as good.
+                if os.path.lexists(output):
+                    raise FileExistsError(errno.EEXIST, "exists", str(output)) from e
+                os.replace(temporary, output)
+                return
+            os.unlink(temporary)
     except FileExistsError as e:
         # Not ours: the manifest just written describes no file that is there.
         with contextlib.suppress(FileNotFoundError):
             manifest_path(output).unlink()
         raise OutputExists(f"{output} appeared while it was being exported") from e
-    os.unlink(temporary)
+
+
+_RENAMEAT2: list[Callable[..., int] | None] = []  # found on first use
+
+
+def _rename_noreplace(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target`` unless ``target`` exists (``renameat2`` with
+    ``RENAME_NOREPLACE``: one atomic step); ``False`` when the system or filesystem cannot."""
+    if not _RENAMEAT2:
+        _RENAMEAT2.append(None)
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                import ctypes
+
+                _RENAMEAT2[0] = ctypes.CDLL(None, use_errno=True).renameat2
+    rename = _RENAMEAT2[0]
+    if rename is None:
+        return False
+    import ctypes
+
+    at_fdcwd, noreplace = -100, 1
+    if rename(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(target))
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(source))
 
 
 class _Step:
@@ -275,6 +315,7 @@ def publish(items: Sequence[Written]) -> list[CopystreamError | None]:
         # All the files first, then all the renames: one journal commit serves many files.
         step.each(lambda i, item: _fsync_file(item.temporary))
         step.each(lambda i, item: _fsync_file(item.manifest_temporary))
+        step.each(lambda i, item: _vacant(item.output))
         step.each(lambda i, item: os.replace(item.manifest_temporary, manifest_path(item.output)))
         step.sync_directories()
         step.each(lambda i, item: _link(item.temporary, item.output))

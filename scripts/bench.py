@@ -1161,8 +1161,9 @@ def _measure(b: Bench, name: str, cmd: Sequence[str]) -> Measured:
     return m
 
 
-def _pg_dump(b: Bench, tables: Sequence[str], rnd: int) -> float:
-    """Seconds of ``pg_dump --data-only -Fd -j JOBS`` of ``tables`` (patterns)."""
+def _pg_dump(b: Bench, tables: Sequence[str], rnd: int, row: dict[str, Any] | None = None) -> float:
+    """Seconds of ``pg_dump --data-only -Fd -j JOBS`` of ``tables`` (patterns); its CPU into
+    ``row``."""
     target = b.workdir / f"pg_dump-r{rnd}"
     pg_dump = os.path.join(os.path.dirname(b.psql_bin), "pg_dump")
     cmd = [pg_dump, "--data-only", "-Fd", "-j", str(b.args.jobs), "-f", str(target), "-d", b.dsn]
@@ -1170,12 +1171,25 @@ def _pg_dump(b: Bench, tables: Sequence[str], rnd: int) -> float:
         cmd += ["-t", t]
     m = _measure(b, "pg_dump", cmd)
     shutil.rmtree(target)
+    _cpu(row, "pg_dump", m)
     return m.wall
 
 
-def _bulk(b: Bench, plan: Path, out: Path, name: str) -> float:
+def _bulk(
+    b: Bench, plan: Path, out: Path, name: str, row: dict[str, Any] | None = None
+) -> float:
     cmd = [sys.executable, "-m", "copystream", "bulk", str(plan), "--jobs", str(b.args.jobs)]
-    return _measure(b, name, [*cmd, "--no-progress"]).wall
+    m = _measure(b, name, [*cmd, "--no-progress"])
+    _cpu(row, name, m)
+    return m.wall
+
+
+def _cpu(row: dict[str, Any] | None, name: str, m: Measured) -> None:
+    """The client's and the server's CPU seconds of a run, into ``row``."""
+    if row is not None:
+        row[f"{name}_client_cpu_s"] = round(m.cpu_user + m.cpu_sys, 3)
+        if m.server_cpu is not None:
+            row[f"{name}_server_cpu_s"] = round(m.server_cpu, 3)
 
 
 def step_many_rounds(
@@ -1189,11 +1203,11 @@ def step_many_rounds(
         row: dict[str, Any] = {"round": rnd}
         for config in order:
             if config == "pg_dump":
-                row["pg_dump_s"] = _pg_dump(b, [f"{MANY_SCHEMA}.*"], rnd)
+                row["pg_dump_s"] = _pg_dump(b, [f"{MANY_SCHEMA}.*"], rnd, row)
                 continue
             out = b.workdir / f"bulk-r{rnd}"
             plan = many_plan(b, out, None)
-            row["bulk_s"] = _bulk(b, plan, out, "bulk")
+            row["bulk_s"] = _bulk(b, plan, out, "bulk", row)
             check_many(b, out, refs, f"bulk round {rnd}")
             row["rerun_s"] = _bulk(b, plan, out, "bulk-again")
             report = json.loads((out / "copystream-report.json").read_text())
@@ -1206,7 +1220,10 @@ def step_many_rounds(
         log(
             f"round {rnd + 1}/{b.args.rounds}: pg_dump {row['pg_dump_s']:.2f}s, copystream bulk "
             f"{row['bulk_s']:.2f}s ({row['ratio']:.2f}x), again with everything done "
-            f"{row['rerun_s']:.2f}s"
+            f"{row['rerun_s']:.2f}s; client CPU {row['pg_dump_client_cpu_s']:.2f}s / "
+            f"{row['bulk_client_cpu_s']:.2f}s, server CPU "
+            f"{row.get('pg_dump_server_cpu_s', float('nan')):.2f}s / "
+            f"{row.get('bulk_server_cpu_s', float('nan')):.2f}s"
         )
     return {
         "runs": runs,

@@ -255,7 +255,7 @@ def test_a_job_of_small_tables_opens_a_few_sessions_and_a_rerun_none_per_table(
 def test_a_connection_lost_between_small_tables_is_opened_again(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
-    run_sql(dsn, many_tables(80, rows=2000))
+    run_sql(dsn, many_tables(150, rows=3000))
     plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "m.*"\n', retries=10)
     stop, working = threading.Event(), threading.Event()
     killed: list[int] = []
@@ -270,12 +270,12 @@ def test_a_connection_lost_between_small_tables_is_opened_again(
                     "AND pid <> pg_backend_pid()"
                 ).fetchall()
                 killed.extend(1 for r in rows if r[0])
-                time.sleep(0.15)
+                time.sleep(0.1)
 
     thread = threading.Thread(target=terminate, daemon=True)
     thread.start()
     def progress(p: copystream.BulkProgress) -> None:
-        if p.finished:  # the workers are at work (the catalog is read)
+        if p.running:  # the workers are at work (the catalog is read)
             working.set()
 
     try:

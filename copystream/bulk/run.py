@@ -7,6 +7,7 @@ pool ``jobs`` at a time, publishes the small tables' files in groups and records
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -21,7 +22,7 @@ from ..connection import Target, redact
 from ..errors import CopystreamError, ExportFailed, SnapshotRequired, UsageError
 from ..manifest import manifest_path
 from ..pipeline import SnapshotHolder, exclusive
-from ..pool import Event, Task, run_tasks
+from ..pool import Event, Task, run_tasks, started_ahead
 from ..progress import Progress
 from ..state import Complete, Occupied, OnDisk, Resume, discover
 from ..whole import Written, is_small, publish
@@ -119,6 +120,35 @@ def run_bulk(
         raise UsageError("jobs must be at least 1")
     bulk = plan if isinstance(plan, BulkPlan) else load_plan(plan)
     wanted = require_snapshot or (bulk.consistent if consistent is None else consistent)
+    # The workers' interpreters start while the tables are planned (not for a dry run, nor for a
+    # job whose last run finished every table: there is likely nothing for them to do).
+    ahead = 0 if dry_run or _finished_before(bulk.report_path) else jobs
+    with started_ahead(ahead, preload=(export_task.__module__,)):
+        return _run_bulk(
+            bulk, jobs, only, dry_run, progress, wanted, require_snapshot, started
+        )
+
+
+def _finished_before(report: Path) -> bool:
+    """Whether the job report says its last run finished with every table exported."""
+    try:
+        doc = json.loads(report.read_bytes())
+        totals = doc["totals"]
+        return bool(doc["finished"]) and totals["done"] + totals["skipped"] == totals["tables"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _run_bulk(
+    bulk: BulkPlan,
+    jobs: int,
+    only: Sequence[str] | None,
+    dry_run: bool,
+    progress: Callable[[BulkProgress], None] | None,
+    wanted: bool,
+    require_snapshot: bool,
+    started: float,
+) -> BulkResult:
     resolution = _resolve_on_servers(bulk)
     tasks = list(resolution.tasks)
     selected = _select_only(tasks, only) if only else tasks
@@ -361,7 +391,8 @@ class _Execution:
         self.outcomes: list[TableOutcome] = []
         self.live: dict[int, Progress] = {}  # index -> latest progress of a running table
         self.begun: dict[int, float] = {}
-        self.todo: list[_Task] = []
+        self.todo_rows = 0  # estimated rows of the tables not started yet
+        self.rows = self.bytes = 0  # of the finished tables (published or not)
         self.tables = 0
         self.base_rows = self.base_bytes = 0  # of finished tables: on disk before this run
         self.pending: list[tuple[_Task, TableOutcome, Written]] = []  # to publish
@@ -381,6 +412,8 @@ class _Execution:
         self.outcomes.append(outcome)
         self.report.set(task, outcome)
         self.dirty = True
+        self.rows += outcome.rows
+        self.bytes += outcome.bytes
         if outcome.status == "skipped":
             self.base_rows += outcome.rows
             self.base_bytes += outcome.bytes
@@ -400,6 +433,8 @@ class _Execution:
                 if not self.pending:
                     self.pending_since = time.monotonic()
                 self.pending.append((task, outcome, done.written))
+                self.rows += outcome.rows  # counted now, taken back when recorded
+                self.bytes += outcome.bytes
                 return
         else:
             error = event.value
@@ -415,8 +450,11 @@ class _Execution:
         there are enough or they waited long enough (``now``: publish everything, and wait)."""
         while True:
             for task, outcome, error in self.publisher.finished(wait=now):
+                self.rows -= outcome.rows
+                self.bytes -= outcome.bytes
                 if error is not None:
-                    outcome = replace(outcome, status="failed", errors=(error.worded("plan"),))
+                    why = (error.worded("plan"),)
+                    outcome = replace(outcome, status="failed", errors=why, rows=0, bytes=0)
                 self.record(task, outcome)
             if not self.pending or self.publisher.busy:
                 if now and (self.pending or self.publisher.busy):
@@ -441,22 +479,18 @@ class _Execution:
         """Tell the caller's progress callback where the job stands."""
         if self.job.progress is None:
             return
-        finished = [*self.outcomes, *(o for _, o, _ in self.pending)]
-        rows = sum(o.rows for o in finished)
-        nbytes = sum(o.bytes for o in finished)
         live = list(self.live.values())
-        estimate = rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
-        estimate += sum(t.estimated_rows or 0 for t in self.todo)
+        estimate = self.rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
         self.job.progress(
             BulkProgress(
                 tables=self.tables,
                 outcomes=tuple(self.outcomes),
                 running=tuple(live),
-                rows=rows + sum(p.rows for p in live),
-                bytes=nbytes + sum(p.bytes for p in live),
+                rows=self.rows + sum(p.rows for p in live),
+                bytes=self.bytes + sum(p.bytes for p in live),
                 start_rows=self.base_rows + sum(p.start_rows for p in live),
                 start_bytes=self.base_bytes + sum(p.start_bytes for p in live),
-                estimated_rows=estimate or None,
+                estimated_rows=(estimate + self.todo_rows) or None,
                 elapsed=time.monotonic() - self.job.started,
                 done=done,
             )
@@ -479,7 +513,7 @@ def _execute(
             ex.record(t, _from_manifest(t, state.manifest, 0.0))
         else:
             runnable.append(t)
-    ex.todo = list(runnable)
+    ex.todo_rows = sum(t.estimated_rows or 0 for t in runnable)
     try:
         _run(runnable, job, ex)
     except BaseException:
@@ -505,7 +539,7 @@ def _run(runnable: Sequence[_Task], job: _Job, ex: _Execution) -> None:
     for event in run_tasks(tasks, job.jobs):
         task = runnable[event.index] if event.index >= 0 else None
         if event.kind == "started" and task is not None:
-            ex.todo.remove(task)
+            ex.todo_rows -= task.estimated_rows or 0
             ex.begun[event.index] = time.monotonic()
             ex.live[event.index] = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
             log.debug("%s: started in process %s", task.table, event.value)

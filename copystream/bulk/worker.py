@@ -80,10 +80,14 @@ def export_task(
     started = time.monotonic()
     out = Path(output)
     check_output(out)
-    lent = _kept(conninfo) if table is not None and is_small(table, run) else None
+    small = table is not None and is_small(table, run)
+    lent = _kept(conninfo) if small else None
+    # The output's lock only if it is not a small table's temporary files: the coordinator
+    # publishes those under the lock.
     with ExportSession(
-        conninfo or None, spec, out, run, time.sleep, table=table, conn=lent, snapshot=snapshot
-    ) as session:
+        conninfo or None, spec, out, run, time.sleep,
+        table=table, conn=lent, snapshot=snapshot, lock_late=small,
+    ) as session:  # fmt: skip
         # The coordinator removed stale temporary files of the whole output directory at once.
         exported = run_session(
             session, progress=progress, sleep=time.sleep, started=started, tidy=False
