@@ -108,13 +108,14 @@ def job_snapshot(
     current = {(s["server"], s["id"], s["taken_at"]) for s in taken}
     this_run = [t for t in ok if t.snapshot is not None and _key(t.snapshot) in current]
     earlier = [t for t in ok if t.snapshot is not None and _key(t.snapshot) not in current]
-    without = [t for t in ok if t.snapshot is None]
+    mixed = [t for t in ok if t.snapshot is None and t.resumed]
+    without = [t for t in ok if t.snapshot is None and not t.resumed]
     servers: dict[str, set[tuple[str, str, str]]] = {}
     for t in ok:
         if t.snapshot is not None:
             servers.setdefault(t.snapshot["server"], set()).add(_key(t.snapshot))
     failed = len(tables) - len(ok)
-    whole = not without and not failed and all(len(keys) == 1 for keys in servers.values())
+    whole = not (without or mixed or failed) and all(len(k) == 1 for k in servers.values())
     parts = []
     if this_run:
         parts.append(f"{len(this_run)} read from this run's snapshot")
@@ -124,6 +125,8 @@ def job_snapshot(
             f"{len(earlier)} from an earlier run's (taken at {', '.join(when)}), which ended "
             "with that run"
         )
+    if mixed:
+        parts.append(f"{len(mixed)} resumed from an earlier run (read from two snapshots)")
     if without:
         parts.append(f"{len(without)} exported without the job's snapshot")
     if failed:

@@ -173,7 +173,7 @@ def _run_bulk(
         found = _look(ordered)
         if require_snapshot:
             _refuse_without_snapshot(ordered, found)
-        with _snapshots(job, ordered):
+        with _snapshots(job, ordered, require_snapshot):
             report = _Report(bulk, tasks, ordered, jobs)
             report.write(finished=False, warnings=warnings, seconds=0.0)
             outcomes, snapshot = _execute(ordered, found, job, report)
@@ -223,8 +223,9 @@ def _label(dsn: str, holder: SnapshotHolder) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _snapshots(job: _Job, tasks: Sequence[_Task]) -> Iterator[None]:
-    """Hold one exported snapshot per server for a consistent job, until the job ends."""
+def _snapshots(job: _Job, tasks: Sequence[_Task], required: bool) -> Iterator[None]:
+    """Hold one exported snapshot per server for a consistent job, until the job ends. One that
+    cannot be exported is done without (its tables then say so), unless ``required``."""
     try:
         if job.consistent:
             for t in tasks:
@@ -233,9 +234,12 @@ def _snapshots(job: _Job, tasks: Sequence[_Task]) -> Iterator[None]:
                     target = Target(dsn)
                     try:
                         holder = SnapshotHolder(target, None, t.entry.run.io_timeout, "the job")
-                    except Exception as e:  # the job goes on; its tables say they lack it
+                    except Exception as e:
                         why = redact(str(e).strip().splitlines()[0], *job.secrets)
-                        log.warning("cannot export a snapshot of %s: %s", target.describe(), why)
+                        what = f"cannot export a snapshot of {target.describe()}: {why}"
+                        if required:
+                            raise ExportFailed(what) from e
+                        log.warning("%s", what)
                         continue
                     job.snapshots[dsn] = holder
         yield
