@@ -39,7 +39,7 @@ from psycopg import sql
 
 from ._atomic import locked, remove_stale_temporaries
 from .catalog import introspect
-from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, new_checkpoint, remove_checkpoint
 from .chunk import SnapshotGone
 from .connection import Target, connect, io_deadline
 from .errors import OutputExists, OutputProblem
@@ -63,7 +63,7 @@ from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
 from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
-from .whole import Written, copy_once, is_small, one_chunk
+from .whole import Written, copy_once, is_small
 
 __all__ = [
     "ExportSession",
@@ -77,6 +77,7 @@ __all__ = [
     "execute",
     "finish",
     "lock_path",
+    "manifest_of",
     "remove_export_files",
     "retrying",
     "start",
@@ -498,33 +499,51 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
             "snapshot: this export is no longer point-in-time",
             table.qualified,
         )
-    cp = ran.final
-    manifest = Manifest(
+    workers = len(run.ranges.ranges) if run.ranges is not None else 1
+    manifest = manifest_of(
+        table, ran.final, ran.digest, started,
+        resumed=ran.resumed, workers=workers, point_in_time=snapshot_kept and not ran.resumed,
+    )  # fmt: skip
+    save_manifest(out, manifest)
+    remove_checkpoint(out)
+    if run.ranges is not None:
+        remove_parts(out, run.ranges)
+    return manifest
+
+
+def manifest_of(
+    table: ResolvedTable,
+    final: Checkpoint,
+    digest: str,
+    started: float,
+    *,
+    resumed: bool,
+    workers: int,
+    point_in_time: bool,
+) -> Manifest:
+    """The manifest of an export whose last checkpoint is ``final``; ``digest`` the xxh3-128 of
+    the whole output, ``started`` when this run began (``time.monotonic()``)."""
+    return Manifest(
         table=table.qualified,
         key=table.key,
         key_types=table.key_types,
         key_source=table.key_source,
         columns=table.columns,
         where=table.where,
-        options=cp.export["options"],
-        rows=cp.rows,
-        bytes=cp.offset,
-        xxh3_128=ran.digest,
-        chunks=cp.chunks,
-        chunk_rows=cp.chunk_rows,
-        settings=cp.settings,
-        started_at=cp.started_at,
+        options=final.export["options"],
+        rows=final.rows,
+        bytes=final.offset,
+        xxh3_128=digest,
+        chunks=final.chunks,
+        chunk_rows=final.chunk_rows,
+        settings=final.settings,
+        started_at=final.started_at,
         finished_at=now_iso(),
         seconds=round(time.monotonic() - started, 3),
-        resumed=ran.resumed,
-        workers=len(run.ranges.ranges) if run.ranges is not None else 1,
-        point_in_time=snapshot_kept and not ran.resumed,
+        resumed=resumed,
+        workers=workers,
+        point_in_time=point_in_time,
     )
-    save_manifest(out, manifest)
-    remove_checkpoint(out)
-    if run.ranges is not None:
-        remove_parts(out, run.ranges)
-    return manifest
 
 
 def discover_state(session: ExportSession) -> OnDisk:
@@ -630,30 +649,20 @@ def _reporter(
 def _whole_manifest(
     session: ExportSession, settings: dict[str, str], started_at: str, started: float, pit: bool
 ) -> Callable[[int, int, str, tuple[str, ...] | None], Manifest]:
-    """What makes the manifest of a small export: the one a chunked export of one chunk writes."""
-    table, spec = session.table, session.spec
+    """What makes the manifest of a small export: the one a chunked export of one chunk (the
+    table in one COPY) writes, from the same checkpoint transitions."""
+    table = session.table
 
     def manifest(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> Manifest:
-        return Manifest(
-            table=table.qualified,
-            key=table.key,
-            key_types=table.key_types,
-            key_source=table.key_source,
-            columns=table.columns,
-            where=table.where,
-            options=spec.options.to_dict(),
-            rows=rows,
-            bytes=nbytes,
-            xxh3_128=digest,
-            chunks=(one_chunk(rows, nbytes, digest, last_key),),
-            chunk_rows=0,  # one COPY, as an adaptive export of a small table records it
-            settings=settings,
-            started_at=started_at,
-            finished_at=now_iso(),
-            seconds=round(time.monotonic() - started, 3),
-            resumed=False,
-            workers=1,
-            point_in_time=pit,
+        final = new_checkpoint(
+            export=session.spec.identity(), settings=settings, started_at=started_at,
+            chunk_rows=0, estimated_rows=table.estimated_rows,
+        ).advance(
+            nbytes=nbytes, rows=rows, digest=digest, prefix_digest=digest, last_key=last_key,
+            finished=True,
+        )  # fmt: skip
+        return manifest_of(
+            table, final, digest, started, resumed=False, workers=1, point_in_time=pit
         )
 
     return manifest

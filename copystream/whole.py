@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from ._atomic import fsync_dir, raise_if_full
-from .checkpoint import ChunkRecord, checkpoint_path
+from .checkpoint import checkpoint_path
 from .chunk import Chunk, ChunkOutcome, ChunkRunner
 from .destinations.local import LocalFile
 from .errors import CopystreamError, ExportFailed, OutputExists
@@ -158,11 +158,6 @@ def _with_timeout(
     outcome = do()
     conn.execute("RESET statement_timeout")
     return outcome
-
-
-def one_chunk(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> ChunkRecord:
-    """The chunk record of a whole file written by one COPY."""
-    return ChunkRecord(0, 0, nbytes, rows, digest, last_key)
 
 
 # -- publishing ------------------------------------------------------------------------------------
