@@ -555,6 +555,29 @@ def test_a_table_larger_than_its_share_of_the_job_gets_key_ranges() -> None:
     assert share_workers([pinned, *rest], 2)[0].workers is None  # the plan said so
 
 
+def test_a_job_splits_a_table_larger_than_its_share_into_key_ranges(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_sql(
+        dsn,
+        many_tables(20, rows=20)
+        + "CREATE TABLE m.big (id int PRIMARY KEY, v text);"
+        + "INSERT INTO m.big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 30000) g;"
+        + "ANALYZE;",
+    )
+    # the job's threshold, scaled down to a table a test can afford (the coordinator decides)
+    monkeypatch.setattr(sys.modules["copystream.bulk.resolve"], "SPLIT_BYTES", 1024 * 1024)
+    plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "m.*"\n')
+    result = copystream.run_bulk(plan, jobs=2)
+    assert result.ok
+    big = tmp_path / "out" / "m.big.csv"
+    assert read_manifest(big)["workers"] == 2  # two key ranges, joined
+    small = tmp_path / "out" / "m.t000.csv"
+    assert read_manifest(small)["workers"] == 1 and read_manifest(small)["chunk_rows"] == 0
+    assert_matches_psql(dsn, psql_csv, report_of(tmp_path / "out"))
+    assert stray_files(tmp_path / "out") == []
+
+
 def test_copystream_export_imports_nothing_it_does_not_use() -> None:
     code = (
         "import sys, copystream.cli\n"

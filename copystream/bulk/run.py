@@ -152,7 +152,9 @@ def _run_bulk(
     resolution = _resolve_on_servers(bulk)
     tasks = list(resolution.tasks)
     selected = _select_only(tasks, only) if only else tasks
-    ordered = order_largest_first(share_workers(selected, jobs))
+    shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
+    tasks = [shared.get(id(t), t) for t in tasks]  # the same objects everywhere (the report)
+    ordered = order_largest_first([shared[id(t)] for t in selected])
     warnings = tuple(redact(w, *bulk.secrets) for w in resolution.warnings)
     for w in warnings:
         log.warning("%s", w)
