@@ -312,9 +312,12 @@ def _interrupt_and_resume(
      for c in KEY_CASES],
 )  # fmt: skip
 def test_key_type_pages_exactly(
-    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, case: KeyCase
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, case: KeyCase,
+    server_version: int,
 ) -> None:
-    values = ", ".join(f"(({v})::{case.type}, {i})" for i, v in enumerate(case.values))
+    literals = [v for v in case.values  # numeric infinity exists from PostgreSQL 14
+                if not (case.type == "numeric" and "Infinity" in v and server_version < 140000)]
+    values = ", ".join(f"(({v})::{case.type}, {i})" for i, v in enumerate(literals))
     run_sql(
         dsn,
         f"""{case.ddl}

@@ -204,6 +204,23 @@ def test_a_malformed_name_is_told_from_a_missing_table(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_header_in_text_format_is_asked_of_the_server(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, server_version: int
+) -> None:
+    """COPY accepts HEADER in text format from PostgreSQL 15; before, it refuses it, and so does
+    copystream, by asking the server (a COPY of no row) before anything is created."""
+    run_sql(dsn, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t VALUES (1, 'a\tb')")
+    out = tmp_path / "t.txt"
+    if server_version >= 150000:
+        copystream.export_table(dsn, "t", out, format="text", header=True)
+        expected = psql_csv(dsn, "SELECT * FROM t ORDER BY id", "FORMAT text, HEADER")
+        assert out.read_bytes() == expected == b"id\tv\n1\ta\\tb\n"
+    else:
+        with pytest.raises(UsageError, match="HEADER available only in CSV mode"):
+            copystream.export_table(dsn, "t", out, format="text", header=True)
+        assert list(tmp_path.iterdir()) == []
+
+
 # -- PostgreSQL 18: what is new in the catalog -------------------------------------------------
 
 
