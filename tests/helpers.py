@@ -201,49 +201,85 @@ def kill_export(
     return Killed(read_checkpoint(out), size, proc.returncode, stderr)
 
 
-class Renames:
-    """Counts the files renamed into a directory under one name (Linux inotify, IN_MOVED_TO):
-    how a test stops a process right after its N-th atomic replacement of a file, such as a
-    join record in ``OUTPUT.parts.json``, with no polling delay to miss it by."""
+class KillAtOpen:
+    """Kills a process at the moment it opens the ``n``-th file whose name matches a pattern in
+    one directory, while that open is held (Linux fanotify, ``FAN_OPEN_PERM``; needs root).
 
-    _IN_MOVED_TO = 0x80
-    _IN_CLOEXEC = 0o2000000
+    The process is stopped *between* two steps, whatever the speed of the machine: a watcher
+    that reacts to an event after the fact can arrive when the process has already finished.
+    Opens of other files in the directory are allowed at once, by a thread of this object."""
 
-    def __init__(self, directory: Path, name: str) -> None:
+    _FAN_CLASS_CONTENT = 0x04
+    _FAN_CLOEXEC = 0x01
+    _FAN_MARK_ADD = 0x01
+    _FAN_OPEN_PERM = 0x10000
+    _FAN_EVENT_ON_CHILD = 0x08000000
+    _FAN_ALLOW, _FAN_DENY = 0x01, 0x02
+    _AT_FDCWD = -100
+
+    def __init__(self, directory: Path, pattern: str, n: int) -> None:
         import ctypes
+        import re
+        import threading
 
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self.fd = self._libc.inotify_init1(self._IN_CLOEXEC)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fanotify_mark.argtypes = [
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint64,
+            ctypes.c_int,
+            ctypes.c_char_p,
+        ]
+        self.fd = libc.fanotify_init(self._FAN_CLASS_CONTENT | self._FAN_CLOEXEC, os.O_RDONLY)
         if self.fd < 0:
-            raise OSError(ctypes.get_errno(), "inotify_init1")
-        if self._libc.inotify_add_watch(self.fd, str(directory).encode(), self._IN_MOVED_TO) < 0:
+            raise OSError(ctypes.get_errno(), "fanotify_init (root needed)")
+        mask = self._FAN_OPEN_PERM | self._FAN_EVENT_ON_CHILD
+        if (
+            libc.fanotify_mark(
+                self.fd, self._FAN_MARK_ADD, mask, self._AT_FDCWD, str(directory).encode()
+            )
+            < 0
+        ):
             os.close(self.fd)
-            raise OSError(ctypes.get_errno(), "inotify_add_watch")
-        self.name = name.encode()
-        self.count = 0
+            raise OSError(ctypes.get_errno(), "fanotify_mark")
+        self.pattern, self.n, self.seen = re.compile(pattern), n, 0
+        self.pid: int | None = None
+        self.killed = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
 
-    def wait(self, count: int, timeout: float, alive: Any = None) -> bool:
-        """Block until ``count`` renames were seen in all (``False`` on timeout, or as soon as
-        ``alive()`` says the process being watched has ended)."""
+    def watch(self, pid: int) -> None:
+        """The process to kill (set it right after starting it: opens before are counted)."""
+        self.pid = pid
+
+    def _serve(self) -> None:
         import select
         import struct
 
-        deadline = time.monotonic() + timeout
-        while self.count < count:
-            left = deadline - time.monotonic()
-            if left <= 0 or (alive is not None and not alive()):
-                return False
-            ready, _, _ = select.select([self.fd], [], [], min(left, 0.05))
+        while not self._stop:
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
             if not ready:
                 continue
-            data = os.read(self.fd, 65536)
+            data = os.read(self.fd, 4096)
             at = 0
-            while at < len(data):
-                _, _, _, size = struct.unpack_from("iIII", data, at)
-                name = data[at + 16 : at + 16 + size].rstrip(b"\0")
-                at += 16 + size
-                self.count += name == self.name
-        return True
+            while at + 24 <= len(data):
+                length, _, _, _, _, fd, _ = struct.unpack_from("IBBHQii", data, at)
+                at += length
+                verdict = self._FAN_ALLOW
+                try:
+                    name = os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))
+                    if self.pattern.fullmatch(name) and not self.killed.is_set():
+                        self.seen += 1
+                        if self.seen == self.n and self.pid is not None:
+                            os.kill(self.pid, signal.SIGKILL)
+                            self.killed.set()
+                            verdict = self._FAN_DENY
+                finally:
+                    os.write(self.fd, struct.pack("iI", fd, verdict))
+                    os.close(fd)
 
     def close(self) -> None:
-        os.close(self.fd)
+        self._stop = True
+        self._thread.join(timeout=10)
+        os.close(self.fd)  # allows whatever open is still held

@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import tempfile
@@ -34,7 +35,7 @@ import psutil
 import psycopg
 import pytest
 from helpers import (
-    Renames,
+    KillAtOpen,
     assert_ok,
     assert_one_error_line,
     cli,
@@ -1426,7 +1427,7 @@ def test_a_full_disk_during_the_join_then_resume(big: str, big_ref: bytes, tmp_p
 def test_workers_on_a_disk_sized_for_the_output(big: str, big_ref: bytes, tmp_path: Path) -> None:
     """``--workers 2`` on a filesystem that holds the output plus 2 MiB, less than the later
     part the join appends: the join frees each block of the part as OUTPUT takes it. SIGKILLed
-    right after join records (and wherever the next ones catch it), it resumes each time from
+    right after join records (held at the open of the next one), it resumes each time from
     the record, and ends byte-identical."""
     slack = 2 * 1024 * 1024
     with tmpfs(tmp_path / "sized", len(big_ref) + slack) as where:
@@ -1438,16 +1439,17 @@ def test_workers_on_a_disk_sized_for_the_output(big: str, big_ref: bytes, tmp_pa
         out.unlink(), manifest_of(out).unlink()
 
         kills, records = 0, 3  # the split plan, the join's start, its first block
+        temporary = re.escape(f".{parts_json(out).name}.") + r".{8}\.tmp"
         for _ in range(10):
-            renames = Renames(where, parts_json(out).name)
+            # killed as it opens the next record: right after the last one, held there
+            gate = KillAtOpen(where, temporary, records + 1)
             try:
                 with started(cmd) as s:
-                    if renames.wait(records, 60, alive=lambda: s.proc.poll() is None):
-                        os.kill(s.proc.pid, signal.SIGKILL)
+                    gate.watch(s.proc.pid)
                     s.proc.wait(timeout=60)
                     err = s.stderr()
             finally:
-                renames.close()
+                gate.close()
             if s.proc.returncode == 0:
                 break
             assert s.proc.returncode == -signal.SIGKILL, err
