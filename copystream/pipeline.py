@@ -44,6 +44,7 @@ from .catalog import introspect
 from .checkpoint import Checkpoint, checkpoint_path, new_checkpoint, remove_checkpoint
 from .chunk import SnapshotGone
 from .connection import Target, connect, io_deadline
+from .destinations import ChunkWritten, fresh_state
 from .errors import OutputExists, OutputProblem, UsageError
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
@@ -65,7 +66,7 @@ from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
 from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
-from .whole import Written, copy_once, is_small
+from .whole import MakeManifest, Written, copy_once, is_small
 
 __all__ = [
     "JOB_LOCK",
@@ -612,8 +613,7 @@ def discover_state(session: ExportSession) -> OnDisk:
 def copies_whole(session: ExportSession, found: OnDisk) -> bool:
     """Whether this export is one COPY written atomically (:mod:`copystream.whole`): a small
     table (:func:`~copystream.whole.is_small`) with nothing of it on disk yet."""
-    s = session
-    return isinstance(found, Fresh) and is_small(s.table, s.spec, s.run, s.output)
+    return isinstance(found, Fresh) and is_small(session.table, session.run)
 
 
 def copy_small(
@@ -702,18 +702,22 @@ def _reporter(
 
 def _whole_manifest(
     session: ExportSession, settings: dict[str, str], started_at: str, started: float, pit: bool
-) -> Callable[[int, int, str, tuple[str, ...] | None], Manifest]:
+) -> MakeManifest:
     """What makes the manifest of a small export: the one a chunked export of one chunk (the
     table in one COPY) writes, from the same checkpoint transitions."""
     table = session.table
 
-    def manifest(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> Manifest:
+    def manifest(
+        rows: int, written: ChunkWritten, state: dict[str, Any], last_key: tuple[str, ...] | None
+    ) -> Manifest:
+        digest = written.xxh3_128
         final = new_checkpoint(
             export=session.spec.identity(), settings=settings, started_at=started_at,
             chunk_rows=0, estimated_rows=table.estimated_rows,
+            destination=fresh_state(session.output, session.spec),
         ).advance(
-            nbytes=nbytes, rows=rows, digest=digest, prefix_digest=digest, last_key=last_key,
-            finished=True,
+            nbytes=written.bytes, rows=rows, digest=digest, prefix_digest=digest,
+            last_key=last_key, finished=True, destination=state, raw=written.raw,
         )  # fmt: skip
         return manifest_of(
             table, final, digest, started, resumed=False, workers=1, point_in_time=pit

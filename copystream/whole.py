@@ -4,7 +4,8 @@ A table the planner sizes as small (:func:`is_small`: under
 :data:`~copystream.sizing.SMALL_TABLE_BYTES` by estimate, chunk size adaptive, one worker) is
 exported with one COPY in one ``REPEATABLE READ, READ ONLY`` transaction (the chunk runner's
 single-COPY mode, importing a bulk job's snapshot if there is one) into a temporary file beside
-the output: :func:`copy_once`. No checkpoint is written meanwhile (one COPY can only be redone
+the output (compressed as the export asks: one zstd frame or gzip member): :func:`copy_once`.
+No checkpoint is written meanwhile (one COPY can only be redone
 from the start), so a small export costs one connection and a few round trips. The manifest
 (the same one a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike)
 goes to a temporary file beside it.
@@ -38,27 +39,33 @@ import psycopg
 from ._atomic import fsync_dir, fsync_path, raise_if_full
 from .checkpoint import checkpoint_path
 from .chunk import Chunk, ChunkOutcome, ChunkRunner
-from .destinations.local import LocalFile
+from .destinations import ChunkWritten, Destination, create, fresh_state
 from .errors import CopystreamError, ExportFailed, OutputExists
 from .manifest import Manifest, manifest_path
 from .ranges import parts_path
 from .sizing import SMALL_TABLE_BYTES, first_chunk_rows
-from .spec import Compression, ExportSpec, RunOptions
+from .spec import ExportSpec, RunOptions
 from .table import ResolvedTable
 
-__all__ = ["Staged", "Written", "copy_once", "is_small", "publish", "temporary_path"]
+__all__ = [
+    "MakeManifest",
+    "Staged",
+    "Written",
+    "copy_once",
+    "is_small",
+    "publish",
+    "temporary_path",
+]
 
 
-def is_small(table: ResolvedTable, spec: ExportSpec, run: RunOptions, output: Path) -> bool:
+def is_small(table: ResolvedTable, run: RunOptions) -> bool:
     """Whether ``table`` is exported in one COPY written atomically. Pure.
 
     Only when the chunk size is left to copystream (an explicit ``chunk_rows`` asks for chunks),
-    one worker is asked for, the output is not compressed (a compressed one is written chunk by
-    chunk), and the planner's estimates say the table is small (unknown estimates, of a table
-    never vacuumed or analyzed, do not).
+    one worker is asked for, and the planner's estimates say the table is small (unknown
+    estimates, of a table never vacuumed or analyzed, do not).
     """
-    compress = spec.compress or Compression.for_output(output)
-    if run.chunk_rows is not None or run.workers != 1 or compress.codec != "none":
+    if run.chunk_rows is not None or run.workers != 1:
         return False
     if table.estimated_rows is None or table.estimated_bytes is None:
         return False
@@ -97,11 +104,19 @@ def temporary_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
 
 
-def _create_temporary(output: Path) -> LocalFile:
+#: What makes a small export's manifest from its rows, the chunk written, the destination's
+#: state after it (a compressed file's: the CSV's size and digest) and the last key.
+MakeManifest = Callable[[int, ChunkWritten, dict[str, Any], tuple[str, ...] | None], Manifest]
+
+
+def _create_temporary(output: Path, spec: ExportSpec) -> tuple[Path, Destination]:
+    """A new temporary file beside ``output``, as the destination ``spec`` asks for (plain or
+    compressed); its name and the destination."""
+    state = fresh_state(output, spec)
     while True:
         path = temporary_path(output)
         try:
-            return LocalFile.create(path)  # O_EXCL: never through a planted symlink
+            return path, create(path, state)  # O_EXCL: never through a planted symlink
         except FileExistsError:
             continue
         except OSError as e:
@@ -118,16 +133,17 @@ def copy_once(
     *,
     snapshot: str | None,
     on_data: Callable[[int, int], None] | None,
-    manifest: Callable[[int, int, str, tuple[str, ...] | None], Manifest],
+    manifest: MakeManifest,
 ) -> Written:
     """Export all of ``table`` with one COPY on ``conn`` into a temporary file beside ``output``.
 
     ``spec`` is the resolved spec; ``snapshot`` an exported snapshot to read from;
-    ``on_data(rows, bytes)`` is called as the rows arrive; ``manifest(rows, bytes, xxh3_128,
-    last_key)`` makes the manifest. Any error leaves no file behind, and ``conn`` in an unknown
-    state (the caller closes it). ``conn`` must be in autocommit mode with no transaction open.
+    ``on_data(rows, bytes)`` is called as the rows arrive; ``manifest`` makes the manifest
+    (:data:`MakeManifest`). A compressed output is one frame (member). Any error leaves no
+    file behind, and ``conn`` in an unknown state (the caller closes it). ``conn`` must be in
+    autocommit mode with no transaction open.
     """
-    dest = _create_temporary(output)
+    path, dest = _create_temporary(output, spec)
     try:
         runner = ChunkRunner(conn, io_timeout=run.io_timeout)
         chunk = Chunk(
@@ -139,21 +155,22 @@ def copy_once(
         else:
             outcome = _with_timeout(conn, run, lambda: runner.run(chunk, dest, on_data))
         written = dest.end_chunk()
+        state = dest.state()
     except BaseException:
         dest.close()
         with contextlib.suppress(FileNotFoundError):
-            dest.path.unlink()
+            path.unlink()
         raise
     dest.close()
-    record = manifest(outcome.rows, written.bytes, written.xxh3_128, outcome.last_key)
+    record = manifest(outcome.rows, written, state, outcome.last_key)
     try:
         data = json.dumps(record.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
         manifest_temporary = _write_temporary(manifest_path(output), data)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            dest.path.unlink()
+            path.unlink()
         raise
-    return Written(Staged(output, dest.path, manifest_temporary), record)
+    return Written(Staged(output, path, manifest_temporary), record)
 
 
 def _with_timeout(

@@ -298,6 +298,32 @@ def test_a_small_export_has_the_manifest_of_a_chunked_one(
         }, table
         assert copystream.verify_file(small).rows == a["rows"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("suffix", [".csv.zst", ".csv.gz"])
+def test_a_small_compressed_export_is_one_frame_with_the_manifest_of_a_chunked_one(
+    suffix: str, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """The compression the OUTPUT's suffix asks for holds for a small table too: one frame, the
+    same bytes and manifest as a chunked export of one chunk, the CSV psql's."""
+    run_sql(dsn, SHAPES + "ANALYZE;")
+    timing = ("started_at", "finished_at", "seconds")
+    for table, order in (("s.pair", "a, b"), ("s.empty", "id")):
+        small, chunked = tmp_path / f"{table}.a{suffix}", tmp_path / f"{table}.b{suffix}"
+        r = copystream.export_table(dsn, table, small, header=True)
+        assert not small.with_name(small.name + ".checkpoint.json").exists()
+        copystream.export_table(dsn, table, chunked, header=True, chunk_rows=0)
+        assert small.read_bytes() == chunked.read_bytes()
+        a, b = read_manifest(small), read_manifest(chunked)
+        assert {k: v for k, v in a.items() if k not in timing} == {
+            k: v for k, v in b.items() if k not in timing
+        }, table
+        csv = psql_csv(dsn, f"SELECT * FROM {table} ORDER BY {order}", "FORMAT csv, HEADER")
+        tool = "zstd" if suffix.endswith("zst") else "gzip"
+        got = subprocess.run([tool, "-dc", str(small)], capture_output=True, check=True).stdout
+        assert got == csv and a["uncompressed_bytes"] == len(csv) == r.uncompressed_bytes
+        assert a["compress"]["codec"] == tool and a["uncompressed_xxh3_128"] == xxh(csv)
+        assert copystream.verify_file(small, deep=True).uncompressed_bytes == len(csv)
     # consistent: one COPY is one snapshot
     result = copystream.export_table(dsn, "s.pair", tmp_path / "pit.csv", consistent=True)
     assert result.point_in_time and read_manifest(tmp_path / "pit.csv")["point_in_time"]

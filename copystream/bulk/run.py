@@ -341,7 +341,7 @@ def _has_files(output: Path) -> bool:
 
 def _short(t: _Task) -> bool:
     """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
-    return t.resolved is not None and is_small(t.resolved, t.spec, t.run, t.output)
+    return t.resolved is not None and is_small(t.resolved, t.run)
 
 
 def _task_args(t: _Task, job: _Job, found: OnDisk | None, contested: bool) -> tuple[Any, ...]:

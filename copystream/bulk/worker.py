@@ -85,7 +85,7 @@ def export_task(
     started = time.monotonic()
     out = Path(output)
     check_output(out)
-    small = table is not None and is_small(table, spec, run, out)
+    small = table is not None and is_small(table, run)
     lent = _kept(conninfo) if small else None
     # The output's lock only when more than a small table's temporary files are written (the
     # job owns the directory; the coordinator publishes them), or another process had it.

@@ -26,6 +26,7 @@ __all__ = [
     "ChunkWritten",
     "Destination",
     "check_at_checkpoint",
+    "create",
     "fresh_state",
     "open_at_checkpoint",
     "rehash",
@@ -151,6 +152,18 @@ def _chunks(cp: Checkpoint) -> list[tuple[int, int, str]]:
     return [(c.offset, c.bytes, c.xxh3_128) for c in cp.chunks]
 
 
+def create(path: Path, state: Mapping[str, Any]) -> Destination:
+    """A new, empty destination at ``path`` (which must not exist: ``FileExistsError``) of the
+    kind ``state`` (from :func:`fresh_state`) says."""
+    if state["kind"] != "file":
+        from .compressed import CompressedFile  # each kind's module is imported when used
+
+        return CompressedFile.create(path, state)
+    from .local import LocalFile
+
+    return LocalFile.create(path)
+
+
 def open_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Destination:
     """The destination ``cp`` describes, open at its committed position.
 
@@ -162,16 +175,14 @@ def open_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Dest
     kind raises ``CheckpointMismatch``. ``recorded_in`` is the checkpoint's file, for messages.
     """
     wanted = _check_kind(path, cp, recorded_in)
+    if cp.offset == 0 and not path.exists():
+        return create(path, wanted)
     if wanted["kind"] != "file":
-        from .compressed import CompressedFile  # each kind's module is imported when used
+        from .compressed import CompressedFile
 
-        if cp.offset == 0 and not path.exists():
-            return CompressedFile.create(path, wanted)
         return CompressedFile.reopen(path, cp.chunks, cp.xxh3_128, cp.destination)
     from .local import LocalFile
 
-    if cp.offset == 0 and not path.exists():
-        return LocalFile.create(path)
     return LocalFile.reopen(path, _chunks(cp), cp.xxh3_128)
 
 
