@@ -62,6 +62,10 @@ REPEAT_SQLSTATES = {
     "53100": "disk full on the server",
     "53200": "out of memory on the server",
     "58030": "I/O error on the server",
+    # the server ended the session for a timeout of its own: a fresh one (a smaller chunk
+    # after a transaction timeout) goes on
+    "25P04": "the server's transaction_timeout",
+    "57P05": "the server's idle_session_timeout",
 }
 
 
@@ -149,7 +153,8 @@ def classify(exc: BaseException, *, retry_statement_timeout: bool = False) -> Fa
     admin or crash shutdown, cannot connect now, too many connections, and a 25006 raised
     because the server is in recovery (a standby during a failover). Repeating on a live
     server: serialization failures, deadlocks, lock timeouts, the server's disk or memory full,
-    its I/O errors, a stalled stream and (when asked) a statement timeout. Syntax errors,
+    its I/O errors, a session it ended for its ``transaction_timeout`` or
+    ``idle_session_timeout``, a stalled stream and (when asked) a statement timeout. Syntax errors,
     missing objects, permissions, a filter that writes (25006 "in a read-only transaction"),
     the client's disk full and everything else are permanent (``None``).
     """

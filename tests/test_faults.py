@@ -996,3 +996,19 @@ def test_statement_timeout_with_a_custom_retry_policy(
     _open_gate(dsn)
     export_table(dsn, "t", out, chunk_rows=2000, where="gate_ok(id)")
     assert_finished(out, psql_csv(dsn, QUERY))
+
+
+def test_a_session_the_server_ended_for_its_idle_timeout_is_retried(dsn: str) -> None:
+    """A connection kept idle between tables (a bulk worker's) past the server's
+    ``idle_session_timeout`` is ended by the server (57P05): the next statement's failure is
+    one to retry on a fresh connection, not a permanent error that fails the table."""
+    from copystream.retry import classify
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("SET idle_session_timeout = '100ms'")
+        time.sleep(0.6)
+        with pytest.raises(psycopg.OperationalError) as caught:
+            conn.execute("SELECT 1")
+    failure = classify(caught.value)
+    assert failure is not None, f"{caught.value.sqlstate}: {caught.value}"
+    print(f"{caught.value.sqlstate}: {failure.reason}")

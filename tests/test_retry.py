@@ -86,7 +86,9 @@ def test_outage_sqlstates(state: str) -> None:
     assert failure is not None and failure.outage, state
 
 
-@pytest.mark.parametrize("state", ["40001", "40P01", "55P03", "53100", "53200", "58030"])
+@pytest.mark.parametrize(
+    "state", ["40001", "40P01", "55P03", "53100", "53200", "58030", "25P04", "57P05"]
+)
 def test_live_server_sqlstates_are_counted(state: str) -> None:
     failure = classify(pg_error(state))
     assert failure is not None and not failure.outage, state
