@@ -55,6 +55,7 @@ from .ranges import (
     KeyRanges,
     load_parts,
     new_parts,
+    parts_path,
     remove_parts,
     run_parts,
     sample_boundaries,
@@ -116,8 +117,19 @@ def check_output(output: Path) -> None:
 # -- prepare ----------------------------------------------------------------------------------
 
 
+def resumable(output: Path, run: RunOptions) -> bool:
+    """Whether a run finds an earlier one's checkpoint (or parts plan) to resume beside
+    ``output``, so that its server was reachable before: its first connection then waits an
+    outage out as a chunk does (exit 1 past ``max_outage``), instead of failing fast."""
+    if run.restart:
+        return False
+    return checkpoint_path(output).exists() or parts_path(output).exists()
+
+
 def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Connection[Any]:
-    """The first connection of a run: a few quick retries, then a usage error (exit 2)."""
+    """The first connection of a run: a few quick retries, then a usage error (exit 2). A run
+    with something to resume (:func:`resumable`) skips it: its first connection is retried as
+    the policy says."""
     retrier = Retrier(FIRST_CONNECT, sleep=sleep, classifier=classify_connect)
     phase = Phase(target, "", "connecting", connecting=True)
     while True:
@@ -304,7 +316,9 @@ class ExportSession:
     def __enter__(self) -> ExportSession:
         if self.given_table is None:
             doing = f"planning the export of {self.requested.table}"
-            first = self.conn or first_connect(self.target, self.sleep)
+            first = self.conn
+            if first is None and not resumable(self.output, self.run):
+                first = first_connect(self.target, self.sleep)
             self.conn, table = retrying(
                 self.target, self.run, self.sleep, doing, self.requested.table,
                 self._introspect, first, planning=True,

@@ -249,6 +249,39 @@ def test_an_outage_longer_than_max_outage_stops_resumably(
     drop(server, dsn)
 
 
+def test_a_resume_started_during_an_outage_waits_it_out(
+    server: EphemeralPostgres, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A re-run (a scheduler's retry) while the server is still away: with a checkpoint to
+    resume, its first connection waits the outage out as the chunks do. Still away past
+    ``--max-outage``: exit 1, resumable (not exit 2, as for a wrong host on a first run); back
+    within it: the export resumes and finishes."""
+    dsn, out, _, _ = stop_for_good(server, tmp_path, "--max-outage", "2")
+    expected = psql_csv(dsn, QUERY)
+    before = assert_checkpoint_intact(out, expected)
+    server.stop("fast")
+    try:
+        with export(dsn, out, "--max-outage", "2") as run:
+            run.proc.wait(timeout=60)
+            err = run.stderr()
+        assert run.proc.returncode == 1, err
+        errors = error_lines(err)
+        assert len(errors) == 1 and "run the same command again to resume" in errors[0], err
+        assert assert_checkpoint_intact(out, expected) == before
+        with export(dsn, out, "--max-outage", "60") as run:
+            time.sleep(3)
+            assert run.alive(), run.stderr()
+            server.start()
+            run.proc.wait(timeout=120)
+            err = run.stderr()
+    finally:
+        server.start()
+    assert run.proc.returncode == 0, err
+    assert not error_lines(err)
+    assert assert_finished(out, expected)["resumed"] is True
+    drop(server, dsn)
+
+
 @pytest.mark.slow
 def test_a_server_gone_for_good_is_given_up_after_five_minutes(
     server: EphemeralPostgres, tmp_path: Path
