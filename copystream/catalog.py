@@ -94,15 +94,17 @@ ORDER BY a.attrelid, a.attnum
 """
 
 #: Their indexes: name, key column names (an expression column has none: null), unique,
-#: primary, valid and not partial, has an expression column, number of columns (INCLUDE too).
+#: primary, valid and not partial, has an expression column, number of columns (INCLUDE too),
+#: a B-tree (the only kind that hands rows over in key order: GIN, GiST, BRIN or hash cannot
+#: serve ``ORDER BY key LIMIT n``).
 _INDEXES = """
 SELECT i.indrelid::bigint, ic.relname,
        ARRAY(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
              LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE k.ord <= i.indnkeyatts ORDER BY k.ord),
        i.indisunique, i.indisprimary, i.indisvalid AND i.indpred IS NULL,
-       0 = ANY(i.indkey::int2[]), array_length(i.indkey::int2[], 1)
-FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
+       0 = ANY(i.indkey::int2[]), array_length(i.indkey::int2[], 1), am.amname = 'btree'
+FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam
 WHERE i.indrelid = ANY({oids})
 """
 
@@ -285,9 +287,9 @@ def _facts_of_row(
         attributes=tuple(attributes),
         unique_indexes=_unique_indexes(indexes),
         index_columns=tuple(
-            tuple(str(c) for c in cols if c is not None)  # expression columns left out
-            for _, cols, _, _, usable, _, _ in _rows(indexes)
-            if usable
+            _leading_columns(cols)
+            for _, cols, _, _, usable, _, _, btree in _rows(indexes)
+            if usable and btree
         ),
         has_children=bool(has_children),
         partition_rows=None if tree_rows is None else int(str(tree_rows)),
@@ -295,9 +297,20 @@ def _facts_of_row(
     )
 
 
+def _leading_columns(columns: list[object]) -> tuple[str, ...]:
+    """An index's key columns up to its first expression column (``None``): the ones it orders
+    rows by as plain columns. Pure."""
+    leading: list[str] = []
+    for c in columns:
+        if c is None:
+            break
+        leading.append(str(c))
+    return tuple(leading)
+
+
 def _rows(
     indexes: list[tuple[object, ...]],
-) -> list[tuple[str, list[object], bool, bool, bool, bool, int]]:
+) -> list[tuple[str, list[object], bool, bool, bool, bool, int, bool]]:
     """The index rows of :data:`_INDEXES`, typed."""
     return [
         (
@@ -308,8 +321,9 @@ def _rows(
             bool(v),
             bool(x),
             int(str(k)),
+            bool(b),
         )
-        for n, c, u, p, v, x, k in indexes
+        for n, c, u, p, v, x, k, b in indexes
     ]
 
 
@@ -320,7 +334,7 @@ def _unique_indexes(indexes: list[tuple[object, ...]]) -> tuple[IndexInfo, ...]:
     unique = sorted((r for r in _rows(indexes) if r[2]), key=lambda r: (not r[3], r[6], r[0]))
     return tuple(
         IndexInfo(name, tuple(str(c) for c in cols), primary, valid and not expression)
-        for name, cols, _, primary, valid, expression, _ in unique
+        for name, cols, _, primary, valid, expression, _, _ in unique
     )
 
 

@@ -592,3 +592,24 @@ def test_warning_when_the_key_has_no_index(
     caplog.clear()
     export_table(dsn, "t", tmp_path / "t2.csv", key=["j", "k"], chunk_rows=9)
     assert not [r for r in caplog.records if "no index" in r.getMessage()]
+
+
+def test_an_index_that_cannot_order_rows_does_not_count_for_the_key(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """Only a B-tree hands rows over in key order: a hash or BRIN index on the key, or a B-tree
+    whose first column is an expression, still leaves every chunk scanning the table (warned).
+    A B-tree whose plain columns lead does count."""
+    run_sql(
+        dsn,
+        """CREATE TABLE hashed (id int PRIMARY KEY, k int NOT NULL, name text NOT NULL);
+           CREATE INDEX hashed_k ON hashed USING hash (k);
+           CREATE INDEX hashed_brin ON hashed USING brin (k);
+           CREATE INDEX hashed_expr ON hashed ((lower(name)), k);
+           CREATE INDEX hashed_name ON hashed (name, (lower(name)));
+           INSERT INTO hashed SELECT g, g % 7, 'n' || g FROM generate_series(1, 30) g;""",
+    )
+    for key, indexed in (("k", False), ("name", True)):
+        result = export_table(dsn, "hashed", tmp_path / f"{key}.csv", key=key, chunk_rows=9)
+        warned = any("no index starts with the key" in w for w in result.warnings)
+        assert warned is not indexed, (key, result.warnings)
