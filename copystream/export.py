@@ -8,6 +8,7 @@ finish. :func:`export_table` takes the options as keyword arguments and builds t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import resource
@@ -20,6 +21,7 @@ from typing import Any
 from .checkpoint import ChunkRecord, load_checkpoint
 from .errors import UsageError
 from .manifest import Manifest
+from .metrics import export_metrics
 from .pipeline import (
     ExportSession,
     check_output,
@@ -174,6 +176,11 @@ def export_table(
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
             the manifest says so (``point_in_time``).
+        metrics_file: keep Prometheus metrics of the export in this file (node_exporter's
+            textfile collector format), rewritten atomically (:mod:`copystream.metrics`).
+        pushgateway: push the same metrics to this Prometheus Pushgateway URL, grouped by
+            job, table and shard.
+        metrics_interval: seconds between two writes or pushes of the metrics (5).
 
     ``progress`` is called with a :class:`Progress` about once per megabyte and per chunk.
 
@@ -198,18 +205,28 @@ def run_export(
     started = time.monotonic()
     out = Path(output)
     check_output(out)
-    with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
+    with contextlib.ExitStack() as stack:
+        session = stack.enter_context(
+            ExportSession(conninfo, spec, out, run or RunOptions(), sleep)
+        )
+        progress, metrics = stack.enter_context(
+            export_metrics(session.run, session.table.qualified, progress)
+        )
         found = discover_state(session)
         if isinstance(found, Complete):
             q = session.table.qualified
             log.info("%s: %s is already complete and verifies; nothing to do", q, out)
             remove_parts(out)  # part files an interrupted clean-up after the join may have left
             m = found.manifest
+            if metrics is not None:
+                metrics.succeeded(m)
             return _result(out, session.table, m, started, already=True, pit=m.point_in_time)
         begun = start(session, found)
         session.close_connection()
         ran = execute(session, begun, progress, sleep)
         manifest = finish(session, begun, ran, started)
+        if metrics is not None:
+            metrics.succeeded(manifest)
     if progress is not None:
         t, final = session.table, ran.final
         elapsed = time.monotonic() - started

@@ -374,6 +374,7 @@ def _run_in_pool(
     """
     rows = [0] * len(jobs)
     nbytes = [0] * len(jobs)
+    chunks = [0] * len(jobs)
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
@@ -382,9 +383,12 @@ def _run_in_pool(
     for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
+            chunks[event.index] = event.value.chunks
             if progress is not None:
                 elapsed = time.monotonic() - started
-                progress(Progress(table, sum(rows), sum(nbytes), estimated_rows, elapsed, 0))
+                progress(
+                    Progress(table, sum(rows), sum(nbytes), estimated_rows, elapsed, sum(chunks))
+                )
         elif event.kind == "log":
             log.log(*event.value)
         elif event.kind == "done":
