@@ -219,14 +219,15 @@ def run_export(
             remove_parts(out)  # part files an interrupted clean-up after the join may have left
             m = found.manifest
             if metrics is not None:
-                metrics.succeeded(m)
+                metrics.succeeded(m.rows, len(m.chunks), m.bytes, m.uncompressed_bytes)
             return _result(out, session.table, m, started, already=True, pit=m.point_in_time)
         begun = start(session, found)
         session.close_connection()
         ran = execute(session, begun, progress, sleep)
         manifest = finish(session, begun, ran, started)
         if metrics is not None:
-            metrics.succeeded(manifest)
+            m = manifest
+            metrics.succeeded(m.rows, len(m.chunks), m.bytes, m.uncompressed_bytes)
     if progress is not None:
         t, final = session.table, ran.final
         elapsed = time.monotonic() - started

@@ -37,7 +37,6 @@ from .errors import Opt, UsageError
 from .progress import Progress
 
 if TYPE_CHECKING:
-    from .manifest import Manifest
     from .spec import RunOptions
 
 __all__ = ["JOB", "ExportMetrics", "export_metrics"]
@@ -181,15 +180,15 @@ class ExportMetrics:
                 self.retries.labels(**lb, reason=reason).set(count)
             self.outage.labels(**lb).set(p.outage_seconds)
 
-    def succeeded(self, manifest: Manifest) -> None:
-        """The export finished: its final figures from ``manifest``, and the success time."""
+    def succeeded(self, rows: int, chunks: int, stored: int, raw: int | None) -> None:
+        """The export (or shard) finished: its final figures (``raw``: the bytes before
+        compression, ``None`` when not compressed), and the success time."""
         lb = self._labels()
         with self._lock:
-            self.rows.labels(**lb).set(manifest.rows)
-            raw = manifest.uncompressed_bytes
-            self.bytes.labels(**lb, kind="raw").set(manifest.bytes if raw is None else raw)
-            self.bytes.labels(**lb, kind="stored").set(manifest.bytes)
-            self.chunks.labels(**lb).set(len(manifest.chunks))
+            self.rows.labels(**lb).set(rows)
+            self.bytes.labels(**lb, kind="raw").set(stored if raw is None else raw)
+            self.bytes.labels(**lb, kind="stored").set(stored)
+            self.chunks.labels(**lb).set(chunks)
             self.success.labels(**lb).set(time.time())
 
     # -- writing out ---------------------------------------------------------------------------
