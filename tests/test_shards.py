@@ -10,6 +10,7 @@ shards is finished by ``export_table(workers=...)`` too.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -154,3 +155,40 @@ def test_a_shard_that_does_not_exist(dsn: str, run_sql: RunSql, tmp_path: Path) 
     plan = plan_shards(dsn, "t", tmp_path / "t.csv", shards=2)
     with pytest.raises(UsageError, match="shard 2 does not exist"):
         run_shard(plan, 2)
+
+
+def test_status_watch_follows_the_shards_until_the_end(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """``copystream status PLAN --watch`` reads the checkpoints: a frame per interval, a line
+    per shard, and it ends by itself when the export is complete."""
+    from copystream.watch import range_states
+
+    make_table(dsn, run_sql)
+    out = tmp_path / "t.csv"
+    plan = plan_shards(dsn, "t", out, shards=3, chunk_rows=3_000)
+    run_shard(plan, 1)
+    status, states = range_states(tmp_path / "t.csv.shards.json")
+    assert status.state == "in progress" and status.ranges == 3
+    assert [s.state for s in states] == ["not started", "finished", "not started"]
+    assert states[1].rows == status.rows > 0 and states[1].chunks >= 3
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "copystream", "status", str(tmp_path / "t.csv.shards.json"),
+         "--watch", "--interval", "0.2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()  # the first frame is drawn before the shards go on
+        assert first.startswith(f"{out}: in progress; public.t; "), first
+        run_shard(plan, 0)
+        run_shard(plan, 2)
+        finish_shards(plan)
+        stdout, stderr = watcher.communicate(timeout=60)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, stderr
+    frames = (first + stdout).split(f"{out}: ")
+    assert "shard  state" in stdout and "    1  finished" in stdout
+    assert frames[-1].startswith(f"complete; public.t; {ROWS:,} rows (100%)")
