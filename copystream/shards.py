@@ -181,6 +181,11 @@ def _kept(options: Mapping[str, Any]) -> dict[str, Any]:
              "tasks (the snapshot ends with the session that planned them); export with ",
              Opt("workers"), " in one process for a point-in-time export"]
         )  # fmt: skip
+    if options.get("metrics_file") is not None:
+        raise UsageError(
+            [Opt("metrics_file"), " would be written by every shard at once; push the shards' "
+             "metrics to a Pushgateway instead (", Opt("pushgateway"), ")"]
+        )  # fmt: skip
     if "workers" in options:
         raise UsageError([Opt("workers"), " does not apply to a shard plan (shards= does)"])
     kept: dict[str, Any] = {}

@@ -22,7 +22,7 @@ import pytest
 from helpers import assert_ok, assert_one_error_line, export_cmd, read_manifest, run
 from prometheus_client.parser import text_string_to_metric_families
 
-from copystream import Progress, export_table
+from copystream import Progress, export_table, finish_shards, plan_shards, run_shard
 from copystream.retry import Failure, Retrier, RetryPolicy
 
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
@@ -228,3 +228,18 @@ def test_retries_by_reason_and_outage_seconds() -> None:
     r.succeeded("chunk 0")
     assert r.by_reason == {"outage": 2, "deadlock": 1}
     assert r.outage_seconds == pytest.approx(6.0)
+
+
+def test_each_shard_pushes_its_own_group(
+    dsn: str, run_sql: RunSql, tmp_path: Path, pushgateway: str
+) -> None:
+    make_table(dsn, run_sql)
+    plan = plan_shards(dsn, "t", tmp_path / "t.csv", shards=2, pushgateway=pushgateway)
+    results = [run_shard(plan, i) for i in range(plan.shards)]
+    samples = pushed(pushgateway)
+    for r in results:
+        lb = {"table": "public.t", "shard": str(r.index), "job": "copystream"}
+        assert value(samples, "copystream_rows", **lb) == r.rows > 0
+        assert value(samples, "copystream_bytes", kind="stored", **lb) == r.bytes
+        assert value(samples, "copystream_last_success_timestamp_seconds", **lb) > 0
+    assert sum(r.rows for r in results) == ROWS == finish_shards(plan).rows

@@ -138,6 +138,7 @@ def test_planning_again_returns_the_same_plan(dsn: str, run_sql: RunSql, tmp_pat
         ({"consistent": True}, "cannot hold one snapshot across shards"),
         ({"workers": 2}, "workers does not apply to a shard plan"),
         ({"shards": 0}, "shards: expected an integer >= 1"),
+        ({"metrics_file": "m.prom"}, "metrics_file would be written by every shard"),
     ],
 )
 def test_refused_before_anything_is_written(
