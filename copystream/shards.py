@@ -59,7 +59,6 @@ from .pipeline import (
     discover_state,
     exclusive,
     finish,
-    plan_export,
     start,
 )
 from .progress import Progress
@@ -314,10 +313,11 @@ def run_shard(
     if ranges is None or ranges.join is not None:  # finished, or being joined: nothing to run
         return _finished(p, index, out, started)
     spec, run = build(p.table, **p.options)
-    target = Target(p.conninfo if conninfo is None else conninfo)
-    conn, table = plan_export(target, spec, run, sleep)
-    conn.close()
-    template = _template(target.conninfo, table, p, ranges, out)
+    dsn = p.conninfo if conninfo is None else conninfo
+    # the table as the server resolves it now; never the output's lock (the shards run at once)
+    with ExportSession(dsn, spec, out, run, sleep, lock_late=True) as session:
+        table = session.table
+    template = _template(dsn, table, p, ranges, out)
     with exclusive(part_path(out, index)):
         job = range_job(out, ranges, template, index)
         done = load_checkpoint(part_path(out, index))
