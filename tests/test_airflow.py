@@ -6,11 +6,11 @@ saying so) gets a home of its own in a temporary directory with a SQLite metadat
 example DAG's directory as its dags folder. The DAG (plan → run_shard mapped over 3 shards →
 finish) exports a table to a zstd file through the connection:
 
-1. the first ``dag.test()`` process is SIGKILLed while shard 0 is half done;
-2. a second ``dag.test()`` finds the same plan and resumes shard 0 from its checkpoint; there
-   the backends of shard 1 are terminated while it is half done, with copystream's own waiting
-   for the server turned off (``max_outage=0``), so the shard task fails and Airflow's retry
-   resumes it from its checkpoint;
+1. the first ``dag.test()`` process is SIGKILLed while a shard is half done;
+2. a second ``dag.test()`` finds the same plan and resumes that shard from its checkpoint;
+   there the backends of a shard half done in this run are terminated, with copystream's own
+   waiting for the server turned off (``max_outage=0``), so the shard task fails and
+   Airflow's retry resumes it from its checkpoint;
 3. the file, decompressed, is byte for byte psql's.
 
 Each chunk is slowed down on the server (a ``pg_sleep`` every 1,000 rows, in a filter true for
@@ -43,6 +43,7 @@ RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "airflow_sharded_export.py"
 ROWS = 60_000
+SHARDS = 3
 SLOW = "id % 1000 <> 0 OR pg_sleep(0.05) IS NOT NULL"  # true for every row
 
 
@@ -78,16 +79,25 @@ def _checkpoint(out: Path, shard: int) -> dict[str, Any] | None:
         return None
 
 
-def _half_done(out: Path, shard: int, proc: subprocess.Popen[bytes]) -> None:
-    """Wait until shard ``shard`` has committed two chunks and is not finished."""
+def _half_done(out: Path, proc: subprocess.Popen[bytes], since: dict[int, int]) -> int:
+    """Wait until some shard, not finished, has committed two chunks in this run (beyond the
+    ``since`` it had at the start); return its index. (``dag.test()`` runs the mapped shards
+    one at a time, in an order of its own.)"""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        cp = _checkpoint(out, shard)
-        if cp is not None and len(cp["chunks"]) >= 2 and not cp["finished"]:
-            return
-        assert proc.poll() is None, "the DAG run ended before the shard was half done"
+        for shard in range(SHARDS):
+            cp = _checkpoint(out, shard)
+            done = cp is None or cp["finished"]
+            if not done and len(cp["chunks"]) >= since.get(shard, 0) + 2:  # type: ignore[index]
+                return shard
+        assert proc.poll() is None, "the DAG run ended before a shard was half done"
         time.sleep(0.02)
-    pytest.fail(f"shard {shard} never got half done")
+    pytest.fail("no shard got half done")
+
+
+def _chunks(out: Path) -> dict[int, int]:
+    """Chunks each shard's checkpoint records now."""
+    return {i: len(cp["chunks"]) for i in range(SHARDS) if (cp := _checkpoint(out, i))}
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -117,25 +127,25 @@ def test_example_dag_killed_and_retried_shards_resume(
         "AIRFLOW_CONN_COPYSTREAM_SOURCE": json.dumps(connection),
         "COPYSTREAM_EXAMPLE_TABLE": "t",
         "COPYSTREAM_EXAMPLE_OUTPUT": str(out),
-        "COPYSTREAM_EXAMPLE_SHARDS": "3",
+        "COPYSTREAM_EXAMPLE_SHARDS": str(SHARDS),
         "COPYSTREAM_EXAMPLE_RETRIES": "2",
         "COPYSTREAM_EXAMPLE_RETRY_DELAY": "0",
         "COPYSTREAM_EXAMPLE_OPTIONS": json.dumps(
             {"chunk_rows": 1000, "max_outage": 0, "where": SLOW}
         ),
     }
-    # 1. the whole DAG run killed while shard 0 is half done
+    # 1. the whole DAG run killed while a shard is half done
     first = _start(env, tmp_path / "first.log")
     try:
-        _half_done(out, 0, first)
+        killed_shard = _half_done(out, first, {})
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert not _checkpoint(out, 0)["finished"]  # type: ignore[index]
-    # 2. run again; shard 1's backends terminated half way: Airflow retries its task
+    assert not _checkpoint(out, killed_shard)["finished"]  # type: ignore[index]
+    # 2. run again; a shard's backends terminated half way: Airflow retries its task
     second = _start(env, tmp_path / "second.log")
     try:
-        _half_done(out, 1, second)
+        retried_shard = _half_done(out, second, _chunks(out))
         with psycopg.connect(dsn, autocommit=True) as conn:
             killed = conn.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -149,9 +159,10 @@ def test_example_dag_killed_and_retried_shards_resume(
             os.killpg(second.pid, signal.SIGKILL)
     log = (tmp_path / "second.log").read_text(errors="replace")
     assert second.returncode == 0 and "copystream example DAG run: success" in log, log[-5000:]
-    assert re.search(r"t\.csv\.zst\.part-0000: resuming at row", log), "shard 0 did not resume"
-    assert re.search(r"t\.csv\.zst\.part-0001: resuming at row", log), "shard 1 did not resume"
-    assert "up_for_retry" in log  # shard 1's first try failed and Airflow retried it
+    assert "up_for_retry" in log  # the terminated shard's first try failed; Airflow retried it
+    resumed = re.findall(r"t\.csv\.zst\.part-(\d{4}): resuming at row", log)
+    expected = sorted([killed_shard, retried_shard])
+    assert sorted(int(i) for i in resumed) == expected, (resumed, expected)
     # 3. the file is psql's
     with out.open("rb") as f:
         csv = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True).read()
