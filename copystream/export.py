@@ -268,7 +268,9 @@ def run_session(
         )
         if metrics is not None:
             r = exported.result
-            metrics.succeeded(r.rows, len(r.chunks), r.bytes, r.uncompressed_bytes)
+            metrics.succeeded(
+                r.rows, len(r.chunks), r.bytes, r.uncompressed_bytes, ran=not r.already_complete
+            )
     return exported
 
 

@@ -12,7 +12,9 @@ pushes to the Pushgateway every ``metrics_interval`` seconds, and once more at t
 Metrics (all labelled ``table`` and ``shard``; ``shard`` is ``"all"`` for a whole export):
 ``copystream_rows``, ``copystream_bytes{kind="raw"|"stored"}`` (``raw``: COPY output before
 compression, ``stored``: the file's bytes, known at the end), ``copystream_chunks``,
-``copystream_chunk_duration_seconds`` (a histogram of the time between two committed chunks),
+``copystream_chunk_duration_seconds`` (a histogram of the time between two committed chunks,
+as the progress events tell it: a few a second, so chunks committed between two events share
+the time evenly),
 ``copystream_retries{reason}``, ``copystream_outage_seconds``, ``copystream_peak_rss_bytes``,
 ``copystream_last_chunk_timestamp_seconds``, ``copystream_snapshot_age_seconds`` (a
 ``consistent`` export only), ``copystream_last_success_timestamp_seconds``. The labels hold
@@ -100,7 +102,8 @@ class ExportMetrics:
         self.registry = prom.CollectorRegistry()
         self._started = time.time()
         self._chunks = 0
-        self._chunk_at: float | None = None  # elapsed seconds at the last chunk count change
+        self._created = time.monotonic()
+        self._chunk_at: float | None = None  # when the chunk count last changed (monotonic)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -166,25 +169,40 @@ class ExportMetrics:
         with self._lock:
             self.rows.labels(**lb).set(p.rows)
             self.bytes.labels(**lb, kind="raw").set(p.bytes)
+            if self._chunk_at is None:  # the first event of this run
+                self._chunk_at = self._created
+                if p.start_rows:  # a resume: the chunks on disk are not this run's
+                    self._chunks = p.chunks
+                    self.chunks.labels(**lb).set(p.chunks)
             if p.chunks > self._chunks:  # a chunk (or several, between two events) committed
-                if self._chunk_at is not None:
-                    per_chunk = (p.elapsed - self._chunk_at) / (p.chunks - self._chunks)
-                    for _ in range(p.chunks - self._chunks):
-                        self.chunk_seconds.labels(**lb).observe(max(per_chunk, 0.0))
-                self._chunks, self._chunk_at = p.chunks, p.elapsed
-                self.chunks.labels(**lb).set(p.chunks)
-                self.last_chunk.labels(**lb).set(time.time())
-            elif self._chunk_at is None:
-                self._chunk_at = p.elapsed  # the first chunk's clock starts here
+                self._committed(p.chunks)
             for reason, count in p.retries:
                 self.retries.labels(**lb, reason=reason).set(count)
             self.outage.labels(**lb).set(p.outage_seconds)
 
-    def succeeded(self, rows: int, chunks: int, stored: int, raw: int | None) -> None:
+    def _committed(self, chunks: int) -> None:
+        """The chunk count grew to ``chunks``: time them (evenly, when several committed
+        between two events) from the last change, and note when."""
+        lb = self._labels()
+        now = time.monotonic()
+        start = self._chunk_at if self._chunk_at is not None else self._created
+        per_chunk = (now - start) / (chunks - self._chunks)
+        for _ in range(chunks - self._chunks):
+            self.chunk_seconds.labels(**lb).observe(max(per_chunk, 0.0))
+        self._chunks, self._chunk_at = chunks, now
+        self.chunks.labels(**lb).set(chunks)
+        self.last_chunk.labels(**lb).set(time.time())
+
+    def succeeded(
+        self, rows: int, chunks: int, stored: int, raw: int | None, *, ran: bool = True
+    ) -> None:
         """The export (or shard) finished: its final figures (``raw``: the bytes before
-        compression, ``None`` when not compressed), and the success time."""
+        compression, ``None`` when not compressed), and the success time. ``ran``: this run
+        exported the chunks not seen in progress events yet (not an output already complete)."""
         lb = self._labels()
         with self._lock:
+            if ran and chunks > self._chunks:
+                self._committed(chunks)
             self.rows.labels(**lb).set(rows)
             self.bytes.labels(**lb, kind="raw").set(stored if raw is None else raw)
             self.bytes.labels(**lb, kind="stored").set(stored)

@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -374,9 +374,7 @@ def _run_in_pool(
     checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
     to their end; then the first failure is raised (every checkpoint is intact).
     """
-    rows = [0] * len(jobs)
-    nbytes = [0] * len(jobs)
-    chunks = [0] * len(jobs)
+    latest: dict[int, Progress] = {}  # of each range
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
@@ -384,13 +382,10 @@ def _run_in_pool(
     tasks = [Task(run_part, (job,)) for job in jobs]
     for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
-            rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
-            chunks[event.index] = event.value.chunks
+            latest[event.index] = event.value
             if progress is not None:
                 elapsed = time.monotonic() - started
-                progress(
-                    Progress(table, sum(rows), sum(nbytes), estimated_rows, elapsed, sum(chunks))
-                )
+                progress(_summed(table, estimated_rows, elapsed, latest.values()))
         elif event.kind == "log":
             log.log(*event.value)
         elif event.kind == "done":
@@ -400,6 +395,22 @@ def _run_in_pool(
     if failures:
         raise failures[min(failures)]
     return [results[i] for i in range(len(jobs))]
+
+
+def _summed(
+    table: str, estimated_rows: int | None, elapsed: float, ranges: Iterable[Progress]
+) -> Progress:
+    """The progress of the whole export from the latest of each range's. Pure."""
+    ranges = list(ranges)
+    retries: dict[str, int] = {}
+    for p in ranges:
+        for reason, count in p.retries:
+            retries[reason] = retries.get(reason, 0) + count
+    return Progress(
+        table, sum(p.rows for p in ranges), sum(p.bytes for p in ranges), estimated_rows,
+        elapsed, sum(p.chunks for p in ranges), retries=tuple(retries.items()),
+        outage_seconds=sum(p.outage_seconds for p in ranges),
+    )  # fmt: skip
 
 
 def _died(e: BaseException) -> Failure:

@@ -321,12 +321,13 @@ def run_shard(
     with exclusive(part_path(out, index)):
         job = range_job(out, ranges, template, index)
         done = load_checkpoint(part_path(out, index))
+        already = done is not None and done.finished
         with export_metrics(run, table.qualified, progress, shard=str(index)) as (watch, metrics):
             outcome = run_part(job, progress=watch, sleep=sleep)
             cp = outcome.checkpoint
             if metrics is not None:
-                metrics.succeeded(cp.rows, len(cp.chunks), cp.offset, cp.raw_bytes)
-    already = done is not None and done.finished
+                raw = cp.raw_bytes if cp.export.get("compress") else None
+                metrics.succeeded(cp.rows, len(cp.chunks), cp.offset, raw, ran=not already)
     return ShardResult(
         index, p.shards, p.output, table.qualified, cp.rows, cp.offset, len(cp.chunks),
         outcome.digest, time.monotonic() - started, outcome.resumed and not already, already,
