@@ -36,6 +36,7 @@ from .export import ExportResult, ExportStatus, export_status, export_table, run
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
 from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
+from .shards import ShardPlan, ShardResult, finish_shards, plan_shards, run_shard
 from .spec import Compression, CopyOptions, ExportSpec, RunOptions
 
 if TYPE_CHECKING:
@@ -114,6 +115,8 @@ __all__ = [
     "RetriesExhausted",
     "RetryPolicy",
     "RunOptions",
+    "ShardPlan",
+    "ShardResult",
     "SnapshotRequired",
     "TableNotFound",
     "TableOutcome",
@@ -123,9 +126,12 @@ __all__ = [
     "__version__",
     "export_status",
     "export_table",
+    "finish_shards",
     "load_manifest",
     "load_plan",
+    "plan_shards",
     "run_bulk",
     "run_export",
+    "run_shard",
     "verify_file",
 ]

@@ -158,9 +158,24 @@ def verify(output: Path, deep: bool) -> None:
 @cli.command()
 @click.argument("output", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(output: Path, as_json: bool) -> None:
-    """Show how far the export to OUTPUT got."""
-    s = export_status(output)
+@click.option(
+    "--watch", is_flag=True, help="Redraw the status and each shard's until the export is done."
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between two redraws of --watch.",
+)
+def status(output: Path, as_json: bool, watch: bool, interval: float) -> None:
+    """Show how far the export to OUTPUT (or of the shard plan OUTPUT.shards.json) got."""
+    from .watch import output_of, watch_status
+
+    if watch:
+        watch_status(output, interval=interval)
+        return
+    s = export_status(output_of(output))
     pct = s.percent
     if as_json:
         click.echo(

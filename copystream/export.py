@@ -20,6 +20,7 @@ from typing import Any
 from .checkpoint import ChunkRecord, load_checkpoint
 from .errors import UsageError
 from .manifest import Manifest
+from .metrics import export_metrics
 from .pipeline import (
     ExportSession,
     check_output,
@@ -185,6 +186,11 @@ def export_table(
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
             the manifest says so (``point_in_time``).
+        metrics_file: keep Prometheus metrics of the export in this file (node_exporter's
+            textfile collector format), rewritten atomically (:mod:`copystream.metrics`).
+        pushgateway: push the same metrics to this Prometheus Pushgateway URL, grouped by
+            job, table and shard.
+        metrics_interval: seconds between two writes or pushes of the metrics (5).
 
     ``progress`` is called with a :class:`Progress` about once per megabyte and per chunk.
 
@@ -253,7 +259,30 @@ def run_session(
     remove the temporary files killed runs left beside the output first (a caller that did it
     for a whole directory at once passes ``False``). ``known``: what the caller found on disk,
     acted on without reading it again when it is a small table's fresh start (the caller
-    publishes under the lock and checks then); anything else is read again."""
+    publishes under the lock and checks then); anything else is read again. With
+    ``metrics_file`` or ``pushgateway`` in the run options, the export's metrics are written
+    meanwhile and once more at the end (:mod:`copystream.metrics`)."""
+    with export_metrics(session.run, session.table.qualified, progress) as (watched, metrics):
+        exported = _run_session(
+            session, progress=watched, sleep=sleep, started=started, tidy=tidy, known=known
+        )
+        if metrics is not None:
+            r = exported.result
+            metrics.succeeded(
+                r.rows, len(r.chunks), r.bytes, r.uncompressed_bytes, ran=not r.already_complete
+            )
+    return exported
+
+
+def _run_session(
+    session: ExportSession,
+    *,
+    progress: Callable[[Progress], None] | None,
+    sleep: Callable[[float], None],
+    started: float,
+    tidy: bool,
+    known: OnDisk | None,
+) -> Exported:
     out = session.output
     found = known if isinstance(known, Fresh) else discover_state(session)
     small = not isinstance(found, Complete) and copies_whole(session, found)

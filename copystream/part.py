@@ -271,6 +271,8 @@ class PartRunner:
                     len(base.chunks),
                     start_bytes=self._start_bytes,
                     start_rows=self._start_rows,
+                    retries=tuple(self.retrier.by_reason.items()),
+                    outage_seconds=self.retrier.outage_seconds,
                 )
             )
 

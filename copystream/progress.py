@@ -59,6 +59,8 @@ class Progress(_Pace):
     done: bool = False
     start_bytes: int = 0  # bytes already in the file when this run started (resume)
     start_rows: int = 0  # rows already in the file when this run started (resume)
+    retries: tuple[tuple[str, int], ...] = ()  # retries of this run so far, by reason
+    outage_seconds: float = 0.0  # seconds this run waited out an unreachable server
 
 
 def _per_second(amount: float, seconds: float) -> float:

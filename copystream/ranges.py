@@ -24,7 +24,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "part_data_path",
     "part_path",
     "pick_boundaries",
+    "range_job",
     "remove_parts",
     "run_parts",
     "sample_boundaries",
@@ -316,6 +317,36 @@ def sample_boundaries(
 # -- running ------------------------------------------------------------------------------------
 
 
+def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> PartJob:
+    """The job of range ``i`` of ``parts``, checked against what is on disk: the one way a
+    range's job is made, for ``workers`` and for :func:`copystream.run_shard` alike.
+
+    ``template`` is the whole-range job; the range's job has its own path, checkpoint and key
+    range (``ranged``: the range is part of its identity). A part file created but never
+    checkpointed is removed; a damaged, foreign or edited part is refused before it runs.
+    """
+    lo, hi = parts.ranges[i]
+    state = part_path(output, i)
+    path = part_data_path(output, i, first_in_place=parts.first_in_place)
+    if os.path.lexists(path) and not checkpoint_path(state).exists():
+        if path == output:  # never removed here: it may be a finished export of its own
+            raise OutputExists(
+                f"{output} exists but the first range of the unfinished --workers export "
+                f"recorded in {parts_path(output).name} has no checkpoint",
+                remedy=Remedy.RESTART,
+            )
+        path.unlink()  # created but never checkpointed: nothing in it counts
+    job = replace(
+        template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True
+    )
+    cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
+    if cp is not None:
+        cp.check_same_export(job.identity, state)
+        # so is an edited part (its worker checks again, from the page cache)
+        check_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
+    return job
+
+
 def run_parts(
     output: Path,
     parts: KeyRanges,
@@ -323,39 +354,10 @@ def run_parts(
     workers: int,
     progress: Callable[[Progress], None] | None,
 ) -> list[PartOutcome]:
-    """Run every part (finished ones only re-verify) with up to ``workers`` processes.
-
-    ``template`` is the whole-range job; each part's job has its own path, checkpoint and key
-    range (``ranged``: the range is part of its identity).
-    """
+    """Run every part (finished ones only re-verify) with up to ``workers`` processes; each
+    part's job is :func:`range_job`'s."""
     plan = template.table
-    jobs = []
-    for i, (lo, hi) in enumerate(parts.ranges):
-        state = part_path(output, i)
-        path = part_data_path(output, i, first_in_place=parts.first_in_place)
-        if os.path.lexists(path) and not checkpoint_path(state).exists():
-            if path == output:  # never removed here: it may be a finished export of its own
-                raise OutputExists(
-                    f"{output} exists but the first range of the unfinished --workers export "
-                    f"recorded in {parts_path(output).name} has no checkpoint",
-                    remedy=Remedy.RESTART,
-                )
-            path.unlink()  # created but never checkpointed: nothing in it counts
-        job = replace(
-            template,
-            path=str(path),
-            state=str(state),
-            lower=lo,
-            upper=hi,
-            first=i == 0,
-            ranged=True,
-        )
-        cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
-        if cp is not None:
-            cp.check_same_export(job.identity, state)
-            # so is an edited part (its worker checks again, from the page cache)
-            check_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
-        jobs.append(job)
+    jobs = [range_job(output, parts, template, i) for i in range(len(parts.ranges))]
     return _run_in_pool(jobs, workers, plan.qualified, plan.estimated_rows, progress)
 
 
@@ -372,8 +374,7 @@ def _run_in_pool(
     checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
     to their end; then the first failure is raised (every checkpoint is intact).
     """
-    rows = [0] * len(jobs)
-    nbytes = [0] * len(jobs)
+    latest: dict[int, Progress] = {}  # of each range
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
@@ -381,10 +382,10 @@ def _run_in_pool(
     tasks = [Task(run_part, (job,)) for job in jobs]
     for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
-            rows[event.index], nbytes[event.index] = event.value.rows, event.value.bytes
+            latest[event.index] = event.value
             if progress is not None:
                 elapsed = time.monotonic() - started
-                progress(Progress(table, sum(rows), sum(nbytes), estimated_rows, elapsed, 0))
+                progress(_summed(table, estimated_rows, elapsed, latest.values()))
         elif event.kind == "log":
             log.log(*event.value)
         elif event.kind == "done":
@@ -394,6 +395,22 @@ def _run_in_pool(
     if failures:
         raise failures[min(failures)]
     return [results[i] for i in range(len(jobs))]
+
+
+def _summed(
+    table: str, estimated_rows: int | None, elapsed: float, ranges: Iterable[Progress]
+) -> Progress:
+    """The progress of the whole export from the latest of each range's. Pure."""
+    ranges = list(ranges)
+    retries: dict[str, int] = {}
+    for p in ranges:
+        for reason, count in p.retries:
+            retries[reason] = retries.get(reason, 0) + count
+    return Progress(
+        table, sum(p.rows for p in ranges), sum(p.bytes for p in ranges), estimated_rows,
+        elapsed, sum(p.chunks for p in ranges), retries=tuple(retries.items()),
+        outage_seconds=sum(p.outage_seconds for p in ranges),
+    )  # fmt: skip
 
 
 def _died(e: BaseException) -> Failure:

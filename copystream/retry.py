@@ -266,6 +266,10 @@ class Retrier:
         self.policy = policy
         self.state = RetryState()
         self.retries = 0
+        #: Retries announced, by reason ("outage" for every outage: their texts vary).
+        self.by_reason: dict[str, int] = {}
+        self.outage_seconds = 0.0  # seconds of failing streaks that were outages, ended
+        self._in_outage = False
         self.transient = False  # whether the last failure recorded was transient
         self._sleep = sleep
         self._clock = clock
@@ -286,6 +290,9 @@ class Retrier:
     ) -> None:
         """Log the retry of ``doing`` (``then``: what the next attempt does differently)."""
         self.retries += 1
+        why = "outage" if d.outage else d.reason
+        self.by_reason[why] = self.by_reason.get(why, 0) + 1
+        self._in_outage = self._in_outage or d.outage
         if d.outage:
             log.log(
                 level,
@@ -320,4 +327,7 @@ class Retrier:
                 self.state.attempts,
                 "" if self.state.attempts == 1 else "s",
             )
+        if self._in_outage:
+            self.outage_seconds += self.state.failing(now)
+            self._in_outage = False
         self.state = self.state.succeeded(now)

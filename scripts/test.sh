@@ -8,8 +8,9 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_setup.sh
 
-setup_venv test,dev,pg18
+setup_venv test,dev,pg18,metrics,airflow
 ensure_postgres
+ensure_pushgateway
 
 if [[ $# -eq 0 ]]; then
     set -- -q
