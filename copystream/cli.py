@@ -88,7 +88,7 @@ def export_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("table")
-@click.argument("output", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=True, path_type=str))
 @click.option(
     "--dsn",
     envvar="COPYSTREAM_DSN",
@@ -105,7 +105,7 @@ def export_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 def export(
     table: str,
-    output: Path,
+    output: str,
     dsn: str | None,
     no_progress: bool,
     report: Path | None,
@@ -136,11 +136,11 @@ def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=str))
 @click.option(
     "--deep", is_flag=True, help="Also decompress a compressed OUTPUT and check the CSV's digests."
 )
-def verify(output: Path, deep: bool) -> None:
+def verify(output: str, deep: bool) -> None:
     """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
     r = verify_file(output, deep=deep)
     line = (
@@ -156,9 +156,9 @@ def verify(output: Path, deep: bool) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-def status(output: Path, as_json: bool) -> None:
+def status(output: str, as_json: bool) -> None:
     """Show how far the export to OUTPUT got."""
     s = export_status(output)
     pct = s.percent

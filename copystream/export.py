@@ -43,7 +43,7 @@ log = logging.getLogger("copystream")
 class ExportResult:
     """What :func:`export_table` did."""
 
-    output: Path
+    output: Path | str  # str: the s3:// URL of an S3 export
     table: str
     rows: int
     bytes: int
@@ -195,6 +195,10 @@ def run_export(
     sleep: Callable[[float], None] = time.sleep,
 ) -> ExportResult:
     """Export ``spec`` to ``output`` as ``run`` says: :func:`export_table` with the spec whole."""
+    if isinstance(output, str) and output.startswith("s3://"):
+        from .s3export import run_s3_export
+
+        return run_s3_export(conninfo, spec, output, run, progress=progress, sleep=sleep)
     started = time.monotonic()
     out = Path(output)
     check_output(out)
@@ -225,7 +229,7 @@ def run_export(
 
 
 def _result(
-    out: Path,
+    out: Path | str,
     table: ResolvedTable,
     manifest: Manifest,
     started: float,
@@ -260,7 +264,7 @@ def _result(
 class ExportStatus:
     """The state of an export, read from the files beside ``output``."""
 
-    output: Path
+    output: Path | str  # str: the s3:// URL of an S3 export
     state: str  # "in progress", "complete" or "not started"
     table: str | None
     rows: int
@@ -288,6 +292,10 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
     checkpoint: rows, bytes and chunks are their sums. Only reads files. Raises
     :class:`UsageError` if there is no checkpoint, ranges file or manifest.
     """
+    if isinstance(output, str) and output.startswith("s3://"):
+        from .s3export import s3_status
+
+        return s3_status(output)
     out = Path(output)
     found = discover(out)
     if isinstance(found, Resume) and found.checkpoint is not None:

@@ -216,7 +216,7 @@ class ExportSession:
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
         try:
-            self._stack.enter_context(exclusive(self.output))
+            self.lock()
         except BaseException:
             self._stack.close()
             raise
@@ -224,6 +224,11 @@ class ExportSession:
             log.warning("%s", w)
         log.debug("%s: paging by %s (%s)", table.qualified, ", ".join(table.key), table.key_source)
         return self
+
+    def lock(self) -> bool:
+        """Take the output's lock (an S3 export's session takes none); whether it was taken."""
+        self._stack.enter_context(exclusive(self.output))
+        return True
 
     def __exit__(
         self,
