@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -212,7 +213,8 @@ def test_sigkill_mid_upload_resumes_from_another_directory(
     """Killed at once, then with 1 and 2 parts uploaded (the compressed object has only two
     parts in all: killed there, its upload may be completed already, its manifest not yet
     written), each run resumed in a new working directory (another machine: nothing is kept
-    locally); the object is psql's CSV (decompressed), its upload continued, never restarted."""
+    locally; a stray part that no checkpoint records is overwritten); the object is psql's CSV
+    (decompressed), its upload continued, never restarted."""
     cmd = s3_export(db, key, "--chunk-rows", "4000")
     seen = []
     for n, parts in enumerate(points):
@@ -222,6 +224,10 @@ def test_sigkill_mid_upload_resumes_from_another_directory(
         assert cp is not None and len(cp["destination"]["parts"]) >= parts
         assert cp["offset"] == sum(p["bytes"] for p in cp["destination"]["parts"])
         seen.append(cp["destination"]["upload_id"])
+        if n == 1:  # as if killed between uploading a part and recording it: a stray part
+            stray = {"Bucket": BUCKET, "Key": key, "UploadId": seen[0]}
+            number = len(cp["destination"]["parts"]) + 1
+            s3.upload_part(**stray, PartNumber=number, Body=b"stray" * PART_MIN)
         assert {u["UploadId"] for u in uploads(s3)} <= {seen[0]} == set(seen)  # continued
     last = tmp_path / "last"
     last.mkdir()
@@ -326,3 +332,55 @@ def test_library_api_exports_to_s3(db: str, s3: Any, expected: bytes) -> None:
     assert v.xxh3_128 == result.xxh3_128
     st = copystream.export_status(f"s3://{BUCKET}/api.csv")
     assert st.state == "complete" and st.rows == ROWS
+
+
+# -- the destination itself, without PostgreSQL ----------------------------------------------
+
+
+def test_s3_object_holds_the_checkpoint_back_until_a_part_is_uploaded(s3: Any) -> None:
+    """Chunks below the part size are not durable (``Synced(False)``); the chunk that fills a
+    part makes it so, with the part's ETag; a rolled-back chunk leaves no byte; the last part
+    may be short; resume checks the parts against the bucket."""
+    from copystream.destinations.s3 import S3Object
+    from copystream.errors import PrefixMismatch
+    from copystream.s3url import S3Url
+
+    url = S3Url(BUCKET, "d.csv")
+    dest = S3Object.create(s3, url, None)
+    small, big = b"x" * 1000, os.urandom(PART_MIN)
+    dest.begin_chunk()
+    dest.write(small)
+    assert dest.end_chunk() == (0, 1000, xxh(small))
+    assert dest.sync() == (False, {})
+    dest.begin_chunk()
+    dest.write(b"rolled back")
+    dest.rollback()
+    dest.write(big)
+    assert dest.end_chunk() == (1000, PART_MIN, xxh(big))
+    synced = dest.sync()
+    assert synced.durable and [p["bytes"] for p in synced.state["parts"]] == [1000 + PART_MIN]
+    state = dest.state()
+    dest.begin_chunk()
+    dest.write(b"tail")
+    dest.end_chunk()
+    assert not dest.sync().durable
+    dest.close()
+    # resumed where the parts end: what was buffered is gone and is exported again
+    again = S3Object.resume(s3, url, state, 1000 + PART_MIN)
+    again.begin_chunk()
+    again.write(b"tail")
+    again.end_chunk()
+    again.sync()
+    again.flush()
+    again.complete()
+    again.close()
+    assert get(s3, "d.csv") == small + big + b"tail"
+    other = {**state, "parts": [{**state["parts"][0], "etag": '"' + "0" * 32 + '"'}]}
+    with pytest.raises(PrefixMismatch, match="gone"):  # completed, but not into those parts
+        S3Object.resume(s3, url, other, 1000 + PART_MIN)
+
+
+def xxh(data: bytes) -> str:
+    import xxhash
+
+    return str(xxhash.xxh3_128(data).hexdigest())
