@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_ok, assert_one_error_line, cli, run, scratch_database
+from helpers import assert_ok, assert_one_error_line, cli, run, scratch_database, xxh
 
 import copystream
 from copystream.destinations.s3 import PART_MIN, multipart_etag, part_target
@@ -380,7 +380,16 @@ def test_s3_object_holds_the_checkpoint_back_until_a_part_is_uploaded(s3: Any) -
         S3Object.resume(s3, url, other, 1000 + PART_MIN)
 
 
-def xxh(data: bytes) -> str:
-    import xxhash
+def test_a_bulk_plan_refuses_s3_outputs_for_now() -> None:
+    """Not silently a local directory named ``s3:``: one problem per key, before anything runs."""
+    from copystream.bulk import PlanError, parse_plan
 
-    return str(xxhash.xxh3_128(data).hexdigest())
+    plan = '[defaults]\noutput_dir = "s3://b/p"\n[[tables]]\nname = "t"\noutput = "s3://b/t.csv"\n'
+    with pytest.raises(PlanError) as info:
+        parse_plan(plan, source="p.toml")
+    assert info.value.problems == (
+        "p.toml:2: defaults.output_dir: expected a local directory path (s3:// is not supported "
+        "by bulk yet), got 's3://b/p'",
+        "p.toml:5: tables[0].output: expected a local file path (not a directory; s3:// is not "
+        "supported by bulk yet), got 's3://b/t.csv'",
+    )
