@@ -68,6 +68,8 @@ class _Committer:
     order that resuming relies on is kept: a checkpoint is written only after every byte it
     records is durable, and at most one commit is in flight, so the checkpoint on disk lags the
     destination by at most one chunk (which a resume cuts off and redoes, as after any crash).
+    A destination whose ``sync`` says the chunk is not durable yet (an S3 part still filling:
+    :class:`~copystream.destinations.Synced`) keeps the checkpoint where it is until one is.
     """
 
     def __init__(
