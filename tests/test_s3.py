@@ -224,7 +224,7 @@ def test_sigkill_mid_upload_resumes_from_another_directory(
         assert cp is not None and len(cp["destination"]["parts"]) >= parts
         assert cp["offset"] == sum(p["bytes"] for p in cp["destination"]["parts"])
         seen.append(cp["destination"]["upload_id"])
-        if n == 1:  # as if killed between uploading a part and recording it: a stray part
+        if n == 1 and uploads(s3):  # as if killed between uploading a part and recording it
             stray = {"Bucket": BUCKET, "Key": key, "UploadId": seen[0]}
             number = len(cp["destination"]["parts"]) + 1
             s3.upload_part(**stray, PartNumber=number, Body=b"stray" * PART_MIN)

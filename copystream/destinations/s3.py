@@ -1,9 +1,13 @@
 """An S3 object as a destination: one multipart upload that survives the process.
 
-For S3, *durable* means *in an uploaded part*. Chunks are buffered (:class:`S3Object`); when a
-chunk ends with at least :func:`part_target` bytes buffered, those chunks become one part, cut
-at that chunk boundary, which :meth:`S3Object.sync` uploads on the commit thread while the next
-chunk streams (so at most one part is buffered and one in flight). Only then does the
+For S3, *durable* means *in an uploaded part*. Chunks are stored first in a buffer file, an
+anonymous temporary file written at the object's own offsets by a local destination (a
+:class:`~copystream.destinations.local.LocalFile`, or a
+:class:`~copystream.destinations.compressed.CompressedFile`, which compresses off the streaming
+thread). When a chunk ends with at least :func:`part_target` bytes buffered, those chunks
+become one part, cut at that chunk boundary, which :meth:`S3Object.sync` reads and uploads on
+the commit thread while the next chunk streams, then punches out of the buffer file: at most
+one part is buffered (in the page cache) and one in flight (in memory). Only then does the
 checkpoint advance: :meth:`~S3Object.sync` says whether the ended chunks are durable
 (:class:`~copystream.destinations.Synced`), so the checkpoint in the bucket always ends at a
 part boundary and records the upload id and every part's number, ETag and size. A resume lists
@@ -23,23 +27,26 @@ every chunk's digest on the way.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import xxhash
 
 from ..checkpoint import ChunkRecord
 from ..errors import PrefixMismatch
+from ..join import punch_hole
 from ..s3url import S3Url, classify
 from . import ChunkWritten, Synced
-from .compressed import Codec, CorruptFrame, codec
+from .compressed import CompressedFile, CorruptFrame, codec
+from .local import LocalFile
 
 __all__ = [
     "KIND",
     "PART_MIN",
-    "SPOOL_MEMORY",
     "Hashed",
     "S3Object",
     "fresh_state",
@@ -55,10 +62,6 @@ KIND = "s3"
 #: S3's smallest part (all but the last) and its largest part count.
 PART_MIN = 5 * 1024 * 1024
 MAX_PARTS = 10_000
-
-#: A part is buffered in memory up to this size, past it in an anonymous temporary file (a
-#: chunk of uncompressed CSV can be larger than a part: memory stays bounded all the same).
-SPOOL_MEMORY = 16 * 1024 * 1024
 
 #: Bytes read at a time when an object is read back.
 PIECE = 1024 * 1024
@@ -119,15 +122,36 @@ def head_object(client: Any, url: S3Url) -> dict[str, Any] | None:
 
 
 class _Part(NamedTuple):
-    """Ended chunks cut into a part, waiting for :meth:`S3Object.sync` to upload them."""
+    """Ended chunks cut into a part: the buffer file's bytes ``[start, start + size)``."""
 
     number: int
-    body: IO[bytes]
+    start: int
     size: int
 
 
-def _spool() -> IO[bytes]:
-    return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
+def _buffer(offset: int, state: dict[str, Any]) -> tuple[int, LocalFile | CompressedFile]:
+    """An anonymous buffer file, and the local destination that stores (and compresses) the
+    chunks in it at the object's own offsets (what precedes ``offset`` is a hole)."""
+    fd, name = tempfile.mkstemp(prefix="copystream-s3-", suffix=".buffer")
+    os.unlink(name)  # gone with the process, whatever happens to it
+    path = Path(name)
+    if "codec" not in state:
+        return fd, LocalFile(fd, path, offset, xxhash.xxh3_128())
+    raw = (int(state.get("uncompressed_bytes", 0)), xxhash.xxh3_128())
+    cdc = codec(str(state["codec"]), int(state["level"]))
+    return fd, CompressedFile(fd, path, cdc, offset, xxhash.xxh3_128(), raw)
+
+
+def _read(fd: int, start: int, size: int) -> bytes:
+    """``size`` bytes of ``fd`` from ``start``."""
+    pieces, done = [], 0
+    while done < size:
+        data = os.pread(fd, size - done, start + done)
+        if not data:
+            raise OSError(f"the S3 buffer file ends {size - done} bytes short of its part")
+        pieces.append(data)
+        done += len(data)
+    return b"".join(pieces)
 
 
 class S3Object:
@@ -143,20 +167,17 @@ class S3Object:
         self.upload_id: str = state["upload_id"]
         self._parts: list[dict[str, Any]] = list(state["parts"])
         self.hashed_from = int(state["hashed_from"])
-        self._codec: Codec | None = None
-        if "codec" in state:
-            self._codec = codec(str(state["codec"]), int(state["level"]))
-        self.raw_bytes = int(state.get("uncompressed_bytes", 0))
-        self.offset = self._chunk_start = self._buf_start = offset
-        self._raw_start = self.raw_bytes
-        self._file_hash, self._raw_hash = xxhash.xxh3_128(), xxhash.xxh3_128()
-        self._chunk_hash, self._raw_chunk = xxhash.xxh3_128(), xxhash.xxh3_128()
-        self._saved = (self._file_hash.copy(), self._raw_hash.copy())
-        self._frame: Any = None
-        self._buf = _spool()
+        self._compressed = "codec" in state
+        self._fd, self._buf = _buffer(offset, state)
+        self._buf_start = offset
         self._next_part = len(self._parts) + 1
         self._ended: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
         self.completed = False
+
+    @property
+    def offset(self) -> int:
+        """The end of the stored bytes (in uploaded parts or in the buffer file)."""
+        return self._buf.offset
 
     # -- opening ------------------------------------------------------------------------------
 
@@ -178,21 +199,27 @@ class S3Object:
         completed (the object is then checked against the recorded parts) or aborted
         (:class:`PrefixMismatch`).
         """
-        dest = cls(client, url, {**state, "hashed_from": offset}, offset)
-        if sum(int(p["bytes"]) for p in dest._parts) != offset:
+        if sum(int(p["bytes"]) for p in state["parts"]) != offset:
             raise PrefixMismatch(f"{url}.checkpoint.json does not match its parts: damaged")
-        listed = dest._listed()
-        if listed is None:
-            dest._check_completed()
-            return dest
-        for p in dest._parts:
-            have = listed.get(int(p["number"]))
-            if have != (str(p["etag"]), int(p["bytes"])):
-                raise PrefixMismatch(
-                    f"part {p['number']} of the upload to {url} is not the one its checkpoint "
-                    "records: another process wrote to it"
-                )
+        dest = cls(client, url, {**state, "hashed_from": offset}, offset)
+        try:
+            dest._check_parts()
+        except BaseException:
+            dest.close()
+            raise
         return dest
+
+    def _check_parts(self) -> None:
+        listed = self._listed()
+        if listed is None:
+            self._check_completed()
+            return
+        for p in self._parts:
+            if listed.get(int(p["number"])) != (str(p["etag"]), int(p["bytes"])):
+                raise PrefixMismatch(
+                    f"part {p['number']} of the upload to {self.url} is not the one its "
+                    "checkpoint records: another process wrote to it"
+                )
 
     def _listed(self) -> dict[int, tuple[str, int]] | None:
         """The upload's parts in the bucket (number: ETag, size), or ``None`` if it is gone."""
@@ -240,47 +267,16 @@ class S3Object:
     # -- the Destination interface --------------------------------------------------------------
 
     def begin_chunk(self) -> None:
-        """Start a chunk (its frame, if compressed, starts with its first byte)."""
-        self._chunk_start, self._raw_start = self.offset, self.raw_bytes
-        self._chunk_hash, self._raw_chunk = xxhash.xxh3_128(), xxhash.xxh3_128()
-        self._saved = (self._file_hash.copy(), self._raw_hash.copy())
-        self._frame = None
+        """Start a chunk (in the buffer file)."""
+        self._buf.begin_chunk()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data`` (compressed first, for a compressed export)."""
-        if self._codec is None:
-            self._store(data)
-            return
-        if self._frame is None:
-            self._frame = self._codec.frame()
-        self._raw_hash.update(data)
-        self._raw_chunk.update(data)
-        self.raw_bytes += len(data)
-        self._store(self._frame.compress(data))
-
-    def _store(self, data: bytes | bytearray | memoryview) -> None:
-        self._chunk_hash.update(data)
-        self._file_hash.update(data)
+        """Store ``data`` in the buffer file (compressed first, for a compressed export)."""
         self._buf.write(data)
-        self.offset += len(data)
 
     def end_chunk(self) -> ChunkWritten:
         """End the chunk; cut the buffered chunks into a part once they are large enough."""
-        if self._codec is not None:
-            frame = self._frame
-            if frame is None and self.offset == 0:
-                frame = self._codec.frame()  # an empty .zst/.gz is no valid one: an empty frame
-            if frame is not None:
-                self._store(frame.flush())
-            self._frame = None
-        written = ChunkWritten(
-            self._chunk_start,
-            self.offset - self._chunk_start,
-            self._chunk_hash.hexdigest(),
-            raw=(self.raw_bytes - self._raw_start, self._raw_chunk.hexdigest())
-            if self._codec is not None
-            else None,
-        )
+        written = self._buf.end_chunk()
         size = self.offset - self._buf_start
         if size >= part_target(self._buf_start):
             self._ended.put(self._cut(size))
@@ -289,21 +285,16 @@ class S3Object:
         return written
 
     def _cut(self, size: int) -> _Part:
-        part = _Part(self._next_part, self._buf, size)
+        part = _Part(self._next_part, self._buf_start, size)
         if part.number > MAX_PARTS:
             raise PrefixMismatch(f"the upload to {self.url} needs more than {MAX_PARTS} parts")
         self._next_part += 1
-        self._buf, self._buf_start = _spool(), self.offset
+        self._buf_start += size
         return part
 
     def rollback(self) -> None:
-        """Forget the chunk in progress: cut the buffer back, rewind the digests."""
-        self._buf.seek(self._chunk_start - self._buf_start)
-        self._buf.truncate()
-        self.offset, self.raw_bytes = self._chunk_start, self._raw_start
-        self._file_hash, self._raw_hash = self._saved[0].copy(), self._saved[1].copy()
-        self._chunk_hash, self._raw_chunk = xxhash.xxh3_128(), xxhash.xxh3_128()
-        self._frame = None
+        """Forget the chunk in progress."""
+        self._buf.rollback()
 
     def cut(self, position: int) -> None:
         """Nothing to give back: what was not uploaded is only in this process's buffer."""
@@ -317,22 +308,21 @@ class S3Object:
         return Synced(True, {"parts": list(self._parts)})
 
     def _upload(self, part: _Part) -> None:
+        body = _read(self._fd, part.start, part.size)  # the one part in flight, in memory
         try:
-            part.body.seek(0)
             answer = self._client.upload_part(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
-                PartNumber=part.number, Body=part.body, ContentLength=part.size,
+                PartNumber=part.number, Body=body, ContentLength=part.size,
             )  # fmt: skip
         except Exception as e:
             raise classify(e, self.url, f"uploading part {part.number}") from e
-        finally:
-            part.body.close()
+        punch_hole(self._fd, part.start, part.size)  # uploaded: give the buffer's space back
         self._parts.append({"number": part.number, "etag": answer["ETag"], "bytes": part.size})
 
     @property
     def digest(self) -> str:
         """xxh3-128 hex digest of the bytes stored since ``hashed_from`` (all, unless resumed)."""
-        return str(self._file_hash.hexdigest())
+        return self._buf.digest
 
     def state(self) -> dict[str, Any]:
         """The upload id and uploaded parts (and the uncompressed size and digest so far)."""
@@ -344,13 +334,8 @@ class S3Object:
             "parts": list(self._parts),
             "hashed_from": self.hashed_from,
         }
-        if self._codec is not None:
-            state.update(
-                codec=self._codec.name,
-                level=self._codec.level,
-                uncompressed_bytes=self.raw_bytes,
-                uncompressed_xxh3_128=self._raw_hash.hexdigest(),
-            )
+        if self._compressed:
+            state.update({k: v for k, v in self._buf.state().items() if k != "kind"})
         return state
 
     # -- the end ------------------------------------------------------------------------------
@@ -385,14 +370,7 @@ class S3Object:
 
     def close(self) -> None:
         """Drop what is buffered (idempotent); the upload stays, for a resume."""
-        self._buf.close()
-        while True:
-            try:
-                part = self._ended.get_nowait()
-            except queue.Empty:
-                return
-            if part is not None:
-                part.body.close()
+        self._buf.close()  # closes the buffer file too
 
 
 class Hashed(NamedTuple):
