@@ -40,7 +40,7 @@ from .errors import (
 from .export import ExportResult, ExportStatus, _result
 from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartRunner
-from .pipeline import ExportSession, now_iso, start
+from .pipeline import ExportSession, manifest_of, start
 from .progress import Progress
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
@@ -231,7 +231,9 @@ def run_s3_export(
         cp, digest, retries, lost = _run_part(side, begun.job, found, progress, sleep)
         resumed = isinstance(found, Resume)
         pit = begun.job.snapshot is not None and not lost and not resumed
-        manifest = _manifest(session, cp, digest, started, resumed=resumed, pit=pit)
+        manifest = manifest_of(
+            session.table, cp, digest, started, resumed=resumed, workers=1, point_in_time=pit
+        )
         side.save_manifest(manifest)
         side.delete(CHECKPOINT)
     return _result(
@@ -342,24 +344,6 @@ def _read_back(side: Sidecars, cp: Checkpoint) -> tuple[str, Checkpoint]:
         raw = {"uncompressed_bytes": hashed.raw[0], "uncompressed_xxh3_128": hashed.raw[1]}
         cp = replace(cp, destination={**cp.destination, **raw})
     return hashed.xxh3_128, cp
-
-
-def _manifest(
-    session: ExportSession, cp: Checkpoint, digest: str, started: float, *, resumed: bool,
-    pit: bool,
-) -> Manifest:  # fmt: skip
-    table = session.table
-    return Manifest(
-        table=table.qualified, key=table.key, key_types=table.key_types,
-        key_source=table.key_source, columns=table.columns, where=table.where,
-        options=cp.export["options"], rows=cp.rows, bytes=cp.offset, xxh3_128=digest,
-        chunks=cp.chunks, chunk_rows=cp.chunk_rows, settings=cp.settings,
-        started_at=cp.started_at, finished_at=now_iso(),
-        seconds=round(time.monotonic() - started, 3), resumed=resumed, workers=1,
-        point_in_time=pit, compress=cp.export.get("compress"),
-        uncompressed_bytes=cp.destination.get("uncompressed_bytes"),
-        uncompressed_xxh3_128=cp.destination.get("uncompressed_xxh3_128"),
-    )  # fmt: skip
 
 
 def s3_status(output: str) -> ExportStatus:
