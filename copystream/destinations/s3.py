@@ -7,8 +7,9 @@ anonymous temporary file written at the object's own offsets by a local destinat
 thread). When a chunk ends with at least :func:`part_target` bytes buffered, those chunks
 become one part, cut at that chunk boundary, which :meth:`S3Object.sync` reads and uploads on
 the commit thread while the next chunk streams, then punches out of the buffer file: at most
-one part is buffered (in the page cache) and one in flight (in memory). Only then does the
-checkpoint advance: :meth:`~S3Object.sync` says whether the ended chunks are durable
+one part is buffered and one in flight, both in the buffer file (the page cache), streamed to
+S3 from there, never held whole in memory. Only then does the checkpoint advance:
+:meth:`~S3Object.sync` says whether the ended chunks are durable
 (:class:`~copystream.destinations.Synced`), so the checkpoint in the bucket always ends at a
 part boundary and records the upload id and every part's number, ETag and size. A resume lists
 the upload's parts (``ListParts``), keeps them if they are the ones the checkpoint vouches for,
@@ -27,6 +28,7 @@ every chunk's digest on the way.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import queue
 import tempfile
@@ -142,16 +144,37 @@ def _buffer(offset: int, state: dict[str, Any]) -> tuple[int, LocalFile | Compre
     return fd, CompressedFile(fd, path, cdc, offset, xxhash.xxh3_128(), raw)
 
 
-def _read(fd: int, start: int, size: int) -> bytes:
-    """``size`` bytes of ``fd`` from ``start``."""
-    pieces, done = [], 0
-    while done < size:
-        data = os.pread(fd, size - done, start + done)
-        if not data:
-            raise OSError(f"the S3 buffer file ends {size - done} bytes short of its part")
-        pieces.append(data)
-        done += len(data)
-    return b"".join(pieces)
+class _Range(io.RawIOBase):
+    """``size`` bytes of the file ``fd`` from ``start``, as a seekable read-only file: the
+    body of one part, streamed to S3 without holding the part in memory."""
+
+    def __init__(self, fd: int, start: int, size: int) -> None:
+        super().__init__()
+        self._fd, self._start, self._size, self._pos = fd, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self._size - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._fd, [memoryview(buffer)[:n]], self._start + self._pos)
+        if got == 0:
+            raise OSError("the S3 buffer file ends before its part does")
+        self._pos += got
+        return got
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
 
 
 class S3Object:
@@ -308,7 +331,7 @@ class S3Object:
         return Synced(True, {"parts": list(self._parts)})
 
     def _upload(self, part: _Part) -> None:
-        body = _read(self._fd, part.start, part.size)  # the one part in flight, in memory
+        body = io.BufferedReader(_Range(self._fd, part.start, part.size), PIECE)
         try:
             answer = self._client.upload_part(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
