@@ -325,8 +325,11 @@ def test_no_secret_in_any_record_or_log_line(
 
 
 def test_library_api_exports_to_s3(db: str, s3: Any, expected: bytes) -> None:
-    result = copystream.export_table(db, "t", f"s3://{BUCKET}/api.csv", chunk_rows=50_000)
+    result = copystream.export_table(
+        db, "t", f"s3://{BUCKET}/api.csv", chunk_rows=50_000, consistent=True
+    )
     assert result.output == f"s3://{BUCKET}/api.csv" and result.rows == ROWS
+    assert result.point_in_time  # one exported snapshot for every chunk, as for a file
     assert result.bytes == len(expected) and get(s3, "api.csv") == expected
     v = copystream.verify_file(f"s3://{BUCKET}/api.csv")
     assert v.xxh3_128 == result.xxh3_128
