@@ -14,6 +14,7 @@ one error line (exit 2) before PostgreSQL is read; ``verify`` finds an overwritt
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -396,3 +397,25 @@ def test_a_bulk_plan_refuses_s3_outputs_for_now() -> None:
         "p.toml:5: tables[0].output: expected a local file path (not a directory; s3:// is not "
         "supported by bulk yet), got 's3://b/t.csv'",
     )
+
+
+def test_a_second_writer_is_refused_at_its_next_checkpoint(s3: Any) -> None:
+    """Checkpoint writes are conditional on the ETag this run last saw: when another process
+    replaced the checkpoint object meanwhile, the write is refused (exit 2) and theirs stays."""
+    from copystream.checkpoint import new_checkpoint
+    from copystream.errors import OutputProblem
+    from copystream.s3export import Sidecars
+    from copystream.s3url import S3Url
+
+    cp = new_checkpoint(
+        export={"table": "public.t"}, settings={}, started_at="now", chunk_rows=1,
+        estimated_rows=None,
+    )  # fmt: skip
+    mine, theirs = Sidecars(s3, S3Url(BUCKET, "w.csv")), Sidecars(s3, S3Url(BUCKET, "w.csv"))
+    mine.save_checkpoint(cp)  # the first: If-None-Match
+    with pytest.raises(OutputProblem, match="changed by another process"):
+        theirs.save_checkpoint(cp)  # a second run that never read it
+    assert theirs.load_checkpoint() == cp
+    theirs.save_checkpoint(dataclasses.replace(cp, rows=5))  # it read it: If-Match, accepted
+    with pytest.raises(OutputProblem, match=r"two exports are writing s3://exports/w\.csv"):
+        mine.save_checkpoint(cp)  # the first run's next write: refused
