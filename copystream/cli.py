@@ -23,6 +23,7 @@ from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
 from .manifest import verify_file
 from .progress import BarReporter, LogReporter, Progress
+from .s3url import is_s3
 from .spec import Choice, Count, Flag, Kind, Seconds, Text, option_fields
 
 __all__ = ["main"]
@@ -88,7 +89,7 @@ def export_options(command: Callable[..., Any]) -> Callable[..., Any]:
 
 @cli.command()
 @click.argument("table")
-@click.argument("output", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("output", type=click.Path(dir_okay=True, path_type=str))
 @click.option(
     "--dsn",
     envvar="COPYSTREAM_DSN",
@@ -105,7 +106,7 @@ def export_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 def export(
     table: str,
-    output: Path,
+    output: str,
     dsn: str | None,
     no_progress: bool,
     report: Path | None,
@@ -136,11 +137,11 @@ def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=str))
 @click.option(
     "--deep", is_flag=True, help="Also decompress a compressed OUTPUT and check the CSV's digests."
 )
-def verify(output: Path, deep: bool) -> None:
+def verify(output: str, deep: bool) -> None:
     """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
     r = verify_file(output, deep=deep)
     line = (
@@ -156,7 +157,7 @@ def verify(output: Path, deep: bool) -> None:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=Path))
+@click.argument("output", type=click.Path(path_type=str))
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.option(
     "--watch", is_flag=True, help="Redraw the status and each shard's until the export is done."
@@ -168,14 +169,14 @@ def verify(output: Path, deep: bool) -> None:
     show_default=True,
     help="Seconds between two redraws of --watch.",
 )
-def status(output: Path, as_json: bool, watch: bool, interval: float) -> None:
+def status(output: str, as_json: bool, watch: bool, interval: float) -> None:
     """Show how far the export to OUTPUT (or of the shard plan OUTPUT.shards.json) got."""
     from .watch import output_of, watch_status
 
     if watch:
         watch_status(output, interval=interval)
         return
-    s = export_status(output_of(output))
+    s = export_status(output if is_s3(output) else output_of(output))
     pct = s.percent
     if as_json:
         click.echo(

@@ -61,6 +61,7 @@ class Remedy(enum.Enum):
     FIX_FILTER = "fix_filter"  # the filter is at fault
     FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
+    CHECK_S3 = "check_s3"  # the bucket, the AWS credentials or their permissions are at fault
     ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
 
     def words(self, audience: Audience = "python") -> str:
@@ -106,6 +107,14 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "cli": "the checkpoint is intact, run the same command again to resume",
         "plan": "the checkpoint is intact, run the plan again to resume",
         "python": "the checkpoint is intact, call again with the same arguments to resume",
+    },
+    Remedy.CHECK_S3: {
+        "cli": "check the bucket of OUTPUT, the AWS credentials (AWS_PROFILE, "
+        "AWS_ACCESS_KEY_ID) and what they may do",
+        "plan": "check the bucket name of output_dir, the AWS credentials (AWS_PROFILE, "
+        "AWS_ACCESS_KEY_ID) and what they may do",
+        "python": "check the bucket of output, the AWS credentials (AWS_PROFILE, "
+        "AWS_ACCESS_KEY_ID) and what they may do",
     },
 }
 

@@ -55,7 +55,7 @@ log = logging.getLogger("copystream")
 class ExportResult:
     """What :func:`export_table` did."""
 
-    output: Path
+    output: Path | str  # str: the s3:// URL of an S3 export
     table: str
     rows: int
     bytes: int
@@ -212,6 +212,10 @@ def run_export(
     sleep: Callable[[float], None] = time.sleep,
 ) -> ExportResult:
     """Export ``spec`` to ``output`` as ``run`` says: :func:`export_table` with the spec whole."""
+    if isinstance(output, str) and output.startswith("s3://"):
+        from .s3export import run_s3_export
+
+        return run_s3_export(conninfo, spec, output, run, progress=progress, sleep=sleep)
     started = time.monotonic()
     out = Path(output)
     check_output(out)
@@ -312,7 +316,7 @@ def _run_session(
 
 
 def _result(
-    out: Path,
+    out: Path | str,
     table: ResolvedTable,
     manifest: Manifest,
     started: float,
@@ -347,7 +351,7 @@ def _result(
 class ExportStatus:
     """The state of an export, read from the files beside ``output``."""
 
-    output: Path
+    output: Path | str  # str: the s3:// URL of an S3 export
     state: str  # "in progress", "complete" or "not started"
     table: str | None
     rows: int
@@ -375,6 +379,10 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
     checkpoint: rows, bytes and chunks are their sums. Only reads files. Raises
     :class:`UsageError` if there is no checkpoint, ranges file or manifest.
     """
+    if isinstance(output, str) and output.startswith("s3://"):
+        from .s3export import s3_status
+
+        return s3_status(output)
     out = Path(output)
     found = discover(out)
     if isinstance(found, Resume) and found.checkpoint is not None:

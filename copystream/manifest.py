@@ -177,7 +177,7 @@ def load_manifest(output: Path) -> Manifest | None:
 class VerifyResult:
     """The outcome of a successful :func:`verify_file`."""
 
-    path: Path
+    path: Path | str  # str: the s3:// URL of an S3 object
     rows: int
     bytes: int
     chunks: int
@@ -202,6 +202,10 @@ def verify_file(output: str | os.PathLike[str], *, deep: bool = False) -> Verify
         >>> copystream.verify_file("orders.csv")
         VerifyResult(path=PosixPath('orders.csv'), rows=5000000, bytes=1061234567, ...)
     """
+    if isinstance(output, str) and output.startswith("s3://"):
+        from .s3export import verify_s3
+
+        return verify_s3(output, deep=deep)
     path = Path(output)
     manifest = load_manifest(path)
     if manifest is None:

@@ -68,11 +68,16 @@ class _Committer:
     order that resuming relies on is kept: a checkpoint is written only after every byte it
     records is durable, and at most one commit is in flight, so the checkpoint on disk lags the
     destination by at most one chunk (which a resume cuts off and redoes, as after any crash).
+    A destination whose ``sync`` says the chunk is not durable yet (an S3 part still filling:
+    :class:`~copystream.destinations.Synced`) keeps the checkpoint where it is until one is.
     """
 
-    def __init__(self, dest: Destination, state: Path, durable: Checkpoint) -> None:
+    def __init__(
+        self, dest: Destination, save: Path | Callable[[Checkpoint], None], durable: Checkpoint
+    ) -> None:
         self._dest = dest
-        self._state = state
+        # where checkpoints go: beside a path, or what a callable does with them (an S3 object)
+        self._save = functools.partial(save_checkpoint, save) if isinstance(save, Path) else save
         self.durable = durable  # the checkpoint on disk
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -87,8 +92,12 @@ class _Committer:
 
     def _commit(self, cp: Checkpoint) -> None:
         try:
-            self._dest.sync()
-            save_checkpoint(self._state, cp)
+            synced = self._dest.sync()
+            if synced is not None:
+                if not synced.durable:
+                    return  # not durable yet (an S3 part still filling): the checkpoint waits
+                cp = replace(cp, destination={**cp.destination, **synced.state})
+            self._save(cp)
         except BaseException as e:  # handed to the main thread by wait()
             self._error = e
         else:
@@ -194,10 +203,13 @@ class PartRunner:
         *,
         progress: Callable[[Progress], None] | None,
         sleep: Callable[[float], None],
+        save: Callable[[Checkpoint], None] | None = None,
     ) -> None:
         self.job = job
         self.target = Target(job.conninfo)
         self.output = state  # the checkpoint is checkpoint_path(state)
+        #: Writes a checkpoint (default: beside ``state``; an S3 export's goes to its bucket).
+        self.save = save if save is not None else functools.partial(save_checkpoint, state)
         self.progress = progress
         self.retrier = Retrier(job.run.policy, sleep=sleep)
         table = job.table
@@ -281,7 +293,7 @@ class PartRunner:
     def run_chunks(self, cp: Checkpoint, dest: Destination) -> Checkpoint:
         """Run chunks until the range is exhausted; return the final checkpoint, on disk."""
         self._start_rows, self._start_bytes = cp.rows, cp.raw_bytes
-        committer = _Committer(dest, self.output, cp)
+        committer = _Committer(dest, self.save, cp)
         try:
             cp = self._loop(cp, dest, committer)
             committer.wait()

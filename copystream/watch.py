@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import IO
 
 from .checkpoint import load_checkpoint
-from .errors import CopystreamError
+from .errors import CopystreamError, UsageError
 from .export import ExportStatus, export_status
 from .progress import _mb
 from .ranges import load_parts, part_path
+from .s3url import is_s3
 from .shards import ShardPlan
 
 __all__ = ["RangeState", "range_states", "watch_status"]
@@ -107,6 +108,11 @@ def watch_status(
 ) -> ExportStatus:
     """Redraw the export's status every ``interval`` seconds until it is complete; return the
     last status. On a terminal the frame is redrawn in place (rich), elsewhere appended."""
+    if is_s3(output):
+        raise UsageError(
+            f"cannot watch {output}: the live view reads the checkpoints of a local output "
+            "(the status of an S3 output can be read once)"
+        )
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text

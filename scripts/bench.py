@@ -32,6 +32,13 @@ export … f.csv.zst`` with 1 worker and each ``--workers`` count. Every output 
 the real tool and compared with psql's CSV; the ratios are to the pipeline of the same codec in
 the same round, and the sizes are compared with the pipeline's.
 
+S3: ``--s3-rounds N`` starts moto's S3 server (``python -m moto.server``, of the test extra) on a
+free port of localhost and runs, in rounds, ``copystream export … s3://bench/f.csv.zst`` against
+``copystream export … f.csv.zst`` (a local file, the same level), and ``s3://bench/f.csv``
+(uncompressed, for its memory); every object is downloaded and checked against psql's CSV.
+moto keeps the objects in memory and spends CPU on the same two cores: the ratio is an upper
+bound of what a real endpoint costs.
+
 Optional extras: ``--memory-growth`` (peak RSS of a 1-worker export at two table sizes),
 ``--resume-check`` (SIGKILL mid-export, time the prefix verification, count redone rows) and
 ``--profile`` (one in-process 1-worker export under cProfile: top functions).
@@ -42,6 +49,7 @@ Examples::
     .venv/bin/python scripts/bench.py --rows 200000 --rounds 2 --workers 2,4
     .venv/bin/python scripts/bench.py --rows 200000 --rounds 0 --resume-check --profile
     .venv/bin/python scripts/bench.py --rounds 0 --compress zstd,gzip --compress-rounds 3
+    .venv/bin/python scripts/bench.py --rounds 0 --s3-rounds 3
     .venv/bin/python scripts/bench.py --rows 5000000 --keep-server     # prints a --dsn to reuse
     .venv/bin/python scripts/bench.py --dsn 'host=127.0.0.1 port=5433 dbname=bench' --rounds 5
 
@@ -65,6 +73,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -904,6 +913,139 @@ def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
     )
 
 
+@contextlib.contextmanager
+def _moto_server() -> Iterator[str]:
+    """moto's S3 server in a process of its own on a free port of localhost; its URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto's S3 server did not start (is moto[server] installed?)")
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench-secret",
+          "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+
+
+def _s3_digest(client: Any, key: str, codec: str | None) -> tuple[int, str]:
+    """Size and xxh3-128 of the object (decompressed by the real ``zstd`` when ``codec``)."""
+    h, size = xxhash.xxh3_128(), 0
+    body = client.get_object(Bucket="bench", Key=key)["Body"]
+    if codec is None:
+        while block := body.read(1 << 20):
+            h.update(block)
+            size += len(block)
+        return size, h.hexdigest()
+    with subprocess.Popen([codec, "-dc"], stdin=subprocess.PIPE, stdout=subprocess.PIPE) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        feed = threading.Thread(target=lambda: (proc.stdin.write(body.read()), proc.stdin.close()))
+        feed.start()
+        while block := proc.stdout.read(1 << 20):
+            h.update(block)
+            size += len(block)
+        feed.join()
+    return size, h.hexdigest()
+
+
+def step_s3(b: Bench, table: str) -> dict[str, Any]:
+    """Rounds of copystream to S3 (local moto) against copystream to a local zstd file."""
+    import boto3
+
+    configs = [("file-zstd", ".csv.zst"), ("s3-zstd", ".csv.zst"), ("s3-csv", ".csv")]
+    records: list[dict[str, Any]] = []
+    _, ref_size, _ = b.reference(table)
+    with _moto_server() as url:
+        os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": url})  # for this process's children
+        client = boto3.client("s3", endpoint_url=url)
+        client.create_bucket(Bucket="bench")
+        for rnd in range(b.args.s3_rounds):
+            start = rnd % len(configs)
+            for name, suffix in configs[start:] + configs[:start]:
+                r = _s3_run(b, client, table, rnd, name, suffix)
+                records.append(r)
+                rss = r["peak_rss_process_mb"]
+                log(f"s3 round {rnd + 1}/{b.args.s3_rounds} {name}: {r['wall_s']:.2f}s, "
+                    f"{r['bytes'] / MB:,.1f} MB, peak RSS {rss:.1f} MB")  # fmt: skip
+    summary = _s3_summary(records, [name for name, _ in configs])
+    print(f"\nS3 (local moto server), medians per config ({ref_size / MB:,.1f} MB of CSV):\n")
+    print(f"{'config':<12}{'runs':>5}{'wall s':>8}{'x file':>8}{'size MB':>9}{'RSS max':>9}  ok")
+    for x in summary:
+        ok = "yes" if x["all_identical"] else "NO"
+        print(f"{x['config']:<12}{x['runs']:>5}{x['wall_s']:>8.2f}{x['ratio_to_file_zstd']:>8.2f}"
+              f"{x['size_mb']:>9.1f}{x['peak_rss_process_mb_max']:>9.1f}  {ok}")  # fmt: skip
+    print("\nx file: median of per-round wall-time ratios to copystream's local zstd export;\n"
+          "RSS max: the largest peak RSS of the exporting process over the rounds.")  # fmt: skip
+    return {"summary": summary, "runs": records}
+
+
+def _s3_run(b: Bench, client: Any, table: str, rnd: int, name: str, suffix: str) -> dict[str, Any]:
+    """One measured export of config ``name``, its output checked against psql's CSV."""
+    _, ref_size, ref_digest = b.reference(table)
+    local = b.fresh(name).with_suffix(suffix)
+    out = f"s3://bench/{local.name}" if name.startswith("s3") else str(local)
+    report = Path(str(local) + ".report.json")
+    cmd = [sys.executable, "-m", "copystream", "export", table, out, "--dsn", b.dsn,
+           "--no-progress", "--report", str(report)]  # fmt: skip
+    stdout, stderr = Path(str(local) + ".stdout"), Path(str(local) + ".stderr")
+    m = run_measured(cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval,
+                     server=b.server_cpu)  # fmt: skip
+    if m.returncode != 0:
+        text = stderr.read_text(errors="replace").strip()
+        raise RuntimeError(f"{name} (round {rnd}) exited {m.returncode}: {text}")
+    codec = "zstd" if suffix.endswith(".zst") else None
+    if name.startswith("s3"):
+        got = _s3_digest(client, local.name, codec)
+        size = client.head_object(Bucket="bench", Key=local.name)["ContentLength"]
+        for k in (local.name, local.name + ".manifest.json"):
+            client.delete_object(Bucket="bench", Key=k)
+    else:
+        got = _decompressed_digest("zstd", local)
+        size = local.stat().st_size
+        remove_output(local)
+    identical = got == (ref_size, ref_digest)
+    if not identical:
+        msg = f"{name} round {rnd}: the object differs from psql's CSV"
+        loud(msg)
+        b.errors.append(msg)
+    reported = json.loads(report.read_text())["peak_rss_bytes"] / MB
+    for p in (stdout, stderr, report):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return {
+        "config": name, "round": rnd, "wall_s": m.wall, "bytes": size,
+        "cpu_s": m.cpu_user + m.cpu_sys, "peak_rss_process_mb": m.peak_process / MB,
+        "reported_rss_mb": reported, "identical": identical,
+    }  # fmt: skip
+
+
+def _s3_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    base = {r["round"]: r for r in records if r["config"] == "file-zstd"}
+    out = []
+    for name in names:
+        runs = [r for r in records if r["config"] == name]
+        out.append({
+            "config": name, "runs": len(runs), "wall_s": _median([r["wall_s"] for r in runs]),
+            "ratio_to_file_zstd": _median([r["wall_s"] / base[r["round"]]["wall_s"] for r in runs]),
+            "size_mb": _median([r["bytes"] / MB for r in runs]),
+            "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
+            "all_identical": all(r["identical"] for r in runs),
+        })  # fmt: skip
+    return out
+
+
 def step_memory_growth(b: Bench, table: str) -> dict[str, Any]:
     small = b.args.growth_rows
     if small >= b.args.rows:
@@ -1618,6 +1760,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="rounds of the compressed configs (default 3)",
     )
     g.add_argument(
+        "--s3-rounds",
+        type=int,
+        default=0,
+        help="rounds of export to S3 (a local moto server, `moto[server]` of the test extra): "
+        "copystream to s3://…/f.csv.zst against copystream to a local f.csv.zst, and to "
+        "s3://…/f.csv (default 0: none)",
+    )
+    g.add_argument(
         "--sample-interval",
         type=float,
         default=0.05,
@@ -1704,10 +1854,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.sample_interval <= 0:
         p.error("--sample-interval must be positive")
     extras = args.memory_growth or args.resume_check or args.profile or args.compress
+    extras = extras or args.s3_rounds > 0
     if args.rounds == 0 and not (extras or args.tables):
         p.error(
             "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
-            "--compress or --tables"
+            "--compress, --s3-rounds or --tables"
         )
     return args
 
@@ -1785,6 +1936,8 @@ def _one_table(b: Bench, results: dict[str, Any], results_dir: Path, stamp: str)
         results["rounds"] = step_rounds(b, args.table)
     if args.compress and args.compress_rounds > 0:
         results["compressed"] = step_compressed(b, args.table)
+    if args.s3_rounds > 0:
+        results["s3"] = step_s3(b, args.table)
     if args.memory_growth:
         results["memory_growth"] = step_memory_growth(b, args.table)
     if args.resume_check:

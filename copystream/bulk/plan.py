@@ -154,15 +154,21 @@ _OPTIONS: dict[str, Callable[[object], str | None]] = {
     "dsn": _check_dsn,
     **{name: _check(opt.kind.ok, opt.kind.want) for name, opt, _ in option_fields() if opt.plan},
 }
+def _local(v: object) -> bool:
+    """Not an S3 URL: a bulk job writes local files only (S3: a single export's OUTPUT)."""
+    return _nonempty(v) and not str(v).startswith("s3://")
+
+
 _DEFAULTS_ONLY: dict[str, Callable[[object], str | None]] = {
-    "output_dir": _check(_nonempty, "a directory path"),
+    "output_dir": _check(_local, "a local directory path (s3:// is not supported by bulk yet)"),
 }
 _ENTRY_ONLY: dict[str, Callable[[object], str | None]] = {
     "name": _check(_nonempty, "a table name"),
     "pattern": _check(_nonempty, "a table name pattern"),
     "exclude": _check(lambda v: _nonempty(v) or _names(v), "a pattern or an array of patterns"),
     "output": _check(
-        lambda v: _nonempty(v) and not str(v).endswith("/"), "a file path (not a directory)"
+        lambda v: _local(v) and not str(v).endswith("/"),
+        "a local file path (not a directory; s3:// is not supported by bulk yet)",
     ),
 }
 #: Every key allowed in ``[defaults]`` and in a ``[[tables]]`` entry, with its check.

@@ -25,6 +25,7 @@ from ..spec import ExportSpec
 __all__ = [
     "ChunkWritten",
     "Destination",
+    "Synced",
     "check_at_checkpoint",
     "create",
     "fresh_state",
@@ -56,6 +57,20 @@ class ChunkWritten(_Stored):
         written = super().__new__(cls, offset, bytes, xxh3_128)
         written.raw = raw
         return written
+
+
+class Synced(NamedTuple):
+    """What :meth:`Destination.sync` returns for a destination whose durable position may lag
+    its ended chunks (an S3 upload: bytes are durable once they are in an uploaded part).
+
+    ``durable``: the chunks ended so far are durable, so the checkpoint may record them (when
+    false, the checkpoint on disk stays where it is and a resume redoes those chunks).
+    ``state``: entries of the destination's state that are known only now (the ETag of the part
+    just uploaded); the checkpoint records them over those :meth:`Destination.state` gave.
+    """
+
+    durable: bool
+    state: dict[str, Any]
 
 
 class Destination(Protocol):
@@ -94,8 +109,13 @@ class Destination(Protocol):
     def rollback(self) -> None:
         """Forget every byte written since :meth:`begin_chunk`, digests included."""
 
-    def sync(self) -> None:
-        """Make every ended chunk durable (on the commit thread, before each checkpoint)."""
+    def sync(self) -> Synced | None:
+        """Make every ended chunk durable (on the commit thread, before each checkpoint).
+
+        ``None``: they are, and the state recorded with the chunk stands (a local file). A
+        :class:`Synced` says whether they are, and what the checkpoint records besides. It is
+        called once for each :meth:`end_chunk`, in the same order.
+        """
 
     def cut(self, position: int) -> None:
         """Give back what lies past the durable ``position`` after a failed commit (a full
