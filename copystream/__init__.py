@@ -23,6 +23,7 @@ from .bulk import (
     load_plan,
     run_bulk,
 )
+from .chain import ChainResult, verify_chain
 from .errors import (
     AuthenticationFailed,
     CheckpointMismatch,
@@ -57,6 +58,7 @@ __all__ = [
     "BulkPlan",
     "BulkProgress",
     "BulkResult",
+    "ChainResult",
     "CheckpointMismatch",
     "Compression",
     "ConnectionFailed",
@@ -93,5 +95,6 @@ __all__ = [
     "load_plan",
     "run_bulk",
     "run_export",
+    "verify_chain",
     "verify_file",
 ]

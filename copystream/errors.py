@@ -60,6 +60,8 @@ class Remedy(enum.Enum):
     FIX_FILTER = "fix_filter"  # the filter is at fault
     FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
+    FULL_EXPORT = "full_export"  # an incremental export has no complete export to continue
+    SAME_EXPORT = "same_export"  # an increment must be the export it continues, but for rows
 
     def words(self, audience: Audience = "python") -> str:
         """This remedy as ``audience`` says it."""
@@ -96,6 +98,17 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "cli": "the checkpoint is intact, run the same command again to resume",
         "plan": "the checkpoint is intact, run the plan again to resume",
         "python": "the checkpoint is intact, call again with the same arguments to resume",
+    },
+    Remedy.FULL_EXPORT: {
+        "cli": "export it in full first (the same command without --incremental)",
+        "plan": "export it in full first (delete the output and run the plan again)",
+        "python": "export it in full first (the same call without incremental=True)",
+    },
+    Remedy.SAME_EXPORT: {
+        "cli": "give the table, --key, --columns, --where and COPY options of the export it "
+        "continues",
+        "plan": "give the key, columns, where and COPY options of the export it continues",
+        "python": "give the key=, columns=, where= and COPY options of the export it continues",
     },
 }
 

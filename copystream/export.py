@@ -62,6 +62,10 @@ class ExportResult:
     #: of its uncompressed CSV (``bytes`` is the compressed size); ``None`` when uncompressed.
     compress: dict[str, Any] | None = None
     uncompressed_bytes: int | None = None
+    #: Of an incremental export appended to OUTPUT: its entry in the manifest's ``increments``
+    #: (rows, bytes, key range); of one to a file of its own, ``{"since": ...}``: the export
+    #: it follows. ``None`` for any other export, and when nothing was done.
+    increment: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """The one line ``copystream export`` prints at the end."""
@@ -73,6 +77,10 @@ class ExportResult:
             f"{self.table}: {self.rows:,} rows, {size} in {self.seconds:.1f}s "
             f"({_mb(rate)}/s), peak memory {self.peak_rss / 1e6:.0f} MB"
         )
+        if self.increment is not None and "since" in self.increment:
+            line += f" after {self.increment['since']['manifest']}"
+        elif self.increment is not None:
+            line += f", of which {self.increment['rows']:,} rows appended"
         if self.resumed:
             line += " (resumed)"
         if self.already_complete:
@@ -100,6 +108,7 @@ class ExportResult:
             "point_in_time": self.point_in_time,
             "compress": self.compress,
             "uncompressed_bytes": self.uncompressed_bytes,
+            "increment": self.increment,
         }
 
 
@@ -170,6 +179,13 @@ def export_table(
             (``.zst``: zstd level 3, ``.gz``: gzip level 6, else none). Every chunk is one
             zstd frame or gzip member, so the file is valid at every checkpoint; ``bytes`` and
             the digests are those of the compressed file, ``uncompressed_bytes`` the CSV's.
+        incremental: export only the rows after the last key of ``output``'s complete export
+            and append them to it as new chunks; the manifest is rewritten to cover the whole
+            file and records each increment (``increments``). For a table that only grows by
+            key, the result equals a full export. Rows deleted or updated are not seen.
+        since: the manifest (or output) of the previous export: write only the rows after its
+            last key to ``output``, a new file whose manifest names that predecessor
+            (:func:`verify_chain` checks a chain of them). Implies ``incremental``.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -253,7 +269,14 @@ def _result(
         point_in_time=pit,
         compress=manifest.compress,
         uncompressed_bytes=manifest.uncompressed_bytes,
+        increment=None if already else _increment(manifest),
     )
+
+
+def _increment(manifest: Manifest) -> dict[str, Any] | None:
+    if manifest.since is not None:
+        return {"since": manifest.since}
+    return manifest.increments[-1] if manifest.increments else None
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,28 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from . import incremental
 from ._atomic import locked
 from .catalog import introspect
-from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    remove_checkpoint,
+    save_checkpoint,
+)
 from .connection import Target, connect, io_deadline
-from .errors import OutputExists, OutputProblem
+from .destinations import fresh_state
+from .errors import (
+    CopystreamError,
+    OutputExists,
+    OutputProblem,
+    PrefixMismatch,
+    UsageError,
+)
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
-from .manifest import Manifest, manifest_path, save_manifest
+from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -53,7 +67,7 @@ from .retry import Retrier, RetryPolicy
 from .settings import PINNED_SETTINGS, read_settings_query
 from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
-from .state import Fresh, Occupied, OnDisk, Resume, discover
+from .state import Complete, Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
 
 __all__ = [
@@ -289,13 +303,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
     """
     out, run = session.output, session.run
     if isinstance(found, Occupied):
-        if not run.force:
-            raise OutputExists(f"{out} exists and has no checkpoint to resume from")
-        for p in (manifest_path(out), out):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        remove_parts(out)  # part files an older, interrupted clean-up may have left
-        found = Fresh()
+        found = _overwrite(session)
     try:
         if isinstance(found, Resume):
             settings, started_at = found.settings, found.started_at
@@ -314,6 +322,18 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
     _warn_many_chunks(session, ranges)
     return Run(_job(session, settings, started_at, snapshot), ranges)
+
+
+def _overwrite(session: ExportSession) -> Fresh:
+    """Clear an output that has no checkpoint, if ``force`` says so (else raise)."""
+    out = session.output
+    if not session.run.force:
+        raise OutputExists(f"{out} exists and has no checkpoint to resume from")
+    for p in (manifest_path(out), out):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    remove_parts(out)  # part files an older, interrupted clean-up may have left
+    return Fresh()
 
 
 def _split(
@@ -396,7 +416,11 @@ def execute(
             outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
         final, digest = join_parts(out, run.ranges, outcomes)
         return Ran(tuple(outcomes), final, digest)
-    outcome = run_part(run.job, progress=progress, sleep=sleep)
+    try:
+        outcome = run_part(run.job, progress=progress, sleep=sleep)
+    except PrefixMismatch as e:
+        _undo_unverified_increment(out, e)
+        raise
     return Ran((outcome,), outcome.checkpoint, outcome.digest)
 
 
@@ -411,6 +435,7 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
             table.qualified,
         )
     cp = ran.final
+    finished_at, seconds = now_iso(), round(time.monotonic() - started, 3)
     manifest = Manifest(
         table=table.qualified,
         key=table.key,
@@ -426,14 +451,15 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
         chunk_rows=cp.chunk_rows,
         settings=cp.settings,
         started_at=cp.started_at,
-        finished_at=now_iso(),
-        seconds=round(time.monotonic() - started, 3),
+        finished_at=finished_at,
+        seconds=seconds,
         resumed=ran.resumed,
         workers=len(run.ranges.ranges) if run.ranges is not None else 1,
         point_in_time=snapshot_kept and not ran.resumed,
         compress=cp.export.get("compress"),
         uncompressed_bytes=cp.destination.get("uncompressed_bytes"),
         uncompressed_xxh3_128=cp.destination.get("uncompressed_xxh3_128"),
+        **_increment_fields(out, cp, finished_at, seconds),
     )
     save_manifest(out, manifest)
     remove_checkpoint(out)
@@ -444,6 +470,102 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
 
 def discover_state(session: ExportSession) -> OnDisk:
     """Discard everything first if ``restart`` says so; then what is on disk for this export."""
+    continues = session.run.incremental or session.run.since is not None
+    if continues:
+        incremental.check_request(session.run)
     if session.run.restart:
         remove_export_files(session.output)
-    return discover(session.output, session.spec.identity())
+    # An increment appended to a complete output hashes it as it opens it: not twice.
+    appends = continues and session.run.since is None
+    found = discover(session.output, session.spec.identity(), verify=not appends)
+    return _continued(session, found) if continues else found
+
+
+# -- incremental exports (the decisions are in copystream.incremental) -------------------------
+
+
+def _continued(session: ExportSession, found: OnDisk) -> OnDisk:
+    """What an incremental export continues: an increment's checkpoint, saved beside the output
+    before anything is written (an unfinished export resumes as it is)."""
+    if session.run.since is not None:
+        return _since(session, found, session.run.since)
+    out, identity = session.output, session.spec.identity()
+    if isinstance(found, Resume):
+        return found
+    if not isinstance(found, Complete) or not _same_size(out, found.manifest):
+        raise incremental.refuse_append(out, _readable_manifest(out), identity)
+    cp = incremental.append_checkpoint(
+        found.manifest, identity, fresh_state(out, session.spec), **_sizes(session)
+    )
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
+    """The increment after the export ``since`` names, to a new output."""
+    out, identity = session.output, session.spec.identity()
+    path, previous_output = incremental.since_manifest(since)
+    previous = load_manifest(previous_output)
+    if previous is None:
+        raise UsageError(f"{path} does not exist: no export for the increment to follow")
+    after = incremental.follows(previous, path, identity, out)
+    if isinstance(found, Resume):
+        if found.checkpoint is not None:
+            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
+        return found
+    if isinstance(found, Complete):
+        incremental.check_complete_since(found.manifest, after, out)
+        return found
+    if isinstance(found, Occupied):
+        _overwrite(session)
+    cp = incremental.since_checkpoint(
+        previous, after, identity, fresh_state(out, session.spec), **_sizes(session)
+    )
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _sizes(session: ExportSession) -> dict[str, Any]:
+    table, rows = session.table, session.run.chunk_rows
+    first = first_chunk_rows(table.estimated_rows, table.estimated_bytes)
+    return {
+        "started_at": now_iso(),
+        "chunk_rows": first if rows is None else rows,
+        "estimated_rows": table.estimated_rows,
+    }
+
+
+def _same_size(output: Path, manifest: Manifest) -> bool:
+    """Whether ``output`` has the size its manifest records (bytes past it would be cut)."""
+    try:
+        return output.stat().st_size == manifest.bytes
+    except OSError:
+        return False
+
+
+def _undo_unverified_increment(output: Path, error: PrefixMismatch) -> None:
+    """A complete output that an increment found changed as it opened it (before writing a
+    byte): remove the increment's checkpoint, leaving the output and manifest as they were,
+    and say so as a refusal of the increment."""
+    try:
+        cp = load_checkpoint(output)
+    except CopystreamError:
+        return
+    if cp is not None and incremental.untouched_append(cp):
+        remove_checkpoint(output)
+        manifest = _readable_manifest(output)
+        raise incremental.refuse_append(output, manifest, cp.export) from error
+
+
+def _readable_manifest(output: Path) -> Manifest | None:
+    with contextlib.suppress(UsageError):
+        return load_manifest(output)
+    return None
+
+
+def _increment_fields(
+    output: Path, cp: Checkpoint, finished_at: str, seconds: float
+) -> dict[str, Any]:
+    """The manifest fields of an increment (none for another export)."""
+    old = _readable_manifest(output) if cp.increment is not None else None
+    return incremental.manifest_fields(cp, old, finished_at=finished_at, seconds=seconds)

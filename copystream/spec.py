@@ -485,6 +485,19 @@ class RunOptions:
     force: bool = option(
         False, FLAG, "Overwrite an existing output that has no checkpoint.", plan=False
     )
+    incremental: bool = option(
+        False,
+        FLAG,
+        "Export only the rows after the last key of OUTPUT's complete export, appended to it "
+        "(with --since: to OUTPUT, a new file).",
+    )
+    since: str | None = option(
+        None,
+        Text(empty=False, want="the path of a manifest"),
+        "Incremental export to a file of its own: the rows after the export this manifest "
+        "records (implies --incremental).",
+        plan=False,
+    )
     retry_policy: RetryPolicy | None = None  # a full policy (delays too), replacing the above
 
     @property
