@@ -19,6 +19,7 @@ from typing import Any
 
 from .checkpoint import ChunkRecord, load_checkpoint
 from .errors import UsageError
+from .incremental import check_request
 from .manifest import Manifest
 from .pipeline import (
     ExportSession,
@@ -77,10 +78,7 @@ class ExportResult:
             f"{self.table}: {self.rows:,} rows, {size} in {self.seconds:.1f}s "
             f"({_mb(rate)}/s), peak memory {self.peak_rss / 1e6:.0f} MB"
         )
-        if self.increment is not None and "since" in self.increment:
-            line += f" after {self.increment['since']['manifest']}"
-        elif self.increment is not None:
-            line += f", of which {self.increment['rows']:,} rows appended"
+        line += _increment_words(self.increment)
         if self.resumed:
             line += " (resumed)"
         if self.already_complete:
@@ -110,6 +108,19 @@ class ExportResult:
             "uncompressed_bytes": self.uncompressed_bytes,
             "increment": self.increment,
         }
+
+
+def _increment_words(increment: dict[str, Any] | None) -> str:
+    """What the summary line says of an incremental export."""
+    if increment is None:
+        return ""
+    since = increment.get("since")
+    if since is None:
+        return f", of which {increment['rows']:,} rows appended" if "rows" in increment else ""
+    words = f" after {since['manifest']}"
+    if "watermark" in increment:
+        words += f", {increment['watermark']['overlap_rows']:,} of them in the overlap"
+    return words
 
 
 def peak_rss() -> int:
@@ -186,6 +197,14 @@ def export_table(
         since: the manifest (or output) of the previous export: write only the rows after its
             last key to ``output``, a new file whose manifest names that predecessor
             (:func:`verify_chain` checks a chain of them). Implies ``incremental``.
+        watermark: a change-tracking ``timestamptz`` column (``"updated_at"``): page by it,
+            then the key, and record the server's clock and the age of the oldest open
+            transaction as the export starts. With ``since`` (a previous watermark export):
+            export the rows whose watermark is at least that export's start less the safety
+            lag, so late commits are not lost; rows may then be in two increments (the overlap,
+            counted in the manifest): the loader must upsert by key. Deletes are not seen.
+        watermark_lag: the safety lag in seconds, instead of the age of the oldest transaction
+            open when the previous export started.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -214,7 +233,9 @@ def run_export(
     started = time.monotonic()
     out = Path(output)
     check_output(out)
-    with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
+    run = run or RunOptions()
+    check_request(run, spec.watermark)  # before connecting: a contradiction, exit 2
+    with ExportSession(conninfo, spec, out, run, sleep) as session:
         found = discover_state(session)
         if isinstance(found, Complete):
             q = session.table.qualified
@@ -274,6 +295,8 @@ def _result(
 
 
 def _increment(manifest: Manifest) -> dict[str, Any] | None:
+    if manifest.watermark is not None:
+        return {"watermark": manifest.watermark, "since": manifest.since}
     if manifest.since is not None:
         return {"since": manifest.since}
     return manifest.increments[-1] if manifest.increments else None

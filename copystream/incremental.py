@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint, ChunkRecord
-from .errors import CheckpointMismatch, OutputExists, Remedy, UsageError
+from .errors import CheckpointMismatch, Opt, OutputExists, Remedy, UsageError
 from .manifest import Manifest, manifest_path
 from .spec import RunOptions, identity_mismatch
 
 __all__ = [
     "APPEND",
     "SINCE",
+    "WATERMARK",
     "append_checkpoint",
     "chain_problem",
     "check_complete_since",
@@ -46,17 +47,29 @@ __all__ = [
     "since_checkpoint",
     "since_manifest",
     "untouched_append",
+    "watermark_checkpoint",
 ]
 
 APPEND = "append"
 SINCE = "since"
+WATERMARK = "watermark"
 
 #: Key types whose text sorts as numbers: a chain check can tell a gap from an overlap.
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 
 
-def check_request(run: RunOptions) -> None:
+def check_request(run: RunOptions, watermark: str | None = None) -> None:
     """Refuse options that contradict an incremental export (before anything is touched)."""
+    if watermark is not None:
+        if run.incremental and run.since is None:
+            raise UsageError(
+                [
+                    "a watermark increment goes to a file of its own: name the previous "
+                    "export with ",
+                    Opt("since"),
+                ]
+            )
+        return
     if run.restart and run.since is None:
         raise UsageError("an incremental export continues OUTPUT; restart would discard it")
 
@@ -231,6 +244,35 @@ def since_checkpoint(
     )
 
 
+def watermark_checkpoint(
+    identity: Mapping[str, Any],
+    settings: Mapping[str, str],
+    destination: Mapping[str, Any],
+    mark: Mapping[str, Any],
+    follows: Mapping[str, Any] | None,
+    *,
+    started_at: str,
+    chunk_rows: int,
+    estimated_rows: int | None,
+) -> Checkpoint:
+    """The checkpoint of a new watermark export: nothing written yet, rows after ``mark``'s
+    ``after`` key (all rows for a first export), recording ``mark`` and what it follows."""
+    increment: dict[str, Any] = {"mode": WATERMARK, "started_at": started_at, "watermark": mark}
+    if follows is not None:
+        increment["follows"] = dict(follows)
+    after = mark.get("after")
+    return Checkpoint(
+        export=dict(identity),
+        settings=dict(settings),
+        started_at=started_at,
+        chunk_rows=chunk_rows,
+        estimated_rows=estimated_rows,
+        last_key=tuple(after) if after is not None else None,
+        destination=dict(destination),
+        increment=increment,
+    )
+
+
 def _after_what(follows: Mapping[str, Any] | None) -> str:
     return "another export" if follows is None else str(follows.get("manifest"))
 
@@ -296,6 +338,9 @@ def manifest_fields(
         return {}
     if inc["mode"] == SINCE:
         return {"since": dict(inc["follows"])}
+    if inc["mode"] == WATERMARK:
+        fields = {"watermark": dict(inc["watermark"])}
+        return {**fields, "since": dict(inc["follows"])} if "follows" in inc else fields
     base = int(inc["base_chunks"])
     entry = _entry(
         str(inc["started_at"]), finished_at, seconds, cp.rows - int(inc["base_rows"]),
@@ -323,7 +368,7 @@ def _step_problem(prev: tuple[str, Manifest], cur: tuple[str, Manifest]) -> str 
         return f"{cname} is not an increment: it follows no export, so it cannot follow {pname}"
     ended, starts = last_key(p.chunks), c.since.get("last_key")
     end = list(ended) if ended is not None else None
-    if starts != end:
+    if starts != end and c.watermark is None:  # a watermark increment overlaps by design
         shown = f"{cname} holds the rows after key {starts}, but {pname} ends at key {end}"
         order = _order(starts or (), end or (), p.key_types) if starts and end else None
         if order is None:

@@ -79,6 +79,9 @@ class Manifest:
     #: Of an increment written to a file of its own: the export it follows and the key after
     #: which its rows begin (:mod:`copystream.incremental`).
     since: dict[str, Any] | None = None
+    #: Of a watermark export: its column, the server's clock and safety lag as it started, and
+    #: the lower bound and overlap of an increment (:mod:`copystream.watermark`).
+    watermark: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -90,6 +93,8 @@ class Manifest:
             d["increments"] = list(self.increments)
         if self.since is not None:
             d["since"] = self.since
+        if self.watermark is not None:
+            d["watermark"] = self.watermark
         return d
 
     def _body(self) -> dict[str, Any]:
@@ -152,6 +157,7 @@ class Manifest:
             uncompressed_xxh3_128=d.get("uncompressed_xxh3_128"),
             increments=tuple(dict(i) for i in d["increments"]) if "increments" in d else None,
             since=dict(d["since"]) if d.get("since") is not None else None,
+            watermark=dict(d["watermark"]) if d.get("watermark") is not None else None,
         )
 
 

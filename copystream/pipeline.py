@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -30,9 +30,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from . import incremental
+from . import incremental, watermark
 from ._atomic import locked
-from .catalog import introspect
+from .catalog import fetch_facts, introspect
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -64,7 +64,7 @@ from .ranges import (
     save_parts,
 )
 from .retry import Retrier, RetryPolicy
-from .settings import PINNED_SETTINGS, read_settings_query
+from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, discover
@@ -146,6 +146,8 @@ def plan_export(
                     conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
                     options=spec.options,
                 )  # fmt: skip
+                if spec.watermark is not None:  # paged by (watermark, key)
+                    table = _watermarked(conn, spec, table)
             retrier.succeeded(doing)
             return conn, table
         except psycopg.Error as e:
@@ -162,6 +164,18 @@ def plan_export(
             if conn is not None:
                 conn.close()
             raise
+
+
+def _watermarked(
+    conn: psycopg.Connection[Any], spec: ExportSpec, table: ResolvedTable
+) -> ResolvedTable:
+    """The table paged by the watermark column, then its key (refused as a key would be)."""
+    assert spec.watermark is not None
+    key = watermark.watermark_key(spec.watermark, table.key)
+    paged = introspect(conn, spec.table, key=key, columns=spec.columns, where=spec.where)
+    watermark.check_type(paged)
+    warning = watermark.index_warning(paged, fetch_facts(conn, spec.table).index_columns)
+    return paged if warning is None else replace(paged, warnings=(*paged.warnings, warning))
 
 
 def lock_path(output: Path) -> Path:
@@ -470,13 +484,12 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
 
 def discover_state(session: ExportSession) -> OnDisk:
     """Discard everything first if ``restart`` says so; then what is on disk for this export."""
-    continues = session.run.incremental or session.run.since is not None
-    if continues:
-        incremental.check_request(session.run)
-    if session.run.restart:
+    run, marked = session.run, session.spec.watermark is not None
+    continues = run.incremental or run.since is not None or marked
+    if run.restart:
         remove_export_files(session.output)
     # An increment appended to a complete output hashes it as it opens it: not twice.
-    appends = continues and session.run.since is None
+    appends = continues and run.since is None and not marked
     found = discover(session.output, session.spec.identity(), verify=not appends)
     return _continued(session, found) if continues else found
 
@@ -487,6 +500,8 @@ def discover_state(session: ExportSession) -> OnDisk:
 def _continued(session: ExportSession, found: OnDisk) -> OnDisk:
     """What an incremental export continues: an increment's checkpoint, saved beside the output
     before anything is written (an unfinished export resumes as it is)."""
+    if session.spec.watermark is not None:
+        return _watermark_export(session, found, session.spec.watermark)
     if session.run.since is not None:
         return _since(session, found, session.run.since)
     out, identity = session.output, session.spec.identity()
@@ -504,11 +519,7 @@ def _continued(session: ExportSession, found: OnDisk) -> OnDisk:
 def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     """The increment after the export ``since`` names, to a new output."""
     out, identity = session.output, session.spec.identity()
-    path, previous_output = incremental.since_manifest(since)
-    previous = load_manifest(previous_output)
-    if previous is None:
-        raise UsageError(f"{path} does not exist: no export for the increment to follow")
-    after = incremental.follows(previous, path, identity, out)
+    previous, after = _previous(session, since)
     if isinstance(found, Resume):
         if found.checkpoint is not None:
             incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
@@ -523,6 +534,76 @@ def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     )
     save_checkpoint(out, cp)
     return Resume(cp, None)
+
+
+def _previous(session: ExportSession, since: str) -> tuple[Manifest, dict[str, Any]]:
+    """The manifest ``since`` names, and what an increment after it records of it."""
+    path, previous_output = incremental.since_manifest(since)
+    previous = load_manifest(previous_output)
+    if previous is None:
+        raise UsageError(f"{path} does not exist: no export for the increment to follow")
+    return previous, incremental.follows(previous, path, session.spec.identity(), session.output)
+
+
+def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnDisk:
+    """A watermark export (after the one ``since`` names, if any), to a new output."""
+    out, run = session.output, session.run
+    previous, after = _previous(session, run.since) if run.since is not None else (None, None)
+    begin = None
+    if previous is not None:
+        begin = watermark.previous_mark(previous, column, run.watermark_lag)
+    if isinstance(found, Resume):
+        if found.checkpoint is not None:
+            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
+        return found
+    if isinstance(found, Complete):
+        if after is not None:
+            incremental.check_complete_since(found.manifest, after, out)
+        return found
+    if isinstance(found, Occupied):
+        _overwrite(session)
+    try:
+        if previous is not None:
+            settings = dict(previous.settings)
+            session.query("pinning the session settings", apply_settings_query(settings))
+        else:
+            row = session.query("reading the session settings", read_settings_query())
+            settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+        mark = _mark(session, column, begin, after)
+    except psycopg.Error as e:
+        raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
+    cp = incremental.watermark_checkpoint(
+        session.spec.identity(), settings, fresh_state(out, session.spec), mark, after,
+        **_sizes(session),
+    )  # fmt: skip
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _mark(
+    session: ExportSession,
+    column: str,
+    begin: tuple[str, float] | None,
+    after: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Read the server's clock and oldest open transaction (before any chunk), and for an
+    increment the key it starts after and its overlap with the previous export."""
+    measured = session.query("reading the transactions in progress", watermark.measure_query())
+    if measured[2] and session.run.watermark_lag is None:
+        log.warning(
+            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
+            "their open transactions do not count in the safety lag of the next increment "
+            "(grant pg_read_all_stats, or give the lag)", session.table.qualified, measured[2],
+        )  # fmt: skip
+    if begin is None or after is None:
+        return watermark.mark(column, measured, None, None, 0)
+    lower = str(session.query("computing the lower bound", watermark.lower_bound_query(*begin))[0])
+    key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
+    overlap = 0
+    if after["last_key"] is not None:
+        q = watermark.overlap_query(session.table, key, after["last_key"])
+        overlap = int(session.query("counting the overlap", q)[0])
+    return watermark.mark(column, measured, lower, key, overlap)
 
 
 def _sizes(session: ExportSession) -> dict[str, Any]:

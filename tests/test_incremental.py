@@ -238,3 +238,112 @@ def test_bad_input_is_refused_and_changes_nothing(
     assert_one_error_line(longer, 2, "does not match its manifest")
     assert snapshot(tmp_path) == before
     assert json.loads(manifest_file(out).read_text())["rows"] == 100
+
+
+# -- watermark increments -----------------------------------------------------------------------
+
+WDDL = (
+    "CREATE TABLE w (id bigint PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT now(), "
+    "v text); CREATE INDEX ON w (updated_at, id)"
+)
+
+
+def ids_of(out: Path) -> set[int]:
+    return {int(line.split(b",", 1)[0]) for line in out.read_bytes().splitlines()}
+
+
+def test_a_late_commit_is_in_the_next_watermark_increment(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A transaction inserts a row (its updated_at: the transaction's start), stays open while
+    the watermark export runs, and commits after it: the next increment has the row, with the
+    default safety lag (the open transaction's age); with no lag it would be lost. Rows tying
+    on updated_at (one transaction, one now()) page exactly by (updated_at, id)."""
+    import time
+
+    import psycopg
+
+    run_sql(dsn, WDDL)
+    run_sql(dsn, "INSERT INTO w (id, v) SELECT g, 'a' || g FROM generate_series(1, 100) g")
+    d0, d1, d1_nolag = (tmp_path / n for n in ("d0.csv", "d1.csv", "d1-nolag.csv"))
+    with psycopg.connect(dsn) as late:
+        late.execute("INSERT INTO w (id, v) VALUES (1000, 'late')")  # not committed yet
+        time.sleep(0.5)
+        run_sql(dsn, "INSERT INTO w (id, v) SELECT g, 'b' || g FROM generate_series(101, 200) g")
+        assert_ok(run(export_cmd(dsn, "w", d0, "--watermark", "updated_at", "--chunk-rows", "7")))
+        late.commit()
+    run_sql(dsn, "INSERT INTO w (id, v) SELECT g, 'c' || g FROM generate_series(201, 210) g")
+    ordered = "SELECT * FROM w WHERE id <= 200 AND id <> 1000 ORDER BY updated_at, id"
+    assert d0.read_bytes() == psql_csv(dsn, ordered)
+    m0 = read_manifest(d0)
+    assert m0["watermark"]["lag_seconds"] >= 0.5 and m0["key"] == ["updated_at", "id"]
+    proc = run(export_cmd(dsn, "w", d1, "--watermark", "updated_at", "--since", str(d0)))
+    assert_ok(proc)
+    assert ids_of(d1) == {*range(101, 211), 1000}  # the late row, and the overlap 101..200
+    m1 = read_manifest(d1)
+    assert m1["watermark"]["overlap_rows"] == 101 and "101 of them in the overlap" in proc.stdout
+    assert m1["since"]["manifest"] == "d0.csv.manifest.json"
+    lower = m1["watermark"]["from"]
+    assert d1.read_bytes() == psql_csv(
+        dsn, f"SELECT * FROM w WHERE updated_at >= '{lower}' ORDER BY updated_at, id"
+    )
+    nolag = export_cmd(dsn, "w", d1_nolag, "--watermark", "updated_at", "--since", str(d0),
+                       "--watermark-lag", "0")  # fmt: skip
+    assert_ok(run(nolag))
+    assert 1000 not in ids_of(d1_nolag) and set(range(201, 211)) <= ids_of(d1_nolag)
+    assert_ok(run(cli("verify", "--chain", str(d0), str(d1))))
+
+
+def test_watermark_bad_input(dsn: str, run_sql: RunSql, tmp_path: Path) -> None:
+    """A nullable watermark is refused and an unindexed one warned about, as keys are; another
+    type, an append, or a previous export that tracked nothing are refused: exit 2, nothing
+    created."""
+    run_sql(
+        dsn,
+        "CREATE TABLE x (id int PRIMARY KEY, maybe timestamptz, plain timestamptz NOT NULL "
+        "DEFAULT now(), n int NOT NULL DEFAULT 1); INSERT INTO x (id) VALUES (1), (2)",
+    )
+    out = tmp_path / "x.csv"
+    for extra, needle in [
+        (["--watermark", "maybe"], "'maybe' of public.x is nullable"),
+        (["--watermark", "n"], "must be a timestamp with time zone"),
+        (["--watermark", "plain", "--incremental"], "name the previous export with --since"),
+    ]:
+        assert_one_error_line(run(export_cmd(dsn, "x", out, *extra)), 2, needle)
+        assert not list(tmp_path.iterdir()), extra
+    unindexed = run(export_cmd(dsn, "x", out, "--watermark", "plain"))
+    assert_ok(unindexed)
+    assert "no index starts with the key (plain, id)" in unindexed.stderr
+    run_sql(dsn, "CREATE INDEX ON x (plain)")  # an index on the watermark alone will do
+    plain = tmp_path / "plain.csv"
+    assert_ok(run(export_cmd(dsn, "x", plain, "--key", "plain,id")))
+    after_plain = run(export_cmd(dsn, "x", tmp_path / "d1.csv", "--watermark", "plain",
+                                 "--since", str(plain)))  # fmt: skip
+    assert_one_error_line(after_plain, 2, "was not a watermark export")
+    assert not (tmp_path / "d1.csv").exists()
+
+
+def test_a_bulk_plan_with_incremental_exports_in_full_then_appends(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """``incremental = true`` in a plan: the first run exports the table in full, each later run
+    appends what is new; the table without it is skipped as complete."""
+    run_sql(dsn, DDL + "; CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1)")
+    insert(run_sql, dsn, 1, 500)
+    plan = tmp_path / "plan.toml"
+    body = (
+        f"[defaults]\ndsn = {json.dumps(dsn)}\noutput_dir = \"out\"\nchunk_rows = 200\n\n"
+        '[[tables]]\nname = "public.ev"\nincremental = true\n\n[[tables]]\nname = "public.other"\n'
+    )
+    plan.write_text(body)
+    out = tmp_path / "out" / "public.ev.csv"
+    for round_, (first, last) in enumerate([(0, 0), (501, 900), (901, 1400)]):
+        if first:
+            insert(run_sql, dsn, first, last)
+        result = copystream.run_bulk(plan)
+        assert result.ok, [t.errors for t in result.failed]
+        status = {t.table: t.status for t in result.tables}
+        assert status == {"public.ev": "done", "public.other": "skipped" if round_ else "done"}
+        assert out.read_bytes() == full_csv(psql_csv, dsn)
+        history = read_manifest(out).get("increments", [])
+        assert [h["rows"] for h in history] == [[], [500, 400], [500, 400, 500]][round_]

@@ -139,3 +139,46 @@ def test_chain_gaps_overlaps_and_missing_files_are_named() -> None:
     assert "is not an increment" in (chain_problem([("a", m0), ("b", m0)]) or "")
     assert "columns differs" in (chain_problem([("a", m0), ("b", replace(m1, columns=("id",)))])
                                  or "")  # fmt: skip
+
+
+def test_watermark_decisions() -> None:
+    from copystream import watermark as wm
+    from copystream.incremental import watermark_checkpoint
+    from copystream.table import ResolvedTable
+
+    assert wm.watermark_key("at", ("id",)) == ("at", "id")
+    assert wm.watermark_key("at", ("at", "id")) == ("at", "id")
+    with pytest.raises(UsageError, match="previous export with since"):
+        check_request(RunOptions(incremental=True), "at")
+    check_request(RunOptions(incremental=True, since="m"), "at")
+    plain = manifest(3, 3)
+    with pytest.raises(UsageError, match="not a watermark export"):
+        wm.previous_mark(plain, "at", None)
+    measured = ("2026-01-01T00:00:00.000000+00", 1.5, 2)
+    mark = wm.mark("at", measured, None, None, 0)
+    marked = replace(plain, watermark=mark)
+    assert wm.previous_mark(marked, "at", None) == ("2026-01-01T00:00:00.000000+00", 1.5)
+    assert wm.previous_mark(marked, "at", 60) == ("2026-01-01T00:00:00.000000+00", 60.0)
+    with pytest.raises(UsageError, match="tracked 'at', not 'b'"):
+        wm.previous_mark(marked, "b", None)
+    link = {"manifest": "a", "xxh3_128": "whole3", "rows": 3, "last_key": ["3"]}
+    later = wm.mark("at", measured, "2025-12-31", ("t", "2"), 2)
+    cp = watermark_checkpoint(identity(), {"TimeZone": "UTC"}, {"kind": "file"}, later, link,
+                              started_at="T", chunk_rows=5, estimated_rows=None)  # fmt: skip
+    assert cp.last_key == ("t", "2") and cp.offset == 0
+    fields = manifest_fields(cp, None, finished_at="T", seconds=0)
+    assert fields == {"watermark": later, "since": link}
+    # a watermark increment starts inside its predecessor's key range by design
+    overlapping = manifest(4, 3, **fields)
+    assert chain_problem([("a", marked), ("b", overlapping)]) is None
+    facts: dict[str, Any] = {
+        "oid": 1, "schema": "public", "name": "w", "qualified": "public.w", "relkind": "r",
+        "columns": ("id", "at"), "key": ("at", "id"), "key_types": ("integer", "bigint"),
+        "key_source": "--key", "key_unique": True, "key_indexed": True, "where": None,
+        "estimated_rows": None, "estimated_bytes": None,
+    }  # fmt: skip
+    table = ResolvedTable(**facts)
+    with pytest.raises(UsageError, match="must be a timestamp with time zone"):
+        wm.check_type(table)
+    assert wm.index_warning(table, [("at",)]) is None
+    assert "no index starts with the key (at, id)" in (wm.index_warning(table, [("id",)]) or "")

@@ -17,11 +17,14 @@ import psycopg
 
 from .._atomic import locked, remove_stale_temporaries
 from ..catalog import introspect
+from ..checkpoint import checkpoint_path
 from ..connection import Target, connect, connect_error, redact
 from ..errors import CopystreamError, UsageError
 from ..export import ExportResult, run_export
+from ..manifest import manifest_path
 from ..pool import Event, Task, run_tasks
 from ..progress import Progress
+from ..ranges import parts_path
 from ..spec import ExportSpec, RunOptions
 from ..state import Complete, Occupied, Resume, discover
 from .outcome import (
@@ -128,10 +131,21 @@ def run_bulk(
 def export_task(
     conninfo: str, spec: ExportSpec, output: str, run: RunOptions, *, progress: Any
 ) -> ExportResult:
-    """One table of a bulk job, as a worker process runs it (see :mod:`copystream.pool`)."""
+    """One table of a bulk job, as a worker process runs it (see :mod:`copystream.pool`).
+
+    A table with ``incremental = true`` is exported in full the first time (nothing is beside
+    its output yet), and by increments appended to it on every later run."""
+    if run.incremental and not _begun(Path(output)):
+        run = replace(run, incremental=False)
     result = run_export(conninfo or None, spec, output, run, progress=progress)
     # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
     return replace(result, chunks=())
+
+
+def _begun(output: Path) -> bool:
+    """Whether an export to ``output`` has begun or finished (anything copystream keeps)."""
+    kept = (manifest_path(output), checkpoint_path(output), parts_path(output), output)
+    return any(os.path.lexists(p) for p in kept)
 
 
 def _task_args(t: _Task) -> tuple[Any, ...]:
