@@ -30,6 +30,7 @@ from .checkpoint import Checkpoint, ChunkRecord
 from .errors import CheckpointMismatch, Opt, OutputExists, Remedy, UsageError
 from .manifest import Manifest, manifest_path
 from .spec import RunOptions, identity_mismatch
+from .state import manifest_identity
 
 __all__ = [
     "APPEND",
@@ -82,18 +83,6 @@ def last_key(chunks: Sequence[ChunkRecord]) -> tuple[str, ...] | None:
     return None
 
 
-def _identity(manifest: Manifest) -> dict[str, Any]:
-    return {
-        "table": manifest.table,
-        "key": list(manifest.key),
-        "key_types": list(manifest.key_types),
-        "columns": list(manifest.columns),
-        "where": manifest.where,
-        "options": manifest.options,
-        "compress": manifest.compress,
-    }
-
-
 def _mismatch(
     recorded: Mapping[str, Any], expected: Mapping[str, Any], *, compress: bool
 ) -> str | None:
@@ -124,7 +113,7 @@ def refuse_append(
             "does not exist)",
             remedy=Remedy.FULL_EXPORT,
         )
-    recorded = _identity(manifest)
+    recorded = manifest_identity(manifest)
     name = _mismatch(recorded, identity, compress=True)
     if name is not None:
         return _another(manifest_path(output), name, recorded.get(name), identity.get(name))
@@ -206,7 +195,7 @@ def follows(
         raise UsageError(
             f"{previous_path} is the manifest of {output} itself; an increment goes to a new file"
         )
-    recorded = _identity(previous)
+    recorded = manifest_identity(previous)
     name = _mismatch(recorded, identity, compress=False)
     if name is not None:
         raise _another(previous_path, name, recorded.get(name), identity.get(name))
@@ -231,16 +220,33 @@ def since_checkpoint(
 ) -> Checkpoint:
     """The checkpoint of a new increment file: nothing written yet, rows after ``follows``'s
     last key, under the settings the previous export pinned."""
-    after = follows["last_key"]
+    increment = {"mode": SINCE, "started_at": started_at, "follows": dict(follows)}
+    return _new_file(
+        identity, previous.settings, destination, follows["last_key"], increment,
+        chunk_rows=chunk_rows, estimated_rows=estimated_rows,
+    )  # fmt: skip
+
+
+def _new_file(
+    identity: Mapping[str, Any],
+    settings: Mapping[str, str],
+    destination: Mapping[str, Any],
+    after: Sequence[str] | None,
+    increment: dict[str, Any],
+    *,
+    chunk_rows: int,
+    estimated_rows: int | None,
+) -> Checkpoint:
+    """The checkpoint of an increment to a new file: nothing written, rows after ``after``."""
     return Checkpoint(
         export=dict(identity),
-        settings=dict(previous.settings),
-        started_at=started_at,
+        settings=dict(settings),
+        started_at=increment["started_at"],
         chunk_rows=chunk_rows,
         estimated_rows=estimated_rows,
         last_key=tuple(after) if after is not None else None,
         destination=dict(destination),
-        increment={"mode": SINCE, "started_at": started_at, "follows": dict(follows)},
+        increment=increment,
     )
 
 
@@ -260,17 +266,10 @@ def watermark_checkpoint(
     increment: dict[str, Any] = {"mode": WATERMARK, "started_at": started_at, "watermark": mark}
     if follows is not None:
         increment["follows"] = dict(follows)
-    after = mark.get("after")
-    return Checkpoint(
-        export=dict(identity),
-        settings=dict(settings),
-        started_at=started_at,
-        chunk_rows=chunk_rows,
-        estimated_rows=estimated_rows,
-        last_key=tuple(after) if after is not None else None,
-        destination=dict(destination),
-        increment=increment,
-    )
+    return _new_file(
+        identity, settings, destination, mark.get("after"), increment,
+        chunk_rows=chunk_rows, estimated_rows=estimated_rows,
+    )  # fmt: skip
 
 
 def _after_what(follows: Mapping[str, Any] | None) -> str:
@@ -361,7 +360,7 @@ def _order(a: Sequence[str], b: Sequence[str], types: Sequence[str]) -> int | No
 
 def _step_problem(prev: tuple[str, Manifest], cur: tuple[str, Manifest]) -> str | None:
     (pname, p), (cname, c) = prev, cur
-    name = _mismatch(_identity(c), _identity(p), compress=False)
+    name = _mismatch(manifest_identity(c), manifest_identity(p), compress=False)
     if name is not None:
         return f"{cname} records another export than {pname} ({name} differs)"
     if c.since is None:

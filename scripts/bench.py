@@ -994,12 +994,7 @@ def step_resume(b: Bench, table: str) -> dict[str, Any]:
     # Prefix verification straight from Python: once from disk (the file's pages dropped from
     # the page cache first), once from the page cache. reopen() also cuts the unfinished tail,
     # exactly as the resumed export would.
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    _drop_cache(out)
     timings = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
