@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import ChunkRecord, load_checkpoint
+from .continuation import continued
 from .errors import UsageError
 from .incremental import check_request
 from .manifest import Manifest
@@ -236,7 +237,7 @@ def run_export(
     run = run or RunOptions()
     check_request(run, spec.watermark)  # before connecting: a contradiction, exit 2
     with ExportSession(conninfo, spec, out, run, sleep) as session:
-        found = discover_state(session)
+        found = continued(session, discover_state(session))
         if isinstance(found, Complete):
             q = session.table.qualified
             log.info("%s: %s is already complete and verifies; nothing to do", q, out)

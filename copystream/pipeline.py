@@ -38,10 +38,8 @@ from .checkpoint import (
     checkpoint_path,
     load_checkpoint,
     remove_checkpoint,
-    save_checkpoint,
 )
 from .connection import Target, connect, io_deadline
-from .destinations import fresh_state
 from .errors import (
     CopystreamError,
     OutputExists,
@@ -64,10 +62,10 @@ from .ranges import (
     save_parts,
 )
 from .retry import Retrier, RetryPolicy
-from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
+from .settings import PINNED_SETTINGS, read_settings_query
 from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
-from .state import Complete, Fresh, Occupied, OnDisk, Resume, discover
+from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
 
 __all__ = [
@@ -317,7 +315,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
     """
     out, run = session.output, session.run
     if isinstance(found, Occupied):
-        found = _overwrite(session)
+        found = overwrite(session)
     try:
         if isinstance(found, Resume):
             settings, started_at = found.settings, found.started_at
@@ -338,7 +336,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
     return Run(_job(session, settings, started_at, snapshot), ranges)
 
 
-def _overwrite(session: ExportSession) -> Fresh:
+def overwrite(session: ExportSession) -> Fresh:
     """Clear an output that has no checkpoint, if ``force`` says so (else raise)."""
     out = session.output
     if not session.run.force:
@@ -484,144 +482,15 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
 
 def discover_state(session: ExportSession) -> OnDisk:
     """Discard everything first if ``restart`` says so; then what is on disk for this export."""
-    run, marked = session.run, session.spec.watermark is not None
-    continues = run.incremental or run.since is not None or marked
+    run = session.run
     if run.restart:
         remove_export_files(session.output)
     # An increment appended to a complete output hashes it as it opens it: not twice.
-    appends = continues and run.since is None and not marked
-    found = discover(session.output, session.spec.identity(), verify=not appends)
-    return _continued(session, found) if continues else found
+    appends = run.incremental and run.since is None and session.spec.watermark is None
+    return discover(session.output, session.spec.identity(), verify=not appends)
 
 
-# -- incremental exports (the decisions are in copystream.incremental) -------------------------
-
-
-def _continued(session: ExportSession, found: OnDisk) -> OnDisk:
-    """What an incremental export continues: an increment's checkpoint, saved beside the output
-    before anything is written (an unfinished export resumes as it is)."""
-    if session.spec.watermark is not None:
-        return _watermark_export(session, found, session.spec.watermark)
-    if session.run.since is not None:
-        return _since(session, found, session.run.since)
-    out, identity = session.output, session.spec.identity()
-    if isinstance(found, Resume):
-        return found
-    if not isinstance(found, Complete) or not _same_size(out, found.manifest):
-        raise incremental.refuse_append(out, _readable_manifest(out), identity)
-    cp = incremental.append_checkpoint(
-        found.manifest, identity, fresh_state(out, session.spec), **_sizes(session)
-    )
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
-
-
-def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
-    """The increment after the export ``since`` names, to a new output."""
-    out, identity = session.output, session.spec.identity()
-    previous, after = _previous(session, since)
-    if isinstance(found, Resume):
-        if found.checkpoint is not None:
-            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
-        return found
-    if isinstance(found, Complete):
-        incremental.check_complete_since(found.manifest, after, out)
-        return found
-    if isinstance(found, Occupied):
-        _overwrite(session)
-    cp = incremental.since_checkpoint(
-        previous, after, identity, fresh_state(out, session.spec), **_sizes(session)
-    )
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
-
-
-def _previous(session: ExportSession, since: str) -> tuple[Manifest, dict[str, Any]]:
-    """The manifest ``since`` names, and what an increment after it records of it."""
-    path, previous_output = incremental.since_manifest(since)
-    previous = load_manifest(previous_output)
-    if previous is None:
-        raise UsageError(f"{path} does not exist: no export for the increment to follow")
-    return previous, incremental.follows(previous, path, session.spec.identity(), session.output)
-
-
-def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnDisk:
-    """A watermark export (after the one ``since`` names, if any), to a new output."""
-    out, run = session.output, session.run
-    previous, after = _previous(session, run.since) if run.since is not None else (None, None)
-    begin = None
-    if previous is not None:
-        begin = watermark.previous_mark(previous, column, run.watermark_lag)
-    if isinstance(found, Resume):
-        if found.checkpoint is not None:
-            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
-        return found
-    if isinstance(found, Complete):
-        if after is not None:
-            incremental.check_complete_since(found.manifest, after, out)
-        return found
-    if isinstance(found, Occupied):
-        _overwrite(session)
-    try:
-        if previous is not None:
-            settings = dict(previous.settings)
-            session.query("pinning the session settings", apply_settings_query(settings))
-        else:
-            row = session.query("reading the session settings", read_settings_query())
-            settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
-        mark = _mark(session, column, begin, after)
-    except psycopg.Error as e:
-        raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
-    cp = incremental.watermark_checkpoint(
-        session.spec.identity(), settings, fresh_state(out, session.spec), mark, after,
-        **_sizes(session),
-    )  # fmt: skip
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
-
-
-def _mark(
-    session: ExportSession,
-    column: str,
-    begin: tuple[str, float] | None,
-    after: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """Read the server's clock and oldest open transaction (before any chunk), and for an
-    increment the key it starts after and its overlap with the previous export."""
-    measured = session.query("reading the transactions in progress", watermark.measure_query())
-    if measured[2] and session.run.watermark_lag is None:
-        log.warning(
-            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
-            "their open transactions do not count in the safety lag of the next increment "
-            "(grant pg_read_all_stats, or give the lag)", session.table.qualified, measured[2],
-        )  # fmt: skip
-    if begin is None or after is None:
-        return watermark.mark(column, measured, None, None, 0)
-    lower = str(session.query("computing the lower bound", watermark.lower_bound_query(*begin))[0])
-    key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
-    overlap = 0
-    if after["last_key"] is not None:
-        q = watermark.overlap_query(session.table, key, after["last_key"])
-        overlap = int(session.query("counting the overlap", q)[0])
-    return watermark.mark(column, measured, lower, key, overlap)
-
-
-def _sizes(session: ExportSession) -> dict[str, Any]:
-    table, rows = session.table, session.run.chunk_rows
-    first = first_chunk_rows(table.estimated_rows, table.estimated_bytes)
-    return {
-        "started_at": now_iso(),
-        "chunk_rows": first if rows is None else rows,
-        "estimated_rows": table.estimated_rows,
-    }
-
-
-def _same_size(output: Path, manifest: Manifest) -> bool:
-    """Whether ``output`` has the size its manifest records (bytes past it would be cut)."""
-    try:
-        return output.stat().st_size == manifest.bytes
-    except OSError:
-        return False
+# -- incremental exports (decisions: copystream.incremental; the stage: copystream.continuation)
 
 
 def _undo_unverified_increment(output: Path, error: PrefixMismatch) -> None:
@@ -634,11 +503,12 @@ def _undo_unverified_increment(output: Path, error: PrefixMismatch) -> None:
         return
     if cp is not None and incremental.untouched_append(cp):
         remove_checkpoint(output)
-        manifest = _readable_manifest(output)
+        manifest = readable_manifest(output)
         raise incremental.refuse_append(output, manifest, cp.export) from error
 
 
-def _readable_manifest(output: Path) -> Manifest | None:
+def readable_manifest(output: Path) -> Manifest | None:
+    """The manifest beside ``output``, or ``None`` when there is none or it is unreadable."""
     with contextlib.suppress(UsageError):
         return load_manifest(output)
     return None
@@ -648,5 +518,5 @@ def _increment_fields(
     output: Path, cp: Checkpoint, finished_at: str, seconds: float
 ) -> dict[str, Any]:
     """The manifest fields of an increment (none for another export)."""
-    old = _readable_manifest(output) if cp.increment is not None else None
+    old = readable_manifest(output) if cp.increment is not None else None
     return incremental.manifest_fields(cp, old, finished_at=finished_at, seconds=seconds)
