@@ -71,7 +71,7 @@ def check_request(run: RunOptions, watermark: str | None = None) -> None:
                 ]
             )
         return
-    if run.restart and run.since is None:
+    if run.incremental and run.restart and run.since is None:
         raise UsageError("an incremental export continues OUTPUT; restart would discard it")
 
 

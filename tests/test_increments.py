@@ -97,6 +97,7 @@ def test_refusals_say_what_differs_and_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="restart would discard"):
         check_request(RunOptions(incremental=True, restart=True))
     check_request(RunOptions(since="m.json", restart=True))  # a new file may start again
+    check_request(RunOptions(restart=True))  # not an incremental export: nothing to refuse
 
 
 def test_a_since_increment_follows_the_last_key_under_the_first_settings(
