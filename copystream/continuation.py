@@ -22,17 +22,22 @@ from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows
 from .state import Complete, Occupied, OnDisk, Resume
 
-__all__ = ["continued"]
+__all__ = ["continued", "continuing"]
 
 log = logging.getLogger("copystream")
+
+
+def continuing(session: ExportSession) -> bool:
+    """Whether the export continues another one (an increment of any kind)."""
+    run = session.run
+    return run.incremental or run.since is not None or session.spec.watermark is not None
 
 
 def continued(session: ExportSession, found: OnDisk) -> OnDisk:
     """``found`` as an incremental export sees it: the checkpoint of the increment, saved
     beside the output before anything is written (an unfinished export resumes as it is).
     Any other export's ``found`` is returned as it is."""
-    run = session.run
-    if not (run.incremental or run.since is not None or session.spec.watermark is not None):
+    if not continuing(session):
         return found
     if session.spec.watermark is not None:
         return _watermark_export(session, found, session.spec.watermark)

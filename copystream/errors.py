@@ -42,6 +42,7 @@ __all__ = [
     "PrefixMismatch",
     "Remedy",
     "RetriesExhausted",
+    "SnapshotRequired",
     "TableNotFound",
     "UsageError",
     "VerificationFailed",
@@ -62,6 +63,7 @@ class Remedy(enum.Enum):
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
     FULL_EXPORT = "full_export"  # an incremental export has no complete export to continue
     SAME_EXPORT = "same_export"  # an increment must be the export it continues, but for rows
+    ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
 
     def words(self, audience: Audience = "python") -> str:
         """This remedy as ``audience`` says it."""
@@ -93,6 +95,14 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "cli": "free some space and run the same command again to resume",
         "plan": "free some space and run the plan again to resume",
         "python": "free some space and call again with the same arguments to resume",
+    },
+    Remedy.ONE_SNAPSHOT: {
+        "cli": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot, or leave out --require-snapshot to finish the job without one",
+        "plan": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot",
+        "python": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot, or pass require_snapshot=False to finish the job without one",
     },
     Remedy.RUN_AGAIN: {
         "cli": "the checkpoint is intact, run the same command again to resume",
@@ -230,6 +240,13 @@ class PrefixMismatch(UsageError):
     """
 
     remedy = Remedy.RESTART
+
+
+class SnapshotRequired(UsageError):
+    """A bulk job that must read one snapshot cannot: tables of it were exported before, under
+    a snapshot that ended with the run that held it."""
+
+    remedy = Remedy.ONE_SNAPSHOT
 
 
 class ExportFailed(CopystreamError):
