@@ -294,6 +294,28 @@ def test_a_late_commit_is_in_the_next_watermark_increment(
     assert_ok(run(cli("verify", "--chain", str(d0), str(d1))))
 
 
+def test_a_killed_watermark_increment_resumes(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of a watermark increment; the same command again resumes it from
+    its checkpoint, with the lower bound measured before its first chunk: psql's rows."""
+    run_sql(dsn, WDDL)
+    run_sql(dsn, "INSERT INTO w (id, v) SELECT g, 'a' FROM generate_series(1, 100) g")
+    d0, d1 = tmp_path / "d0.csv", tmp_path / "d1.csv"
+    assert_ok(run(export_cmd(dsn, "w", d0, "--watermark", "updated_at")))
+    run_sql(dsn, "INSERT INTO w (id, v) SELECT g, 'b' FROM generate_series(101, 40000) g")
+    cmd = export_cmd(dsn, "w", d1, "--watermark", "updated_at", "--since", str(d0),
+                     "--chunk-rows", "500")  # fmt: skip
+    k = kill_export(cmd, d1, min_chunks=5)
+    assert k.returncode == -9 and k.checkpoint is not None
+    lower = k.checkpoint["increment"]["watermark"]["from"]
+    assert_ok(run(cmd))
+    assert read_manifest(d1)["watermark"]["from"] == lower
+    assert d1.read_bytes() == psql_csv(
+        dsn, f"SELECT * FROM w WHERE updated_at >= '{lower}' ORDER BY updated_at, id"
+    )
+
+
 def test_watermark_bad_input(dsn: str, run_sql: RunSql, tmp_path: Path) -> None:
     """A nullable watermark is refused and an unindexed one warned about, as keys are; another
     type, an append, or a previous export that tracked nothing are refused: exit 2, nothing
@@ -337,6 +359,8 @@ def test_a_bulk_plan_with_incremental_exports_in_full_then_appends(
     )
     plan.write_text(body)
     out = tmp_path / "out" / "public.ev.csv"
+    dry = copystream.run_bulk(plan, dry_run=True)
+    assert {t.table: t.note for t in dry.tables}["public.ev"] == "new"
     for round_, (first, last) in enumerate([(0, 0), (501, 900), (901, 1400)]):
         if first:
             insert(run_sql, dsn, first, last)
@@ -347,3 +371,5 @@ def test_a_bulk_plan_with_incremental_exports_in_full_then_appends(
         assert out.read_bytes() == full_csv(psql_csv, dsn)
         history = read_manifest(out).get("increments", [])
         assert [h["rows"] for h in history] == [[], [500, 400], [500, 400, 500]][round_]
+    dry = copystream.run_bulk(plan, dry_run=True)
+    assert "will be appended" in {t.table: t.note for t in dry.tables}["public.ev"]
