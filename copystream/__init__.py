@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .chain import ChainResult, verify_chain
 from .errors import (
     AuthenticationFailed,
     CheckpointMismatch,
@@ -90,6 +91,7 @@ __all__ = [
     "BulkPlan",
     "BulkProgress",
     "BulkResult",
+    "ChainResult",
     "CheckpointMismatch",
     "Compression",
     "ConnectionFailed",
@@ -133,5 +135,6 @@ __all__ = [
     "run_bulk",
     "run_export",
     "run_shard",
+    "verify_chain",
     "verify_file",
 ]

@@ -124,6 +124,8 @@ class Checkpoint:
     chunks: tuple[ChunkRecord, ...] = field(default=())
     #: The destination's own state (``Destination.state()``), at least its ``kind``.
     destination: dict[str, Any] = field(default_factory=lambda: dict(_FILE_DESTINATION))
+    #: Of an incremental export: what it continues (:mod:`copystream.incremental`); else None.
+    increment: dict[str, Any] | None = None
 
     @property
     def raw_bytes(self) -> int:
@@ -188,6 +190,8 @@ class Checkpoint:
             "finished": self.finished,
             "chunks": [c.to_json() for c in self.chunks],
         }
+        if self.increment is not None:  # absent otherwise: older checkpoints keep their digest
+            body["increment"] = self.increment
         body["checkpoint_xxh3_128"] = _self_digest(body)
         return body
 
@@ -219,6 +223,7 @@ class Checkpoint:
             xxh3_128=str(d["xxh3_128"]),
             finished=bool(d["finished"]),
             chunks=tuple(ChunkRecord.from_json(c) for c in d["chunks"]),
+            increment=dict(d["increment"]) if d.get("increment") is not None else None,
         )
 
 

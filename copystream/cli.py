@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from ._atomic import atomic_write
+from .chain import verify_chain
 from .connection import Target, redact
 from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
@@ -137,13 +138,27 @@ def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
 
 
 @cli.command()
-@click.argument("output", type=click.Path(path_type=str))
+@click.argument("output", type=click.Path(path_type=str), nargs=-1, required=True)
 @click.option(
     "--deep", is_flag=True, help="Also decompress a compressed OUTPUT and check the CSV's digests."
 )
-def verify(output: str, deep: bool) -> None:
+@click.option(
+    "--chain",
+    is_flag=True,
+    help="OUTPUT... are incremental exports, oldest first: also check that each follows the "
+    "one before it, without a gap or an overlap.",
+)
+def verify(output: tuple[str, ...], deep: bool, chain: bool) -> None:
     """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
-    r = verify_file(output, deep=deep)
+    if chain:
+        result = verify_chain(output, deep=deep)
+        for r in result.files:
+            click.echo(f"{r.path}: OK, {r.rows:,} rows, {r.bytes:,} bytes")
+        click.echo(f"chain of {len(result.files)}: OK, {result.rows:,} rows, no gap, no overlap")
+        return
+    if len(output) != 1:
+        raise UsageError("verify takes one OUTPUT (several only with --chain)")
+    r = verify_file(output[0], deep=deep)
     line = (
         f"{r.path}: OK, {r.rows:,} rows, {r.bytes:,} bytes, {r.chunks} chunks, "
         f"xxh3_128 {r.xxh3_128}"

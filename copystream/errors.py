@@ -62,6 +62,8 @@ class Remedy(enum.Enum):
     FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
     CHECK_S3 = "check_s3"  # the bucket, the AWS credentials or their permissions are at fault
+    FULL_EXPORT = "full_export"  # an incremental export has no complete export to continue
+    SAME_EXPORT = "same_export"  # an increment must be the export it continues, but for rows
     ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
 
     def words(self, audience: Audience = "python") -> str:
@@ -115,6 +117,17 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "AWS_ACCESS_KEY_ID) and what they may do",
         "python": "check the bucket of output, the AWS credentials (AWS_PROFILE, "
         "AWS_ACCESS_KEY_ID) and what they may do",
+    },
+    Remedy.FULL_EXPORT: {
+        "cli": "export it in full first (the same command without --incremental)",
+        "plan": "export it in full first (delete the output and run the plan again)",
+        "python": "export it in full first (the same call without incremental=True)",
+    },
+    Remedy.SAME_EXPORT: {
+        "cli": "give the table, --key, --columns, --where and COPY options of the export it "
+        "continues",
+        "plan": "give the key, columns, where and COPY options of the export it continues",
+        "python": "give the key=, columns=, where= and COPY options of the export it continues",
     },
 }
 

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import ChunkRecord, load_checkpoint
+from .continuation import continued, continuing
 from .errors import UsageError
+from .incremental import check_request
 from .manifest import Manifest
 from .metrics import export_metrics
 from .pipeline import (
@@ -74,6 +76,10 @@ class ExportResult:
     #: of its uncompressed CSV (``bytes`` is the compressed size); ``None`` when uncompressed.
     compress: dict[str, Any] | None = None
     uncompressed_bytes: int | None = None
+    #: Of an incremental export appended to OUTPUT: its entry in the manifest's ``increments``
+    #: (rows, bytes, key range); of one to a file of its own, ``{"since": ...}``: the export
+    #: it follows. ``None`` for any other export, and when nothing was done.
+    increment: dict[str, Any] | None = None
 
     def summary(self) -> str:
         """The one line ``copystream export`` prints at the end."""
@@ -85,6 +91,7 @@ class ExportResult:
             f"{self.table}: {self.rows:,} rows, {size} in {self.seconds:.1f}s "
             f"({_mb(rate)}/s), peak memory {self.peak_rss / 1e6:.0f} MB"
         )
+        line += _increment_words(self.increment)
         if self.resumed:
             line += " (resumed)"
         if self.already_complete:
@@ -112,7 +119,21 @@ class ExportResult:
             "point_in_time": self.point_in_time,
             "compress": self.compress,
             "uncompressed_bytes": self.uncompressed_bytes,
+            "increment": self.increment,
         }
+
+
+def _increment_words(increment: dict[str, Any] | None) -> str:
+    """What the summary line says of an incremental export."""
+    if increment is None:
+        return ""
+    since = increment.get("since")
+    if since is None:
+        return f", of which {increment['rows']:,} rows appended" if "rows" in increment else ""
+    words = f" after {since['manifest']}"
+    if "watermark" in increment:
+        words += f", {increment['watermark']['overlap_rows']:,} of them in the overlap"
+    return words
 
 
 def peak_rss() -> int:
@@ -182,6 +203,21 @@ def export_table(
             (``.zst``: zstd level 3, ``.gz``: gzip level 6, else none). Every chunk is one
             zstd frame or gzip member, so the file is valid at every checkpoint; ``bytes`` and
             the digests are those of the compressed file, ``uncompressed_bytes`` the CSV's.
+        incremental: export only the rows after the last key of ``output``'s complete export
+            and append them to it as new chunks; the manifest is rewritten to cover the whole
+            file and records each increment (``increments``). For a table that only grows by
+            key, the result equals a full export. Rows deleted or updated are not seen.
+        since: the manifest (or output) of the previous export: write only the rows after its
+            last key to ``output``, a new file whose manifest names that predecessor
+            (:func:`verify_chain` checks a chain of them). Implies ``incremental``.
+        watermark: a change-tracking ``timestamptz`` column (``"updated_at"``): page by it,
+            then the key, and record the server's clock and the age of the oldest open
+            transaction as the export starts. With ``since`` (a previous watermark export):
+            export the rows whose watermark is at least that export's start less the safety
+            lag, so late commits are not lost; rows may then be in two increments (the overlap,
+            counted in the manifest): the loader must upsert by key. Deletes are not seen.
+        watermark_lag: the safety lag in seconds, instead of the age of the oldest transaction
+            open when the previous export started.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -219,7 +255,9 @@ def run_export(
     started = time.monotonic()
     out = Path(output)
     check_output(out)
-    with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
+    run = run or RunOptions()
+    check_request(run, spec.watermark)  # before connecting: a contradiction, exit 2
+    with ExportSession(conninfo, spec, out, run, sleep) as session:
         exported = run_session(session, progress=progress, sleep=sleep, started=started)
         if exported.written is not None:
             failed = publish([exported.written.staged])[0]
@@ -289,9 +327,11 @@ def _run_session(
 ) -> Exported:
     out = session.output
     found = known if isinstance(known, Fresh) else discover_state(session)
-    small = not isinstance(found, Complete) and copies_whole(session, found)
+    small = not isinstance(found, Complete) and not continuing(session)
+    small = small and copies_whole(session, found)
     if not small and session.lock():  # read again, now that no other export can change it
         found = discover_state(session)
+    found = continued(session, found)  # an increment's checkpoint: under the lock
     if isinstance(found, Complete):
         q = session.table.qualified
         log.info("%s: %s is already complete and verifies; nothing to do", q, out)
@@ -344,7 +384,16 @@ def _result(
         point_in_time=pit,
         compress=manifest.compress,
         uncompressed_bytes=manifest.uncompressed_bytes,
+        increment=None if already else _increment(manifest),
     )
+
+
+def _increment(manifest: Manifest) -> dict[str, Any] | None:
+    if manifest.watermark is not None:
+        return {"watermark": manifest.watermark, "since": manifest.since}
+    if manifest.since is not None:
+        return {"since": manifest.since}
+    return manifest.increments[-1] if manifest.increments else None
 
 
 @dataclass(frozen=True)

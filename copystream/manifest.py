@@ -74,6 +74,14 @@ class Manifest:
     compress: dict[str, Any] | None = None  # {"codec": ..., "level": ...}; None: uncompressed
     uncompressed_bytes: int | None = None  # of a compressed output: the CSV's size and digest
     uncompressed_xxh3_128: str | None = None
+    #: Of an output grown by incremental exports: each export that wrote it, in order.
+    increments: tuple[dict[str, Any], ...] | None = None
+    #: Of an increment written to a file of its own: the export it follows and the key after
+    #: which its rows begin (:mod:`copystream.incremental`).
+    since: dict[str, Any] | None = None
+    #: Of a watermark export: its column, the server's clock and safety lag as it started, and
+    #: the lower bound and overlap of an increment (:mod:`copystream.watermark`).
+    watermark: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -81,6 +89,12 @@ class Manifest:
         if self.compress is not None:
             d["uncompressed_bytes"] = self.uncompressed_bytes
             d["uncompressed_xxh3_128"] = self.uncompressed_xxh3_128
+        if self.increments is not None:
+            d["increments"] = list(self.increments)
+        if self.since is not None:
+            d["since"] = self.since
+        if self.watermark is not None:
+            d["watermark"] = self.watermark
         return d
 
     def _body(self) -> dict[str, Any]:
@@ -141,6 +155,9 @@ class Manifest:
             compress=dict(d["compress"]) if d.get("compress") is not None else None,
             uncompressed_bytes=d.get("uncompressed_bytes"),
             uncompressed_xxh3_128=d.get("uncompressed_xxh3_128"),
+            increments=tuple(dict(i) for i in d["increments"]) if "increments" in d else None,
+            since=dict(d["since"]) if d.get("since") is not None else None,
+            watermark=dict(d["watermark"]) if d.get("watermark") is not None else None,
         )
 
 

@@ -456,7 +456,8 @@ def run_part(
     path = Path(job.path)
     state = Path(job.state) if job.state is not None else path
     cp, fresh = _checkpoint(job, path, state)
-    resuming = not fresh and not cp.finished and path.exists()
+    resumed = not fresh and _begun(cp)
+    resuming = resumed and not cp.finished and path.exists()
     dest = open_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
     if resuming:
         log.info("%s: resuming at row %s, byte %s", state.name, f"{cp.rows:,}", cp.offset)
@@ -476,7 +477,13 @@ def run_part(
     finally:
         dest.close()
         ex.close()
-    return PartOutcome(cp, digest, ex.retries, not fresh, ex.snapshot_lost)
+    return PartOutcome(cp, digest, ex.retries, resumed, ex.snapshot_lost)
+
+
+def _begun(cp: Checkpoint) -> bool:
+    """Whether a checkpoint on disk records a chunk of its own export: an incremental export's
+    starts with the chunks it continues, and is not resumed before it adds one."""
+    return cp.increment is None or len(cp.chunks) > int(cp.increment.get("base_chunks", 0))
 
 
 def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool]:

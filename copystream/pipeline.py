@@ -30,7 +30,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -39,16 +39,23 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 
+from . import incremental, watermark
 from ._atomic import locked, remove_stale_temporaries
-from .catalog import introspect
-from .checkpoint import Checkpoint, checkpoint_path, new_checkpoint, remove_checkpoint
+from .catalog import fetch_facts, introspect
+from .checkpoint import (
+    Checkpoint,
+    checkpoint_path,
+    load_checkpoint,
+    new_checkpoint,
+    remove_checkpoint,
+)
 from .chunk import SnapshotGone
 from .connection import Target, connect, io_deadline
 from .destinations import ChunkWritten, fresh_state
-from .errors import OutputExists, OutputProblem, UsageError
+from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch, UsageError
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
-from .manifest import Manifest, manifest_path, save_manifest
+from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -180,6 +187,18 @@ def retrying(
             if conn is not None:
                 conn.close()
             raise
+
+
+def _watermarked(
+    conn: psycopg.Connection[Any], spec: ExportSpec, table: ResolvedTable
+) -> ResolvedTable:
+    """The table paged by the watermark column, then its key (refused as a key would be)."""
+    assert spec.watermark is not None
+    key = watermark.watermark_key(spec.watermark, table.key)
+    paged = introspect(conn, spec.table, key=key, columns=spec.columns, where=spec.where)
+    watermark.check_type(paged)
+    warning = watermark.index_warning(paged, fetch_facts(conn, spec.table).index_columns)
+    return paged if warning is None else replace(paged, warnings=(*paged.warnings, warning))
 
 
 def lock_path(output: Path) -> Path:
@@ -353,10 +372,11 @@ class ExportSession:
 
     def _introspect(self, conn: psycopg.Connection[Any]) -> ResolvedTable:
         spec = self.requested
-        return introspect(
+        table = introspect(
             conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
             options=spec.options,
         )  # fmt: skip
+        return table if spec.watermark is None else _watermarked(conn, spec, table)
 
     def __exit__(
         self,
@@ -445,13 +465,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
     """
     out, run = session.output, session.run
     if isinstance(found, Occupied):
-        if not run.force:
-            raise OutputExists(f"{out} exists and has no checkpoint to resume from")
-        for p in (manifest_path(out), out):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
-        remove_parts(out)  # part files an older, interrupted clean-up may have left
-        found = Fresh()
+        found = overwrite(session)
     try:
         if isinstance(found, Resume):
             settings, started_at = found.settings, found.started_at
@@ -470,6 +484,18 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
     _warn_many_chunks(session, ranges)
     return Run(_job(session, settings, started_at, snapshot), ranges)
+
+
+def overwrite(session: ExportSession) -> Fresh:
+    """Clear an output that has no checkpoint, if ``force`` says so (else raise)."""
+    out = session.output
+    if not session.run.force:
+        raise OutputExists(f"{out} exists and has no checkpoint to resume from")
+    for p in (manifest_path(out), out):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    remove_parts(out)  # part files an older, interrupted clean-up may have left
+    return Fresh()
 
 
 def _split(
@@ -550,7 +576,11 @@ def execute(
             outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
         final, digest = join_parts(out, run.ranges, outcomes)
         return Ran(tuple(outcomes), final, digest)
-    outcome = run_part(run.job, progress=progress, sleep=sleep)
+    try:
+        outcome = run_part(run.job, progress=progress, sleep=sleep)
+    except PrefixMismatch as e:
+        _undo_unverified_increment(out, e)
+        raise
     return Ran((outcome,), outcome.checkpoint, outcome.digest)
 
 
@@ -569,6 +599,7 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
         table, ran.final, ran.digest, started,
         resumed=ran.resumed, workers=workers, point_in_time=snapshot_kept and not ran.resumed,
     )  # fmt: skip
+    manifest = replace(manifest, **_increment_fields(out, ran.final, manifest))
     save_manifest(out, manifest)
     remove_checkpoint(out)
     if run.ranges is not None:
@@ -616,9 +647,12 @@ def manifest_of(
 
 def discover_state(session: ExportSession) -> OnDisk:
     """Discard everything first if ``restart`` says so; then what is on disk for this export."""
-    if session.run.restart:
+    run = session.run
+    if run.restart:
         remove_export_files(session.output)
-    return discover(session.output, session.spec.identity())
+    # An increment appended to a complete output hashes it as it opens it: not twice.
+    appends = run.incremental and run.since is None and session.spec.watermark is None
+    return discover(session.output, session.spec.identity(), verify=not appends)
 
 
 # -- a small table: one COPY, written atomically ----------------------------------------------
@@ -738,3 +772,35 @@ def _whole_manifest(
         )
 
     return manifest
+
+
+# -- incremental exports (decisions: copystream.incremental; the stage: copystream.continuation)
+
+
+def _undo_unverified_increment(output: Path, error: PrefixMismatch) -> None:
+    """A complete output that an increment found changed as it opened it (before writing a
+    byte): remove the increment's checkpoint, leaving the output and manifest as they were,
+    and say so as a refusal of the increment."""
+    try:
+        cp = load_checkpoint(output)
+    except CopystreamError:
+        return
+    if cp is not None and incremental.untouched_append(cp):
+        remove_checkpoint(output)
+        manifest = readable_manifest(output)
+        raise incremental.refuse_append(output, manifest, cp.export) from error
+
+
+def readable_manifest(output: Path) -> Manifest | None:
+    """The manifest beside ``output``, or ``None`` when there is none or it is unreadable."""
+    with contextlib.suppress(UsageError):
+        return load_manifest(output)
+    return None
+
+
+def _increment_fields(output: Path, cp: Checkpoint, manifest: Manifest) -> dict[str, Any]:
+    """The manifest fields of an increment (none for another export)."""
+    old = readable_manifest(output) if cp.increment is not None else None
+    return incremental.manifest_fields(
+        cp, old, finished_at=manifest.finished_at, seconds=manifest.seconds
+    )

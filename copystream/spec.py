@@ -381,6 +381,13 @@ class ExportSpec:
         "Compress the output: zstd, gzip or none, optionally :LEVEL (default: from OUTPUT's "
         "suffix, .zst or .gz; zstd level 3, gzip 6).",
     )
+    watermark: str | None = option(
+        None,
+        Text(empty=False, want="a column name"),
+        "Change-tracking timestamptz column (updated_at): page by it, then the key; with "
+        "--since, export the rows changed since that export, less a safety lag.",
+        plan=False,  # an increment is a new file after the previous one: a plan names neither
+    )
     options: CopyOptions = field(default_factory=CopyOptions)
     key_types: tuple[str, ...] | None = None  # known once resolved
 
@@ -500,6 +507,26 @@ class RunOptions:
     )
     metrics_interval: float = option(
         5.0, Seconds(0.1), "Seconds between two writes or pushes of the metrics."
+    )
+    incremental: bool = option(
+        False,
+        FLAG,
+        "Export only the rows after the last key of OUTPUT's complete export, appended to it "
+        "(with --since: to OUTPUT, a new file).",
+    )
+    since: str | None = option(
+        None,
+        Text(empty=False, want="the path of a manifest"),
+        "Incremental export to a file of its own: the rows after the export this manifest "
+        "records (implies --incremental).",
+        plan=False,
+    )
+    watermark_lag: float | None = option(
+        None,
+        Seconds(0),
+        "Safety lag of a --watermark increment, in seconds (default: the age of the oldest "
+        "transaction open when the previous export started).",
+        plan=False,
     )
     retry_policy: RetryPolicy | None = None  # a full policy (delays too), replacing the above
 

@@ -83,13 +83,16 @@ def manifest_identity(manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def discover(output: Path, expected: dict[str, Any] | None = None) -> OnDisk:
+def discover(
+    output: Path, expected: dict[str, Any] | None = None, *, verify: bool = True
+) -> OnDisk:
     """The state of the export to ``output``, read from the files beside it.
 
     With ``expected`` (an export's identity), a checkpoint or ranges file made for another
     export raises :class:`CheckpointMismatch`, and an output counts as complete only when its
     manifest records that export and the file still verifies. Without it, nothing is checked
-    and nothing is hashed (what ``copystream status`` needs).
+    and nothing is hashed (what ``copystream status`` needs). ``verify=False`` leaves the
+    hashing of a complete output to the caller (an increment appended to it re-hashes it anyway).
     """
     ranges = load_parts(output)
     checkpoint = load_checkpoint(output) if ranges is None else None
@@ -111,7 +114,7 @@ def discover(output: Path, expected: dict[str, Any] | None = None) -> OnDisk:
         return Complete(manifest)  # as far as the files beside it tell (nothing is hashed)
     if not os.path.lexists(output):  # a dangling symlink counts as there: never write through it
         return Fresh()
-    done = _complete(output, manifest, expected) if manifest is not None else None
+    done = _complete(output, manifest, expected, verify) if manifest is not None else None
     return done if done is not None else Occupied()
 
 
@@ -130,12 +133,14 @@ def _manifest(output: Path, *, strict: bool = False) -> Manifest | None:
 
 
 def _complete(
-    output: Path, manifest: Manifest, expected: dict[str, Any] | None
+    output: Path, manifest: Manifest, expected: dict[str, Any] | None, verify: bool = True
 ) -> Complete | None:
     if expected is None:
         return Complete(manifest)
     if identity_mismatch(manifest_identity(manifest), {**expected, "range": None}) is not None:
         return None
+    if not verify:
+        return Complete(manifest)
     try:
         verify_file(output)
     except CopystreamError:

@@ -96,7 +96,7 @@ try:
     import copystream
     from copystream.checkpoint import checkpoint_path, load_checkpoint
     from copystream.destinations.local import LocalFile
-    from copystream.manifest import manifest_path
+    from copystream.manifest import load_manifest, manifest_path
     from copystream.testing import EphemeralPostgres, find_bin_dir
 except ImportError as exc:  # pragma: no cover - depends on the environment
     sys.exit(
@@ -1137,12 +1137,7 @@ def step_resume(b: Bench, table: str) -> dict[str, Any]:
     # Prefix verification straight from Python: once from disk (the file's pages dropped from
     # the page cache first), once from the page cache. reopen() also cuts the unfinished tail,
     # exactly as the resumed export would.
-    fd = os.open(out, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    _drop_cache(out)
     timings = {}
     for label in ("cold", "warm"):
         t0 = time.perf_counter()
@@ -1217,6 +1212,95 @@ def step_resume(b: Bench, table: str) -> dict[str, Any]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return result
+
+
+def _drop_cache(path: Path) -> None:
+    """Write ``path`` out and drop its pages from the page cache (a file read cold)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _incremental_table(b: Bench, table: str, cutoff: int) -> str:
+    """A copy of ``table`` holding its rows up to ``cutoff`` (unmeasured); its name."""
+    inc = table + "_inc"
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(inc)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {} AS SELECT * FROM {} WHERE id <= {}").format(
+                sql.Identifier(inc), sql.Identifier(table), sql.Literal(cutoff)
+            )
+        )
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(sql.Identifier(inc)))
+    return inc
+
+
+def _rehash_cold(path: Path) -> dict[str, Any]:
+    """What an increment's opening of ``path`` costs: verifying (re-hashing) it from disk."""
+    manifest = load_manifest(path)
+    assert manifest is not None
+    chunks = [(c.offset, c.bytes, c.xxh3_128) for c in manifest.chunks]
+    _drop_cache(path)
+    t0 = time.perf_counter()
+    LocalFile.reopen(path, chunks, manifest.xxh3_128).close()
+    return {"bytes": manifest.bytes, "seconds": time.perf_counter() - t0}
+
+
+def step_incremental(b: Bench, table: str) -> dict[str, Any]:
+    """An increment of the newest ``--incremental-new`` of the rows appended to a complete
+    export of the rest, against what a user does without it: export the whole table again
+    (copystream, and psql). The existing file is read cold (dropped from the page cache)."""
+    rows, new = b.args.rows, b.args.incremental_new
+    cutoff = rows - max(1, int(rows * new))
+    inc = _incremental_table(b, table, cutoff)
+    base = b.fresh("incremental-base")
+    subprocess.run(b.copystream_cmd(inc, base, 1), check=True, capture_output=True)
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE id > {}").format(
+                sql.Identifier(inc), sql.Identifier(table), sql.Literal(cutoff)
+            )
+        )
+    _, ref_size, ref_digest = b.reference(inc)
+    rehash = _rehash_cold(base)
+    rate = rehash["bytes"] / rehash["seconds"] / 1e9
+    log(f"incremental: re-hashing the {rehash['bytes'] / MB:,.1f} MB file cold took "
+        f"{rehash['seconds']:.2f}s ({rate:.2f} GB/s)")  # fmt: skip
+    records: list[dict[str, Any]] = []
+    for rnd in range(b.args.incremental_rounds):
+        out = b.fresh(f"incremental-r{rnd}")
+        shutil.copyfile(base, out)
+        shutil.copyfile(str(base) + ".manifest.json", str(out) + ".manifest.json")
+        _drop_cache(out)
+        cmd = b.copystream_cmd(inc, out, None, restart=False, extra=["--incremental"])
+        io = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+        m = run_measured(cmd, stdout=io[0], stderr=io[1], interval=b.args.sample_interval)
+        identical = m.returncode == 0 and hash_file(out) == (ref_size, ref_digest)
+        if not identical:
+            b.errors.append(f"incremental round {rnd}: exit {m.returncode} or output differs")
+        remove_output(out)
+        full = b.run("copystream-full", rnd, inc, None)
+        psql = b.run("psql", rnd, inc, None)
+        records.append({
+            "round": rnd, "increment_wall_s": m.wall, "full_wall_s": full.wall_s,
+            "psql_wall_s": psql.wall_s, "identical": identical and full.identical,
+            "increment_vs_full": m.wall / full.wall_s, "increment_vs_psql": m.wall / psql.wall_s,
+        })  # fmt: skip
+        log(f"incremental round {rnd + 1}: increment {m.wall:.2f}s, full copystream "
+            f"{full.wall_s:.2f}s, psql {psql.wall_s:.2f}s")  # fmt: skip
+    remove_output(base)
+    summary = {
+        "rows": rows, "new_rows": rows - cutoff, "base_bytes": ref_size,
+        "increment_vs_full_median": _median([r["increment_vs_full"] for r in records]),
+        "increment_vs_psql_median": _median([r["increment_vs_psql"] for r in records]),
+        "increment_wall_median_s": _median([r["increment_wall_s"] for r in records]),
+        "rehash_cold_s": rehash["seconds"],
+    }  # fmt: skip
+    log(f"incremental: {summary}")
+    return {"summary": summary, "rounds": records}
 
 
 def _log_verify_seconds(text: str) -> float | None:
@@ -1825,6 +1909,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="kill once this fraction of the rows is checkpointed (0.5)",
     )
     g.add_argument(
+        "--incremental-rounds",
+        type=int,
+        default=0,
+        help="rounds of an --incremental export of the newest --incremental-new of the rows, "
+        "appended to a complete export of the rest (read cold), against exporting the whole "
+        "table again with copystream and with psql (0: none)",
+    )
+    g.add_argument(
+        "--incremental-new",
+        type=_fraction,
+        default=0.01,
+        help="the share of the rows the increment exports (0.01)",
+    )
+    g.add_argument(
         "--profile",
         action="store_true",
         help="run one 1-worker export in-process under cProfile and print the top functions "
@@ -1854,11 +1952,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.sample_interval <= 0:
         p.error("--sample-interval must be positive")
     extras = args.memory_growth or args.resume_check or args.profile or args.compress
-    extras = extras or args.s3_rounds > 0
+    extras = extras or args.s3_rounds > 0 or args.incremental_rounds > 0
     if args.rounds == 0 and not (extras or args.tables):
         p.error(
             "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
-            "--compress, --s3-rounds or --tables"
+            "--compress, --s3-rounds, --incremental-rounds or --tables"
         )
     return args
 
@@ -1942,6 +2040,8 @@ def _one_table(b: Bench, results: dict[str, Any], results_dir: Path, stamp: str)
         results["memory_growth"] = step_memory_growth(b, args.table)
     if args.resume_check:
         results["resume_check"] = step_resume(b, args.table)
+    if args.incremental_rounds > 0:
+        results["incremental"] = step_incremental(b, args.table)
     if args.profile:
         results["profile"] = step_profile(b, args.table, results_dir, stamp)
     if args.table in b.references:

@@ -543,7 +543,7 @@ def _execute(
         state = found.get(id(t))
         if t.error is not None:
             ex.record(t, _outcome(t, "failed", errors=(t.error,)))
-        elif isinstance(state, Complete):
+        elif isinstance(state, Complete) and not t.run.incremental:  # else: an increment
             ex.record(t, _from_manifest(t, state.manifest, 0.0))
         else:
             runnable.append(t)
@@ -607,7 +607,7 @@ def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
     if t.resolved is None:
         return _outcome(t, "refused", errors=("not planned: see the warnings",))
     p = t.resolved
-    note, refused = _file_state(t.output)
+    note, refused = _file_state(t.output, incremental=t.run.incremental)
     return replace(
         _outcome(t, "refused" if refused else "ready", errors=(note,) if refused else ()),
         key=p.key,
@@ -619,8 +619,9 @@ def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
     )
 
 
-def _file_state(output: Path) -> tuple[str, bool]:
-    """What the files beside ``output`` say about its export, and whether it would be refused."""
+def _file_state(output: Path, *, incremental: bool = False) -> tuple[str, bool]:
+    """What the files beside ``output`` say about its export, and whether it would be refused
+    (``incremental``: a finished one is appended to, not skipped)."""
     try:
         found = discover(output)
     except CopystreamError as e:
@@ -628,6 +629,8 @@ def _file_state(output: Path) -> tuple[str, bool]:
     if isinstance(found, Resume):
         rows = found.checkpoint.rows if found.checkpoint is not None else 0
         return (f"resumes after {rows:,} rows" if rows else "resumes"), False
+    if isinstance(found, Complete) and incremental:
+        return "finished; the rows after its last key will be appended", False
     if isinstance(found, Complete):
         return "finished (re-verified; skipped if unchanged)", False
     if isinstance(found, Occupied):

@@ -81,10 +81,13 @@ def export_task(
     """Export one table of a bulk job (``table``: as the coordinator resolved it; ``snapshot``:
     the job's, to read from; ``fresh``: the coordinator found nothing of it on disk;
     ``contested``: another process held its output's lock when the job began). A small table's
-    file is left for the coordinator to publish."""
+    file is left for the coordinator to publish. A table with ``incremental = true`` found fresh
+    is exported in full; found complete, by an increment appended to it."""
     started = time.monotonic()
     out = Path(output)
     check_output(out)
+    if run.incremental and fresh:  # ``incremental = true``: in full the first time
+        run = replace(run, incremental=False)
     small = table is not None and is_small(table, run)
     lent = _kept(conninfo) if small else None
     # The output's lock only when more than a small table's temporary files are written (the

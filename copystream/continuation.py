@@ -1,0 +1,163 @@
+"""The incremental stage of the export pipeline, between discover and start: what an
+incremental export continues (an append, an increment after another export, a watermark one),
+read from disk and the server, and its checkpoint saved beside the output before anything is
+written. The decisions are :mod:`copystream.incremental`'s and :mod:`copystream.watermark`'s."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from . import incremental, watermark
+from .checkpoint import checkpoint_path, save_checkpoint
+from .destinations import fresh_state
+from .errors import UsageError
+from .failures import translate
+from .manifest import Manifest, load_manifest
+from .pipeline import ExportSession, now_iso, overwrite, readable_manifest
+from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
+from .sizing import first_chunk_rows
+from .state import Complete, Occupied, OnDisk, Resume
+
+__all__ = ["continued", "continuing"]
+
+log = logging.getLogger("copystream")
+
+
+def continuing(session: ExportSession) -> bool:
+    """Whether the export continues another one (an increment of any kind)."""
+    run = session.run
+    return run.incremental or run.since is not None or session.spec.watermark is not None
+
+
+def continued(session: ExportSession, found: OnDisk) -> OnDisk:
+    """``found`` as an incremental export sees it: the checkpoint of the increment, saved
+    beside the output before anything is written (an unfinished export resumes as it is).
+    Any other export's ``found`` is returned as it is."""
+    if not continuing(session):
+        return found
+    if session.spec.watermark is not None:
+        return _watermark_export(session, found, session.spec.watermark)
+    if session.run.since is not None:
+        return _since(session, found, session.run.since)
+    out, identity = session.output, session.spec.identity()
+    if isinstance(found, Resume):
+        return found
+    if not isinstance(found, Complete) or not _same_size(out, found.manifest):
+        raise incremental.refuse_append(out, readable_manifest(out), identity)
+    cp = incremental.append_checkpoint(
+        found.manifest, identity, fresh_state(out, session.spec), **_sizes(session)
+    )
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
+    """The increment after the export ``since`` names, to a new output."""
+    out, identity = session.output, session.spec.identity()
+    previous, after = _previous(session, since)
+    if isinstance(found, Resume):
+        if found.checkpoint is not None:
+            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
+        return found
+    if isinstance(found, Complete):
+        incremental.check_complete_since(found.manifest, after, out)
+        return found
+    if isinstance(found, Occupied):
+        overwrite(session)
+    cp = incremental.since_checkpoint(
+        previous, after, identity, fresh_state(out, session.spec), **_sizes(session)
+    )
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _previous(session: ExportSession, since: str) -> tuple[Manifest, dict[str, Any]]:
+    """The manifest ``since`` names, and what an increment after it records of it."""
+    path, previous_output = incremental.since_manifest(since)
+    previous = load_manifest(previous_output)
+    if previous is None:
+        raise UsageError(f"{path} does not exist: no export for the increment to follow")
+    return previous, incremental.follows(previous, path, session.spec.identity(), session.output)
+
+
+def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnDisk:
+    """A watermark export (after the one ``since`` names, if any), to a new output."""
+    out, run = session.output, session.run
+    previous, after = _previous(session, run.since) if run.since is not None else (None, None)
+    begin = None
+    if previous is not None:
+        begin = watermark.previous_mark(previous, column, run.watermark_lag)
+    if isinstance(found, Resume):
+        if found.checkpoint is not None:
+            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
+        return found
+    if isinstance(found, Complete):
+        if after is not None:
+            incremental.check_complete_since(found.manifest, after, out)
+        return found
+    if isinstance(found, Occupied):
+        overwrite(session)
+    try:
+        if previous is not None:
+            settings = dict(previous.settings)
+            session.query("pinning the session settings", apply_settings_query(settings))
+        else:
+            row = session.query("reading the session settings", read_settings_query())
+            settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+        mark = _mark(session, column, begin, after)
+    except psycopg.Error as e:
+        raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
+    cp = incremental.watermark_checkpoint(
+        session.spec.identity(), settings, fresh_state(out, session.spec), mark, after,
+        **_sizes(session),
+    )  # fmt: skip
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def _mark(
+    session: ExportSession,
+    column: str,
+    begin: tuple[str, float] | None,
+    after: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """Read the server's clock and oldest open transaction (before any chunk), and for an
+    increment the key it starts after and its overlap with the previous export."""
+    measured = session.query("reading the transactions in progress", watermark.measure_query())
+    if measured[2] and session.run.watermark_lag is None:
+        log.warning(
+            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
+            "their open transactions do not count in the safety lag of the next increment "
+            "(grant pg_read_all_stats, or give the lag)", session.table.qualified, measured[2],
+        )  # fmt: skip
+    if begin is None or after is None:
+        return watermark.mark(column, measured, None, None, 0)
+    lower = str(session.query("computing the lower bound", watermark.lower_bound_query(*begin))[0])
+    key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
+    overlap = 0
+    if after["last_key"] is not None:
+        q = watermark.overlap_query(session.table, key, after["last_key"])
+        overlap = int(session.query("counting the overlap", q)[0])
+    return watermark.mark(column, measured, lower, key, overlap)
+
+
+def _sizes(session: ExportSession) -> dict[str, Any]:
+    table, rows = session.table, session.run.chunk_rows
+    first = first_chunk_rows(table.estimated_rows, table.estimated_bytes)
+    return {
+        "started_at": now_iso(),
+        "chunk_rows": first if rows is None else rows,
+        "estimated_rows": table.estimated_rows,
+    }
+
+
+def _same_size(output: Path, manifest: Manifest) -> bool:
+    """Whether ``output`` has the size its manifest records (bytes past it would be cut)."""
+    try:
+        return output.stat().st_size == manifest.bytes
+    except OSError:
+        return False
