@@ -177,6 +177,7 @@ def status(output: Path, as_json: bool) -> None:
                     "chunks": s.chunks,
                     "ranges": s.ranges,
                     "ranges_finished": s.ranges_finished,
+                    "parts": s.parts,
                 }
             )
         )
@@ -190,9 +191,10 @@ def status(output: Path, as_json: bool) -> None:
         where = f"{s.ranges_finished} of {s.ranges} key ranges finished"
     else:
         where = "last key " + (", ".join(s.last_key) if s.last_key else "(none)")
+    held = f"{s.chunks} chunks" if s.parts is None else f"{s.parts} parts ({s.chunks} chunks)"
     click.echo(
         f"{s.output}: {s.state}; table {s.table}; {s.rows:,} rows{share}, "
-        f"{s.bytes:,} bytes in {s.chunks} chunks; {where}"
+        f"{s.bytes:,} bytes in {held}; {where}"
     )
 
 

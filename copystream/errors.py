@@ -60,6 +60,8 @@ class Remedy(enum.Enum):
     FIX_FILTER = "fix_filter"  # the filter is at fault
     FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
+    OUT_OF_RANGE = "out_of_range"  # a value Parquet cannot store: choose what to write instead
+    LOOSE_TYPES = "loose_types"  # a type Parquet has none of: allow it as text, or leave it out
 
     def words(self, audience: Audience = "python") -> str:
         """This remedy as ``audience`` says it."""
@@ -96,6 +98,19 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "cli": "the checkpoint is intact, run the same command again to resume",
         "plan": "the checkpoint is intact, run the plan again to resume",
         "python": "the checkpoint is intact, call again with the same arguments to resume",
+    },
+    Remedy.OUT_OF_RANGE: {
+        "cli": "pass --out-of-range null or --out-of-range clamp to write such values as NULL "
+        "or as the nearest value Parquet holds",
+        "plan": 'set out_of_range = "null" or "clamp" to write such values as NULL or as the '
+        "nearest value Parquet holds",
+        "python": 'pass out_of_range="null" or "clamp" to write such values as NULL or as the '
+        "nearest value Parquet holds",
+    },
+    Remedy.LOOSE_TYPES: {
+        "cli": "leave out --strict-types to write it as text, or the column with --columns",
+        "plan": "leave out strict_types to write it as text, or the column with columns =",
+        "python": "leave out strict_types=True to write it as text, or the column with columns=",
     },
 }
 

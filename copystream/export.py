@@ -197,7 +197,7 @@ def run_export(
     """Export ``spec`` to ``output`` as ``run`` says: :func:`export_table` with the spec whole."""
     started = time.monotonic()
     out = Path(output)
-    check_output(out)
+    check_output(out, directory=spec.options.format == "parquet")
     with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
         found = discover_state(session)
         if isinstance(found, Complete):
@@ -270,6 +270,8 @@ class ExportStatus:
     chunks: int
     ranges: int = 1  # key ranges of a --workers export (1: a single-worker export)
     ranges_finished: int = 0  # of which are exported (all once the export is complete)
+    #: Of a Parquet dataset: the complete part files (``bytes`` is then their size); else None.
+    parts: int | None = None
 
     @property
     def percent(self) -> float | None:
@@ -292,9 +294,12 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
     found = discover(out)
     if isinstance(found, Resume) and found.checkpoint is not None:
         cp = found.checkpoint
+        parts = cp.destination.get("parts") if cp.destination.get("kind") == "parquet" else None
+        size = cp.offset if parts is None else sum(int(p["bytes"]) for p in parts)
         return ExportStatus(
-            out, "in progress", str(cp.export.get("table")), cp.rows, cp.offset, cp.last_key,
+            out, "in progress", str(cp.export.get("table")), cp.rows, size, cp.last_key,
             cp.estimated_rows, len(cp.chunks), ranges_finished=int(cp.finished),
+            parts=None if parts is None else len(parts),
         )  # fmt: skip
     if isinstance(found, Resume) and found.ranges is not None:
         return _ranges_status(out, found)
@@ -304,6 +309,7 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
         return ExportStatus(
             out, "complete", m.table, m.rows, m.bytes, last, m.rows, len(m.chunks),
             ranges=m.workers, ranges_finished=m.workers,
+            parts=len(m.parts) if m.parquet is not None else None,
         )  # fmt: skip
     raise UsageError(f"no checkpoint or manifest beside {out}: no export to report on")
 

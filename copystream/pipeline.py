@@ -19,9 +19,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -31,13 +32,14 @@ import psycopg
 from psycopg import sql
 
 from ._atomic import locked
-from .catalog import introspect
+from .catalog import column_types, introspect
 from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
 from .connection import Target, connect, io_deadline
 from .errors import OutputExists, OutputProblem
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
 from .manifest import Manifest, manifest_path, save_manifest
+from .parquet_types import parquet_settings, plan_columns, select_list
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -81,9 +83,10 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def check_output(output: Path) -> None:
-    """Refuse an output path that cannot be written (a usage error: nothing is created)."""
-    if output.is_dir():
+def check_output(output: Path, *, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written (a usage error: nothing is created).
+    ``directory``: the output is a directory copystream makes (a Parquet dataset)."""
+    if output.is_dir() and not directory:
         raise OutputProblem(f"output {output} is a directory; give a file name")
     parent = output.parent
     if not parent.is_dir():
@@ -213,6 +216,12 @@ class ExportSession:
         self.spec = self.requested.resolved(
             table.qualified, table.key, table.key_types, table.columns, output=self.output
         )
+        if self.spec.options.format == "parquet":
+            try:
+                self._plan_parquet()
+            except BaseException:
+                self._stack.close()
+                raise
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
         try:
@@ -234,6 +243,17 @@ class ExportSession:
         if self.snapshot is not None:
             self.snapshot.close()
         self._stack.close()
+
+    def _plan_parquet(self) -> None:
+        """Map every column to its Parquet type (a type refused under ``strict_types`` is a
+        usage error before anything is created) and type the chunks' SELECT list."""
+        assert self.conn is not None
+        with io_deadline(self.conn, self.run.io_timeout, "reading the column types"):
+            types = column_types(self.conn, self.table)
+        plans = plan_columns(types, strict=self.spec.strict_types, table=self.table.qualified)
+        self.spec = replace(self.spec, parquet_columns=plans)
+        policy = self.spec.out_of_range or "error"
+        self.table = replace(self.table, select=select_list(plans, self.table.key, policy))
 
     @property
     def phase(self) -> Phase:
@@ -270,8 +290,15 @@ def remove_export_files(output: Path) -> None:
     """Delete the output and every file copystream keeps beside it (``restart``)."""
     remove_parts(output, load_parts(output, strict=False))  # a damaged ranges file's parts too
     for p in (checkpoint_path(output), manifest_path(output), output):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a Parquet dataset's directory, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 @dataclass(frozen=True)
@@ -292,8 +319,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         if not run.force:
             raise OutputExists(f"{out} exists and has no checkpoint to resume from")
         for p in (manifest_path(out), out):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+            _remove(p)
         remove_parts(out)  # part files an older, interrupted clean-up may have left
         found = Fresh()
     try:
@@ -302,6 +328,8 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         else:
             row = session.query("reading the session settings", read_settings_query())
             settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+            if session.spec.parquet is not None:  # typed output: fixed text forms
+                settings = parquet_settings(settings)
             started_at = now_iso()
         single = isinstance(found, Resume) and found.checkpoint is not None
         if run.workers > 1 and single:
@@ -394,6 +422,12 @@ def execute(
             outcomes = joined_outcomes(out, run.ranges)
         else:
             outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
+        if run.ranges.export.get("parquet") is not None:  # the ranges' parts are the dataset
+            from .destinations.parquet import combined
+
+            r = run.ranges
+            final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
+            return Ran(tuple(outcomes), final, final.xxh3_128)
         final, digest = join_parts(out, run.ranges, outcomes)
         return Ran(tuple(outcomes), final, digest)
     outcome = run_part(run.job, progress=progress, sleep=sleep)
@@ -411,6 +445,7 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
             table.qualified,
         )
     cp = ran.final
+    parts = _parts_with_keys(cp)
     manifest = Manifest(
         table=table.qualified,
         key=table.key,
@@ -420,7 +455,7 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
         where=table.where,
         options=cp.export["options"],
         rows=cp.rows,
-        bytes=cp.offset,
+        bytes=sum(p["bytes"] for p in parts) if cp.export.get("parquet") else cp.offset,
         xxh3_128=ran.digest,
         chunks=cp.chunks,
         chunk_rows=cp.chunk_rows,
@@ -434,12 +469,23 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
         compress=cp.export.get("compress"),
         uncompressed_bytes=cp.destination.get("uncompressed_bytes"),
         uncompressed_xxh3_128=cp.destination.get("uncompressed_xxh3_128"),
+        parquet=cp.export.get("parquet"),
+        parts=parts,
     )
     save_manifest(out, manifest)
     remove_checkpoint(out)
     if run.ranges is not None:
         remove_parts(out, run.ranges)
     return manifest
+
+
+def _parts_with_keys(cp: Checkpoint) -> tuple[dict[str, Any], ...]:
+    """A Parquet dataset's parts, each with the last key it holds (of its last chunk)."""
+    parts = []
+    for p in cp.destination.get("parts", ()):
+        last = cp.chunks[p["chunks"] - 1].last_key if p["chunks"] else None
+        parts.append({**p, "last_key": list(last) if last is not None else None})
+    return tuple(parts)
 
 
 def discover_state(session: ExportSession) -> OnDisk:

@@ -329,11 +329,12 @@ def run_parts(
     range (``ranged``: the range is part of its identity).
     """
     plan = template.table
+    dataset = parts.export.get("parquet") is not None  # each range writes its own part files
     jobs = []
     for i, (lo, hi) in enumerate(parts.ranges):
         state = part_path(output, i)
-        path = part_data_path(output, i, first_in_place=parts.first_in_place)
-        if os.path.lexists(path) and not checkpoint_path(state).exists():
+        path = output if dataset else part_data_path(output, i, first_in_place=parts.first_in_place)
+        if not dataset and os.path.lexists(path) and not checkpoint_path(state).exists():
             if path == output:  # never removed here: it may be a finished export of its own
                 raise OutputExists(
                     f"{output} exists but the first range of the unfinished --workers export "
@@ -349,6 +350,7 @@ def run_parts(
             upper=hi,
             first=i == 0,
             ranged=True,
+            part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
         )
         cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
         if cp is not None:

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_setup.sh
 
-setup_venv test,dev,pg18
+setup_venv test,dev,pg18,parquet
 ensure_postgres
 
 if [[ $# -eq 0 ]]; then
