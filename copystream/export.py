@@ -170,6 +170,14 @@ def export_table(
             (``.zst``: zstd level 3, ``.gz``: gzip level 6, else none). Every chunk is one
             zstd frame or gzip member, so the file is valid at every checkpoint; ``bytes`` and
             the digests are those of the compressed file, ``uncompressed_bytes`` the CSV's.
+        format="parquet": ``output`` is a directory of typed Parquet part files (see
+            :mod:`copystream.parquet_types` for the mapping; needs ``copystream[parquet]``).
+        parquet_compression: ``"zstd"`` (default), ``"snappy"``, ``"gzip"`` or ``"none"``.
+        part_size: bytes of Parquet per part file (an int, or ``"512MB"``); 128 MB.
+        row_group_size: most bytes of Arrow data per row group, what memory holds; 32 MB.
+        out_of_range: ``"error"`` (default), ``"null"`` or ``"clamp"``: what becomes of an
+            infinite or out-of-range date or timestamp, or a NaN decimal.
+        strict_types: refuse columns whose type would be written as text.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
