@@ -868,17 +868,24 @@ def _compressed_summary(records: list[dict[str, Any]], names: list[str]) -> list
         runs = [r for r in records if r["config"] == name]
         pairs = [(r, pipe[(name.split("-")[1], r["round"])]) for r in runs]
         out.append({
-            "config": name, "runs": len(runs),
-            "wall_s": _median([r["wall_s"] for r in runs]),
+            "config": name, **_run_medians(runs),
             "ratio_to_pipeline": _median([r["wall_s"] / p["wall_s"] for r, p in pairs]),
-            "size_mb": _median([r["bytes"] / MB for r in runs]),
             "size_to_pipeline": _median([r["bytes"] / p["bytes"] for r, p in pairs]),
-            "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
-            "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
-            "cpu_s": _median([r["cpu_s"] for r in runs]),
             "all_identical": all(r["identical"] for r in runs),
         })  # fmt: skip
     return out
+
+
+def _run_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of one config's runs: wall time, size, peak RSS (and its max), CPU."""
+    return {
+        "runs": len(runs),
+        "wall_s": _median([r["wall_s"] for r in runs]),
+        "size_mb": _median([r["bytes"] / MB for r in runs]),
+        "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
+        "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
+        "cpu_s": _median([r["cpu_s"] for r in runs]),
+    }
 
 
 def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
@@ -1039,14 +1046,9 @@ def _parquet_summary(records: list[dict[str, Any]], names: list[str]) -> list[di
             return _median(values) if values else None
 
         out.append({
-            "config": name, "runs": len(runs),
-            "wall_s": _median([r["wall_s"] for r in runs]),
+            "config": name, **_run_medians(runs),
             "x_psql": ratio("psql-csv", "wall_s"), "x_duckdb": ratio("duckdb", "wall_s"),
-            "size_mb": _median([r["bytes"] / MB for r in runs]),
             "size_x_duckdb": ratio("duckdb", "bytes"),
-            "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
-            "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
-            "cpu_s": _median([r["cpu_s"] for r in runs]),
         })  # fmt: skip
     return out
 
