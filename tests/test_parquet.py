@@ -276,6 +276,21 @@ def test_rollback_rewrites_the_part_in_flight(
     assert not [p for p in os.listdir(path) if p.startswith(".")]
 
 
+def test_a_null_row_of_one_column_is_kept(tmp_path: Path) -> None:
+    """The NULL of a one-column table is an empty line of CSV: a row, never skipped."""
+    export = {"parquet": {"compression": "none", "part_size": 1 << 30, "row_group_size": 1 << 20,
+                          "columns": [["n", "integer", "int32", "text"]]}}  # fmt: skip
+    path = tmp_path / "n.parquet"
+    dest = ParquetDataset.create(path, export, {"kind": "parquet", "stem": "part-", "parts": []})
+    dest.begin_chunk()
+    dest.write(b"1\n\n3\n\n")
+    dest.end_chunk()
+    dest.end_parts()
+    dest.sync()
+    dest.close()
+    assert pq.read_table(path / "part-00000.parquet").column("n").to_pylist() == [1, None, 3, None]
+
+
 # -- against a server -----------------------------------------------------------------------------
 
 

@@ -139,7 +139,8 @@ class Decoder:
             true_values=["t"],
             false_values=["f"],
         )
-        self._parse = pa.csv.ParseOptions(newlines_in_values=True)
+        # An empty line is a row: the NULL of a one-column table.
+        self._parse = pa.csv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False)
         #: Columns dictionary-encoded: text ones, where values repeat. Numbers, instants and
         #: uuids are mostly distinct: a dictionary would be built up to its limit and dropped
         #: (ids were 2.6x larger that way than plain, as DuckDB writes them).
@@ -358,7 +359,7 @@ class ParquetDataset:
         check_parts(path, cp.destination.get("parts", []))
         recorded = {p["file"] for p in cp.destination.get("parts", [])}
         for entry in os.listdir(path):
-            leftover = entry.endswith(".parquet.tmp") or (
+            leftover = entry.endswith((".parquet.tmp", ".parquet.tmp.old")) or (
                 entry.endswith(".parquet") and entry not in recorded
             )
             if leftover and entry.lstrip(".").startswith(str(cp.destination.get("stem"))):
