@@ -294,6 +294,7 @@ def test_a_null_row_of_one_column_is_kept(tmp_path: Path) -> None:
 # -- against a server -----------------------------------------------------------------------------
 
 
+@pytest.mark.all_versions
 def test_every_type_reads_back_equal(db: str, tmp_path: Path) -> None:
     """pyarrow reads back, value by value, what psycopg returns (NULLs, NaN, ±Infinity, extreme
     numerics, BC dates, time zones, unicode, TOAST-sized text, arrays, empty arrays)."""
@@ -373,6 +374,7 @@ def test_sigkill_at_several_points_then_resume(db: str, tmp_path: Path) -> None:
     copystream.verify_file(out)
 
 
+@pytest.mark.all_versions
 def test_infinity_follows_the_policy(db: str, tmp_path: Path) -> None:
     """Default: exit 2 naming the column, the value and the key, nothing left; null: NULL;
     clamp: the extreme values the Parquet types hold (a NaN decimal is still an error)."""
@@ -398,6 +400,7 @@ def test_infinity_follows_the_policy(db: str, tmp_path: Path) -> None:
     assert t.column("ts").cast(pa.int64()).to_pylist()[1:] == [-(2**63), 2**63 - 1]
 
 
+@pytest.mark.all_versions
 def test_bad_requests_exit_2_and_leave_nothing(db: str, tmp_path: Path) -> None:
     out = tmp_path / "bad.parquet"
     before = snapshot(tmp_path)
