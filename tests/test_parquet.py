@@ -457,3 +457,19 @@ def test_workers_write_their_own_parts_in_key_order(db: str, tmp_path: Path) -> 
     ids = [r[0] for r in duckdb.sql(f"SELECT id FROM read_parquet('{glob}')").fetchall()]
     assert ids == list(range(1, 60001))
     copystream.verify_file(out)
+
+
+def test_a_bulk_plan_exports_parquet_datasets(db: str, tmp_path: Path) -> None:
+    """``format = "parquet"`` in a plan's defaults: each table becomes
+    ``<schema>.<table>.parquet``, a dataset that verifies and holds every row."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\ndsn = "{db}"\noutput_dir = "out"\nformat = "parquet"\n'
+        'out_of_range = "null"\n\n'
+        '[[tables]]\nname = "public.big"\n[[tables]]\nname = "inf"\n[[tables]]\nname = "ranged"\n'
+    )
+    copystream.run_bulk(plan)
+    for name, rows in (("big", 60000), ("inf", 3), ("ranged", 1)):
+        out = tmp_path / "out" / f"public.{name}.parquet"
+        assert copystream.verify_file(out).rows == rows
+        assert read_dataset(out).num_rows == rows
