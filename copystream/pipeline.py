@@ -247,6 +247,9 @@ class ExportSession:
     def _plan_parquet(self) -> None:
         """Map every column to its Parquet type (a type refused under ``strict_types`` is a
         usage error before anything is created) and type the chunks' SELECT list."""
+        from .destinations.parquet import require_pyarrow
+
+        require_pyarrow()  # a usage error before anything is created
         assert self.conn is not None
         with io_deadline(self.conn, self.run.io_timeout, "reading the column types"):
             types = column_types(self.conn, self.table)

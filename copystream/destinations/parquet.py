@@ -48,6 +48,7 @@ __all__ = [
     "combined",
     "dataset_digest",
     "fresh_state",
+    "require_pyarrow",
     "resume_point",
     "verify_dataset",
 ]
@@ -67,7 +68,9 @@ ZSTD_LEVEL = 3
 QUEUED_BLOCKS = 2
 
 
-def _import_pyarrow() -> Any:
+def require_pyarrow() -> Any:
+    """The ``pyarrow`` module (with its csv and parquet modules), or a :class:`UsageError`
+    saying how to install it."""
     try:
         import pyarrow
         import pyarrow.csv
@@ -117,7 +120,7 @@ class Decoder:
     """
 
     def __init__(self, columns: Sequence[Sequence[str]]) -> None:
-        pa = _import_pyarrow()
+        pa = require_pyarrow()
         self.pa = pa
         self.columns = [tuple(c) for c in columns]
         names = [c[0] for c in self.columns]
@@ -629,7 +632,7 @@ def check_parts(path: Path, parts: Sequence[dict[str, Any]]) -> None:
 def verify_dataset(path: Path, parts: Sequence[dict[str, Any]], digest: str) -> int:
     """Check each part's size, digest and row count (its footer) against ``parts``, and the
     whole dataset's digest; return the rows. Raises :class:`VerificationFailed`."""
-    pq = _import_pyarrow().parquet
+    pq = require_pyarrow().parquet
     rows = 0
     for p in parts:
         file = path / p["file"]
