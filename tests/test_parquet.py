@@ -260,7 +260,8 @@ def test_rollback_rewrites_the_part_in_flight(
     dest.begin_chunk()
     dest.write(b'3,"c\nd"\n')
     assert dest._decoding.drain() is None
-    assert dest._chunk_groups == 1  # written as a row group (row_group_size is 1 byte)
+    part = dest._current
+    assert part is not None and (part.groups, part.kept) == (2, 1)  # a row group of its own
     dest.rollback()
     dest.begin_chunk()
     dest.write(b"4,\n5,\"\"\n")
@@ -274,6 +275,27 @@ def test_rollback_rewrites_the_part_in_flight(
     ]  # fmt: skip
     assert [p["rows"] for p in dest.state()["parts"]] == [4]
     assert not [p for p in os.listdir(path) if p.startswith(".")]
+
+
+def test_a_failed_write_loses_the_part_in_flight_and_stops(tmp_path: Path) -> None:
+    """Rows the decoding thread could not write may be an ended chunk's: the part in flight is
+    dropped and every later call raises ExportFailed (exit 1; a resume redoes the part)."""
+    export = {"parquet": {"compression": "none", "part_size": 1 << 30, "row_group_size": 1 << 20,
+                          "columns": [["n", "integer", "int32", "text"]]}}  # fmt: skip
+    path = tmp_path / "f.parquet"
+    dest = ParquetDataset.create(path, export, {"kind": "parquet", "stem": "part-", "parts": []})
+    dest.begin_chunk()
+    dest.write(b"1\n2\n")
+    dest.end_chunk()
+    dest.begin_chunk()
+    dest.write(b"x\n")  # cannot be an int32
+    dest.end_chunk()  # returns at once: the rows are written by the decoding thread
+    with pytest.raises(pa.ArrowInvalid):
+        dest.end_parts()
+    with pytest.raises(copystream.ExportFailed, match="part in flight"):
+        dest.begin_chunk()
+    dest.close()
+    assert os.listdir(path) == []
 
 
 def test_a_null_row_of_one_column_is_kept(tmp_path: Path) -> None:

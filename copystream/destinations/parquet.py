@@ -37,7 +37,7 @@ import xxhash
 
 from .._atomic import fsync_dir, raise_if_full
 from ..checkpoint import Checkpoint
-from ..errors import PrefixMismatch, UsageError, VerificationFailed
+from ..errors import ExportFailed, PrefixMismatch, UsageError, VerificationFailed
 from . import ChunkWritten
 from .local import hash_range
 
@@ -62,6 +62,9 @@ PARSE_BYTES = 4 * 1024 * 1024
 
 #: zstd's own default level (Arrow's is 1): the size DuckDB and Spark write, at little cost.
 ZSTD_LEVEL = 3
+
+#: The decoding thread's marker of a chunk's end: write its last rows as a row group.
+END_OF_CHUNK = bytearray()
 
 #: Blocks waiting for the decoding thread: enough to keep it busy while the chunk loop reads
 #: the next one, few enough to bound memory (2 x PARSE_BYTES).
@@ -281,16 +284,21 @@ class _Decoding:
                 self._queue.task_done()
 
     def put(self, block: bytearray) -> None:
-        """Queue ``block`` (waits while ``QUEUED_BLOCKS`` wait already)."""
+        """Queue ``block`` (waits while ``QUEUED_BLOCKS`` wait already); raise the error of an
+        earlier block, if any."""
         if self._error is not None:
-            raise self.drain() or RuntimeError("decoding failed")
+            raise self._error
         self._queue.put(block)
 
     def drain(self) -> BaseException | None:
-        """Wait until every queued block is written; return (and forget) the error, if any."""
+        """Wait until every queued block is done; the error of one, if any (kept until
+        :meth:`clear`: every block after it was dropped)."""
         self._queue.join()
-        error, self._error = self._error, None
-        return error
+        return self._error
+
+    def clear(self) -> None:
+        """Forget the error (its blocks are accounted for)."""
+        self._error = None
 
     def stop(self) -> None:
         """End the thread (idempotent)."""
@@ -309,6 +317,8 @@ class _Part:
     writer: Any
     rows: int = 0
     groups: int = 0
+    kept: int = 0  # row groups of ended chunks (the rest are the chunk in progress's)
+    kept_rows: int = 0
     chunks: int = 0  # chunk records of the checkpoint once this part is sealed
 
 
@@ -338,6 +348,9 @@ class ParquetDataset:
         self._current: _Part | None = None
         self._offset = offset  # CSV bytes of every chunk ended so far
         self._chunks = chunks  # chunk records so far
+        self._tables: list[Any] = []  # parsed, not yet written (the decoding thread's)
+        self._table_bytes = 0
+        self._broken: str | None = None  # why the part in flight was lost (a failed write)
         self._begin_chunk()
         self._decoding = _Decoding(self._decode)
 
@@ -373,15 +386,14 @@ class ParquetDataset:
     # -- writing ------------------------------------------------------------------------------
 
     def _begin_chunk(self) -> None:
+        # the chunk loop's side; the decoding thread's (parsed tables) is reset by _decode
         self._pending = bytearray()
-        self._tables: list[Any] = []
-        self._table_bytes = 0
-        self._chunk_groups = 0
         self._chunk_bytes = 0
         self._chunk_hash = xxhash.xxh3_128()
 
     def begin_chunk(self) -> None:
         """Start a chunk: what :meth:`rollback` returns to."""
+        self._check_intact()
         self._begin_chunk()
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -394,8 +406,14 @@ class ParquetDataset:
             self._decoding.put(block)
 
     def _decode(self, block: bytearray) -> None:
-        """Parse ``block``; write a row group when ``row_group_size`` bytes are parsed (on the
-        decoding thread)."""
+        """Parse ``block``; write a row group when ``row_group_size`` bytes are parsed; at
+        :data:`END_OF_CHUNK` write the rest (on the decoding thread)."""
+        if block is END_OF_CHUNK:
+            self._flush()
+            part = self._current
+            if part is not None:
+                part.kept, part.kept_rows = part.groups, part.rows
+            return
         table = self.decoder.decode(block)
         self._tables.append(table)
         self._table_bytes += table.nbytes
@@ -419,7 +437,6 @@ class ParquetDataset:
             raise
         part.rows += table.num_rows
         part.groups += 1
-        self._chunk_groups += 1
 
     def _open_part(self) -> _Part:
         with self._lock:
@@ -440,32 +457,50 @@ class ParquetDataset:
         return self._current
 
     def end_chunk(self) -> ChunkWritten:
-        """End the chunk: its rows become the part's last row group(s); the part is sealed
-        when it has reached ``part_size``. Returns the chunk's place and digest in the COPY
-        stream (its CSV bytes)."""
+        """End the chunk: its rows become the part's last row group(s), written by the
+        decoding thread while the next chunk streams. When the part in flight has reached
+        ``part_size`` (as far as it is written), that is waited for and the part is sealed
+        with this chunk. Returns the chunk's place and digest in the COPY stream (its CSV)."""
+        self._check_intact()
         if self._pending:
             self._decoding.put(self._pending)
-        error = self._decoding.drain()
-        if error is not None:
-            raise error
-        self._flush()
+        self._decoding.put(END_OF_CHUNK)
         written = ChunkWritten(self._offset, self._chunk_bytes, self._chunk_hash.hexdigest())
         self._offset += self._chunk_bytes
         if self._chunk_bytes:
             self._chunks += 1
         part = self._current
-        if part is not None:
-            part.chunks = self._chunks
-            if part.tmp.stat().st_size >= self.part_size:
-                self._seal(part)
+        if part is not None and part.tmp.stat().st_size >= self.part_size:
+            self.end_parts()
         self._begin_chunk()
         return written
 
     def end_parts(self) -> None:
-        """The last chunk has ended: seal the part in flight (with the checkpoint that follows,
-        the dataset is complete)."""
+        """Wait until every ended chunk is written, then seal the part in flight (after the
+        last chunk: with the checkpoint that follows, the dataset is complete)."""
+        self._settle()
         if self._current is not None:
+            self._current.chunks = self._chunks
             self._seal(self._current)
+
+    def _settle(self) -> None:
+        """Wait for the decoding thread; its error means the part in flight is lost."""
+        error = self._decoding.drain()
+        if error is not None:
+            self._lose(error)
+            raise error
+
+    def _lose(self, error: BaseException) -> None:
+        """The part in flight cannot be trusted (a write failed): drop it; every later call
+        raises, so that the export stops and resumes from the last sealed part."""
+        self._broken = f"writing the part in flight failed ({error})"
+        self._decoding.clear()
+        self._tables, self._table_bytes = [], 0
+        self._drop_current()
+
+    def _check_intact(self) -> None:
+        if self._broken is not None:
+            raise ExportFailed(self._broken)
 
     def _seal(self, part: _Part) -> None:
         """Close the part (its footer is written) and hash it; the commit thread makes it
@@ -486,13 +521,18 @@ class ParquetDataset:
 
     def rollback(self) -> None:
         """Forget the chunk: its parsed rows, and the row groups it wrote (the part in flight
-        is rewritten without them)."""
-        self._decoding.drain()  # the chunk is dropped, and the error that ended it with it
-        groups = self._chunk_groups
+        is rewritten without them). A failed write of an ended chunk cannot be forgotten:
+        the part in flight is dropped and the export stops (see :meth:`_lose`); so does a
+        failed parse, which may have been an ended chunk's."""
+        error = self._decoding.drain()
         self._begin_chunk()
+        if error is not None:  # it may have hit an ended chunk's rows: they are lost
+            self._lose(error)
+            return
+        self._tables, self._table_bytes = [], 0
         part = self._current
-        if groups and part is not None:
-            self._rewrite(part, part.groups - groups)
+        if part is not None and part.groups > part.kept:
+            self._rewrite(part, part.kept)
 
     def _rewrite(self, part: _Part, keep: int) -> None:
         part.writer.close()
@@ -504,9 +544,8 @@ class ParquetDataset:
             fresh = self._open_part()
             for i in range(keep):
                 fresh.writer.write_table(source.read_row_group(i))
-            fresh.groups = keep
-            fresh.rows = sum(source.metadata.row_group(i).num_rows for i in range(keep))
-            fresh.chunks = part.chunks
+            fresh.groups = fresh.kept = keep
+            fresh.rows = fresh.kept_rows = part.kept_rows
         source.close()
         old.unlink()
 
