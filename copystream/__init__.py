@@ -11,18 +11,8 @@ The library is the product; the ``copystream`` command is a thin layer over it::
 
 from __future__ import annotations
 
-from .bulk import (
-    BulkBarReporter,
-    BulkLogReporter,
-    BulkPlan,
-    BulkProgress,
-    BulkResult,
-    PlanEntry,
-    PlanError,
-    TableOutcome,
-    load_plan,
-    run_bulk,
-)
+from typing import TYPE_CHECKING, Any
+
 from .errors import (
     AuthenticationFailed,
     CheckpointMismatch,
@@ -37,6 +27,7 @@ from .errors import (
     PrefixMismatch,
     Remedy,
     RetriesExhausted,
+    SnapshotRequired,
     TableNotFound,
     UsageError,
     VerificationFailed,
@@ -47,7 +38,48 @@ from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
 from .spec import Compression, CopyOptions, ExportSpec, RunOptions
 
+if TYPE_CHECKING:
+    from .bulk import (
+        BulkBarReporter,
+        BulkLogReporter,
+        BulkPlan,
+        BulkProgress,
+        BulkResult,
+        JobSnapshot,
+        PlanEntry,
+        PlanError,
+        TableOutcome,
+        load_plan,
+        run_bulk,
+    )
+
 __version__ = "0.1.0"
+
+#: The bulk job's names, imported on first use: ``copystream export`` never needs them.
+_BULK_NAMES = frozenset(
+    {
+        "BulkBarReporter",
+        "BulkLogReporter",
+        "BulkPlan",
+        "BulkProgress",
+        "BulkResult",
+        "JobSnapshot",
+        "PlanEntry",
+        "PlanError",
+        "TableOutcome",
+        "load_plan",
+        "run_bulk",
+    }
+)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BULK_NAMES:
+        from . import bulk
+
+        return getattr(bulk, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "AuthenticationFailed",
@@ -68,6 +100,7 @@ __all__ = [
     "ExportSpec",
     "ExportStatus",
     "InvalidFilter",
+    "JobSnapshot",
     "KeyProblem",
     "LogReporter",
     "Manifest",
@@ -81,6 +114,7 @@ __all__ = [
     "RetriesExhausted",
     "RetryPolicy",
     "RunOptions",
+    "SnapshotRequired",
     "TableNotFound",
     "TableOutcome",
     "UsageError",

@@ -17,9 +17,12 @@ __all__ = [
     "NO_SPACE",
     "atomic_write",
     "fsync_dir",
+    "fsync_path",
     "locked",
     "raise_if_full",
     "remove_stale_temporaries",
+    "stale_temporaries",
+    "temporary_target",
 ]
 
 
@@ -47,7 +50,12 @@ def locked(path: Path, busy: str) -> Iterator[None]:
 
 def fsync_dir(directory: Path) -> None:
     """fsync a directory so that a rename or unlink inside it is durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fsync_path(directory, os.O_DIRECTORY)
+
+
+def fsync_path(path: Path, flags: int = 0) -> None:
+    """fsync the file (or, with ``os.O_DIRECTORY``, the directory) at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
@@ -101,6 +109,32 @@ def raise_if_full(e: OSError, doing: str) -> None:
 _TEMP_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_")
 
 
+def temporary_target(name: str) -> str | None:
+    """The name of the file an interrupted atomic write's temporary ``name`` was for
+    (``.TARGET.XXXXXXXX.tmp``, as :func:`atomic_write` makes them), else ``None``."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return None
+    target, dot, middle = name[1 : -len(".tmp")].rpartition(".")
+    if not (dot and target and len(middle) == 8 and set(middle) <= _TEMP_CHARS):
+        return None
+    return target
+
+
+def stale_temporaries(directory: Path) -> dict[str, list[Path]]:
+    """Every temporary file of an interrupted atomic write in ``directory``, by the name of the
+    file it was for: one scan of the directory, however many files it holds."""
+    found: dict[str, list[Path]] = {}
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        target = temporary_target(entry.name)
+        if target is not None and entry.is_file(follow_symlinks=False):
+            found.setdefault(target, []).append(Path(entry.path))
+    return found
+
+
 def remove_stale_temporaries(path: Path) -> int:
     """Delete the temporary files that interrupted :func:`atomic_write` calls of ``path`` left.
 
@@ -108,22 +142,9 @@ def remove_stale_temporaries(path: Path) -> int:
     file behind, and every kill adds one. Call this only while no other process can be writing
     ``path`` (under the export's lock). Returns how many were removed.
     """
-    prefix, removed = f".{path.name}.", 0
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return 0
-    for entry in entries:
-        name = entry.name
-        middle = name[len(prefix) : -len(".tmp")]
-        if (
-            name.startswith(prefix)
-            and name.endswith(".tmp")
-            and len(middle) == 8
-            and set(middle) <= _TEMP_CHARS
-            and entry.is_file(follow_symlinks=False)
-        ):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
-                removed += 1
+    removed = 0
+    for stale in stale_temporaries(path.parent).get(path.name, []):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
+            removed += 1
     return removed

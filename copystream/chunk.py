@@ -101,6 +101,10 @@ class Chunk:
     snapshot: str | None = None
 
 
+#: SQLSTATEs of ``SET TRANSACTION SNAPSHOT`` refusing a snapshot whose exporter has ended.
+_GONE = frozenset({b"22023", b"55000"})
+
+
 class ChunkMismatch(psycopg.OperationalError):
     """The COPY and the bound query disagree on the chunk's rows (they share one snapshot)."""
 
@@ -174,14 +178,15 @@ class _Session:
             if res.status == pq.ExecStatus.FATAL_ERROR:
                 self.fail(res)
             if res.status == pq.ExecStatus.TUPLES_OK:
-                for i in range(res.ntuples):
-                    rows.append(
-                        tuple(
-                            (res.get_value(i, j) or b"").decode(self.encoding)
-                            for j in range(res.nfields)
-                        )
-                    )
+                rows += self.text_rows(res)
         return rows
+
+    def text_rows(self, res: pq.abc.PGresult) -> list[tuple[str, ...]]:
+        """The rows of ``res``, as text."""
+        return [
+            tuple((res.get_value(i, j) or b"").decode(self.encoding) for j in range(res.nfields))
+            for i in range(res.ntuples)
+        ]
 
     def execute(self, query: sql.Composable) -> list[tuple[str, ...]]:
         """Run one statement; return its rows as text (an empty list for a command)."""
@@ -235,6 +240,22 @@ class _Session:
             if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
                 self.fail(res)
             raise psycopg.OperationalError("COPY did not start")
+        copied = self.stream(dest, on_data, header=header, wait=wait)
+        while self.result() is not None:
+            pass
+        return copied
+
+    def stream(
+        self,
+        dest: Destination,
+        on_data: Callable[[int, int], None] | None,
+        *,
+        header: bool,
+        wait: Callable[[], None],
+    ) -> int:
+        """The rows of a COPY whose ``COPY_OUT`` result was taken, into ``dest``; its end
+        taken too, the rows COPY reported. (The statements after it, if any, are not.)"""
+        pgconn = self.pgconn
         get = pgconn.get_copy_data
         consume = pgconn.consume_input
         buf = bytearray()
@@ -268,12 +289,9 @@ class _Session:
             raise psycopg.OperationalError("COPY ended without a result")
         if res.status == pq.ExecStatus.FATAL_ERROR:
             self.fail(res)
-        copied = int(res.command_tuples or 0)
-        while self.result() is not None:
-            pass
         if on_data is not None:
             on_data(max(messages, 0), written)
-        return copied
+        return int(res.command_tuples or 0)
 
 
 class _Sibling:
@@ -393,6 +411,50 @@ class ChunkRunner:
         self.chunks_served += 1
         return outcome
 
+    def run_whole(
+        self,
+        c: Chunk,
+        dest: Destination,
+        on_data: Callable[[int, int], None] | None = None,
+    ) -> ChunkOutcome:
+        """Export the whole table of ``c`` into ``dest`` in one round trip, committed.
+
+        The transaction's statements (begin, import the snapshot, find the last key, COPY,
+        commit) go as one query, as psql sends a script: for a small table the round trips,
+        not the rows, are the cost. That is the simple query protocol, which runs any number
+        of statements: so only for a chunk whose statements hold no SQL of the user's (no
+        filter; everything else is composed of quoted identifiers and literals), of the whole
+        table. (A ``statement_timeout`` set inside such a query does not hold for it: set one
+        on the session first.)
+        """
+        m = self.main
+        statements, imported, last = _whole_statements(c)
+        m.pgconn.send_query(b"; ".join(q.as_bytes(m.conn) for q in statements))
+        while m.pgconn.flush():
+            m.wait(write=True)
+        last_key: tuple[str, ...] | None = None
+        copied = 0
+        for i in range(len(statements)):
+            res = m.result()
+            if res is None:
+                raise psycopg.OperationalError("the server answered fewer statements than sent")
+            if res.status == pq.ExecStatus.FATAL_ERROR:
+                if i == imported and res.error_field(pq.DiagnosticField.SQLSTATE) in _GONE:
+                    gone = error_from_result(res, encoding=m.encoding)
+                    while m.result() is not None:
+                        pass
+                    raise SnapshotGone(str(gone)) from gone
+                m.fail(res)
+            if i == last:
+                found = m.text_rows(res)
+                last_key = found[0] if found else None
+            if res.status == pq.ExecStatus.COPY_OUT:
+                copied = m.stream(dest, on_data, header=c.header, wait=m.wait)
+        while m.result() is not None:
+            pass
+        self.chunks_served += 1
+        return ChunkOutcome(rows=copied, last_key=last_key, final=True)
+
     def _find_last(self, s: _Session, c: Chunk) -> tuple[tuple[str, ...] | None, bool]:
         """``(last key, final)`` in ``s``'s open transaction."""
         s.send(bound_query(c.table, c.after, c.rows, c.until))
@@ -469,3 +531,30 @@ class ChunkRunner:
                 f"{'ends the range' if final else 'is full'} (asked for {c.rows})"
             )
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
+
+
+def _whole_statements(c: Chunk) -> tuple[list[sql.Composable], int, int]:
+    """The statements of :meth:`ChunkRunner.run_whole`, the index of the snapshot's import
+    (-1: none) and of the last key's query. Pure."""
+    t = c.table
+    if not (c.rows == 0 and c.after is None and c.until is None and t.where is None):
+        raise ValueError("run_whole exports a whole table without a filter")
+    statements: list[sql.Composable] = [sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")]
+    imported = -1
+    if c.snapshot is not None:
+        imported = len(statements)
+        statements.append(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(c.snapshot)))
+    local = key_text_settings(t.key_types)
+    if local:  # key text must round-trip exactly; the savepoint's rollback undoes the settings
+        statements.append(sql.SQL("SAVEPOINT copystream_key"))
+        statements += [
+            sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v))
+            for n, v in local.items()
+        ]
+    last = len(statements)
+    statements.append(last_key_query(t, None, None))
+    if local:
+        statements.append(sql.SQL("ROLLBACK TO SAVEPOINT copystream_key"))
+    copy = copy_query(t, c.options, after=None, upto=None, limit=None, header=c.header)
+    statements += [copy, sql.SQL("COMMIT")]
+    return statements, imported, last

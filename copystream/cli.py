@@ -205,7 +205,19 @@ def status(output: Path, as_json: bool) -> None:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="Tables exported at the same time, each in its own process (largest first).",
+    help="Worker processes, each exporting one table at a time (largest first).",
+)
+@click.option(
+    "--consistent",
+    is_flag=True,
+    default=None,
+    help="Read every table from one snapshot held for the whole job (as pg_dump does).",
+)
+@click.option(
+    "--require-snapshot",
+    is_flag=True,
+    help="With one snapshot for the job: refuse to go on when tables were exported by an "
+    "earlier run (under a snapshot that is gone).",
 )
 @click.option("--dry-run", is_flag=True, help="Print the resolved plan; export nothing.")
 @click.option("--no-progress", is_flag=True, help="No live view or progress log lines.")
@@ -217,7 +229,14 @@ def status(output: Path, as_json: bool) -> None:
 )
 @click.option("-v", "--verbose", is_flag=True, help="More log lines.")
 def bulk(
-    plan: Path, jobs: int, dry_run: bool, no_progress: bool, only: tuple[str, ...], verbose: bool
+    plan: Path,
+    jobs: int,
+    consistent: bool | None,
+    require_snapshot: bool,
+    dry_run: bool,
+    no_progress: bool,
+    only: tuple[str, ...],
+    verbose: bool,
 ) -> None:
     """Export every table of the TOML plan PLAN; run it again to resume."""
     from . import bulk as b
@@ -233,8 +252,9 @@ def bulk(
                 else:
                     reporter = b.BulkLogReporter(interval=30.0)
             result = b.run_bulk(
-                loaded, jobs=jobs, only=only or None, dry_run=dry_run, progress=reporter
-            )
+                loaded, jobs=jobs, only=only or None, dry_run=dry_run, progress=reporter,
+                consistent=consistent, require_snapshot=require_snapshot,
+            )  # fmt: skip
     except b.PlanError as e:  # every problem of the plan, one line each; nothing was written
         for problem in e.problems:
             click.echo(f"copystream: error: {problem}", err=True)

@@ -42,6 +42,7 @@ __all__ = [
     "PrefixMismatch",
     "Remedy",
     "RetriesExhausted",
+    "SnapshotRequired",
     "TableNotFound",
     "UsageError",
     "VerificationFailed",
@@ -60,6 +61,7 @@ class Remedy(enum.Enum):
     FIX_FILTER = "fix_filter"  # the filter is at fault
     FREE_SPACE = "free_space"  # the client's disk is full: free space, then resume
     RUN_AGAIN = "run_again"  # transient trouble: the same request again resumes
+    ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
     OUT_OF_RANGE = "out_of_range"  # a value Parquet cannot store: choose what to write instead
     LOOSE_TYPES = "loose_types"  # a type Parquet has none of: allow it as text, or leave it out
 
@@ -93,6 +95,14 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "cli": "free some space and run the same command again to resume",
         "plan": "free some space and run the plan again to resume",
         "python": "free some space and call again with the same arguments to resume",
+    },
+    Remedy.ONE_SNAPSHOT: {
+        "cli": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot, or leave out --require-snapshot to finish the job without one",
+        "plan": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot",
+        "python": "delete their outputs and the files beside them to export every table again "
+        "under one snapshot, or pass require_snapshot=False to finish the job without one",
     },
     Remedy.RUN_AGAIN: {
         "cli": "the checkpoint is intact, run the same command again to resume",
@@ -232,6 +242,13 @@ class PrefixMismatch(UsageError):
     """
 
     remedy = Remedy.RESTART
+
+
+class SnapshotRequired(UsageError):
+    """A bulk job that must read one snapshot cannot: tables of it were exported before, under
+    a snapshot that ended with the run that held it."""
+
+    remedy = Remedy.ONE_SNAPSHOT
 
 
 class ExportFailed(CopystreamError):

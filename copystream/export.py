@@ -23,6 +23,8 @@ from .manifest import Manifest
 from .pipeline import (
     ExportSession,
     check_output,
+    copies_whole,
+    copy_small,
     discover_state,
     execute,
     finish,
@@ -31,10 +33,19 @@ from .pipeline import (
 from .progress import Progress, _mb, _per_second
 from .ranges import part_path, remove_parts
 from .spec import ExportSpec, RunOptions, build
-from .state import Complete, Resume, discover
+from .state import Complete, Fresh, OnDisk, Resume, discover
 from .table import ResolvedTable
+from .whole import Written, publish
 
-__all__ = ["ExportResult", "ExportStatus", "export_status", "export_table", "run_export"]
+__all__ = [
+    "ExportResult",
+    "ExportStatus",
+    "Exported",
+    "export_status",
+    "export_table",
+    "run_export",
+    "run_session",
+]
 
 log = logging.getLogger("copystream")
 
@@ -207,29 +218,76 @@ def run_export(
     out = Path(output)
     check_output(out, directory=spec.options.format == "parquet")
     with ExportSession(conninfo, spec, out, run or RunOptions(), sleep) as session:
-        found = discover_state(session)
-        if isinstance(found, Complete):
-            q = session.table.qualified
-            log.info("%s: %s is already complete and verifies; nothing to do", q, out)
-            remove_parts(out)  # part files an interrupted clean-up after the join may have left
-            m = found.manifest
-            return _result(out, session.table, m, started, already=True, pit=m.point_in_time)
-        begun = start(session, found)
-        session.close_connection()
-        ran = execute(session, begun, progress, sleep)
-        manifest = finish(session, begun, ran, started)
-    if progress is not None:
-        t, final = session.table, ran.final
+        exported = run_session(session, progress=progress, sleep=sleep, started=started)
+        if exported.written is not None:
+            failed = publish([exported.written.staged])[0]
+            if failed is not None:
+                raise failed
+    exported.report_done(progress, started, session.table.estimated_rows)
+    return exported.result
+
+
+@dataclass(frozen=True)
+class Exported:
+    """What :func:`run_session` did: the result, and a small table's file still to publish
+    (:func:`copystream.whole.publish`; ``None`` when everything is in place)."""
+
+    result: ExportResult
+    written: Written | None = None
+
+    def report_done(
+        self, progress: Callable[[Progress], None] | None, started: float, estimate: int | None
+    ) -> None:
+        """The last progress event of an export that ran (none for one already complete)."""
+        r = self.result
+        if progress is None or r.already_complete:
+            return
         elapsed = time.monotonic() - started
-        progress(
-            Progress(t.qualified, final.rows, final.raw_bytes, t.estimated_rows, elapsed,
-                     len(final.chunks), done=True)
-        )  # fmt: skip
+        raw = r.bytes if r.uncompressed_bytes is None else r.uncompressed_bytes
+        progress(Progress(r.table, r.rows, raw, estimate, elapsed, len(r.chunks), done=True))
+
+
+def run_session(
+    session: ExportSession,
+    *,
+    progress: Callable[[Progress], None] | None,
+    sleep: Callable[[float], None],
+    started: float,
+    tidy: bool = True,
+    known: OnDisk | None = None,
+) -> Exported:
+    """Discover, then export (or not) the export ``session`` prepared: the pipeline after
+    prepare. A small table is left in a temporary file for the caller to publish. ``tidy``:
+    remove the temporary files killed runs left beside the output first (a caller that did it
+    for a whole directory at once passes ``False``). ``known``: what the caller found on disk,
+    acted on without reading it again when it is a small table's fresh start (the caller
+    publishes under the lock and checks then); anything else is read again."""
+    out = session.output
+    found = known if isinstance(known, Fresh) else discover_state(session)
+    small = not isinstance(found, Complete) and copies_whole(session, found)
+    if not small and session.lock():  # read again, now that no other export can change it
+        found = discover_state(session)
+    if isinstance(found, Complete):
+        q = session.table.qualified
+        log.info("%s: %s is already complete and verifies; nothing to do", q, out)
+        remove_parts(out)  # part files an interrupted clean-up after the join may have left
+        m = found.manifest
+        return Exported(_result(out, session.table, m, started, already=True, pit=m.point_in_time))
+    if small:
+        written, retries = copy_small(session, progress, sleep, started, tidy=tidy)
+        m = written.manifest
+        result = _result(out, session.table, m, started, retries=retries, pit=m.point_in_time)
+        return Exported(result, written)
+    begun = start(session, found)
+    session.close_connection()
+    ran = execute(session, begun, progress, sleep)
+    manifest = finish(session, begun, ran, started)
     retries = sum(o.retries for o in ran.outcomes)
-    return _result(
+    result = _result(
         out, session.table, manifest, started, resumed=ran.resumed, retries=retries,
         pit=manifest.point_in_time,
     )  # fmt: skip
+    return Exported(result)
 
 
 def _result(

@@ -10,32 +10,42 @@
 * **run** (:func:`execute`): one part in this process, or the key ranges in the worker pool.
 * **finish** (:func:`finish`): join the ranges, write the manifest, remove the checkpoints.
 
+A small table with nothing on disk yet (:func:`copies_whole`) skips start, run and finish: it is
+one COPY on the planning connection, written atomically (:func:`copy_small`, then
+:func:`copystream.whole.publish`).
+
 :class:`ExportSession` is the one context manager that owns what must be released whatever
-happens: the lock, the planning connection and the snapshot's session.
+happens: the lock, the planning connection and the snapshot's session. It is also the seam for
+drivers that plan many tables at once: it takes an already resolved table, a lent connection and
+a snapshot the caller holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
 
-from ._atomic import locked
+from ._atomic import locked, remove_stale_temporaries
 from .catalog import column_types, introspect
-from .checkpoint import Checkpoint, checkpoint_path, remove_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, new_checkpoint, remove_checkpoint
+from .chunk import SnapshotGone
 from .connection import Target, connect, io_deadline
-from .errors import OutputExists, OutputProblem
+from .errors import OutputExists, OutputProblem, UsageError
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
 from .manifest import Manifest, manifest_path, save_manifest
@@ -57,21 +67,31 @@ from .sizing import first_chunk_rows, many_chunks_warning
 from .spec import ExportSpec, RunOptions
 from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
+from .whole import Written, copy_once, is_small
 
 __all__ = [
+    "JOB_LOCK",
     "ExportSession",
     "Ran",
     "Run",
+    "SnapshotHolder",
     "check_output",
+    "copies_whole",
+    "copy_small",
     "discover_state",
+    "exclusive",
     "execute",
     "finish",
     "lock_path",
+    "manifest_of",
     "remove_export_files",
+    "retrying",
     "start",
 ]
 
 log = logging.getLogger("copystream")
+
+T = TypeVar("T")
 
 #: Retries of the very first connection: a wrong host or port is a usage error, reported fast
 #: (:func:`~copystream.failures.classify_connect` counts even a refused connection).
@@ -113,30 +133,29 @@ def first_connect(target: Target, sleep: Callable[[float], None]) -> psycopg.Con
             retrier.wait(d, "connecting", level=logging.DEBUG)
 
 
-def plan_export(
-    target: Target, spec: ExportSpec, run: RunOptions, sleep: Callable[[float], None]
-) -> tuple[psycopg.Connection[Any], ResolvedTable]:
-    """Connect and resolve the table; return the open connection and the resolved table.
-
-    A transient failure while planning (the connection dropped, the server restarting) is
-    retried on a fresh connection as the policy says, like a chunk: it is not a usage error.
-    Planning that gets no answer within the I/O timeout (a hung server or proxy) is one too.
-    """
+def retrying(
+    target: Target,
+    run: RunOptions,
+    sleep: Callable[[float], None],
+    doing: str,
+    table: str,
+    step: Callable[[psycopg.Connection[Any]], T],
+    conn: psycopg.Connection[Any] | None,
+    *,
+    planning: bool,
+) -> tuple[psycopg.Connection[Any], T]:
+    """``step`` on ``conn`` (or a new connection), within the I/O timeout, with the retries of
+    ``run``'s policy on fresh connections; the connection and what ``step`` returned."""
     retrier = Retrier(run.policy, sleep=sleep)
-    doing = f"planning the export of {spec.table}"
-    conn: psycopg.Connection[Any] | None = first_connect(target, sleep)
     while True:
         connecting = conn is None
         try:
             if conn is None:
                 conn = connect(target)
-            with io_deadline(conn, run.io_timeout, "planning the export"):
-                table = introspect(
-                    conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
-                    options=spec.options,
-                )  # fmt: skip
+            with io_deadline(conn, run.io_timeout, doing):
+                value = step(conn)
             retrier.succeeded(doing)
-            return conn, table
+            return conn, value
         except psycopg.Error as e:
             if conn is not None:
                 with contextlib.suppress(Exception):
@@ -144,7 +163,7 @@ def plan_export(
             conn = None
             d = retrier.failed(e)
             if not d.retry:
-                phase = Phase(target, spec.table, doing, connecting=connecting, planning=True)
+                phase = Phase(target, table, doing, connecting=connecting, planning=planning)
                 raise translate(e, phase, why=d.reason, transient=retrier.transient) from e
             retrier.wait(d, doing)
         except BaseException:
@@ -158,19 +177,60 @@ def lock_path(output: Path) -> Path:
     return output.with_name(output.name + ".lock")
 
 
-def exclusive(output: Path) -> contextlib.AbstractContextManager[None]:
-    """Hold the output's lock (its file is removed on the way out, whatever happened)."""
+#: The lock a bulk job holds on its output directory while it runs (see :mod:`copystream.bulk`).
+JOB_LOCK = ".copystream-bulk.lock"
+
+
+@contextlib.contextmanager
+def exclusive(output: Path, *, job: bool = False) -> Iterator[None]:
+    """Hold the output's lock (its file is removed on the way out, whatever happened).
+
+    Also refuse an output inside the output directory of a bulk job that is running (the job
+    writes its own outputs without their locks: the directory is the job's while it runs),
+    unless ``job``: the caller is that job.
+    """
     busy = f"another copystream process is exporting to {output} right now"
-    return locked(lock_path(output), busy)
+    with locked(lock_path(output), busy):
+        if not job:
+            _refuse_in_job(output.parent)
+        yield
 
 
-class _SnapshotHolder:
-    """A session holding an exported snapshot open for a ``consistent`` export."""
+def _refuse_in_job(directory: Path) -> None:
+    """Raise :class:`UsageError` if a running bulk job owns ``directory`` or one above it."""
+    with contextlib.suppress(OSError):
+        directory = directory.resolve()
+    for d in (directory, *directory.parents):
+        try:
+            fd = os.open(d / JOB_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            continue  # none there (or not readable: not a job's)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise UsageError(f"a copystream bulk job is running with output directory {d}") from e
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
-    def __init__(self, target: Target, settings: dict[str, str], io_timeout: float) -> None:
+
+class SnapshotHolder:
+    """A session holding an exported snapshot open: for a ``consistent`` export, or for a whole
+    bulk job (every table and chunk of it imports the snapshot, ``SET TRANSACTION SNAPSHOT``).
+
+    ``snapshot`` is its id; ``taken_at`` when it was taken. It lives as long as this session:
+    :meth:`close` (or the end of the process) ends it.
+    """
+
+    def __init__(
+        self, target: Target, settings: dict[str, str] | None, io_timeout: float, what: str
+    ) -> None:
         self.conn = connect(target, settings=settings)
         try:
             with io_deadline(self.conn, io_timeout, "exporting a snapshot"):
+                # it idles in its transaction for as long as the export runs, on purpose
+                self.conn.execute("SET idle_in_transaction_session_timeout = 0")
                 self.conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 row = self.conn.execute("SELECT pg_export_snapshot()").fetchone()
         except BaseException:
@@ -178,11 +238,18 @@ class _SnapshotHolder:
             raise
         assert row is not None
         self.snapshot = str(row[0])
-        log.info("holding exported snapshot %s for a point-in-time export", self.snapshot)
+        self.taken_at = now_iso()
+        log.info("holding exported snapshot %s for %s", self.snapshot, what)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.conn.close()
+
+
+@functools.lru_cache(maxsize=16)
+def _target(conninfo: str) -> Target:
+    """The parsed connection string (a bulk worker exports many tables of one server)."""
+    return Target(conninfo)
 
 
 class ExportSession:
@@ -190,6 +257,19 @@ class ExportSession:
 
     Entering it prepares the export (connects, resolves the table with retries, takes the
     lock); leaving it releases everything that is still held, in every case.
+
+    The seam for drivers that plan many tables at once (a bulk job): given ``table``, the
+    export uses that resolved table instead of asking the server again (what is on disk is
+    still checked against the spec it resolves to, by :func:`discover_state`), and connects only
+    when it needs to (an output already complete is never connected for). Given ``conn``, an
+    open autocommit connection lent by the caller, it uses that one and leaves it open (it
+    closes it only when an error may have left it mid-protocol: the lender checks
+    ``conn.closed``). Given ``snapshot``, the id of a snapshot the caller holds, every chunk
+    reads from it instead of one this export would hold (``consistent``). With ``lock_late``,
+    the output's lock is taken only when the export writes more than the temporary files of a
+    small table (:meth:`lock`): for a caller that publishes them itself
+    (:func:`copystream.whole.publish` checks that no other export began meanwhile). ``job``:
+    the caller is the bulk job that owns the output's directory (:func:`exclusive`).
     """
 
     def __init__(
@@ -199,18 +279,40 @@ class ExportSession:
         output: Path,
         run: RunOptions,
         sleep: Callable[[float], None],
+        *,
+        table: ResolvedTable | None = None,
+        conn: psycopg.Connection[Any] | None = None,
+        snapshot: str | None = None,
+        lock_late: bool = False,
+        job: bool = False,
     ) -> None:
-        self.target = Target(conninfo or "")
+        self.target = _target(conninfo or "")
         self.output = output
         self.run = run
         self.sleep = sleep
         self.requested = spec
         self._stack = contextlib.ExitStack()
-        self.snapshot: _SnapshotHolder | None = None
+        self.snapshot: SnapshotHolder | None = None
+        self.given_table = table
+        self.conn: psycopg.Connection[Any] | None = conn
+        self.lent = conn is not None
+        self.job_snapshot = snapshot
+        if lock_late and run.restart:
+            raise ValueError("restart removes files: it needs the lock from the start")
+        self.locked = False
+        self.lock_late = lock_late
+        self.job = job
 
     def __enter__(self) -> ExportSession:
-        conn, table = plan_export(self.target, self.requested, self.run, self.sleep)
-        self.conn: psycopg.Connection[Any] | None = conn
+        if self.given_table is None:
+            doing = f"planning the export of {self.requested.table}"
+            first = self.conn or first_connect(self.target, self.sleep)
+            self.conn, table = retrying(
+                self.target, self.run, self.sleep, doing, self.requested.table,
+                self._introspect, first, planning=True,
+            )  # fmt: skip
+        else:
+            table = self.given_table
         self._stack.callback(self.close_connection)
         self.table = table
         self.spec = self.requested.resolved(
@@ -224,15 +326,31 @@ class ExportSession:
                 raise
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
-        try:
-            self._stack.enter_context(exclusive(self.output))
-        except BaseException:
-            self._stack.close()
-            raise
+        if not self.lock_late:
+            try:
+                self.lock()
+            except BaseException:
+                self._stack.close()
+                raise
         for w in table.warnings:
             log.warning("%s", w)
         log.debug("%s: paging by %s (%s)", table.qualified, ", ".join(table.key), table.key_source)
         return self
+
+    def lock(self) -> bool:
+        """Take the output's lock unless it is held; whether it was taken now."""
+        if self.locked:
+            return False
+        self._stack.enter_context(exclusive(self.output, job=self.job))
+        self.locked = True
+        return True
+
+    def _introspect(self, conn: psycopg.Connection[Any]) -> ResolvedTable:
+        spec = self.requested
+        return introspect(
+            conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
+            options=spec.options,
+        )  # fmt: skip
 
     def __exit__(
         self,
@@ -250,9 +368,9 @@ class ExportSession:
         from .destinations.parquet import require_pyarrow
 
         require_pyarrow()  # a usage error before anything is created
-        assert self.conn is not None
-        with io_deadline(self.conn, self.run.io_timeout, "reading the column types"):
-            types = column_types(self.conn, self.table)
+        conn = self.connection()  # (the column types are part of the export's identity)
+        with io_deadline(conn, self.run.io_timeout, "reading the column types"):
+            types = column_types(conn, self.table)
         plans = plan_columns(types, strict=self.spec.strict_types, table=self.table.qualified)
         self.spec = replace(self.spec, parquet_columns=plans)
         policy = self.spec.out_of_range or "error"
@@ -264,25 +382,48 @@ class ExportSession:
         q = self.table.qualified
         return Phase(self.target, q, f"exporting {q}", filtered=self.table.where is not None)
 
+    def connection(self) -> psycopg.Connection[Any]:
+        """The planning connection, opened now (with retries) if there is none."""
+        if self.conn is None:
+            doing = f"connecting to export {self.table.qualified}"
+            self.conn, _ = retrying(
+                self.target, self.run, self.sleep, doing, self.table.qualified,
+                lambda conn: None, None, planning=False,
+            )  # fmt: skip
+            self.lent = False
+        return self.conn
+
     def close_connection(self) -> None:
-        """Close the planning connection (no longer needed once the jobs are set up)."""
-        if self.conn is not None:
+        """Let go of the planning connection (no longer needed once the jobs are set up); a
+        lent one stays open for its lender."""
+        if self.conn is not None and not self.lent:
             self.conn.close()
-            self.conn = None
+        self.conn = None
+
+    def discard_connection(self) -> None:
+        """Close the planning connection, lent or not: an error left it in an unknown state."""
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        self.conn = None
 
     def query(self, doing: str, query: sql.Composed) -> tuple[Any, ...]:
         """One row of ``query`` on the planning connection, within the I/O timeout."""
-        assert self.conn is not None
-        with io_deadline(self.conn, self.run.io_timeout, doing):
-            row = self.conn.execute(query).fetchone()
+        conn = self.connection()
+        with io_deadline(conn, self.run.io_timeout, doing):
+            row = conn.execute(query).fetchone()
         assert row is not None
         return tuple(row)
 
     def hold_snapshot(self, settings: dict[str, str]) -> str | None:
-        """Export and hold a snapshot (``consistent``); its id, or ``None``."""
+        """The snapshot every chunk reads: the caller's, or (``consistent``) one exported and
+        held now; ``None`` when there is none."""
+        if self.job_snapshot is not None:
+            return self.job_snapshot
         if not self.run.consistent:
             return None
-        self.snapshot = _SnapshotHolder(self.target, settings, self.run.io_timeout)
+        what = "a point-in-time export"
+        self.snapshot = SnapshotHolder(self.target, settings, self.run.io_timeout, what)
         return self.snapshot.snapshot
 
 
@@ -352,12 +493,10 @@ def _split(
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
-    assert session.conn is not None
+    conn = session.connection()
     try:
-        with io_deadline(session.conn, session.run.io_timeout, "sampling the key range"):
-            bounds = sample_boundaries(
-                session.conn, session.table, session.run.workers, snapshot=snapshot
-            )
+        with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
+            bounds = sample_boundaries(conn, session.table, session.run.workers, snapshot=snapshot)
     except psycopg.Error as e:
         # The filter first runs here: a writing or failing filter is a usage error.
         why = "sampling the key range failed"
@@ -447,39 +586,57 @@ def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manife
             "snapshot: this export is no longer point-in-time",
             table.qualified,
         )
-    cp = ran.final
-    parts = _parts_with_keys(cp)
-    manifest = Manifest(
+    workers = len(run.ranges.ranges) if run.ranges is not None else 1
+    manifest = manifest_of(
+        table, ran.final, ran.digest, started,
+        resumed=ran.resumed, workers=workers, point_in_time=snapshot_kept and not ran.resumed,
+    )  # fmt: skip
+    save_manifest(out, manifest)
+    remove_checkpoint(out)
+    if run.ranges is not None:
+        remove_parts(out, run.ranges)
+    return manifest
+
+
+def manifest_of(
+    table: ResolvedTable,
+    final: Checkpoint,
+    digest: str,
+    started: float,
+    *,
+    resumed: bool,
+    workers: int,
+    point_in_time: bool,
+) -> Manifest:
+    """The manifest of an export whose last checkpoint is ``final``; ``digest`` the xxh3-128 of
+    the whole output, ``started`` when this run began (``time.monotonic()``)."""
+    parts = _parts_with_keys(final)
+    return Manifest(
         table=table.qualified,
         key=table.key,
         key_types=table.key_types,
         key_source=table.key_source,
         columns=table.columns,
         where=table.where,
-        options=cp.export["options"],
-        rows=cp.rows,
-        bytes=sum(p["bytes"] for p in parts) if cp.export.get("parquet") else cp.offset,
-        xxh3_128=ran.digest,
-        chunks=cp.chunks,
-        chunk_rows=cp.chunk_rows,
-        settings=cp.settings,
-        started_at=cp.started_at,
+        options=final.export["options"],
+        rows=final.rows,
+        bytes=sum(p["bytes"] for p in parts) if final.export.get("parquet") else final.offset,
+        xxh3_128=digest,
+        chunks=final.chunks,
+        chunk_rows=final.chunk_rows,
+        settings=final.settings,
+        started_at=final.started_at,
         finished_at=now_iso(),
         seconds=round(time.monotonic() - started, 3),
-        resumed=ran.resumed,
-        workers=len(run.ranges.ranges) if run.ranges is not None else 1,
-        point_in_time=snapshot_kept and not ran.resumed,
-        compress=cp.export.get("compress"),
-        uncompressed_bytes=cp.destination.get("uncompressed_bytes"),
-        uncompressed_xxh3_128=cp.destination.get("uncompressed_xxh3_128"),
-        parquet=cp.export.get("parquet"),
+        resumed=resumed,
+        workers=workers,
+        point_in_time=point_in_time,
+        compress=final.export.get("compress"),
+        uncompressed_bytes=final.destination.get("uncompressed_bytes"),
+        uncompressed_xxh3_128=final.destination.get("uncompressed_xxh3_128"),
+        parquet=final.export.get("parquet"),
         parts=parts,
     )
-    save_manifest(out, manifest)
-    remove_checkpoint(out)
-    if run.ranges is not None:
-        remove_parts(out, run.ranges)
-    return manifest
 
 
 def _parts_with_keys(cp: Checkpoint) -> tuple[dict[str, Any], ...]:
@@ -496,3 +653,119 @@ def discover_state(session: ExportSession) -> OnDisk:
     if session.run.restart:
         remove_export_files(session.output)
     return discover(session.output, session.spec.identity())
+
+
+# -- a small table: one COPY, written atomically ----------------------------------------------
+
+
+def copies_whole(session: ExportSession, found: OnDisk) -> bool:
+    """Whether this export is one COPY written atomically (:mod:`copystream.whole`): a small
+    table (:func:`~copystream.whole.is_small`) with nothing of it on disk yet."""
+    s = session
+    return isinstance(found, Fresh) and is_small(s.table, s.spec, s.run, s.output)
+
+
+def copy_small(
+    session: ExportSession,
+    progress: Callable[[Progress], None] | None,
+    sleep: Callable[[float], None],
+    started: float,
+    *,
+    tidy: bool = True,
+) -> tuple[Written, int]:
+    """Export the small table of ``session`` with one COPY into a temporary file; the result
+    to :func:`~copystream.whole.publish`, and the retries it took.
+
+    Transient failures are retried on a fresh connection as the policy says; a snapshot held by
+    the caller that is gone is done without (the manifest says the export is then not
+    point-in-time). ``tidy``: remove the stale temporary files of the output (and of its
+    manifest) first.
+    """
+    out, table, run = session.output, session.table, session.run
+    if tidy:
+        remove_stale_temporaries(out)
+        remove_stale_temporaries(manifest_path(out))
+    retrier = Retrier(run.policy, sleep=sleep)
+    snapshot, lost = session.job_snapshot, False
+    while True:
+        try:
+            conn = session.connection()
+            settings = _settings_of(conn, run.io_timeout)
+            pit = (snapshot is not None or run.consistent) and not lost
+            return copy_once(
+                conn, table, session.spec, run, out,
+                snapshot=snapshot,
+                on_data=_reporter(table, progress, started),
+                manifest=_whole_manifest(session, settings, now_iso(), started, pit),
+            ), retrier.retries  # fmt: skip
+        except psycopg.Error as e:
+            session.discard_connection()  # it may be mid-protocol
+            if snapshot is not None and isinstance(e, SnapshotGone):
+                log.warning(
+                    "%s: the exported snapshot is gone (its coordinator ended); exporting "
+                    "without it: this table is not part of the point-in-time image",
+                    table.qualified,
+                )
+                snapshot, lost = None, True
+                continue
+            d = retrier.failed(e)
+            if not d.retry:
+                raise translate(e, session.phase, why=d.reason, transient=retrier.transient) from e
+            retrier.wait(d, f"exporting {table.qualified}")
+        except BaseException:
+            session.discard_connection()
+            raise
+
+
+#: The pinned settings of each open connection, read when it first serves a small table: only
+#: copystream uses these connections, and it never changes a pinned setting of a session.
+_SETTINGS: weakref.WeakKeyDictionary[psycopg.Connection[Any], dict[str, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _settings_of(conn: psycopg.Connection[Any], io_timeout: float) -> dict[str, str]:
+    """The session settings that shape COPY's text, as ``conn`` has them."""
+    settings = _SETTINGS.get(conn)
+    if settings is None:
+        with io_deadline(conn, io_timeout, "reading the session settings"):
+            row = conn.execute(read_settings_query()).fetchone()
+        assert row is not None
+        settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+        _SETTINGS[conn] = settings
+    return dict(settings)
+
+
+def _reporter(
+    table: ResolvedTable, progress: Callable[[Progress], None] | None, started: float
+) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+
+    def on_data(rows: int, nbytes: int) -> None:
+        elapsed = time.monotonic() - started
+        progress(Progress(table.qualified, rows, nbytes, table.estimated_rows, elapsed, 0))
+
+    return on_data
+
+
+def _whole_manifest(
+    session: ExportSession, settings: dict[str, str], started_at: str, started: float, pit: bool
+) -> Callable[[int, int, str, tuple[str, ...] | None], Manifest]:
+    """What makes the manifest of a small export: the one a chunked export of one chunk (the
+    table in one COPY) writes, from the same checkpoint transitions."""
+    table = session.table
+
+    def manifest(rows: int, nbytes: int, digest: str, last_key: tuple[str, ...] | None) -> Manifest:
+        final = new_checkpoint(
+            export=session.spec.identity(), settings=settings, started_at=started_at,
+            chunk_rows=0, estimated_rows=table.estimated_rows,
+        ).advance(
+            nbytes=nbytes, rows=rows, digest=digest, prefix_digest=digest, last_key=last_key,
+            finished=True,
+        )  # fmt: skip
+        return manifest_of(
+            table, final, digest, started, resumed=False, workers=1, point_in_time=pit
+        )
+
+    return manifest

@@ -5,13 +5,20 @@ Workers are plain subprocesses of the current interpreter, ``python -m copystrea
 script without an ``if __name__ == "__main__"`` guard would run again; an Airflow task would
 re-import Airflow), and ``fork`` copies a possibly multi-threaded, large host process.
 
-A :class:`Task` names a module-level function and its arguments. The worker reads the pickled
-task on stdin, calls ``function(*args, progress=report)`` and writes one event per line on its
-stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a log line
-(level, message), then ``R`` the function's result or ``E`` the exception it raised (a
-:class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else
-as an :class:`ExportFailed` naming it). The coordinator reads the events as :class:`Event`
-values from :func:`run_tasks`.
+Workers live long: :func:`run_tasks` starts at most ``jobs`` of them and hands each the next
+waiting task whenever it is free, so a thousand small tasks cost ``jobs`` interpreter start-ups,
+not a thousand, and what a task function keeps at module level (an open connection, say) serves
+the next task of the same process. A :class:`Task` names a module-level function and its
+arguments; the coordinator writes each task to a worker's stdin as one line,
+``<base64 of a pickle>``. The worker calls ``function(*args, progress=report)`` and writes one
+event per line on its stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a
+log line (level, message), then ``R`` the function's result or ``E`` the exception it raised (a
+:class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else as
+an :class:`ExportFailed` naming it), and waits for the next task. After an unexpected exception
+(not a :class:`CopystreamError`) it says so (``X``, before the ``E``) and exits, so no state a
+bug left behind reaches another task; a fresh worker takes over. A worker that dies fails only
+the task it was running. The coordinator reads the events as :class:`Event` values from
+:func:`run_tasks`.
 
 On Linux a worker asks the kernel to kill it when its coordinator dies (``PR_SET_PDEATHSIG``),
 so a re-run never races an orphan writing the same files.
@@ -20,11 +27,13 @@ so a re-run never races an orphan writing the same files.
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
+import importlib
 import logging
 import os
 import pickle
-import queue
+import selectors
 import signal
 import subprocess
 import sys
@@ -32,24 +41,34 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 from .errors import CopystreamError, ExportFailed
 
-__all__ = ["Event", "Task", "run_tasks", "worker_main"]
+__all__ = ["Event", "Task", "run_tasks", "started_ahead", "worker_main"]
 
 log = logging.getLogger("copystream")
 
 #: Seconds between two progress events of one worker (a finished one always reports).
 PROGRESS_INTERVAL = 0.2
+#: Seconds a worker with no more tasks is given to exit by itself before it is killed.
+EXIT_GRACE = 10.0
 
 
 @dataclass(frozen=True)
 class Task:
-    """A call to run in a worker: ``function(*args, progress=callback)``, all picklable."""
+    """A call to run in a worker: ``function(*args, progress=callback)``, all picklable.
+
+    Workers run many tasks in a row: a task must not leave anything running behind it (a
+    thread, an open transaction). What it keeps on purpose at module level serves the next
+    task of the same worker. A ``short`` task is expected to take little time: a worker running
+    one is handed the next short task already, so that it never waits for the coordinator
+    between the two (a long task is handed only to a free worker, never queued behind another).
+    """
 
     function: Callable[..., Any]
     args: tuple[Any, ...]
+    short: bool = False
 
 
 @dataclass(frozen=True)
@@ -57,7 +76,7 @@ class Event:
     """Something a task did. ``kind`` is ``"started"`` (``value``: the worker's pid),
     ``"progress"`` (``value``: the progress object), ``"log"`` (``value``: ``(level,
     message)``), ``"done"`` (``value``: the result), ``"failed"`` (``value``: a
-    :class:`CopystreamError`), ``"restarting"`` (its worker died and is started again;
+    :class:`CopystreamError`), ``"restarting"`` (its worker died and it is started again;
     ``value``: the :class:`ExportFailed` saying how it died) or ``"tick"`` (nothing happened
     for a while; ``index`` is -1)."""
 
@@ -70,22 +89,15 @@ def _encode(kind: str, value: object) -> str:
     return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
 
 
-def _spawn(task: Task) -> subprocess.Popen[bytes]:
-    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL`` and hand it ``task``."""
+def _spawn(preload: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+    """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``."""
     level = str(log.getEffectiveLevel())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "copystream._worker", str(os.getpid()), level],
+    return subprocess.Popen(
+        [sys.executable, "-m", "copystream._worker", str(os.getpid()), level, *preload],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         close_fds=True,
     )
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(pickle.dumps(task))
-        proc.stdin.close()
-    except BrokenPipeError:  # it died at once; its exit status will say how
-        pass
-    return proc
 
 
 def died(code: int | None) -> str:
@@ -100,42 +112,121 @@ def died(code: int | None) -> str:
     return f"exited with status {code}"
 
 
+_KINDS = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
+
+
 class _Worker:
-    """One running worker process and the thread that reads its events."""
+    """One running worker process, the tasks handed to it, and what it wrote of its events."""
 
-    def __init__(self, index: int, task: Task, events: queue.Queue[tuple[int, bytes]]) -> None:
-        self.index = index
-        self.outcome: Event | None = None
-        self.proc = _spawn(task)
+    def __init__(self, selector: selectors.BaseSelector) -> None:
+        self.queue: collections.deque[int] = collections.deque()  # the first one runs
+        self.started = False  # the first one has begun (it said so)
+        self.retiring = False  # it exits after its current task (it said so, or none is left)
+        self.proc = _AHEAD.pop(0) if _AHEAD else _spawn()
         assert self.proc.stdout is not None
-        threading.Thread(target=self._read, args=(self.proc.stdout, events), daemon=True).start()
+        self.fd = self.proc.stdout.fileno()
+        os.set_blocking(self.fd, False)
+        self.pending = b""  # the start of a line not complete yet
+        selector.register(self.fd, selectors.EVENT_READ, self)
 
-    def _read(self, stdout: IO[bytes], events: queue.Queue[tuple[int, bytes]]) -> None:
-        for raw in stdout:
-            events.put((self.index, raw))
-        events.put((self.index, b""))
+    def read(self) -> tuple[list[bytes], bool]:
+        """The event lines it has written since, and whether its stdout has ended (a line
+        torn by its death is dropped)."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return [], False
+        if not data:
+            return [], True
+        *lines, self.pending = (self.pending + data).split(b"\n")
+        return lines, False
+
+    @property
+    def task(self) -> int | None:
+        """The index of the task it runs (or will run next), if any."""
+        return self.queue[0] if self.queue else None
+
+    def give(self, index: int, task: Task) -> None:
+        """Hand it task ``index``, to run after those it has (a worker that died meanwhile
+        reports no outcome for it)."""
+        self.queue.append(index)
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError, OSError):
+            self.proc.stdin.write(base64.b64encode(pickle.dumps(task)) + b"\n")
+            self.proc.stdin.flush()
+
+    def retire(self) -> None:
+        """No more tasks for it: it exits once its current one is done."""
+        self.retiring = True
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
 
     def event(self, raw: bytes) -> Event | None:
-        """The event of one line; ``None`` for a torn line (a worker killed mid-write)."""
+        """The event of one line; ``None`` for a torn line (a worker killed mid-write). An
+        outcome ends the task it is about."""
         kind, _, payload = raw.decode("ascii", errors="replace").strip().partition(" ")
-        names = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
+        if self.task is None:
+            return None
+        if kind == "X":  # it exits after this task: give it no other
+            self.retiring = True
+            return None
+        if kind == "S":
+            self.started = True
+            return Event(self.task, "started", self.proc.pid)
         try:
             value = pickle.loads(base64.b64decode(payload))
         except Exception:
             return None
-        if kind not in names:
+        if kind not in _KINDS:
             return None
-        return Event(self.index, names[kind], value)
+        event = Event(self.task, _KINDS[kind], value)
+        if event.kind in ("done", "failed"):
+            self.queue.popleft()
+            self.started = False
+        return event
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Let it exit within ``grace`` seconds, else kill it; reap it."""
+        self.retire()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=grace)
         if self.proc.poll() is None:
             self.proc.kill()
         with contextlib.suppress(Exception):
             self.proc.wait(timeout=10)
 
 
-#: Decides about a worker that died without reporting an outcome: seconds to wait before
-#: starting its task again, or ``None`` to let the task fail with the error given.
+#: Worker processes started ahead of their tasks (:func:`started_ahead`), for the next
+#: :func:`run_tasks` to take.
+_AHEAD: list[subprocess.Popen[bytes]] = []
+
+
+@contextlib.contextmanager
+def started_ahead(count: int, preload: Sequence[str] = ()) -> Iterator[None]:
+    """Start ``count`` worker processes now, importing the modules ``preload`` names, for the
+    next :func:`run_tasks` to take: their interpreters start while the caller still prepares
+    its tasks. Those left unused are ended on the way out."""
+    procs = [_spawn(preload) for _ in range(count)]
+    _AHEAD[:] = procs
+    try:
+        yield
+    finally:
+        _AHEAD.clear()
+        for proc in procs:
+            if proc.returncode is None and proc.stdin is not None and not proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # an unused one exits at once
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=EXIT_GRACE)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+#: Decides about a task whose worker died while running it: seconds to wait before starting
+#: it again (in another worker), or ``None`` to let the task fail with the error given.
 Restart = Callable[[int, ExportFailed], float | None]
 
 
@@ -144,71 +235,133 @@ def run_tasks(
 ) -> Iterator[Event]:
     """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    Every task ends with exactly one ``done`` or ``failed`` event. A worker that dies without
-    an outcome (killed by a signal, say) fails with :class:`ExportFailed` saying how it ended,
-    unless ``restart(index, error)`` gives a delay: then its task is started again in a new
-    worker after that many seconds (a ``restarting`` event, ``value``: the error, then
-    ``started`` again). A ``tick`` comes when nothing happened for ``tick`` seconds. Closing
+    Each worker takes the next waiting task as soon as it is free (a short one: already while
+    it runs a short one). Every task ends with exactly one ``done`` or ``failed`` event, after
+    its ``started`` event if it began. A worker that dies fails the task it was running with
+    :class:`ExportFailed` saying how it ended, unless ``restart(index, error)`` gives a delay:
+    then the task waits that many seconds and starts again (a ``restarting`` event, ``value``:
+    the error, then ``started`` again). The tasks handed to a dead worker that it had not begun
+    go to another worker. A ``tick`` comes when nothing happened for ``tick`` seconds. Closing
     the generator early (or an exception in the consumer) kills the workers still running.
     """
-    events: queue.Queue[tuple[int, bytes]] = queue.Queue()
-    waiting = [(0.0, i) for i in range(len(tasks))]  # (not before, index), in start order
-    running: dict[int, _Worker] = {}
+    selector = selectors.DefaultSelector()  # the workers' stdouts, read in this thread
+    waiting = collections.deque(range(len(tasks)))
+    delayed: list[tuple[float, int]] = []  # (not before, index) of tasks to start again
+    workers: dict[int, _Worker] = {}  # by the fd of its stdout
+    clean = False
     try:
-        while waiting or running:
-            yield from _start_due(tasks, jobs, waiting, running, events)
-            try:
-                room = len(running) < max(1, jobs)
-                i, raw = events.get(timeout=_until_due(waiting, tick) if room else tick)
-            except queue.Empty:
+        while waiting or delayed or any(w.queue for w in workers.values()):
+            _due(delayed, waiting)
+            _hand_out(tasks, waiting, workers, jobs, selector)
+            ready = selector.select(timeout=_until_due(delayed, tick))
+            if not ready and not (delayed and delayed[0][0] <= time.monotonic()):
                 yield Event(-1, "tick")
-                continue
-            worker = running[i]
-            if raw:
-                event = worker.event(raw)
-                if event is not None and event.kind in ("done", "failed"):
-                    worker.outcome = event
-                elif event is not None:
-                    yield event
-                continue
-            del running[i]
-            code = worker.proc.wait()
-            if worker.outcome is not None:
-                yield worker.outcome
-                continue
-            error = ExportFailed(f"the worker process {died(code)}")
-            delay = restart(i, error) if restart is not None else None
-            if delay is None:
-                yield Event(i, "failed", error)
-                continue
-            waiting.append((time.monotonic() + delay, i))
-            waiting.sort()
-            yield Event(i, "restarting", error)
+            for key, _ in ready:
+                worker: _Worker = key.data
+                lines, ended = worker.read()
+                for raw in lines:
+                    event = worker.event(raw)
+                    if event is not None:
+                        yield event
+                if ended:  # it exited: of itself when idle, or it died
+                    yield from _ended(worker, workers, selector, waiting, restart, delayed)
+        clean = True
     finally:
-        for worker in running.values():
-            worker.stop()
+        if clean:  # idle: they exit as their stdin closes; the job need not wait for that
+            for worker in workers.values():
+                worker.retire()
+            _reap_later([w.proc for w in workers.values()])
+        else:
+            for worker in workers.values():
+                worker.stop()
+        selector.close()
 
 
-def _start_due(
-    tasks: Sequence[Task],
-    jobs: int,
-    waiting: list[tuple[float, int]],
-    running: dict[int, _Worker],
-    events: queue.Queue[tuple[int, bytes]],
+def _ended(
+    worker: _Worker,
+    workers: dict[int, _Worker],
+    selector: selectors.BaseSelector,
+    waiting: collections.deque[int],
+    restart: Restart | None,
+    delayed: list[tuple[float, int]],
 ) -> Iterator[Event]:
-    """Start the waiting tasks that are due, while there is room; yield their ``started``."""
+    """A worker's stdout ended: it exited. The task it had begun fails, or waits to start again
+    if ``restart`` says so; the ones handed to it ahead wait for another worker."""
+    selector.unregister(worker.fd)
+    del workers[worker.fd]
+    code = worker.proc.wait()
+    if worker.proc.stdout is not None:
+        worker.proc.stdout.close()
+    if worker.started:
+        i = worker.queue.popleft()
+        error = ExportFailed(f"the worker process {died(code)}")
+        delay = restart(i, error) if restart is not None else None
+        if delay is None:
+            yield Event(i, "failed", error)
+        else:
+            delayed.append((time.monotonic() + delay, i))
+            delayed.sort()
+            yield Event(i, "restarting", error)
+    waiting.extendleft(reversed(worker.queue))  # handed to it, never begun
+
+
+def _due(delayed: list[tuple[float, int]], waiting: collections.deque[int]) -> None:
+    """Move the tasks whose restart delay has passed to the front of ``waiting``."""
     now = time.monotonic()
-    while waiting and waiting[0][0] <= now and len(running) < max(1, jobs):
-        _, i = waiting.pop(0)
-        running[i] = _Worker(i, tasks[i], events)
-        yield Event(i, "started", running[i].proc.pid)
+    while delayed and delayed[0][0] <= now:
+        waiting.appendleft(delayed.pop(0)[1])
 
 
-def _until_due(waiting: list[tuple[float, int]], tick: float) -> float:
+def _until_due(delayed: list[tuple[float, int]], tick: float) -> float:
     """How long to wait for an event: ``tick``, or less when a delayed start falls due."""
-    if not waiting:
+    if not delayed:
         return tick
-    return max(0.001, min(tick, waiting[0][0] - time.monotonic()))
+    return max(0.001, min(tick, delayed[0][0] - time.monotonic()))
+
+
+def _reap_later(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """Wait for idle workers to exit in a thread of its own (killing any that outstays
+    :data:`EXIT_GRACE`), so that none is left a zombie and nobody waits for them."""
+
+    def reap() -> None:
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=EXIT_GRACE)
+            if proc.poll() is None:
+                proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=10)
+
+    if procs:
+        threading.Thread(target=reap, name="copystream-reaper", daemon=True).start()
+
+
+def _hand_out(
+    tasks: Sequence[Task],
+    waiting: collections.deque[int],
+    workers: dict[int, _Worker],
+    jobs: int,
+    selector: selectors.BaseSelector,
+) -> None:
+    """Give each free worker the next waiting task, and one running a short task the next
+    short one (or, when none is left, let a free worker exit); start workers while tasks wait
+    and fewer than ``jobs`` are at work."""
+    for worker in list(workers.values()):
+        if worker.retiring:
+            continue
+        if not worker.queue and not waiting:
+            worker.retire()
+        elif waiting and (
+            not worker.queue
+            or (len(worker.queue) == 1 and tasks[worker.queue[0]].short and tasks[waiting[0]].short)
+        ):
+            i = waiting.popleft()
+            worker.give(i, tasks[i])
+    while waiting and sum(not w.retiring for w in workers.values()) < max(1, jobs):
+        worker = _Worker(selector)
+        workers[worker.fd] = worker
+        i = waiting.popleft()
+        worker.give(i, tasks[i])
 
 
 # -- inside a worker ------------------------------------------------------------------------------
@@ -239,9 +392,14 @@ def _die_with_coordinator(coordinator: int) -> None:
 
 
 def worker_main(argv: Sequence[str]) -> int:
-    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL``: one task."""
+    """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``: import the
+    modules, then run the tasks its stdin brings, one at a time, until it closes (or a task
+    fails unexpectedly)."""
     _die_with_coordinator(int(argv[0]))
-    task: Task = pickle.load(sys.stdin.buffer)
+    for module in argv[2:]:  # what its tasks will need, while the coordinator prepares them
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
+    tasks = sys.stdin.buffer
     # The events get the real stdout to themselves; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
@@ -256,22 +414,41 @@ def worker_main(argv: Sequence[str]) -> int:
     log.handlers[:] = [_EventLog(send)]
     log.setLevel(int(argv[1]))
     log.propagate = False
-    last = 0.0
+    last = [0.0]  # when progress was last sent
+    for line in tasks:
+        try:
+            task: Task = pickle.loads(base64.b64decode(line))
+        except Exception as e:  # e.g. its function cannot be imported here
+            send("X -\n")
+            send(_encode("E", _portable(e)))
+            return 1
+        if not _run(task, send, last):
+            return 1
+    return 0
+
+
+def _run(task: Task, send: Callable[[str], None], last: list[float]) -> bool:
+    """Run one task and send its events; whether the worker may take another one. ``last``
+    holds when this worker last sent progress: a run of short tasks sends some, not each
+    task's."""
+    send("S -\n")
 
     def report(progress: Any) -> None:
-        nonlocal last
         now = time.monotonic()
-        if getattr(progress, "done", False) or now - last >= PROGRESS_INTERVAL:
-            last = now
+        if getattr(progress, "done", False) or now - last[0] >= PROGRESS_INTERVAL:
+            last[0] = now
             send(_encode("P", progress))
 
     try:
         result = task.function(*task.args, progress=report)
     except BaseException as e:  # every failure goes back to the coordinator as one event
+        expected = isinstance(e, CopystreamError)
+        if not expected:
+            send("X -\n")  # before the outcome: the coordinator gives this worker no more
         send(_encode("E", _portable(e)))
-        return 1
+        return expected
     send(_encode("R", result))
-    return 0
+    return True
 
 
 def _portable(e: BaseException) -> CopystreamError:

@@ -52,6 +52,7 @@ Exit status: 0 all good; 1 an output differed from psql's, a run failed or a che
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import cProfile
 import csv
@@ -1357,6 +1358,311 @@ def _top_functions(stats: pstats.Stats, key: str, n: int) -> list[dict[str, Any]
     ]
 
 
+# -- many tables (--tables) ---------------------------------------------------------------------
+
+#: The schema of the --tables mode's small tables.
+MANY_SCHEMA = "bench_many"
+
+
+def ensure_many_tables(dsn: str, count: int, rows: int) -> dict[str, Any]:
+    """``count`` tables ``bench_many.t00001…`` of ``rows`` rows each (about 70 bytes of CSV a
+    row: an int key, an md5, a numeric, a timestamptz), analyzed; kept if they are there."""
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        have = conn.execute(
+            "SELECT count(*), min(c.reltuples) FROM pg_class c JOIN pg_namespace n "
+            "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
+            [MANY_SCHEMA],
+        ).fetchone()
+        created = not (have and have[0] == count and have[1] == rows)
+        if created:
+            log(f"creating {count:,} tables of {rows:,} rows in schema {MANY_SCHEMA}")
+            schema = sql.Identifier(MANY_SCHEMA)
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(schema))
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
+            for lo in range(1, count + 1, 500):  # one transaction per 500 tables: bounded locks
+                conn.execute(
+                    sql.SQL(
+                        """DO $$ BEGIN
+                        FOR i IN {lo}..{hi} LOOP
+                          EXECUTE format('CREATE TABLE {schema}.%I (id int PRIMARY KEY,
+                            name text, amount numeric(12,2), created timestamptz)',
+                            't' || lpad(i::text, 5, '0'));
+                          EXECUTE format('INSERT INTO {schema}.%I SELECT g, md5(g || ''.%s''),
+                            (g * 37 %% 10000) / 100.0, timestamptz ''2024-01-01'' + g * interval
+                            ''17 min'' FROM generate_series(1, {rows}) g',
+                            't' || lpad(i::text, 5, '0'), i);
+                        END LOOP; END $$"""
+                    ).format(
+                        lo=sql.Literal(lo),
+                        hi=sql.Literal(min(lo + 499, count)),
+                        schema=sql.SQL(schema.as_string(conn)),
+                        rows=sql.Literal(rows),
+                    )
+                )
+            conn.execute(sql.SQL("ANALYZE"))
+        names = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = %s AND c.relkind = 'r' ORDER BY 1",
+                [MANY_SCHEMA],
+            ).fetchall()
+        ]
+    return {
+        "tables": names,
+        "rows_each": rows,
+        "created": created,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+
+
+def many_references(b: Bench, names: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """psql's ``\\copy`` of every small table, by table name: (size, xxh3-128). One psql run."""
+    refdir = b.workdir / "many-reference"
+    refdir.mkdir(exist_ok=True)
+    script = refdir / "copy.sql"
+    with psycopg.connect(b.dsn) as conn:
+        lines = []
+        for name in names:
+            ident = sql.Identifier(MANY_SCHEMA, name).as_string(conn)
+            target = str(refdir / f"{name}.csv").replace("'", "''")
+            lines.append(
+                f"\\copy (SELECT * FROM {ident} ORDER BY id) TO '{target}' WITH (FORMAT csv)"
+            )
+    script.write_text("\n".join(lines) + "\n")
+    log(f"{len(names):,} small tables: reference exports with psql (unmeasured)")
+    cmd = [b.psql_bin, "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", b.dsn, "-f", str(script)]
+    proc = subprocess.run(cmd, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"psql failed: {proc.stderr.decode(errors='replace').strip()}")
+    refs = {name: hash_file(refdir / f"{name}.csv") for name in names}
+    shutil.rmtree(refdir)
+    return refs
+
+
+def many_plan(b: Bench, out: Path, large: str | None) -> Path:
+    """A bulk plan of every small table (and the large one, if any), writing to ``out``."""
+    plan = out.with_suffix(".toml")
+    body = f'[[tables]]\npattern = "{MANY_SCHEMA}.*"\n'
+    if large is not None:
+        body += f'\n[[tables]]\nname = "public.{large}"\noutput = "large.csv"\n'
+    plan.write_text(
+        f"[defaults]\ndsn = {json.dumps(b.dsn)}\noutput_dir = {json.dumps(out.name)}\n\n" + body
+    )
+    return plan
+
+
+def check_many(b: Bench, out: Path, refs: dict[str, tuple[int, str]], what: str) -> None:
+    """Every small table's output equals psql's (size and xxh3-128); record a mismatch."""
+    bad = [
+        name
+        for name, ref in refs.items()
+        if not (out / f"{MANY_SCHEMA}.{name}.csv").exists()
+        or hash_file(out / f"{MANY_SCHEMA}.{name}.csv") != ref
+    ]
+    if bad:
+        msg = f"{what}: {len(bad)} of {len(refs)} outputs differ from psql's (e.g. {bad[0]})"
+        loud(msg)
+        b.errors.append(msg)
+
+
+def _measure(b: Bench, name: str, cmd: Sequence[str]) -> Measured:
+    stdout, stderr = b.workdir / f"{name}.stdout", b.workdir / f"{name}.stderr"
+    m = run_measured(
+        cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval, server=b.server_cpu
+    )
+    if m.returncode != 0:
+        text = stderr.read_text(errors="replace").strip()[-2000:]
+        raise RuntimeError(f"{name} exited {m.returncode}: {text}")
+    stdout.unlink()
+    stderr.unlink()
+    return m
+
+
+def _pg_dump(b: Bench, tables: Sequence[str], rnd: int, row: dict[str, Any] | None = None) -> float:
+    """Seconds of ``pg_dump --data-only -Fd -j JOBS`` of ``tables`` (patterns); its CPU into
+    ``row``."""
+    target = b.workdir / f"pg_dump-r{rnd}"
+    pg_dump = os.path.join(os.path.dirname(b.psql_bin), "pg_dump")
+    cmd = [pg_dump, "--data-only", "-Fd", "-j", str(b.args.jobs), "-f", str(target), "-d", b.dsn]
+    for t in tables:
+        cmd += ["-t", t]
+    m = _measure(b, "pg_dump", cmd)
+    shutil.rmtree(target)
+    _cpu(row, "pg_dump", m)
+    return m.wall
+
+
+def _bulk(
+    b: Bench, plan: Path, out: Path, name: str, row: dict[str, Any] | None = None
+) -> float:
+    cmd = [sys.executable, "-m", "copystream", "bulk", str(plan), "--jobs", str(b.args.jobs)]
+    m = _measure(b, name, [*cmd, "--no-progress"])
+    _cpu(row, name, m)
+    return m.wall
+
+
+def _cpu(row: dict[str, Any] | None, name: str, m: Measured) -> None:
+    """The client's and the server's CPU seconds of a run, into ``row``."""
+    if row is not None:
+        row[f"{name}_client_cpu_s"] = round(m.cpu_user + m.cpu_sys, 3)
+        if m.server_cpu is not None:
+            row[f"{name}_server_cpu_s"] = round(m.server_cpu, 3)
+
+
+def step_many_rounds(
+    b: Bench, refs: dict[str, tuple[int, str]]
+) -> dict[str, Any]:
+    """Rounds of pg_dump and copystream bulk of the small tables, then the same job again with
+    everything done; every output checked against psql's."""
+    runs: list[dict[str, Any]] = []
+    for rnd in range(b.args.rounds):
+        order = ["pg_dump", "bulk"] if rnd % 2 == 0 else ["bulk", "pg_dump"]
+        row: dict[str, Any] = {"round": rnd}
+        for config in order:
+            if config == "pg_dump":
+                row["pg_dump_s"] = _pg_dump(b, [f"{MANY_SCHEMA}.*"], rnd, row)
+                continue
+            out = b.workdir / f"bulk-r{rnd}"
+            plan = many_plan(b, out, None)
+            row["bulk_s"] = _bulk(b, plan, out, "bulk", row)
+            check_many(b, out, refs, f"bulk round {rnd}")
+            row["rerun_s"] = _bulk(b, plan, out, "bulk-again")
+            report = json.loads((out / "copystream-report.json").read_text())
+            if report["totals"]["skipped"] != len(refs):
+                b.errors.append(f"round {rnd}: the re-run redid {report['totals']['done']} tables")
+            shutil.rmtree(out)
+            plan.unlink()
+        row["ratio"] = row["bulk_s"] / row["pg_dump_s"]
+        runs.append(row)
+        log(
+            f"round {rnd + 1}/{b.args.rounds}: pg_dump {row['pg_dump_s']:.2f}s, copystream bulk "
+            f"{row['bulk_s']:.2f}s ({row['ratio']:.2f}x), again with everything done "
+            f"{row['rerun_s']:.2f}s; client CPU {row['pg_dump_client_cpu_s']:.2f}s / "
+            f"{row['bulk_client_cpu_s']:.2f}s, server CPU "
+            f"{row.get('pg_dump_server_cpu_s', float('nan')):.2f}s / "
+            f"{row.get('bulk_server_cpu_s', float('nan')):.2f}s"
+        )
+    return {
+        "runs": runs,
+        "pg_dump_s": _median([r["pg_dump_s"] for r in runs]),
+        "bulk_s": _median([r["bulk_s"] for r in runs]),
+        "rerun_s": _median([r["rerun_s"] for r in runs]),
+        "ratio_to_pg_dump": _median([r["ratio"] for r in runs]),
+    }
+
+
+def step_startup_export(b: Bench, table: str, times: int = 7) -> dict[str, Any]:
+    """``copystream export`` of one small table against Python importing psycopg, connecting
+    and running ``select 1``: the fixed cost of the command, alternated run by run."""
+    baseline = [
+        sys.executable,
+        "-c",
+        f"import psycopg; psycopg.connect({b.dsn!r}).execute('select 1')",
+    ]
+    pairs = []
+    for i in range(times):
+        out = b.workdir / f"startup-{i}.csv"
+        export = [sys.executable, "-m", "copystream", "export", table, str(out), "--dsn", b.dsn]
+        first, second = (baseline, export) if i % 2 == 0 else (export, baseline)
+        walls = {}
+        for cmd in (first, second):
+            walls["export" if cmd is export else "psycopg"] = _measure(
+                b, "startup", [*cmd, "--no-progress"] if cmd is export else cmd
+            ).wall
+        remove_output(out)
+        pairs.append(walls)
+    result = {
+        "runs": pairs,
+        "export_s": _median([p["export"] for p in pairs]),
+        "psycopg_connect_s": _median([p["psycopg"] for p in pairs]),
+        "ratio": _median([p["export"] / p["psycopg"] for p in pairs]),
+    }
+    log(
+        f"copystream export of {table}: {result['export_s']:.3f}s; python + psycopg + connect + "
+        f"select 1: {result['psycopg_connect_s']:.3f}s; {result['ratio']:.2f}x"
+    )
+    return result
+
+
+def step_mixed(b: Bench, refs: dict[str, tuple[int, str]], large: str) -> dict[str, Any]:
+    """The large table and the small ones in one bulk job, against the large one alone with
+    ``--workers JOBS`` plus pg_dump of the small ones."""
+    _, ref_size, ref_digest = b.reference(large)
+    runs = []
+    for rnd in range(b.args.rounds):
+        row: dict[str, Any] = {"round": rnd}
+        alone = b.fresh("large-alone")
+        row["large_alone_s"] = _measure(
+            b, "large-alone", b.copystream_cmd(large, alone, b.args.jobs)
+        ).wall
+        if hash_file(alone) != (ref_size, ref_digest):
+            b.errors.append(f"mixed round {rnd}: the large table alone differs from psql's")
+        remove_output(alone)
+        row["pg_dump_small_s"] = _pg_dump(b, [f"{MANY_SCHEMA}.*"], rnd)
+        out = b.workdir / f"mixed-r{rnd}"
+        plan = many_plan(b, out, large)
+        row["bulk_s"] = _bulk(b, plan, out, "bulk-mixed")
+        check_many(b, out, refs, f"mixed round {rnd}")
+        if hash_file(out / "large.csv") != (ref_size, ref_digest):
+            b.errors.append(f"mixed round {rnd}: the large table's output differs from psql's")
+        shutil.rmtree(out)
+        plan.unlink()
+        row["ratio"] = row["bulk_s"] / (row["large_alone_s"] + row["pg_dump_small_s"])
+        runs.append(row)
+        log(
+            f"mixed round {rnd + 1}/{b.args.rounds}: large alone (--workers {b.args.jobs}) "
+            f"{row['large_alone_s']:.2f}s + pg_dump of the small ones {row['pg_dump_small_s']:.2f}s"
+            f"; copystream bulk of all {row['bulk_s']:.2f}s ({row['ratio']:.2f}x)"
+        )
+    return {"runs": runs, "ratio": _median([r["ratio"] for r in runs])}
+
+
+def step_tables(b: Bench) -> dict[str, Any]:
+    """The --tables mode: many small tables (and maybe one large one), bulk against pg_dump."""
+    args = b.args
+    # An installed package has its bytecode compiled: so must this checkout, or each process
+    # would compile copystream from source again (PYTHONDONTWRITEBYTECODE may be set).
+    compileall.compile_dir(str(Path(copystream.__file__).parent), quiet=1)
+    info = ensure_many_tables(b.dsn, args.tables, args.table_rows)
+    names = info.pop("tables")
+    log(f"{len(names):,} small tables ready ({info['seconds']}s)")
+    refs = many_references(b, names)
+    result: dict[str, Any] = {"small_tables": info, "jobs": args.jobs}
+    result["startup"] = step_startup_export(b, f"{MANY_SCHEMA}.{names[0]}")
+    if args.rounds > 0:
+        result["bulk_vs_pg_dump"] = step_many_rounds(b, refs)
+    if args.large_rows:
+        result["large_table"] = ensure_table(b.dsn, args.table, args.large_rows)
+        result["mixed"] = step_mixed(b, refs, args.table)
+    print_tables(result, len(names), args.table_rows)
+    return result
+
+
+def print_tables(result: dict[str, Any], count: int, rows: int) -> None:
+    jobs = result["jobs"]
+    print(f"\n{count:,} tables of {rows:,} rows, --jobs {jobs} (medians):\n")
+    s = result["startup"]
+    print(
+        f"  copystream export of one table  {s['export_s']:.3f}s  vs python+psycopg+connect "
+        f"{s['psycopg_connect_s']:.3f}s: {s['ratio']:.2f}x"
+    )
+    if "bulk_vs_pg_dump" in result:
+        r = result["bulk_vs_pg_dump"]
+        print(
+            f"  pg_dump --data-only -Fd -j {jobs}    {r['pg_dump_s']:.2f}s\n"
+            f"  copystream bulk --jobs {jobs}         {r['bulk_s']:.2f}s: "
+            f"{r['ratio_to_pg_dump']:.2f}x pg_dump\n"
+            f"  the same job again, all done    {r['rerun_s']:.2f}s"
+        )
+    if "mixed" in result:
+        print(
+            f"  1 large + {count:,} small tables: {result['mixed']['ratio']:.2f}x (large alone "
+            f"with --workers {jobs} + pg_dump of the small ones)"
+        )
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -1508,6 +1814,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--duckdb-python",
         help="a Python with duckdb and duckdb-extension-postgres (the same version) installed",
     )
+    g = p.add_argument_group("many tables (a bulk job against pg_dump)")
+    g.add_argument(
+        "--tables",
+        type=_positive_int,
+        help="instead of the rounds on one table: create this many small tables and time "
+        "`copystream bulk --jobs JOBS` (and again with everything done) against `pg_dump "
+        "--data-only -Fd -j JOBS` of them, plus `copystream export` of one of them against "
+        "python importing psycopg and connecting",
+    )
+    g.add_argument(
+        "--table-rows", type=_positive_int, default=200, help="rows per small table (200)"
+    )
+    g.add_argument("--jobs", type=_positive_int, default=2, help="--jobs and pg_dump -j (2)")
+    g.add_argument(
+        "--large-rows",
+        type=int,
+        default=0,
+        help="with --tables: also a large table of this many rows (--table), exported with the "
+        "small ones in one job, against it alone with --workers JOBS plus pg_dump of the small "
+        "ones (0: none)",
+    )
     g = p.add_argument_group("extra checks")
     g.add_argument(
         "--memory-growth",
@@ -1569,10 +1896,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sample-interval must be positive")
     extras = args.memory_growth or args.resume_check or args.profile or args.compress
     extras = extras or args.format == "parquet"
-    if args.rounds == 0 and not extras:
+    if args.rounds == 0 and not (extras or args.tables):
         p.error(
-            "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile "
-            "or --compress"
+            "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
+            "--compress, --format parquet or --tables"
         )
     return args
 
@@ -1639,6 +1966,32 @@ def _server(args: argparse.Namespace) -> Iterator[tuple[str, str, int | None]]:
             server.cleanup()
 
 
+def _one_table(b: Bench, results: dict[str, Any], results_dir: Path, stamp: str) -> None:
+    """The rounds and checks on one table (every mode but --tables)."""
+    args, dsn = b.args, b.dsn
+    log(f"table {args.table}: {args.rows:,} rows")
+    results["table"] = ensure_table(dsn, args.table, args.rows)
+    log(f"table ready ({results['table']['seconds']}s)")
+    results["startup"] = step_startup(b)
+    if args.rounds > 0:
+        results["rounds"] = step_rounds(b, args.table)
+    if args.compress and args.compress_rounds > 0:
+        results["compressed"] = step_compressed(b, args.table)
+    if args.format == "parquet" and args.parquet_rounds > 0:
+        results["parquet"] = step_parquet(b, args.table)
+    if args.memory_growth:
+        results["memory_growth"] = step_memory_growth(b, args.table)
+    if args.resume_check:
+        results["resume_check"] = step_resume(b, args.table)
+    if args.profile:
+        results["profile"] = step_profile(b, args.table, results_dir, stamp)
+    if args.table in b.references:
+        results["table"]["csv_bytes"] = b.references[args.table][1]
+        results["table"]["csv_bytes_per_row"] = round(
+            b.references[args.table][1] / args.rows, 1
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -1698,27 +2051,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 log("note: " + note)
                 b.notes.append(note)
-            log(f"table {args.table}: {args.rows:,} rows")
-            results["table"] = ensure_table(dsn, args.table, args.rows)
-            log(f"table ready ({results['table']['seconds']}s)")
-            results["startup"] = step_startup(b)
-            if args.rounds > 0:
-                results["rounds"] = step_rounds(b, args.table)
-            if args.compress and args.compress_rounds > 0:
-                results["compressed"] = step_compressed(b, args.table)
-            if args.format == "parquet" and args.parquet_rounds > 0:
-                results["parquet"] = step_parquet(b, args.table)
-            if args.memory_growth:
-                results["memory_growth"] = step_memory_growth(b, args.table)
-            if args.resume_check:
-                results["resume_check"] = step_resume(b, args.table)
-            if args.profile:
-                results["profile"] = step_profile(b, args.table, results_dir, stamp)
-            if args.table in b.references:
-                results["table"]["csv_bytes"] = b.references[args.table][1]
-                results["table"]["csv_bytes_per_row"] = round(
-                    b.references[args.table][1] / args.rows, 1
-                )
+            if args.tables:
+                results["tables_mode"] = step_tables(b)
+            else:
+                _one_table(b, results, results_dir, stamp)
     except KeyboardInterrupt:
         log("interrupted")
         status = 130

@@ -283,3 +283,14 @@ class KillAtOpen:
         self._stop = True
         self._thread.join(timeout=10)
         os.close(self.fd)  # allows whatever open is still held
+
+
+def write_plan(
+    path: Path, dsn: str, body: str, *, output_dir: str = "out", **defaults: Any
+) -> Path:
+    """A bulk plan at ``path``: ``[defaults]`` with the DSN, ``output_dir`` and ``defaults``,
+    then ``body`` (its ``[[tables]]``)."""
+    lines = ["[defaults]", f"dsn = {json.dumps(dsn)}", f"output_dir = {json.dumps(output_dir)}"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in defaults.items()]
+    path.write_text("\n".join(lines) + "\n\n" + body)
+    return path

@@ -29,7 +29,15 @@ from typing import Any
 import psutil
 import psycopg
 import pytest
-from helpers import assert_one_error_line, cli, read_manifest, run, scratch_database, xxh
+from helpers import (
+    assert_one_error_line,
+    cli,
+    read_manifest,
+    run,
+    scratch_database,
+    write_plan,
+    xxh,
+)
 
 import copystream
 import copystream.errors
@@ -113,15 +121,6 @@ def shop(pg: EphemeralPostgres) -> Iterator[str]:
     """A database with tables of several shapes; the tests only read it."""
     with scratch_database(pg, SCHEMA) as dsn:
         yield dsn
-
-
-def write_plan(
-    path: Path, dsn: str, body: str, *, output_dir: str = "out", **defaults: Any
-) -> Path:
-    lines = ["[defaults]", f"dsn = {json.dumps(dsn)}", f"output_dir = {json.dumps(output_dir)}"]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in defaults.items()]
-    path.write_text("\n".join(lines) + "\n\n" + body)
-    return path
 
 
 #: The plan of the kill test: every shape above, one missing table, one pattern with excludes.

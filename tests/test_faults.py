@@ -273,8 +273,9 @@ class BackendKiller(threading.Thread):
         return lambda: self.progress.rows >= threshold
 
     def _kill_one(self, conn: psycopg.Connection[Any]) -> None:
-        # Prefer the backend in the middle of the COPY, then any statement (the sibling's
-        # bound query, usually); take an idle one if none turns active within 0.5 s.
+        # Prefer the backend in the middle of the COPY (waiting up to 0.5 s for one: a busy
+        # machine stretches the gaps between COPYs), then any statement (the sibling's bound
+        # query, usually), then an idle one.
         deadline = time.monotonic() + 0.5
         while not self.stop.is_set():
             found = conn.execute(
@@ -285,7 +286,7 @@ class BackendKiller(threading.Thread):
             fresh = [(pid, state, copy) for pid, state, copy in found if pid not in self.killed]
             copying = [pid for pid, state, copy in fresh if state == "active" and copy]
             active = [pid for pid, state, _ in fresh if state == "active"]
-            if active or (fresh and time.monotonic() > deadline):
+            if copying or (fresh and time.monotonic() > deadline):
                 pid = (copying or active or [fresh[0][0]])[0]
                 ok = conn.execute("SELECT pg_terminate_backend(%s)", [pid]).fetchone()
                 if ok and ok[0]:

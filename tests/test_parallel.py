@@ -738,10 +738,11 @@ def test_a_killed_worker_is_restarted_from_its_checkpoint(
             os.kill(victim.pid, signal.SIGKILL)
             killed.append(victim.pid)
 
-            def replaced(seen: set[int] = seen, done: int = done) -> bool:
+            def replaced(seen: set[int] = seen, done: int = done, k: int = len(killed)) -> bool:
                 new = {p.pid for p in worker_processes(s.proc.pid)} - seen
                 now = sum(len(cp["chunks"]) for cp in part_checkpoints(out, 2) if cp)
-                return bool(new) and now >= done + 2  # a new worker, and it got somewhere
+                resumed = s.stderr().count("resuming at row") >= k  # it began the range
+                return bool(new) and resumed and now >= done + 2  # and it got somewhere
 
             assert wait_until(s, replaced, what="restarted worker"), s.stderr()
         s.proc.wait(timeout=120)

@@ -491,7 +491,12 @@ def test_a_bulk_plan_exports_parquet_datasets(db: str, tmp_path: Path) -> None:
         '[[tables]]\nname = "public.big"\n[[tables]]\nname = "inf"\n[[tables]]\nname = "ranged"\n'
     )
     copystream.run_bulk(plan)
+    finished = {}
     for name, rows in (("big", 60000), ("inf", 3), ("ranged", 1)):
         out = tmp_path / "out" / f"public.{name}.parquet"
         assert copystream.verify_file(out).rows == rows
         assert read_dataset(out).num_rows == rows
+        finished[name] = read_manifest(out)["finished_at"]
+    copystream.run_bulk(plan)  # again: every dataset is complete, none is exported again
+    for name, at in finished.items():
+        assert read_manifest(tmp_path / "out" / f"public.{name}.parquet")["finished_at"] == at

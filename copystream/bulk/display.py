@@ -85,6 +85,8 @@ def format_summary_table(result: BulkResult) -> str:
         f"in {result.seconds:.1f}s"
         + (f"; report {result.report}" if result.report is not None else "")
     )
+    if result.snapshot is not None:
+        lines.append(f"snapshot: {result.snapshot.note}")
     return "\n".join(lines)
 
 

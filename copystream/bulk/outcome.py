@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..export import ExportResult
+from ..manifest import Manifest
 from ..progress import Progress, _Pace
 from .resolve import _Task
 
@@ -40,6 +41,10 @@ class TableOutcome:
     estimated_bytes: int | None = None
     warnings: tuple[str, ...] = ()
     note: str = ""  # dry run: what the files beside the output say (new, resumes, finished)
+    point_in_time: bool = False  # every row read from one snapshot (its manifest says so)
+    #: the job snapshot every row was read from (``{"server", "id", "taken_at"}``), when it was
+    #: exported by a job with one (this run's, or an earlier run's); else ``None``
+    snapshot: dict[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -65,7 +70,76 @@ class TableOutcome:
             "estimated_rows": self.estimated_rows,
             "estimated_bytes": self.estimated_bytes,
             "warnings": list(self.warnings),
+            "point_in_time": self.point_in_time,
+            "snapshot": self.snapshot,
         }
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """What a job that reads one snapshot (``consistent``) got.
+
+    ``taken`` lists the snapshots this run held (one per server: ``{"server", "id",
+    "taken_at"}``); ``point_in_time`` says whether every table of the job was read from one
+    of them (one per server), the job being then one point-in-time image; ``note`` says why
+    not when it is not (a resumed job: tables exported under an earlier run's snapshot, which
+    ended with that run).
+    """
+
+    taken: tuple[dict[str, str], ...]
+    point_in_time: bool
+    note: str
+
+    def to_json(self) -> dict[str, Any]:
+        """The job report's ``snapshot``."""
+        return {
+            "point_in_time": self.point_in_time,
+            "taken": list(self.taken),
+            "note": self.note,
+        }
+
+
+def job_snapshot(
+    tables: Sequence[TableOutcome], taken: Sequence[dict[str, str]]
+) -> JobSnapshot:
+    """Whether the ``tables`` of a ``consistent`` job make one point-in-time image, given the
+    snapshots this run ``taken``. Pure."""
+    ok = [t for t in tables if t.status in ("done", "skipped")]
+    current = {(s["server"], s["id"], s["taken_at"]) for s in taken}
+    this_run = [t for t in ok if t.snapshot is not None and _key(t.snapshot) in current]
+    earlier = [t for t in ok if t.snapshot is not None and _key(t.snapshot) not in current]
+    mixed = [t for t in ok if t.snapshot is None and t.resumed]
+    without = [t for t in ok if t.snapshot is None and not t.resumed]
+    servers: dict[str, set[tuple[str, str, str]]] = {}
+    for t in ok:
+        if t.snapshot is not None:
+            servers.setdefault(t.snapshot["server"], set()).add(_key(t.snapshot))
+    failed = len(tables) - len(ok)
+    whole = not (without or mixed or failed) and all(len(k) == 1 for k in servers.values())
+    parts = []
+    if this_run:
+        parts.append(f"{len(this_run)} read from this run's snapshot")
+    if earlier:
+        when = sorted({t.snapshot["taken_at"] for t in earlier if t.snapshot is not None})
+        parts.append(
+            f"{len(earlier)} from an earlier run's (taken at {', '.join(when)}), which ended "
+            "with that run"
+        )
+    if mixed:
+        parts.append(f"{len(mixed)} resumed from an earlier run (read from two snapshots)")
+    if without:
+        parts.append(f"{len(without)} exported without the job's snapshot")
+    if failed:
+        parts.append(f"{failed} not exported")
+    if whole:
+        when = sorted({t.snapshot["taken_at"] for t in ok if t.snapshot is not None})
+        note = f"one point in time: all {len(ok)} tables read from the snapshot taken at "
+        return JobSnapshot(tuple(taken), True, note + ", ".join(when))
+    return JobSnapshot(tuple(taken), False, "not one point in time: " + "; ".join(parts))
+
+
+def _key(snapshot: dict[str, str]) -> tuple[str, str, str]:
+    return snapshot["server"], snapshot["id"], snapshot["taken_at"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +153,7 @@ class BulkResult:
     dry_run: bool
     jobs: int
     report: Path | None  # the job report written (None in a dry run)
+    snapshot: JobSnapshot | None = None  # of a job that reads one snapshot (``consistent``)
 
     @property
     def failed(self) -> tuple[TableOutcome, ...]:
@@ -104,6 +179,7 @@ class BulkResult:
             "seconds": round(self.seconds, 3),
             "totals": _totals(self.tables),
             "warnings": list(self.warnings),
+            "snapshot": self.snapshot.to_json() if self.snapshot is not None else None,
             "tables": [t.to_json() for t in self.tables],
         }
 
@@ -184,6 +260,23 @@ def _from_result(task: _Task, r: ExportResult) -> TableOutcome:
         key=r.key,
         key_source=_key_source(r.key_source),
         warnings=r.warnings,
+        point_in_time=r.point_in_time,
+    )
+
+
+def _from_manifest(task: _Task, m: Manifest, seconds: float) -> TableOutcome:
+    """A table found complete (and verifying) before any worker ran: skipped."""
+    return _outcome(
+        task,
+        "skipped",
+        rows=m.rows,
+        bytes=m.bytes,
+        xxh3_128=m.xxh3_128,
+        seconds=seconds,
+        key=m.key,
+        key_source=_key_source(m.key_source),
+        warnings=task.resolved.warnings if task.resolved is not None else (),
+        point_in_time=m.point_in_time,
     )
 
 

@@ -46,7 +46,11 @@ class PlanEntry:
 
     Exactly one of ``name`` (one table) and ``pattern`` (any number) is set. ``spec`` and
     ``run`` hold the entry's export options (``spec.table`` is left empty: each table the
-    entry selects fills it in, :meth:`spec_for`).
+    entry selects fills it in, :meth:`spec_for`); ``explicit`` names the options the plan set
+    for it (in the entry or in ``[defaults]``), the others having their defaults.
+    ``consistent`` in ``[defaults]`` is the job's (:attr:`BulkPlan.consistent`), not merged in:
+    ``run.consistent`` is the entry's own (a snapshot of its own per table; ``consistent =
+    false`` in an entry keeps its tables out of the job's snapshot).
     """
 
     index: int  # position in the plan's tables array (0-based)
@@ -58,6 +62,7 @@ class PlanEntry:
     dsn: str | None = field(default=None, repr=False)
     spec: ExportSpec = field(default_factory=lambda: ExportSpec(""))
     run: RunOptions = field(default_factory=RunOptions)
+    explicit: frozenset[str] = frozenset()
 
     @property
     def label(self) -> str:
@@ -71,11 +76,16 @@ class PlanEntry:
 
 @dataclass(frozen=True)
 class BulkPlan:
-    """A validated plan: where it came from, where the files go, and its entries in order."""
+    """A validated plan: where it came from, where the files go, and its entries in order.
+
+    ``consistent`` (``consistent = true`` in ``[defaults]``): the whole job reads one snapshot,
+    held for it from start to end, as ``pg_dump`` does.
+    """
 
     path: Path
     output_dir: Path
     entries: tuple[PlanEntry, ...]
+    consistent: bool = False
 
     @property
     def report_path(self) -> Path:
@@ -286,11 +296,14 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
             problems.unknown("top", key, ["defaults", "tables"])
     defaults = _parse_defaults(doc.get("defaults", {}), problems)
     output_dir = base / str(defaults.get("output_dir", "."))
+    consistent = bool(defaults.pop("consistent", False))  # the job's, not each table's
     checker = _EntryChecker(problems, defaults, output_dir)
     entries = [checker.check(i, raw) for i, raw in enumerate(_tables_array(doc, problems))]
     problems.raise_if_any()
     kept = tuple(e for e in entries if e is not None)
-    return BulkPlan(path=Path(source), output_dir=output_dir, entries=kept)
+    return BulkPlan(
+        path=Path(source), output_dir=output_dir, entries=kept, consistent=consistent
+    )
 
 
 def _parse_defaults(raw: object, problems: _Problems) -> dict[str, Any]:
@@ -453,6 +466,7 @@ def _entry(index: int, line: int | None, v: Mapping[str, Any], exclude: list[str
         dsn=v.get("dsn"),
         spec=spec,
         run=run,
+        explicit=frozenset(options),
     )
 
 

@@ -1,5 +1,6 @@
 """The job report, ``copystream-report.json`` in the output directory: rewritten atomically
-as tables finish, keeping what is known of tables not run this time."""
+as tables finish (at most every half second, and at the end), keeping what is known of tables
+not run this time, and which snapshot each finished table was read from."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .._atomic import atomic_write
-from .outcome import _STATUSES, TableOutcome, _outcome, _tally
+from .outcome import _STATUSES, JobSnapshot, TableOutcome, _outcome, _tally
 from .plan import BulkPlan
 from .resolve import _Task
 
@@ -17,7 +18,11 @@ REPORT_VERSION = 1
 
 
 class _Report:
-    """The job report, rewritten atomically (0600) whenever a table finishes."""
+    """The job report, rewritten atomically (0600) as tables finish.
+
+    Each table is one line of compact JSON, encoded once when its outcome is set: rewriting the
+    report of a thousand tables costs a join, not a thousand encodings.
+    """
 
     def __init__(
         self, plan: BulkPlan, tasks: Sequence[_Task], selected: Sequence[_Task], jobs: int
@@ -27,16 +32,18 @@ class _Report:
         self.jobs = jobs
         self.started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
         previous = self._previous()
+        self.before = previous
         chosen = {id(t) for t in selected}
         self.rows: dict[int, dict[str, Any]] = {}
+        self.lines: dict[int, str] = {}
         self.order = [id(t) for t in selected] + [id(t) for t in tasks if id(t) not in chosen]
         for t in tasks:
             old = previous.get((t.table, str(t.output)))
             if id(t) not in chosen and old is not None:
-                self.rows[id(t)] = old  # not run this time (--only): keep what is known
+                self._set(t, old)  # not run this time (--only): keep what is known
             else:
                 status = "pending" if id(t) in chosen else "not run"
-                self.rows[id(t)] = _outcome(t, status).to_json()
+                self._set(t, _outcome(t, status).to_json())
 
     def _previous(self) -> dict[tuple[str, str], dict[str, Any]]:
         try:
@@ -46,9 +53,30 @@ class _Report:
             return {}
 
     def set(self, task: _Task, outcome: TableOutcome) -> None:
-        self.rows[id(task)] = outcome.to_json()
+        self._set(task, outcome.to_json())
 
-    def write(self, *, finished: bool, warnings: Sequence[str], seconds: float) -> None:
+    def _set(self, task: _Task, row: dict[str, Any]) -> None:
+        self.rows[id(task)] = row
+        self.lines[id(task)] = json.dumps(row, ensure_ascii=False)
+
+    def earlier_snapshot(self, task: _Task) -> dict[str, str] | None:
+        """The job snapshot an earlier run recorded for ``task``'s table, if it finished it."""
+        old = self.before.get((task.table, str(task.output)))
+        if old is None or old.get("status") not in ("done", "skipped"):
+            return None
+        snapshot = old.get("snapshot")
+        if not isinstance(snapshot, dict) or not {"server", "id", "taken_at"} <= set(snapshot):
+            return None
+        return {k: str(snapshot[k]) for k in ("server", "id", "taken_at")}
+
+    def write(
+        self,
+        *,
+        finished: bool,
+        warnings: Sequence[str],
+        seconds: float,
+        snapshot: JobSnapshot | None = None,
+    ) -> None:
         tables = [self.rows[i] for i in self.order]
         counts = [(t["status"], int(t["rows"]), int(t["bytes"])) for t in tables]
         totals = _tally(counts, (*_STATUSES, "not run"))
@@ -64,7 +92,11 @@ class _Report:
             "seconds": round(seconds, 3),
             "totals": totals,
             "warnings": list(warnings),
-            "tables": tables,
+            "snapshot": snapshot.to_json() if snapshot is not None else None,
         }
+        head = json.dumps(doc, indent=1, ensure_ascii=False)
+        assert head.endswith("\n}")
+        rows = ",\n  ".join(self.lines[i] for i in self.order)
+        text = f'{head[:-2]},\n "tables": [\n  {rows}\n ]\n}}\n'
         # Error strings are redacted as they come; no DSN is ever put in the report.
-        atomic_write(self.path, json.dumps(doc, indent=1, ensure_ascii=False).encode() + b"\n")
+        atomic_write(self.path, text.encode())

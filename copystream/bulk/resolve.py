@@ -1,5 +1,7 @@
 """Resolving a plan on its server(s): the catalog read without locks, names looked up,
-patterns matched, ``--only`` applied, and the tables ordered largest first."""
+patterns matched, every table planned in a few catalog queries for all of them
+(:func:`copystream.catalog.introspect_many`), ``--only`` applied, the tables ordered largest
+first, and a table too large for its share of the job split into key ranges."""
 
 from __future__ import annotations
 
@@ -7,17 +9,18 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from ..catalog import missing_table_problem
+from ..catalog import introspect_many, missing_table_problem
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
 from ..pipeline import first_connect
-from ..spec import ExportSpec
+from ..spec import ExportSpec, RunOptions
+from ..table import ResolvedTable
 from .names import NamePattern, parse_name_pattern
 from .plan import BulkPlan, PlanEntry, PlanError, _fold_name, default_output
 
@@ -112,6 +115,20 @@ class _Task:
     estimated_rows: int | None = None
     estimated_bytes: int | None = None
     error: str | None = None  # the table fails without running (missing table, no server)
+    oid: int | None = None
+    resolved: ResolvedTable | None = None  # planned by the coordinator (None: by its worker)
+    workers: int | None = None  # key ranges the job chose for it (None: the entry's)
+
+    @property
+    def spec(self) -> ExportSpec:
+        """What is exported of this table, as the plan asks for it."""
+        return self.entry.spec_for(self.table)
+
+    @property
+    def run(self) -> RunOptions:
+        """How this table is exported: its entry's options, with the job's choice of workers."""
+        run = self.entry.run
+        return run if self.workers is None else replace(run, workers=self.workers)
 
 
 @dataclass(frozen=True)
@@ -269,6 +286,7 @@ def _task(plan: BulkPlan, e: PlanEntry, rel: Relation) -> _Task:
         plan.output_dir / out,
         rel.estimated_rows,
         rel.estimated_bytes,
+        oid=rel.oid,
     )
 
 
@@ -288,6 +306,40 @@ def order_largest_first(tasks: Sequence[_Task]) -> list[_Task]:
         )
     )
     return [t for _, t in indexed]
+
+
+#: A table below this size is never split by the job itself: sampling its key and joining its
+#: parts would cost about what the split saves.
+SPLIT_BYTES = 128 * 1024 * 1024
+
+
+def share_workers(tasks: Sequence[_Task], jobs: int) -> list[_Task]:
+    """The tasks, with key ranges for a table too large for its share of the job. Pure.
+
+    Largest first, the largest table starts at once; but when it is larger than the job's
+    total divided by ``jobs`` (by the planner's size estimates), the other job slots finish
+    everything else before it and then sit idle. Such a table (of at least
+    :data:`SPLIT_BYTES`, whose entry does not set ``workers``) gets about as many key ranges
+    as job slots its size would fill, up to ``jobs``: it runs them as ``--workers`` would, in
+    processes of its own under its job slot.
+    """
+    sizes = [t.estimated_bytes or 0 for t in tasks if t.error is None]
+    total = sum(sizes)
+    if jobs < 2 or total <= 0:
+        return list(tasks)
+    share = total / jobs
+    out = []
+    for t in tasks:
+        size = t.estimated_bytes or 0
+        if (
+            t.error is None
+            and "workers" not in t.entry.explicit
+            and size >= SPLIT_BYTES
+            and size > share
+        ):
+            t = replace(t, workers=min(jobs, max(2, round(size / share))))
+        out.append(t)
+    return out
 
 
 def _select_only(tasks: Sequence[_Task], only: Sequence[str]) -> list[_Task]:
@@ -317,33 +369,88 @@ def _select_only(tasks: Sequence[_Task], only: Sequence[str]) -> list[_Task]:
 
 
 def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
-    """Read each DSN's catalog once and look up the explicit names; then :func:`resolve`."""
+    """Read each DSN's catalog once and look up the explicit names; then :func:`resolve`, and
+    plan every table in a few queries per server (:func:`_plan_tables`)."""
     catalogs: dict[str, dict[int, Relation] | str] = {}
     lookups: dict[tuple[str, str], int | str] = {}
     errors: list[CopystreamError] = []
     by_dsn: dict[str, list[PlanEntry]] = {}
+    conns: dict[str, psycopg.Connection[Any]] = {}
     for e in plan.entries:
         by_dsn.setdefault(e.dsn or "", []).append(e)
-    for dsn, entries in by_dsn.items():
-        target = Target(dsn)
-        try:
-            conn = first_connect(target, time.sleep)
-        except CopystreamError as err:
-            errors.append(err)
-            catalogs[dsn] = redact(str(err), *plan.secrets)
-            continue
-        try:
-            catalogs[dsn] = _fetch_catalog(conn)
-            for e in entries:
-                if e.name is not None:
-                    lookups[(dsn, e.name)] = _lookup(conn, e.name)
-        except psycopg.Error as err:  # e.g. the connection dropped: this server's tables fail
-            detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
-            catalogs[dsn] = redact(
-                f"cannot read the catalog of {target.describe()}: {detail}", *plan.secrets
-            )
-        finally:
+    try:
+        for dsn, entries in by_dsn.items():
+            target = Target(dsn)
+            try:
+                conns[dsn] = first_connect(target, time.sleep)
+            except CopystreamError as err:
+                errors.append(err)
+                catalogs[dsn] = redact(str(err), *plan.secrets)
+                continue
+            catalogs[dsn] = _read_catalog(conns[dsn], target, entries, lookups, plan.secrets)
+        if errors and len(errors) == len(by_dsn):
+            raise errors[0]  # no server could be reached at all: the command is wrong (exit 2)
+        resolution = resolve(plan, catalogs, lookups)
+        return _plan_tables(resolution, conns, plan.secrets)
+    finally:
+        for conn in conns.values():
             conn.close()
-    if errors and len(errors) == len(by_dsn):
-        raise errors[0]  # no server could be reached at all: the command itself is wrong (exit 2)
-    return resolve(plan, catalogs, lookups)
+
+
+def _read_catalog(
+    conn: psycopg.Connection[Any],
+    target: Target,
+    entries: Sequence[PlanEntry],
+    lookups: dict[tuple[str, str], int | str],
+    secrets: Sequence[str],
+) -> dict[int, Relation] | str:
+    """The catalog of one server, with its explicit names looked up (into ``lookups``); or
+    why it could not be read."""
+    dsn = target.conninfo
+    try:
+        catalog = _fetch_catalog(conn)
+        for e in entries:
+            if e.name is not None:
+                lookups[(dsn, e.name)] = _lookup(conn, e.name)
+    except psycopg.Error as err:  # e.g. the connection dropped: this server's tables fail
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+        return redact(f"cannot read the catalog of {target.describe()}: {detail}", *secrets)
+    return catalog
+
+
+def _plan_tables(
+    resolution: _Resolution, conns: Mapping[str, psycopg.Connection[Any]], secrets: Sequence[str]
+) -> _Resolution:
+    """Every task planned on its server (:func:`~copystream.catalog.introspect_many`): with its
+    resolved table, or failing without running when it cannot be exported (no usable key, a
+    bad filter). A server lost meanwhile leaves its tables to be planned by their workers."""
+    tasks = list(resolution.tasks)
+    warnings = list(resolution.warnings)
+    by_dsn: dict[str, list[int]] = {}
+    for i, t in enumerate(tasks):
+        if t.error is None and t.oid is not None:
+            by_dsn.setdefault(t.entry.dsn or "", []).append(i)
+    for dsn, members in by_dsn.items():
+        conn = conns.get(dsn)
+        if conn is None or conn.closed or conn.broken:
+            continue
+        wanted = [(tasks[i].oid or 0, tasks[i].spec) for i in members]
+        try:
+            plans = introspect_many(conn, wanted)
+        except psycopg.Error as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            where = Target(dsn).describe()
+            warnings.append(
+                redact(f"the tables of {where} could not be planned in advance ({why}): each "
+                       "is planned when it runs", *secrets)
+            )  # fmt: skip
+            continue
+        for i, p in zip(members, plans, strict=True):
+            if isinstance(p, CopystreamError):
+                tasks[i] = replace(tasks[i], error=redact(p.worded("plan"), *secrets))
+            else:  # its estimates as the resolved table has them, for the order and display
+                tasks[i] = replace(
+                    tasks[i], resolved=p, estimated_rows=p.estimated_rows,
+                    estimated_bytes=p.estimated_bytes,
+                )  # fmt: skip
+    return _Resolution(tuple(tasks), tuple(warnings))

@@ -1,53 +1,76 @@
-"""Running a bulk job: :func:`run_bulk` resolves the plan, takes the output directory's lock,
-runs the tables in worker processes ``jobs`` at a time and records each outcome (or, in a dry
-run, says what would happen)."""
+"""Running a bulk job: :func:`run_bulk` resolves and plans the tables on their servers (a few
+catalog queries for all of them), takes the output directory's lock, skips the tables already
+complete (local I/O only), holds the job's snapshot when asked, runs the others in the worker
+pool ``jobs`` at a time, publishes the small tables' files in groups and records each outcome
+(or, in a dry run, says what would happen)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
-from .._atomic import locked, remove_stale_temporaries
-from ..catalog import introspect
-from ..connection import Target, connect, connect_error, redact
-from ..errors import CopystreamError, UsageError
-from ..export import ExportResult, run_export
-from ..pool import Event, Task, run_tasks
+from .._atomic import locked, remove_stale_temporaries, temporary_target
+from ..connection import Target, redact
+from ..errors import CopystreamError, ExportFailed, SnapshotRequired, UsageError
+from ..manifest import manifest_path
+from ..pipeline import JOB_LOCK, SnapshotHolder, exclusive, lock_path
+from ..pool import Event, Task, run_tasks, started_ahead
 from ..progress import Progress
-from ..spec import ExportSpec, RunOptions
-from ..state import Complete, Occupied, Resume, discover
+from ..state import Complete, Fresh, Occupied, OnDisk, Resume, discover
+from ..whole import Staged, is_small, publish
 from .outcome import (
     BulkProgress,
     BulkResult,
+    JobSnapshot,
     TableOutcome,
+    _from_manifest,
     _from_result,
     _key_source,
     _outcome,
+    job_snapshot,
 )
 from .plan import BulkPlan, load_plan
 from .report import _Report
-from .resolve import _resolve_on_servers, _select_only, _Task, order_largest_first
+from .resolve import (
+    _resolve_on_servers,
+    _select_only,
+    _Task,
+    order_largest_first,
+    share_workers,
+)
+from .worker import TableDone, export_task
 
 log = logging.getLogger("copystream")
 
-_LOCK_NAME = ".copystream-bulk.lock"
+#: A finished output up to this size is re-verified by the coordinator itself before any worker
+#: starts (hashing is local I/O); a larger one by a worker, in parallel with the others.
+VERIFY_HERE_BYTES = 64 * 1024 * 1024
+#: Small tables' files are published in groups of up to this many, or once the oldest has
+#: waited this long: one round of fsync per group (see :mod:`copystream.whole`).
+PUBLISH_GROUP = 64
+PUBLISH_DELAY = 0.3
+#: The report is rewritten at most this often while the job runs (and always at its end).
+REPORT_INTERVAL = 0.5
 
 
 @contextlib.contextmanager
 def _job_lock(directory: Path) -> Iterator[None]:
-    """One bulk job per output directory at a time."""
+    """One bulk job per output directory at a time; and while it runs, the directory is the
+    job's: ``copystream export`` refuses to write in it (see
+    :func:`copystream.pipeline.exclusive`), so the job writes its outputs without their own
+    locks (an output whose lock another process held when the job began excepted)."""
     busy = f"another copystream bulk job is running with output directory {directory}"
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(locked(directory / _LOCK_NAME, busy))
+            stack.enter_context(locked(directory / JOB_LOCK, busy))
         except OSError as e:
             why = f"cannot write in the output directory {directory}: {e.strerror}"
             raise UsageError(why) from e
@@ -64,21 +87,31 @@ def run_bulk(
     only: Sequence[str] | None = None,
     dry_run: bool = False,
     progress: Callable[[BulkProgress], None] | None = None,
+    consistent: bool | None = None,
+    require_snapshot: bool = False,
 ) -> BulkResult:
     """Export every table of ``plan`` (a :class:`BulkPlan` or the path of a plan file).
 
-    Patterns are resolved on the server, the tables ordered largest first (by the planner's
-    size estimates), and each exported by :func:`copystream.export_table` in a worker process of
-    its own, ``jobs`` at a time. One table's failure does not stop the others. Calling it again
-    resumes: finished tables that still verify are skipped, unfinished ones resume from their
-    checkpoints, failed ones are tried again. ``copystream-report.json`` in the output directory
-    is rewritten atomically as each table finishes.
+    Patterns are resolved and every table is planned on its server in a few catalog queries
+    for all of them; the tables run largest first (by the planner's size estimates) in ``jobs``
+    long-lived worker processes, each taking the next table when it is free. A small table is
+    one COPY on the worker's open connection, written atomically; a large one goes through
+    :func:`copystream.export_table`'s pipeline (a table larger than its share of the job gets
+    key ranges, as with ``workers``). One table's failure does not stop the others. Calling it
+    again resumes: finished tables that still verify are skipped without connecting for them,
+    unfinished ones resume from their checkpoints, failed ones are tried again.
+    ``copystream-report.json`` in the output directory is rewritten atomically as tables
+    finish.
 
     ``only``: names or patterns; just the plan's tables matching one of them run (a name that
     matches none raises :class:`UsageError`). ``dry_run``: resolve the plan and say, per table,
     its key and where it came from, its estimated size, its output and whether it would be
     refused; nothing is written. ``progress``: called with a :class:`BulkProgress` a few times a
-    second and whenever a table starts or finishes.
+    second and whenever a table starts or finishes. ``consistent``: every table and chunk reads
+    one snapshot held by this process for the whole job (``None``: as the plan's
+    ``consistent`` says); ``require_snapshot``: that, and refuse to go on
+    (:class:`SnapshotRequired`) when tables of the job were exported before, under a snapshot
+    that is gone.
 
     Raises :class:`PlanError` for an invalid plan and :class:`UsageError` when no server of the
     plan can be reached (nothing is written then); a failed table is reported in the result
@@ -88,83 +121,330 @@ def run_bulk(
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
     bulk = plan if isinstance(plan, BulkPlan) else load_plan(plan)
-    secrets = bulk.secrets
+    wanted = require_snapshot or (bulk.consistent if consistent is None else consistent)
+    # The workers' interpreters start while the tables are planned (not for a dry run, nor for a
+    # job whose last run finished every table: there is likely nothing for them to do).
+    ahead = 0 if dry_run or _finished_before(bulk.report_path) else jobs
+    with started_ahead(ahead, preload=(export_task.__module__,)):
+        return _run_bulk(bulk, jobs, only, dry_run, progress, wanted, require_snapshot, started)
+
+
+def _finished_before(report: Path) -> bool:
+    """Whether the job report says its last run finished with every table exported."""
+    try:
+        doc = json.loads(report.read_bytes())
+        totals = doc["totals"]
+        return bool(doc["finished"]) and totals["done"] + totals["skipped"] == totals["tables"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _run_bulk(
+    bulk: BulkPlan,
+    jobs: int,
+    only: Sequence[str] | None,
+    dry_run: bool,
+    progress: Callable[[BulkProgress], None] | None,
+    wanted: bool,
+    require_snapshot: bool,
+    started: float,
+) -> BulkResult:
     resolution = _resolve_on_servers(bulk)
     tasks = list(resolution.tasks)
     selected = _select_only(tasks, only) if only else tasks
-    ordered = order_largest_first(selected)
-    warnings = tuple(redact(w, *secrets) for w in resolution.warnings)
+    shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
+    tasks = [shared.get(id(t), t) for t in tasks]  # the same objects everywhere (the report)
+    ordered = order_largest_first([shared[id(t)] for t in selected])
+    warnings = tuple(redact(w, *bulk.secrets) for w in resolution.warnings)
     for w in warnings:
         log.warning("%s", w)
     if dry_run:
-        outcomes = _dry_run(ordered, secrets)
-        return BulkResult(
-            bulk.path, tuple(outcomes), warnings, time.monotonic() - started, True, jobs, None
-        )
+        outcomes = [_dry_run(t, bulk.secrets) for t in ordered]
+        seconds = time.monotonic() - started
+        return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
+    job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
     try:
         bulk.output_dir.mkdir(parents=True, exist_ok=True)
-        for t in ordered:
-            if t.error is None:
-                t.output.parent.mkdir(parents=True, exist_ok=True)
+        for directory in {t.output.parent for t in ordered if t.error is None}:
+            directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create the output directory: {e}") from e
     with _job_lock(bulk.output_dir):
         remove_stale_temporaries(bulk.report_path)
-        report = _Report(bulk, tasks, ordered, jobs)
-        report.write(finished=False, warnings=warnings, seconds=0.0)
-        outcomes = _execute(ordered, jobs, report, warnings, secrets, progress, started)
-        report.write(finished=True, warnings=warnings, seconds=time.monotonic() - started)
+        seen = _look(ordered)
+        if require_snapshot:
+            _refuse_without_snapshot(ordered, seen[0])
+        with _snapshots(job, ordered, require_snapshot):
+            report = _Report(bulk, tasks, ordered, jobs)
+            report.write(finished=False, warnings=warnings, seconds=0.0)
+            outcomes, snapshot = _execute(ordered, seen, job, report)
+            seconds = time.monotonic() - started
+            report.write(finished=True, warnings=warnings, seconds=seconds, snapshot=snapshot)
     return BulkResult(
-        bulk.path,
-        tuple(outcomes),
-        warnings,
-        time.monotonic() - started,
-        False,
-        jobs,
-        bulk.report_path,
+        bulk.path, tuple(outcomes), warnings, seconds, False, jobs, bulk.report_path, snapshot
     )
 
 
-def export_task(
-    conninfo: str, spec: ExportSpec, output: str, run: RunOptions, *, progress: Any
-) -> ExportResult:
-    """One table of a bulk job, as a worker process runs it (see :mod:`copystream.pool`)."""
-    result = run_export(conninfo or None, spec, output, run, progress=progress)
-    # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
-    return replace(result, chunks=())
+@dataclass
+class _Job:
+    """What every step of a running job needs."""
+
+    plan: BulkPlan
+    jobs: int
+    warnings: tuple[str, ...]
+    progress: Callable[[BulkProgress], None] | None
+    started: float
+    consistent: bool  # one snapshot for the whole job
+    snapshots: dict[str, SnapshotHolder] = field(default_factory=dict)  # by DSN
+
+    def __post_init__(self) -> None:
+        self.secrets = self.plan.secrets  # what no message may show
+
+    def snapshot_of(self, task: _Task) -> SnapshotHolder | None:
+        """The job's snapshot ``task`` reads (``None``: not a consistent job, or its entry
+        says ``consistent = false``)."""
+        e = task.entry
+        if not self.consistent or ("consistent" in e.explicit and not e.run.consistent):
+            return None
+        return self.snapshots.get(e.dsn or "")
+
+    def label(self, task: _Task) -> dict[str, str] | None:
+        """The job snapshot ``task`` reads, as the report records it."""
+        holder = self.snapshot_of(task)
+        return None if holder is None else _label(task.entry.dsn or "", holder)
+
+    def taken(self) -> list[dict[str, str]]:
+        """The snapshots this run holds, as the report records them."""
+        return [_label(dsn, holder) for dsn, holder in self.snapshots.items()]
 
 
-def _task_args(t: _Task) -> tuple[Any, ...]:
-    return (t.entry.dsn or "", t.entry.spec_for(t.table), str(t.output), t.entry.run)
+def _label(dsn: str, holder: SnapshotHolder) -> dict[str, str]:
+    server = Target(dsn).describe()
+    return {"server": server, "id": holder.snapshot, "taken_at": holder.taken_at}
+
+
+@contextlib.contextmanager
+def _snapshots(job: _Job, tasks: Sequence[_Task], required: bool) -> Iterator[None]:
+    """Hold one exported snapshot per server for a consistent job, until the job ends. One that
+    cannot be exported is done without (its tables then say so), unless ``required``."""
+    try:
+        if job.consistent:
+            for t in tasks:
+                dsn = t.entry.dsn or ""
+                if t.error is None and dsn not in job.snapshots:
+                    target = Target(dsn)
+                    try:
+                        holder = SnapshotHolder(target, None, t.entry.run.io_timeout, "the job")
+                    except Exception as e:
+                        why = redact(str(e).strip().splitlines()[0], *job.secrets)
+                        what = f"cannot export a snapshot of {target.describe()}: {why}"
+                        if required:
+                            raise ExportFailed(what) from e
+                        log.warning("%s", what)
+                        continue
+                    job.snapshots[dsn] = holder
+        yield
+    finally:
+        for holder in job.snapshots.values():
+            holder.close()
+
+
+def _look(tasks: Sequence[_Task]) -> tuple[dict[int, OnDisk | None], set[int]]:
+    """What is on disk for each task that can run, read without the database: one scan per
+    output directory (removing the temporary files of killed runs, and telling the outputs
+    with nothing beside them), then the files of the others. ``None``: left to its worker (its
+    output is large, or another process holds its lock). Also the tasks (``id``) whose output
+    another process held the lock of when the job began: those are written under the lock."""
+    by_dir: dict[Path, list[_Task]] = {}
+    for t in tasks:
+        if t.error is None:
+            by_dir.setdefault(t.output.parent, []).append(t)
+    found: dict[int, OnDisk | None] = {}
+    contested: set[int] = set()
+    for directory, members in by_dir.items():
+        names, stale = _listing(directory)
+        for t in members:
+            if lock_path(t.output).name in names:  # another export may be at it
+                contested.add(id(t))
+                found[id(t)] = None
+            else:
+                found[id(t)] = _look_at(t, names, stale)
+    return found, contested
+
+
+def _listing(directory: Path) -> tuple[set[str], dict[str, list[Path]]]:
+    """The names in ``directory``, and its temporary files of interrupted writes by the name of
+    the file each was for."""
+    names: set[str] = set()
+    stale: dict[str, list[Path]] = {}
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            names.add(entry.name)
+            target = temporary_target(entry.name)
+            if target is not None and entry.is_file(follow_symlinks=False):
+                stale.setdefault(target, []).append(Path(entry.path))
+    return names, stale
+
+
+def _look_at(task: _Task, names: set[str], stale: dict[str, list[Path]]) -> OnDisk | None:
+    out = task.output
+    for name in (out.name, manifest_path(out).name):  # of killed runs: the directory is ours
+        for path in stale.get(name, []):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    beside = (".manifest.json", ".checkpoint.json", ".parts.json")
+    if out.name not in names and not any(out.name + suffix in names for suffix in beside):
+        return Fresh()
+    if task.resolved is None or task.spec.options.format == "parquet":
+        return None  # (a Parquet dataset's identity holds its column types: its worker reads them)
+    with contextlib.suppress(FileNotFoundError):
+        if out.stat().st_size > VERIFY_HERE_BYTES:
+            return None
+    t = task.resolved
+    identity = task.spec.resolved(
+        t.qualified, t.key, t.key_types, t.columns, output=task.output
+    ).identity()
+    try:
+        return discover(out, identity)
+    except (CopystreamError, OSError):
+        return None  # refused: its worker says why
+
+
+def _refuse_without_snapshot(tasks: Sequence[_Task], found: dict[int, OnDisk | None]) -> None:
+    """Raise :class:`SnapshotRequired` when tables of the job were exported (wholly or in part)
+    by an earlier run while others are still to do: they cannot share this run's snapshot."""
+    earlier, todo = [], 0
+    for t in tasks:
+        if t.error is not None:
+            continue
+        state = found.get(id(t))
+        if isinstance(state, Complete | Resume) or (state is None and _has_files(t.output)):
+            earlier.append(t.table)
+        if not isinstance(state, Complete):
+            todo += 1
+    if earlier and todo:
+        more = f" and {len(earlier) - 3} more" if len(earlier) > 3 else ""
+        names = ", ".join(earlier[:3]) + more
+        raise SnapshotRequired(
+            f"{len(earlier)} table(s) of this job ({names}) were exported by an earlier run, "
+            "under a snapshot that ended with it: the others cannot be read at the same point "
+            "in time"
+        )
+
+
+def _has_files(output: Path) -> bool:
+    """Whether anything of an export is beside ``output`` (cheap: no file is read)."""
+    names = (output, manifest_path(output), output.with_name(output.name + ".checkpoint.json"))
+    parts = output.with_name(output.name + ".parts.json")
+    return any(os.path.lexists(p) for p in (*names, parts))
+
+
+def _short(t: _Task) -> bool:
+    """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
+    return t.resolved is not None and is_small(t.resolved, t.spec, t.run, t.output)
+
+
+def _task_args(t: _Task, job: _Job, found: OnDisk | None, contested: bool) -> tuple[Any, ...]:
+    holder = job.snapshot_of(t)
+    snapshot = holder.snapshot if holder is not None else None
+    fresh = isinstance(found, Fresh)
+    args = (t.entry.dsn or "", t.spec, str(t.output), t.run, t.resolved, snapshot)
+    return (*args, fresh, contested)
+
+
+class _Publisher:
+    """Publishes groups of small tables' files (:func:`copystream.whole.publish`) in a thread of
+    its own, one group at a time, while the coordinator goes on handing tables to workers."""
+
+    def __init__(self, contested: set[int]) -> None:
+        self.contested = contested  # tasks (ids) written under their output's lock
+        self._thread: threading.Thread | None = None
+        self._group: list[tuple[_Task, TableOutcome, Staged]] = []
+        self._errors: list[CopystreamError | None] = []
+
+    @property
+    def busy(self) -> bool:
+        """Whether a group is being published."""
+        return self._thread is not None
+
+    def start(self, group: list[tuple[_Task, TableOutcome, Staged]]) -> None:
+        """Publish ``group`` (nothing else may be in flight)."""
+        assert self._thread is None
+        self._group = group
+        self._thread = threading.Thread(target=self._run, name="copystream-publish", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        group = self._group
+        errors: list[CopystreamError | None] = [None] * len(group)
+        try:
+            with contextlib.ExitStack() as locks:
+                ready: list[int] = []
+                for i, (task, _, _) in enumerate(group):
+                    try:
+                        if id(task) in self.contested:  # the others' directory is the job's
+                            locks.enter_context(exclusive(task.output, job=True))
+                        ready.append(i)
+                    except CopystreamError as e:
+                        errors[i] = e
+                for i, error in zip(ready, publish([group[i][2] for i in ready]), strict=True):
+                    errors[i] = error
+        except Exception as e:  # a bug: each table of the group says so
+            failed = ExportFailed(f"publishing the file failed: {type(e).__name__}: {e}")
+            errors = [failed] * len(group)
+        for (_, _, staged), error in zip(group, errors, strict=True):
+            if error is not None:
+                staged.discard()
+        self._errors = errors
+
+    def finished(self, *, wait: bool) -> list[tuple[_Task, TableOutcome, CopystreamError | None]]:
+        """The group just published, with each table's error (if it failed); ``[]`` while it
+        is under way (``wait``: wait for it) or when there is none."""
+        if self._thread is None or (self._thread.is_alive() and not wait):
+            return []
+        self._thread.join()
+        self._thread = None
+        done = [(t, o, e) for (t, o, _), e in zip(self._group, self._errors, strict=True)]
+        self._group, self._errors = [], []
+        return done
 
 
 class _Execution:
     """The tasks of a job running in the worker pool, and what is known of each so far."""
 
-    def __init__(
-        self,
-        report: _Report,
-        warnings: Sequence[str],
-        secrets: Sequence[str],
-        progress: Callable[[BulkProgress], None] | None,
-        started: float,
-    ) -> None:
-        self.report, self.warnings, self.secrets = report, warnings, secrets
-        self.progress, self.started = progress, started
+    def __init__(self, job: _Job, report: _Report) -> None:
+        self.job, self.report = job, report
         self.outcomes: list[TableOutcome] = []
         self.live: dict[int, Progress] = {}  # index -> latest progress of a running table
         self.begun: dict[int, float] = {}
-        self.todo: list[_Task] = []
+        self.todo_rows = 0  # estimated rows of the tables not started yet
+        self.rows = self.bytes = 0  # of the finished tables (published or not)
         self.tables = 0
         self.base_rows = self.base_bytes = 0  # of finished tables: on disk before this run
+        self.pending: list[tuple[_Task, TableOutcome, Staged]] = []  # to publish
+        self.pending_since = 0.0
+        self.contested: set[int] = set()
+        self.publisher = _Publisher(self.contested)
+        self.dirty = False
+        self.written_at = 0.0
 
     def record(self, task: _Task, outcome: TableOutcome) -> None:
-        """Keep ``outcome`` (secrets masked) and rewrite the report."""
-        outcome = replace(outcome, errors=tuple(redact(e, *self.secrets) for e in outcome.errors))
+        """Keep ``outcome`` (secrets masked, its snapshot named); the report follows."""
+        if outcome.errors:
+            masked = tuple(redact(e, *self.job.secrets) for e in outcome.errors)
+            outcome = replace(outcome, errors=masked)
+        if outcome.status == "done" and outcome.point_in_time:
+            outcome = replace(outcome, snapshot=self.job.label(task))
+        elif outcome.status == "skipped" and outcome.point_in_time:
+            outcome = replace(outcome, snapshot=self.report.earlier_snapshot(task))
         self.outcomes.append(outcome)
         self.report.set(task, outcome)
-        elapsed = time.monotonic() - self.started
-        self.report.write(finished=False, warnings=self.warnings, seconds=elapsed)
+        self.dirty = True
+        self.rows += outcome.rows
+        self.bytes += outcome.bytes
+        if outcome.status == "skipped":
+            self.base_rows += outcome.rows
+            self.base_bytes += outcome.bytes
         if not outcome.ok:
             log.debug("%s failed: %s", task.table, "; ".join(outcome.errors))
 
@@ -172,42 +452,74 @@ class _Execution:
         """A table's worker reported its outcome (or died)."""
         last = self.live.pop(index, None)
         if event.kind == "done":
-            outcome = _from_result(task, event.value)
-            if outcome.status == "skipped":
-                self.base_rows += outcome.rows
-                self.base_bytes += outcome.bytes
-            elif last is not None:
+            done: TableDone = event.value
+            outcome = _from_result(task, done.result)
+            if outcome.status == "done" and last is not None:
                 self.base_rows += last.start_rows
                 self.base_bytes += last.start_bytes
+            if done.staged is not None:  # a small table: recorded once published
+                if not self.pending:
+                    self.pending_since = time.monotonic()
+                self.pending.append((task, outcome, done.staged))
+                self.rows += outcome.rows  # counted now, taken back when recorded
+                self.bytes += outcome.bytes
+                return
         else:
             error = event.value
             why = error.worded("plan") if isinstance(error, CopystreamError) else str(error)
             if why.startswith("the worker process "):
-                why = f"the worker process exporting it {why[len('the worker process '):]}"
-            seconds = time.monotonic() - self.begun.get(index, self.started)
+                why = f"the worker process exporting it {why[len('the worker process ') :]}"
+            seconds = time.monotonic() - self.begun.get(index, self.job.started)
             outcome = _outcome(task, "failed", errors=(why,), seconds=seconds)
         self.record(task, outcome)
 
+    def publish(self, *, now: bool = False) -> None:
+        """Record the group the publisher finished, and hand it the small tables waiting when
+        there are enough or they waited long enough (``now``: publish everything, and wait)."""
+        while True:
+            for task, outcome, error in self.publisher.finished(wait=now):
+                self.rows -= outcome.rows
+                self.bytes -= outcome.bytes
+                if error is not None:
+                    why = (error.worded("plan"),)
+                    outcome = replace(outcome, status="failed", errors=why, rows=0, bytes=0)
+                self.record(task, outcome)
+            if not self.pending or self.publisher.busy:
+                if now and (self.pending or self.publisher.busy):
+                    continue
+                return
+            due = time.monotonic() - self.pending_since >= PUBLISH_DELAY
+            if not (now or due or len(self.pending) >= PUBLISH_GROUP):
+                return
+            group, self.pending = self.pending, []
+            self.publisher.start(group)
+            if not now:
+                return
+
+    def write_report(self, *, now: bool = False) -> None:
+        """Rewrite the report if something changed and it was not rewritten just now."""
+        if self.dirty and (now or time.monotonic() - self.written_at >= REPORT_INTERVAL):
+            elapsed = time.monotonic() - self.job.started
+            self.report.write(finished=False, warnings=self.job.warnings, seconds=elapsed)
+            self.dirty, self.written_at = False, time.monotonic()
+
     def emit(self, done: bool = False) -> None:
         """Tell the caller's progress callback where the job stands."""
-        if self.progress is None:
+        if self.job.progress is None:
             return
-        rows = sum(o.rows for o in self.outcomes)
-        nbytes = sum(o.bytes for o in self.outcomes)
         live = list(self.live.values())
-        estimate = rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
-        estimate += sum(t.estimated_rows or 0 for t in self.todo)
-        self.progress(
+        estimate = self.rows + sum(max(p.estimated_rows or 0, p.rows) for p in live)
+        self.job.progress(
             BulkProgress(
                 tables=self.tables,
                 outcomes=tuple(self.outcomes),
                 running=tuple(live),
-                rows=rows + sum(p.rows for p in live),
-                bytes=nbytes + sum(p.bytes for p in live),
+                rows=self.rows + sum(p.rows for p in live),
+                bytes=self.bytes + sum(p.bytes for p in live),
                 start_rows=self.base_rows + sum(p.start_rows for p in live),
                 start_bytes=self.base_bytes + sum(p.start_bytes for p in live),
-                estimated_rows=estimate or None,
-                elapsed=time.monotonic() - self.started,
+                estimated_rows=(estimate + self.todo_rows) or None,
+                elapsed=time.monotonic() - self.job.started,
                 done=done,
             )
         )
@@ -215,100 +527,96 @@ class _Execution:
 
 def _execute(
     ordered: Sequence[_Task],
-    jobs: int,
+    seen: tuple[dict[int, OnDisk | None], set[int]],
+    job: _Job,
     report: _Report,
-    warnings: Sequence[str],
-    secrets: Sequence[str],
-    progress: Callable[[BulkProgress], None] | None,
-    started: float,
-) -> list[TableOutcome]:
-    """Run the tasks in the worker pool, ``jobs`` at a time; record each outcome as it comes."""
-    ex = _Execution(report, warnings, secrets, progress, started)
+) -> tuple[list[TableOutcome], JobSnapshot | None]:
+    """Record the tables that need no worker, run the others in the pool ``jobs`` at a time,
+    recording each outcome as it comes; the outcomes, and what the job's snapshot gave.
+    ``seen``: what :func:`_look` found."""
+    found, contested = seen
+    ex = _Execution(job, report)
+    ex.contested.update(contested)
     ex.tables = len(ordered)
-    for t in ordered:  # tables that cannot run (missing, no server) take no worker
+    runnable = []
+    for t in ordered:  # tables that cannot run (missing, no key, no server) take no worker
+        state = found.get(id(t))
         if t.error is not None:
             ex.record(t, _outcome(t, "failed", errors=(t.error,)))
-    runnable = [t for t in ordered if t.error is None]
-    ex.todo = list(runnable)
-    tasks = [Task(export_task, _task_args(t)) for t in runnable]
-    last_emit = 0.0
+        elif isinstance(state, Complete):
+            ex.record(t, _from_manifest(t, state.manifest, 0.0))
+        else:
+            runnable.append(t)
+    ex.todo_rows = sum(t.estimated_rows or 0 for t in runnable)
     try:
-        for event in run_tasks(tasks, jobs):
-            task = runnable[event.index] if event.index >= 0 else None
-            if event.kind == "started" and task is not None:
-                ex.todo.remove(task)
-                ex.begun[event.index] = time.monotonic()
-                ex.live[event.index] = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
-                log.debug("%s: started in process %s", task.table, event.value)
-            elif event.kind == "progress":
-                ex.live[event.index] = event.value
-            elif event.kind == "log":
-                level, message = event.value
-                log.log(level, "%s", redact(message, *secrets))
-            elif event.kind in ("done", "failed") and task is not None:
-                ex.ended(task, event.index, event)
-            if event.kind != "progress" or time.monotonic() - last_emit >= 0.25:
-                last_emit = time.monotonic()
-                ex.emit()
+        _run(runnable, job, ex, found)
     except BaseException:
+        with contextlib.suppress(Exception):
+            ex.publish(now=True)  # finished tables need not be exported again
         for index in list(ex.live):
             task = runnable[index]
             report.set(task, _outcome(task, "failed", errors=("interrupted",)))
         with contextlib.suppress(Exception):
-            report.write(finished=False, warnings=warnings, seconds=time.monotonic() - started)
+            ex.dirty = True
+            ex.write_report(now=True)
         raise
+    ex.publish(now=True)
     ex.emit(done=True)
-    return ex.outcomes
+    snapshot = job_snapshot(ex.outcomes, job.taken()) if job.consistent else None
+    return ex.outcomes, snapshot
 
 
-def _dry_run(tasks: Sequence[_Task], secrets: Sequence[str]) -> list[TableOutcome]:
-    """Plan each table on its server (no file is touched) and say what would happen."""
-    conns: dict[str, psycopg.Connection[Any] | str] = {}
-    out: list[TableOutcome] = []
-    try:
-        for t in tasks:
-            if t.error is not None:
-                out.append(_outcome(t, "refused", errors=(redact(t.error, *secrets),)))
-                continue
-            dsn = t.entry.dsn or ""
-            conn = conns.get(dsn)
-            if conn is None:
-                target = Target(dsn)
-                try:
-                    conn = connect(target)
-                except psycopg.Error as e:
-                    conn = redact(str(connect_error(e, target)), *secrets)
-                conns[dsn] = conn
-            if isinstance(conn, str):
-                out.append(_outcome(t, "refused", errors=(conn,)))
-                continue
-            try:
-                spec = t.entry.spec
-                p = introspect(conn, t.table, key=spec.key, columns=spec.columns, where=spec.where)
-            except (CopystreamError, psycopg.Error) as e:
-                text = e.worded("plan") if isinstance(e, CopystreamError) else str(e)
-                why = redact(text.strip().split("\n")[0], *secrets)
-                out.append(_outcome(t, "refused", errors=(why,)))
-                continue
-            note, refused = _file_state(t.output)
-            out.append(
-                replace(
-                    _outcome(
-                        t, "refused" if refused else "ready", errors=(note,) if refused else ()
-                    ),
-                    key=p.key,
-                    key_source=_key_source(p.key_source),
-                    estimated_rows=p.estimated_rows,
-                    estimated_bytes=p.estimated_bytes,
-                    warnings=p.warnings,
-                    note=note,
-                )
-            )
-    finally:
-        for c in conns.values():
-            if not isinstance(c, str):
-                c.close()
-    return out
+def _run(
+    runnable: Sequence[_Task], job: _Job, ex: _Execution, found: dict[int, OnDisk | None]
+) -> None:
+    """The pool's events, as the job's outcomes, progress and report."""
+    tasks = [
+        Task(
+            export_task,
+            _task_args(t, job, found.get(id(t)), id(t) in ex.contested),
+            short=_short(t),
+        )
+        for t in runnable
+    ]
+    last_emit = 0.0
+    for event in run_tasks(tasks, job.jobs):
+        task = runnable[event.index] if event.index >= 0 else None
+        if event.kind == "started" and task is not None:
+            ex.todo_rows -= task.estimated_rows or 0
+            ex.begun[event.index] = time.monotonic()
+            ex.live[event.index] = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
+            log.debug("%s: started in process %s", task.table, event.value)
+        elif event.kind == "progress":
+            ex.live[event.index] = event.value
+        elif event.kind == "log":
+            level, message = event.value
+            log.log(level, "%s", redact(message, *job.secrets))
+        elif event.kind in ("done", "failed") and task is not None:
+            ex.ended(task, event.index, event)
+        ex.publish()
+        ex.write_report()
+        if event.kind != "progress" or time.monotonic() - last_emit >= 0.25:
+            last_emit = time.monotonic()
+            ex.emit()
+
+
+def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
+    """What would happen to one table (planned already; no file is touched)."""
+    if t.error is not None:
+        return _outcome(t, "refused", errors=(redact(t.error, *secrets),))
+    if t.resolved is None:
+        return _outcome(t, "refused", errors=("not planned: see the warnings",))
+    p = t.resolved
+    note, refused = _file_state(t.output)
+    return replace(
+        _outcome(t, "refused" if refused else "ready", errors=(note,) if refused else ()),
+        key=p.key,
+        key_source=_key_source(p.key_source),
+        estimated_rows=p.estimated_rows,
+        estimated_bytes=p.estimated_bytes,
+        warnings=p.warnings,
+        note=note,
+    )
 
 
 def _file_state(output: Path) -> tuple[str, bool]:

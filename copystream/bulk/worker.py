@@ -1,0 +1,106 @@
+"""What a bulk job's worker process runs for one table: :func:`export_task`.
+
+A worker runs many tables in a row (see :mod:`copystream.pool`). It exports each table the job's
+coordinator resolved already (no catalog query of its own), reading the job's snapshot when
+there is one. A small table is exported with one COPY on the connection the worker keeps open
+from one small table to the next (re-established when it was lost), into a temporary file that
+the coordinator publishes together with others (:func:`copystream.whole.publish`); every other
+table goes through the whole pipeline, as ``copystream export`` would run it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from ..connection import Target, connect
+from ..export import ExportResult, run_session
+from ..pipeline import ExportSession, check_output
+from ..spec import ExportSpec, RunOptions
+from ..state import Fresh
+from ..table import ResolvedTable
+from ..whole import Staged, is_small
+
+__all__ = ["TableDone", "export_task"]
+
+#: The connections this worker keeps open, by connection string (see :func:`_kept`).
+_KEPT: dict[str, psycopg.Connection[Any]] = {}
+
+
+@atexit.register
+def _close_kept() -> None:
+    for conn in _KEPT.values():
+        with contextlib.suppress(Exception):
+            conn.close()
+    _KEPT.clear()
+
+
+def _kept(conninfo: str) -> psycopg.Connection[Any] | None:
+    """The connection this worker keeps for ``conninfo``: the last one if it is still usable,
+    else a new one; ``None`` when none can be opened now (the export then connects itself,
+    with its retries)."""
+    conn = _KEPT.get(conninfo)
+    if conn is not None and not conn.closed and not conn.broken:
+        return conn
+    try:
+        conn = connect(Target(conninfo))
+    except psycopg.Error:
+        _KEPT.pop(conninfo, None)
+        return None
+    _KEPT[conninfo] = conn
+    return conn
+
+
+@dataclass(frozen=True)
+class TableDone:
+    """A worker's outcome for one table: the result, and a small table's staged files for the
+    coordinator to publish (``None``: the export is complete and in place)."""
+
+    result: ExportResult
+    staged: Staged | None = None
+
+
+def export_task(
+    conninfo: str,
+    spec: ExportSpec,
+    output: str,
+    run: RunOptions,
+    table: ResolvedTable | None = None,
+    snapshot: str | None = None,
+    fresh: bool = False,
+    contested: bool = False,
+    *,
+    progress: Any,
+) -> TableDone:
+    """Export one table of a bulk job (``table``: as the coordinator resolved it; ``snapshot``:
+    the job's, to read from; ``fresh``: the coordinator found nothing of it on disk;
+    ``contested``: another process held its output's lock when the job began). A small table's
+    file is left for the coordinator to publish."""
+    started = time.monotonic()
+    out = Path(output)
+    check_output(out, directory=spec.options.format == "parquet")
+    small = table is not None and is_small(table, spec, run, out)
+    lent = _kept(conninfo) if small else None
+    # The output's lock only when more than a small table's temporary files are written (the
+    # job owns the directory; the coordinator publishes them), or another process had it.
+    with ExportSession(
+        conninfo or None, spec, out, run, time.sleep,
+        table=table, conn=lent, snapshot=snapshot, lock_late=small and not contested, job=True,
+    ) as session:  # fmt: skip
+        # The coordinator removed stale temporary files of the whole output directory at once.
+        # A small table found fresh is not looked at again: only its temporary files are
+        # written, and the coordinator publishes them only if nothing appeared meanwhile.
+        known = Fresh() if fresh and small and not contested else None
+        exported = run_session(
+            session, progress=progress, sleep=time.sleep, started=started, tidy=False,
+            known=known,
+        )  # fmt: skip
+    # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
+    staged = exported.written.staged if exported.written is not None else None
+    return TableDone(replace(exported.result, chunks=()), staged)

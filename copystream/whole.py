@@ -1,0 +1,329 @@
+"""A small table in one COPY, written atomically: an export without per-chunk machinery.
+
+A table the planner sizes as small (:func:`is_small`: under
+:data:`~copystream.sizing.SMALL_TABLE_BYTES` by estimate, chunk size adaptive, one worker) is
+exported with one COPY in one ``REPEATABLE READ, READ ONLY`` transaction (the chunk runner's
+single-COPY mode, importing a bulk job's snapshot if there is one) into a temporary file beside
+the output: :func:`copy_once`. No checkpoint is written meanwhile (one COPY can only be redone
+from the start), so a small export costs one connection and a few round trips. The manifest
+(the same one a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike)
+goes to a temporary file beside it.
+
+:func:`publish` then makes the result durable and visible: it fsyncs both temporary files,
+renames the manifest into place, fsyncs the directory, and only then links the file to its name
+(never over an existing file) and fsyncs the directory again. Killed before the manifest is in
+place, an export leaves only temporary files (``.NAME.XXXXXXXX.tmp``, removed by the next run);
+between the two renames, a manifest without its output, which the next run takes for a fresh
+start. :func:`publish` takes any number of results at once: a bulk job's coordinator publishes
+its workers' small tables in groups, the files of a group all synced before any is renamed, so
+that one journal commit serves many files instead of four per table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from ._atomic import fsync_dir, fsync_path, raise_if_full
+from .checkpoint import checkpoint_path
+from .chunk import Chunk, ChunkOutcome, ChunkRunner
+from .destinations.local import LocalFile
+from .errors import CopystreamError, ExportFailed, OutputExists
+from .manifest import Manifest, manifest_path
+from .ranges import parts_path
+from .sizing import SMALL_TABLE_BYTES, first_chunk_rows
+from .spec import Compression, ExportSpec, RunOptions
+from .table import ResolvedTable
+
+__all__ = ["Staged", "Written", "copy_once", "is_small", "publish", "temporary_path"]
+
+
+def is_small(table: ResolvedTable, spec: ExportSpec, run: RunOptions, output: Path) -> bool:
+    """Whether ``table`` is exported in one COPY written atomically. Pure.
+
+    Only when the chunk size is left to copystream (an explicit ``chunk_rows`` asks for chunks),
+    one worker is asked for, the output is not compressed (a compressed one is written chunk by
+    chunk) nor a Parquet dataset (written through its destination, part by part), and the
+    planner's estimates say the table is small (unknown estimates, of a table never vacuumed or
+    analyzed, do not).
+    """
+    compress = spec.compress or Compression.for_output(output)
+    if run.chunk_rows is not None or run.workers != 1 or compress.codec != "none":
+        return False
+    if spec.options.format == "parquet":
+        return False
+    if table.estimated_rows is None or table.estimated_bytes is None:
+        return False
+    # what a chunked export would do in one COPY anyway, and a table known to be empty
+    rows, nbytes = table.estimated_rows, table.estimated_bytes
+    return first_chunk_rows(rows, nbytes) == 0 or (rows == 0 and nbytes < SMALL_TABLE_BYTES)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A small export's bytes and manifest in temporary files beside where they go, not yet
+    durable nor visible: what :func:`publish` takes."""
+
+    output: Path
+    temporary: Path  # the file's bytes, beside ``output``
+    manifest_temporary: Path  # its manifest, beside where it goes
+
+    def discard(self) -> None:
+        """Remove the temporary files."""
+        for path in (self.temporary, self.manifest_temporary):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`copy_once` wrote: the staged files, and the manifest they hold."""
+
+    staged: Staged
+    manifest: Manifest
+
+
+def temporary_path(output: Path) -> Path:
+    """A new temporary name beside ``output``, ``.NAME.XXXXXXXX.tmp`` (what
+    :func:`~copystream._atomic.remove_stale_temporaries` removes after a crash)."""
+    return output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
+
+
+def _create_temporary(output: Path) -> LocalFile:
+    while True:
+        path = temporary_path(output)
+        try:
+            return LocalFile.create(path)  # O_EXCL: never through a planted symlink
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise_if_full(e, f"cannot write {path}")
+            raise
+
+
+def copy_once(
+    conn: psycopg.Connection[Any],
+    table: ResolvedTable,
+    spec: ExportSpec,
+    run: RunOptions,
+    output: Path,
+    *,
+    snapshot: str | None,
+    on_data: Callable[[int, int], None] | None,
+    manifest: Callable[[int, int, str, tuple[str, ...] | None], Manifest],
+) -> Written:
+    """Export all of ``table`` with one COPY on ``conn`` into a temporary file beside ``output``.
+
+    ``spec`` is the resolved spec; ``snapshot`` an exported snapshot to read from;
+    ``on_data(rows, bytes)`` is called as the rows arrive; ``manifest(rows, bytes, xxh3_128,
+    last_key)`` makes the manifest. Any error leaves no file behind, and ``conn`` in an unknown
+    state (the caller closes it). ``conn`` must be in autocommit mode with no transaction open.
+    """
+    dest = _create_temporary(output)
+    try:
+        runner = ChunkRunner(conn, io_timeout=run.io_timeout)
+        chunk = Chunk(
+            table, spec.options, after=None, rows=0, header=spec.options.header, snapshot=snapshot
+        )
+        dest.begin_chunk()
+        if table.where is None:  # one round trip (no SQL of the user's in it)
+            outcome = _with_timeout(conn, run, lambda: runner.run_whole(chunk, dest, on_data))
+        else:
+            outcome = _with_timeout(conn, run, lambda: runner.run(chunk, dest, on_data))
+        written = dest.end_chunk()
+    except BaseException:
+        dest.close()
+        with contextlib.suppress(FileNotFoundError):
+            dest.path.unlink()
+        raise
+    dest.close()
+    record = manifest(outcome.rows, written.bytes, written.xxh3_128, outcome.last_key)
+    try:
+        data = json.dumps(record.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
+        manifest_temporary = _write_temporary(manifest_path(output), data)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            dest.path.unlink()
+        raise
+    return Written(Staged(output, dest.path, manifest_temporary), record)
+
+
+def _with_timeout(
+    conn: psycopg.Connection[Any], run: RunOptions, do: Callable[[], ChunkOutcome]
+) -> ChunkOutcome:
+    """``do()`` under ``run``'s statement timeout, which the connection does not keep after
+    (it may serve another table next)."""
+    if run.statement_timeout is None:
+        return do()
+    timeout = f"{int(run.statement_timeout * 1000)}ms"
+    conn.execute("SELECT set_config('statement_timeout', %s, false)", [timeout])
+    outcome = do()
+    conn.execute("RESET statement_timeout")
+    return outcome
+
+
+# -- publishing ------------------------------------------------------------------------------------
+
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (0600, not yet fsynced); its name."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise_if_full(e, f"cannot write {path}")
+        raise
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            os.fchmod(f.fileno(), 0o600)
+    except OSError as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise_if_full(e, f"cannot write {path}")
+        raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def _vacant(output: Path) -> None:
+    """Raise :class:`OutputExists` if another export wrote to ``output`` meanwhile (its file,
+    checkpoint or key ranges are there): the caller holds the lock (or is the bulk job that
+    owns the directory), so none can begin now."""
+    for path in (output, checkpoint_path(output), parts_path(output)):
+        if os.path.lexists(path):
+            raise OutputExists(f"{path} appeared while {output.name} was being exported")
+
+
+def _link(temporary: Path, output: Path) -> None:
+    """Give ``temporary`` the name ``output``, never replacing a file of that name."""
+    try:
+        if not _rename_noreplace(temporary, output):  # no renameat2: a link, then an unlink
+            try:
+                os.link(temporary, output)
+            except FileExistsError:
+                raise
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                # Neither: the caller holds the output's lock, so a check before the rename is
+                # as good.
+                if os.path.lexists(output):
+                    raise FileExistsError(errno.EEXIST, "exists", str(output)) from e
+                os.replace(temporary, output)
+                return
+            os.unlink(temporary)
+    except FileExistsError as e:
+        # Not ours: the manifest just written describes no file that is there.
+        with contextlib.suppress(FileNotFoundError):
+            manifest_path(output).unlink()
+        raise OutputExists(f"{output} appeared while it was being exported") from e
+
+
+_RENAMEAT2: list[Callable[..., int] | None] = []  # found on first use
+
+
+def _rename_noreplace(source: Path, target: Path) -> bool:
+    """Rename ``source`` to ``target`` unless ``target`` exists (``renameat2`` with
+    ``RENAME_NOREPLACE``: one atomic step); ``False`` when the system or filesystem cannot."""
+    if not _RENAMEAT2:
+        _RENAMEAT2.append(None)
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                import ctypes
+
+                _RENAMEAT2[0] = ctypes.CDLL(None, use_errno=True).renameat2
+    rename = _RENAMEAT2[0]
+    if rename is None:
+        return False
+    import ctypes
+
+    at_fdcwd, noreplace = -100, 1
+    if rename(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), noreplace) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err == errno.EEXIST:
+        raise FileExistsError(err, os.strerror(err), str(target))
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(source))
+
+
+class _Step:
+    """One stage of :func:`publish` applied to every item still in the running."""
+
+    def __init__(self, items: Sequence[Staged], errors: list[CopystreamError | None]) -> None:
+        self.items, self.errors = items, errors
+
+    def each(self, action: Callable[[int, Staged], None]) -> None:
+        for i, item in enumerate(self.items):
+            if self.errors[i] is not None:
+                continue
+            try:
+                action(i, item)
+            except CopystreamError as e:
+                self.errors[i] = e
+            except OSError as e:
+                self.errors[i] = _failed_write(e, item.output)
+
+    def sync_directories(self) -> None:
+        """fsync the directory of every item still in the running (each directory once)."""
+        directories: dict[Path, list[int]] = {}
+        for i, item in enumerate(self.items):
+            if self.errors[i] is None:
+                directories.setdefault(item.output.parent, []).append(i)
+        for directory, members in directories.items():
+            try:
+                fsync_dir(directory)
+            except OSError as e:
+                for i in members:
+                    self.errors[i] = _failed_write(e, self.items[i].output)
+
+
+def _failed_write(e: OSError, output: Path) -> CopystreamError:
+    """The error of a write that failed while ``output`` was published."""
+    try:
+        raise_if_full(e, f"cannot write {output}")
+    except CopystreamError as full:
+        return full
+    failed = ExportFailed(f"cannot write {output}: {e.strerror or e}")
+    failed.__cause__ = e
+    return failed
+
+
+def publish(items: Sequence[Staged]) -> list[CopystreamError | None]:
+    """Make each export of ``items`` durable and visible; per item, ``None`` or its error.
+
+    The caller holds each output's lock, or is the bulk job that owns their directory. An item
+    that fails leaves no file of its own behind (its temporary files are removed); the others
+    are not held up by it.
+    """
+    errors: list[CopystreamError | None] = [None] * len(items)
+    step = _Step(items, errors)
+    try:
+        # All the files first, then all the renames: one journal commit serves many files.
+        step.each(lambda i, item: fsync_path(item.temporary))
+        step.each(lambda i, item: fsync_path(item.manifest_temporary))
+        step.each(lambda i, item: _vacant(item.output))
+        step.each(lambda i, item: os.replace(item.manifest_temporary, manifest_path(item.output)))
+        step.sync_directories()
+        step.each(lambda i, item: _link(item.temporary, item.output))
+        step.sync_directories()
+    finally:
+        for item, error in zip(items, errors, strict=True):
+            if error is not None:
+                item.discard()
+    return errors

@@ -1,0 +1,156 @@
+"""The worker pool: long-lived worker processes, each running many tasks in a row.
+
+Real processes (``python -m copystream._worker``) run module-level functions of this file (the
+workers find it through ``PYTHONPATH``). Every task ends with exactly one ``done`` or ``failed``
+event; a worker that dies fails only the task it was running; an unexpected exception retires
+its worker; a ``CopystreamError`` does not.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from copystream.errors import ExportFailed, TableNotFound
+from copystream.pool import Event, Task, run_tasks
+
+_SEEN: list[int] = []  # module state of a worker process: what it ran before
+
+
+def remember(n: int, *, progress: Any) -> tuple[int, int, list[int]]:
+    """Return (pid, n, what this process ran before); remember n."""
+    before = list(_SEEN)
+    _SEEN.append(n)
+    progress(("working on", n))
+    return os.getpid(), n, before
+
+
+def die(*, progress: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def die_once(marker: str, *, progress: Any) -> int:
+    """Be SIGKILLed the first time (``marker`` does not exist yet), return the pid the next."""
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def fail_expected(*, progress: Any) -> None:
+    raise TableNotFound("no such table")
+
+
+def fail_unexpected(*, progress: Any) -> None:
+    raise ZeroDivisionError("boom")
+
+
+@pytest.fixture(autouse=True)
+def importable(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The workers import this module by name."""
+    here = str(Path(__file__).parent)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    )
+    yield
+
+
+def outcomes(events: list[Event]) -> dict[int, Event]:
+    ends = [e for e in events if e.kind in ("done", "failed")]
+    assert len(ends) == len({e.index for e in ends}), "a task ended twice"
+    return {e.index: e for e in ends}
+
+
+def test_many_tasks_run_in_few_long_lived_processes() -> None:
+    events = list(run_tasks([Task(remember, (n,)) for n in range(12)], 2))
+    done = outcomes(events)
+    assert sorted(done) == list(range(12)) and {e.kind for e in done.values()} == {"done"}
+    pids = {e.value[0] for e in done.values()}
+    assert len(pids) <= 2, "a process per task"
+    started = {e.index: e.value for e in events if e.kind == "started"}
+    assert started == {i: e.value[0] for i, e in done.items()}  # started names the worker
+    # what a task keeps at module level is there for the next task of the same process
+    for e in done.values():
+        pid, n, before = e.value
+        assert n not in before
+        assert all(done[m].value[0] == pid for m in before)
+    assert sum(len(e.value[2]) for e in done.values()) > 0
+    progress = [e for e in events if e.kind == "progress"]
+    # a worker sends progress at most every PROGRESS_INTERVAL, across its tasks
+    assert progress and {e.value for e in progress} <= {("working on", n) for n in range(12)}
+    assert all(e.value == ("working on", e.index) for e in progress)
+    for e in progress:  # a task's progress comes before its outcome
+        assert events.index(e) < events.index(done[e.index])
+
+
+def test_a_worker_that_dies_fails_only_its_task() -> None:
+    tasks = [Task(remember, (0,)), Task(die, ()), *(Task(remember, (n,)) for n in range(2, 8))]
+    done = outcomes(list(run_tasks(tasks, 1)))
+    assert sorted(done) == list(range(8))
+    assert done[1].kind == "failed" and isinstance(done[1].value, ExportFailed)
+    assert "was killed by SIGKILL" in str(done[1].value)
+    assert all(done[i].kind == "done" for i in range(8) if i != 1)
+    assert done[0].value[0] != done[2].value[0]  # a fresh worker took over
+
+
+def test_an_unexpected_error_retires_its_worker_an_expected_one_does_not() -> None:
+    tasks = [
+        Task(remember, (0,)),
+        Task(fail_expected, ()),
+        Task(remember, (2,)),
+        Task(fail_unexpected, ()),
+        Task(remember, (4,)),
+    ]
+    done = outcomes(list(run_tasks(tasks, 1)))
+    assert type(done[1].value) is TableNotFound and done[1].value.problem == "no such table"
+    assert done[0].value[0] == done[2].value[0]  # the same worker went on
+    assert isinstance(done[3].value, ExportFailed)
+    assert "unexpected ZeroDivisionError: boom" in str(done[3].value)
+    assert done[4].kind == "done" and done[4].value[0] != done[2].value[0]
+    assert done[4].value[2] == []  # a fresh process: nothing remembered
+
+
+def test_closing_early_kills_the_workers() -> None:
+    gen = run_tasks([Task(remember, (n,)) for n in range(4)], 2)
+    first = next(e for e in gen if e.kind == "started")
+    pid = first.value
+    gen.close()
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+
+
+def test_short_tasks_are_handed_out_ahead_and_a_death_loses_only_the_running_one() -> None:
+    tasks = [Task(remember, (n,), short=True) for n in range(10)]
+    tasks[4] = Task(die, (), short=True)
+    events = list(run_tasks(tasks, 1))
+    done = outcomes(events)
+    assert sorted(done) == list(range(10))
+    assert done[4].kind == "failed" and "SIGKILL" in str(done[4].value)
+    assert all(done[i].kind == "done" for i in range(10) if i != 4)  # none lost with it
+    started = [e.index for e in events if e.kind == "started"]
+    assert started == list(range(10))  # each task started once, in order
+
+
+def test_a_task_whose_worker_died_is_started_again_when_restart_says_so(tmp_path: Path) -> None:
+    """``restart`` gives a delay: the task runs again in a new worker and ends once, done; the
+    other tasks are not disturbed. A task ``restart`` answers ``None`` for fails as before."""
+    asked: list[tuple[int, str]] = []
+
+    def restart(i: int, error: ExportFailed) -> float | None:
+        asked.append((i, error.problem))
+        return 0.2 if asked.count((i, error.problem)) == 1 and i == 0 else None
+
+    marker = str(tmp_path / "died")
+    tasks = [Task(die_once, (marker,)), Task(remember, (7,)), Task(die, ())]
+    events = list(run_tasks(tasks, 2, restart=restart))
+    ends = outcomes(events)
+    kinds = [e.kind for e in events if e.index == 0]
+    assert kinds.count("restarting") == 1 and kinds.count("started") == 2, kinds
+    assert ends[0].kind == "done" and ends[1].kind == "done"
+    assert ends[2].kind == "failed" and "SIGKILL" in ends[2].value.problem
+    assert sorted(i for i, _ in asked) == [0, 2] and all("SIGKILL" in why for _, why in asked)
