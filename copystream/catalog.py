@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 
 from .errors import InvalidFilter, Opt, TableNotFound, UsageError
+from .parquet_types import ColumnType
 from .queries import where_clause
 from .retry import classify
 from .server import name_errors_are_soft, not_null_sql
@@ -33,6 +34,7 @@ from .table import (
 __all__ = [
     "check_filter",
     "check_options",
+    "column_types",
     "fetch_facts",
     "fetch_facts_many",
     "introspect",
@@ -424,3 +426,26 @@ def _options_refusal(
             raise  # a lost connection, not a bad option: the caller retries
         return e
     return None
+
+
+#: The type of each column, a domain's resolved to its base type (one level: a domain over a
+#: domain is written by the outer domain's base, the commonest case by far).
+_TYPES_QUERY = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), b.typname, b.typcategory,
+       CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, e.typname
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+JOIN pg_type b ON b.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+LEFT JOIN pg_type e ON e.oid = b.typelem AND b.typcategory = 'A'
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+"""
+
+
+def column_types(conn: _Conn, table: ResolvedTable) -> list[ColumnType]:
+    """What the catalog says of the type of each exported column, in the export's order."""
+    found = {
+        str(r[0]): ColumnType(str(r[0]), str(r[1]), str(r[2]), str(r[3]), int(str(r[4])),
+                              None if r[5] is None else str(r[5]))
+        for r in conn.execute(_TYPES_QUERY, [table.oid]).fetchall()
+    }  # fmt: skip
+    return [found[c] for c in table.columns]

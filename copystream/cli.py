@@ -208,6 +208,7 @@ def status(output: str, as_json: bool, watch: bool, interval: float) -> None:
                     "chunks": s.chunks,
                     "ranges": s.ranges,
                     "ranges_finished": s.ranges_finished,
+                    "parts": s.parts,
                 }
             )
         )
@@ -221,9 +222,10 @@ def status(output: str, as_json: bool, watch: bool, interval: float) -> None:
         where = f"{s.ranges_finished} of {s.ranges} key ranges finished"
     else:
         where = "last key " + (", ".join(s.last_key) if s.last_key else "(none)")
+    held = f"{s.chunks} chunks" if s.parts is None else f"{s.parts} parts ({s.chunks} chunks)"
     click.echo(
         f"{s.output}: {s.state}; table {s.table}; {s.rows:,} rows{share}, "
-        f"{s.bytes:,} bytes in {s.chunks} chunks; {where}"
+        f"{s.bytes:,} bytes in {held}; {where}"
     )
 
 

@@ -65,6 +65,8 @@ class Remedy(enum.Enum):
     FULL_EXPORT = "full_export"  # an incremental export has no complete export to continue
     SAME_EXPORT = "same_export"  # an increment must be the export it continues, but for rows
     ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
+    OUT_OF_RANGE = "out_of_range"  # a value Parquet cannot store: choose what to write instead
+    LOOSE_TYPES = "loose_types"  # a type Parquet has none of: allow it as text, or leave it out
 
     def words(self, audience: Audience = "python") -> str:
         """This remedy as ``audience`` says it."""
@@ -128,6 +130,19 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "continues",
         "plan": "give the key, columns, where and COPY options of the export it continues",
         "python": "give the key=, columns=, where= and COPY options of the export it continues",
+    },
+    Remedy.OUT_OF_RANGE: {
+        "cli": "pass --out-of-range null or --out-of-range clamp to write such values as NULL "
+        "or as the nearest value Parquet holds",
+        "plan": 'set out_of_range = "null" or "clamp" to write such values as NULL or as the '
+        "nearest value Parquet holds",
+        "python": 'pass out_of_range="null" or "clamp" to write such values as NULL or as the '
+        "nearest value Parquet holds",
+    },
+    Remedy.LOOSE_TYPES: {
+        "cli": "leave out --strict-types to write it as text, or the column with --columns",
+        "plan": "leave out strict_types to write it as text, or the column with columns =",
+        "python": "leave out strict_types=True to write it as text, or the column with columns=",
     },
 }
 

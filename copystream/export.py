@@ -218,6 +218,14 @@ def export_table(
             counted in the manifest): the loader must upsert by key. Deletes are not seen.
         watermark_lag: the safety lag in seconds, instead of the age of the oldest transaction
             open when the previous export started.
+        format="parquet": ``output`` is a directory of typed Parquet part files (see
+            :mod:`copystream.parquet_types` for the mapping; needs ``copystream[parquet]``).
+        parquet_compression: ``"zstd"`` (default), ``"snappy"``, ``"gzip"`` or ``"none"``.
+        part_size: bytes of Parquet per part file (an int, or ``"512MB"``); 128 MB.
+        row_group_size: most bytes of Arrow data per row group, what memory holds; 32 MB.
+        out_of_range: ``"error"`` (default), ``"null"`` or ``"clamp"``: what becomes of an
+            infinite or out-of-range date or timestamp, or a NaN decimal.
+        strict_types: refuse columns whose type would be written as text.
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -254,9 +262,10 @@ def run_export(
         return run_s3_export(conninfo, spec, output, run, progress=progress, sleep=sleep)
     started = time.monotonic()
     out = Path(output)
-    check_output(out)
+    check_output(out, directory=spec.options.format == "parquet")
     run = run or RunOptions()
-    check_request(run, spec.watermark)  # before connecting: a contradiction, exit 2
+    # before connecting: a contradiction, exit 2
+    check_request(run, spec.watermark, parquet=spec.options.format == "parquet")
     with ExportSession(conninfo, spec, out, run, sleep) as session:
         exported = run_session(session, progress=progress, sleep=sleep, started=started)
         if exported.written is not None:
@@ -410,6 +419,8 @@ class ExportStatus:
     chunks: int
     ranges: int = 1  # key ranges of a --workers export (1: a single-worker export)
     ranges_finished: int = 0  # of which are exported (all once the export is complete)
+    #: Of a Parquet dataset: the complete part files (``bytes`` is then their size); else None.
+    parts: int | None = None
 
     @property
     def percent(self) -> float | None:
@@ -436,9 +447,12 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
     found = discover(out)
     if isinstance(found, Resume) and found.checkpoint is not None:
         cp = found.checkpoint
+        parts = cp.destination.get("parts") if cp.destination.get("kind") == "parquet" else None
+        size = cp.offset if parts is None else sum(int(p["bytes"]) for p in parts)
         return ExportStatus(
-            out, "in progress", str(cp.export.get("table")), cp.rows, cp.offset, cp.last_key,
+            out, "in progress", str(cp.export.get("table")), cp.rows, size, cp.last_key,
             cp.estimated_rows, len(cp.chunks), ranges_finished=int(cp.finished),
+            parts=None if parts is None else len(parts),
         )  # fmt: skip
     if isinstance(found, Resume) and found.ranges is not None:
         return _ranges_status(out, found)
@@ -448,6 +462,7 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
         return ExportStatus(
             out, "complete", m.table, m.rows, m.bytes, last, m.rows, len(m.chunks),
             ranges=m.workers, ranges_finished=m.workers,
+            parts=len(m.parts) if m.parquet is not None else None,
         )  # fmt: skip
     raise UsageError(f"no checkpoint or manifest beside {out}: no export to report on")
 

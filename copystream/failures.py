@@ -23,6 +23,7 @@ from .errors import (
     TableNotFound,
     UsageError,
 )
+from .parquet_types import refused_value
 from .retry import Failure, classify
 
 __all__ = ["Phase", "classify_connect", "first_line", "translate"]
@@ -115,6 +116,9 @@ def _request_error(e: psycopg.Error, msg: str, phase: Phase) -> CopystreamError 
         )
     if isinstance(e, psycopg.errors.InsufficientPrivilege):
         return UsageError(f"permission denied exporting {table}: {msg}")
+    refused = refused_value(msg, table)  # a value a Parquet export's policy refuses
+    if refused is not None:
+        return refused
     if (e.sqlstate or "")[:2] in ("42", "22", "21"):
         # By SQLSTATE class: psycopg's exception for one SQLSTATE (SyntaxError, DivisionByZero,
         # ...) does not inherit from its class's (SyntaxErrorOrAccessRuleViolation, ...).

@@ -13,6 +13,12 @@ checkpoint is removed after it. JSON form (version 1)::
      "started_at": ISO, "finished_at": ISO, "seconds": float, "resumed": bool,
      "workers": N, "point_in_time": bool, "compress": null}
 
+A Parquet dataset (OUTPUT a directory) also records ``"parquet"`` (compression, part and row
+group sizes, the ``out_of_range`` policy, and each column as ``[name, PostgreSQL type, Arrow
+type, form in the COPY]``) and ``"parts"`` (each part's file, rows, bytes, xxh3_128, row groups,
+chunk count and last key); ``bytes`` is then the dataset's size, ``xxh3_128`` the digest of its
+parts' records, and the chunks those of the typed COPY the parts were decoded from.
+
 A compressed output records ``"compress": {"codec": "zstd", "level": 3}``; ``bytes``,
 ``xxh3_128`` and the chunks' digests are then those of the compressed bytes (``verify`` needs no
 decompression), and ``uncompressed_bytes`` and ``uncompressed_xxh3_128``, of the whole file and
@@ -82,6 +88,10 @@ class Manifest:
     #: Of a watermark export: its column, the server's clock and safety lag as it started, and
     #: the lower bound and overlap of an increment (:mod:`copystream.watermark`).
     watermark: dict[str, Any] | None = None
+    #: Of a Parquet dataset: its settings and column mapping, and its parts (file, rows,
+    #: bytes, xxh3_128, row_groups, chunks, last_key), in key order.
+    parquet: dict[str, Any] | None = None
+    parts: tuple[dict[str, Any], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form."""
@@ -95,6 +105,9 @@ class Manifest:
             d["since"] = self.since
         if self.watermark is not None:
             d["watermark"] = self.watermark
+        if self.parquet is not None:
+            d["parquet"] = self.parquet
+            d["parts"] = list(self.parts)
         return d
 
     def _body(self) -> dict[str, Any]:
@@ -158,6 +171,8 @@ class Manifest:
             increments=tuple(dict(i) for i in d["increments"]) if "increments" in d else None,
             since=dict(d["since"]) if d.get("since") is not None else None,
             watermark=dict(d["watermark"]) if d.get("watermark") is not None else None,
+            parquet=dict(d["parquet"]) if d.get("parquet") is not None else None,
+            parts=tuple(dict(p) for p in d.get("parts", ())),
         )
 
 
@@ -227,6 +242,8 @@ def verify_file(output: str | os.PathLike[str], *, deep: bool = False) -> Verify
     manifest = load_manifest(path)
     if manifest is None:
         raise UsageError(f"{manifest_path(path)} does not exist: nothing to verify against")
+    if manifest.parquet is not None:
+        return _verify_dataset(path, manifest)
     fd = _open(path)
     try:
         size = os.fstat(fd).st_size
@@ -249,6 +266,18 @@ def verify_file(output: str | os.PathLike[str], *, deep: bool = False) -> Verify
         path, manifest.rows, manifest.bytes, len(manifest.chunks), whole.hexdigest(),
         manifest.uncompressed_bytes, manifest.uncompressed_xxh3_128, deep,
     )  # fmt: skip
+
+
+def _verify_dataset(path: Path, manifest: Manifest) -> VerifyResult:
+    """:func:`verify_file` of a Parquet dataset: every part's digest and row count."""
+    from .destinations.parquet import verify_dataset
+
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a Parquet dataset directory")
+    rows = verify_dataset(path, manifest.parts, manifest.xxh3_128)
+    if rows != manifest.rows:
+        raise VerificationFailed(f"{path} holds {rows} rows, the manifest records {manifest.rows}")
+    return VerifyResult(path, rows, manifest.bytes, len(manifest.chunks), manifest.xxh3_128)
 
 
 def _open(path: Path) -> int:

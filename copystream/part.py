@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from .checkpoint import (
 )
 from .chunk import Chunk, ChunkOutcome, ChunkRunner, SnapshotGone
 from .connection import Target, connect
-from .destinations import Destination, fresh_state, open_at_checkpoint
+from .destinations import Destination, Parted, fresh_state, open_at_checkpoint, resume_point
 from .errors import (
     CopystreamError,
     DiskFull,
@@ -168,6 +169,9 @@ class PartJob:
     #: ``path``. The first part of a parallel export writes OUTPUT itself but keeps its own
     #: checkpoint (``OUTPUT.part-0000.checkpoint.json``), distinct from a single-worker one.
     state: str | None = None
+    #: How the part files of a Parquet dataset written by this job are named (each key range
+    #: of a ``workers`` export has its own: ``part-0001-00000.parquet``, ...).
+    part_stem: str = "part-"
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -394,6 +398,8 @@ class PartRunner:
                 remedy=Remedy.CHOOSE_KEY,
             )
         written = dest.end_chunk()
+        if outcome.final and isinstance(dest, Parted):
+            dest.end_parts()  # the last part is sealed with the final checkpoint
         advanced = cp.advance(
             nbytes=written.bytes,
             rows=outcome.rows,
@@ -471,7 +477,7 @@ def run_part(
         except UsageError:
             if fresh and not _committed_chunks(state):
                 dest.close()
-                _discard(path, state)
+                _discard(path, state, shared=job.ranged)
             raise
         digest = dest.digest
     finally:
@@ -492,10 +498,12 @@ def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool
     cp = load_checkpoint(state)
     if cp is not None:
         cp.check_same_export(job.identity, state)
+        cp = resume_point(cp)  # a Parquet dataset resumes after its last whole part
         if job.run.chunk_rows is not None:
             cp = _with_rows(cp, job.run.chunk_rows)
         return cp, False
-    if path.exists():
+    shared = job.ranged and job.spec.parquet is not None  # the dataset all ranges write to
+    if path.exists() and not shared:
         raise OutputExists(f"{path} exists and has no checkpoint to resume from")
     cp = new_checkpoint(
         export=job.identity,
@@ -504,7 +512,7 @@ def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool
         chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
         estimated_rows=job.table.estimated_rows,
         last_key=job.lower,
-        destination=fresh_state(path, job.spec),
+        destination=fresh_state(path, job.spec, stem=job.part_stem),
     )
     save_checkpoint(state, cp)
     return cp, True
@@ -519,12 +527,17 @@ def _committed_chunks(state: Path) -> bool:
     return cp is not None and bool(cp.chunks)
 
 
-def _discard(out: Path, state: Path) -> None:
+def _discard(out: Path, state: Path, *, shared: bool = False) -> None:
     """Remove what a fresh export created before its first chunk failed for good.
 
     The file first: a kill in between leaves a checkpoint at offset 0 without a file, which
     resumes; the other order would leave a file without a checkpoint, which is refused.
     """
-    for p in (out, checkpoint_path(state)):
+    paths = [out, checkpoint_path(state)]
+    if out.is_dir() and not out.is_symlink():  # a Parquet dataset
+        if not shared:  # (other key ranges write to it too: theirs to keep)
+            shutil.rmtree(out)
+        paths = paths[1:]
+    for p in paths:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()

@@ -27,6 +27,7 @@ import fcntl
 import functools
 import logging
 import os
+import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ from psycopg import sql
 
 from . import incremental, watermark
 from ._atomic import locked, remove_stale_temporaries
-from .catalog import fetch_facts, introspect
+from .catalog import column_types, fetch_facts, introspect
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -56,6 +57,7 @@ from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
+from .parquet_types import parquet_settings, plan_columns, select_list
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -110,9 +112,10 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
-def check_output(output: Path) -> None:
-    """Refuse an output path that cannot be written (a usage error: nothing is created)."""
-    if output.is_dir():
+def check_output(output: Path, *, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written (a usage error: nothing is created).
+    ``directory``: the output is a directory copystream makes (a Parquet dataset)."""
+    if output.is_dir() and not directory:
         raise OutputProblem(f"output {output} is a directory; give a file name")
     parent = output.parent
     if not parent.is_dir():
@@ -349,6 +352,12 @@ class ExportSession:
         self.spec = self.requested.resolved(
             table.qualified, table.key, table.key_types, table.columns, output=self.output
         )
+        if self.spec.options.format == "parquet":
+            try:
+                self._plan_parquet()
+            except BaseException:
+                self._stack.close()
+                raise
         # Before any file beside the output is read, removed (restart) or made: a second
         # export to the same output must be refused without touching the first one's files.
         if not self.lock_late:
@@ -387,6 +396,20 @@ class ExportSession:
         if self.snapshot is not None:
             self.snapshot.close()
         self._stack.close()
+
+    def _plan_parquet(self) -> None:
+        """Map every column to its Parquet type (a type refused under ``strict_types`` is a
+        usage error before anything is created) and type the chunks' SELECT list."""
+        from .destinations.parquet import require_pyarrow
+
+        require_pyarrow()  # a usage error before anything is created
+        conn = self.connection()  # (the column types are part of the export's identity)
+        with io_deadline(conn, self.run.io_timeout, "reading the column types"):
+            types = column_types(conn, self.table)
+        plans = plan_columns(types, strict=self.spec.strict_types, table=self.table.qualified)
+        self.spec = replace(self.spec, parquet_columns=plans)
+        policy = self.spec.out_of_range or "error"
+        self.table = replace(self.table, select=select_list(plans, self.table.key, policy))
 
     @property
     def phase(self) -> Phase:
@@ -446,8 +469,15 @@ def remove_export_files(output: Path) -> None:
     """Delete the output and every file copystream keeps beside it (``restart``)."""
     remove_parts(output, load_parts(output, strict=False))  # a damaged ranges file's parts too
     for p in (checkpoint_path(output), manifest_path(output), output):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a Parquet dataset's directory, if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 @dataclass(frozen=True)
@@ -472,6 +502,8 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         else:
             row = session.query("reading the session settings", read_settings_query())
             settings = dict(zip(PINNED_SETTINGS, (str(v) for v in row), strict=True))
+            if session.spec.parquet is not None:  # typed output: fixed text forms
+                settings = parquet_settings(settings)
             started_at = now_iso()
         single = isinstance(found, Resume) and found.checkpoint is not None
         if run.workers > 1 and single:
@@ -492,8 +524,7 @@ def overwrite(session: ExportSession) -> Fresh:
     if not session.run.force:
         raise OutputExists(f"{out} exists and has no checkpoint to resume from")
     for p in (manifest_path(out), out):
-        with contextlib.suppress(FileNotFoundError):
-            p.unlink()
+        _remove(p)  # a file, or a Parquet dataset's directory
     remove_parts(out)  # part files an older, interrupted clean-up may have left
     return Fresh()
 
@@ -574,6 +605,12 @@ def execute(
             outcomes = joined_outcomes(out, run.ranges)
         else:
             outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
+        if run.ranges.export.get("parquet") is not None:  # the ranges' parts are the dataset
+            from .destinations.parquet import combined
+
+            r = run.ranges
+            final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
+            return Ran(tuple(outcomes), final, final.xxh3_128)
         final, digest = join_parts(out, run.ranges, outcomes)
         return Ran(tuple(outcomes), final, digest)
     try:
@@ -619,6 +656,7 @@ def manifest_of(
 ) -> Manifest:
     """The manifest of an export whose last checkpoint is ``final``; ``digest`` the xxh3-128 of
     the whole output, ``started`` when this run began (``time.monotonic()``)."""
+    parts = _parts_with_keys(final)
     return Manifest(
         table=table.qualified,
         key=table.key,
@@ -628,7 +666,7 @@ def manifest_of(
         where=table.where,
         options=final.export["options"],
         rows=final.rows,
-        bytes=final.offset,
+        bytes=sum(p["bytes"] for p in parts) if final.export.get("parquet") else final.offset,
         xxh3_128=digest,
         chunks=final.chunks,
         chunk_rows=final.chunk_rows,
@@ -642,7 +680,18 @@ def manifest_of(
         compress=final.export.get("compress"),
         uncompressed_bytes=final.destination.get("uncompressed_bytes"),
         uncompressed_xxh3_128=final.destination.get("uncompressed_xxh3_128"),
+        parquet=final.export.get("parquet"),
+        parts=parts,
     )
+
+
+def _parts_with_keys(cp: Checkpoint) -> tuple[dict[str, Any], ...]:
+    """A Parquet dataset's parts, each with the last key it holds (of its last chunk)."""
+    parts = []
+    for p in cp.destination.get("parts", ()):
+        last = cp.chunks[p["chunks"] - 1].last_key if p["chunks"] else None
+        parts.append({**p, "last_key": list(last) if last is not None else None})
+    return tuple(parts)
 
 
 def discover_state(session: ExportSession) -> OnDisk:
@@ -661,7 +710,7 @@ def discover_state(session: ExportSession) -> OnDisk:
 def copies_whole(session: ExportSession, found: OnDisk) -> bool:
     """Whether this export is one COPY written atomically (:mod:`copystream.whole`): a small
     table (:func:`~copystream.whole.is_small`) with nothing of it on disk yet."""
-    return isinstance(found, Fresh) and is_small(session.table, session.run)
+    return isinstance(found, Fresh) and is_small(session.table, session.spec, session.run)
 
 
 def copy_small(

@@ -138,7 +138,7 @@ def copy_query(
     ``COPY (SELECT cols FROM t WHERE key > after AND key <= upto ORDER BY key [LIMIT n]) TO STDOUT``
     """
     select = sql.SQL("SELECT {cols} FROM {table}{where} ORDER BY {order}").format(
-        cols=sql.SQL(", ").join(sql.Identifier(c) for c in plan.columns),
+        cols=sql.SQL(", ").join(plan.select or [sql.Identifier(c) for c in plan.columns]),
         table=plan.table_ident,
         where=_conditions(plan, after, upto),
         order=_key_list(plan),

@@ -327,8 +327,9 @@ def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> Part
     """
     lo, hi = parts.ranges[i]
     state = part_path(output, i)
-    path = part_data_path(output, i, first_in_place=parts.first_in_place)
-    if os.path.lexists(path) and not checkpoint_path(state).exists():
+    dataset = parts.export.get("parquet") is not None  # each range writes its own part files
+    path = output if dataset else part_data_path(output, i, first_in_place=parts.first_in_place)
+    if not dataset and os.path.lexists(path) and not checkpoint_path(state).exists():
         if path == output:  # never removed here: it may be a finished export of its own
             raise OutputExists(
                 f"{output} exists but the first range of the unfinished --workers export "
@@ -337,8 +338,9 @@ def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> Part
             )
         path.unlink()  # created but never checkpointed: nothing in it counts
     job = replace(
-        template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True
-    )
+        template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True,
+        part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
+    )  # fmt: skip
     cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
     if cp is not None:
         cp.check_same_export(job.identity, state)

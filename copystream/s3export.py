@@ -209,6 +209,10 @@ def run_s3_export(
     run = run or RunOptions()
     if run.workers > 1:
         raise UsageError([Opt("workers"), f" above 1 cannot write to S3 yet ({output})"])
+    if spec.options.format == "parquet":
+        raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
+    if run.incremental or run.since is not None or spec.watermark is not None:
+        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
     side = _open(output)  # before anything is read from PostgreSQL
     with _S3Session(conninfo, spec, Path(side.url.key), run, sleep) as session:
         if run.restart:

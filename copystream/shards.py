@@ -63,6 +63,7 @@ from .pipeline import (
 )
 from .progress import Progress
 from .ranges import KeyRanges, load_parts, new_parts, part_path, range_job, remove_parts, save_parts
+from .s3url import is_s3
 from .sizing import first_chunk_rows
 from .spec import Compression, CopyOptions, build, require_same
 from .state import Complete, Resume
@@ -233,6 +234,9 @@ def plan_shards(
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
     kept = _kept(options)
     spec, run = build(table, **options, workers=shards)
+    if is_s3(output) or spec.options.format == "parquet" or run.incremental:
+        what = "an S3 output" if is_s3(output) else "a Parquet dataset or an increment"
+        raise UsageError(f"shards write a local CSV or text output, not {what} (yet)")
     out = Path(output)
     check_output(out)
     with ExportSession(conninfo, spec, out, run, sleep) as session:

@@ -80,6 +80,7 @@ def manifest_identity(manifest: Manifest) -> dict[str, Any]:
         "where": manifest.where,
         "options": manifest.options,
         "compress": manifest.compress,
+        "parquet": manifest.parquet,
     }
 
 

@@ -105,6 +105,8 @@ class ResolvedTable(RelationId):
     estimated_rows: int | None
     estimated_bytes: int | None
     warnings: tuple[str, ...] = field(default=())
+    #: What the COPY selects in place of the bare columns (a Parquet export's typed forms).
+    select: tuple[sql.Composable, ...] | None = None
 
     @property
     def table_ident(self) -> sql.Identifier:

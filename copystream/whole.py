@@ -58,14 +58,17 @@ __all__ = [
 ]
 
 
-def is_small(table: ResolvedTable, run: RunOptions) -> bool:
+def is_small(table: ResolvedTable, spec: ExportSpec, run: RunOptions) -> bool:
     """Whether ``table`` is exported in one COPY written atomically. Pure.
 
     Only when the chunk size is left to copystream (an explicit ``chunk_rows`` asks for chunks),
-    one worker is asked for, and the planner's estimates say the table is small (unknown
+    one worker is asked for, the output is not a Parquet dataset (written through its
+    destination, part by part), and the planner's estimates say the table is small (unknown
     estimates, of a table never vacuumed or analyzed, do not).
     """
     if run.chunk_rows is not None or run.workers != 1:
+        return False
+    if spec.options.format == "parquet":
         return False
     if table.estimated_rows is None or table.estimated_bytes is None:
         return False

@@ -878,17 +878,24 @@ def _compressed_summary(records: list[dict[str, Any]], names: list[str]) -> list
         runs = [r for r in records if r["config"] == name]
         pairs = [(r, pipe[(name.split("-")[1], r["round"])]) for r in runs]
         out.append({
-            "config": name, "runs": len(runs),
-            "wall_s": _median([r["wall_s"] for r in runs]),
+            "config": name, **_run_medians(runs),
             "ratio_to_pipeline": _median([r["wall_s"] / p["wall_s"] for r, p in pairs]),
-            "size_mb": _median([r["bytes"] / MB for r in runs]),
             "size_to_pipeline": _median([r["bytes"] / p["bytes"] for r, p in pairs]),
-            "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
-            "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
-            "cpu_s": _median([r["cpu_s"] for r in runs]),
             "all_identical": all(r["identical"] for r in runs),
         })  # fmt: skip
     return out
+
+
+def _run_medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians of one config's runs: wall time, size, peak RSS (and its max), CPU."""
+    return {
+        "runs": len(runs),
+        "wall_s": _median([r["wall_s"] for r in runs]),
+        "size_mb": _median([r["bytes"] / MB for r in runs]),
+        "peak_rss_process_mb": _median([r["peak_rss_process_mb"] for r in runs]),
+        "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
+        "cpu_s": _median([r["cpu_s"] for r in runs]),
+    }
 
 
 def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
@@ -1044,6 +1051,174 @@ def _s3_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[st
             "all_identical": all(r["identical"] for r in runs),
         })  # fmt: skip
     return out
+
+
+# -- Parquet ----------------------------------------------------------------------------------
+
+#: DuckDB's export through its postgres extension, run by ``--duckdb-python`` (an environment
+#: with ``duckdb`` and the extension's PyPI package ``duckdb-extension-postgres`` of the same
+#: version: the extension cannot be downloaded from DuckDB's own site here).
+DUCKDB_EXPORT = """
+import sys
+import duckdb
+dsn, table, out, codec, ext = sys.argv[1:]
+con = duckdb.connect()
+con.execute(f"LOAD '{ext}'")
+quoted = dsn.replace("'", "''")
+con.execute(f"ATTACH '{quoted}' AS pg (TYPE postgres, READ_ONLY)")
+con.execute(f"COPY (SELECT * FROM pg.public.{table}) TO '{out}' "
+            f"(FORMAT parquet, COMPRESSION {codec})")
+"""
+
+
+#: Where the package keeps the extension; its entry point is named after ``postgres_scanner``,
+#: so it is loaded from a copy of that name (DuckDB derives the entry point from the file name).
+DUCKDB_EXTENSION = """
+import glob, os, duckdb_extension_postgres
+print(glob.glob(os.path.join(os.path.dirname(duckdb_extension_postgres.__file__),
+                             "extensions", "*", "postgres.duckdb_extension"))[0])
+"""
+
+
+def _duckdb_extension(b: Bench) -> Path:
+    """A copy of the postgres extension, named so that DuckDB finds its entry point."""
+    found = subprocess.run(
+        [b.args.duckdb_python, "-c", DUCKDB_EXTENSION], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    ext = b.workdir / "postgres_scanner.duckdb_extension"
+    shutil.copyfile(found, ext)
+    return ext
+
+
+def _parquet_configs(b: Bench) -> list[tuple[str, int | None]]:
+    configs: list[tuple[str, int | None]] = [("psql-csv", None), ("cs-parquet-1w", 1)]
+    configs += [(f"cs-parquet-{n}w", n) for n in b.args.workers if b.workers_supported]
+    if b.args.duckdb_python:
+        configs.insert(1, ("duckdb", None))
+    return configs
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    return path.stat().st_size
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+    return sum(pq.read_metadata(f).num_rows for f in files)
+
+
+def _parquet_run(b: Bench, rnd: int, table: str, name: str, workers: int | None) -> dict[str, Any]:
+    out = b.fresh(name).with_suffix(".parquet")
+    if name == "psql-csv":
+        out = out.with_suffix(".csv")
+        cmd = b.psql_cmd(table, out)
+    elif name == "duckdb":
+        codec = b.args.parquet_compression
+        ext = b.workdir / "postgres_scanner.duckdb_extension"
+        cmd = [b.args.duckdb_python, "-c", DUCKDB_EXPORT, b.dsn, table, str(out), codec, str(ext)]
+    else:
+        extra = ["--format", "parquet", "--parquet-compression", b.args.parquet_compression]
+        cmd = b.copystream_cmd(table, out, workers if workers and workers > 1 else None,
+                               extra=extra)  # fmt: skip
+    stdout, stderr = out.with_name(out.name + ".stdout"), out.with_name(out.name + ".stderr")
+    m = run_measured(
+        cmd, stdout=stdout, stderr=stderr, interval=b.args.sample_interval, server=b.server_cpu
+    )
+    if m.returncode != 0:
+        text = stderr.read_text(errors="replace").strip()
+        raise RuntimeError(f"{name} (round {rnd}) exited {m.returncode}: {text}")
+    size = _size(out)
+    rows = b.args.rows if name == "psql-csv" else _parquet_rows(out)
+    if rows != b.args.rows:
+        msg = f"{name} round {rnd}: {rows} rows, not {b.args.rows}"
+        loud(msg)
+        b.errors.append(msg)
+    for path in (stdout, stderr, Path(str(out) + ".report.json")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    if out.is_dir():
+        shutil.rmtree(out)
+    remove_output(out)
+    return {
+        "config": name, "round": rnd, "wall_s": m.wall, "bytes": size, "rows": rows,
+        "cpu_s": m.cpu_user + m.cpu_sys, "peak_rss_process_mb": m.peak_process / MB,
+        "peak_rss_tree_mb": m.peak_tree / MB, "server_cpu_s": m.server_cpu,
+    }  # fmt: skip
+
+
+def step_parquet(b: Bench, table: str) -> dict[str, Any]:
+    """Rounds of psql's CSV, DuckDB's Parquet export and copystream's, round-robin."""
+    b.reference(table)  # warms the caches
+    configs = _parquet_configs(b)
+    if b.args.duckdb_python:
+        _duckdb_extension(b)
+    else:
+        note = "no --duckdb-python: DuckDB's Parquet export is not measured"
+        log("note: " + note)
+        b.notes.append(note)
+    records = []
+    for rnd in range(b.args.parquet_rounds):
+        start = rnd % len(configs)
+        for name, workers in configs[start:] + configs[:start]:
+            r = _parquet_run(b, rnd, table, name, workers)
+            records.append(r)
+            log(
+                f"parquet round {rnd + 1}/{b.args.parquet_rounds} {name}: {r['wall_s']:.2f}s, "
+                f"{r['bytes'] / MB:,.1f} MB, peak RSS {r['peak_rss_process_mb']:.1f} MB/process"
+            )
+    summary = _parquet_summary(records, [n for n, _ in configs])
+    _print_parquet(summary)
+    return {"summary": summary, "runs": records, "compression": b.args.parquet_compression}
+
+
+def _parquet_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[str, Any]]:
+    """Medians per config; per-round ratios of wall time to psql's and DuckDB's, of size to
+    DuckDB's."""
+    by = {(r["config"], r["round"]): r for r in records}
+    out = []
+    for name in names:
+        runs = [r for r in records if r["config"] == name]
+
+        def ratio(other: str, key: str, runs: list[dict[str, Any]] = runs) -> float | None:
+            pairs = [(r, by.get((other, r["round"]))) for r in runs]
+            values = [r[key] / o[key] for r, o in pairs if o is not None]
+            return _median(values) if values else None
+
+        out.append({
+            "config": name, **_run_medians(runs),
+            "x_psql": ratio("psql-csv", "wall_s"), "x_duckdb": ratio("duckdb", "wall_s"),
+            "size_x_duckdb": ratio("duckdb", "bytes"),
+        })  # fmt: skip
+    return out
+
+
+def _print_parquet(summary: list[dict[str, Any]]) -> None:
+    def f(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    print("\nParquet output, medians per config:\n")
+    head = (
+        f"{'config':<16}{'runs':>5}{'wall s':>8}{'x psql':>8}{'x duckdb':>9}{'size MB':>9}"
+        f"{'x size':>8}{'RSS/proc MB':>12}{'max':>7}{'CPU s':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for s in summary:
+        print(
+            f"{s['config']:<16}{s['runs']:>5}{s['wall_s']:>8.2f}{f(s['x_psql']):>8}"
+            f"{f(s['x_duckdb']):>9}{s['size_mb']:>9.1f}{f(s['size_x_duckdb']):>8}"
+            f"{s['peak_rss_process_mb']:>12.1f}{s['peak_rss_process_mb_max']:>7.1f}"
+            f"{s['cpu_s']:>7.2f}"
+        )
+    print(
+        "\nx psql / x duckdb: median of per-round wall-time ratios to psql's \\copy to CSV and\n"
+        "to DuckDB's COPY ... TO parquet; x size: the dataset's size over DuckDB's file;\n"
+        "RSS/proc: the largest single process; CPU s: client user+sys (DuckDB: its process)."
+    )
 
 
 def step_memory_growth(b: Bench, table: str) -> dict[str, Any]:
@@ -1857,6 +2032,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=0.05,
         help="seconds between RSS samples of the measured process tree (0.05)",
     )
+    g = p.add_argument_group("parquet output")
+    g.add_argument(
+        "--format",
+        choices=("csv", "parquet"),
+        default="csv",
+        help="parquet: also run rounds of psql's CSV, DuckDB's COPY ... TO parquet "
+        "(--duckdb-python) and copystream --format parquet (1 worker and each --workers)",
+    )
+    g.add_argument("--parquet-rounds", type=int, default=3, help="rounds of those (3)")
+    g.add_argument(
+        "--parquet-compression", default="zstd", help="codec of both Parquet writers (zstd)"
+    )
+    g.add_argument(
+        "--duckdb-python",
+        help="a Python with duckdb and duckdb-extension-postgres (the same version) installed",
+    )
     g = p.add_argument_group("many tables (a bulk job against pg_dump)")
     g.add_argument(
         "--tables",
@@ -1953,10 +2144,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sample-interval must be positive")
     extras = args.memory_growth or args.resume_check or args.profile or args.compress
     extras = extras or args.s3_rounds > 0 or args.incremental_rounds > 0
+    extras = extras or args.format == "parquet"
     if args.rounds == 0 and not (extras or args.tables):
         p.error(
             "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
-            "--compress, --s3-rounds, --incremental-rounds or --tables"
+            "--compress, --s3-rounds, --incremental-rounds, --format parquet or --tables"
         )
     return args
 
@@ -2036,6 +2228,8 @@ def _one_table(b: Bench, results: dict[str, Any], results_dir: Path, stamp: str)
         results["compressed"] = step_compressed(b, args.table)
     if args.s3_rounds > 0:
         results["s3"] = step_s3(b, args.table)
+    if args.format == "parquet" and args.parquet_rounds > 0:
+        results["parquet"] = step_parquet(b, args.table)
     if args.memory_growth:
         results["memory_growth"] = step_memory_growth(b, args.table)
     if args.resume_check:

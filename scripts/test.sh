@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/_setup.sh
 
-setup_venv test,dev,pg18,metrics,airflow,s3
+setup_venv test,dev,pg18,metrics,airflow,s3,parquet
 ensure_postgres
 ensure_pushgateway
 

@@ -234,9 +234,10 @@ def _fold_name(name: str) -> tuple[str | None, str] | None:
 
 
 def default_output(schema: str, table: str, fmt: str, compress: object = None) -> str:
-    """``<schema>.<table>.csv`` (``.txt`` for the text format), with ``/`` made safe, and the
-    suffix of the ``compress`` option (``.zst``, ``.gz``) when it compresses. Pure."""
-    ext = "txt" if fmt == "text" else "csv"
+    """``<schema>.<table>.csv`` (``.txt`` for the text format, ``.parquet`` for a Parquet
+    dataset), with ``/`` made safe, and the suffix of the ``compress`` option (``.zst``,
+    ``.gz``) when it compresses. Pure."""
+    ext = {"text": "txt", "parquet": "parquet"}.get(fmt, "csv")
     return f"{schema}.{table}.{ext}{_suffix(compress)}".replace("/", "_")
 
 

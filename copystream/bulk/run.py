@@ -295,8 +295,8 @@ def _look_at(task: _Task, names: set[str], stale: dict[str, list[Path]]) -> OnDi
     beside = (".manifest.json", ".checkpoint.json", ".parts.json")
     if out.name not in names and not any(out.name + suffix in names for suffix in beside):
         return Fresh()
-    if task.resolved is None:
-        return None
+    if task.resolved is None or task.spec.options.format == "parquet":
+        return None  # (a Parquet dataset's identity holds its column types: its worker reads them)
     with contextlib.suppress(FileNotFoundError):
         if out.stat().st_size > VERIFY_HERE_BYTES:
             return None
@@ -341,7 +341,7 @@ def _has_files(output: Path) -> bool:
 
 def _short(t: _Task) -> bool:
     """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
-    return t.resolved is not None and is_small(t.resolved, t.run)
+    return t.resolved is not None and is_small(t.resolved, t.spec, t.run)
 
 
 def _task_args(t: _Task, job: _Job, found: OnDisk | None, contested: bool) -> tuple[Any, ...]:

@@ -85,10 +85,10 @@ def export_task(
     is exported in full; found complete, by an increment appended to it."""
     started = time.monotonic()
     out = Path(output)
-    check_output(out)
+    check_output(out, directory=spec.options.format == "parquet")
     if run.incremental and fresh:  # ``incremental = true``: in full the first time
         run = replace(run, incremental=False)
-    small = table is not None and is_small(table, run)
+    small = table is not None and is_small(table, spec, run)
     lent = _kept(conninfo) if small else None
     # The output's lock only when more than a small table's temporary files are written (the
     # job owns the directory; the coordinator publishes them), or another process had it.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import xxhash
 
@@ -25,12 +25,14 @@ from ..spec import ExportSpec
 __all__ = [
     "ChunkWritten",
     "Destination",
+    "Parted",
     "Synced",
     "check_at_checkpoint",
     "create",
     "fresh_state",
     "open_at_checkpoint",
     "rehash",
+    "resume_point",
 ]
 
 
@@ -135,8 +137,33 @@ class Destination(Protocol):
         """Release what the destination holds (idempotent); stored chunks stay."""
 
 
-def _wanted(path: Path, export: Mapping[str, Any]) -> dict[str, Any]:
-    """The fresh state of the destination an export (its identity) asks for at ``path``."""
+@runtime_checkable
+class Parted(Protocol):
+    """A destination that stores whole parts (a Parquet dataset): the chunk loop tells it when
+    the last chunk has ended, before that chunk's checkpoint, so that the last part is sealed
+    with it."""
+
+    def end_parts(self) -> None:
+        """Seal the part in flight: no chunk follows."""
+
+
+def resume_point(cp: Checkpoint) -> Checkpoint:
+    """Where a resume continues: ``cp`` itself, or, for a destination that keeps only whole
+    parts, ``cp`` cut back to the chunks of its sealed parts."""
+    if cp.destination.get("kind") != "parquet":
+        return cp
+    from .parquet import resume_point as parts_resume_point
+
+    return parts_resume_point(cp)
+
+
+def _wanted(path: Path, export: Mapping[str, Any], stem: str = "part-") -> dict[str, Any]:
+    """The fresh state of the destination an export (its identity) asks for at ``path``
+    (``stem``: how a Parquet dataset's part files of this range are named)."""
+    if export.get("parquet") is not None:
+        from .parquet import fresh_state as parquet_state
+
+        return parquet_state(dict(export), stem)
     compress = export.get("compress")
     if compress is None:
         return {"kind": "file"}
@@ -145,10 +172,13 @@ def _wanted(path: Path, export: Mapping[str, Any]) -> dict[str, Any]:
     return compressed_state(compress["codec"], int(compress["level"]))
 
 
-def fresh_state(path: Path, spec: ExportSpec | None = None) -> dict[str, Any]:
+def fresh_state(
+    path: Path, spec: ExportSpec | None = None, *, stem: str = "part-"
+) -> dict[str, Any]:
     """The destination state a new checkpoint records for ``spec`` written to ``path``, before
-    anything is stored: this is where the kind of destination is chosen (``None``: a file)."""
-    return _wanted(path, spec.identity() if spec is not None else {})
+    anything is stored: this is where the kind of destination is chosen (``None``: a file).
+    ``stem`` names the part files of a Parquet dataset's key range."""
+    return _wanted(path, spec.identity() if spec is not None else {}, stem)
 
 
 def _check_kind(path: Path, cp: Checkpoint, recorded_in: Path) -> dict[str, Any]:
@@ -195,6 +225,12 @@ def open_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Dest
     kind raises ``CheckpointMismatch``. ``recorded_in`` is the checkpoint's file, for messages.
     """
     wanted = _check_kind(path, cp, recorded_in)
+    if wanted["kind"] == "parquet":
+        from .parquet import ParquetDataset
+
+        if cp.offset == 0 and not cp.destination.get("parts") and not path.exists():
+            return ParquetDataset.create(path, cp.export, cp.destination)
+        return ParquetDataset.reopen(path, cp)
     if cp.offset == 0 and not path.exists():
         return create(path, wanted)
     if wanted["kind"] != "file":
@@ -209,7 +245,12 @@ def open_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Dest
 def check_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> None:
     """Raise as :func:`open_at_checkpoint` would, but only read: for a coordinator that refuses
     a damaged part before any worker starts. What lies past the committed position is kept."""
-    _check_kind(path, cp, recorded_in)
+    wanted = _check_kind(path, cp, recorded_in)
+    if wanted["kind"] == "parquet":
+        from .parquet import check_parts
+
+        check_parts(path, cp.destination.get("parts", []))
+        return
     from .local import check_prefix
 
     check_prefix(path, _chunks(cp), cp.xxh3_128)

@@ -1,0 +1,306 @@
+"""PostgreSQL column types → Parquet (Arrow) types, and the policies for what does not fit. Pure.
+
+A Parquet export reads each chunk with the same keyset COPY as a CSV export, but the COPY selects
+a *typed* form of each column, one that Arrow's CSV reader parses exactly: dates as days since
+1970-01-01, timestamps and times as microseconds (computed by the server, so BC dates, time zones
+and far-future values need no text parsing), everything else as PostgreSQL prints it under fixed
+session settings (:data:`PARQUET_SETTINGS`). :func:`plan_columns` decides, from what the catalog
+says of each column (:class:`ColumnType`), its Arrow type and how it travels (:class:`ColumnPlan`);
+:func:`select_list` composes the typed SELECT list. The mapping (docs/formats.md has the table):
+
+=============================================  =================================================
+PostgreSQL                                     Parquet / Arrow
+=============================================  =================================================
+smallint, integer, bigint; oid                 int16, int32, int64; uint32
+real, double precision                         float32, float64 (NaN and ±Infinity kept)
+numeric(p,s), p ≤ 38, 0 ≤ s ≤ p                decimal128(p,s) (NaN: the ``out_of_range`` policy)
+numeric (unbounded, or p > 38)                 string, as PostgreSQL prints it (NaN, Infinity too)
+boolean                                        bool
+text, varchar, char(n), "char", name, enum     string
+bytea                                          binary
+uuid                                           16-byte UUID logical type (``arrow.uuid``)
+json, jsonb                                    string with the JSON logical type
+date                                           date32 (days)
+timestamp                                      timestamp(µs), no time zone
+timestamptz                                    timestamp(µs, UTC)
+time                                           time64(µs)
+interval                                       string, ISO 8601 (``P1Y2M3DT4H5M6S``)
+1-D arrays of the scalar types above           list of that type (elements: see ``LIST_ELEMENTS``)
+anything else (composite, range, timetz, ...)  string, as PostgreSQL prints it
+=============================================  =================================================
+
+``infinity``/``-infinity`` dates and timestamps, timestamps past Parquet's range (int64 µs from
+1970: after 294247-01-10 04:00:54.775807 UTC) and ``NaN`` in a ``numeric(p,s)`` column follow the
+``out_of_range`` policy: ``"error"`` (the default: the export stops naming the column, the value
+and the key of the first such row), ``"null"`` (written as NULL) or ``"clamp"`` (the smallest or
+largest value the Parquet type holds; a NaN is an error under ``clamp``). ``strict_types`` refuses
+the last row of the table (types written as text) instead of writing them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from psycopg import sql
+
+from .errors import Remedy, UsageError
+
+__all__ = [
+    "LIST_ELEMENTS",
+    "PARQUET_SETTINGS",
+    "POLICIES",
+    "ColumnPlan",
+    "ColumnType",
+    "ValueOutOfRange",
+    "parquet_settings",
+    "plan_columns",
+    "select_list",
+]
+
+#: The ``out_of_range`` policies.
+POLICIES = ("error", "null", "clamp")
+
+#: Session settings of a Parquet export's chunks, replacing the user's: what travels as text
+#: is then read the same way whatever the environment (ISO intervals, shortest exact floats,
+#: hex bytea, UTF-8). search_path stays the user's (it names objects in regclass columns).
+PARQUET_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, YMD",
+    "IntervalStyle": "iso_8601",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "client_encoding": "UTF8",
+}
+
+#: The marker of a value the policy refuses: the server raises it inside the chunk's COPY (as
+#: the text of a failed cast, the only way a query can raise), and the error is reworded.
+MARKER = "copystream-parquet-value:"
+
+_INTS = {"int2": "int16", "int4": "int32", "int8": "int64", "oid": "uint32"}
+_FLOATS = {"float4": "float32", "float8": "float64"}
+_STRINGS = frozenset({"text", "varchar", "bpchar", "char", "name", "interval"})
+#: Array element types written as a list of that type (others: the array's text).
+LIST_ELEMENTS = {
+    **_INTS, **_FLOATS, "bool": "bool", "text": "string", "varchar": "string",
+    "bpchar": "string", "name": "string",
+}  # fmt: skip
+
+#: The greatest timestamp Parquet's int64 microseconds from 1970 hold.
+_MAX_TIMESTAMP = "294247-01-10 04:00:54.775807"
+_INT64 = (-(2**63), 2**63 - 1)
+_INT32 = (-(2**31), 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class ColumnType:
+    """What the catalog says of one column (domains resolved to their base type)."""
+
+    name: str
+    pg_type: str  # format_type(): "numeric(12,2)", "timestamp with time zone", "integer[]"
+    base: str  # pg_type.typname of the base type: "numeric", "timestamptz", "_int4"
+    category: str  # pg_type.typcategory of the base type: "A" array, "E" enum, ...
+    typmod: int  # of the base type (-1: none)
+    element: str | None = None  # typname of an array's element type
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """How one column is written: its Arrow type and the form it travels in.
+
+    ``arrow`` is a type name the decoder understands (``"int64"``, ``"decimal128(12,2)"``,
+    ``"timestamp[us, UTC]"``, ``"list<int32>"``...); ``wire`` how the COPY delivers it: ``"text"``
+    (as PostgreSQL prints it, parsed as ``arrow``), ``"micros"`` (int64 µs), ``"days"`` (int32),
+    ``"hex"`` (bytea's hex form), ``"uuid"`` (its text) or ``"json"`` (an array as JSON).
+    ``guard`` is what the ``out_of_range`` policy watches: ``"timestamp"``, ``"date"``, ``"nan"``.
+    """
+
+    name: str
+    pg_type: str
+    arrow: str
+    wire: str = "text"
+    guard: str | None = None
+
+    def to_json(self) -> list[str]:
+        """The form an export's identity records: ``[name, pg_type, arrow, wire]``."""
+        return [self.name, self.pg_type, self.arrow, self.wire]
+
+
+def _numeric(typmod: int) -> tuple[int, int] | None:
+    """``(precision, scale)`` of a numeric typmod, ``None`` when unbounded (PostgreSQL packs
+    the scale as an 11-bit signed number since 15, when it may be negative)."""
+    if typmod < 4:
+        return None
+    packed = typmod - 4
+    return (packed >> 16) & 0xFFFF, ((packed & 0x7FF) ^ 1024) - 1024
+
+
+def _scalar(c: ColumnType) -> ColumnPlan | None:
+    """The plan of a column of a scalar type with a native mapping, or ``None``."""
+    b = c.base
+    if b in _INTS:
+        return ColumnPlan(c.name, c.pg_type, _INTS[b])
+    if b in _FLOATS:
+        return ColumnPlan(c.name, c.pg_type, _FLOATS[b])
+    if b == "bool":
+        return ColumnPlan(c.name, c.pg_type, "bool")
+    if b == "numeric":
+        ps = _numeric(c.typmod)
+        if ps is not None and ps[0] <= 38 and 0 <= ps[1] <= ps[0]:
+            return ColumnPlan(c.name, c.pg_type, f"decimal128({ps[0]},{ps[1]})", guard="nan")
+        return ColumnPlan(c.name, c.pg_type, "string")
+    if b in _STRINGS or c.category == "E":
+        return ColumnPlan(c.name, c.pg_type, "string")
+    simple = {
+        "bytea": ("binary", "hex", None),
+        "uuid": ("uuid", "uuid", None),
+        "json": ("json", "text", None),
+        "jsonb": ("json", "text", None),
+        "date": ("date32", "days", "date"),
+        "timestamp": ("timestamp[us]", "micros", "timestamp"),
+        "timestamptz": ("timestamp[us, UTC]", "micros", "timestamp"),
+        "time": ("time64[us]", "micros", None),
+    }
+    if b in simple:
+        arrow, wire, guard = simple[b]
+        return ColumnPlan(c.name, c.pg_type, arrow, wire, guard)
+    return None
+
+
+def plan_columns(
+    columns: Sequence[ColumnType], *, strict: bool = False, table: str = ""
+) -> tuple[ColumnPlan, ...]:
+    """The plan of every column, in order. Pure.
+
+    A type with no native mapping is written as text, or with ``strict`` refused: a
+    :class:`UsageError` naming the column and its type (before anything is written).
+    """
+    plans = []
+    for c in columns:
+        plan = _scalar(c)
+        if plan is None and c.category == "A" and c.element in LIST_ELEMENTS:
+            plan = ColumnPlan(c.name, c.pg_type, f"list<{LIST_ELEMENTS[c.element]}>", "json")
+        if plan is None:
+            if strict:
+                raise UsageError(
+                    f"column {c.name} of {table} is of type {c.pg_type}, which has no Parquet "
+                    "type of its own",
+                    remedy=Remedy.LOOSE_TYPES,
+                )
+            plan = ColumnPlan(c.name, c.pg_type, "string")
+        plans.append(plan)
+    return tuple(plans)
+
+
+def parquet_settings(settings: dict[str, str]) -> dict[str, str]:
+    """The pinned settings of a Parquet export: the user's, with :data:`PARQUET_SETTINGS`."""
+    return {**settings, **PARQUET_SETTINGS}
+
+
+# -- the typed SELECT list ----------------------------------------------------------------------
+
+
+def _refuse(col: sql.Identifier, name: str, key: sql.Composable, kind: str) -> sql.Composed:
+    """An expression that makes the server raise the marker, the column, value and key: a cast
+    of that text to int8 fails with it (a query has no other way to raise)."""
+    text = sql.SQL("({} || {} || ' ' || {}::text || ' at key ' || {})::int8").format(
+        sql.Literal(MARKER), sql.Literal(f"{name}\x1f{kind}\x1f"), col, key
+    )
+    return text
+
+
+def _outside(
+    plan: ColumnPlan,
+    col: sql.Identifier,
+    key: sql.Composable,
+    policy: str,
+    bounds: tuple[int, int],
+) -> sql.Composable:
+    if policy == "null":
+        return sql.SQL("NULL")
+    if policy == "clamp" and plan.guard != "nan":
+        low, high = bounds
+        return sql.SQL("CASE WHEN {c} > {zero} THEN {hi} ELSE {lo} END").format(
+            c=col,
+            zero=sql.Literal("1970-01-01"),
+            hi=sql.Literal(high),
+            lo=sql.Literal(low),
+        )
+    kind = "NaN" if plan.guard == "nan" else "a value outside Parquet's range"
+    return _refuse(col, plan.name, key, kind)
+
+
+def _expression(plan: ColumnPlan, key: sql.Composable, policy: str) -> sql.Composable:
+    col = sql.Identifier(plan.name)
+    value: sql.Composable
+    if plan.wire == "micros":
+        value = sql.SQL("(extract(epoch FROM {}) * 1000000)::int8").format(col)
+        if plan.guard is None:  # time: always in range
+            return value
+        fits = sql.SQL("isfinite({c}) AND {c} <= {hi}").format(
+            c=col, hi=sql.Literal(_MAX_TIMESTAMP + ("+00" if "UTC" in plan.arrow else ""))
+        )
+        outside = _outside(plan, col, key, policy, _INT64)
+    elif plan.wire == "days":
+        value = sql.SQL("({} - DATE '1970-01-01')").format(col)
+        fits = sql.SQL("isfinite({})").format(col)
+        outside = _outside(plan, col, key, policy, _INT32)
+    elif plan.wire == "json":
+        value = sql.SQL("array_to_json({})::text").format(col)
+        fits = sql.SQL("array_ndims({}) IS NULL OR array_ndims({}) = 1").format(col, col)
+        refuse = _refuse(col, plan.name, key, "a multi-dimensional array")
+        outside = sql.SQL("{}::text").format(refuse)
+    elif plan.guard == "nan":
+        value, fits = col, sql.SQL("{} <> 'NaN'").format(col)
+        outside = _outside(plan, col, key, policy, _INT64)
+    else:
+        return col
+    return sql.SQL("CASE WHEN {c} IS NULL OR ({fits}) THEN {value} ELSE {outside} END").format(
+        c=col, fits=fits, value=value, outside=outside
+    )
+
+
+def select_list(
+    plans: Sequence[ColumnPlan], key: Sequence[str], policy: str
+) -> tuple[sql.Composable, ...]:
+    """The typed SELECT list of a Parquet export's COPY, one expression per column. Pure.
+
+    ``key`` names the key columns (quoted in the message of a refused value).
+    """
+    if len(key) == 1:
+        key_text: sql.Composable = sql.SQL("{}::text").format(sql.Identifier(key[0]))
+    else:
+        key_text = sql.SQL("ROW({})::text").format(
+            sql.SQL(", ").join(sql.Identifier(k) for k in key)
+        )
+    return tuple(_expression(p, key_text, policy) for p in plans)
+
+
+# -- a refused value, as the server reported it -------------------------------------------------
+
+
+class ValueOutOfRange(UsageError):
+    """A value the ``out_of_range`` policy refuses (``infinity``, a NaN decimal, ...)."""
+
+
+def refused_value(message: str, table: str) -> ValueOutOfRange | None:
+    """The error for a server message that carries :data:`MARKER`, or ``None``. Pure."""
+    at = message.find(MARKER)
+    if at < 0:
+        return None
+    body = message[at + len(MARKER) :].rstrip('"')
+    try:
+        column, kind, rest = body.split("\x1f", 2)
+    except ValueError:
+        return None
+    value, _, key = rest.strip().partition(" at key ")
+    if kind == "a multi-dimensional array":
+        return ValueOutOfRange(
+            f"column {column} of {table} holds {kind} at key {key}, which a Parquet list of "
+            "one dimension cannot hold"
+        )
+    return ValueOutOfRange(
+        f"column {column} of {table} holds {value} ({kind}) at key {key}, which Parquet "
+        "cannot store",
+        remedy=Remedy.OUT_OF_RANGE,
+    )

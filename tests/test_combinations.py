@@ -1,0 +1,47 @@
+"""Options built side by side (S3, Parquet, incremental exports, shards) that do not combine
+yet: each combination is refused with one error line and exit 2, before anything is read from
+PostgreSQL or written anywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import assert_one_error_line, export_cmd, run
+
+import copystream
+from copystream.errors import UsageError
+
+#: No server listens here: a refusal must come before any connection.
+NOWHERE = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
+
+
+@pytest.mark.parametrize(
+    ("output", "extra", "needle"),
+    [
+        ("s3://bucket/t.csv", ["--incremental"], "incremental exports cannot be written to S3"),
+        ("s3://bucket/t.csv", ["--since", "x.manifest.json"], "cannot be written to S3"),
+        ("s3://bucket/t", ["--format", "parquet"], "Parquet dataset cannot be written to S3"),
+        ("t.parquet", ["--format", "parquet", "--incremental"], "Parquet dataset cannot be"),
+    ],
+)
+def test_combinations_not_built_yet_are_refused_before_anything(
+    output: str, extra: list[str], needle: str, tmp_path: Path
+) -> None:
+    target = output if output.startswith("s3://") else str(tmp_path / output)
+    proc = run(export_cmd(NOWHERE, "t", Path(target) if "://" not in target else target, *extra))  # type: ignore[arg-type]
+    assert_one_error_line(proc, 2, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("output", "options"),
+    [("s3://bucket/t.csv", {}), ("t.parquet", {"format": "parquet"})],
+)
+def test_shards_of_s3_or_parquet_are_refused(
+    output: str, options: dict[str, object], tmp_path: Path
+) -> None:
+    target = output if output.startswith("s3://") else str(tmp_path / output)
+    with pytest.raises(UsageError, match="shards write a local CSV or text output"):
+        copystream.plan_shards(NOWHERE, "t", target, shards=2, **options)
+    assert list(tmp_path.iterdir()) == []
