@@ -203,29 +203,15 @@ def export_table(
             (``.zst``: zstd level 3, ``.gz``: gzip level 6, else none). Every chunk is one
             zstd frame or gzip member, so the file is valid at every checkpoint; ``bytes`` and
             the digests are those of the compressed file, ``uncompressed_bytes`` the CSV's.
-        incremental: export only the rows after the last key of ``output``'s complete export
-            and append them to it as new chunks; the manifest is rewritten to cover the whole
-            file and records each increment (``increments``). For a table that only grows by
-            key, the result equals a full export. Rows deleted or updated are not seen.
-        since: the manifest (or output) of the previous export: write only the rows after its
-            last key to ``output``, a new file whose manifest names that predecessor
-            (:func:`verify_chain` checks a chain of them). Implies ``incremental``.
-        watermark: a change-tracking ``timestamptz`` column (``"updated_at"``): page by it,
-            then the key, and record the server's clock and the age of the oldest open
-            transaction as the export starts. With ``since`` (a previous watermark export):
-            export the rows whose watermark is at least that export's start less the safety
-            lag, so late commits are not lost; rows may then be in two increments (the overlap,
-            counted in the manifest): the loader must upsert by key. Deletes are not seen.
-        watermark_lag: the safety lag in seconds, instead of the age of the oldest transaction
-            open when the previous export started.
-        format="parquet": ``output`` is a directory of typed Parquet part files (see
-            :mod:`copystream.parquet_types` for the mapping; needs ``copystream[parquet]``).
-        parquet_compression: ``"zstd"`` (default), ``"snappy"``, ``"gzip"`` or ``"none"``.
-        part_size: bytes of Parquet per part file (an int, or ``"512MB"``); 128 MB.
-        row_group_size: most bytes of Arrow data per row group, what memory holds; 32 MB.
-        out_of_range: ``"error"`` (default), ``"null"`` or ``"clamp"``: what becomes of an
-            infinite or out-of-range date or timestamp, or a NaN decimal.
-        strict_types: refuse columns whose type would be written as text.
+        incremental: append only the rows after the last key of ``output``'s complete export
+            (the manifest covers the whole file, with its ``increments``). since: the manifest
+            of the previous export: those rows to a new ``output`` (:func:`verify_chain`).
+            watermark: a ``timestamptz`` column to page by (then the key), for increments of
+            changed rows less a safety lag (watermark_lag, seconds; default measured): the
+            loader must upsert by key. Increments see no deletes (docs/cli.md, --incremental).
+        format="parquet": ``output`` is a directory of typed Parquet parts (needs
+            ``copystream[parquet]``; :mod:`copystream.parquet_types`), with parquet_compression,
+            part_size, row_group_size, out_of_range and strict_types (docs/cli.md).
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
