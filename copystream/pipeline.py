@@ -656,7 +656,7 @@ def manifest_of(
 ) -> Manifest:
     """The manifest of an export whose last checkpoint is ``final``; ``digest`` the xxh3-128 of
     the whole output, ``started`` when this run began (``time.monotonic()``)."""
-    parts = _parts_with_keys(final)
+    parts = _parts_with_keys(final) if final.export.get("parquet") else ()
     return Manifest(
         table=table.qualified,
         key=table.key,

@@ -186,10 +186,14 @@ def test_status_watch_follows_the_shards_until_the_end(
         run_shard(plan, 0)
         run_shard(plan, 2)
         finish_shards(plan)
-        stdout, stderr = watcher.communicate(timeout=60)
+        # read through the same buffer as the first line (communicate() would skip what
+        # readline() already buffered: the rest of the first frame)
+        stdout = watcher.stdout.read()
+        watcher.wait(timeout=60)
+        stderr = watcher.stderr.read() if watcher.stderr is not None else ""
     finally:
         watcher.kill()
     assert watcher.returncode == 0, stderr
     frames = (first + stdout).split(f"{out}: ")
-    assert "shard  state" in stdout and "    1  finished" in stdout
+    assert "shard  state" in stdout and "    1  finished" in stdout, (first, stdout)
     assert frames[-1].startswith(f"complete; public.t; {ROWS:,} rows (100%)")
