@@ -403,12 +403,20 @@ def test_a_job_killed_at_any_moment_finishes_identical(
     rng = random.Random(seed)
     kills = 0
     for _ in range(4):
+        # killed once the job has published a random number of tables more (a time alone
+        # would miss a job that an idle machine finishes in a second)
+        done = len(list(out.glob("*.manifest.json"))) if out.exists() else 0
+        target = done + rng.randint(1, 40)
         proc = subprocess.Popen(
             cli("bulk", str(plan), "--jobs", "2", "--no-progress"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        time.sleep(rng.uniform(0.5, 2.5))
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            if out.exists() and len(list(out.glob("*.manifest.json"))) >= target:
+                break
+            time.sleep(rng.uniform(0.0, 0.005))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
