@@ -14,13 +14,13 @@ when the running server was built without ICU or XML support (asked of the serve
 from __future__ import annotations
 
 import os
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from helpers import psql_copy
 from psycopg import sql
 
 from copystream.server import version_text
@@ -164,13 +164,6 @@ def psql_csv(pg: EphemeralPostgres) -> PsqlCsv:
     def run(
         dsn: str, query: str, options: str = "FORMAT csv", env: dict[str, str] | None = None
     ) -> bytes:
-        cmd = [
-            pg.psql_bin, "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn,
-            "-c", f"\\copy ({query}) TO STDOUT WITH ({options})",
-        ]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, env={**os.environ, **(env or {})})
-        if proc.returncode != 0:
-            raise AssertionError(f"psql failed ({proc.returncode}): {proc.stderr.decode()}")
-        return proc.stdout
+        return psql_copy(pg, dsn, query, options, env)
 
     return run

@@ -294,3 +294,22 @@ def write_plan(
     lines += [f"{k} = {json.dumps(v)}" for k, v in defaults.items()]
     path.write_text("\n".join(lines) + "\n\n" + body)
     return path
+
+
+def psql_copy(
+    pg: EphemeralPostgres,
+    dsn: str,
+    query: str,
+    options: str = "FORMAT csv",
+    env: Mapping[str, str] | None = None,
+) -> bytes:
+    """The reference exporter: the real psql's ``\\copy (query) TO STDOUT WITH (options)``,
+    its stdout byte for byte (``env`` entries added to the environment)."""
+    cmd = [
+        pg.psql_bin, "-X", "-q", "-v", "ON_ERROR_STOP=1", dsn,
+        "-c", f"\\copy ({query}) TO STDOUT WITH ({options})",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"psql failed ({proc.returncode}): {proc.stderr.decode()}")
+    return proc.stdout

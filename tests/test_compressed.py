@@ -31,6 +31,7 @@ from helpers import (
     export_cmd,
     kill_export,
     manifest_file,
+    psql_copy,
     read_manifest,
     run,
     scratch_database,
@@ -89,8 +90,7 @@ def db(pg: EphemeralPostgres) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def expected(db: str, pg: EphemeralPostgres) -> bytes:
     """psql's CSV of the table: what every decompressed export must equal."""
-    cmd = [pg.psql_bin, "-X", "-q", db, "-c", f"\\copy ({QUERY}) TO STDOUT WITH (FORMAT csv)"]
-    return subprocess.run(cmd, capture_output=True, check=True).stdout
+    return psql_copy(pg, db, QUERY)
 
 
 def decompressed(tool: str, data: bytes) -> bytes:

@@ -25,7 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_ok, assert_one_error_line, cli, run, scratch_database, xxh
+from helpers import (
+    assert_ok,
+    assert_one_error_line,
+    cli,
+    psql_copy,
+    run,
+    scratch_database,
+    xxh,
+)
 
 import copystream
 from copystream.destinations.s3 import PART_MIN, multipart_etag, part_target
@@ -99,8 +107,7 @@ def db(pg: EphemeralPostgres) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def expected(db: str, pg: EphemeralPostgres) -> bytes:
-    cmd = [pg.psql_bin, "-X", "-q", db, "-c", f"\\copy ({QUERY}) TO STDOUT WITH (FORMAT csv)"]
-    return subprocess.run(cmd, capture_output=True, check=True).stdout
+    return psql_copy(pg, db, QUERY)
 
 
 def get(s3: Any, key: str) -> bytes:
