@@ -237,7 +237,7 @@ def test_an_outage_longer_than_max_outage_stops_resumably(
     dsn, out, error, gave_up = stop_for_good(server, tmp_path, "--max-outage", "3")
     print(f"--max-outage 3: gave up {gave_up:.1f}s after the stop: {error}")
     assert "the server was unreachable for 3s" in error
-    assert 3.0 <= gave_up <= 3.0 + 10, gave_up  # 10 s: a slow interpreter start, the stop
+    assert 3.0 - 1.0 <= gave_up <= 3.0 + 10, gave_up  # -1: counted from the drop; +10: slow start
     expected = psql_csv(dsn, QUERY)
     assert 0 < assert_checkpoint_intact(out, expected) < len(expected)
     again = subprocess.run(
@@ -290,7 +290,9 @@ def test_a_server_gone_for_good_is_given_up_after_five_minutes(
     dsn, out, error, gave_up = stop_for_good(server, tmp_path)
     print(f"default settings, server gone for good: gave up {gave_up:.1f}s after the stop")
     assert "the server was unreachable for 300s" in error
-    assert 300.0 <= gave_up <= 300.0 + 15, gave_up
+    # from the stop's return: the export sees the connection drop (and starts counting) a
+    # moment before pg_ctl returns
+    assert 300.0 - 1.0 <= gave_up <= 300.0 + 15, gave_up
     assert manifest_path(out).exists() is False and load_checkpoint(out) is not None
     drop(server, dsn)
 
