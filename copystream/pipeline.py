@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -84,6 +84,7 @@ __all__ = [
     "Ran",
     "Run",
     "SnapshotHolder",
+    "assemble",
     "check_output",
     "copies_whole",
     "copy_small",
@@ -605,20 +606,28 @@ def execute(
             outcomes = joined_outcomes(out, run.ranges)
         else:
             outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
-        if run.ranges.export.get("parquet") is not None:  # the ranges' parts are the dataset
-            from .destinations.parquet import combined
-
-            r = run.ranges
-            final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
-            return Ran(tuple(outcomes), final, final.xxh3_128)
-        final, digest = join_parts(out, run.ranges, outcomes)
-        return Ran(tuple(outcomes), final, digest)
+        return assemble(out, run.ranges, outcomes)
     try:
         outcome = run_part(run.job, progress=progress, sleep=sleep)
     except PrefixMismatch as e:
         _undo_unverified_increment(out, e)
         raise
     return Ran((outcome,), outcome.checkpoint, outcome.digest)
+
+
+def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> Ran:
+    """The whole output from its finished ranges, for ``workers`` and
+    :func:`copystream.finish_shards` alike: the parts joined into OUTPUT in key order (each
+    re-hashed against its checkpoint), or, for a Parquet dataset, nothing to move (the ranges'
+    part files are the dataset): one checkpoint of every chunk either way."""
+    if ranges.export.get("parquet") is not None:
+        from .destinations.parquet import combined
+
+        r = ranges
+        final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
+        return Ran(tuple(outcomes), final, final.xxh3_128)
+    final, digest = join_parts(out, ranges, outcomes)
+    return Ran(tuple(outcomes), final, digest)
 
 
 def finish(session: ExportSession, run: Run, ran: Ran, started: float) -> Manifest:

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ._atomic import atomic_write, fsync_dir, remove_stale_temporaries
+from ._atomic import atomic_write, fsync_dir, locked, remove_stale_temporaries
 from .checkpoint import (
     canonical_digest,
     checkpoint_path,
@@ -66,6 +66,7 @@ __all__ = [
     "range_job",
     "remove_parts",
     "run_parts",
+    "run_range",
     "sample_boundaries",
     "save_parts",
 ]
@@ -317,9 +318,12 @@ def sample_boundaries(
 # -- running ------------------------------------------------------------------------------------
 
 
-def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> PartJob:
-    """The job of range ``i`` of ``parts``, checked against what is on disk: the one way a
-    range's job is made, for ``workers`` and for :func:`copystream.run_shard` alike.
+def range_job(
+    output: Path, parts: KeyRanges, template: PartJob, i: int, *, check: bool = True
+) -> PartJob:
+    """The job of range ``i`` of ``parts``, checked against what is on disk (unless not
+    ``check``: it was, by the caller): the one way a range's job is made, for ``workers`` and
+    for :func:`copystream.run_shard` alike.
 
     ``template`` is the whole-range job; the range's job has its own path, checkpoint and key
     range (``ranged``: the range is part of its identity). A part file created but never
@@ -329,6 +333,18 @@ def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> Part
     state = part_path(output, i)
     dataset = parts.export.get("parquet") is not None  # each range writes its own part files
     path = output if dataset else part_data_path(output, i, first_in_place=parts.first_in_place)
+    job = replace(
+        template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True,
+        part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
+    )  # fmt: skip
+    if check:
+        _check_range(output, job, dataset=dataset)
+    return job
+
+
+def _check_range(output: Path, job: PartJob, *, dataset: bool) -> None:
+    """Refuse a range whose files are not what its checkpoint says (see :func:`range_job`)."""
+    path, state = Path(job.path), Path(str(job.state))
     if not dataset and os.path.lexists(path) and not checkpoint_path(state).exists():
         if path == output:  # never removed here: it may be a finished export of its own
             raise OutputExists(
@@ -337,16 +353,37 @@ def range_job(output: Path, parts: KeyRanges, template: PartJob, i: int) -> Part
                 remedy=Remedy.RESTART,
             )
         path.unlink()  # created but never checkpointed: nothing in it counts
-    job = replace(
-        template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True,
-        part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
-    )  # fmt: skip
     cp = load_checkpoint(state)  # damaged or foreign: refused before any worker starts
     if cp is not None:
         cp.check_same_export(job.identity, state)
         # so is an edited part (its worker checks again, from the page cache)
         check_at_checkpoint(path, cp, recorded_in=checkpoint_path(state))
-    return job
+
+
+def run_range(
+    output: Path,
+    parts: KeyRanges,
+    template: PartJob,
+    i: int,
+    checked: bool = False,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PartOutcome:
+    """Run range ``i`` of ``parts`` (its job is :func:`range_job`'s) under the range's own
+    lock: the one entry point of a range, whether a ``workers`` pool runs it or
+    :func:`copystream.run_shard` does. ``checked``: the caller checked its files already (a
+    pool's coordinator checks every range before any worker starts).
+
+    The lock (``OUTPUT.part-NNNN.lock``) keeps two processes (two retries of one shard that
+    overlap, a shard and a ``workers`` run) from writing one range at once: the second is
+    refused (:class:`UsageError`) before it touches the range's files.
+    """
+    state = part_path(output, i)
+    busy = f"another copystream process is exporting to {state} right now"
+    with locked(state.with_name(state.name + ".lock"), busy):
+        job = range_job(output, parts, template, i, check=not checked)
+        return run_part(job, progress=progress, sleep=sleep)
 
 
 def run_parts(
@@ -360,17 +397,19 @@ def run_parts(
     part's job is :func:`range_job`'s."""
     plan = template.table
     jobs = [range_job(output, parts, template, i) for i in range(len(parts.ranges))]
-    return _run_in_pool(jobs, workers, plan.qualified, plan.estimated_rows, progress)
+    tasks = [Task(run_range, (output, parts, template, i, True)) for i in range(len(jobs))]
+    return _run_in_pool(jobs, tasks, workers, plan.qualified, plan.estimated_rows, progress)
 
 
 def _run_in_pool(
     jobs: Sequence[PartJob],
+    tasks: Sequence[Task],
     workers: int,
     table: str,
     estimated_rows: int | None,
     progress: Callable[[Progress], None] | None,
 ) -> list[PartOutcome]:
-    """Run the range jobs in the worker pool; their outcomes in order.
+    """Run the ranges' ``tasks`` (one per job) in the worker pool; their outcomes in order.
 
     A worker that dies (the OOM killer, a stray ``kill -9``) is started again from its range's
     checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
@@ -381,7 +420,6 @@ def _run_in_pool(
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
     restarts = _Restarts(jobs, table)
-    tasks = [Task(run_part, (job,)) for job in jobs]
     for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             latest[event.index] = event.value

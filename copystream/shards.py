@@ -47,27 +47,34 @@ from .checkpoint import load_checkpoint
 from .connection import Target
 from .errors import CheckpointMismatch, ExportFailed, Opt, UsageError
 from .export import ExportResult, _result
-from .join import join_parts, joined_outcomes
+from .join import joined_outcomes
 from .manifest import load_manifest
 from .metrics import export_metrics
-from .part import PartJob, PartOutcome, run_part
+from .part import PartJob, PartOutcome
 from .pipeline import (
     ExportSession,
-    Ran,
     Run,
+    assemble,
     check_output,
     discover_state,
-    exclusive,
     finish,
     start,
 )
 from .progress import Progress
-from .ranges import KeyRanges, load_parts, new_parts, part_path, range_job, remove_parts, save_parts
+from .ranges import (
+    KeyRanges,
+    load_parts,
+    new_parts,
+    part_path,
+    range_job,
+    remove_parts,
+    run_range,
+    save_parts,
+)
 from .s3url import is_s3
 from .sizing import first_chunk_rows
 from .spec import Compression, CopyOptions, build, require_same
 from .state import Complete, Resume
-from .table import ResolvedTable
 
 __all__ = ["ShardPlan", "ShardResult", "finish_shards", "plan_shards", "run_shard", "shards_path"]
 
@@ -264,16 +271,15 @@ def plan_shards(
 # -- run ----------------------------------------------------------------------------------------
 
 
-def _template(
-    conninfo: str, table: ResolvedTable, plan: ShardPlan, ranges: KeyRanges, out: Path
-) -> PartJob:
-    """The whole-range job the shards' jobs are made from (as ``workers`` makes it)."""
-    spec, run = build(plan.table, **plan.options)
-    resolved = spec.resolved(table.qualified, table.key, table.key_types, table.columns, output=out)
-    require_same(ranges.export, {**resolved.identity(), "range": None}, out.name + ".parts.json")
+def _template(session: ExportSession, ranges: KeyRanges) -> PartJob:
+    """The whole-range job the shards' jobs are made from (as ``workers`` makes it), from the
+    export as ``session`` resolved it (the table, and a Parquet dataset's column types)."""
+    out, table = session.output, session.table
+    identity = {**session.spec.identity(), "range": None}
+    require_same(ranges.export, identity, out.name + ".parts.json")
     return PartJob(
-        conninfo=conninfo, table=table, spec=resolved, run=run, path=str(out),
-        settings=ranges.settings, started_at=ranges.started_at,
+        conninfo=session.target.conninfo, table=table, spec=session.spec, run=session.run,
+        path=str(out), settings=ranges.settings, started_at=ranges.started_at,
         first_rows=first_chunk_rows(table.estimated_rows, table.estimated_bytes),
     )  # fmt: skip
 
@@ -321,17 +327,16 @@ def run_shard(
     # the table as the server resolves it now; never the output's lock (the shards run at once)
     with ExportSession(dsn, spec, out, run, sleep, lock_late=True) as session:
         table = session.table
-    template = _template(dsn, table, p, ranges, out)
-    with exclusive(part_path(out, index)):
-        job = range_job(out, ranges, template, index)
-        done = load_checkpoint(part_path(out, index))
-        already = done is not None and done.finished
-        with export_metrics(run, table.qualified, progress, shard=str(index)) as (watch, metrics):
-            outcome = run_part(job, progress=watch, sleep=sleep)
-            cp = outcome.checkpoint
-            if metrics is not None:
-                raw = cp.raw_bytes if cp.export.get("compress") else None
-                metrics.succeeded(cp.rows, len(cp.chunks), cp.offset, raw, ran=not already)
+    template = _template(session, ranges)
+    done = load_checkpoint(part_path(out, index))
+    already = done is not None and done.finished
+    with export_metrics(run, table.qualified, progress, shard=str(index)) as (watch, metrics):
+        # the range's entry point, as a ``workers`` pool runs it
+        outcome = run_range(out, ranges, template, index, progress=watch, sleep=sleep)
+        cp = outcome.checkpoint
+        if metrics is not None:
+            raw = cp.raw_bytes if cp.export.get("compress") else None
+            metrics.succeeded(cp.rows, len(cp.chunks), cp.offset, raw, ran=not already)
     return ShardResult(
         index, p.shards, p.output, table.qualified, cp.rows, cp.offset, len(cp.chunks),
         outcome.digest, time.monotonic() - started, outcome.resumed and not already, already,
@@ -374,10 +379,10 @@ def finish_shards(
         ranges = _ranges(p, out)
         if not isinstance(found, Resume) or ranges is None or found.ranges != ranges:
             raise UsageError(f"no unfinished shard plan beside {out}")
-        template = _template(s.target.conninfo, s.table, p, ranges, out)
-        outcomes = _outcomes(out, ranges, template)
-        final, digest = join_parts(out, ranges, outcomes)
-        manifest = finish(s, Run(template, ranges), Ran(tuple(outcomes), final, digest), started)
+        template = _template(s, ranges)
+        # what ``workers`` does once its pool has run every range
+        ran = assemble(out, ranges, _outcomes(out, ranges, template))
+        manifest = finish(s, Run(template, ranges), ran, started)
     with contextlib.suppress(FileNotFoundError):
         shards_path(out).unlink()
         fsync_dir(out.parent)
