@@ -241,11 +241,11 @@ def plan_shards(
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
     kept = _kept(options)
     spec, run = build(table, **options, workers=shards)
-    if is_s3(output) or spec.options.format == "parquet" or run.incremental:
-        what = "an S3 output" if is_s3(output) else "a Parquet dataset or an increment"
-        raise UsageError(f"shards write a local CSV or text output, not {what} (yet)")
+    if is_s3(output) or run.incremental:
+        what = "an S3 output" if is_s3(output) else "an increment"
+        raise UsageError(f"shards write a local file or Parquet dataset, not {what} (yet)")
     out = Path(output)
-    check_output(out)
+    check_output(out, directory=spec.options.format == "parquet")
     with ExportSession(conninfo, spec, out, run, sleep) as session:
         found = discover_state(session)
         if isinstance(found, Complete):

@@ -9,6 +9,7 @@ shards is finished by ``export_table(workers=...)`` too.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -197,3 +198,59 @@ def test_status_watch_follows_the_shards_until_the_end(
     frames = (first + stdout).split(f"{out}: ")
     assert "shard  state" in stdout and "    1  finished" in stdout, (first, stdout)
     assert frames[-1].startswith(f"complete; public.t; {ROWS:,} rows (100%)")
+
+
+def test_workers_run_their_ranges_through_the_shards_entry_point(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """One mechanism: ``workers`` runs each range as ``run_shard`` does (``ranges.run_range``,
+    under the range's own lock). A range whose lock another process holds (here: this test,
+    as a shard would) is refused in the pool and the other range still runs; once free, the
+    shard API and ``workers`` finish the same export."""
+    make_table(dsn, run_sql)
+    out = tmp_path / "t.csv"
+    plan = plan_shards(dsn, "t", out, shards=2, chunk_rows=5_000)
+    fd = os.open(tmp_path / "t.csv.part-0001.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=r"another copystream process .*t\.csv\.part-0001"):
+            copystream.export_table(dsn, "t", out, chunk_rows=5_000, workers=2)
+        with pytest.raises(UsageError, match=r"another copystream process .*t\.csv\.part-0001"):
+            run_shard(plan, 1)
+    finally:
+        os.close(fd)
+    assert run_shard(plan, 0).already_complete  # the pool ran it: its checkpoint is finished
+    assert not run_shard(plan, 1).already_complete
+    assert finish_shards(plan).rows == ROWS
+    assert out.read_bytes() == psql_csv(dsn, QUERY)
+
+
+def test_parquet_shards_have_the_values_of_a_single_worker_export(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """Shards to a Parquet dataset: each shard is a range writing its own part files
+    (``part-RRRR-NNNNN.parquet``, as ``workers`` does); a killed shard resumes; finishing
+    moves nothing and writes the manifest. The values equal a one-worker export's."""
+    import pyarrow.dataset as ds
+
+    make_table(dsn, run_sql)
+    single = tmp_path / "single.parquet"
+    copystream.export_table(dsn, "t", single, format="parquet")
+    out = tmp_path / "t.parquet"
+    plan = plan_shards(dsn, "t", out, shards=3, format="parquet", chunk_rows=2_000)
+    plan_file = tmp_path / "t.parquet.shards.json"
+    assert plan.options == {"format": "parquet", "chunk_rows": 2_000}
+    assert shard_process(plan_file, 2, kill_after_chunks=2) == -signal.SIGKILL
+    for i in range(3):
+        assert shard_process(plan_file, i) == 0
+    result = finish_shards(plan)
+    assert result.rows == ROWS and finish_shards(plan).already_complete
+    m = read_manifest(out)
+    names = [p["file"] for p in m["parts"]]
+    assert m["workers"] == 3 and names == sorted(os.listdir(out))
+    assert {n[: len("part-0000")] for n in names} == {"part-0000", "part-0001", "part-0002"}
+    assert ds.dataset(out).to_table().equals(ds.dataset(single).to_table())
+    copystream.verify_file(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "single.parquet", "single.parquet.manifest.json", "t.parquet", "t.parquet.manifest.json"
+    ]  # fmt: skip
