@@ -114,6 +114,7 @@ def make_table(dsn: str, run_sql: RunSql) -> None:
     )
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_pushed_during_and_after_an_export_match_the_manifest(
     dsn: str, run_sql: RunSql, tmp_path: Path, pushgateway: str
 ) -> None:
@@ -230,6 +231,7 @@ def test_retries_by_reason_and_outage_seconds() -> None:
     assert r.outage_seconds == pytest.approx(6.0)
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_each_shard_pushes_its_own_group(
     dsn: str, run_sql: RunSql, tmp_path: Path, pushgateway: str
 ) -> None:
@@ -245,6 +247,7 @@ def test_each_shard_pushes_its_own_group(
     assert sum(r.rows for r in results) == ROWS == finish_shards(plan).rows
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_workers_metrics_are_the_sum_of_the_ranges(
     dsn: str, run_sql: RunSql, tmp_path: Path
 ) -> None:

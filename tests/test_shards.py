@@ -58,6 +58,7 @@ print(r.to_json())
     return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_three_shards_in_their_own_processes_equal_psql(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -93,6 +94,7 @@ def test_three_shards_in_their_own_processes_equal_psql(
     assert finish_shards(plan).already_complete
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_finish_names_the_shards_not_run(dsn: str, run_sql: RunSql, tmp_path: Path) -> None:
     make_table(dsn, run_sql)
     out = tmp_path / "t.csv"
@@ -103,6 +105,7 @@ def test_finish_names_the_shards_not_run(dsn: str, run_sql: RunSql, tmp_path: Pa
     assert not (tmp_path / "t.csv.manifest.json").exists()
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_a_shard_plan_is_finished_by_workers_too(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -200,6 +203,7 @@ def test_status_watch_follows_the_shards_until_the_end(
     assert frames[-1].startswith(f"complete; public.t; {ROWS:,} rows (100%)")
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_workers_run_their_ranges_through_the_shards_entry_point(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -225,6 +229,7 @@ def test_workers_run_their_ranges_through_the_shards_entry_point(
     assert out.read_bytes() == psql_csv(dsn, QUERY)
 
 
+@pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)
 def test_parquet_shards_have_the_values_of_a_single_worker_export(
     dsn: str, run_sql: RunSql, tmp_path: Path
 ) -> None:
