@@ -73,7 +73,7 @@ from .ranges import (
 )
 from .s3url import is_s3
 from .sizing import first_chunk_rows
-from .spec import Compression, CopyOptions, build, require_same
+from .spec import Compression, CopyOptions, ExportSpec, RunOptions, build, require_same
 from .state import Complete, Resume
 
 __all__ = ["ShardPlan", "ShardResult", "finish_shards", "plan_shards", "run_shard", "shards_path"]
@@ -241,6 +241,25 @@ def plan_shards(
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
     kept = _kept(options)
     spec, run = build(table, **options, workers=shards)
+    out = Path(output)
+    qualified, count, started_at = plan_ranges(conninfo, spec, run, output, sleep)
+    plan = ShardPlan(str(out), qualified, count, _without_password(conninfo), kept, started_at)
+    atomic_write(shards_path(out), json.dumps(plan.to_json(), indent=1).encode() + b"\n")
+    log.info("%s: %d shards planned in %s", plan.table, count, shards_path(out).name)
+    return plan
+
+
+def plan_ranges(
+    conninfo: str | None,
+    spec: ExportSpec,
+    run: RunOptions,
+    output: str | os.PathLike[str],
+    sleep: Callable[[float], None],
+) -> tuple[str, int, str]:
+    """Split the export into ``run.workers`` key ranges recorded in ``OUTPUT.parts.json``
+    (the ranges first planned, while they are unfinished); the table as the server names it,
+    the number of ranges and their ``started_at``. For :func:`plan_shards` and the shards of a
+    bulk plan (:mod:`copystream.bulk.shards`)."""
     if is_s3(output) or run.incremental:
         what = "an S3 output" if is_s3(output) else "an increment"
         raise UsageError(f"shards write a local file or Parquet dataset, not {what} (yet)")
@@ -249,23 +268,17 @@ def plan_shards(
     with ExportSession(conninfo, spec, out, run, sleep) as session:
         found = discover_state(session)
         if isinstance(found, Complete):
-            count, started_at = found.manifest.workers, found.manifest.started_at
-        elif isinstance(found, Resume) and found.checkpoint is not None:
+            return session.table.qualified, found.manifest.workers, found.manifest.started_at
+        if isinstance(found, Resume) and found.checkpoint is not None:
             raise CheckpointMismatch(f"{out} has an unfinished single-process export")
-        else:
-            begun = start(session, found)
-            ranges = begun.ranges
-            if ranges is None:  # one shard: start() does not split
-                job = begun.job
-                ranges = new_parts(session.spec.identity(), job.settings, job.started_at, [])
-                remove_parts(out)
-                save_parts(out, ranges)
-            count, started_at = len(ranges.ranges), ranges.started_at
-    plan = ShardPlan(str(out), session.table.qualified, count, _without_password(conninfo),
-                     kept, started_at)  # fmt: skip
-    atomic_write(shards_path(out), json.dumps(plan.to_json(), indent=1).encode() + b"\n")
-    log.info("%s: %d shards planned in %s", plan.table, count, shards_path(out).name)
-    return plan
+        begun = start(session, found)
+        ranges = begun.ranges
+        if ranges is None:  # one range: start() does not split
+            job = begun.job
+            ranges = new_parts(session.spec.identity(), job.settings, job.started_at, [])
+            remove_parts(out)
+            save_parts(out, ranges)
+    return session.table.qualified, len(ranges.ranges), ranges.started_at
 
 
 # -- run ----------------------------------------------------------------------------------------
@@ -284,18 +297,19 @@ def _template(session: ExportSession, ranges: KeyRanges) -> PartJob:
     )  # fmt: skip
 
 
-def _ranges(plan: ShardPlan, out: Path) -> KeyRanges | None:
-    """The plan's ranges on disk, or ``None`` when its export is finished."""
+def _ranges(started_at: str, out: Path) -> KeyRanges | None:
+    """The ranges planned at ``started_at`` on disk, or ``None`` when their export is
+    finished."""
     ranges = load_parts(out)
     if ranges is None:
         manifest = load_manifest(out)
-        if manifest is not None and manifest.started_at == plan.started_at:
+        if manifest is not None and manifest.started_at == started_at:
             return None
         raise UsageError(f"no ranges of a shard plan beside {out}: it was never planned or removed")
-    if ranges.started_at != plan.started_at:
+    if ranges.started_at != started_at:
         raise CheckpointMismatch(
             f"{out} was planned again since this shard plan was made ({ranges.started_at}, "
-            f"not {plan.started_at})"
+            f"not {started_at})"
         )
     return ranges
 
@@ -318,12 +332,30 @@ def run_shard(
     p = ShardPlan.of(plan)
     if not 0 <= index < p.shards:
         raise UsageError(f"shard {index} does not exist: the plan has shards 0 to {p.shards - 1}")
-    out, started = Path(p.output), time.monotonic()
-    ranges = _ranges(p, out)
-    if ranges is None or ranges.join is not None:  # finished, or being joined: nothing to run
-        return _finished(p, index, out, started)
     spec, run = build(p.table, **p.options)
     dsn = p.conninfo if conninfo is None else conninfo
+    return run_planned_range(dsn, spec, run, p.output, p.started_at, (index, p.shards),
+                             progress=progress, sleep=sleep)  # fmt: skip
+
+
+def run_planned_range(
+    dsn: str | None,
+    spec: ExportSpec,
+    run: RunOptions,
+    output: str,
+    started_at: str,
+    which: tuple[int, int],
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ShardResult:
+    """Run range ``which[0]`` (of ``which[1]``) of the ranges planned at ``started_at`` beside
+    ``output`` (:func:`plan_ranges`): :func:`run_shard` once its plan is read."""
+    index, count = which
+    out, started = Path(output), time.monotonic()
+    ranges = _ranges(started_at, out)
+    if ranges is None or ranges.join is not None:  # finished, or being joined: nothing to run
+        return _finished(index, count, out, spec.table, started)
     # the table as the server resolves it now; never the output's lock (the shards run at once)
     with ExportSession(dsn, spec, out, run, sleep, lock_late=True) as session:
         table = session.table
@@ -338,19 +370,19 @@ def run_shard(
             raw = cp.raw_bytes if cp.export.get("compress") else None
             metrics.succeeded(cp.rows, len(cp.chunks), cp.offset, raw, ran=not already)
     return ShardResult(
-        index, p.shards, p.output, table.qualified, cp.rows, cp.offset, len(cp.chunks),
+        index, count, output, table.qualified, cp.rows, cp.offset, len(cp.chunks),
         outcome.digest, time.monotonic() - started, outcome.resumed and not already, already,
         outcome.retries,
     )  # fmt: skip
 
 
-def _finished(p: ShardPlan, index: int, out: Path, started: float) -> ShardResult:
+def _finished(index: int, count: int, out: Path, table: str, started: float) -> ShardResult:
     """The result of a shard whose export is joined, or being joined (from its checkpoint,
     or, once the export is finished, from nothing: its figures are in the manifest)."""
     cp = load_checkpoint(part_path(out, index))
     rows, size, chunks, digest = (0, 0, 0, "") if cp is None else (
         cp.rows, cp.offset, len(cp.chunks), cp.xxh3_128)  # fmt: skip
-    return ShardResult(index, p.shards, p.output, p.table, rows, size, chunks, digest,
+    return ShardResult(index, count, str(out), table, rows, size, chunks, digest,
                        time.monotonic() - started, False, True, 0)  # fmt: skip
 
 
@@ -369,23 +401,39 @@ def finish_shards(
     them first). Idempotent: a finished export is reported ``already_complete``.
     """
     p = ShardPlan.of(plan)
-    out, started = Path(p.output), time.monotonic()
     spec, run = build(p.table, **p.options)
-    with ExportSession(p.conninfo if conninfo is None else conninfo, spec, out, run, sleep) as s:
+    dsn = p.conninfo if conninfo is None else conninfo
+    result = finish_planned_ranges(dsn, spec, run, p.output, p.started_at, sleep=sleep)
+    with contextlib.suppress(FileNotFoundError):
+        shards_path(Path(p.output)).unlink()
+        fsync_dir(Path(p.output).parent)
+    return result
+
+
+def finish_planned_ranges(
+    dsn: str | None,
+    spec: ExportSpec,
+    run: RunOptions,
+    output: str,
+    started_at: str,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+) -> ExportResult:
+    """Join the ranges planned at ``started_at`` beside ``output`` and write the manifest
+    (:func:`finish_shards` once its plan is read); a finished export: ``already_complete``."""
+    out, started = Path(output), time.monotonic()
+    with ExportSession(dsn, spec, out, run, sleep) as s:
         found = discover_state(s)
         if isinstance(found, Complete):
             m = found.manifest
             return _result(out, s.table, m, started, already=True, pit=m.point_in_time)
-        ranges = _ranges(p, out)
+        ranges = _ranges(started_at, out)
         if not isinstance(found, Resume) or ranges is None or found.ranges != ranges:
             raise UsageError(f"no unfinished shard plan beside {out}")
         template = _template(s, ranges)
         # what ``workers`` does once its pool has run every range
         ran = assemble(out, ranges, _outcomes(out, ranges, template))
         manifest = finish(s, Run(template, ranges), ran, started)
-    with contextlib.suppress(FileNotFoundError):
-        shards_path(out).unlink()
-        fsync_dir(out.parent)
     return _result(out, s.table, manifest, started, pit=False)
 
 
