@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 from psycopg.conninfo import make_conninfo
 
@@ -75,6 +75,13 @@ from .s3url import is_s3
 from .sizing import first_chunk_rows
 from .spec import Compression, CopyOptions, ExportSpec, RunOptions, build, require_same
 from .state import Complete, Resume
+
+if TYPE_CHECKING:
+    from .bulk.outcome import BulkResult
+    from .bulk.shards import BulkShardPlan, BulkShardResult
+
+#: What the shard calls take: a plan (one table's or a bulk plan's), its JSON, or its file.
+AnyPlan = Union["ShardPlan", "BulkShardPlan", Mapping[str, Any], str, "os.PathLike[str]"]
 
 __all__ = ["ShardPlan", "ShardResult", "finish_shards", "plan_shards", "run_shard", "shards_path"]
 
@@ -315,21 +322,27 @@ def _ranges(started_at: str, out: Path) -> KeyRanges | None:
 
 
 def run_shard(
-    plan: ShardPlan | Mapping[str, Any] | str | os.PathLike[str],
+    plan: AnyPlan,
     index: int,
     *,
     conninfo: str | None = None,
     progress: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> ShardResult:
+) -> ShardResult | BulkShardResult:
     """Export shard ``index`` of ``plan`` (a :class:`ShardPlan`, its JSON, or its file).
 
     Idempotent: after any failure, here or on another machine, it resumes from the shard's
     checkpoint; after success it returns at once (``already_complete``), having re-hashed the
     shard's file against its checkpoint. ``conninfo`` replaces the plan's (which has no
-    password). Raises like :func:`export_table`.
+    password). Raises like :func:`export_table`. Given a bulk plan's shards
+    (:func:`copystream.plan_bulk_shards`), it runs :func:`~copystream.bulk.shards.run_bulk_shard`.
     """
-    p = ShardPlan.of(plan)
+    from .bulk.shards import is_bulk_shard_plan, run_bulk_shard
+
+    if is_bulk_shard_plan(plan):
+        _no_conninfo(conninfo)
+        return run_bulk_shard(plan, index, progress=progress)  # type: ignore[arg-type]
+    p = ShardPlan.of(plan)  # type: ignore[arg-type]
     if not 0 <= index < p.shards:
         raise UsageError(f"shard {index} does not exist: the plan has shards 0 to {p.shards - 1}")
     spec, run = build(p.table, **p.options)
@@ -390,17 +403,23 @@ def _finished(index: int, count: int, out: Path, table: str, started: float) -> 
 
 
 def finish_shards(
-    plan: ShardPlan | Mapping[str, Any] | str | os.PathLike[str],
+    plan: AnyPlan,
     *,
     conninfo: str | None = None,
     sleep: Callable[[float], None] = time.sleep,
-) -> ExportResult:
+) -> ExportResult | BulkResult:
     """Check every shard against its digests, join them into the output and write the
     manifest: the output is byte-identical to a single-process export, its manifest that of a
     ``workers`` export. Raises :class:`ExportFailed` naming the shards not finished yet (run
-    them first). Idempotent: a finished export is reported ``already_complete``.
+    them first). Idempotent: a finished export is reported ``already_complete``. Given a bulk
+    plan's shards, it runs :func:`~copystream.bulk.shards.finish_bulk_shards`.
     """
-    p = ShardPlan.of(plan)
+    from .bulk.shards import finish_bulk_shards, is_bulk_shard_plan
+
+    if is_bulk_shard_plan(plan):
+        _no_conninfo(conninfo)
+        return finish_bulk_shards(plan)  # type: ignore[arg-type]
+    p = ShardPlan.of(plan)  # type: ignore[arg-type]
     spec, run = build(p.table, **p.options)
     dsn = p.conninfo if conninfo is None else conninfo
     result = finish_planned_ranges(dsn, spec, run, p.output, p.started_at, sleep=sleep)
@@ -435,6 +454,11 @@ def finish_planned_ranges(
         ran = assemble(out, ranges, _outcomes(out, ranges, template))
         manifest = finish(s, Run(template, ranges), ran, started)
     return _result(out, s.table, manifest, started, pit=False)
+
+
+def _no_conninfo(conninfo: str | None) -> None:
+    if conninfo is not None:
+        raise UsageError("conninfo does not apply to a bulk plan's shards: the plan has its DSNs")
 
 
 def _outcomes(out: Path, ranges: KeyRanges, template: PartJob) -> list[PartOutcome]:

@@ -27,6 +27,7 @@ from .outcome import BulkProgress, BulkResult, JobSnapshot, TableOutcome
 from .plan import REPORT_NAME, BulkPlan, PlanEntry, PlanError, default_output, load_plan, parse_plan
 from .resolve import Relation, match_pattern, order_largest_first, resolve, share_workers
 from .run import run_bulk
+from .shards import BulkShardPlan, BulkShardResult, plan_bulk_shards
 
 __all__ = [
     "REPORT_NAME",
@@ -35,6 +36,8 @@ __all__ = [
     "BulkPlan",
     "BulkProgress",
     "BulkResult",
+    "BulkShardPlan",
+    "BulkShardResult",
     "JobSnapshot",
     "NamePattern",
     "PlanEntry",
@@ -49,6 +52,7 @@ __all__ = [
     "order_largest_first",
     "parse_name_pattern",
     "parse_plan",
+    "plan_bulk_shards",
     "resolve",
     "run_bulk",
     "share_workers",
