@@ -12,7 +12,10 @@ retried by Airflow's own retries and resumes from its checkpoint::
         shards=8, conn_id="warehouse",
     )
 
-or inside a DAG of your own, ``export_shards(table, output, shards=8, conn_id=...)``.
+or inside a DAG of your own, ``export_shards(table, output, shards=8, conn_id=...)``. A bulk
+plan runs the same way, its tables dealt into shards balanced by size::
+
+    dag = sharded_bulk_dag("migrate", plan="/shared/migration.toml", shards=8)
 
 The connection comes from an Airflow connection id (the Postgres provider's conventions:
 host, port, login, password, ``schema`` as the database name, libpq parameters such as
@@ -30,6 +33,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
+from .bulk.shards import plan_bulk_shards
 from .errors import UsageError
 from .shards import finish_shards, plan_shards, run_shard
 
@@ -40,7 +44,13 @@ except ImportError as e:  # pragma: no cover - the extra is what makes this modu
         "copystream.airflow needs Airflow 3: pip install 'copystream[airflow]'"
     ) from e
 
-__all__ = ["conninfo_for", "export_shards", "sharded_export_dag"]
+__all__ = [
+    "conninfo_for",
+    "export_bulk_shards",
+    "export_shards",
+    "sharded_bulk_dag",
+    "sharded_export_dag",
+]
 
 log = logging.getLogger("copystream")
 
@@ -133,13 +143,75 @@ def sharded_export_dag(
 ) -> Any:
     """A DAG that exports ``table`` to ``output`` in ``shards`` mapped tasks
     (:func:`export_shards`); every task retried ``retries`` times, ``retry_delay`` apart."""
-    with DAG(
+    with _dag(dag_id, retries, retry_delay, schedule, start_date) as dag:
+        export_shards(table, output, shards=shards, conn_id=conn_id, dsn=dsn, **options)
+    return dag
+
+
+def export_bulk_shards(plan: str, *, shards: int) -> Any:
+    """Add the tasks of a bulk plan run as shards to the DAG being defined: ``plan``
+    (:func:`copystream.plan_bulk_shards`: the tables in ``shards`` groups balanced by size,
+    the large ones split into key ranges) → ``run_shard`` mapped over the groups → ``finish``
+    (every table checked, the job report written). ``plan`` is the plan file's path, which
+    every worker reads (it holds the DSNs; an Airflow connection id does not apply). Returns
+    the finish task's XComArg (the :class:`~copystream.BulkResult` as JSON)."""
+
+    @task(task_id="plan")
+    def plan_task() -> dict[str, Any]:
+        return plan_bulk_shards(plan, shards=shards).to_json()
+
+    @task(task_id="shards")
+    def indexes(planned: dict[str, Any]) -> list[int]:
+        return list(range(int(planned["shards"])))
+
+    @task(task_id="run_shard")
+    def run(planned: dict[str, Any], index: int) -> dict[str, Any]:
+        return run_shard(planned, index).to_json()
+
+    @task(task_id="finish")
+    def finish(planned: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]:
+        done = finish_shards(planned).to_json()
+        done["shards"] = shards_done = list(results)
+        log.info(
+            "%s: %d tables in %d shards; seconds per shard: %s", plan, len(done["tables"]),
+            len(shards_done), ", ".join(f"{r['seconds']:.1f}" for r in shards_done),
+        )  # fmt: skip
+        return done
+
+    planned = plan_task()
+    results = run.partial(planned=planned).expand(index=indexes(planned))
+    return finish(planned, results)
+
+
+def sharded_bulk_dag(
+    dag_id: str,
+    *,
+    plan: str,
+    shards: int,
+    retries: int = 3,
+    retry_delay: dt.timedelta = dt.timedelta(minutes=1),
+    schedule: Any = None,
+    start_date: dt.datetime | None = None,
+) -> Any:
+    """A DAG that runs the bulk plan ``plan`` as ``shards`` mapped tasks
+    (:func:`export_bulk_shards`); every task retried ``retries`` times, ``retry_delay`` apart."""
+    with _dag(dag_id, retries, retry_delay, schedule, start_date) as dag:
+        export_bulk_shards(plan, shards=shards)
+    return dag
+
+
+def _dag(
+    dag_id: str,
+    retries: int,
+    retry_delay: dt.timedelta,
+    schedule: Any,
+    start_date: dt.datetime | None,
+) -> Any:
+    return DAG(
         dag_id,
         schedule=schedule,
         start_date=start_date or dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
         catchup=False,
         default_args={"retries": retries, "retry_delay": retry_delay},
         tags=["copystream"],
-    ) as dag:
-        export_shards(table, output, shards=shards, conn_id=conn_id, dsn=dsn, **options)
-    return dag
+    )

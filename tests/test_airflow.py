@@ -101,9 +101,13 @@ def _chunks(out: Path) -> dict[int, int]:
 
 
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return _start_example(EXAMPLE, env, log)
+
+
+def _start_example(example: Path, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("wb") as f:
         return subprocess.Popen(
-            [sys.executable, str(EXAMPLE)], env=env, stdout=f, stderr=subprocess.STDOUT,
+            [sys.executable, str(example)], env=env, stdout=f, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -172,3 +176,65 @@ def test_example_dag_killed_and_retried_shards_resume(
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("t.csv")) == [
         "t.csv.zst", "t.csv.zst.manifest.json",
     ]  # fmt: skip
+
+
+BULK_EXAMPLE = ROOT / "examples" / "airflow_sharded_bulk.py"
+
+
+def test_example_bulk_dag_retried_shard_resumes(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path, airflow_env: dict[str, str]
+) -> None:
+    """The bulk plan's example DAG: a large table split into 2 key ranges and small tables,
+    dealt into 2 shards; a shard's backends terminated half way (``max_outage = 0``: no
+    waiting for the server), Airflow retries the task and it resumes; every file is psql's
+    and the job report says every table is done."""
+    run_sql(
+        dsn,
+        f"""CREATE TABLE big (id int PRIMARY KEY, v text);
+            INSERT INTO big SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g;
+            CREATE TABLE s1 (id int PRIMARY KEY, v text);
+            INSERT INTO s1 SELECT g, md5(g::text) FROM generate_series(1, 100) g;
+            CREATE TABLE s2 (id int PRIMARY KEY, v text);
+            INSERT INTO s2 SELECT g, md5(g::text) FROM generate_series(1, 50) g;
+            ANALYZE;""",
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\ndsn = "{dsn}"\noutput_dir = "out"\nchunk_rows = 1000\nmax_outage = 0\n\n'
+        f'[[tables]]\nname = "public.big"\nwhere = "{SLOW}"\n\n'
+        '[[tables]]\npattern = "public.s*"\n'
+    )
+    out = tmp_path / "out"
+    big = out / "public.big.csv"
+    env = {
+        **airflow_env,
+        "COPYSTREAM_EXAMPLE_PLAN": str(plan),
+        "COPYSTREAM_EXAMPLE_SHARDS": "2",
+        "COPYSTREAM_EXAMPLE_RETRIES": "2",
+        "COPYSTREAM_EXAMPLE_RETRY_DELAY": "0",
+    }
+    run = _start_example(BULK_EXAMPLE, env, tmp_path / "bulk.log")
+    try:
+        _half_done(big, run, {})
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            killed = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                "AND backend_type = 'client backend'"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        run.wait(timeout=600)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    log = (tmp_path / "bulk.log").read_text(errors="replace")
+    assert run.returncode == 0 and "copystream example DAG run: success" in log, log[-5000:]
+    assert "up_for_retry" in log  # the terminated shard's first try failed; Airflow retried it
+    assert re.search(r"public\.big\.csv\.part-\d{4}: resuming at row", log), log[-5000:]
+    for name in ("big", "s1", "s2"):
+        assert (out / f"public.{name}.csv").read_bytes() == psql_csv(
+            dsn, f"SELECT * FROM {name} ORDER BY id"
+        ), name
+    assert read_manifest(big)["workers"] == 2
+    report = json.loads((out / "copystream-report.json").read_text())
+    assert report["finished"] and [t["status"] for t in report["tables"]] == ["done"] * 3
