@@ -148,12 +148,15 @@ class ShardPlan:
         """``plan`` itself, its JSON form, or the plan kept in the file ``plan``."""
         if isinstance(plan, ShardPlan):
             return plan
-        if isinstance(plan, Mapping):
-            return cls.from_json(plan)
-        try:
-            return cls.from_json(json.loads(Path(plan).read_bytes()))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the shard plan {plan}: {e}") from e
+        return cls.from_json(plan if isinstance(plan, Mapping) else read_plan_file(plan))
+
+
+def read_plan_file(path: str | os.PathLike[str]) -> Any:
+    """The JSON in the shard plan file ``path`` (:class:`UsageError` when it cannot be read)."""
+    try:
+        return json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the shard plan {path}: {e}") from e
 
 
 @dataclass(frozen=True)

@@ -313,3 +313,18 @@ def psql_copy(
     if proc.returncode != 0:
         raise AssertionError(f"psql failed ({proc.returncode}): {proc.stderr.decode()}")
     return proc.stdout
+
+
+def shard_process(plan_file: Path, index: int, *, kill_after_chunks: int = 0) -> int:
+    """Run shard ``index`` in a new process that reads only the plan file; with
+    ``kill_after_chunks``, the process SIGKILLs itself once that many chunks are committed."""
+    code = f"""
+import os, signal, sys
+import copystream
+def progress(p):
+    if {kill_after_chunks} and p.chunks >= {kill_after_chunks}:
+        os.kill(os.getpid(), signal.SIGKILL)
+r = copystream.run_shard({str(plan_file)!r}, {index}, progress=progress)
+print(r.to_json())
+"""
+    return subprocess.run([sys.executable, "-c", code], timeout=120).returncode

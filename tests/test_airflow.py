@@ -100,6 +100,17 @@ def _chunks(out: Path) -> dict[int, int]:
     return {i: len(cp["chunks"]) for i in range(SHARDS) if (cp := _checkpoint(out, i))}
 
 
+def _terminate_backends(dsn: str) -> None:
+    """Terminate the client backends of the test's database (the running shard's)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+            "AND backend_type = 'client backend'"
+        ).fetchone()
+    assert killed is not None and killed[0] >= 1
+
+
 def _start(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return _start_example(EXAMPLE, env, log)
 
@@ -150,13 +161,7 @@ def test_example_dag_killed_and_retried_shards_resume(
     second = _start(env, tmp_path / "second.log")
     try:
         retried_shard = _half_done(out, second, _chunks(out))
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            killed = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'"
-            ).fetchone()
-        assert killed is not None and killed[0] >= 1
+        _terminate_backends(dsn)
         second.wait(timeout=600)
     finally:
         if second.poll() is None:
@@ -216,13 +221,7 @@ def test_example_bulk_dag_retried_shard_resumes(
     run = _start_example(BULK_EXAMPLE, env, tmp_path / "bulk.log")
     try:
         _half_done(big, run, {})
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            killed = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid() "
-                "AND backend_type = 'client backend'"
-            ).fetchone()
-        assert killed is not None and killed[0] >= 1
+        _terminate_backends(dsn)
         run.wait(timeout=600)
     finally:
         if run.poll() is None:

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import shard_process
 
 import copystream
 from copystream.bulk.shards import BulkShardPlan, balance, split_counts
@@ -63,18 +62,6 @@ def write_plan(dsn: str, tmp_path: Path) -> Path:
         '[[tables]]\npattern = "public.*"\n'
     )
     return plan
-
-
-def shard_process(plan_file: Path, index: int, *, kill_after_chunks: int = 0) -> int:
-    code = f"""
-import os, signal
-import copystream
-def progress(p):
-    if {kill_after_chunks} and p.chunks >= {kill_after_chunks}:
-        os.kill(os.getpid(), signal.SIGKILL)
-print(copystream.run_shard({str(plan_file)!r}, {index}, progress=progress).to_json())
-"""
-    return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
 
 
 @pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)

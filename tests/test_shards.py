@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import read_manifest
+from helpers import read_manifest, shard_process
 
 import copystream
 from copystream import ShardPlan, UsageError, finish_shards, plan_shards, run_shard
@@ -41,21 +41,6 @@ def make_table(dsn: str, run_sql: RunSql) -> None:
             INSERT INTO t SELECT g, md5(g::text), date '2020-01-01' + g % 1000
             FROM generate_series(1, {ROWS}) g;""",
     )
-
-
-def shard_process(plan_file: Path, index: int, *, kill_after_chunks: int = 0) -> int:
-    """Run shard ``index`` in a new process that reads only the plan file; with
-    ``kill_after_chunks``, the process SIGKILLs itself once that many chunks are committed."""
-    code = f"""
-import os, signal, sys
-import copystream
-def progress(p):
-    if {kill_after_chunks} and p.chunks >= {kill_after_chunks}:
-        os.kill(os.getpid(), signal.SIGKILL)
-r = copystream.run_shard({str(plan_file)!r}, {index}, progress=progress)
-print(r.to_json())
-"""
-    return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
 
 
 @pytest.mark.all_versions  # quick: also on PostgreSQL 18 (.ci/run)

@@ -31,14 +31,13 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from .._atomic import atomic_write, fsync_dir
 from ..errors import CopystreamError, ExportFailed, Opt, UsageError
 from ..manifest import load_manifest, verify_file
 from ..progress import Progress
-from ..shards import finish_planned_ranges, plan_ranges, run_planned_range
+from ..shards import finish_planned_ranges, plan_ranges, read_plan_file, run_planned_range
 from ..whole import publish
 from .outcome import BulkResult, TableOutcome, _from_manifest
 from .plan import BulkPlan, load_plan
@@ -120,12 +119,7 @@ class BulkShardPlan:
         """``plan`` itself, its JSON form, or the plan kept in the file ``plan``."""
         if isinstance(plan, BulkShardPlan):
             return plan
-        if isinstance(plan, Mapping):
-            return cls.from_json(plan)
-        try:
-            return cls.from_json(json.loads(Path(plan).read_bytes()))
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the shard plan {plan}: {e}") from e
+        return cls.from_json(plan if isinstance(plan, Mapping) else read_plan_file(plan))
 
 
 def is_bulk_shard_plan(plan: object) -> bool:
@@ -136,9 +130,9 @@ def is_bulk_shard_plan(plan: object) -> bool:
         return plan.get("kind") == KIND
     if isinstance(plan, str | os.PathLike):
         try:
-            return bool(json.loads(Path(plan).read_bytes()).get("kind") == KIND)
-        except (OSError, ValueError, AttributeError):
-            return False
+            return bool(read_plan_file(plan).get("kind") == KIND)
+        except (UsageError, AttributeError):
+            return False  # (run_shard then says why it cannot read it)
     return False
 
 
