@@ -31,11 +31,12 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write, fsync_dir
+from .._atomic import atomic_write, fsync_dir, remove_stale_temporaries
 from ..errors import CopystreamError, ExportFailed, Opt, UsageError
-from ..manifest import load_manifest, verify_file
+from ..manifest import load_manifest, manifest_path, verify_file
 from ..progress import Progress
 from ..shards import finish_planned_ranges, plan_ranges, read_plan_file, run_planned_range
 from ..whole import publish
@@ -281,6 +282,10 @@ def _run_unit(t: _Task, u: Unit, progress: Callable[[Progress], None] | None) ->
         return {"table": u.table, "range": u.range, "rows": r.rows, "bytes": r.bytes,
                 "already_complete": r.already_complete, "resumed": r.resumed}  # fmt: skip
     run = replace(t.run, workers=1) if t.run.workers > 1 else t.run
+    # what a bulk job's coordinator does for its workers (the table is this shard's alone):
+    # the temporary files of a run killed while writing a small table's file go first
+    for path in (Path(u.output), manifest_path(Path(u.output))):
+        remove_stale_temporaries(path)
     exported = export_task(t.entry.dsn or "", t.spec, u.output, run, t.resolved, progress=progress)
     if exported.staged is not None:  # a small table's file, for its caller to publish
         failed = publish([exported.staged])[0]
