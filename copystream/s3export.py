@@ -31,7 +31,6 @@ from .destinations.s3 import Hashed, S3Object, hash_object, head_object
 from .errors import (
     CheckpointMismatch,
     CopystreamError,
-    Opt,
     OutputExists,
     OutputProblem,
     UsageError,
@@ -42,6 +41,7 @@ from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartRunner
 from .pipeline import ExportSession, manifest_of, start
 from .progress import Progress
+from .s3ranges import PLAN, load_plan, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, manifest_identity
@@ -77,6 +77,29 @@ class Sidecars:
             raise classify(e, self.url, f"reading {where}") from e
         except Exception as e:
             raise classify(e, self.url, f"reading {where}") from e
+
+    def get(self, suffix: str) -> bytes | None:
+        """The object beside the output with ``suffix``, or ``None`` when there is none."""
+        got = self._get(suffix)
+        return None if got is None else got[0]
+
+    def put(self, suffix: str, data: bytes) -> None:
+        """Write the object beside the output with ``suffix``."""
+        self._call(f"writing {self.url}{suffix}", "put_object", suffix, Body=data)
+
+    def keys_under(self, suffix: str) -> list[str]:
+        """The keys of the objects whose key starts with the output's and ``suffix``."""
+        keys, kw = [], dict[str, Any]()
+        prefix = self.url.key + suffix
+        while True:
+            try:
+                page = self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=prefix, **kw)
+            except Exception as e:
+                raise classify(e, self.url, f"listing the objects beside {self.url}") from e
+            keys += [str(o["Key"]) for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            kw = {"ContinuationToken": page["NextContinuationToken"]}
 
     def load_checkpoint(self) -> Checkpoint | None:
         """The checkpoint beside the object, or ``None``; a damaged one raises."""
@@ -207,18 +230,19 @@ def run_s3_export(
     """:func:`~copystream.export.run_export` to ``s3://bucket/key``."""
     started = time.monotonic()
     run = run or RunOptions()
-    if run.workers > 1:
-        raise UsageError([Opt("workers"), f" above 1 cannot write to S3 yet ({output})"])
     if spec.options.format == "parquet":
         raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
     if run.incremental or run.since is not None or spec.watermark is not None:
         raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
     side = _open(output)  # before anything is read from PostgreSQL
-    with _S3Session(conninfo, spec, Path(side.url.key), run, sleep) as session:
+    # the key ranges of ``workers`` are split and recorded here, in the bucket (s3ranges)
+    one = replace(run, workers=1)
+    with _S3Session(conninfo, spec, Path(side.url.key), one, sleep) as session:
         if run.restart:
             aborted = side.abort_uploads()
             for suffix in (CHECKPOINT, MANIFEST, ""):
                 side.delete(suffix)
+            remove_ranges(side)
             log.info("%s: restarting (%d unfinished upload(s) aborted)", output, aborted)
         found = _discover(side, session.spec.identity())
         if isinstance(found, Complete):
@@ -230,6 +254,10 @@ def run_s3_export(
                 raise OutputExists(f"{output} exists and has no checkpoint to resume from")
             side.delete(MANIFEST)
             found = Fresh()
+        if (isinstance(found, Fresh) and run.workers > 1) or (
+            isinstance(found, Resume) and found.ranges is not None
+        ):
+            return _run_workers(side, session, found, run.workers, progress, started)
         begun = start(session, found)
         session.close_connection()
         cp, digest, retries, lost = _run_part(side, begun.job, found, progress, sleep)
@@ -245,12 +273,40 @@ def run_s3_export(
     )
 
 
+def _run_workers(
+    side: Sidecars,
+    session: ExportSession,
+    found: Fresh | Resume,
+    workers: int,
+    progress: Callable[[Progress], None] | None,
+    started: float,
+) -> ExportResult:
+    """Run the export's key ranges in worker processes into one upload (:mod:`.s3ranges`)."""
+    cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
+    resumed = any(o.resumed for o in outcomes)
+    pit = kept and not resumed
+    manifest = manifest_of(
+        session.table, cp, cp.xxh3_128, started,
+        resumed=resumed, workers=len(outcomes), point_in_time=pit,
+    )  # fmt: skip
+    side.save_manifest(manifest)
+    remove_ranges(side)
+    retries = sum(o.retries for o in outcomes)
+    return _result(
+        str(side.url), session.table, manifest, started, resumed=resumed, retries=retries, pit=pit
+    )
+
+
 def _discover(side: Sidecars, expected: dict[str, Any]) -> OnDisk:
     """What the bucket holds of the export ``expected``: as :func:`copystream.state.discover`."""
     cp = side.load_checkpoint()
     if cp is not None:
         require_same(cp.export, expected, f"{side.url}{CHECKPOINT}")
         return Resume(cp, None)
+    plan = load_plan(side)
+    if plan is not None:  # a ``workers`` export's key ranges
+        require_same(plan.ranges.export, expected, f"{side.url}{PLAN}")
+        return Resume(None, plan.ranges)
     head = side.head()
     if head is None:
         return Fresh()

@@ -14,6 +14,7 @@ one error line (exit 2) before PostgreSQL is read; ``verify`` finds an overwritt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -426,3 +427,187 @@ def test_a_second_writer_is_refused_at_its_next_checkpoint(s3: Any) -> None:
     theirs.save_checkpoint(dataclasses.replace(cp, rows=5))  # it read it: If-Match, accepted
     with pytest.raises(OutputProblem, match=r"two exports are writing s3://exports/w\.csv"):
         mine.save_checkpoint(cp)  # the first run's next write: refused
+
+
+# -- workers: key ranges uploading into one multipart upload -------------------------------
+
+
+def _range_state(head: int, parts: list[int], tail: int, first: int) -> dict[str, Any]:
+    recs = [{"number": first + n, "etag": '"e"', "bytes": b} for n, b in enumerate(parts)]
+    return {
+        "parts": recs,
+        "range": {
+            "head": {"bytes": head, "etag": '"h"'} if head else None,
+            "tail": {"bytes": tail, "etag": '"t"'},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [(0, [], 100)],  # one tiny range: one short part
+        [(0, [], 0), (0, [], 0)],  # an empty table
+        [(0, [], 10), (PART_MIN, [PART_MIN], 3), (0, [], 0), (0, [], 7)],
+        [(PART_MIN, [PART_MIN, PART_MIN], 1), (0, [], 2), (PART_MIN, [], 4), (0, [], 0)],
+        [(0, [], PART_MIN - 1), (0, [], PART_MIN - 1), (0, [], 5), (PART_MIN + 9, [PART_MIN], 0)],
+    ],
+)
+def test_stitch_keeps_every_part_but_the_last_at_least_5_mib(
+    ranges: list[tuple[int, list[int], int]],
+) -> None:
+    """Small tails, empty ranges and ranges too small for a part: the parts the upload is
+    completed with are in key order, hold every byte once, and all but the last are >= 5 MiB."""
+    from copystream.s3ranges import Seam, numbers_of, stitch
+
+    n = len(ranges)
+    states = [_range_state(h, p, t, numbers_of(i, n)[0]) for i, (h, p, t) in enumerate(ranges)]
+    layout = stitch(states, n)
+    sizes = [p.bytes if isinstance(p, Seam) else p["bytes"] for p in layout]
+    numbers = [p.number if isinstance(p, Seam) else p["number"] for p in layout]
+    assert all(s >= PART_MIN for s in sizes[:-1]), sizes
+    assert numbers == sorted(set(numbers)) and numbers[0] >= 1 and numbers[-1] <= 10_000
+    assert sum(sizes) == sum(h + sum(p) + t for h, p, t in ranges)
+    pieces = [x[:2] for p in layout if isinstance(p, Seam) for x in p.pieces]
+    assert pieces == sorted(pieces, key=lambda x: (x[0], x[1] == "tail"))  # in key order
+
+
+@pytest.mark.parametrize("count", [2, 4, 16, 100])
+def test_a_range_of_5_tb_fits_in_its_block_of_part_numbers(count: int) -> None:
+    from copystream.destinations.s3 import range_per
+    from copystream.s3ranges import numbers_of
+
+    first, last = numbers_of(count - 1, count)
+    assert numbers_of(count - 2, count)[1] < first - 1  # the seam's number lies between
+    stored, parts = PART_MIN, 0  # the head
+    while stored < 5 * 10**12:
+        stored += part_target(stored, range_per(last - first + 1))
+        parts += 1
+    assert parts <= last - first + 1
+
+
+def _zstd_d(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize(("key", "workers"), [("w.csv", "3"), ("w.csv.zst", "2")])
+def test_workers_upload_one_object_that_is_psqls_csv(
+    db: str, s3: Any, expected: bytes, key: str, workers: str
+) -> None:
+    """3 ranges of ~5.7 MB (a head each, short tails: seams between them); compressed, 2
+    ranges too small for a part of their own. No join copy: the object is one upload."""
+    proc = run(s3_export(db, key, "--workers", workers, "--chunk-rows", "4000"))
+    assert_ok(proc)
+    data = get(s3, key)
+    assert (_zstd_d(data) if key.endswith(".zst") else data) == expected
+    assert keys(s3) == {key, key + ".manifest.json"} and uploads(s3) == []
+    manifest = json.loads(get(s3, key + ".manifest.json"))
+    assert manifest["workers"] == int(workers) and manifest["bytes"] == len(data)
+    assert manifest["xxh3_128"] == xxh(data) and manifest["rows"] == ROWS
+    assert_ok(run(cli("verify", "--deep", f"s3://{BUCKET}/{key}")))
+    one = run(s3_export(db, "one-" + key, "--chunk-rows", "4000"))  # the 1-worker export
+    assert_ok(one)
+    single = get(s3, "one-" + key)
+    if key.endswith(".zst"):  # the frames differ where the ranges begin; what they hold does not
+        assert _zstd_d(single) == _zstd_d(data)
+    else:
+        assert single == data
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _range_checkpoints(s3: Any, key: str) -> list[dict[str, Any]]:
+    found = []
+    for k in sorted(keys(s3)):
+        if k.startswith(key + ".part-") and k.endswith(".checkpoint.json"):
+            with contextlib.suppress(Exception):
+                found.append(json.loads(get(s3, k)))
+    return found
+
+
+@pytest.mark.parametrize("key", ["k.csv", "k.csv.zst"])
+def test_sigkill_a_worker_then_the_coordinator_resumes_from_another_directory(
+    db: str, s3: Any, expected: bytes, tmp_path: Path, key: str
+) -> None:
+    """A worker is killed once its range has stored its head (the pool starts it again from
+    the range's checkpoint); then the coordinator, with the workers, once both ranges have
+    stored theirs (compressed, the ranges are too small for a head: a worker is killed once
+    its checkpoint exists, the coordinator once a range has finished); the run again from a
+    new working directory finishes the same upload."""
+    cmd = s3_export(db, key, "--workers", "2", "--chunk-rows", "2000")
+    zst = key.endswith(".zst")
+    (tmp_path / "a").mkdir()
+    proc = subprocess.Popen(cmd, cwd=tmp_path / "a", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    killed_worker = False
+    try:
+        while proc.poll() is None:
+            edges = [c["destination"]["range"] for c in _range_checkpoints(s3, key)]
+            if zst:  # ~3 MB a range: no head, its checkpoint records nothing until its tail
+                first, then = bool(edges), any(e["tail"] for e in edges)
+            else:
+                first = any(e["head"] for e in edges)
+                then = sum(bool(e["head"]) for e in edges) == 2
+            if first and not killed_worker:
+                os.kill(_children(proc.pid)[0], 9)
+                killed_worker = True
+            elif killed_worker and then:
+                break
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_worker and proc.returncode == -9, err.decode()
+    plan = json.loads(get(s3, key + ".parts.json"))
+    (tmp_path / "b").mkdir()
+    again = subprocess.run(cmd, cwd=tmp_path / "b", capture_output=True, text=True, timeout=180)
+    assert_ok(again)
+    assert "(resumed)" in again.stdout
+    data = get(s3, key)
+    assert (_zstd_d(data) if key.endswith(".zst") else data) == expected
+    assert uploads(s3) == [] and keys(s3) == {key, key + ".manifest.json"}
+    assert plan["upload_id"] not in {u["UploadId"] for u in uploads(s3)}  # completed
+    assert "-" in s3.head_object(Bucket=BUCKET, Key=key)["ETag"]  # a multipart upload
+    assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []
+
+
+TINY = """
+CREATE TABLE tiny (id int PRIMARY KEY, v text);
+INSERT INTO tiny SELECT g, 'v' || g FROM generate_series(1, 40) g;
+"""
+
+
+def test_a_tiny_table_with_an_empty_range(
+    pg: EphemeralPostgres, s3: Any, tmp_path: Path
+) -> None:
+    """4 ranges of 10 rows with 3-row chunks: every range's bytes are a short tail. The
+    coordinator is killed once the plan is in the bucket; the rows of range 2 are deleted
+    meanwhile, so it is empty when the run again exports it; the object is psql's CSV."""
+    with scratch_database(pg, TINY) as dsn:
+        key, url = "tiny.csv", f"s3://{BUCKET}/tiny.csv"
+        cmd = cli("export", "tiny", url, "--dsn", dsn, "--no-progress", "--workers", "4",
+                  "--chunk-rows", "3", "--header")  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while proc.poll() is None and key + ".parts.json" not in keys(s3):
+                pass
+            proc.kill()
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        plan = json.loads(get(s3, key + ".parts.json"))
+        lo, hi = plan["ranges"]["ranges"][2]
+        for cp in _range_checkpoints(s3, key):
+            assert cp["rows"] == 0 or cp["export"]["range"] != [lo, hi]
+        delete = f"DELETE FROM tiny WHERE id > {lo[0]} AND id <= {hi[0]}"
+        subprocess.run([pg.psql_bin, "-X", "-q", dsn, "-c", delete], check=True)
+        assert_ok(run(cmd))
+        want = psql_copy(pg, dsn, "SELECT * FROM tiny ORDER BY id", "FORMAT csv, HEADER")
+        assert get(s3, key) == want and len(want.splitlines()) < 41
+        manifest = json.loads(get(s3, key + ".manifest.json"))
+        assert manifest["workers"] == 4
