@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,15 +38,26 @@ from .errors import (
 )
 from .export import ExportResult, ExportStatus, _result
 from .manifest import Manifest, VerifyResult
-from .part import PartJob, PartRunner
+from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
 from .progress import Progress
 from .s3ranges import PLAN, load_plan, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, manifest_identity
+from .table import ResolvedTable
 
-__all__ = ["Sidecars", "run_s3_export", "s3_status", "verify_s3"]
+__all__ = [
+    "S3Session",
+    "Sidecars",
+    "discover",
+    "open_output",
+    "publish_ranges",
+    "restart",
+    "run_s3_export",
+    "s3_status",
+    "verify_s3",
+]
 
 log = logging.getLogger("copystream")
 
@@ -211,7 +222,7 @@ def _open(output: str) -> Sidecars:
     return side
 
 
-class _S3Session(ExportSession):
+class S3Session(ExportSession):
     """An export session without a lock file: the checkpoint's conditional writes guard."""
 
     def lock(self) -> bool:
@@ -230,21 +241,13 @@ def run_s3_export(
     """:func:`~copystream.export.run_export` to ``s3://bucket/key``."""
     started = time.monotonic()
     run = run or RunOptions()
-    if spec.options.format == "parquet":
-        raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
-    if run.incremental or run.since is not None or spec.watermark is not None:
-        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
-    side = _open(output)  # before anything is read from PostgreSQL
+    side = open_output(output, spec, run)  # before anything is read from PostgreSQL
     # the key ranges of ``workers`` are split and recorded here, in the bucket (s3ranges)
     one = replace(run, workers=1)
-    with _S3Session(conninfo, spec, Path(side.url.key), one, sleep) as session:
+    with S3Session(conninfo, spec, Path(side.url.key), one, sleep) as session:
         if run.restart:
-            aborted = side.abort_uploads()
-            for suffix in (CHECKPOINT, MANIFEST, ""):
-                side.delete(suffix)
-            remove_ranges(side)
-            log.info("%s: restarting (%d unfinished upload(s) aborted)", output, aborted)
-        found = _discover(side, session.spec.identity())
+            restart(side)
+        found = discover(side, session.spec.identity())
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -273,6 +276,45 @@ def run_s3_export(
     )
 
 
+def open_output(output: str, spec: ExportSpec, run: RunOptions) -> Sidecars:
+    """The sidecars of ``output`` once the export is known to be one S3 can take and the
+    bucket reachable (else a usage error, before anything is read from PostgreSQL)."""
+    if spec.options.format == "parquet":
+        raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
+    if run.incremental or run.since is not None or spec.watermark is not None:
+        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
+    return _open(output)
+
+
+def restart(side: Sidecars) -> None:
+    """Discard everything of an export to ``side.url``: unfinished uploads, the object, its
+    checkpoint, manifest and key ranges."""
+    aborted = side.abort_uploads()
+    for suffix in (CHECKPOINT, MANIFEST, ""):
+        side.delete(suffix)
+    remove_ranges(side)
+    log.info("%s: restarting (%d unfinished upload(s) aborted)", side.url, aborted)
+
+
+def publish_ranges(
+    side: Sidecars,
+    table: ResolvedTable,
+    cp: Checkpoint,
+    outcomes: Sequence[PartOutcome],
+    started: float,
+    *,
+    pit: bool,
+) -> Manifest:
+    """Write the manifest of a completed key-range upload; remove the ranges' objects."""
+    manifest = manifest_of(
+        table, cp, cp.xxh3_128, started, resumed=any(o.resumed for o in outcomes),
+        workers=len(outcomes), point_in_time=pit,
+    )  # fmt: skip
+    side.save_manifest(manifest)
+    remove_ranges(side)
+    return manifest
+
+
 def _run_workers(
     side: Sidecars,
     session: ExportSession,
@@ -285,19 +327,14 @@ def _run_workers(
     cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
     resumed = any(o.resumed for o in outcomes)
     pit = kept and not resumed
-    manifest = manifest_of(
-        session.table, cp, cp.xxh3_128, started,
-        resumed=resumed, workers=len(outcomes), point_in_time=pit,
-    )  # fmt: skip
-    side.save_manifest(manifest)
-    remove_ranges(side)
+    manifest = publish_ranges(side, session.table, cp, outcomes, started, pit=pit)
     retries = sum(o.retries for o in outcomes)
     return _result(
         str(side.url), session.table, manifest, started, resumed=resumed, retries=retries, pit=pit
     )
 
 
-def _discover(side: Sidecars, expected: dict[str, Any]) -> OnDisk:
+def discover(side: Sidecars, expected: dict[str, Any]) -> OnDisk:
     """What the bucket holds of the export ``expected``: as :func:`copystream.state.discover`."""
     cp = side.load_checkpoint()
     if cp is not None:

@@ -66,6 +66,7 @@ __all__ = [
     "Seam",
     "load_plan",
     "numbers_of",
+    "plan_ranges",
     "range_url",
     "remove_ranges",
     "run_range",
@@ -272,22 +273,31 @@ def run_ranges(
     """Run (or resume) every key range of the export to ``side.url`` with up to ``workers``
     processes and complete its upload. The whole object's checkpoint, the ranges' outcomes,
     and whether every chunk was read from the export's snapshot."""
+    plan, template = plan_ranges(side, session, found, workers)
+    session.close_connection()
+    outcomes = _run(side, plan, template, workers, progress)
+    final = finish_upload(side, plan, outcomes)
+    kept = template.snapshot is not None and not any(o.snapshot_lost for o in outcomes)
+    return final, outcomes, kept
+
+
+def plan_ranges(
+    side: Any, session: ExportSession, found: Fresh | Resume, count: int
+) -> tuple[S3Ranges, PartJob]:
+    """The plan in the bucket (a new one when ``found`` is :class:`Fresh`: the key sampled into
+    ``count`` ranges, the upload started, the plan saved) and the whole-range job."""
     plan = load_plan(side) if isinstance(found, Resume) else None
     begun = start(session, found if plan is None else Resume(None, plan.ranges))
     if plan is None:
         job = begun.job
-        ranges = sample_ranges(session, workers, job.settings, job.started_at, job.snapshot)
+        ranges = sample_ranges(session, count, job.settings, job.started_at, job.snapshot)
         try:
             upload = side.client.create_multipart_upload(Bucket=side.url.bucket, Key=side.url.key)
         except Exception as e:
             raise classify(e, side.url, "starting the upload") from e
         plan = S3Ranges(ranges, str(upload["UploadId"]))
         save_plan(side, plan)
-    session.close_connection()
-    outcomes = _run(side, plan, begun.job, workers, progress)
-    final = finish_upload(side, plan, outcomes)
-    kept = begun.job.snapshot is not None and not any(o.snapshot_lost for o in outcomes)
-    return final, outcomes, kept
+    return plan, begun.job
 
 
 def range_jobs(template: PartJob, ranges: KeyRanges) -> list[PartJob]:

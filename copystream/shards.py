@@ -136,6 +136,10 @@ class ShardPlan:
             return plan
         if isinstance(plan, Mapping):
             return cls.from_json(plan)
+        if is_s3(plan):  # s3://bucket/KEY.shards.json
+            from .s3shards import load_shard_plan
+
+            return load_shard_plan(str(plan))
         try:
             return cls.from_json(json.loads(Path(plan).read_bytes()))
         except (OSError, ValueError) as e:
@@ -232,10 +236,14 @@ def plan_shards(
     """
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
+    if is_s3(output):  # the same calls, in the bucket
+        from .s3shards import plan_s3_shards
+
+        return plan_s3_shards(conninfo, table, str(output), shards=shards, sleep=sleep, **options)
     kept = _kept(options)
     spec, run = build(table, **options, workers=shards)
-    if is_s3(output) or spec.options.format == "parquet" or run.incremental:
-        what = "an S3 output" if is_s3(output) else "a Parquet dataset or an increment"
+    if spec.options.format == "parquet" or run.incremental:
+        what = "a Parquet dataset or an increment"
         raise UsageError(f"shards write a local CSV or text output, not {what} (yet)")
     out = Path(output)
     check_output(out)
@@ -312,6 +320,10 @@ def run_shard(
     p = ShardPlan.of(plan)
     if not 0 <= index < p.shards:
         raise UsageError(f"shard {index} does not exist: the plan has shards 0 to {p.shards - 1}")
+    if is_s3(p.output):
+        from .s3shards import run_s3_shard
+
+        return run_s3_shard(p, index, conninfo=conninfo, progress=progress, sleep=sleep)
     out, started = Path(p.output), time.monotonic()
     ranges = _ranges(p, out)
     if ranges is None or ranges.join is not None:  # finished, or being joined: nothing to run
@@ -364,6 +376,10 @@ def finish_shards(
     them first). Idempotent: a finished export is reported ``already_complete``.
     """
     p = ShardPlan.of(plan)
+    if is_s3(p.output):
+        from .s3shards import finish_s3_shards
+
+        return finish_s3_shards(p, conninfo=conninfo, sleep=sleep)
     out, started = Path(p.output), time.monotonic()
     spec, run = build(p.table, **p.options)
     with ExportSession(p.conninfo if conninfo is None else conninfo, spec, out, run, sleep) as s:

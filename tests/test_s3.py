@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -611,3 +612,61 @@ def test_a_tiny_table_with_an_empty_range(
         assert get(s3, key) == want and len(want.splitlines()) < 41
         manifest = json.loads(get(s3, key + ".manifest.json"))
         assert manifest["workers"] == 4
+
+
+# -- shards to S3 ------------------------------------------------------------------------------
+
+
+def _shard(index: int, cwd: Path, *, call: str = "run_shard") -> subprocess.Popen[bytes]:
+    """``copystream.run_shard(plan, index)`` in a process of its own in ``cwd`` (another
+    machine: nothing local), the plan read from the bucket."""
+    plan = f"s3://{BUCKET}/sh.csv.shards.json"
+    code = (f"import json, copystream; r = copystream.{call}({plan!r}, {index}); "
+            "print(json.dumps(r.to_json()))")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_shards_to_s3_run_anywhere_and_finish_into_one_upload(
+    db: str, s3: Any, expected: bytes, tmp_path: Path
+) -> None:
+    """plan → run_shard (each in a new directory; shard 0 killed once it stored its head and run
+    again: resumed; shard 1 run twice: the second returns at once) → finish_shards while a
+    shard's checkpoint is missing is refused, naming the shard; once it ran again, the object is
+    psql's CSV, the plan and the ranges' objects are gone, and finishing again does nothing."""
+    plan = copystream.plan_shards(db, "t", f"s3://{BUCKET}/sh.csv", shards=2, chunk_rows=2000)
+    assert plan.shards == 2 and "sh.csv.shards.json" in keys(s3) and len(uploads(s3)) == 1
+    again = copystream.plan_shards(db, "t", f"s3://{BUCKET}/sh.csv", shards=2, chunk_rows=2000)
+    assert again == plan  # planned again while unfinished: the same plan
+    dirs = [tmp_path / f"m{i}" for i in range(5)]
+    for d in dirs:
+        d.mkdir()
+    first = _shard(0, dirs[0])
+    while first.poll() is None and not any(c["destination"]["range"]["head"]
+                                           for c in _range_checkpoints(s3, "sh.csv")):
+        pass  # fmt: skip
+    first.kill()
+    first.communicate()
+    assert first.returncode == -9
+    results = []
+    for i, d in ((0, dirs[1]), (1, dirs[2]), (1, dirs[3])):
+        proc = _shard(i, d)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        results.append(json.loads(out))
+    assert results[0]["resumed"] and not results[1]["already_complete"], results
+    assert results[2]["already_complete"] and results[2]["rows"] == results[1]["rows"]
+    from copystream.errors import ExportFailed
+
+    s3.delete_object(Bucket=BUCKET, Key="sh.csv.part-0001.checkpoint.json")  # as if never run
+    with pytest.raises(ExportFailed, match=r"shard\(s\) 1 of 2"):
+        copystream.finish_shards(plan)
+    proc = _shard(1, dirs[4])
+    assert proc.wait(timeout=120) == 0
+    result = copystream.finish_shards(f"s3://{BUCKET}/sh.csv.shards.json")
+    assert result.rows == ROWS and get(s3, "sh.csv") == expected
+    assert keys(s3) == {"sh.csv", "sh.csv.manifest.json"} and uploads(s3) == []
+    assert json.loads(get(s3, "sh.csv.manifest.json"))["workers"] == 2
+    assert copystream.finish_shards(plan).already_complete
+    assert copystream.run_shard(plan, 1).already_complete
+    assert all(list(d.iterdir()) == [] for d in dirs)
