@@ -41,6 +41,7 @@ from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
 from .progress import Progress
+from .retry import RetryPolicy
 from .s3ranges import PLAN, load_plan, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
@@ -207,13 +208,14 @@ class Sidecars:
             kw = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
-def _open(output: str) -> Sidecars:
+def _open(output: str, policy: RetryPolicy | None = None) -> Sidecars:
     """The client for ``output``, after checking that its bucket can be reached (a usage error,
-    exit 2, when it is missing, the credentials are, or they may not read it)."""
+    exit 2, when it is missing, the credentials are, or they may not read it: at once, with
+    botocore's few retries only, as a wrong database address is)."""
     url = s3url.parse(output)
-    side = Sidecars(s3url.client(), url)
+    side = Sidecars(s3url.client(policy), url)
     try:
-        side.client.head_bucket(Bucket=url.bucket)
+        side.client.raw.head_bucket(Bucket=url.bucket)
     except Exception as e:
         error = classify(e, url, "checking the bucket")
         if not isinstance(error, UsageError):
@@ -283,7 +285,7 @@ def open_output(output: str, spec: ExportSpec, run: RunOptions) -> Sidecars:
         raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
     if run.incremental or run.since is not None or spec.watermark is not None:
         raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
-    return _open(output)
+    return _open(output, run.policy)
 
 
 def restart(side: Sidecars) -> None:

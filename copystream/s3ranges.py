@@ -225,7 +225,7 @@ def run_range(
     from .s3export import Sidecars
 
     url = s3url.parse(output)
-    side = Sidecars(s3url.client(), range_url(url, index))
+    side = Sidecars(s3url.client(job.run.policy), range_url(url, index))
     cp = side.load_checkpoint()
     resumed = cp is not None and bool(cp.chunks)
     if cp is not None:

@@ -36,6 +36,7 @@ from helpers import (
     scratch_database,
     xxh,
 )
+from s3_fault_proxy import Rule, S3FaultProxy
 
 import copystream
 from copystream.destinations.s3 import PART_MIN, multipart_etag, part_target
@@ -670,3 +671,57 @@ def test_shards_to_s3_run_anywhere_and_finish_into_one_upload(
     assert copystream.finish_shards(plan).already_complete
     assert copystream.run_shard(plan, 1).already_complete
     assert all(list(d.iterdir()) == [] for d in dirs)
+
+
+# -- faults of the S3 endpoint: a real HTTP proxy in front of it --------------------------------
+
+
+@pytest.fixture
+def proxy(endpoint: str, s3: Any) -> Iterator[S3FaultProxy]:
+    """The fault-injection proxy in front of moto; the exports' endpoint is the proxy."""
+    with S3FaultProxy(endpoint) as p, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
+
+
+def test_503s_and_resets_during_parts_and_completion_are_retried(
+    db: str, proxy: S3FaultProxy, s3: Any, expected: bytes
+) -> None:
+    """A part answered 503 SlowDown four times in a row (more than botocore's 3 attempts: the
+    export's own retry takes over, and logs it), one whose connection is reset before its body
+    is read, one whose answer is cut off after the part was stored, and the completion answered
+    503 and then cut off after it took effect: the object is psql's CSV."""
+    rules = [
+        proxy.add(Rule("PUT", "partNumber=", "503", times=4, skip=1)),
+        proxy.add(Rule("PUT", "partNumber=", "reset-request", skip=1)),
+        proxy.add(Rule("PUT", "partNumber=", "reset-response", skip=1)),
+        proxy.add(Rule("POST", "uploadId=", "503", times=2)),
+        proxy.add(Rule("POST", "uploadId=", "reset-response")),
+    ]
+    proc = run(s3_export(db, "f.csv", "--chunk-rows", "10000"))
+    assert_ok(proc)
+    assert [r.hits for r in rules] == [4, 1, 1, 2, 1], proxy.log
+    assert get(s3, "f.csv") == expected and uploads(s3) == []
+    assert "S3 upload_part of f.csv failed (S3 answered SlowDown)" in proc.stderr, proc.stderr
+    assert_ok(run(cli("verify", f"s3://{BUCKET}/f.csv")))
+
+
+def test_an_endpoint_failing_past_the_outage_limit_stops_resumably(
+    db: str, proxy: S3FaultProxy, s3: Any, expected: bytes
+) -> None:
+    """Every part after the first answered 503 for longer than --max-outage: exit 1, one error
+    line, the checkpoint in the bucket intact; once the endpoint is well, the same command
+    resumes and finishes."""
+    proxy.add(Rule("PUT", "partNumber=", "503", times=None, skip=1))
+    cmd = s3_export(db, "o.csv", "--chunk-rows", "10000", "--max-outage", "3")
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("copystream: error:")]
+    assert len(errors) == 1 and "SlowDown" in errors[0] and "Traceback" not in proc.stderr
+    assert "up to 3s for an outage" in proc.stderr  # the export's own retries, logged
+    cp = _checkpoint(s3, "o.csv")
+    assert cp is not None and len(cp["destination"]["parts"]) == 1
+    proxy.clear()
+    again = run(cmd)
+    assert_ok(again)
+    assert "(resumed)" in again.stdout and get(s3, "o.csv") == expected

@@ -463,12 +463,18 @@ class S3Object:
         """Complete the upload: the object appears at its key (idempotent)."""
         if self.completed:
             return
+        from botocore.exceptions import ClientError
+
         parts = [{"PartNumber": int(p["number"]), "ETag": str(p["etag"])} for p in self._parts]
         try:
             self._client.complete_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             )  # fmt: skip
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise classify(e, self.url, "completing the upload") from e
+            self._check_completed()  # an attempt whose answer was lost completed it
         except Exception as e:
             raise classify(e, self.url, "completing the upload") from e
         self.completed = True
