@@ -40,6 +40,7 @@ from .export import ExportResult, ExportStatus, _result
 from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
+from .pool import started_ahead
 from .progress import Progress
 from .retry import RetryPolicy
 from .s3ranges import PLAN, load_plan, remove_ranges, run_ranges
@@ -326,7 +327,10 @@ def _run_workers(
     started: float,
 ) -> ExportResult:
     """Run the export's key ranges in worker processes into one upload (:mod:`.s3ranges`)."""
-    cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
+    # the workers' interpreters start (and import boto3) while the key is sampled
+    preload = ("copystream.s3ranges", "boto3", "botocore.client")
+    with started_ahead(max(1, workers), preload=preload):
+        cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
     resumed = any(o.resumed for o in outcomes)
     pit = kept and not resumed
     manifest = publish_ranges(side, session.table, cp, outcomes, started, pit=pit)

@@ -400,11 +400,14 @@ def _complete(side: Any, upload_id: str, parts: Sequence[dict[str, Any]]) -> Non
 
     url: S3Url = side.url
     listed = [{"PartNumber": int(p["number"]), "ETag": str(p["etag"])} for p in parts]
+    t0 = time.monotonic()
     try:
         side.client.complete_multipart_upload(
             Bucket=url.bucket, Key=url.key, UploadId=upload_id,
             MultipartUpload={"Parts": listed},
         )  # fmt: skip
+        log.info("%s: upload completed (%d parts) in %.2fs", url, len(parts),
+                 time.monotonic() - t0)  # fmt: skip
         return
     except ClientError as e:
         if e.response.get("Error", {}).get("Code") != "NoSuchUpload":

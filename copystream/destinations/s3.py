@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import queue
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -60,6 +62,8 @@ __all__ = [
     "part_target",
     "range_per",
 ]
+
+log = logging.getLogger("copystream")
 
 #: The ``kind`` of an S3 object's state in a checkpoint.
 KIND = "s3"
@@ -466,6 +470,7 @@ class S3Object:
         from botocore.exceptions import ClientError
 
         parts = [{"PartNumber": int(p["number"]), "ETag": str(p["etag"])} for p in self._parts]
+        t0 = time.monotonic()
         try:
             self._client.complete_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
@@ -478,6 +483,8 @@ class S3Object:
         except Exception as e:
             raise classify(e, self.url, "completing the upload") from e
         self.completed = True
+        log.info("%s: upload completed (%d parts) in %.2fs", self.url, len(parts),
+                 time.monotonic() - t0)  # fmt: skip
 
     def close(self) -> None:
         """Drop what is buffered (idempotent); the upload stays, for a resume."""
