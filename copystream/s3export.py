@@ -42,8 +42,9 @@ from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
 from .pool import started_ahead
 from .progress import Progress
+from .ranges import KeyRanges
 from .retry import RetryPolicy
-from .s3ranges import PLAN, load_plan, remove_ranges, run_ranges
+from .s3ranges import PLAN, load_plan, range_url, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, manifest_identity
@@ -459,6 +460,9 @@ def s3_status(output: str) -> ExportStatus:
             output, "in progress", str(cp.export.get("table")), cp.rows, cp.offset, cp.last_key,
             cp.estimated_rows, len(cp.chunks), ranges_finished=int(cp.finished),
         )  # fmt: skip
+    plan = load_plan(side)
+    if plan is not None:  # a ``workers`` export (or shards): its ranges' checkpoints, summed
+        return _ranges_status(side, plan.ranges)
     m = side.load_manifest()
     if m is not None:
         last = m.chunks[-1].last_key if m.chunks else None
@@ -467,6 +471,18 @@ def s3_status(output: str) -> ExportStatus:
             ranges=m.workers, ranges_finished=m.workers,
         )  # fmt: skip
     raise UsageError(f"no checkpoint or manifest beside {output}: no export to report on")
+
+
+def _ranges_status(side: Sidecars, ranges: KeyRanges) -> ExportStatus:
+    cps = [Sidecars(side.client, range_url(side.url, i)).load_checkpoint()
+           for i in range(len(ranges.ranges))]  # fmt: skip
+    done = [cp for cp in cps if cp is not None]
+    return ExportStatus(
+        str(side.url), "in progress", str(ranges.export.get("table")),
+        sum(cp.rows for cp in done), sum(cp.offset for cp in done), None,
+        next((cp.estimated_rows for cp in done), None), sum(len(cp.chunks) for cp in done),
+        ranges=len(cps), ranges_finished=sum(cp.finished for cp in done),
+    )  # fmt: skip
 
 
 def verify_s3(output: str, *, deep: bool = False) -> VerifyResult:

@@ -565,6 +565,10 @@ def test_sigkill_a_worker_then_the_coordinator_resumes_from_another_directory(
             proc.kill()
     assert killed_worker and proc.returncode == -9, err.decode()
     plan = json.loads(get(s3, key + ".parts.json"))
+    status = run(cli("status", "--json", f"s3://{BUCKET}/{key}"))  # from the bucket alone
+    assert_ok(status)
+    st = json.loads(status.stdout)
+    assert st["state"] == "in progress" and st["ranges"] == 2 and st["ranges_finished"] < 2
     (tmp_path / "b").mkdir()
     again = subprocess.run(cmd, cwd=tmp_path / "b", capture_output=True, text=True, timeout=180)
     assert_ok(again)
