@@ -50,7 +50,7 @@ from .destinations.s3 import (
     fresh_state,
     multipart_etag,
 )
-from .errors import CheckpointMismatch, CopystreamError, PrefixMismatch, VerificationFailed
+from .errors import CheckpointMismatch, CopystreamError, PrefixMismatch
 from .join import _combined
 from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, sample_ranges, start
@@ -351,21 +351,15 @@ def finish_upload(side: Any, plan: S3Ranges, outcomes: Sequence[PartOutcome]) ->
         save_plan(side, plan)  # before the completion: a re-run completes these parts
     assert plan.parts is not None
     _complete(side, plan.upload_id, plan.parts)
-    final = _combined(plan.ranges, outcomes, combined_chunks(outcomes), "", {})
-    compress = final.export.get("compress")
-    try:
-        hashed = side.read_back(final.chunks, compress, deep=compress is not None)
-    except ValueError as e:
-        raise VerificationFailed(
-            f"{side.url}: chunk {e.args[0]} differs from its range's checkpoint after the upload"
-        ) from e
+    from .s3export import _read_back
+
     destination: dict[str, Any] = {
         "kind": "s3", "bucket": side.url.bucket, "key": side.url.key,
         "upload_id": plan.upload_id, "parts": list(plan.parts),
     }  # fmt: skip
-    if hashed.raw is not None:
-        destination.update(uncompressed_bytes=hashed.raw[0], uncompressed_xxh3_128=hashed.raw[1])
-    return replace(final, xxh3_128=hashed.xxh3_128, destination=destination)
+    final = _combined(plan.ranges, outcomes, combined_chunks(outcomes), "", destination)
+    digest, final = _read_back(side, final)  # the whole object's digests, every chunk checked
+    return replace(final, xxh3_128=digest)
 
 
 def _seam(side: Any, upload_id: str, seam: Seam) -> dict[str, Any]:
