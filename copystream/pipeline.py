@@ -96,6 +96,7 @@ __all__ = [
     "manifest_of",
     "remove_export_files",
     "retrying",
+    "sample_ranges",
     "start",
 ]
 
@@ -535,20 +536,31 @@ def _split(
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
-    conn = session.connection()
-    try:
-        with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
-            bounds = sample_boundaries(conn, session.table, session.run.workers, snapshot=snapshot)
-    except psycopg.Error as e:
-        # The filter first runs here: a writing or failing filter is a usage error.
-        why = "sampling the key range failed"
-        raise translate(e, session.phase, why=why, transient=False) from e
-    ranges = new_parts(session.spec.identity(), settings, started_at, bounds)
+    ranges = sample_ranges(session, session.run.workers, settings, started_at, snapshot)
     remove_parts(out)  # orphaned part files (no ranges file names them) must not be resumed
     with contextlib.suppress(FileNotFoundError):  # of an OUTPUT deleted by hand
         manifest_path(out).unlink()
     save_parts(out, ranges)
     return ranges
+
+
+def sample_ranges(
+    session: ExportSession,
+    count: int,
+    settings: dict[str, str],
+    started_at: str,
+    snapshot: str | None,
+) -> KeyRanges:
+    """Sample the key: the plan of ``count`` key ranges of about equal row counts."""
+    conn = session.connection()
+    try:
+        with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
+            bounds = sample_boundaries(conn, session.table, count, snapshot=snapshot)
+    except psycopg.Error as e:
+        # The filter first runs here: a writing or failing filter is a usage error.
+        why = "sampling the key range failed"
+        raise translate(e, session.phase, why=why, transient=False) from e
+    return new_parts(session.spec.identity(), settings, started_at, bounds)
 
 
 def _warn_many_chunks(session: ExportSession, ranges: KeyRanges | None) -> None:

@@ -408,8 +408,10 @@ def _run_in_pool(
     table: str,
     estimated_rows: int | None,
     progress: Callable[[Progress], None] | None,
+    chunks_of: Callable[[int], int] | None = None,
 ) -> list[PartOutcome]:
     """Run the ranges' ``tasks`` (one per job) in the worker pool; their outcomes in order.
+    ``chunks_of(i)``: the chunks range ``i``'s checkpoint records, when it is not a local file.
 
     A worker that dies (the OOM killer, a stray ``kill -9``) is started again from its range's
     checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
@@ -419,7 +421,7 @@ def _run_in_pool(
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
-    restarts = _Restarts(jobs, table)
+    restarts = _Restarts(jobs, table, chunks_of)
     for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             latest[event.index] = event.value
@@ -467,15 +469,18 @@ class _Restarts:
     checkpoint, as a re-run would.
     """
 
-    def __init__(self, jobs: Sequence[PartJob], table: str) -> None:
+    def __init__(
+        self, jobs: Sequence[PartJob], table: str, chunks_of: Callable[[int], int] | None = None
+    ) -> None:
         self.jobs = jobs
         self.table = table
+        self._chunks = chunks_of or self._local_chunks
         self.retriers = [Retrier(job.run.policy, classifier=_died) for job in jobs]
         self.chunks = [max(0, self._chunks(i)) for i in range(len(jobs))]
         self.resumed = [self._chunks(i) >= 0 for i in range(len(jobs))]  # before this run
         self.gave_up: dict[int, str] = {}
 
-    def _chunks(self, i: int) -> int:
+    def _local_chunks(self, i: int) -> int:
         """Chunks the checkpoint of range ``i`` records now (-1: it has none)."""
         state = self.jobs[i].state
         try:

@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,6 @@ from .destinations.s3 import Hashed, S3Object, hash_object, head_object
 from .errors import (
     CheckpointMismatch,
     CopystreamError,
-    Opt,
     OutputExists,
     OutputProblem,
     UsageError,
@@ -39,14 +38,29 @@ from .errors import (
 )
 from .export import ExportResult, ExportStatus, _result
 from .manifest import Manifest, VerifyResult
-from .part import PartJob, PartRunner
+from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
+from .pool import started_ahead
 from .progress import Progress
+from .ranges import KeyRanges
+from .retry import RetryPolicy
+from .s3ranges import PLAN, load_plan, range_url, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, manifest_identity
+from .table import ResolvedTable
 
-__all__ = ["Sidecars", "run_s3_export", "s3_status", "verify_s3"]
+__all__ = [
+    "S3Session",
+    "Sidecars",
+    "discover",
+    "open_output",
+    "publish_ranges",
+    "restart",
+    "run_s3_export",
+    "s3_status",
+    "verify_s3",
+]
 
 log = logging.getLogger("copystream")
 
@@ -77,6 +91,29 @@ class Sidecars:
             raise classify(e, self.url, f"reading {where}") from e
         except Exception as e:
             raise classify(e, self.url, f"reading {where}") from e
+
+    def get(self, suffix: str) -> bytes | None:
+        """The object beside the output with ``suffix``, or ``None`` when there is none."""
+        got = self._get(suffix)
+        return None if got is None else got[0]
+
+    def put(self, suffix: str, data: bytes) -> None:
+        """Write the object beside the output with ``suffix``."""
+        self._call(f"writing {self.url}{suffix}", "put_object", suffix, Body=data)
+
+    def keys_under(self, suffix: str) -> list[str]:
+        """The keys of the objects whose key starts with the output's and ``suffix``."""
+        keys, kw = [], dict[str, Any]()
+        prefix = self.url.key + suffix
+        while True:
+            try:
+                page = self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=prefix, **kw)
+            except Exception as e:
+                raise classify(e, self.url, f"listing the objects beside {self.url}") from e
+            keys += [str(o["Key"]) for o in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                return keys
+            kw = {"ContinuationToken": page["NextContinuationToken"]}
 
     def load_checkpoint(self) -> Checkpoint | None:
         """The checkpoint beside the object, or ``None``; a damaged one raises."""
@@ -173,13 +210,14 @@ class Sidecars:
             kw = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
 
 
-def _open(output: str) -> Sidecars:
+def _open(output: str, policy: RetryPolicy | None = None) -> Sidecars:
     """The client for ``output``, after checking that its bucket can be reached (a usage error,
-    exit 2, when it is missing, the credentials are, or they may not read it)."""
+    exit 2, when it is missing, the credentials are, or they may not read it: at once, with
+    botocore's few retries only, as a wrong database address is)."""
     url = s3url.parse(output)
-    side = Sidecars(s3url.client(), url)
+    side = Sidecars(s3url.client(policy), url)
     try:
-        side.client.head_bucket(Bucket=url.bucket)
+        side.client.raw.head_bucket(Bucket=url.bucket)
     except Exception as e:
         error = classify(e, url, "checking the bucket")
         if not isinstance(error, UsageError):
@@ -188,7 +226,7 @@ def _open(output: str) -> Sidecars:
     return side
 
 
-class _S3Session(ExportSession):
+class S3Session(ExportSession):
     """An export session without a lock file: the checkpoint's conditional writes guard."""
 
     def lock(self) -> bool:
@@ -207,20 +245,13 @@ def run_s3_export(
     """:func:`~copystream.export.run_export` to ``s3://bucket/key``."""
     started = time.monotonic()
     run = run or RunOptions()
-    if run.workers > 1:
-        raise UsageError([Opt("workers"), f" above 1 cannot write to S3 yet ({output})"])
-    if spec.options.format == "parquet":
-        raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
-    if run.incremental or run.since is not None or spec.watermark is not None:
-        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
-    side = _open(output)  # before anything is read from PostgreSQL
-    with _S3Session(conninfo, spec, Path(side.url.key), run, sleep) as session:
+    side = open_output(output, spec, run)  # before anything is read from PostgreSQL
+    # the key ranges of ``workers`` are split and recorded here, in the bucket (s3ranges)
+    one = replace(run, workers=1)
+    with S3Session(conninfo, spec, Path(side.url.key), one, sleep) as session:
         if run.restart:
-            aborted = side.abort_uploads()
-            for suffix in (CHECKPOINT, MANIFEST, ""):
-                side.delete(suffix)
-            log.info("%s: restarting (%d unfinished upload(s) aborted)", output, aborted)
-        found = _discover(side, session.spec.identity())
+            restart(side)
+        found = discover(side, session.spec.identity())
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -230,6 +261,10 @@ def run_s3_export(
                 raise OutputExists(f"{output} exists and has no checkpoint to resume from")
             side.delete(MANIFEST)
             found = Fresh()
+        if (isinstance(found, Fresh) and run.workers > 1) or (
+            isinstance(found, Resume) and found.ranges is not None
+        ):
+            return _run_workers(side, session, found, run.workers, progress, started)
         begun = start(session, found)
         session.close_connection()
         cp, digest, retries, lost = _run_part(side, begun.job, found, progress, sleep)
@@ -245,12 +280,77 @@ def run_s3_export(
     )
 
 
-def _discover(side: Sidecars, expected: dict[str, Any]) -> OnDisk:
+def open_output(output: str, spec: ExportSpec, run: RunOptions) -> Sidecars:
+    """The sidecars of ``output`` once the export is known to be one S3 can take and the
+    bucket reachable (else a usage error, before anything is read from PostgreSQL)."""
+    if spec.options.format == "parquet":
+        raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
+    if run.incremental or run.since is not None or spec.watermark is not None:
+        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
+    return _open(output, run.policy)
+
+
+def restart(side: Sidecars) -> None:
+    """Discard everything of an export to ``side.url``: unfinished uploads, the object, its
+    checkpoint, manifest and key ranges."""
+    aborted = side.abort_uploads()
+    for suffix in (CHECKPOINT, MANIFEST, ""):
+        side.delete(suffix)
+    remove_ranges(side)
+    log.info("%s: restarting (%d unfinished upload(s) aborted)", side.url, aborted)
+
+
+def publish_ranges(
+    side: Sidecars,
+    table: ResolvedTable,
+    cp: Checkpoint,
+    outcomes: Sequence[PartOutcome],
+    started: float,
+    *,
+    pit: bool,
+) -> Manifest:
+    """Write the manifest of a completed key-range upload; remove the ranges' objects."""
+    manifest = manifest_of(
+        table, cp, cp.xxh3_128, started, resumed=any(o.resumed for o in outcomes),
+        workers=len(outcomes), point_in_time=pit,
+    )  # fmt: skip
+    side.save_manifest(manifest)
+    remove_ranges(side)
+    return manifest
+
+
+def _run_workers(
+    side: Sidecars,
+    session: ExportSession,
+    found: Fresh | Resume,
+    workers: int,
+    progress: Callable[[Progress], None] | None,
+    started: float,
+) -> ExportResult:
+    """Run the export's key ranges in worker processes into one upload (:mod:`.s3ranges`)."""
+    # the workers' interpreters start (and import boto3) while the key is sampled
+    preload = ("copystream.s3ranges", "boto3", "botocore.client")
+    with started_ahead(max(1, workers), preload=preload):
+        cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
+    resumed = any(o.resumed for o in outcomes)
+    pit = kept and not resumed
+    manifest = publish_ranges(side, session.table, cp, outcomes, started, pit=pit)
+    retries = sum(o.retries for o in outcomes)
+    return _result(
+        str(side.url), session.table, manifest, started, resumed=resumed, retries=retries, pit=pit
+    )
+
+
+def discover(side: Sidecars, expected: dict[str, Any]) -> OnDisk:
     """What the bucket holds of the export ``expected``: as :func:`copystream.state.discover`."""
     cp = side.load_checkpoint()
     if cp is not None:
         require_same(cp.export, expected, f"{side.url}{CHECKPOINT}")
         return Resume(cp, None)
+    plan = load_plan(side)
+    if plan is not None:  # a ``workers`` export's key ranges
+        require_same(plan.ranges.export, expected, f"{side.url}{PLAN}")
+        return Resume(None, plan.ranges)
     head = side.head()
     if head is None:
         return Fresh()
@@ -360,6 +460,9 @@ def s3_status(output: str) -> ExportStatus:
             output, "in progress", str(cp.export.get("table")), cp.rows, cp.offset, cp.last_key,
             cp.estimated_rows, len(cp.chunks), ranges_finished=int(cp.finished),
         )  # fmt: skip
+    plan = load_plan(side)
+    if plan is not None:  # a ``workers`` export (or shards): its ranges' checkpoints, summed
+        return _ranges_status(side, plan.ranges)
     m = side.load_manifest()
     if m is not None:
         last = m.chunks[-1].last_key if m.chunks else None
@@ -368,6 +471,18 @@ def s3_status(output: str) -> ExportStatus:
             ranges=m.workers, ranges_finished=m.workers,
         )  # fmt: skip
     raise UsageError(f"no checkpoint or manifest beside {output}: no export to report on")
+
+
+def _ranges_status(side: Sidecars, ranges: KeyRanges) -> ExportStatus:
+    cps = [Sidecars(side.client, range_url(side.url, i)).load_checkpoint()
+           for i in range(len(ranges.ranges))]  # fmt: skip
+    done = [cp for cp in cps if cp is not None]
+    return ExportStatus(
+        str(side.url), "in progress", str(ranges.export.get("table")),
+        sum(cp.rows for cp in done), sum(cp.offset for cp in done), None,
+        next((cp.estimated_rows for cp in done), None), sum(len(cp.chunks) for cp in done),
+        ranges=len(cps), ranges_finished=sum(cp.finished for cp in done),
+    )  # fmt: skip
 
 
 def verify_s3(output: str, *, deep: bool = False) -> VerifyResult:

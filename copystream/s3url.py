@@ -3,25 +3,44 @@
 Credentials, region and endpoint come from the standard AWS chain (environment variables,
 ``AWS_PROFILE`` and the config files, instance roles; ``AWS_ENDPOINT_URL`` or
 ``AWS_ENDPOINT_URL_S3`` for MinIO, Ceph, R2 and the like): copystream never sees a secret, and
-none of its records or messages holds one. Throttling (503 SlowDown), timeouts and dropped
-connections are retried by botocore's ``standard`` retry mode (:data:`ATTEMPTS` attempts with
-backoff); what still fails is an :class:`~copystream.errors.ExportFailed` (the checkpoint in
-the bucket is intact: run again to resume). A missing bucket, missing credentials or a refused
-request are usage errors (:func:`classify`), reported before anything is read from PostgreSQL.
+none of its records or messages holds one. Throttling (503 SlowDown and other 5xx answers),
+timeouts and dropped connections are retried twice: by botocore's ``standard`` retry mode
+(:data:`ATTEMPTS` attempts with backoff, within one call), then, as an outage of the database
+would be, by :class:`RetryingClient`: the call is made again, with the export's backoff, until
+it has been failing for the export's ``max_outage`` seconds (:func:`transient` says which
+errors; each retry is a log line). What still fails is an
+:class:`~copystream.errors.ExportFailed` (the checkpoint in the bucket is intact: run again to
+resume). A missing bucket, missing credentials or a refused request are usage errors
+(:func:`classify`), reported before anything is read from PostgreSQL.
 """
 
 from __future__ import annotations
 
+import functools
+import io
 import os
+import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from .errors import CopystreamError, ExportFailed, OutputProblem, Remedy
+from .retry import Failure, Retrier, RetryPolicy
 
-__all__ = ["ATTEMPTS", "S3Url", "classify", "client", "is_s3", "parse"]
+__all__ = [
+    "ATTEMPTS",
+    "RetryingClient",
+    "S3Url",
+    "classify",
+    "client",
+    "is_s3",
+    "parse",
+    "transient",
+]
 
-#: Attempts of one S3 request (botocore's standard retry mode: throttling, 5xx, timeouts and
-#: dropped connections, with exponential backoff and jitter).
-ATTEMPTS = 10
+#: Attempts of one S3 request by botocore itself (its standard retry mode: throttling, 5xx,
+#: timeouts and dropped connections, with exponential backoff and jitter); a request that still
+#: fails is retried as an outage by :class:`RetryingClient`.
+ATTEMPTS = 3
 
 PREFIX = "s3://"
 
@@ -54,8 +73,14 @@ def parse(output: str) -> S3Url:
     return S3Url(bucket, key)
 
 
-def client() -> Any:
-    """An S3 client from the standard AWS chain, retrying throttling and dropped connections."""
+def client(policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> Any:
+    """An S3 client from the standard AWS chain, retrying throttling, 5xx answers, timeouts and
+    dropped connections (a :class:`RetryingClient` with ``policy``, default
+    :class:`RetryPolicy`'s)."""
+    return RetryingClient(_boto3_client(), policy or RetryPolicy(), sleep)
+
+
+def _boto3_client() -> Any:
     try:
         import boto3
         from botocore.config import Config
@@ -66,6 +91,63 @@ def client() -> Any:
     config = Config(retries={"max_attempts": ATTEMPTS, "mode": "standard"})
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     return boto3.session.Session().client("s3", endpoint_url=endpoint or None, config=config)
+
+
+#: Error codes of an endpoint that is overloaded or failing for now (any 5xx answer too).
+_BUSY = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+         "ServiceUnavailable", "InternalError", "RequestLimitExceeded"}  # fmt: skip
+
+
+def transient(e: BaseException) -> Failure | None:
+    """Whether the S3 error ``e`` is worth another attempt: throttling, a 5xx answer, a
+    timeout or a dropped or refused connection are an outage of the endpoint (limited by
+    ``max_outage``, as a lost database connection is); anything else is not. Pure."""
+    from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+
+    if isinstance(e, ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if code in _BUSY or status >= 500:
+            return Failure(f"S3 answered {code or status}", outage=True)
+        return None
+    if isinstance(e, ConnectionError | HTTPClientError):
+        return Failure(f"S3 connection: {type(e).__name__}", outage=True)
+    return None
+
+
+class RetryingClient:
+    """A boto3 S3 client whose calls are made again while they fail :func:`transient`-ly,
+    until they have been failing for ``policy.max_outage`` seconds (each retry logged, with
+    the policy's backoff); the first call that succeeds ends the streak. A request body is
+    rewound before each attempt. ``raw`` is the client itself (botocore's retries only)."""
+
+    def __init__(self, raw: Any, policy: RetryPolicy, sleep: Callable[[float], None]) -> None:
+        self.raw, self._policy, self._sleep = raw, policy, sleep
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.raw, name)
+        if name.startswith("_") or not callable(method):
+            return method
+        return functools.partial(self._call, name, method)
+
+    def _call(self, name: str, method: Callable[..., Any], **kw: Any) -> Any:
+        body = kw.get("Body")
+        start = body.tell() if isinstance(body, io.IOBase) and body.seekable() else None
+        retrier = Retrier(self._policy, sleep=self._sleep, classifier=transient)
+        doing = f"S3 {name} of {kw.get('Key') or kw.get('Bucket')}"
+        while True:
+            try:
+                result = method(**kw)
+            except Exception as e:
+                d = retrier.failed(e)
+                if not d.retry:
+                    raise
+                retrier.wait(d, doing)
+                if start is not None:
+                    kw["Body"].seek(start)
+                continue
+            retrier.succeeded(doing)
+            return result
 
 
 #: Error codes that say the request itself cannot work: no retry will help.

@@ -148,7 +148,13 @@ class ShardPlan:
         """``plan`` itself, its JSON form, or the plan kept in the file ``plan``."""
         if isinstance(plan, ShardPlan):
             return plan
-        return cls.from_json(plan if isinstance(plan, Mapping) else read_plan_file(plan))
+        if isinstance(plan, Mapping):
+            return cls.from_json(plan)
+        if is_s3(plan):  # s3://bucket/KEY.shards.json
+            from .s3shards import load_shard_plan
+
+            return load_shard_plan(str(plan))
+        return cls.from_json(read_plan_file(plan))
 
 
 def read_plan_file(path: str | os.PathLike[str]) -> Any:
@@ -249,6 +255,10 @@ def plan_shards(
     """
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
+    if is_s3(output):  # the same calls, in the bucket
+        from .s3shards import plan_s3_shards
+
+        return plan_s3_shards(conninfo, table, str(output), shards=shards, sleep=sleep, **options)
     kept = _kept(options)
     spec, run = build(table, **options, workers=shards)
     out = Path(output)
@@ -348,6 +358,10 @@ def run_shard(
     p = ShardPlan.of(plan)  # type: ignore[arg-type]
     if not 0 <= index < p.shards:
         raise UsageError(f"shard {index} does not exist: the plan has shards 0 to {p.shards - 1}")
+    if is_s3(p.output):
+        from .s3shards import run_s3_shard
+
+        return run_s3_shard(p, index, conninfo=conninfo, progress=progress, sleep=sleep)
     spec, run = build(p.table, **p.options)
     dsn = p.conninfo if conninfo is None else conninfo
     return run_planned_range(dsn, spec, run, p.output, p.started_at, (index, p.shards),
@@ -423,6 +437,10 @@ def finish_shards(
         _no_conninfo(conninfo)
         return finish_bulk_shards(plan)  # type: ignore[arg-type]
     p = ShardPlan.of(plan)  # type: ignore[arg-type]
+    if is_s3(p.output):
+        from .s3shards import finish_s3_shards
+
+        return finish_s3_shards(p, conninfo=conninfo, sleep=sleep)
     spec, run = build(p.table, **p.options)
     dsn = p.conninfo if conninfo is None else conninfo
     result = finish_planned_ranges(dsn, spec, run, p.output, p.started_at, sleep=sleep)

@@ -14,12 +14,14 @@ one error line (exit 2) before PostgreSQL is read; ``verify`` finds an overwritt
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from helpers import (
     scratch_database,
     xxh,
 )
+from s3_fault_proxy import Rule, S3FaultProxy
 
 import copystream
 from copystream.destinations.s3 import PART_MIN, multipart_etag, part_target
@@ -426,3 +429,303 @@ def test_a_second_writer_is_refused_at_its_next_checkpoint(s3: Any) -> None:
     theirs.save_checkpoint(dataclasses.replace(cp, rows=5))  # it read it: If-Match, accepted
     with pytest.raises(OutputProblem, match=r"two exports are writing s3://exports/w\.csv"):
         mine.save_checkpoint(cp)  # the first run's next write: refused
+
+
+# -- workers: key ranges uploading into one multipart upload -------------------------------
+
+
+def _range_state(head: int, parts: list[int], tail: int, first: int) -> dict[str, Any]:
+    recs = [{"number": first + n, "etag": '"e"', "bytes": b} for n, b in enumerate(parts)]
+    return {
+        "parts": recs,
+        "range": {
+            "head": {"bytes": head, "etag": '"h"'} if head else None,
+            "tail": {"bytes": tail, "etag": '"t"'},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [
+        [(0, [], 100)],  # one tiny range: one short part
+        [(0, [], 0), (0, [], 0)],  # an empty table
+        [(0, [], 10), (PART_MIN, [PART_MIN], 3), (0, [], 0), (0, [], 7)],
+        [(PART_MIN, [PART_MIN, PART_MIN], 1), (0, [], 2), (PART_MIN, [], 4), (0, [], 0)],
+        [(0, [], PART_MIN - 1), (0, [], PART_MIN - 1), (0, [], 5), (PART_MIN + 9, [PART_MIN], 0)],
+    ],
+)
+def test_stitch_keeps_every_part_but_the_last_at_least_5_mib(
+    ranges: list[tuple[int, list[int], int]],
+) -> None:
+    """Small tails, empty ranges and ranges too small for a part: the parts the upload is
+    completed with are in key order, hold every byte once, and all but the last are >= 5 MiB."""
+    from copystream.s3ranges import Seam, numbers_of, stitch
+
+    n = len(ranges)
+    states = [_range_state(h, p, t, numbers_of(i, n)[0]) for i, (h, p, t) in enumerate(ranges)]
+    layout = stitch(states, n)
+    sizes = [p.bytes if isinstance(p, Seam) else p["bytes"] for p in layout]
+    numbers = [p.number if isinstance(p, Seam) else p["number"] for p in layout]
+    assert all(s >= PART_MIN for s in sizes[:-1]), sizes
+    assert numbers == sorted(set(numbers)) and numbers[0] >= 1 and numbers[-1] <= 10_000
+    assert sum(sizes) == sum(h + sum(p) + t for h, p, t in ranges)
+    pieces = [x[:2] for p in layout if isinstance(p, Seam) for x in p.pieces]
+    assert pieces == sorted(pieces, key=lambda x: (x[0], x[1] == "tail"))  # in key order
+
+
+@pytest.mark.parametrize("count", [2, 4, 16, 100])
+def test_a_range_of_5_tb_fits_in_its_block_of_part_numbers(count: int) -> None:
+    from copystream.destinations.s3 import range_per
+    from copystream.s3ranges import numbers_of
+
+    first, last = numbers_of(count - 1, count)
+    assert numbers_of(count - 2, count)[1] < first - 1  # the seam's number lies between
+    stored, parts = PART_MIN, 0  # the head
+    while stored < 5 * 10**12:
+        stored += part_target(stored, range_per(last - first + 1))
+        parts += 1
+    assert parts <= last - first + 1
+
+
+def _zstd_d(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+
+
+@pytest.mark.parametrize(("key", "workers"), [("w.csv", "3"), ("w.csv.zst", "2")])
+def test_workers_upload_one_object_that_is_psqls_csv(
+    db: str, s3: Any, expected: bytes, key: str, workers: str
+) -> None:
+    """3 ranges of ~5.7 MB (a head each, short tails: seams between them); compressed, 2
+    ranges too small for a part of their own. No join copy: the object is one upload."""
+    proc = run(s3_export(db, key, "--workers", workers, "--chunk-rows", "4000"))
+    assert_ok(proc)
+    data = get(s3, key)
+    assert (_zstd_d(data) if key.endswith(".zst") else data) == expected
+    assert keys(s3) == {key, key + ".manifest.json"} and uploads(s3) == []
+    manifest = json.loads(get(s3, key + ".manifest.json"))
+    assert manifest["workers"] == int(workers) and manifest["bytes"] == len(data)
+    assert manifest["xxh3_128"] == xxh(data) and manifest["rows"] == ROWS
+    assert_ok(run(cli("verify", "--deep", f"s3://{BUCKET}/{key}")))
+    one = run(s3_export(db, "one-" + key, "--chunk-rows", "4000"))  # the 1-worker export
+    assert_ok(one)
+    single = get(s3, "one-" + key)
+    if key.endswith(".zst"):  # the frames differ where the ranges begin; what they hold does not
+        assert _zstd_d(single) == _zstd_d(data)
+    else:
+        assert single == data
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def _range_checkpoints(s3: Any, key: str) -> list[dict[str, Any]]:
+    found = []
+    for k in sorted(keys(s3)):
+        if k.startswith(key + ".part-") and k.endswith(".checkpoint.json"):
+            with contextlib.suppress(Exception):
+                found.append(json.loads(get(s3, k)))
+    return found
+
+
+@pytest.mark.parametrize("key", ["k.csv", "k.csv.zst"])
+def test_sigkill_a_worker_then_the_coordinator_resumes_from_another_directory(
+    db: str, s3: Any, expected: bytes, tmp_path: Path, key: str
+) -> None:
+    """A worker is killed once its range has stored its head (the pool starts it again from
+    the range's checkpoint); then the coordinator, with the workers, once both ranges have
+    stored theirs (compressed, the ranges are too small for a head: a worker is killed once
+    its checkpoint exists, the coordinator once a range has finished); the run again from a
+    new working directory finishes the same upload."""
+    cmd = s3_export(db, key, "--workers", "2", "--chunk-rows", "2000")
+    zst = key.endswith(".zst")
+    (tmp_path / "a").mkdir()
+    proc = subprocess.Popen(cmd, cwd=tmp_path / "a", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)  # fmt: skip
+    killed_worker = False
+    try:
+        while proc.poll() is None:
+            edges = [c["destination"]["range"] for c in _range_checkpoints(s3, key)]
+            if zst:  # ~3 MB a range: no head, its checkpoint records nothing until its tail
+                first, then = bool(edges), any(e["tail"] for e in edges)
+            else:
+                first = any(e["head"] for e in edges)
+                then = sum(bool(e["head"]) for e in edges) == 2
+            if first and not killed_worker:
+                os.kill(_children(proc.pid)[0], 9)
+                killed_worker = True
+            elif killed_worker and then:
+                break
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_worker and proc.returncode == -9, err.decode()
+    plan = json.loads(get(s3, key + ".parts.json"))
+    status = run(cli("status", "--json", f"s3://{BUCKET}/{key}"))  # from the bucket alone
+    assert_ok(status)
+    st = json.loads(status.stdout)
+    assert st["state"] == "in progress" and st["ranges"] == 2 and st["ranges_finished"] < 2
+    (tmp_path / "b").mkdir()
+    again = subprocess.run(cmd, cwd=tmp_path / "b", capture_output=True, text=True, timeout=180)
+    assert_ok(again)
+    assert "(resumed)" in again.stdout
+    data = get(s3, key)
+    assert (_zstd_d(data) if key.endswith(".zst") else data) == expected
+    assert uploads(s3) == [] and keys(s3) == {key, key + ".manifest.json"}
+    assert plan["upload_id"] not in {u["UploadId"] for u in uploads(s3)}  # completed
+    assert "-" in s3.head_object(Bucket=BUCKET, Key=key)["ETag"]  # a multipart upload
+    assert list((tmp_path / "a").iterdir()) == [] and list((tmp_path / "b").iterdir()) == []
+
+
+TINY = """
+CREATE TABLE tiny (id int PRIMARY KEY, v text);
+INSERT INTO tiny SELECT g, 'v' || g FROM generate_series(1, 40) g;
+"""
+
+
+def test_a_tiny_table_with_an_empty_range(
+    pg: EphemeralPostgres, s3: Any, tmp_path: Path
+) -> None:
+    """4 ranges of 10 rows with 3-row chunks: every range's bytes are a short tail. The
+    coordinator is killed once the plan is in the bucket; the rows of range 2 are deleted
+    meanwhile, so it is empty when the run again exports it; the object is psql's CSV."""
+    with scratch_database(pg, TINY) as dsn:
+        key, url = "tiny.csv", f"s3://{BUCKET}/tiny.csv"
+        cmd = cli("export", "tiny", url, "--dsn", dsn, "--no-progress", "--workers", "4",
+                  "--chunk-rows", "3", "--header")  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            while proc.poll() is None and key + ".parts.json" not in keys(s3):
+                pass
+            proc.kill()
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        plan = json.loads(get(s3, key + ".parts.json"))
+        lo, hi = plan["ranges"]["ranges"][2]
+        for cp in _range_checkpoints(s3, key):
+            assert cp["rows"] == 0 or cp["export"]["range"] != [lo, hi]
+        delete = f"DELETE FROM tiny WHERE id > {lo[0]} AND id <= {hi[0]}"
+        subprocess.run([pg.psql_bin, "-X", "-q", dsn, "-c", delete], check=True)
+        assert_ok(run(cmd))
+        want = psql_copy(pg, dsn, "SELECT * FROM tiny ORDER BY id", "FORMAT csv, HEADER")
+        assert get(s3, key) == want and len(want.splitlines()) < 41
+        manifest = json.loads(get(s3, key + ".manifest.json"))
+        assert manifest["workers"] == 4
+
+
+# -- shards to S3 ------------------------------------------------------------------------------
+
+
+def _shard(index: int, cwd: Path, *, call: str = "run_shard") -> subprocess.Popen[bytes]:
+    """``copystream.run_shard(plan, index)`` in a process of its own in ``cwd`` (another
+    machine: nothing local), the plan read from the bucket."""
+    plan = f"s3://{BUCKET}/sh.csv.shards.json"
+    code = (f"import json, copystream; r = copystream.{call}({plan!r}, {index}); "
+            "print(json.dumps(r.to_json()))")  # fmt: skip
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)  # fmt: skip
+
+
+def test_shards_to_s3_run_anywhere_and_finish_into_one_upload(
+    db: str, s3: Any, expected: bytes, tmp_path: Path
+) -> None:
+    """plan → run_shard (each in a new directory; shard 0 killed once it stored its head and run
+    again: resumed; shard 1 run twice: the second returns at once) → finish_shards while a
+    shard's checkpoint is missing is refused, naming the shard; once it ran again, the object is
+    psql's CSV, the plan and the ranges' objects are gone, and finishing again does nothing."""
+    plan = copystream.plan_shards(db, "t", f"s3://{BUCKET}/sh.csv", shards=2, chunk_rows=2000)
+    assert plan.shards == 2 and "sh.csv.shards.json" in keys(s3) and len(uploads(s3)) == 1
+    again = copystream.plan_shards(db, "t", f"s3://{BUCKET}/sh.csv", shards=2, chunk_rows=2000)
+    assert again == plan  # planned again while unfinished: the same plan
+    dirs = [tmp_path / f"m{i}" for i in range(5)]
+    for d in dirs:
+        d.mkdir()
+    first = _shard(0, dirs[0])
+    while first.poll() is None and not any(c["destination"]["range"]["head"]
+                                           for c in _range_checkpoints(s3, "sh.csv")):
+        pass  # fmt: skip
+    first.kill()
+    first.communicate()
+    assert first.returncode == -9
+    results = []
+    for i, d in ((0, dirs[1]), (1, dirs[2]), (1, dirs[3])):
+        proc = _shard(i, d)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+        results.append(json.loads(out))
+    assert results[0]["resumed"] and not results[1]["already_complete"], results
+    assert results[2]["already_complete"] and results[2]["rows"] == results[1]["rows"]
+    from copystream.errors import ExportFailed
+
+    s3.delete_object(Bucket=BUCKET, Key="sh.csv.part-0001.checkpoint.json")  # as if never run
+    with pytest.raises(ExportFailed, match=r"shard\(s\) 1 of 2"):
+        copystream.finish_shards(plan)
+    proc = _shard(1, dirs[4])
+    assert proc.wait(timeout=120) == 0
+    result = copystream.finish_shards(f"s3://{BUCKET}/sh.csv.shards.json")
+    assert result.rows == ROWS and get(s3, "sh.csv") == expected
+    assert keys(s3) == {"sh.csv", "sh.csv.manifest.json"} and uploads(s3) == []
+    assert json.loads(get(s3, "sh.csv.manifest.json"))["workers"] == 2
+    assert copystream.finish_shards(plan).already_complete
+    assert copystream.run_shard(plan, 1).already_complete
+    assert all(list(d.iterdir()) == [] for d in dirs)
+
+
+# -- faults of the S3 endpoint: a real HTTP proxy in front of it --------------------------------
+
+
+@pytest.fixture
+def proxy(endpoint: str, s3: Any) -> Iterator[S3FaultProxy]:
+    """The fault-injection proxy in front of moto; the exports' endpoint is the proxy."""
+    with S3FaultProxy(endpoint) as p, pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AWS_ENDPOINT_URL", p.url)
+        yield p
+
+
+def test_503s_and_resets_during_parts_and_completion_are_retried(
+    db: str, proxy: S3FaultProxy, s3: Any, expected: bytes
+) -> None:
+    """A part answered 503 SlowDown four times in a row (more than botocore's 3 attempts: the
+    export's own retry takes over, and logs it), one whose connection is reset before its body
+    is read, one whose answer is cut off after the part was stored, and the completion answered
+    503 and then cut off after it took effect: the object is psql's CSV."""
+    rules = [
+        proxy.add(Rule("PUT", "partNumber=", "503", times=4, skip=1)),
+        proxy.add(Rule("PUT", "partNumber=", "reset-request", skip=1)),
+        proxy.add(Rule("PUT", "partNumber=", "reset-response", skip=1)),
+        proxy.add(Rule("POST", "uploadId=", "503", times=2)),
+        proxy.add(Rule("POST", "uploadId=", "reset-response")),
+    ]
+    proc = run(s3_export(db, "f.csv", "--chunk-rows", "10000"))
+    assert_ok(proc)
+    assert [r.hits for r in rules] == [4, 1, 1, 2, 1], proxy.log
+    assert get(s3, "f.csv") == expected and uploads(s3) == []
+    assert "S3 upload_part of f.csv failed (S3 answered SlowDown)" in proc.stderr, proc.stderr
+    assert_ok(run(cli("verify", f"s3://{BUCKET}/f.csv")))
+
+
+def test_an_endpoint_failing_past_the_outage_limit_stops_resumably(
+    db: str, proxy: S3FaultProxy, s3: Any, expected: bytes
+) -> None:
+    """Every part after the first answered 503 for longer than --max-outage: exit 1, one error
+    line, the checkpoint in the bucket intact; once the endpoint is well, the same command
+    resumes and finishes."""
+    proxy.add(Rule("PUT", "partNumber=", "503", times=None, skip=1))
+    cmd = s3_export(db, "o.csv", "--chunk-rows", "10000", "--max-outage", "3")
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("copystream: error:")]
+    assert len(errors) == 1 and "SlowDown" in errors[0] and "Traceback" not in proc.stderr
+    assert "up to 3s for an outage" in proc.stderr  # the export's own retries, logged
+    cp = _checkpoint(s3, "o.csv")
+    assert cp is not None and len(cp["destination"]["parts"]) == 1
+    proxy.clear()
+    again = run(cmd)
+    assert_ok(again)
+    assert "(resumed)" in again.stdout and get(s3, "o.csv") == expected

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import queue
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -48,7 +50,9 @@ from .local import LocalFile
 
 __all__ = [
     "KIND",
+    "MAX_PARTS",
     "PART_MIN",
+    "Edges",
     "Hashed",
     "S3Object",
     "fresh_state",
@@ -56,7 +60,10 @@ __all__ = [
     "head_object",
     "multipart_etag",
     "part_target",
+    "range_per",
 ]
+
+log = logging.getLogger("copystream")
 
 #: The ``kind`` of an S3 object's state in a checkpoint.
 KIND = "s3"
@@ -71,13 +78,20 @@ PIECE = 1024 * 1024
 _EMPTY = xxhash.xxh3_128().hexdigest()
 
 
-def part_target(stored: int) -> int:
+def part_target(stored: int, per: int = 1000) -> int:
     """The size at which the chunks buffered after ``stored`` bytes of parts are cut into a part.
 
-    5 MiB, growing with the object (a thousandth of it) so that no object S3 can hold (5 TB)
-    needs more than its 10,000 parts whatever the table's size estimate said. Pure.
+    5 MiB, growing with the object (a ``per``-th of it) so that no object S3 can hold (5 TB)
+    needs more than its 10,000 parts whatever the table's size estimate said (``per`` is
+    smaller for a key range, which has fewer part numbers: :func:`range_per`). Pure.
     """
-    return max(PART_MIN, stored // 1000)
+    return max(PART_MIN, stored // per)
+
+
+def range_per(numbers: int) -> int:
+    """The ``per`` of :func:`part_target` for a key range allotted ``numbers`` part numbers:
+    such that a range of 5 TB (S3's largest object) stays within them. Pure."""
+    return max(1, numbers // 14)
 
 
 def multipart_etag(etags: Sequence[str]) -> str:
@@ -89,8 +103,14 @@ def multipart_etag(etags: Sequence[str]) -> str:
     return f'"{md5.hexdigest()}-{len(etags)}"'
 
 
-def fresh_state(url: S3Url, upload_id: str, compress: dict[str, Any] | None) -> dict[str, Any]:
-    """An S3 object's state before anything is stored (the upload is created already)."""
+def fresh_state(
+    url: S3Url,
+    upload_id: str,
+    compress: dict[str, Any] | None,
+    edges: Edges | None = None,
+) -> dict[str, Any]:
+    """An S3 object's state before anything is stored (the upload is created already);
+    ``edges``: the object is one key range of a ``workers`` export (see :class:`Edges`)."""
     state: dict[str, Any] = {
         "kind": KIND,
         "bucket": url.bucket,
@@ -99,6 +119,9 @@ def fresh_state(url: S3Url, upload_id: str, compress: dict[str, Any] | None) -> 
         "parts": [],
         "hashed_from": 0,
     }
+    if edges is not None:
+        state["range"] = {"edge_key": edges.key, "numbers": list(edges.numbers),
+                          "head": None, "tail": None}  # fmt: skip
     if compress is not None:
         state.update(
             codec=compress["codec"],
@@ -121,6 +144,24 @@ def head_object(client: Any, url: S3Url) -> dict[str, Any] | None:
         raise classify(e, url, f"reading {url}") from e
     except Exception as e:
         raise classify(e, url, f"reading {url}") from e
+
+
+class Edges(NamedTuple):
+    """What one key range of a ``workers`` export uploads besides its parts.
+
+    Its parts take the numbers ``numbers`` (first, last) of the export's one upload. Every
+    part but the very last of an upload must be at least 5 MiB, so neither end of a range can
+    be a part of its own: its first bytes (the *head*, the first cut, at least 5 MiB) and its
+    last (the *tail*, what is left after its last cut, any size) are stored as the objects
+    ``KEY.head`` and ``KEY.tail`` (``key``: ``OUTPUT.part-NNNN``), which the end of the
+    export stitches into the parts between the ranges' (:mod:`copystream.s3ranges`).
+    """
+
+    key: str
+    numbers: tuple[int, int]
+
+
+HEAD, TAIL = 0, -1  # the "part numbers" of a range's head and tail objects
 
 
 class _Part(NamedTuple):
@@ -193,7 +234,12 @@ class S3Object:
         self._compressed = "codec" in state
         self._fd, self._buf = _buffer(offset, state)
         self._buf_start = offset
-        self._next_part = len(self._parts) + 1
+        self._range: dict[str, Any] | None = state.get("range")
+        first, self._last_number = (1, MAX_PARTS)
+        if self._range is not None:
+            first, self._last_number = self._range["numbers"]
+        self._per = 1000 if self._range is None else range_per(self._last_number - first + 1)
+        self._next_part = len(self._parts) + first
         self._ended: queue.SimpleQueue[_Part | None] = queue.SimpleQueue()
         self.completed = False
 
@@ -222,7 +268,8 @@ class S3Object:
         completed (the object is then checked against the recorded parts) or aborted
         (:class:`PrefixMismatch`).
         """
-        if sum(int(p["bytes"]) for p in state["parts"]) != offset:
+        head = (state.get("range") or {}).get("head") or {"bytes": 0}
+        if sum(int(p["bytes"]) for p in state["parts"]) + int(head["bytes"]) != offset:
             raise PrefixMismatch(f"{url}.checkpoint.json does not match its parts: damaged")
         dest = cls(client, url, {**state, "hashed_from": offset}, offset)
         try:
@@ -234,9 +281,18 @@ class S3Object:
 
     def _check_parts(self) -> None:
         listed = self._listed()
-        if listed is None:
+        if listed is None and self._range is None:
             self._check_completed()
             return
+        if listed is None:  # a key range's upload is completed only once every range is done
+            raise PrefixMismatch(f"the multipart upload to {self.url} is gone (aborted)")
+        head = self._range["head"] if self._range is not None else None
+        if head is not None:
+            got = head_object(self._client, self._edge("head"))
+            if got is None or (str(got["ETag"]), int(got["ContentLength"])) != (
+                head["etag"], int(head["bytes"])
+            ):
+                raise PrefixMismatch(f"{self._edge('head')} is not the one its checkpoint records")
         for p in self._parts:
             if listed.get(int(p["number"])) != (str(p["etag"]), int(p["bytes"])):
                 raise PrefixMismatch(
@@ -301,17 +357,23 @@ class S3Object:
         """End the chunk; cut the buffered chunks into a part once they are large enough."""
         written = self._buf.end_chunk()
         size = self.offset - self._buf_start
-        if size >= part_target(self._buf_start):
+        if size >= part_target(self._buf_start, self._per):
             self._ended.put(self._cut(size))
         else:
             self._ended.put(None)
         return written
 
     def _cut(self, size: int) -> _Part:
-        part = _Part(self._next_part, self._buf_start, size)
-        if part.number > MAX_PARTS:
-            raise PrefixMismatch(f"the upload to {self.url} needs more than {MAX_PARTS} parts")
-        self._next_part += 1
+        if self._range is not None and self._buf_start == 0:
+            part = _Part(HEAD, 0, size)  # a key range's first bytes: its head object
+        else:
+            part = _Part(self._next_part, self._buf_start, size)
+            if part.number > self._last_number:
+                raise PrefixMismatch(
+                    f"the upload to {self.url} needs more than the part numbers "
+                    f"{self._next_part - len(self._parts)}-{self._last_number} it has"
+                )
+            self._next_part += 1
         self._buf_start += size
         return part
 
@@ -328,10 +390,29 @@ class S3Object:
         if part is None:
             return Synced(False, {})
         self._upload(part)
+        if self._range is not None:
+            return Synced(True, {"parts": list(self._parts), "range": dict(self._range)})
         return Synced(True, {"parts": list(self._parts)})
+
+    def _edge(self, which: str) -> S3Url:
+        assert self._range is not None
+        return S3Url(self.url.bucket, f"{self._range['edge_key']}.{which}")
 
     def _upload(self, part: _Part) -> None:
         body = io.BufferedReader(_Range(self._fd, part.start, part.size), PIECE)
+        if part.number in (HEAD, TAIL):
+            which = "head" if part.number == HEAD else "tail"
+            edge = self._edge(which)
+            try:
+                put = self._client.put_object(
+                    Bucket=edge.bucket, Key=edge.key, Body=body, ContentLength=part.size
+                )
+            except Exception as e:
+                raise classify(e, self.url, f"writing {edge}") from e
+            punch_hole(self._fd, part.start, part.size)
+            assert self._range is not None
+            self._range = {**self._range, which: {"bytes": part.size, "etag": str(put["ETag"])}}
+            return
         try:
             answer = self._client.upload_part(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
@@ -357,6 +438,8 @@ class S3Object:
             "parts": list(self._parts),
             "hashed_from": self.hashed_from,
         }
+        if self._range is not None:
+            state["range"] = dict(self._range)
         if self._compressed:
             state.update({k: v for k, v in self._buf.state().items() if k != "kind"})
         return state
@@ -373,7 +456,10 @@ class S3Object:
             if part is not None:
                 self._upload(part)
         size = self.offset - self._buf_start
-        if not self.completed and (size or not self._parts):
+        if self._range is not None:  # a key range's last bytes: its tail object
+            if self._range["tail"] is None:
+                self._upload(_Part(TAIL, self._buf_start, size))
+        elif not self.completed and (size or not self._parts):
             self._upload(self._cut(size))
         return self.state()
 
@@ -381,15 +467,24 @@ class S3Object:
         """Complete the upload: the object appears at its key (idempotent)."""
         if self.completed:
             return
+        from botocore.exceptions import ClientError
+
         parts = [{"PartNumber": int(p["number"]), "ETag": str(p["etag"])} for p in self._parts]
+        t0 = time.monotonic()
         try:
             self._client.complete_multipart_upload(
                 Bucket=self.url.bucket, Key=self.url.key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": parts},
             )  # fmt: skip
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise classify(e, self.url, "completing the upload") from e
+            self._check_completed()  # an attempt whose answer was lost completed it
         except Exception as e:
             raise classify(e, self.url, "completing the upload") from e
         self.completed = True
+        log.info("%s: upload completed (%d parts) in %.2fs", self.url, len(parts),
+                 time.monotonic() - t0)  # fmt: skip
 
     def close(self) -> None:
         """Drop what is buffered (idempotent); the upload stays, for a resume."""
