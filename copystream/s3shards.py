@@ -125,7 +125,7 @@ def run_s3_shard(
     dsn = p.conninfo if conninfo is None else conninfo
     with S3Session(dsn, spec, Path(side.url.key), run, sleep, lock_late=True) as session:
         table = session.table
-    template = _template(dsn, table, p, plan.ranges, Path(side.url.key))
+        template = _template(session, plan.ranges)
     job = range_jobs(template, plan.ranges)[index]
     already = before is not None and before.finished and before.destination["range"]["tail"]
     with export_metrics(run, table.qualified, progress, shard=str(index)) as (watch, metrics):
