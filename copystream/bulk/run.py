@@ -114,8 +114,10 @@ def run_bulk(
     that is gone.
 
     Raises :class:`PlanError` for an invalid plan and :class:`UsageError` when no server of the
-    plan can be reached (nothing is written then); a failed table is reported in the result
-    (``result.failed``, ``result.exit_code``), not raised.
+    plan can be reached (nothing is written then). A job that ran before (its report is there)
+    waits an outage out instead, as a resumed export does: past ``max_outage`` it raises
+    :class:`RetriesExhausted` (exit 1), its files untouched. A failed table is reported in the
+    result (``result.failed``, ``result.exit_code``), not raised.
     """
     started = time.monotonic()
     if jobs < 1:
