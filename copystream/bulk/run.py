@@ -58,7 +58,7 @@ VERIFY_HERE_BYTES = 64 * 1024 * 1024
 PUBLISH_GROUP = 64
 PUBLISH_DELAY = 0.3
 #: The report is rewritten at most this often while the job runs (and always at its end).
-REPORT_INTERVAL = 0.5
+REPORT_INTERVAL = 1.0
 
 
 @contextlib.contextmanager
