@@ -5,6 +5,7 @@ first, and a table too large for its share of the job split into key ranges."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -119,9 +120,10 @@ class _Task:
     resolved: ResolvedTable | None = None  # planned by the coordinator (None: by its worker)
     workers: int | None = None  # key ranges the job chose for it (None: the entry's)
 
-    @property
+    @functools.cached_property
     def spec(self) -> ExportSpec:
-        """What is exported of this table, as the plan asks for it."""
+        """What is exported of this table, as the plan asks for it (made once: the job asks
+        several times per table)."""
         return self.entry.spec_for(self.table)
 
     @property

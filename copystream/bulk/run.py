@@ -459,10 +459,11 @@ class _Execution:
             if outcome.status == "done" and last is not None:
                 self.base_rows += last.start_rows
                 self.base_bytes += last.start_bytes
-            if done.staged is not None:  # a small table: recorded once published
+            staged = done.staged(task.output)
+            if staged is not None:  # a small table: recorded once published
                 if not self.pending:
                     self.pending_since = time.monotonic()
-                self.pending.append((task, outcome, done.staged))
+                self.pending.append((task, outcome, staged))
                 self.rows += outcome.rows  # counted now, taken back when recorded
                 self.bytes += outcome.bytes
                 return
