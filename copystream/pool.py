@@ -56,8 +56,10 @@ log = logging.getLogger("copystream")
 PROGRESS_INTERVAL = 0.2
 #: Seconds a worker with no more tasks is given to exit by itself before it is killed.
 EXIT_GRACE = 10.0
-#: Short tasks handed to a worker ahead of the one it runs (see :class:`Task`).
-SHORT_AHEAD = 4
+#: Short tasks handed to a worker ahead of the one it runs (see :class:`Task`), and at most
+#: how many bytes of tasks it has not begun (a pipe holds 64 KiB).
+SHORT_AHEAD = 16
+AHEAD_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,7 @@ class _Worker:
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.pending = b""  # the start of a line not complete yet
+        self.unread: dict[int, int] = {}  # bytes of each task handed to it and not begun
         selector.register(self.fd, selectors.EVENT_READ, self)
 
     def read(self) -> tuple[list[bytes], bool]:
@@ -152,12 +155,14 @@ class _Worker:
         """The index of the task it runs (or will run next), if any."""
         return self.queue[0] if self.queue else None
 
-    def give(self, given: Sequence[tuple[int, Task]]) -> None:
-        """Hand it the tasks ``given`` (index, task), to run after those it has, in one write
-        (a worker that died meanwhile reports no outcome for them)."""
-        self.queue.extend(i for i, _ in given)
+    def give(self, given: Sequence[tuple[int, bytes]]) -> None:
+        """Hand it the tasks ``given`` (index, line: :func:`_task_line`), to run after those it
+        has, in one write (a worker that died meanwhile reports no outcome for them)."""
+        for i, line in given:
+            self.queue.append(i)
+            self.unread[i] = len(line)
         assert self.proc.stdin is not None
-        lines = b"".join(base64.b64encode(pickle.dumps(task)) + b"\n" for _, task in given)
+        lines = b"".join(line for _, line in given)
         with contextlib.suppress(BrokenPipeError, OSError):
             self.proc.stdin.write(lines)
             self.proc.stdin.flush()
@@ -180,6 +185,7 @@ class _Worker:
             return None
         if kind == "S":
             self.started = True
+            self.unread.pop(self.task, None)
             return Event(self.task, "started", self.proc.pid)
         try:
             value = pickle.loads(base64.b64decode(payload))
@@ -366,20 +372,32 @@ def _hand_out(
         _top_up(worker, tasks, waiting)
 
 
+def _task_line(task: Task) -> bytes:
+    """How a task travels to a worker: one line, the base64 of its pickle."""
+    return base64.b64encode(pickle.dumps(task)) + b"\n"
+
+
 def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[int]) -> None:
     """Hand ``worker`` the next waiting task if it is free; then, while all it has and the next
-    waiting task are short, more, up to :data:`SHORT_AHEAD` ahead of the one it runs."""
-    given: list[tuple[int, Task]] = []
+    waiting task are short, more, up to :data:`SHORT_AHEAD` ahead of the one it runs and
+    :data:`AHEAD_BYTES` not begun yet (so that its stdin's pipe never fills: the coordinator
+    would wait for a worker that waits for it)."""
+    given: list[tuple[int, bytes]] = []
     queued = list(worker.queue)
+    unread = sum(worker.unread.values())
     while waiting:
         i = waiting[0]
         if queued and not (
             len(queued) <= SHORT_AHEAD and tasks[i].short and all(tasks[q].short for q in queued)
         ):
             break
+        line = _task_line(tasks[i])
+        if queued and unread + len(line) > AHEAD_BYTES:
+            break
         waiting.popleft()
-        given.append((i, tasks[i]))
+        given.append((i, line))
         queued.append(i)
+        unread += len(line)
     if given:
         worker.give(given)
 
