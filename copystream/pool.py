@@ -14,7 +14,9 @@ arguments; the coordinator writes each task to a worker's stdin as one line,
 event per line on its stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a
 log line (level, message), then ``R`` the function's result or ``E`` the exception it raised (a
 :class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else as
-an :class:`ExportFailed` naming it), and waits for the next task. After an unexpected exception
+an :class:`ExportFailed` naming it), and waits for the next task (an outcome is written together
+with the next task's ``S`` when that task is there already: one write, one wake-up of the
+coordinator per task). After an unexpected exception
 (not a :class:`CopystreamError`) it says so (``X``, before the ``E``) and exits, so no state a
 bug left behind reaches another task; a fresh worker takes over. A worker that dies fails only
 the task it was running. The coordinator reads the events as :class:`Event` values from
@@ -33,6 +35,7 @@ import importlib
 import logging
 import os
 import pickle
+import select
 import selectors
 import signal
 import subprocess
@@ -53,6 +56,10 @@ log = logging.getLogger("copystream")
 PROGRESS_INTERVAL = 0.2
 #: Seconds a worker with no more tasks is given to exit by itself before it is killed.
 EXIT_GRACE = 10.0
+#: Short tasks handed to a worker ahead of the one it runs (see :class:`Task`), and at most
+#: how many bytes of tasks it has not begun (a pipe holds 64 KiB).
+SHORT_AHEAD = 16
+AHEAD_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -62,8 +69,9 @@ class Task:
     Workers run many tasks in a row: a task must not leave anything running behind it (a
     thread, an open transaction). What it keeps on purpose at module level serves the next
     task of the same worker. A ``short`` task is expected to take little time: a worker running
-    one is handed the next short task already, so that it never waits for the coordinator
-    between the two (a long task is handed only to a free worker, never queued behind another).
+    one is handed the next short tasks already (up to :data:`SHORT_AHEAD`, in one write), so
+    that it never waits for the coordinator between two (a long task is handed only to a free
+    worker, never queued behind another).
     """
 
     function: Callable[..., Any]
@@ -127,6 +135,7 @@ class _Worker:
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
         self.pending = b""  # the start of a line not complete yet
+        self.unread: dict[int, int] = {}  # bytes of each task handed to it and not begun
         selector.register(self.fd, selectors.EVENT_READ, self)
 
     def read(self) -> tuple[list[bytes], bool]:
@@ -146,13 +155,16 @@ class _Worker:
         """The index of the task it runs (or will run next), if any."""
         return self.queue[0] if self.queue else None
 
-    def give(self, index: int, task: Task) -> None:
-        """Hand it task ``index``, to run after those it has (a worker that died meanwhile
-        reports no outcome for it)."""
-        self.queue.append(index)
+    def give(self, given: Sequence[tuple[int, bytes]]) -> None:
+        """Hand it the tasks ``given`` (index, line: :func:`_task_line`), to run after those it
+        has, in one write (a worker that died meanwhile reports no outcome for them)."""
+        for i, line in given:
+            self.queue.append(i)
+            self.unread[i] = len(line)
         assert self.proc.stdin is not None
+        lines = b"".join(line for _, line in given)
         with contextlib.suppress(BrokenPipeError, OSError):
-            self.proc.stdin.write(base64.b64encode(pickle.dumps(task)) + b"\n")
+            self.proc.stdin.write(lines)
             self.proc.stdin.flush()
 
     def retire(self) -> None:
@@ -173,6 +185,7 @@ class _Worker:
             return None
         if kind == "S":
             self.started = True
+            self.unread.pop(self.task, None)
             return Event(self.task, "started", self.proc.pid)
         try:
             value = pickle.loads(base64.b64decode(payload))
@@ -235,7 +248,7 @@ def run_tasks(
 ) -> Iterator[Event]:
     """Run ``tasks`` in up to ``jobs`` worker processes, in order; yield their events.
 
-    Each worker takes the next waiting task as soon as it is free (a short one: already while
+    Each worker takes the next waiting task as soon as it is free (short ones: already while
     it runs a short one). Every task ends with exactly one ``done`` or ``failed`` event, after
     its ``started`` event if it began. A worker that dies fails the task it was running with
     :class:`ExportFailed` saying how it ended, unless ``restart(index, error)`` gives a delay:
@@ -343,25 +356,50 @@ def _hand_out(
     jobs: int,
     selector: selectors.BaseSelector,
 ) -> None:
-    """Give each free worker the next waiting task, and one running a short task the next
-    short one (or, when none is left, let a free worker exit); start workers while tasks wait
-    and fewer than ``jobs`` are at work."""
+    """Give each free worker the next waiting task, and one running short tasks the next short
+    ones (or, when none is left, let a free worker exit); start workers while tasks wait and
+    fewer than ``jobs`` are at work."""
     for worker in list(workers.values()):
         if worker.retiring:
             continue
         if not worker.queue and not waiting:
             worker.retire()
-        elif waiting and (
-            not worker.queue
-            or (len(worker.queue) == 1 and tasks[worker.queue[0]].short and tasks[waiting[0]].short)
-        ):
-            i = waiting.popleft()
-            worker.give(i, tasks[i])
+        elif waiting:
+            _top_up(worker, tasks, waiting)
     while waiting and sum(not w.retiring for w in workers.values()) < max(1, jobs):
         worker = _Worker(selector)
         workers[worker.fd] = worker
-        i = waiting.popleft()
-        worker.give(i, tasks[i])
+        _top_up(worker, tasks, waiting)
+
+
+def _task_line(task: Task) -> bytes:
+    """How a task travels to a worker: one line, the base64 of its pickle."""
+    return base64.b64encode(pickle.dumps(task)) + b"\n"
+
+
+def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[int]) -> None:
+    """Hand ``worker`` the next waiting task if it is free; then, while all it has and the next
+    waiting task are short, more, up to :data:`SHORT_AHEAD` ahead of the one it runs and
+    :data:`AHEAD_BYTES` not begun yet (so that its stdin's pipe never fills: the coordinator
+    would wait for a worker that waits for it)."""
+    given: list[tuple[int, bytes]] = []
+    queued = list(worker.queue)
+    unread = sum(worker.unread.values())
+    while waiting:
+        i = waiting[0]
+        if queued and not (
+            len(queued) <= SHORT_AHEAD and tasks[i].short and all(tasks[q].short for q in queued)
+        ):
+            break
+        line = _task_line(tasks[i])
+        if queued and unread + len(line) > AHEAD_BYTES:
+            break
+        waiting.popleft()
+        given.append((i, line))
+        queued.append(i)
+        unread += len(line)
+    if given:
+        worker.give(given)
 
 
 # -- inside a worker ------------------------------------------------------------------------------
@@ -391,15 +429,50 @@ def _die_with_coordinator(coordinator: int) -> None:
         os._exit(1)
 
 
+class _Inbox:
+    """A worker's stdin, line by line (one task a line)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.buf = b""
+        self.ended = False
+
+    def ready(self) -> bool:
+        """Whether the next line (or the end) is there already: reading it will not wait."""
+        while b"\n" not in self.buf and not self.ended:
+            if not select.select([self.fd], [], [], 0)[0]:
+                return False
+            self._fill()
+        return True
+
+    def next(self) -> bytes | None:
+        """The next line, waiting for it; ``None`` once stdin has ended."""
+        while b"\n" not in self.buf and not self.ended:
+            self._fill()
+        if b"\n" not in self.buf:
+            return None
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def _fill(self) -> None:
+        data = os.read(self.fd, 1 << 16)
+        self.buf += data
+        self.ended = not data
+
+
 def worker_main(argv: Sequence[str]) -> int:
     """Body of ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``: import the
     modules, then run the tasks its stdin brings, one at a time, until it closes (or a task
-    fails unexpectedly)."""
+    fails unexpectedly).
+
+    A task's outcome is held back while the next task is already there, and written with that
+    task's start, in one write: the coordinator wakes once per task, not twice. It is written
+    at once whenever the worker would otherwise wait."""
     _die_with_coordinator(int(argv[0]))
     for module in argv[2:]:  # what its tasks will need, while the coordinator prepares them
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    tasks = sys.stdin.buffer
+    inbox = _Inbox(sys.stdin.fileno())
     # The events get the real stdout to themselves; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)
@@ -415,23 +488,35 @@ def worker_main(argv: Sequence[str]) -> int:
     log.setLevel(int(argv[1]))
     log.propagate = False
     last = [0.0]  # when progress was last sent
-    for line in tasks:
+    held = ""  # the last task's outcome, not written yet
+    while True:
+        if held and not inbox.ready():
+            send(held)
+            held = ""
+        line = inbox.next()
+        if line is None:
+            break
         try:
             task: Task = pickle.loads(base64.b64decode(line))
         except Exception as e:  # e.g. its function cannot be imported here
-            send("X -\n")
-            send(_encode("E", _portable(e)))
+            send(held + "X -\n" + _encode("E", _portable(e)))
             return 1
-        if not _run(task, send, last):
+        outcome, go_on = _run(task, send, last, held)
+        if not go_on:
+            send(outcome)
             return 1
+        held = outcome
+    if held:
+        send(held)
     return 0
 
 
-def _run(task: Task, send: Callable[[str], None], last: list[float]) -> bool:
-    """Run one task and send its events; whether the worker may take another one. ``last``
-    holds when this worker last sent progress: a run of short tasks sends some, not each
-    task's."""
-    send("S -\n")
+def _run(task: Task, send: Callable[[str], None], last: list[float], held: str) -> tuple[str, bool]:
+    """Run one task, sending ``held`` (the outcome of the one before) with its start and its
+    progress meanwhile; its outcome's lines, and whether the worker may take another task.
+    ``last`` holds when this worker last sent progress: a run of short tasks sends some, not
+    each task's."""
+    send(held + "S -\n")
 
     def report(progress: Any) -> None:
         now = time.monotonic()
@@ -443,12 +528,9 @@ def _run(task: Task, send: Callable[[str], None], last: list[float]) -> bool:
         result = task.function(*task.args, progress=report)
     except BaseException as e:  # every failure goes back to the coordinator as one event
         expected = isinstance(e, CopystreamError)
-        if not expected:
-            send("X -\n")  # before the outcome: the coordinator gives this worker no more
-        send(_encode("E", _portable(e)))
-        return expected
-    send(_encode("R", result))
-    return True
+        # an unexpected one: "X" before the outcome, so the coordinator gives it no more
+        return ("" if expected else "X -\n") + _encode("E", _portable(e)), expected
+    return _encode("R", result), True
 
 
 def _portable(e: BaseException) -> CopystreamError:

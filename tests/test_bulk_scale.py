@@ -365,6 +365,36 @@ def test_a_running_job_owns_its_output_directory(
     assert again.returncode == 0, again.stderr
 
 
+def test_publish_makes_a_group_durable_and_visible_and_one_failure_stays_its_own(
+    tmp_path: Path,
+) -> None:
+    """publish() of a group (its files fsynced and its manifests written from several threads):
+    every file gets its name and its manifest; an item whose file cannot be synced (removed
+    here) fails alone, leaving nothing of its own; no temporary file is left."""
+    from copystream.errors import CopystreamError
+    from copystream.whole import Staged, publish, temporary_path
+
+    items = []
+    for n in range(20):
+        output = tmp_path / f"t{n}.csv"
+        temporary = temporary_path(output)
+        temporary.write_bytes(f"{n},row\n".encode())
+        items.append(Staged(output, temporary, json.dumps({"n": n}).encode()))
+    items[7].temporary.unlink()  # its fsync fails
+    errors = publish(items)
+    assert [i for i, e in enumerate(errors) if e is not None] == [7]
+    assert isinstance(errors[7], CopystreamError) and "t7.csv" in str(errors[7])
+    for n, item in enumerate(items):
+        manifest = tmp_path / f"t{n}.csv.manifest.json"
+        if n == 7:
+            assert not item.output.exists() and not manifest.exists()
+        else:
+            assert item.output.read_bytes() == f"{n},row\n".encode()
+            assert json.loads(manifest.read_bytes()) == {"n": n}
+            assert manifest.stat().st_mode & 0o777 == 0o600
+    assert stray_files(tmp_path) == []
+
+
 def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:

@@ -399,3 +399,60 @@ def test_the_readme_states_the_defaults_the_code_has() -> None:
     assert "`--max-outage SECONDS` (`max_outage=` in Python)" in readme
     assert f"`--retries N` (default {DEFAULT.retries})" in readme
     assert f"`--retry-budget S` (default {DEFAULT.budget:g})" in readme
+
+
+def test_a_bulk_rerun_started_during_an_outage_waits_it_out(
+    server: EphemeralPostgres, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A bulk job that ran before (its report is there) and is started again while its server
+    is away waits the outage out as it connects, as a resumed export does: past ``max_outage``
+    exit 1, resumable, nothing touched; back within it, the job finishes. A first run of the
+    same plan during the outage is a usage error at once (exit 2): a wrong host looks alike."""
+    dsn = database(server, 1_000)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE u AS SELECT g AS id, g * 2 AS v FROM generate_series(1, 500) g")
+        conn.execute("ALTER TABLE u ADD PRIMARY KEY (id); ANALYZE")
+
+    def plan(max_outage: int, output_dir: str = "out") -> Path:
+        path = tmp_path / f"plan-{output_dir}-{max_outage}.toml"
+        path.write_text(
+            f"[defaults]\ndsn = {json.dumps(dsn)}\noutput_dir = {json.dumps(output_dir)}\n"
+            f'max_outage = {max_outage}\n\n[[tables]]\nname = "t"\n\n[[tables]]\nname = "u"\n'
+        )
+        return path
+
+    def bulk(path: Path) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-m", "copystream", "bulk", str(path), "--no-progress"]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    out = tmp_path / "out"
+    first = bulk(plan(2))
+    assert first.wait(timeout=120) == 0, first.communicate()
+    (out / "public.u.csv").unlink()  # one table to do again: the re-run has work
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    server.stop("fast")
+    try:
+        started = time.monotonic()
+        fresh = bulk(plan(2, "elsewhere"))  # never ran: a usage error, at once
+        _, err = fresh.communicate(timeout=60)
+        assert fresh.returncode == 2, err
+        assert len(error_lines(err)) == 1 and time.monotonic() - started < 30, err
+        rerun = bulk(plan(2))
+        _, err = rerun.communicate(timeout=60)
+        assert rerun.returncode == 1, err
+        errors = error_lines(err)
+        assert len(errors) == 1 and "run the same command again to resume" in errors[0], err
+        assert "unreachable for 2s" in errors[0], err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        waiting = bulk(plan(60))
+        time.sleep(3)
+        assert waiting.poll() is None, waiting.communicate()
+        server.start()
+        _, err = waiting.communicate(timeout=120)
+    finally:
+        server.start()
+    assert waiting.returncode == 0, err
+    assert not error_lines(err)
+    assert (out / "public.u.csv").read_bytes() == psql_csv(dsn, "SELECT * FROM u ORDER BY id")
+    assert (out / "public.t.csv").read_bytes() == before["public.t.csv"]
+    drop(server, dsn)

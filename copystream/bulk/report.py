@@ -1,5 +1,5 @@
 """The job report, ``copystream-report.json`` in the output directory: rewritten atomically
-as tables finish (at most every half second, and at the end), keeping what is known of tables
+as tables finish (at most once a second, and at the end), keeping what is known of tables
 not run this time, and which snapshot each finished table was read from."""
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ first, and a table too large for its share of the job split into key ranges."""
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
@@ -18,7 +19,7 @@ import psycopg
 from ..catalog import introspect_many, missing_table_problem
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
-from ..pipeline import first_connect
+from ..pipeline import first_connect, retrying
 from ..spec import ExportSpec, RunOptions
 from ..table import ResolvedTable
 from .names import NamePattern, parse_name_pattern
@@ -119,9 +120,10 @@ class _Task:
     resolved: ResolvedTable | None = None  # planned by the coordinator (None: by its worker)
     workers: int | None = None  # key ranges the job chose for it (None: the entry's)
 
-    @property
+    @functools.cached_property
     def spec(self) -> ExportSpec:
-        """What is exported of this table, as the plan asks for it."""
+        """What is exported of this table, as the plan asks for it (made once: the job asks
+        several times per table)."""
         return self.entry.spec_for(self.table)
 
     @property
@@ -370,7 +372,8 @@ def _select_only(tasks: Sequence[_Task], only: Sequence[str]) -> list[_Task]:
 
 def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
     """Read each DSN's catalog once and look up the explicit names; then :func:`resolve`, and
-    plan every table in a few queries per server (:func:`_plan_tables`)."""
+    plan every table in a few queries per server (:func:`_plan_tables`). A job that ran before
+    (its report is there) waits an outage out as it connects (:func:`_connect`)."""
     catalogs: dict[str, dict[int, Relation] | str] = {}
     lookups: dict[tuple[str, str], int | str] = {}
     errors: list[CopystreamError] = []
@@ -378,23 +381,39 @@ def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
     conns: dict[str, psycopg.Connection[Any]] = {}
     for e in plan.entries:
         by_dsn.setdefault(e.dsn or "", []).append(e)
+    ran_before = plan.report_path.exists()
     try:
         for dsn, entries in by_dsn.items():
             target = Target(dsn)
             try:
-                conns[dsn] = first_connect(target, time.sleep)
+                conns[dsn] = _connect(target, entries[0].run, waits=ran_before)
             except CopystreamError as err:
                 errors.append(err)
                 catalogs[dsn] = redact(str(err), *plan.secrets)
                 continue
             catalogs[dsn] = _read_catalog(conns[dsn], target, entries, lookups, plan.secrets)
         if errors and len(errors) == len(by_dsn):
-            raise errors[0]  # no server could be reached at all: the command is wrong (exit 2)
+            # no server could be reached at all: on a first run the command is wrong (exit 2);
+            # a job that ran before waited the outage out (exit 1 past max_outage)
+            raise errors[0]
         resolution = resolve(plan, catalogs, lookups)
         return _plan_tables(resolution, conns, plan.secrets)
     finally:
         for conn in conns.values():
             conn.close()
+
+
+def _connect(target: Target, run: RunOptions, *, waits: bool) -> psycopg.Connection[Any]:
+    """The planning connection to one server. A first run makes a few quick attempts (a wrong
+    host or port is a usage error, exit 2). A job that ran before reached this server then:
+    like an export with a checkpoint to resume (:func:`copystream.pipeline.resumable`), it
+    retries as ``run``'s policy says, waiting an outage out up to ``max_outage`` (then
+    :class:`~copystream.errors.RetriesExhausted`, exit 1: run it again later)."""
+    if not waits:
+        return first_connect(target, time.sleep)
+    doing = f"connecting to {target.describe()}"
+    conn, _ = retrying(target, run, time.sleep, doing, "", lambda c: None, None, planning=True)
+    return conn
 
 
 def _read_catalog(

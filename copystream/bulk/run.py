@@ -58,7 +58,7 @@ VERIFY_HERE_BYTES = 64 * 1024 * 1024
 PUBLISH_GROUP = 64
 PUBLISH_DELAY = 0.3
 #: The report is rewritten at most this often while the job runs (and always at its end).
-REPORT_INTERVAL = 0.5
+REPORT_INTERVAL = 1.0
 
 
 @contextlib.contextmanager
@@ -114,8 +114,10 @@ def run_bulk(
     that is gone.
 
     Raises :class:`PlanError` for an invalid plan and :class:`UsageError` when no server of the
-    plan can be reached (nothing is written then); a failed table is reported in the result
-    (``result.failed``, ``result.exit_code``), not raised.
+    plan can be reached (nothing is written then). A job that ran before (its report is there)
+    waits an outage out instead, as a resumed export does: past ``max_outage`` it raises
+    :class:`RetriesExhausted` (exit 1), its files untouched. A failed table is reported in the
+    result (``result.failed``, ``result.exit_code``), not raised.
     """
     started = time.monotonic()
     if jobs < 1:
@@ -457,10 +459,11 @@ class _Execution:
             if outcome.status == "done" and last is not None:
                 self.base_rows += last.start_rows
                 self.base_bytes += last.start_bytes
-            if done.staged is not None:  # a small table: recorded once published
+            staged = done.staged(task.output)
+            if staged is not None:  # a small table: recorded once published
                 if not self.pending:
                     self.pending_since = time.monotonic()
-                self.pending.append((task, outcome, done.staged))
+                self.pending.append((task, outcome, staged))
                 self.rows += outcome.rows  # counted now, taken back when recorded
                 self.bytes += outcome.bytes
                 return

@@ -59,11 +59,20 @@ def _kept(conninfo: str) -> psycopg.Connection[Any] | None:
 
 @dataclass(frozen=True)
 class TableDone:
-    """A worker's outcome for one table: the result, and a small table's staged files for the
-    coordinator to publish (``None``: the export is complete and in place)."""
+    """A worker's outcome for one table, compact on the pipe (no path: the coordinator knows
+    the output): the result (``output`` as text, no chunk records), and a small table's staged
+    file for the coordinator to publish (:meth:`staged`; ``None``: the export is complete and in
+    place), as its temporary file's name beside the output and its manifest's JSON."""
 
     result: ExportResult
-    staged: Staged | None = None
+    temporary: str | None = None
+    manifest: bytes = b""
+
+    def staged(self, output: Path) -> Staged | None:
+        """The small table's file to publish, ``output`` being the task's."""
+        if self.temporary is None:
+            return None
+        return Staged(output, output.with_name(self.temporary), self.manifest)
 
 
 def export_task(
@@ -105,5 +114,8 @@ def export_task(
             known=known,
         )  # fmt: skip
     # The chunk records stay in the manifest: a huge table's would only weigh on the pipe.
-    staged = exported.written.staged if exported.written is not None else None
-    return TableDone(replace(exported.result, chunks=()), staged)
+    result = replace(exported.result, chunks=(), output=str(exported.result.output))
+    if exported.written is None:
+        return TableDone(result)
+    staged = exported.written.staged
+    return TableDone(result, staged.temporary.name, staged.manifest)
