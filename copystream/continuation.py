@@ -122,27 +122,49 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
 def _mark(
     session: ExportSession,
     column: str,
-    begin: tuple[str, float] | None,
+    begin: tuple[str | None, float] | None,
     after: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Read the server's clock and oldest open transaction (before any chunk), and for an
     increment the key it starts after and its overlap with the previous export."""
-    measured = session.query("reading the transactions in progress", watermark.measure_query())
-    if measured[2] and session.run.watermark_lag is None:
-        log.warning(
-            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
-            "their open transactions do not count in the safety lag of the next increment "
-            "(grant pg_read_all_stats, or give the lag)", session.table.qualified, measured[2],
-        )  # fmt: skip
+    kind = watermark.kind(session.table.key_types[0]) or "timestamptz"
+    q = watermark.measure_query(session.table)
+    measured = session.query("reading the transactions in progress", q)
+    _warn_unmeasured(session, kind, measured)
     if begin is None or after is None:
-        return watermark.mark(column, measured, None, None, 0)
-    lower = str(session.query("computing the lower bound", watermark.lower_bound_query(*begin))[0])
-    key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
+        return watermark.mark(column, measured, None, None, 0, kind_=kind)
+    started, lag = begin
+    lower = key = None  # a counter with no row before: every row
+    if started is not None:
+        q = watermark.lower_bound_query(kind, started, lag)
+        lower = str(session.query("computing the lower bound", q)[0])
+        key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
     overlap = 0
     if after["last_key"] is not None:
         q = watermark.overlap_query(session.table, key, after["last_key"])
         overlap = int(session.query("counting the overlap", q)[0])
-    return watermark.mark(column, measured, lower, key, overlap)
+    return watermark.mark(column, measured, lower, key, overlap, kind_=kind)
+
+
+def _warn_unmeasured(session: ExportSession, kind: str, measured: Any) -> None:
+    """Warn of open transactions the next increment's safety lag will not cover: those of
+    sessions hidden from this role, and for a counter (no clock to take a lag from) any."""
+    if session.run.watermark_lag is not None:
+        return
+    name = session.table.qualified
+    if measured[2]:
+        log.warning(
+            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
+            "their open transactions do not count in the safety lag of the next increment "
+            "(grant pg_read_all_stats, or give the lag)", name, measured[2],
+        )  # fmt: skip
+    if kind in watermark.COUNTER and float(measured[1]) > 0:
+        log.warning(
+            "%s: a transaction was open for %.1fs as the export started: a counter watermark "
+            "has no clock to measure a safety lag by, so a row it commits with a value below "
+            "%s is in no increment unless the next one's lag (in the column's units) covers it",
+            name, float(measured[1]), measured[3],
+        )  # fmt: skip
 
 
 def _sizes(session: ExportSession) -> dict[str, Any]:

@@ -323,12 +323,12 @@ def test_watermark_bad_input(dsn: str, run_sql: RunSql, tmp_path: Path) -> None:
     run_sql(
         dsn,
         "CREATE TABLE x (id int PRIMARY KEY, maybe timestamptz, plain timestamptz NOT NULL "
-        "DEFAULT now(), n int NOT NULL DEFAULT 1); INSERT INTO x (id) VALUES (1), (2)",
+        "DEFAULT now(), t text NOT NULL DEFAULT 1); INSERT INTO x (id) VALUES (1), (2)",
     )
     out = tmp_path / "x.csv"
     for extra, needle in [
         (["--watermark", "maybe"], "'maybe' of public.x is nullable"),
-        (["--watermark", "n"], "must be a timestamp with time zone"),
+        (["--watermark", "t"], "must be a timestamp with time zone"),
         (["--watermark", "plain", "--incremental"], "name the previous export with --since"),
     ]:
         assert_one_error_line(run(export_cmd(dsn, "x", out, *extra)), 2, needle)
