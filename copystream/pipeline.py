@@ -96,6 +96,7 @@ __all__ = [
     "remove_export_files",
     "retrying",
     "start",
+    "watermarked",
 ]
 
 log = logging.getLogger("copystream")
@@ -192,7 +193,7 @@ def retrying(
             raise
 
 
-def _watermarked(
+def watermarked(
     conn: psycopg.Connection[Any], spec: ExportSpec, table: ResolvedTable
 ) -> ResolvedTable:
     """The table paged by the watermark column, then its key (refused as a key would be)."""
@@ -385,7 +386,7 @@ class ExportSession:
             conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
             options=spec.options,
         )  # fmt: skip
-        return table if spec.watermark is None else _watermarked(conn, spec, table)
+        return table if spec.watermark is None else watermarked(conn, spec, table)
 
     def __exit__(
         self,
