@@ -63,7 +63,7 @@ def check_request(
     run: RunOptions, watermark: str | None = None, *, parquet: bool = False
 ) -> None:
     """Refuse options that contradict an incremental export (before anything is touched)."""
-    if parquet and (run.incremental or run.since is not None or watermark is not None):
+    if parquet and run.incremental and run.since is None:  # new datasets: since, watermark
         raise UsageError("a Parquet dataset cannot be continued by an incremental export yet")
     if watermark is not None:
         if run.incremental and run.since is None:
