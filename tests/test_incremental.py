@@ -35,6 +35,8 @@ import copystream
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 DDL = "CREATE TABLE ev (id bigint PRIMARY KEY, at timestamptz, payload text, n numeric)"
 
 
