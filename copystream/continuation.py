@@ -48,9 +48,10 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
         return found
     if not isinstance(found, Complete) or not _same_size(out, found.manifest):
         raise incremental.refuse_append(out, readable_manifest(out), identity)
-    cp = incremental.append_checkpoint(
-        found.manifest, identity, fresh_state(out, session.spec), **_sizes(session)
-    )
+    destination = fresh_state(out, session.spec)
+    if found.manifest.parquet is not None:  # new parts added to the dataset's
+        destination = incremental.dataset_state(out, found.manifest, destination)
+    cp = incremental.append_checkpoint(found.manifest, identity, destination, **_sizes(session))
     save_checkpoint(out, cp)
     return Resume(cp, None)
 
@@ -178,8 +179,11 @@ def _sizes(session: ExportSession) -> dict[str, Any]:
 
 
 def _same_size(output: Path, manifest: Manifest) -> bool:
-    """Whether ``output`` has the size its manifest records (bytes past it would be cut)."""
+    """Whether ``output`` has the size its manifest records (bytes past it would be cut); a
+    Parquet dataset: whether each part has."""
     try:
+        if manifest.parquet is not None:
+            return all((output / p["file"]).stat().st_size == p["bytes"] for p in manifest.parts)
         return output.stat().st_size == manifest.bytes
     except OSError:
         return False

@@ -41,6 +41,7 @@ __all__ = [
     "check_complete_since",
     "check_request",
     "check_resume",
+    "dataset_state",
     "follows",
     "last_key",
     "manifest_fields",
@@ -62,9 +63,8 @@ _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 def check_request(
     run: RunOptions, watermark: str | None = None, *, parquet: bool = False
 ) -> None:
-    """Refuse options that contradict an incremental export (before anything is touched)."""
-    if parquet and run.incremental and run.since is None:  # new datasets: since, watermark
-        raise UsageError("a Parquet dataset cannot be continued by an incremental export yet")
+    """Refuse options that contradict an incremental export (before anything is touched).
+    (``parquet``: a Parquet dataset takes every kind of increment.)"""
     if watermark is not None:
         if run.incremental and run.since is None:
             raise UsageError(
@@ -142,6 +142,9 @@ def append_checkpoint(
     output's also carries the uncompressed size and digest the manifest records.
     """
     state = dict(destination)
+    offset = manifest.bytes
+    if manifest.parquet is not None:  # the chunks' offsets count the CSV decoded into parts
+        offset = manifest.chunks[-1].offset + manifest.chunks[-1].bytes if manifest.chunks else 0
     if manifest.compress is not None:
         state["uncompressed_bytes"] = manifest.uncompressed_bytes
         state["uncompressed_xxh3_128"] = manifest.uncompressed_xxh3_128
@@ -160,7 +163,7 @@ def append_checkpoint(
         started_at=manifest.started_at,
         chunk_rows=chunk_rows,
         estimated_rows=estimated_rows,
-        offset=manifest.bytes,
+        offset=offset,
         rows=manifest.rows,
         last_key=after,
         xxh3_128=manifest.xxh3_128,
@@ -168,6 +171,29 @@ def append_checkpoint(
         destination=state,
         increment=increment,
     )
+
+
+def dataset_state(output: Path, manifest: Manifest, fresh: Mapping[str, Any]) -> dict[str, Any]:
+    """The destination state of an increment appended to the Parquet dataset ``manifest``
+    records: its parts, to which new ``part-NNNNN.parquet`` files are added, numbered on (the
+    names of a single-worker export's parts, so they sort in key order). A dataset written by
+    key ranges (``part-RRRR-NNNNN``) is refused: a new part could not sort after them all."""
+    parts = [{k: v for k, v in p.items() if k != "last_key"} for p in manifest.parts]
+    stem = str(fresh.get("stem", "part-"))
+    if any(p["file"] != f"{stem}{i:05d}.parquet" for i, p in enumerate(parts)):
+        raise UsageError(
+            f"{output} was written by several workers (key ranges): an increment cannot be "
+            "appended to it yet",
+            remedy=Remedy.FULL_EXPORT,
+        )
+    return {**fresh, "parts": parts}
+
+
+def _size(cp: Checkpoint) -> int:
+    """The bytes of ``cp``'s output: a file's offset, a Parquet dataset's parts."""
+    if cp.destination.get("kind") == "parquet":
+        return sum(int(p["bytes"]) for p in cp.destination.get("parts", ()))
+    return cp.offset
 
 
 def untouched_append(cp: Checkpoint) -> bool:
@@ -347,7 +373,7 @@ def manifest_fields(
     base = int(inc["base_chunks"])
     entry = _entry(
         str(inc["started_at"]), finished_at, seconds, cp.rows - int(inc["base_rows"]),
-        cp.offset - int(inc["base_bytes"]), (base, len(cp.chunks) - base), inc["after"],
+        _size(cp) - int(inc["base_bytes"]), (base, len(cp.chunks) - base), inc["after"],
         last_key(cp.chunks[base:]),
     )  # fmt: skip
     history = [h for h in _history(cp, old) if h.get("started_at") != entry["started_at"]]
