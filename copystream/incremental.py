@@ -43,6 +43,7 @@ __all__ = [
     "check_resume",
     "dataset_state",
     "follows",
+    "follows_named",
     "last_key",
     "manifest_fields",
     "refuse_append",
@@ -225,13 +226,21 @@ def follows(
         raise UsageError(
             f"{previous_path} is the manifest of {output} itself; an increment goes to a new file"
         )
+    return follows_named(previous, previous_path, identity)
+
+
+def follows_named(
+    previous: Manifest, where: Path | str, identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`follows` of the manifest ``where`` names (a path, or an ``s3://`` URL): refused
+    when it is another export's."""
     recorded = manifest_identity(previous)
     name = _mismatch(recorded, identity, compress=False)
     if name is not None:
-        raise _another(previous_path, name, recorded.get(name), identity.get(name))
+        raise _another(where, name, recorded.get(name), identity.get(name))
     after = last_key(previous.chunks)
     return {
-        "manifest": previous_path.name,
+        "manifest": Path(str(where)).name,
         "xxh3_128": previous.xxh3_128,
         "rows": previous.rows,
         "last_key": list(after) if after is not None else None,
@@ -306,7 +315,9 @@ def _after_what(follows: Mapping[str, Any] | None) -> str:
     return "another export" if follows is None else str(follows.get("manifest"))
 
 
-def check_resume(cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: Path) -> None:
+def check_resume(
+    cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: Path | str
+) -> None:
     """Refuse to resume ``cp`` as the increment after ``wanted`` (``None``: an append) when it
     is not that increment."""
     have = cp.increment.get("follows") if cp.increment is not None else None
@@ -317,7 +328,9 @@ def check_resume(cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: 
         )
 
 
-def check_complete_since(manifest: Manifest, wanted: Mapping[str, Any], output: Path) -> None:
+def check_complete_since(
+    manifest: Manifest, wanted: Mapping[str, Any], output: Path | str
+) -> None:
     """Refuse a complete ``output`` that is not the increment after ``wanted``."""
     if manifest.since != dict(wanted):
         raise OutputExists(

@@ -42,6 +42,7 @@ from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartRunner
 from .pipeline import ExportSession, manifest_of, start
 from .progress import Progress
+from .s3increment import begin_since, check_s3_request
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
 from .state import Complete, Fresh, Occupied, OnDisk, Resume, manifest_identity
@@ -211,8 +212,7 @@ def run_s3_export(
         raise UsageError([Opt("workers"), f" above 1 cannot write to S3 yet ({output})"])
     if spec.options.format == "parquet":
         raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
-    if run.incremental or run.since is not None or spec.watermark is not None:
-        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
+    check_s3_request(spec, run, output)  # increments: copystream.s3increment
     side = _open(output)  # before anything is read from PostgreSQL
     with _S3Session(conninfo, spec, Path(side.url.key), run, sleep) as session:
         if run.restart:
@@ -221,6 +221,9 @@ def run_s3_export(
                 side.delete(suffix)
             log.info("%s: restarting (%d unfinished upload(s) aborted)", output, aborted)
         found = _discover(side, session.spec.identity())
+        follows = None
+        if run.since is not None:  # the increment after another export, to a new object
+            follows, found = begin_since(side, session, found)
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -238,6 +241,8 @@ def run_s3_export(
         manifest = manifest_of(
             session.table, cp, digest, started, resumed=resumed, workers=1, point_in_time=pit
         )
+        if follows is not None:
+            manifest = replace(manifest, since=follows)
         side.save_manifest(manifest)
         side.delete(CHECKPOINT)
     return _result(
