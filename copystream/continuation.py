@@ -39,6 +39,11 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
     Any other export's ``found`` is returned as it is."""
     if not continuing(session):
         return found
+    if session.run.workers > 1 and not isinstance(found, Complete):
+        log.warning(
+            "%s: an incremental export runs with one worker (workers do not apply to it yet)",
+            session.table.qualified,
+        )
     if session.spec.watermark is not None:
         return _watermark_export(session, found, session.spec.watermark)
     if session.run.since is not None:
