@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_ok, cli, read_manifest, run
+from helpers import assert_ok, cli, kill_export, read_manifest, run
 
 import copystream
 from copystream.bulk.increments import increment_name, increment_number, next_increment
@@ -100,3 +100,35 @@ def test_bulk_reruns_write_a_chain_that_upserts_to_the_table(
             assert m["since"]["manifest"] == files[round_ - 1].name + ".manifest.json"
             assert m["watermark"]["lag_seconds"] >= 0 and m["watermark"]["from"] is not None
     assert_ok(run(cli("verify", "--chain", *map(str, files))))
+
+
+def test_a_killed_bulk_increment_is_resumed_not_begun_again(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """SIGKILL the job in the middle of a table's first increment: the next run resumes that
+    increment (the same file, from its checkpoint) instead of starting a second one, and the
+    chain upserts to the table."""
+    run_sql(
+        dsn,
+        "CREATE TABLE w (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT "
+        "clock_timestamp(), v text); CREATE INDEX ON w (updated_at, id); "
+        "INSERT INTO w (id, v) SELECT g, 'a' FROM generate_series(1, 100) g",
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f"[defaults]\ndsn = {json.dumps(dsn)}\noutput_dir = \"out\"\nchunk_rows = 500\n\n"
+        '[[tables]]\nname = "public.w"\nwatermark = "updated_at"\n'
+    )
+    assert copystream.run_bulk(plan).ok
+    run_sql(dsn, "INSERT INTO w (id, v) SELECT g, repeat('b', 200) FROM generate_series(101, "
+                 "60000) g")  # fmt: skip
+    out = tmp_path / "out"
+    inc = out / "public.w.inc-00001.csv"
+    killed = kill_export(cli("bulk", str(plan), "--no-progress"), inc, min_chunks=5)
+    assert killed.returncode == -9 and killed.checkpoint is not None
+    result = copystream.run_bulk(plan)
+    assert result.ok and result.tables[0].resumed and result.tables[0].output == inc
+    assert sorted(p.name for p in out.glob("public.w*.csv")) == ["public.w.csv", inc.name]
+    table = psql_csv(dsn, "SELECT * FROM w ORDER BY id").decode()
+    assert rows_of(out / "public.w.csv", inc) == {r[0]: r for r in csv.reader(io.StringIO(table))}
+    assert_ok(run(cli("verify", "--chain", str(out / "public.w.csv"), str(inc))))
