@@ -6,6 +6,8 @@ no ``__init__.py``.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -313,3 +315,13 @@ def psql_copy(
     if proc.returncode != 0:
         raise AssertionError(f"psql failed ({proc.returncode}): {proc.stderr.decode()}")
     return proc.stdout
+
+
+def upserted(*files: Path) -> dict[str, list[str]]:
+    """The CSV rows of ``files`` applied in order, each replacing the row of the same first
+    column (the key): what a loader upserting increments by key holds."""
+    rows: dict[str, list[str]] = {}
+    for f in files:
+        for row in csv.reader(io.StringIO(f.read_text())):
+            rows[row[0]] = row
+    return rows

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import assert_ok, cli, kill_export, read_manifest, run
+from helpers import assert_ok, cli, kill_export, read_manifest, run, upserted
 
 import copystream
 from copystream.bulk.increments import increment_name, increment_number, next_increment
@@ -39,15 +39,6 @@ def test_the_next_increment_resumes_an_unfinished_one_and_follows_a_finished_one
     assert next_increment(True, {}) == 1
     assert next_increment(True, {1: True, 2: True}) == 3
     assert next_increment(True, {1: True, 2: False}) == 2  # interrupted: resumed
-
-
-def rows_of(*files: Path) -> dict[str, list[str]]:
-    """The rows of ``files`` upserted by id, in order."""
-    rows: dict[str, list[str]] = {}
-    for f in files:
-        for row in csv.reader(io.StringIO(f.read_text())):
-            rows[row[0]] = row
-    return rows
 
 
 @pytest.mark.all_versions
@@ -91,7 +82,7 @@ def test_bulk_reruns_write_a_chain_that_upserts_to_the_table(
             f.name for f in files[: round_ + 1]
         )
         table = psql_csv(dsn, "SELECT * FROM w ORDER BY id").decode()
-        assert rows_of(*files[: round_ + 1]) == {
+        assert upserted(*files[: round_ + 1]) == {
             r[0]: r for r in csv.reader(io.StringIO(table))
         }
         m = read_manifest(files[round_])
@@ -130,5 +121,5 @@ def test_a_killed_bulk_increment_is_resumed_not_begun_again(
     assert result.ok and result.tables[0].resumed and result.tables[0].output == inc
     assert sorted(p.name for p in out.glob("public.w*.csv")) == ["public.w.csv", inc.name]
     table = psql_csv(dsn, "SELECT * FROM w ORDER BY id").decode()
-    assert rows_of(out / "public.w.csv", inc) == {r[0]: r for r in csv.reader(io.StringIO(table))}
+    assert upserted(out / "public.w.csv", inc) == {r[0]: r for r in csv.reader(io.StringIO(table))}
     assert_ok(run(cli("verify", "--chain", str(out / "public.w.csv"), str(inc))))

@@ -14,7 +14,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from helpers import assert_ok, cli, export_cmd, read_manifest, run
+from helpers import assert_ok, cli, export_cmd, read_manifest, run, upserted
 
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
@@ -31,15 +31,6 @@ KINDS = {
     "bigint": ("bigint", "nextval('ver')", "nextval('ver')", "nextval('ver')"),
     "numeric": ("numeric(12,2)", "9999.99", "wm + 1000.25", "g / 4.0"),
 }  # fmt: skip
-
-
-def upserted(*files: Path) -> dict[str, list[str]]:
-    """The rows of ``files`` applied in order, each row replacing the one of the same id."""
-    rows: dict[str, list[str]] = {}
-    for f in files:
-        for row in csv.reader(io.StringIO(f.read_text())):
-            rows[row[0]] = row
-    return rows
 
 
 def table_rows(psql_csv: PsqlCsv, dsn: str) -> dict[str, list[str]]:
