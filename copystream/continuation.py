@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from . import incremental, watermark
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, save_checkpoint
 from .destinations import fresh_state
 from .errors import UsageError
 from .failures import translate
@@ -22,7 +22,7 @@ from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows
 from .state import Complete, Occupied, OnDisk, Resume
 
-__all__ = ["continued", "continuing"]
+__all__ = ["checkpoint_sizes", "continued", "continuing", "watermark_checkpoint"]
 
 log = logging.getLogger("copystream")
 
@@ -56,7 +56,8 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
     destination = fresh_state(out, session.spec)
     if found.manifest.parquet is not None:  # new parts added to the dataset's
         destination = incremental.dataset_state(out, found.manifest, destination)
-    cp = incremental.append_checkpoint(found.manifest, identity, destination, **_sizes(session))
+    sizes = checkpoint_sizes(session)
+    cp = incremental.append_checkpoint(found.manifest, identity, destination, **sizes)
     save_checkpoint(out, cp)
     return Resume(cp, None)
 
@@ -75,7 +76,7 @@ def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     if isinstance(found, Occupied):
         overwrite(session)
     cp = incremental.since_checkpoint(
-        previous, after, identity, fresh_state(out, session.spec), **_sizes(session)
+        previous, after, identity, fresh_state(out, session.spec), **checkpoint_sizes(session)
     )
     save_checkpoint(out, cp)
     return Resume(cp, None)
@@ -94,9 +95,8 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
     """A watermark export (after the one ``since`` names, if any), to a new output."""
     out, run = session.output, session.run
     previous, after = _previous(session, run.since) if run.since is not None else (None, None)
-    begin = None
     if previous is not None:
-        begin = watermark.previous_mark(previous, column, run.watermark_lag)
+        watermark.previous_mark(previous, column, run.watermark_lag)  # refused before anything
     if isinstance(found, Resume):
         if found.checkpoint is not None:
             incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
@@ -107,6 +107,25 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
         return found
     if isinstance(found, Occupied):
         overwrite(session)
+    cp = watermark_checkpoint(session, column, previous, after, fresh_state(out, session.spec))
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def watermark_checkpoint(
+    session: ExportSession,
+    column: str,
+    previous: Manifest | None,
+    after: dict[str, Any] | None,
+    destination: dict[str, Any],
+) -> Checkpoint:
+    """The checkpoint of a new watermark export (after ``previous``, whose ``since`` record is
+    ``after``; ``None``: a first one) to ``destination``: the session settings pinned (the
+    previous export's), the server's clock and open transactions read, and for an increment
+    its lower bound, first key and overlap (any output kind; :mod:`copystream.s3increment`)."""
+    begin = None
+    if previous is not None:
+        begin = watermark.previous_mark(previous, column, session.run.watermark_lag)
     try:
         if previous is not None:
             settings = dict(previous.settings)
@@ -117,12 +136,9 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
         mark = _mark(session, column, begin, after)
     except psycopg.Error as e:
         raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
-    cp = incremental.watermark_checkpoint(
-        session.spec.identity(), settings, fresh_state(out, session.spec), mark, after,
-        **_sizes(session),
-    )  # fmt: skip
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
+    return incremental.watermark_checkpoint(
+        session.spec.identity(), settings, destination, mark, after, **checkpoint_sizes(session)
+    )
 
 
 def _mark(
@@ -173,7 +189,8 @@ def _warn_unmeasured(session: ExportSession, kind: str, measured: Any) -> None:
         )  # fmt: skip
 
 
-def _sizes(session: ExportSession) -> dict[str, Any]:
+def checkpoint_sizes(session: ExportSession) -> dict[str, Any]:
+    """The start time, first chunk size and row estimate a new checkpoint records."""
     table, rows = session.table, session.run.chunk_rows
     first = first_chunk_rows(table.estimated_rows, table.estimated_bytes)
     return {

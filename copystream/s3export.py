@@ -38,6 +38,7 @@ from .errors import (
     VerificationFailed,
 )
 from .export import ExportResult, ExportStatus, _result
+from .incremental import manifest_fields
 from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartRunner
 from .pipeline import ExportSession, manifest_of, start
@@ -221,9 +222,9 @@ def run_s3_export(
                 side.delete(suffix)
             log.info("%s: restarting (%d unfinished upload(s) aborted)", output, aborted)
         found = _discover(side, session.spec.identity())
-        follows = None
-        if run.since is not None:  # the increment after another export, to a new object
-            follows, found = begin_since(side, session, found)
+        increment = run.since is not None or spec.watermark is not None
+        if increment:  # after another export, or a watermark one: to a new object
+            found = begin_since(side, session, found)[1]
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -241,8 +242,9 @@ def run_s3_export(
         manifest = manifest_of(
             session.table, cp, digest, started, resumed=resumed, workers=1, point_in_time=pit
         )
-        if follows is not None:
-            manifest = replace(manifest, since=follows)
+        if increment:  # what it follows, its watermark
+            fields = manifest_fields(cp, None, finished_at=manifest.finished_at, seconds=0)
+            manifest = replace(manifest, **fields)
         side.save_manifest(manifest)
         side.delete(CHECKPOINT)
     return _result(

@@ -20,7 +20,7 @@ NOWHERE = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
     ("output", "extra", "needle"),
     [
         ("s3://bucket/t.csv", ["--incremental"], "cannot be appended to an S3 object yet"),
-        ("s3://bucket/t.csv", ["--watermark", "at", "--since", "x"], "watermark exports cannot"),
+        ("s3://bucket/t.csv", ["--watermark", "at", "--incremental"], "name the previous export"),
         ("s3://bucket/t", ["--format", "parquet"], "Parquet dataset cannot be written to S3"),
     ],
 )

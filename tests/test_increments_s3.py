@@ -6,12 +6,15 @@ export to S3 are refused (exit 2), nothing written."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import zstandard
-from helpers import assert_ok, assert_one_error_line, cli, run
+from helpers import assert_ok, assert_one_error_line, cli, run, upserted
 from test_s3 import BUCKET, endpoint, get, keys, s3
 
 import copystream
@@ -63,17 +66,48 @@ def test_since_to_new_objects_chains_to_psqls_export(
     assert broken.returncode == 1 and "d2.csv.zst" in broken.stderr
 
 
-def test_an_append_or_a_watermark_to_s3_is_refused(
+def test_watermark_objects_upsert_to_the_table(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A watermark export to an object, rows changed and added, the increment after it to
+    another object: psql's rows from the recorded bound,
+    and the two upserted by id are the table."""
+    run_sql(dsn, DDL + "; ALTER TABLE ev ADD at timestamptz NOT NULL DEFAULT clock_timestamp(); "
+                 "CREATE INDEX ON ev (at, id)")  # fmt: skip
+    insert(run_sql, dsn, 1, 2000)
+    w0, w1 = f"s3://{BUCKET}/w/w0.csv", f"s3://{BUCKET}/w/w1.csv"
+    first = copystream.export_table(dsn, "ev", w0, watermark="at", chunk_rows=500)
+    assert first.increment is not None and first.increment["since"] is None
+    run_sql(dsn, "UPDATE ev SET payload = 'changed', at = clock_timestamp() WHERE id % 4 = 0")
+    insert(run_sql, dsn, 2001, 90000)
+    cmd = cli("export", "ev", w1, "--dsn", dsn, "--no-progress", "--watermark", "at",
+              "--since", w0, "--chunk-rows", "2000")  # fmt: skip
+    assert_ok(run(cmd))
+    m = json.loads(get(s3, "w/w1.csv.manifest.json"))
+    assert m["since"]["manifest"] == "w0.csv.manifest.json" and m["key"] == ["at", "id"]
+    lower = m["watermark"]["from"]
+    assert get(s3, "w/w1.csv") == psql_csv(
+        dsn, f"SELECT id, payload, n, at FROM ev WHERE at >= '{lower}' ORDER BY at, id"
+    )
+    files = [tmp_path / "w0.csv", tmp_path / "w1.csv"]
+    for f, key in zip(files, ("w/w0.csv", "w/w1.csv"), strict=True):
+        f.write_bytes(get(s3, key))
+    table = psql_csv(dsn, "SELECT id, payload, n, at FROM ev ORDER BY id").decode()
+    assert upserted(*files) == {r[0]: r for r in csv.reader(io.StringIO(table))}
+    assert_ok(run(cli("verify", "--chain", w0, w1)))
+
+
+def test_an_append_to_s3_is_refused(
     s3: Any, dsn: str, run_sql: RunSql, tmp_path: Path
 ) -> None:
-    run_sql(dsn, DDL + "; ALTER TABLE ev ADD at timestamptz NOT NULL DEFAULT now()")
+    run_sql(dsn, DDL)
     insert(run_sql, dsn, 1, 10)
     out = f"s3://{BUCKET}/ev.csv"
     assert_ok(run(cli("export", "ev", out, "--dsn", dsn, "--no-progress")))
     before = keys(s3)
     for extra, needle in [
         (["--incremental"], "cannot be appended to an S3 object yet"),
-        (["--watermark", "at"], "watermark exports cannot be written to S3 yet"),
+        (["--watermark", "n", "--incremental"], "name the previous export with --since"),
     ]:
         proc = run(cli("export", "ev", out, "--dsn", dsn, "--no-progress", *extra))
         assert_one_error_line(proc, 2, needle)
