@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .errors import UsageError, VerificationFailed
 from .incremental import chain_problem, since_manifest
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
+from .s3url import is_s3
 
 __all__ = ["ChainResult", "verify_chain"]
 
@@ -35,7 +36,8 @@ def verify_chain(
     the one before it: its manifest names that export (by digest) as its predecessor and its
     rows begin right after that export's last key.
 
-    ``paths`` are manifests (``OUTPUT.manifest.json``) or outputs. Raises
+    ``paths`` are manifests (``OUTPUT.manifest.json``) or outputs (``s3://`` objects too).
+    Raises
     :class:`VerificationFailed` for a file that differs from its manifest, a gap or an overlap
     between two files, or a file missing from the middle (its successor follows another
     export); :class:`UsageError` when a manifest or a file is missing.
@@ -50,12 +52,19 @@ def verify_chain(
     chain: list[tuple[str, Manifest]] = []
     results = []
     for p in paths:
-        manifest_file, output = since_manifest(os.fspath(p))
-        manifest = load_manifest(output)
+        if is_s3(p):  # an S3 object (its manifest beside it in the bucket)
+            from .s3increment import load_any_manifest
+
+            url = str(p).removesuffix(".manifest.json")
+            manifest, manifest_file = load_any_manifest(url)
+            output: str | Path = url
+        else:
+            manifest_path, output = since_manifest(os.fspath(p))
+            manifest, manifest_file = load_manifest(output), str(manifest_path)
         if manifest is None:
             raise UsageError(f"{manifest_file} does not exist: nothing to verify against")
         results.append(verify_file(output, deep=deep))
-        chain.append((Path(output).name, manifest))
+        chain.append((PurePosixPath(str(output)).name, manifest))
     problem = chain_problem(chain)
     if problem is not None:
         raise VerificationFailed(problem)

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 
 from . import incremental, watermark
-from .checkpoint import checkpoint_path, save_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, save_checkpoint
 from .destinations import fresh_state
 from .errors import UsageError
 from .failures import translate
@@ -22,7 +22,7 @@ from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows
 from .state import Complete, Occupied, OnDisk, Resume
 
-__all__ = ["continued", "continuing"]
+__all__ = ["checkpoint_sizes", "continued", "continuing", "watermark_checkpoint"]
 
 log = logging.getLogger("copystream")
 
@@ -39,6 +39,11 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
     Any other export's ``found`` is returned as it is."""
     if not continuing(session):
         return found
+    if session.run.workers > 1 and not isinstance(found, Complete):
+        log.warning(
+            "%s: an incremental export runs with one worker (workers do not apply to it yet)",
+            session.table.qualified,
+        )
     if session.spec.watermark is not None:
         return _watermark_export(session, found, session.spec.watermark)
     if session.run.since is not None:
@@ -48,9 +53,11 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
         return found
     if not isinstance(found, Complete) or not _same_size(out, found.manifest):
         raise incremental.refuse_append(out, readable_manifest(out), identity)
-    cp = incremental.append_checkpoint(
-        found.manifest, identity, fresh_state(out, session.spec), **_sizes(session)
-    )
+    destination = fresh_state(out, session.spec)
+    if found.manifest.parquet is not None:  # new parts added to the dataset's
+        destination = incremental.dataset_state(out, found.manifest, destination)
+    sizes = checkpoint_sizes(session)
+    cp = incremental.append_checkpoint(found.manifest, identity, destination, **sizes)
     save_checkpoint(out, cp)
     return Resume(cp, None)
 
@@ -69,7 +76,7 @@ def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     if isinstance(found, Occupied):
         overwrite(session)
     cp = incremental.since_checkpoint(
-        previous, after, identity, fresh_state(out, session.spec), **_sizes(session)
+        previous, after, identity, fresh_state(out, session.spec), **checkpoint_sizes(session)
     )
     save_checkpoint(out, cp)
     return Resume(cp, None)
@@ -88,9 +95,8 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
     """A watermark export (after the one ``since`` names, if any), to a new output."""
     out, run = session.output, session.run
     previous, after = _previous(session, run.since) if run.since is not None else (None, None)
-    begin = None
     if previous is not None:
-        begin = watermark.previous_mark(previous, column, run.watermark_lag)
+        watermark.previous_mark(previous, column, run.watermark_lag)  # refused before anything
     if isinstance(found, Resume):
         if found.checkpoint is not None:
             incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
@@ -101,6 +107,25 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
         return found
     if isinstance(found, Occupied):
         overwrite(session)
+    cp = watermark_checkpoint(session, column, previous, after, fresh_state(out, session.spec))
+    save_checkpoint(out, cp)
+    return Resume(cp, None)
+
+
+def watermark_checkpoint(
+    session: ExportSession,
+    column: str,
+    previous: Manifest | None,
+    after: dict[str, Any] | None,
+    destination: dict[str, Any],
+) -> Checkpoint:
+    """The checkpoint of a new watermark export (after ``previous``, whose ``since`` record is
+    ``after``; ``None``: a first one) to ``destination``: the session settings pinned (the
+    previous export's), the server's clock and open transactions read, and for an increment
+    its lower bound, first key and overlap (any output kind; :mod:`copystream.s3increment`)."""
+    begin = None
+    if previous is not None:
+        begin = watermark.previous_mark(previous, column, session.run.watermark_lag)
     try:
         if previous is not None:
             settings = dict(previous.settings)
@@ -111,41 +136,61 @@ def _watermark_export(session: ExportSession, found: OnDisk, column: str) -> OnD
         mark = _mark(session, column, begin, after)
     except psycopg.Error as e:
         raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
-    cp = incremental.watermark_checkpoint(
-        session.spec.identity(), settings, fresh_state(out, session.spec), mark, after,
-        **_sizes(session),
-    )  # fmt: skip
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
+    return incremental.watermark_checkpoint(
+        session.spec.identity(), settings, destination, mark, after, **checkpoint_sizes(session)
+    )
 
 
 def _mark(
     session: ExportSession,
     column: str,
-    begin: tuple[str, float] | None,
+    begin: tuple[str | None, float] | None,
     after: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Read the server's clock and oldest open transaction (before any chunk), and for an
     increment the key it starts after and its overlap with the previous export."""
-    measured = session.query("reading the transactions in progress", watermark.measure_query())
-    if measured[2] and session.run.watermark_lag is None:
-        log.warning(
-            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
-            "their open transactions do not count in the safety lag of the next increment "
-            "(grant pg_read_all_stats, or give the lag)", session.table.qualified, measured[2],
-        )  # fmt: skip
+    kind = watermark.kind(session.table.key_types[0]) or "timestamptz"
+    q = watermark.measure_query(session.table)
+    measured = session.query("reading the transactions in progress", q)
+    _warn_unmeasured(session, kind, measured)
     if begin is None or after is None:
-        return watermark.mark(column, measured, None, None, 0)
-    lower = str(session.query("computing the lower bound", watermark.lower_bound_query(*begin))[0])
-    key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
+        return watermark.mark(column, measured, None, None, 0, kind_=kind)
+    started, lag = begin
+    lower = key = None  # a counter with no row before: every row
+    if started is not None:
+        q = watermark.lower_bound_query(kind, started, lag)
+        lower = str(session.query("computing the lower bound", q)[0])
+        key = session.query("finding the first row", watermark.after_query(session.table, lower))[0]
     overlap = 0
     if after["last_key"] is not None:
         q = watermark.overlap_query(session.table, key, after["last_key"])
         overlap = int(session.query("counting the overlap", q)[0])
-    return watermark.mark(column, measured, lower, key, overlap)
+    return watermark.mark(column, measured, lower, key, overlap, kind_=kind)
 
 
-def _sizes(session: ExportSession) -> dict[str, Any]:
+def _warn_unmeasured(session: ExportSession, kind: str, measured: Any) -> None:
+    """Warn of open transactions the next increment's safety lag will not cover: those of
+    sessions hidden from this role, and for a counter (no clock to take a lag from) any."""
+    if session.run.watermark_lag is not None:
+        return
+    name = session.table.qualified
+    if measured[2]:
+        log.warning(
+            "%s: %d sessions of other roles are hidden from this role in pg_stat_activity: "
+            "their open transactions do not count in the safety lag of the next increment "
+            "(grant pg_read_all_stats, or give the lag)", name, measured[2],
+        )  # fmt: skip
+    if kind in watermark.COUNTER and float(measured[1]) > 0:
+        log.warning(
+            "%s: a transaction was open for %.1fs as the export started: a counter watermark "
+            "has no clock to measure a safety lag by, so a row it commits with a value below "
+            "%s is in no increment unless the next one's lag (in the column's units) covers it",
+            name, float(measured[1]), measured[3],
+        )  # fmt: skip
+
+
+def checkpoint_sizes(session: ExportSession) -> dict[str, Any]:
+    """The start time, first chunk size and row estimate a new checkpoint records."""
     table, rows = session.table, session.run.chunk_rows
     first = first_chunk_rows(table.estimated_rows, table.estimated_bytes)
     return {
@@ -156,8 +201,11 @@ def _sizes(session: ExportSession) -> dict[str, Any]:
 
 
 def _same_size(output: Path, manifest: Manifest) -> bool:
-    """Whether ``output`` has the size its manifest records (bytes past it would be cut)."""
+    """Whether ``output`` has the size its manifest records (bytes past it would be cut); a
+    Parquet dataset: whether each part has."""
     try:
+        if manifest.parquet is not None:
+            return all((output / p["file"]).stat().st_size == p["bytes"] for p in manifest.parts)
         return output.stat().st_size == manifest.bytes
     except OSError:
         return False

@@ -206,9 +206,9 @@ def export_table(
         incremental: append only the rows after the last key of ``output``'s complete export
             (the manifest covers the whole file, with its ``increments``). since: the manifest
             of the previous export: those rows to a new ``output`` (:func:`verify_chain`).
-            watermark: a ``timestamptz`` column to page by (then the key), for increments of
-            changed rows less a safety lag (watermark_lag, seconds; default measured): the
-            loader must upsert by key. Increments see no deletes (docs/cli.md, --incremental).
+            watermark: a time or counter column to page by (then the key), for increments of
+            changed rows less a safety lag (watermark_lag; default measured): the loader
+            must upsert by key. Increments see no deletes (docs/cli.md, --incremental).
         format="parquet": ``output`` is a directory of typed Parquet parts (needs
             ``copystream[parquet]``; :mod:`copystream.parquet_types`), with parquet_compression,
             part_size, row_group_size, out_of_range and strict_types (docs/cli.md).

@@ -41,7 +41,9 @@ __all__ = [
     "check_complete_since",
     "check_request",
     "check_resume",
+    "dataset_state",
     "follows",
+    "follows_named",
     "last_key",
     "manifest_fields",
     "refuse_append",
@@ -62,9 +64,8 @@ _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
 def check_request(
     run: RunOptions, watermark: str | None = None, *, parquet: bool = False
 ) -> None:
-    """Refuse options that contradict an incremental export (before anything is touched)."""
-    if parquet and (run.incremental or run.since is not None or watermark is not None):
-        raise UsageError("a Parquet dataset cannot be continued by an incremental export yet")
+    """Refuse options that contradict an incremental export (before anything is touched).
+    (``parquet``: a Parquet dataset takes every kind of increment.)"""
     if watermark is not None:
         if run.incremental and run.since is None:
             raise UsageError(
@@ -142,6 +143,9 @@ def append_checkpoint(
     output's also carries the uncompressed size and digest the manifest records.
     """
     state = dict(destination)
+    offset = manifest.bytes
+    if manifest.parquet is not None:  # the chunks' offsets count the CSV decoded into parts
+        offset = manifest.chunks[-1].offset + manifest.chunks[-1].bytes if manifest.chunks else 0
     if manifest.compress is not None:
         state["uncompressed_bytes"] = manifest.uncompressed_bytes
         state["uncompressed_xxh3_128"] = manifest.uncompressed_xxh3_128
@@ -160,7 +164,7 @@ def append_checkpoint(
         started_at=manifest.started_at,
         chunk_rows=chunk_rows,
         estimated_rows=estimated_rows,
-        offset=manifest.bytes,
+        offset=offset,
         rows=manifest.rows,
         last_key=after,
         xxh3_128=manifest.xxh3_128,
@@ -168,6 +172,29 @@ def append_checkpoint(
         destination=state,
         increment=increment,
     )
+
+
+def dataset_state(output: Path, manifest: Manifest, fresh: Mapping[str, Any]) -> dict[str, Any]:
+    """The destination state of an increment appended to the Parquet dataset ``manifest``
+    records: its parts, to which new ``part-NNNNN.parquet`` files are added, numbered on (the
+    names of a single-worker export's parts, so they sort in key order). A dataset written by
+    key ranges (``part-RRRR-NNNNN``) is refused: a new part could not sort after them all."""
+    parts = [{k: v for k, v in p.items() if k != "last_key"} for p in manifest.parts]
+    stem = str(fresh.get("stem", "part-"))
+    if any(p["file"] != f"{stem}{i:05d}.parquet" for i, p in enumerate(parts)):
+        raise UsageError(
+            f"{output} was written by several workers (key ranges): an increment cannot be "
+            "appended to it yet",
+            remedy=Remedy.FULL_EXPORT,
+        )
+    return {**fresh, "parts": parts}
+
+
+def _size(cp: Checkpoint) -> int:
+    """The bytes of ``cp``'s output: a file's offset, a Parquet dataset's parts."""
+    if cp.destination.get("kind") == "parquet":
+        return sum(int(p["bytes"]) for p in cp.destination.get("parts", ()))
+    return cp.offset
 
 
 def untouched_append(cp: Checkpoint) -> bool:
@@ -199,13 +226,21 @@ def follows(
         raise UsageError(
             f"{previous_path} is the manifest of {output} itself; an increment goes to a new file"
         )
+    return follows_named(previous, previous_path, identity)
+
+
+def follows_named(
+    previous: Manifest, where: Path | str, identity: Mapping[str, Any]
+) -> dict[str, Any]:
+    """:func:`follows` of the manifest ``where`` names (a path, or an ``s3://`` URL): refused
+    when it is another export's."""
     recorded = manifest_identity(previous)
     name = _mismatch(recorded, identity, compress=False)
     if name is not None:
-        raise _another(previous_path, name, recorded.get(name), identity.get(name))
+        raise _another(where, name, recorded.get(name), identity.get(name))
     after = last_key(previous.chunks)
     return {
-        "manifest": previous_path.name,
+        "manifest": Path(str(where)).name,
         "xxh3_128": previous.xxh3_128,
         "rows": previous.rows,
         "last_key": list(after) if after is not None else None,
@@ -280,7 +315,9 @@ def _after_what(follows: Mapping[str, Any] | None) -> str:
     return "another export" if follows is None else str(follows.get("manifest"))
 
 
-def check_resume(cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: Path) -> None:
+def check_resume(
+    cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: Path | str
+) -> None:
     """Refuse to resume ``cp`` as the increment after ``wanted`` (``None``: an append) when it
     is not that increment."""
     have = cp.increment.get("follows") if cp.increment is not None else None
@@ -291,7 +328,9 @@ def check_resume(cp: Checkpoint, wanted: Mapping[str, Any] | None, recorded_in: 
         )
 
 
-def check_complete_since(manifest: Manifest, wanted: Mapping[str, Any], output: Path) -> None:
+def check_complete_since(
+    manifest: Manifest, wanted: Mapping[str, Any], output: Path | str
+) -> None:
     """Refuse a complete ``output`` that is not the increment after ``wanted``."""
     if manifest.since != dict(wanted):
         raise OutputExists(
@@ -347,7 +386,7 @@ def manifest_fields(
     base = int(inc["base_chunks"])
     entry = _entry(
         str(inc["started_at"]), finished_at, seconds, cp.rows - int(inc["base_rows"]),
-        cp.offset - int(inc["base_bytes"]), (base, len(cp.chunks) - base), inc["after"],
+        _size(cp) - int(inc["base_bytes"]), (base, len(cp.chunks) - base), inc["after"],
         last_key(cp.chunks[base:]),
     )  # fmt: skip
     history = [h for h in _history(cp, old) if h.get("started_at") != entry["started_at"]]

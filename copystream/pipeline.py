@@ -98,6 +98,7 @@ __all__ = [
     "retrying",
     "sample_ranges",
     "start",
+    "watermarked",
 ]
 
 log = logging.getLogger("copystream")
@@ -194,7 +195,7 @@ def retrying(
             raise
 
 
-def _watermarked(
+def watermarked(
     conn: psycopg.Connection[Any], spec: ExportSpec, table: ResolvedTable
 ) -> ResolvedTable:
     """The table paged by the watermark column, then its key (refused as a key would be)."""
@@ -387,7 +388,7 @@ class ExportSession:
             conn, spec.table, key=spec.key, columns=spec.columns, where=spec.where,
             options=spec.options,
         )  # fmt: skip
-        return table if spec.watermark is None else _watermarked(conn, spec, table)
+        return table if spec.watermark is None else watermarked(conn, spec, table)
 
     def __exit__(
         self,

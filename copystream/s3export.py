@@ -31,12 +31,14 @@ from .destinations.s3 import Hashed, S3Object, hash_object, head_object
 from .errors import (
     CheckpointMismatch,
     CopystreamError,
+    Opt,
     OutputExists,
     OutputProblem,
     UsageError,
     VerificationFailed,
 )
 from .export import ExportResult, ExportStatus, _result
+from .incremental import manifest_fields
 from .manifest import Manifest, VerifyResult
 from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, manifest_of, start
@@ -44,6 +46,7 @@ from .pool import started_ahead
 from .progress import Progress
 from .ranges import KeyRanges
 from .retry import RetryPolicy
+from .s3increment import begin_since, check_s3_request
 from .s3ranges import PLAN, load_plan, range_url, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
@@ -252,6 +255,9 @@ def run_s3_export(
         if run.restart:
             restart(side)
         found = discover(side, session.spec.identity())
+        increment = run.since is not None or spec.watermark is not None
+        if increment:  # after another export, or a watermark one: to a new object
+            found = begin_since(side, session, found)[1]
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -273,6 +279,9 @@ def run_s3_export(
         manifest = manifest_of(
             session.table, cp, digest, started, resumed=resumed, workers=1, point_in_time=pit
         )
+        if increment:  # what it follows, its watermark
+            fields = manifest_fields(cp, None, finished_at=manifest.finished_at, seconds=0)
+            manifest = replace(manifest, **fields)
         side.save_manifest(manifest)
         side.delete(CHECKPOINT)
     return _result(
@@ -285,8 +294,10 @@ def open_output(output: str, spec: ExportSpec, run: RunOptions) -> Sidecars:
     bucket reachable (else a usage error, before anything is read from PostgreSQL)."""
     if spec.options.format == "parquet":
         raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
-    if run.incremental or run.since is not None or spec.watermark is not None:
-        raise UsageError(f"incremental exports cannot be written to S3 yet ({output})")
+    check_s3_request(spec, run, output)  # increments: copystream.s3increment
+    if run.workers > 1 and (run.since is not None or spec.watermark is not None):
+        what = f" above 1 cannot write an increment to S3 yet ({output})"
+        raise UsageError([Opt("workers"), what])
     return _open(output, run.policy)
 
 

@@ -441,9 +441,9 @@ class ExportSpec:
     watermark: str | None = option(
         None,
         Text(empty=False, want="a column name"),
-        "Change-tracking timestamptz column (updated_at): page by it, then the key; with "
-        "--since, export the rows changed since that export, less a safety lag.",
-        plan=False,  # an increment is a new file after the previous one: a plan names neither
+        "Change-tracking column (updated_at: timestamptz, timestamp, date, or an integer or "
+        "numeric counter): page by it, then the key; with --since, export the rows changed "
+        "since that export, less a safety lag.",
     )
     parquet_compression: str | None = option(
         None,
@@ -638,8 +638,8 @@ class RunOptions:
         None,
         Seconds(0),
         "Safety lag of a --watermark increment, in seconds (default: the age of the oldest "
-        "transaction open when the previous export started).",
-        plan=False,
+        "transaction open when the previous export started); of a counter, in its units "
+        "(default 0).",
     )
     retry_policy: RetryPolicy | None = None  # a full policy (delays too), replacing the above
 

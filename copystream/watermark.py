@@ -11,10 +11,24 @@ its own start (when the watermark is set from the server's ``now()``), and it ei
 increment exports every row whose watermark is at least ``started - lag_seconds``: the rows of
 late commits are in it, and rows already exported may be again (the *overlap*, counted and
 reported: the loader must upsert by key). Rows deleted are never seen.
+
+The column's type decides what the bound is (:func:`kind`, :func:`lower_bound_query`):
+
+* ``timestamptz``: the server's clock less the lag, as above.
+* ``timestamp`` (without time zone): the same instant, as the local time of the ``TimeZone`` the
+  first export pinned (what ``localtimestamp`` said in that session): the column must hold local
+  times of that zone (``DEFAULT localtimestamp``, or ``now()`` under the same ``TimeZone``).
+* ``date``: the day of that local time: every row of that day is exported again.
+* an integer or ``numeric`` counter (a ``version`` bumped from a sequence): no clock; the export
+  records the column's greatest value as it starts (``started``), and the next increment takes
+  the rows whose value is at least that less the lag, *counted in the column's own units*
+  (default 0: a transaction open at the start that commits a smaller value later is missed
+  unless the lag covers the values handed out meanwhile; the export warns when one was open).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,10 +39,12 @@ from .manifest import Manifest
 from .table import ResolvedTable
 
 __all__ = [
+    "COUNTER",
     "TYPES",
     "after_query",
     "check_type",
     "index_warning",
+    "kind",
     "lower_bound_query",
     "mark",
     "measure_query",
@@ -37,8 +53,27 @@ __all__ = [
     "watermark_key",
 ]
 
-#: Types a watermark column may have: a point in time, comparable with the server's clock.
-TYPES = ("timestamp with time zone",)
+#: The kinds of watermark column, by the type ``format_type`` names (:func:`kind`): a point in
+#: time, read against the server's clock, or a counter, read against its own greatest value.
+TYPES = {
+    "timestamp with time zone": "timestamptz",
+    "timestamp without time zone": "timestamp",
+    "date": "date",
+    "smallint": "integer",
+    "integer": "integer",
+    "bigint": "integer",
+    "numeric": "numeric",
+}
+
+#: The kinds whose bound is a value of the column, not the server's clock.
+COUNTER = frozenset({"integer", "numeric"})
+
+
+def kind(type_name: str) -> str | None:
+    """The kind of watermark a column of type ``type_name`` is (``None``: it cannot be one);
+    ``numeric(12,2)`` is a ``numeric``, ``timestamp(3) with time zone`` a ``timestamptz``."""
+    base = re.sub(r"\(\d+(,\d+)?\)", "", type_name)
+    return TYPES.get(base)
 
 
 def watermark_key(column: str, key: Sequence[str]) -> tuple[str, ...]:
@@ -47,11 +82,12 @@ def watermark_key(column: str, key: Sequence[str]) -> tuple[str, ...]:
 
 
 def check_type(table: ResolvedTable) -> None:
-    """Refuse a watermark column that is not a point in time."""
-    if table.key_types[0] not in TYPES:
+    """Refuse a watermark column that is neither a point in time nor a counter."""
+    if kind(table.key_types[0]) is None:
         raise KeyProblem(
             f"watermark column {table.key[0]!r} of {table.qualified} is "
-            f"{table.key_types[0]}; it must be a timestamp with time zone (timestamptz)"
+            f"{table.key_types[0]}; it must be a timestamp with time zone (timestamptz), a "
+            "timestamp, a date, an integer or a numeric"
         )
 
 
@@ -66,9 +102,13 @@ def index_warning(table: ResolvedTable, indexes: Sequence[Sequence[str]]) -> str
     )
 
 
-def previous_mark(previous: Manifest, column: str, lag: float | None) -> tuple[str, float]:
-    """The server time and safety lag the increment after ``previous`` starts from: rows whose
-    watermark is at least ``started - lag``. ``lag`` (seconds) replaces the measured one."""
+def previous_mark(
+    previous: Manifest, column: str, lag: float | None
+) -> tuple[str | None, float]:
+    """Where the increment after ``previous`` starts from: rows whose watermark is at least
+    ``started - lag``. ``started`` is the server's time (a counter's: its greatest value then,
+    ``None`` when the table had no row); ``lag`` replaces the measured one (seconds; a
+    counter's: in its own units, 0 by default)."""
     mark = previous.watermark
     if mark is None:
         raise UsageError(
@@ -80,28 +120,51 @@ def previous_mark(previous: Manifest, column: str, lag: float | None) -> tuple[s
             f"the export after which the increment comes tracked {mark['column']!r}, not "
             f"{column!r}"
         )
+    if mark.get("kind", "timestamptz") in COUNTER:
+        started = mark["started"]
+        return (None if started is None else str(started)), float(lag or 0)
     return str(mark["started"]), float(mark["lag_seconds"] if lag is None else lag)
 
 
-def measure_query() -> sql.Composed:
+def measure_query(plan: ResolvedTable) -> sql.Composed:
     """The server's clock (ISO 8601, UTC), the age in seconds of the oldest transaction open in
-    this database by another session, and how many sessions' transactions this role may not
-    see (``pg_stat_activity`` hides them without ``pg_read_all_stats``)."""
+    this database by another session, how many sessions' transactions this role may not see
+    (``pg_stat_activity`` hides them without ``pg_read_all_stats``), and for a counter
+    watermark its greatest value (as text; NULL for a point in time, or no row)."""
+    greatest: sql.Composable = sql.SQL("NULL::text")
+    if kind(plan.key_types[0]) in COUNTER:
+        greatest = sql.SQL("(SELECT max({wm})::text FROM {table} WHERE true{filter})").format(
+            wm=sql.Identifier(plan.key[0]), table=plan.table_ident, filter=_filter(plan)
+        )
     return sql.SQL(
         "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', "
         "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00\"'), "
         "coalesce(extract(epoch FROM clock_timestamp() - min(xact_start)), 0)::float8, "
-        "count(*) FILTER (WHERE query = '<insufficient privilege>') "
+        "count(*) FILTER (WHERE query = '<insufficient privilege>'), {greatest} "
         "FROM pg_stat_activity WHERE datname = current_database() "
         "AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
-    ).format()
+    ).format(greatest=greatest)
 
 
-def lower_bound_query(started: str, lag: float) -> sql.Composed:
-    """``started - lag`` as the server's text of a timestamptz (under the pinned settings)."""
-    return sql.SQL("SELECT ({}::timestamptz - make_interval(secs => {}))::text").format(
-        sql.Literal(started), sql.Literal(lag)
-    )
+#: The bound of each kind, from ``{started}`` and ``{lag}``: a time as the local time of the
+#: session's (pinned) TimeZone for a column without one; a counter's rounded up for integers
+#: (``n >= 94.5`` is ``n >= 95``, and 95 is a value the column's type reads).
+_BOUNDS = {
+    "timestamptz": "({started}::timestamptz - make_interval(secs => {lag}))",
+    "timestamp": "(({started}::timestamptz - make_interval(secs => {lag})) AT TIME ZONE "
+    "current_setting('TimeZone'))",
+    "date": "(({started}::timestamptz - make_interval(secs => {lag})) AT TIME ZONE "
+    "current_setting('TimeZone'))::date",
+    "integer": "ceil({started}::numeric - {lag})",
+    "numeric": "({started}::numeric - {lag})",
+}
+
+
+def lower_bound_query(kind_: str, started: str, lag: float) -> sql.Composed:
+    """``started - lag`` as the server's text of a value of the watermark's kind (under the
+    pinned settings): the least watermark the increment exports."""
+    bound = sql.SQL(_BOUNDS[kind_]).format(started=sql.Literal(started), lag=sql.Literal(lag))
+    return sql.SQL("SELECT {}::text").format(bound)
 
 
 def _key_row(plan: ResolvedTable) -> sql.Composable:
@@ -148,13 +211,16 @@ def overlap_query(
 
 def mark(
     column: str, measured: Sequence[Any], lower: str | None, after: Sequence[str] | None,
-    overlap: int,
+    overlap: int, *, kind_: str = "timestamptz",
 ) -> dict[str, Any]:  # fmt: skip
-    """What a watermark export records (``watermark`` in its checkpoint and manifest)."""
-    started, lag, hidden = measured
+    """What a watermark export records (``watermark`` in its checkpoint and manifest): for a
+    counter, ``started`` is its greatest value as the export started (``None``: no row)."""
+    clock, lag, hidden = measured[:3]
+    started = measured[3] if kind_ in COUNTER else clock
     return {
         "column": column,
-        "started": str(started),
+        "kind": kind_,
+        "started": None if started is None else str(started),
         "lag_seconds": round(float(lag), 6),
         "hidden_sessions": int(hidden),
         "from": lower,

@@ -6,6 +6,8 @@ no ``__init__.py``.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import signal
@@ -328,3 +330,13 @@ r = copystream.run_shard({str(plan_file)!r}, {index}, progress=progress)
 print(r.to_json())
 """
     return subprocess.run([sys.executable, "-c", code], timeout=120).returncode
+
+
+def upserted(*files: Path) -> dict[str, list[str]]:
+    """The CSV rows of ``files`` applied in order, each replacing the row of the same first
+    column (the key): what a loader upserting increments by key holds."""
+    rows: dict[str, list[str]] = {}
+    for f in files:
+        for row in csv.reader(io.StringIO(f.read_text())):
+            rows[row[0]] = row
+    return rows

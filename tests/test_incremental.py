@@ -35,6 +35,8 @@ import copystream
 PsqlCsv = Callable[..., bytes]
 RunSql = Callable[[str, str], list[tuple[Any, ...]]]
 
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
 DDL = "CREATE TABLE ev (id bigint PRIMARY KEY, at timestamptz, payload text, n numeric)"
 
 
@@ -157,7 +159,10 @@ def test_since_chain_has_no_gap_and_verify_chain_finds_breaks(
     assert_one_error_line(gap, 1, "d3.csv holds the rows after key ['1502']", "a gap")
     twice = tmp_path / "d1-again.csv"
     since = str(manifest_file(files[0]))
-    assert_ok(run(export_cmd(dsn, "ev", twice, "--since", since)))
+    workers = run(export_cmd(dsn, "ev", twice, "--since", since, "--workers", "2"))
+    assert_ok(workers)  # one worker, and said so
+    assert "runs with one worker" in workers.stderr
+    assert twice.read_bytes() == b"".join(f.read_bytes() for f in files[1:])
     overlap = run(cli("verify", "--chain", str(files[0]), str(files[1]), str(twice)))
     assert_one_error_line(overlap, 1, "an overlap")
     data = bytearray(files[2].read_bytes())
@@ -323,12 +328,12 @@ def test_watermark_bad_input(dsn: str, run_sql: RunSql, tmp_path: Path) -> None:
     run_sql(
         dsn,
         "CREATE TABLE x (id int PRIMARY KEY, maybe timestamptz, plain timestamptz NOT NULL "
-        "DEFAULT now(), n int NOT NULL DEFAULT 1); INSERT INTO x (id) VALUES (1), (2)",
+        "DEFAULT now(), t text NOT NULL DEFAULT 1); INSERT INTO x (id) VALUES (1), (2)",
     )
     out = tmp_path / "x.csv"
     for extra, needle in [
         (["--watermark", "maybe"], "'maybe' of public.x is nullable"),
-        (["--watermark", "n"], "must be a timestamp with time zone"),
+        (["--watermark", "t"], "must be a timestamp with time zone"),
         (["--watermark", "plain", "--incremental"], "name the previous export with --since"),
     ]:
         assert_one_error_line(run(export_cmd(dsn, "x", out, *extra)), 2, needle)

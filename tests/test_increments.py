@@ -174,7 +174,7 @@ def test_watermark_decisions() -> None:
     assert chain_problem([("a", marked), ("b", overlapping)]) is None
     facts: dict[str, Any] = {
         "oid": 1, "schema": "public", "name": "w", "qualified": "public.w", "relkind": "r",
-        "columns": ("id", "at"), "key": ("at", "id"), "key_types": ("integer", "bigint"),
+        "columns": ("id", "at"), "key": ("at", "id"), "key_types": ("text", "bigint"),
         "key_source": "--key", "key_unique": True, "key_indexed": True, "where": None,
         "estimated_rows": None, "estimated_bytes": None,
     }  # fmt: skip
@@ -183,3 +183,48 @@ def test_watermark_decisions() -> None:
         wm.check_type(table)
     assert wm.index_warning(table, [("at",)]) is None
     assert "no index starts with the key (at, id)" in (wm.index_warning(table, [("id",)]) or "")
+
+
+def test_watermark_kinds_and_their_bounds() -> None:
+    """Each type a watermark may have is a kind with a bound of its own: a time read against
+    the server's clock (a timestamp and a date as the local time of the pinned TimeZone), or a
+    counter read against its greatest value, whose lag counts in its own units (0 unless
+    given) and whose bound an integer column reads (rounded up)."""
+    from psycopg import sql
+
+    from copystream import watermark as wm
+
+    kinds = {t: wm.kind(t) for t in (
+        "timestamp with time zone", "timestamp(3) with time zone", "timestamp without time zone",
+        "date", "smallint", "integer", "bigint", "numeric", "numeric(12,2)", "text", "uuid",
+        "time without time zone", "double precision",
+    )}  # fmt: skip
+    assert kinds == {
+        "timestamp with time zone": "timestamptz", "timestamp(3) with time zone": "timestamptz",
+        "timestamp without time zone": "timestamp", "date": "date", "smallint": "integer",
+        "integer": "integer", "bigint": "integer", "numeric": "numeric",
+        "numeric(12,2)": "numeric", "text": None, "uuid": None,
+        "time without time zone": None, "double precision": None,
+    }  # fmt: skip
+
+    def text(q: sql.Composed) -> str:
+        return q.as_string(None)
+
+    assert "AT TIME ZONE current_setting('TimeZone')" in text(
+        wm.lower_bound_query("timestamp", "2026-01-01T00:00:00+00", 5)
+    )
+    assert "AT TIME ZONE" not in text(wm.lower_bound_query("timestamptz", "2026", 5))
+    assert text(wm.lower_bound_query("date", "2026", 5)).endswith("::date::text")
+    assert text(wm.lower_bound_query("integer", "100", 2.5)).startswith("SELECT ceil('100'")
+    measured = ("2026-01-01T00:00:00.000000+00", 3.0, 0, "100")
+    counter = wm.mark("v", measured, None, None, 0, kind_="integer")
+    assert (counter["started"], counter["kind"], counter["lag_seconds"]) == ("100", "integer", 3)
+    clock = wm.mark("at", measured, None, None, 0, kind_="timestamp")
+    assert clock["started"] == "2026-01-01T00:00:00.000000+00"
+    assert wm.previous_mark(manifest(3, 3, watermark=counter), "v", None) == ("100", 0.0)
+    assert wm.previous_mark(manifest(3, 3, watermark=counter), "v", 7) == ("100", 7.0)
+    empty = wm.mark("v", (*measured[:3], None), None, None, 0, kind_="numeric")
+    assert wm.previous_mark(manifest(0, None, watermark=empty), "v", None) == (None, 0.0)
+    # a mark of an earlier release (no kind) is a timestamptz one
+    old = {k: v for k, v in clock.items() if k != "kind"}
+    assert wm.previous_mark(manifest(3, 3, watermark=old), "at", None) == (clock["started"], 3.0)

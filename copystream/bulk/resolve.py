@@ -19,7 +19,7 @@ import psycopg
 from ..catalog import introspect_many, missing_table_problem
 from ..connection import Target, redact
 from ..errors import CopystreamError, UsageError
-from ..pipeline import first_connect, retrying
+from ..pipeline import first_connect, retrying, watermarked
 from ..spec import ExportSpec, RunOptions
 from ..table import ResolvedTable
 from .names import NamePattern, parse_name_pattern
@@ -437,6 +437,23 @@ def _read_catalog(
     return catalog
 
 
+def _watermarked(
+    conn: psycopg.Connection[Any],
+    wanted: Sequence[tuple[int, ExportSpec]],
+    plans: list[ResolvedTable | UsageError],
+) -> list[ResolvedTable | UsageError]:
+    """The plans of tables with a ``watermark``: paged by it, then the key (one more query
+    each), or refused as a key would be."""
+    out = list(plans)
+    for i, ((_, spec), p) in enumerate(zip(wanted, plans, strict=True)):
+        if spec.watermark is not None and isinstance(p, ResolvedTable):
+            try:
+                out[i] = watermarked(conn, spec, p)
+            except UsageError as e:
+                out[i] = e
+    return out
+
+
 def _plan_tables(
     resolution: _Resolution, conns: Mapping[str, psycopg.Connection[Any]], secrets: Sequence[str]
 ) -> _Resolution:
@@ -455,7 +472,7 @@ def _plan_tables(
             continue
         wanted = [(tasks[i].oid or 0, tasks[i].spec) for i in members]
         try:
-            plans = introspect_many(conn, wanted)
+            plans = _watermarked(conn, wanted, introspect_many(conn, wanted))
         except psycopg.Error as err:
             why = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             where = Target(dsn).describe()

@@ -26,6 +26,7 @@ from ..pool import Event, Task, run_tasks, started_ahead
 from ..progress import Progress
 from ..state import Complete, Fresh, Occupied, OnDisk, Resume, discover
 from ..whole import Staged, is_small, publish
+from .increments import watermark_step
 from .outcome import (
     BulkProgress,
     BulkResult,
@@ -152,7 +153,7 @@ def _run_bulk(
     started: float,
 ) -> BulkResult:
     resolution = _resolve_on_servers(bulk)
-    tasks = list(resolution.tasks)
+    tasks = [watermark_step(t) for t in resolution.tasks]  # which file of a watermark chain
     selected = _select_only(tasks, only) if only else tasks
     shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
     tasks = [shared.get(id(t), t) for t in tasks]  # the same objects everywhere (the report)

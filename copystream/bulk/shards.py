@@ -286,12 +286,13 @@ def _run_unit(t: _Task, u: Unit, progress: Callable[[Progress], None] | None) ->
     # the temporary files of a run killed while writing a small table's file go first
     for path in (Path(u.output), manifest_path(Path(u.output))):
         remove_stale_temporaries(path)
-    exported = export_task(t.entry.dsn or "", t.spec, u.output, run, t.resolved, progress=progress)
-    if exported.staged is not None:  # a small table's file, for its caller to publish
-        failed = publish([exported.staged])[0]
+    done = export_task(t.entry.dsn or "", t.spec, u.output, run, t.resolved, progress=progress)
+    staged = done.staged(Path(u.output))
+    if staged is not None:  # a small table's file, for its caller to publish
+        failed = publish([staged])[0]
         if failed is not None:
             raise failed
-    e = exported.result
+    e = done.result
     return {"table": u.table, "range": None, "rows": e.rows, "bytes": e.bytes,
             "already_complete": e.already_complete, "resumed": e.resumed}  # fmt: skip
 

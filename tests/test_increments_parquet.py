@@ -1,0 +1,136 @@
+"""Increments to Parquet datasets (issue 16): ``since`` writes the rows after the previous
+dataset's last key to a new dataset (its manifest names the one it follows), and ``watermark``
+increments too; read together, the datasets hold the values of a full Parquet export."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pytest
+from helpers import (
+    assert_ok,
+    assert_one_error_line,
+    cli,
+    export_cmd,
+    kill_export,
+    read_manifest,
+    run,
+)
+
+import copystream
+
+RunSql = Callable[[str, str], list[tuple[Any, ...]]]
+
+pytestmark = pytest.mark.all_versions  # also run on PostgreSQL 18 (.ci/run)
+
+DDL = (
+    "CREATE TABLE ev (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), "
+    "n numeric(12,3), d date, tags text[], v text); CREATE INDEX ON ev (at, id)"
+)
+
+
+def insert(run_sql: RunSql, dsn: str, first: int, last: int) -> None:
+    run_sql(
+        dsn,
+        f"INSERT INTO ev (id, n, d, tags, v) SELECT g, g / 7.0, DATE '2026-01-01' + g % 400, "
+        f"ARRAY['a' || g, NULL], CASE WHEN g % 5 = 0 THEN NULL ELSE md5(g::text) END "
+        f"FROM generate_series({first}, {last}) g",
+    )
+
+
+def read(*paths: Path) -> pa.Table:
+    return pa.concat_tables([ds.dataset(p, format="parquet").to_table() for p in paths])
+
+
+def test_since_increments_to_new_datasets_equal_a_full_export(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 3000)
+    paths = [tmp_path / f"d{i}.parquet" for i in range(3)]
+    opts: dict[str, Any] = {"format": "parquet", "chunk_rows": 500}
+    first = copystream.export_table(dsn, "ev", paths[0], **opts)
+    assert first.rows == 3000
+    for i, (lo, hi) in enumerate([(3001, 4000), (4001, 4500)], start=1):
+        insert(run_sql, dsn, lo, hi)
+        r = copystream.export_table(dsn, "ev", paths[i], since=str(paths[i - 1]), **opts)
+        assert r.rows == hi - lo + 1
+        assert read_manifest(paths[i])["since"]["manifest"] == paths[i - 1].name + ".manifest.json"
+    full = tmp_path / "full.parquet"
+    copystream.export_table(dsn, "ev", full, **opts)
+    assert read(*paths).equals(read(full))
+    assert_ok(run(cli("verify", "--chain", *map(str, paths))))
+    again = copystream.export_table(dsn, "ev", paths[2], since=str(paths[1]), **opts)
+    assert again.already_complete
+
+
+def test_watermark_increments_to_parquet_upsert_to_the_table(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """A watermark dataset, rows changed and added, the increment after it (killed once in
+    the middle, resumed): upserted by id, the two datasets hold a full export's values."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 2000)
+    d0, d1, full = (tmp_path / n for n in ("d0.parquet", "d1.parquet", "full.parquet"))
+    opts: dict[str, Any] = {"format": "parquet", "watermark": "at", "part_size": 1 << 20}
+    copystream.export_table(dsn, "ev", d0, chunk_rows=300, **opts)
+    run_sql(dsn, "UPDATE ev SET v = 'changed', at = clock_timestamp() WHERE id % 3 = 0")
+    insert(run_sql, dsn, 2001, 30000)
+    cmd = export_cmd(dsn, "ev", d1, "--format", "parquet", "--watermark", "at", "--since",
+                     str(d0), "--chunk-rows", "500", "--part-size", "1MiB",
+                     "--watermark-lag", "3600")  # fmt: skip
+    killed = kill_export(cmd, d1, min_chunks=8)
+    assert killed.returncode == -9
+    assert_ok(run(cmd))
+    assert read_manifest(d1)["watermark"]["overlap_rows"] == 2000 - 666  # not updated
+    copystream.export_table(dsn, "ev", full, format="parquet")
+    rows: dict[int, dict[str, Any]] = {}
+    for path in (d0, d1):
+        for r in read(path).to_pylist():
+            rows[r["id"]] = r
+    assert sorted(rows.values(), key=lambda r: r["id"]) == read(full).to_pylist()
+    assert_ok(run(cli("verify", "--chain", str(d0), str(d1))))
+
+
+def test_appended_parts_equal_a_full_export_and_a_killed_append_resumes(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """``incremental=True`` on a dataset adds parts after its last one (numbered on, so they
+    sort in key order) and extends the manifest (``increments``); after two rounds, one of them
+    killed mid-way and resumed, the dataset equals a full Parquet export of the table and
+    verifies. A dataset written by key ranges is refused (exit 2), unchanged."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 3000)
+    out, full = tmp_path / "ev.parquet", tmp_path / "full.parquet"
+    opts: dict[str, Any] = {"format": "parquet", "chunk_rows": 500, "part_size": 1 << 20}
+    copystream.export_table(dsn, "ev", out, **opts)
+    before = sorted(p.name for p in out.iterdir())
+    insert(run_sql, dsn, 3001, 4000)
+    r = copystream.export_table(dsn, "ev", out, incremental=True, **opts)
+    assert r.rows == 4000 and r.increment is not None and r.increment["rows"] == 1000
+    insert(run_sql, dsn, 4001, 40000)
+    cmd = export_cmd(dsn, "ev", out, "--format", "parquet", "--incremental", "--chunk-rows",
+                     "500", "--part-size", "1MiB")  # fmt: skip
+    assert kill_export(cmd, out, min_chunks=20).returncode == -9
+    assert_ok(run(cmd))
+    m = read_manifest(out)
+    assert [h["rows"] for h in m["increments"]] == [3000, 1000, 36000]
+    assert sum(h["bytes"] for h in m["increments"]) == m["bytes"]  # the parts' bytes
+    names = [p["file"] for p in m["parts"]]
+    assert names[: len(before)] == before and names == sorted(os.listdir(out))
+    assert names == [f"part-{i:05d}.parquet" for i in range(len(names))]
+    copystream.export_table(dsn, "ev", full, format="parquet")
+    assert read(out).equals(read(full))
+    copystream.verify_file(out)
+    ranged = tmp_path / "ranged.parquet"
+    copystream.export_table(dsn, "ev", ranged, format="parquet", workers=2, chunk_rows=5000)
+    listing = sorted(p.name for p in ranged.iterdir())
+    proc = run(export_cmd(dsn, "ev", ranged, "--format", "parquet", "--incremental"))
+    assert_one_error_line(proc, 2, "written by several workers")
+    assert sorted(p.name for p in ranged.iterdir()) == listing
+    assert not (tmp_path / "ranged.parquet.checkpoint.json").exists()
