@@ -10,9 +10,10 @@ holds at most one row group, whatever the table's size. Parsing and writing run 
 their own (:class:`_Decoding`, at most two blocks queued), overlapping the COPY's reading.
 
 A part is written to a hidden temporary file (``.part-00003.parquet.tmp``, which readers skip);
-once it holds ``part_size`` bytes (or the last chunk has ended) it is closed, hashed (xxh3-128),
-and in the commit thread fsynced, renamed to its name and its directory fsynced, before the
-checkpoint that records it is written. A part is therefore complete or absent.
+once it holds ``part_size`` bytes or ``part_rows`` rows (or the last chunk has ended) it is
+closed, hashed (xxh3-128), and in the commit thread fsynced, renamed to its name and its
+directory fsynced, before the checkpoint that records it is written. A part is therefore
+complete or absent.
 
 Resuming is by part (:func:`resume_point`): the checkpoint records every chunk, but only the
 chunks inside *sealed* parts count; a resume deletes the part in flight (and a part renamed just
@@ -40,6 +41,7 @@ import xxhash
 from .._atomic import fsync_dir, raise_if_full
 from ..checkpoint import Checkpoint
 from ..errors import ExportFailed, PrefixMismatch, UsageError, VerificationFailed
+from ..parquet_types import INTERVAL_STRUCT
 from . import ChunkWritten
 from .local import hash_range
 
@@ -104,6 +106,9 @@ def _arrow_type(pa: Any, name: str) -> Any:
         return pa.decimal128(int(p), int(s))
     if name.startswith("list<"):
         return pa.list_(_arrow_type(pa, name[len("list<") : -1]))
+    if name == INTERVAL_STRUCT:
+        fields = [("months", pa.int32()), ("days", pa.int32()), ("microseconds", pa.int64())]
+        return pa.struct(fields)
     simple = {
         "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint32": pa.uint32(),
         "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -194,6 +199,8 @@ class Decoder:
             return _unhex_bytea(pa, arr)
         if wire == "json":
             return _lists(pa, arr, _arrow_type(pa, arrow))
+        if wire == "interval":
+            return _intervals(pa, arr, _arrow_type(pa, arrow))
         if arrow == "json":
             return pa.ExtensionArray.from_storage(pa.json_(), arr)
         return arr
@@ -246,6 +253,18 @@ def _unhex_bytea(pa: Any, arr: Any) -> Any:
         pa.binary(), len(arr), [validity, pa.py_buffer(halves), pa.py_buffer(data)],
         arr.null_count,
     )  # fmt: skip
+
+
+def _intervals(pa: Any, arr: Any, kind: Any) -> Any:
+    """``months days microseconds`` texts (:func:`~copystream.parquet_types._interval_fields`)
+    as :data:`~copystream.parquet_types.INTERVAL_STRUCT` values."""
+    fields: list[list[int]] = [[], [], []]
+    for v in arr.to_pylist():
+        for field, number in zip(fields, (0, 0, 0) if v is None else v.split(" "), strict=True):
+            field.append(int(number))
+    children = [pa.array(f, kind.field(i).type) for i, f in enumerate(fields)]
+    nulls = pa.array([v is None for v in arr.to_pylist()]) if arr.null_count else None
+    return pa.StructArray.from_arrays(children, fields=list(kind), mask=nulls)
 
 
 def _lists(pa: Any, arr: Any, kind: Any) -> Any:
@@ -374,7 +393,8 @@ class ParquetDataset:
         self.decoder = Decoder(conf["columns"])
         self.pq = self.decoder.pa.parquet
         self.compression = conf["compression"]
-        self.part_size = int(conf["part_size"])
+        self.part_size = conf.get("part_size")  # bytes, or None: ...
+        self.part_rows = conf.get("part_rows")  # ... rows
         self.row_group_size = int(conf["row_group_size"])
         self.stem = str(state.get("stem", "part-"))
         self.parts: list[dict[str, Any]] = [dict(p) for p in state.get("parts", [])]
@@ -505,10 +525,19 @@ class ParquetDataset:
         if self._chunk_bytes:
             self._chunks += 1
         part = self._current
-        if part is not None and part.tmp.stat().st_size >= self.part_size:
+        if part is not None and self._full(part):
             self.end_parts()
         self._begin_chunk()
         return written
+
+    def _full(self, part: _Part) -> bool:
+        """Whether ``part`` holds ``part_rows`` rows (waiting for the decoding thread: the
+        count is exact), or ``part_size`` bytes as far as written (the decoding thread may be
+        a block or two behind, so a part may hold a chunk more)."""
+        if self.part_rows is not None:
+            self._settle()
+            return part.rows >= int(self.part_rows)
+        return part.tmp.stat().st_size >= int(self.part_size or 0)
 
     def end_parts(self) -> None:
         """Wait until every ended chunk is written, then seal the part in flight (after the
