@@ -211,7 +211,8 @@ def export_table(
             loader must upsert by key. Increments see no deletes (docs/cli.md, --incremental).
         format="parquet": ``output`` is a directory of typed Parquet parts (needs
             ``copystream[parquet]``; :mod:`copystream.parquet_types`), with parquet_compression,
-            part_size, row_group_size, out_of_range and strict_types (docs/cli.md).
+            part_size, row_group_size, out_of_range, strict_types, numeric_scale and
+            interval_form (docs/cli.md).
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
