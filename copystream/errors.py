@@ -67,6 +67,7 @@ class Remedy(enum.Enum):
     ONE_SNAPSHOT = "one_snapshot"  # a job's earlier tables came from a snapshot that is gone
     OUT_OF_RANGE = "out_of_range"  # a value Parquet cannot store: choose what to write instead
     LOOSE_TYPES = "loose_types"  # a type Parquet has none of: allow it as text, or leave it out
+    NUMERIC_SCALE = "numeric_scale"  # an unbounded numeric the chosen scale cannot hold exactly
 
     def words(self, audience: Audience = "python") -> str:
         """This remedy as ``audience`` says it."""
@@ -138,6 +139,11 @@ _WORDS: dict[Remedy, dict[Audience, str]] = {
         "nearest value Parquet holds",
         "python": 'pass out_of_range="null" or "clamp" to write such values as NULL or as the '
         "nearest value Parquet holds",
+    },
+    Remedy.NUMERIC_SCALE: {
+        "cli": "pass another --numeric-scale, or leave it out to write such columns as text",
+        "plan": "set another numeric_scale, or leave it out to write such columns as text",
+        "python": "pass another numeric_scale=, or leave it out to write such columns as text",
     },
     Remedy.LOOSE_TYPES: {
         "cli": "leave out --strict-types to write it as text, or the column with --columns",

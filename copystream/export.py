@@ -211,7 +211,8 @@ def export_table(
             must upsert by key. Increments see no deletes (docs/cli.md, --incremental).
         format="parquet": ``output`` is a directory of typed Parquet parts (needs
             ``copystream[parquet]``; :mod:`copystream.parquet_types`), with parquet_compression,
-            part_size, row_group_size, out_of_range and strict_types (docs/cli.md).
+            part_size, row_group_size, out_of_range, strict_types, numeric_scale and
+            interval_form (docs/cli.md).
         consistent: read every chunk from one exported snapshot, held by this process for the
             whole export (a point-in-time export; it holds back VACUUM meanwhile). If the export
             is interrupted, the snapshot is gone: the resumed export is not point-in-time, and
@@ -458,15 +459,19 @@ def _ranges_status(out: Path, found: Resume) -> ExportStatus:
     count = len(found.ranges.ranges)
     cps = [load_checkpoint(part_path(out, i)) for i in range(count)]
     started = [c for c in cps if c is not None]
+    parts = None  # of a Parquet dataset: every range's complete part files
+    if found.ranges.export.get("parquet") is not None:
+        parts = [p for c in started for p in c.destination.get("parts", [])]
     return ExportStatus(
         out,
         "in progress",
         str(found.ranges.export.get("table")),
         sum(c.rows for c in started),
-        sum(c.offset for c in started),
+        sum(c.offset for c in started) if parts is None else sum(int(p["bytes"]) for p in parts),
         None,
         next((c.estimated_rows for c in started), None),
         sum(len(c.chunks) for c in started),
         ranges=count,
         ranges_finished=sum(c.finished for c in started),
+        parts=None if parts is None else len(parts),
     )

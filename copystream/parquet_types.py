@@ -24,12 +24,16 @@ date                                           date32 (days)
 timestamp                                      timestamp(µs), no time zone
 timestamptz                                    timestamp(µs, UTC)
 time                                           time64(µs)
-interval                                       string, ISO 8601 (``P1Y2M3DT4H5M6S``)
+interval                                       string, ISO 8601 (``P1Y2M3DT4H5M6S``); with
+                                               ``interval_form="struct"``: struct<months: int32,
+                                               days: int32, microseconds: int64>, the three
+                                               fields PostgreSQL keeps (:data:`INTERVAL_STRUCT`)
 1-D arrays of the scalar types above           list of that type (elements: see ``LIST_ELEMENTS``)
 anything else (composite, range, timetz, ...)  string, as PostgreSQL prints it
 =============================================  =================================================
 
-``infinity``/``-infinity`` dates and timestamps, timestamps past Parquet's range (int64 µs from
+``infinity``/``-infinity`` dates, timestamps (and, from PostgreSQL 17, intervals written as
+structs), timestamps past Parquet's range (int64 µs from
 1970: after 294247-01-10 04:00:54.775807 UTC) and ``NaN`` in a ``numeric(p,s)`` column follow the
 ``out_of_range`` policy: ``"error"`` (the default: the export stops naming the column, the value
 and the key of the first such row), ``"null"`` (written as NULL) or ``"clamp"`` (the smallest or
@@ -40,13 +44,15 @@ the last row of the table (types written as text) instead of writing them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from psycopg import sql
 
 from .errors import Remedy, UsageError
 
 __all__ = [
+    "INTERVAL_FORMS",
+    "INTERVAL_STRUCT",
     "LIST_ELEMENTS",
     "PARQUET_SETTINGS",
     "POLICIES",
@@ -60,6 +66,14 @@ __all__ = [
 
 #: The ``out_of_range`` policies.
 POLICIES = ("error", "null", "clamp")
+
+#: The forms of an interval column: ISO 8601 text, or :data:`INTERVAL_STRUCT`.
+INTERVAL_FORMS = ("text", "struct")
+
+#: The Arrow type of an interval written as a struct: its months, days and microseconds, each
+#: with its own sign, as PostgreSQL keeps them (a month is not a number of days, nor a day a
+#: number of hours across a DST change, so the three are not added up).
+INTERVAL_STRUCT = "struct<months: int32, days: int32, microseconds: int64>"
 
 #: Session settings of a Parquet export's chunks, replacing the user's: what travels as text
 #: is then read the same way whatever the environment (ISO intervals, shortest exact floats,
@@ -135,9 +149,13 @@ def _numeric(typmod: int) -> tuple[int, int] | None:
     return (packed >> 16) & 0xFFFF, ((packed & 0x7FF) ^ 1024) - 1024
 
 
-def _scalar(c: ColumnType) -> ColumnPlan | None:
+def _scalar(
+    c: ColumnType, numeric_scale: int | None = None, interval: str = "text"
+) -> ColumnPlan | None:
     """The plan of a column of a scalar type with a native mapping, or ``None``."""
     b = c.base
+    if b == "interval" and interval == "struct":
+        return ColumnPlan(c.name, c.pg_type, INTERVAL_STRUCT, "interval", "interval")
     if b in _INTS:
         return ColumnPlan(c.name, c.pg_type, _INTS[b])
     if b in _FLOATS:
@@ -148,6 +166,8 @@ def _scalar(c: ColumnType) -> ColumnPlan | None:
         ps = _numeric(c.typmod)
         if ps is not None and ps[0] <= 38 and 0 <= ps[1] <= ps[0]:
             return ColumnPlan(c.name, c.pg_type, f"decimal128({ps[0]},{ps[1]})", guard="nan")
+        if numeric_scale is not None:  # checked by the server: never rounded, never cut
+            return ColumnPlan(c.name, c.pg_type, f"decimal128(38,{numeric_scale})", guard="exact")
         return ColumnPlan(c.name, c.pg_type, "string")
     if b in _STRINGS or c.category == "E":
         return ColumnPlan(c.name, c.pg_type, "string")
@@ -168,16 +188,24 @@ def _scalar(c: ColumnType) -> ColumnPlan | None:
 
 
 def plan_columns(
-    columns: Sequence[ColumnType], *, strict: bool = False, table: str = ""
+    columns: Sequence[ColumnType],
+    *,
+    strict: bool = False,
+    table: str = "",
+    numeric_scale: int | None = None,
+    interval: str = "text",
 ) -> tuple[ColumnPlan, ...]:
     """The plan of every column, in order. Pure.
 
     A type with no native mapping is written as text, or with ``strict`` refused: a
     :class:`UsageError` naming the column and its type (before anything is written).
+    ``numeric_scale``: numeric columns with no decimal128 of their own (unbounded, or of a
+    precision over 38) become ``decimal128(38, numeric_scale)`` instead of text.
+    ``interval``: ``"text"`` (ISO 8601) or ``"struct"`` (:data:`INTERVAL_STRUCT`).
     """
     plans = []
     for c in columns:
-        plan = _scalar(c)
+        plan = _scalar(c, numeric_scale, interval)
         if plan is None and c.category == "A" and c.element in LIST_ELEMENTS:
             plan = ColumnPlan(c.name, c.pg_type, f"list<{LIST_ELEMENTS[c.element]}>", "json")
         if plan is None:
@@ -253,10 +281,54 @@ def _expression(plan: ColumnPlan, key: sql.Composable, policy: str) -> sql.Compo
     elif plan.guard == "nan":
         value, fits = col, sql.SQL("{} <> 'NaN'").format(col)
         outside = _outside(plan, col, key, policy, _INT64)
+    elif plan.guard == "exact":
+        return _exact(plan, col, key, policy)
+    elif plan.wire == "interval":
+        value = _interval_fields(col)
+        fits = sql.SQL("isfinite({})").format(col)  # infinite intervals: PostgreSQL 17 on
+        if policy == "null":
+            outside = sql.SQL("NULL")
+        else:  # an infinite interval has no nearest struct to clamp to
+            outside = sql.SQL("{}::text").format(
+                _refuse(col, plan.name, key, "an infinite interval")
+            )
     else:
         return col
     return sql.SQL("CASE WHEN {c} IS NULL OR ({fits}) THEN {value} ELSE {outside} END").format(
         c=col, fits=fits, value=value, outside=outside
+    )
+
+
+def _interval_fields(col: sql.Identifier) -> sql.Composable:
+    """An interval's months, days and microseconds, as text separated by spaces: extract's
+    year, month, day, hour, minute and microseconds fields are the three it keeps, cut up
+    (each truncated toward zero, so they share its sign and add up exactly)."""
+    return sql.SQL(
+        "((extract(year FROM {c}) * 12 + extract(month FROM {c}))::int4 || ' ' || "
+        "extract(day FROM {c})::int4 || ' ' || ((extract(hour FROM {c}) * 3600 + "
+        "extract(minute FROM {c}) * 60) * 1000000 + extract(microseconds FROM {c}))::int8)"
+    ).format(c=col)
+
+
+def _exact(
+    plan: ColumnPlan, col: sql.Identifier, key: sql.Composable, policy: str
+) -> sql.Composable:
+    """An unbounded numeric as ``decimal128(38, scale)``: a NaN follows the policy; a value
+    with more decimal places than the scale, or more digits before the point than 38 - scale
+    (±Infinity too), is refused whatever the policy: it is never rounded."""
+    scale = int(plan.arrow.rstrip(")").rsplit(",", 1)[1])
+    nan = replace(plan, guard="nan")
+    return sql.SQL(
+        "CASE WHEN {c} IS NULL THEN {c} WHEN {c} = 'NaN' THEN {nan} "
+        "WHEN {c} <> round({c}, {s}) THEN {rounded} WHEN abs({c}) >= {limit} THEN {overflow} "
+        "ELSE {c} END"
+    ).format(
+        c=col,
+        nan=_outside(nan, col, key, policy, _INT64),
+        s=sql.Literal(scale),
+        rounded=_refuse(col, plan.name, key, f"more than {scale} decimal place(s)"),
+        limit=sql.SQL("1e{}::numeric").format(sql.SQL(str(38 - scale))),
+        overflow=_refuse(col, plan.name, key, f"more than {38 - scale} digits before the point"),
     )
 
 
@@ -298,6 +370,12 @@ def refused_value(message: str, table: str) -> ValueOutOfRange | None:
         return ValueOutOfRange(
             f"column {column} of {table} holds {kind} at key {key}, which a Parquet list of "
             "one dimension cannot hold"
+        )
+    if kind.startswith("more than "):  # numeric_scale's refusal: never rounded, never cut
+        return ValueOutOfRange(
+            f"column {column} of {table} holds {value} at key {key}: {kind}, which its "
+            "Parquet decimal cannot hold exactly (copystream never rounds)",
+            remedy=Remedy.NUMERIC_SCALE,
         )
     return ValueOutOfRange(
         f"column {column} of {table} holds {value} ({kind}) at key {key}, which Parquet "

@@ -409,7 +409,13 @@ class ExportSession:
         conn = self.connection()  # (the column types are part of the export's identity)
         with io_deadline(conn, self.run.io_timeout, "reading the column types"):
             types = column_types(conn, self.table)
-        plans = plan_columns(types, strict=self.spec.strict_types, table=self.table.qualified)
+        plans = plan_columns(
+            types,
+            strict=self.spec.strict_types,
+            table=self.table.qualified,
+            numeric_scale=self.spec.numeric_scale,
+            interval=self.spec.interval_form or "text",
+        )
         self.spec = replace(self.spec, parquet_columns=plans)
         policy = self.spec.out_of_range or "error"
         self.table = replace(self.table, select=select_list(plans, self.table.key, policy))

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -43,7 +45,7 @@ from copystream.checkpoint import new_checkpoint
 from copystream.destinations import parquet
 from copystream.destinations.parquet import ParquetDataset, resume_point
 from copystream.errors import UsageError
-from copystream.parquet_types import ColumnType, plan_columns, select_list
+from copystream.parquet_types import INTERVAL_STRUCT, ColumnType, plan_columns, select_list
 from copystream.spec import build
 from copystream.testing import EphemeralPostgres
 
@@ -92,6 +94,16 @@ INSERT INTO inf VALUES (1, '2020-01-01', now(), 1), (2, 'infinity', '-infinity',
                        (3, '-infinity', 'infinity', 2);
 CREATE TABLE ranged (id int PRIMARY KEY, r tsrange);
 INSERT INTO ranged VALUES (1, '[2020-01-01,2021-01-01)');
+CREATE TABLE nums (id int PRIMARY KEY, n numeric, w numeric(60,4));
+INSERT INTO nums VALUES (1, 0, 0), (2, NULL, NULL), (3, 'NaN', 1.5),
+    (4, 9999999999999999999999999999.9999999999, -12345678901234567890123456.7891),
+    (5, -0.0000000001, 0.0001), (6, 123.5, 1000000000000000000000000000.0000),
+    (7, 1.23456789012, 1), (8, 123456789012345678901234567890, 1);
+CREATE TABLE ivs (id int PRIMARY KEY, iv interval);
+INSERT INTO ivs VALUES (1, '1 year 2 mons 3 days 04:05:06.7'), (2, NULL),
+    (3, '-1 day -00:00:01'), (4, '-1 year +2 mons -3 days +25:00:00.000001'),
+    (5, '178000000 years'), (6, '-2147483648 days -2562047788 hours -54.775807 seconds'),
+    (7, '0'), (8, '-178000000 years 2147483647 days 2562047788:00:54.775807');
 ANALYZE;
 """
 
@@ -219,6 +231,46 @@ def test_options_of_the_other_format_are_refused(options: dict[str, Any]) -> Non
 def test_sizes_take_units() -> None:
     spec, _ = build("t", format="parquet", part_size="2MiB", row_group_size="100kb")
     assert (spec.part_size, spec.row_group_size) == (2 * 1024 * 1024, 100_000)
+
+
+def test_part_size_takes_a_row_count() -> None:
+    """``"N rows"`` (any spacing, ``_`` separators) is a row count, recorded as ``part_rows``
+    in place of a byte size; zero rows or a bare word is refused."""
+    for text in ("5000000 rows", "5_000_000rows", " 5000000 ROWS "):
+        spec, _ = build("t", format="parquet", part_size=text)
+        assert spec.part_size == "5000000 rows"
+        assert spec.parquet is not None
+        assert (spec.parquet["part_size"], spec.parquet["part_rows"]) == (None, 5_000_000)
+    spec, _ = build("t", format="parquet")
+    assert spec.parquet is not None and "part_rows" not in spec.parquet
+    for bad in ("0 rows", "rows", "12 row", "-3 rows"):
+        with pytest.raises(UsageError, match="row count"):
+            build("t", format="parquet", part_size=bad)
+
+
+def test_numeric_scale_and_interval_form_plan() -> None:
+    """``numeric_scale`` turns unbounded numeric (and p > 38) into decimal128(38, S) checked
+    by the server; bounded numerics keep their own. ``interval_form="struct"``: the struct,
+    travelling as its three numbers."""
+    columns = [
+        col("u", "numeric"),
+        col("wide", "numeric", typmod=(60 << 16) + 4 + 4),
+        col("n", "numeric", typmod=(12 << 16) + 2 + 4),
+        col("iv", "interval"),
+    ]
+    plans = {p.name: p for p in plan_columns(columns, numeric_scale=4, interval="struct")}
+    assert plans["u"].arrow == plans["wide"].arrow == "decimal128(38,4)"
+    assert plans["n"].arrow == "decimal128(12,2)"
+    assert (plans["iv"].arrow, plans["iv"].wire) == (INTERVAL_STRUCT, "interval")
+    text = select_list([plans["u"]], ["id"], "error")[0].as_string(None)
+    assert "round" in text and "1e34" in text
+    default = {p.name: p for p in plan_columns(columns)}
+    assert default["u"].arrow == default["iv"].arrow == "string"
+    with pytest.raises(UsageError, match="at most 38"):
+        build("t", format="parquet", numeric_scale=39)
+    for options in ({"numeric_scale": 2}, {"interval_form": "struct"}):
+        with pytest.raises(UsageError, match="not an option of csv"):
+            build("t", **options)
 
 
 def test_resume_point_keeps_only_sealed_parts() -> None:
@@ -438,6 +490,116 @@ def test_bad_requests_exit_2_and_leave_nothing(db: str, tmp_path: Path) -> None:
     assert snapshot(tmp_path) == before and not out.exists()
 
 
+@pytest.mark.all_versions
+def test_numeric_scale_reads_back_exactly_or_refuses(db: str, tmp_path: Path) -> None:
+    """numeric_scale=10: every value that fits reads back equal to psycopg's Decimal, as
+    decimal128(38,10); a NaN follows out_of_range; a value with more decimal places, or more
+    integer digits, stops the export (exit 2) naming column, value, key and which, never
+    rounded, and leaves nothing."""
+    out = tmp_path / "nums.parquet"
+    copystream.export_table(db, "nums", out, format="parquet", numeric_scale=10,
+                            out_of_range="null", where="id <= 6")  # fmt: skip
+    table = read_dataset(out)
+    assert table.schema.field("n").type == table.schema.field("w").type == pa.decimal128(38, 10)
+    with psycopg.connect(db) as conn:
+        want = conn.execute("SELECT id, n, w FROM nums WHERE id <= 6 ORDER BY id").fetchall()
+    want = [(i, None if n is not None and n.is_nan() else n, w) for i, n, w in want]
+    got = [(r["id"], r["n"], r["w"]) for r in table.to_pylist()]
+    assert got == want  # Decimal equality: exact
+    before = snapshot(tmp_path)
+    bad = tmp_path / "bad.parquet"
+    for where, needles in [
+        ("id = 7", ("column n of public.nums", "1.23456789012", "key 7", "10 decimal place")),
+        ("id = 8", ("column n of public.nums", "key 8", "28 digits before the point")),
+        ("id = 3", ("column n of public.nums", "NaN", "key 3", "--out-of-range")),
+    ]:
+        proc = run(export_cmd(db, "nums", bad, "--format", "parquet", "--numeric-scale", "10",
+                              "--where", where))  # fmt: skip
+        assert_one_error_line(proc, 2, *needles)
+    proc = run(export_cmd(db, "nums", bad, "--format", "parquet", "--numeric-scale", "0",
+                          "--columns", "id,w", "--out-of-range", "clamp"))  # fmt: skip
+    assert_one_error_line(proc, 2, "column w", "1.5000", "key 3", "0 decimal place",
+                          "--numeric-scale")  # fmt: skip
+    assert snapshot(tmp_path) == before and not bad.exists()
+
+
+@pytest.mark.all_versions
+def test_interval_struct_reads_back_exactly(
+    db: str, tmp_path: Path, server_version: int
+) -> None:
+    """interval_form="struct": each value's months, days and microseconds, put back together
+    by the server, print exactly as the original (extremes, mixed signs, NULL). From
+    PostgreSQL 17 an infinite interval is an error, or NULL with out_of_range="null"."""
+    out = tmp_path / "ivs.parquet"
+    copystream.export_table(db, "ivs", out, format="parquet", interval_form="struct")
+    table = read_dataset(out)
+    assert table.schema.field("iv").type == pa.struct(
+        [("months", pa.int32()), ("days", pa.int32()), ("microseconds", pa.int64())]
+    )
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == list(range(1, 9)) and rows[1]["iv"] is None
+    with psycopg.connect(db) as conn:
+        for r in rows:
+            iv = r["iv"]
+            if iv is None:
+                continue
+            text = f"{iv['months']} mons {iv['days']} days {iv['microseconds']} microseconds"
+            ((back, original),) = conn.execute(
+                "SELECT %s::interval::text, iv::text FROM ivs WHERE id = %s", [text, r["id"]]
+            ).fetchall()
+            assert back == original, (r, back, original)
+    assert rows[3]["iv"] == {"months": -10, "days": -3, "microseconds": 90_000_000_001}
+    if server_version < 170000:
+        return
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE ivinf AS SELECT 1 AS id, 'infinity'::interval AS iv")
+        conn.execute("ALTER TABLE ivinf ADD PRIMARY KEY (id)")
+    proc = run(export_cmd(db, "ivinf", tmp_path / "inf.parquet", "--format", "parquet",
+                          "--interval-form", "struct"))  # fmt: skip
+    assert_one_error_line(proc, 2, "column iv of public.ivinf", "infinite interval", "key 1")
+    copystream.export_table(db, "ivinf", tmp_path / "n.parquet", format="parquet",
+                            interval_form="struct", out_of_range="null")  # fmt: skip
+    assert read_dataset(tmp_path / "n.parquet").to_pylist() == [{"id": 1, "iv": None}]
+
+
+def test_part_size_in_rows(db: str, tmp_path: Path) -> None:
+    """``--part-size "N rows"``: a part closes at the first chunk end that brings it to N rows,
+    so with chunks of a divisor of N every part but the last holds exactly N; the dataset is
+    the same table."""
+    out = tmp_path / "rows.parquet"
+    copystream.export_table(db, "big", out, format="parquet", part_size="9000 rows",
+                            chunk_rows=3000)  # fmt: skip
+    m = read_manifest(out)
+    assert [p["rows"] for p in m["parts"]] == [9000] * 6 + [6000]
+    assert m["parquet"]["part_rows"] == 9000 and m["parquet"]["part_size"] is None
+    assert read_dataset(out).column("id").to_pylist() == list(range(1, 60001))
+    copystream.verify_file(out)
+
+
+def test_an_export_keeps_its_memory_lean(db: str, tmp_path: Path) -> None:
+    """What the peak RSS figures rest on: a Parquet export never imports pyarrow.compute (~9 MB
+    per process), and pyarrow's allocator returns freed pages at once unless the environment
+    says otherwise."""
+    script = (
+        "import os, sys, copystream\n"
+        "copystream.export_table(sys.argv[1], 'every', sys.argv[2], format='parquet')\n"
+        "print('pyarrow.compute' in sys.modules, os.environ.get('MIMALLOC_PURGE_DELAY'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, db, str(tmp_path / "lean.parquet")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", parquet.MIMALLOC_PURGE_DELAY]
+    env["MIMALLOC_PURGE_DELAY"] = "25"  # the user's setting stays
+    proc = subprocess.run(
+        [sys.executable, "-c", script, db, str(tmp_path / "lean2.parquet")],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.split() == ["False", "25"], proc.stderr
+
+
 def test_verify_catches_a_changed_part(db: str, tmp_path: Path) -> None:
     out = tmp_path / "v.parquet"
     copystream.export_table(db, "big", out, format="parquet", part_size="1MiB")
@@ -469,6 +631,12 @@ def test_workers_write_their_own_parts_in_key_order(db: str, tmp_path: Path) -> 
                      "--part-size", "1MiB", "--chunk-rows", "2000")  # fmt: skip
     killed = kill_export(cmd, out, after_seconds=2.0)
     assert killed.returncode in (-9, 0), killed.stderr
+    status = copystream.export_status(out)
+    if status.state == "in progress":  # status counts every range's complete parts
+        on_disk = [p for p in os.listdir(out) if p.endswith(".parquet")] if out.exists() else []
+        assert status.parts is not None and status.parts <= len(on_disk)
+        assert status.ranges == 2
+        assert status.parts > 0 or status.bytes == 0
     assert_ok(run(cmd))
     m = read_manifest(out)
     names = [p["file"] for p in m["parts"]]

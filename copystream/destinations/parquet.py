@@ -10,9 +10,10 @@ holds at most one row group, whatever the table's size. Parsing and writing run 
 their own (:class:`_Decoding`, at most two blocks queued), overlapping the COPY's reading.
 
 A part is written to a hidden temporary file (``.part-00003.parquet.tmp``, which readers skip);
-once it holds ``part_size`` bytes (or the last chunk has ended) it is closed, hashed (xxh3-128),
-and in the commit thread fsynced, renamed to its name and its directory fsynced, before the
-checkpoint that records it is written. A part is therefore complete or absent.
+once it holds ``part_size`` bytes or ``part_rows`` rows (or the last chunk has ended) it is
+closed, hashed (xxh3-128), and in the commit thread fsynced, renamed to its name and its
+directory fsynced, before the checkpoint that records it is written. A part is therefore
+complete or absent.
 
 Resuming is by part (:func:`resume_point`): the checkpoint records every chunk, but only the
 chunks inside *sealed* parts count; a resume deletes the part in flight (and a part renamed just
@@ -23,10 +24,12 @@ part in flight without them (row groups end at chunk ends, so they are whole).
 
 from __future__ import annotations
 
+import array
 import contextlib
 import json
 import os
 import queue
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -38,6 +41,7 @@ import xxhash
 from .._atomic import fsync_dir, raise_if_full
 from ..checkpoint import Checkpoint
 from ..errors import ExportFailed, PrefixMismatch, UsageError, VerificationFailed
+from ..parquet_types import INTERVAL_STRUCT
 from . import ChunkWritten
 from .local import hash_range
 
@@ -58,13 +62,18 @@ KIND = "parquet"
 
 #: CSV bytes parsed at a time: large enough for Arrow's parser to run at full speed, small
 #: next to a row group.
-PARSE_BYTES = 4 * 1024 * 1024
+PARSE_BYTES = 2 * 1024 * 1024
 
 #: zstd's own default level (Arrow's is 1): the size DuckDB and Spark write, at little cost.
 ZSTD_LEVEL = 3
 
 #: The decoding thread's marker of a chunk's end: write its last rows as a row group.
 END_OF_CHUNK = bytearray()
+
+#: How long pyarrow's allocator (mimalloc) keeps freed memory before returning it to the system,
+#: in ms (its default: 10). Each block's parsed columns are freed a moment after they are
+#: allocated, by another thread; kept, they added ~20 MB to the peak RSS of an export.
+MIMALLOC_PURGE_DELAY = "0"
 
 #: Blocks waiting for the decoding thread: enough to keep it busy while the chunk loop reads
 #: the next one, few enough to bound memory (2 x PARSE_BYTES).
@@ -74,6 +83,8 @@ QUEUED_BLOCKS = 2
 def require_pyarrow() -> Any:
     """The ``pyarrow`` module (with its csv and parquet modules), or a :class:`UsageError`
     saying how to install it."""
+    if "pyarrow" not in sys.modules:  # read once, when pyarrow's allocator starts
+        os.environ.setdefault("MIMALLOC_PURGE_DELAY", MIMALLOC_PURGE_DELAY)
     try:
         import pyarrow
         import pyarrow.csv
@@ -95,6 +106,9 @@ def _arrow_type(pa: Any, name: str) -> Any:
         return pa.decimal128(int(p), int(s))
     if name.startswith("list<"):
         return pa.list_(_arrow_type(pa, name[len("list<") : -1]))
+    if name == INTERVAL_STRUCT:
+        fields = [("months", pa.int32()), ("days", pa.int32()), ("microseconds", pa.int64())]
+        return pa.struct(fields)
     simple = {
         "int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "uint32": pa.uint32(),
         "float32": pa.float32(), "float64": pa.float64(), "bool": pa.bool_(),
@@ -175,42 +189,82 @@ class Decoder:
     def _finish(self, column: tuple[str, ...], arr: Any) -> Any:
         pa = self.pa
         _, _, arrow, wire = column
-        if wire in ("micros", "days"):
-            return arr.cast(_arrow_type(pa, arrow))
+        if wire in ("micros", "days"):  # the integers are the type's storage: a view, no copy
+            return pa.Array.from_buffers(
+                _arrow_type(pa, arrow), len(arr), arr.buffers(), arr.null_count, arr.offset
+            )
         if wire == "uuid":
-            return pa.ExtensionArray.from_storage(pa.uuid(), _unhex(pa, arr, skip=0, uuid=True))
+            return pa.ExtensionArray.from_storage(pa.uuid(), _unhex_uuid(pa, arr))
         if wire == "hex":
-            return _unhex(pa, arr, skip=2, uuid=False)
+            return _unhex_bytea(pa, arr)
         if wire == "json":
             return _lists(pa, arr, _arrow_type(pa, arrow))
+        if wire == "interval":
+            return _intervals(pa, arr, _arrow_type(pa, arrow))
         if arrow == "json":
             return pa.ExtensionArray.from_storage(pa.json_(), arr)
         return arr
 
 
-def _unhex(pa: Any, arr: Any, *, skip: int, uuid: bool) -> Any:
-    """Hex text (bytea's ``\\x...``: ``skip`` 2; a uuid's text) as binary, decoded in one
-    ``bytes.fromhex`` over the whole column: no Python step per value."""
-    import pyarrow.compute as pc
+# The hex columns are decoded by one ``bytes.fromhex`` over the whole column's text (no Python
+# step per value, and no pyarrow.compute: importing it costs ~9 MB of memory per process).
 
-    text = pc.replace_substring(arr, "-", "") if uuid else pc.utf8_slice_codeunits(arr, skip)
-    if uuid:
-        text = text.fill_null("0" * 32)
-    text = pa.concat_arrays([text])  # offsets from 0, no slice offset
-    offsets = pa.Array.from_buffers(pa.int32(), len(text) + 1, [None, text.buffers()[1]])
-    lo = offsets[0].as_py()
-    hi = offsets[len(text)].as_py()
-    data = bytes.fromhex(text.buffers()[2].to_pybytes()[lo:hi].decode("ascii"))
-    if uuid:
-        storage = pa.Array.from_buffers(
-            pa.binary(16), len(arr), [arr.buffers()[0], pa.py_buffer(data)], arr.null_count
+
+def _text(pa: Any, arr: Any) -> tuple[Any, memoryview, bytes]:
+    """``arr`` (a string array) unsliced, its offsets and the bytes of its values."""
+    if arr.offset:  # a slice: a copy whose buffers start at its first value
+        arr = pa.concat_arrays([arr])
+    _, offsets_buf, data_buf = arr.buffers()
+    offsets = memoryview(offsets_buf).cast("i")[: len(arr) + 1]
+    values = memoryview(data_buf)[offsets[0] : offsets[len(arr)]] if len(arr) else b""
+    return arr, offsets, bytes(values)
+
+
+def _unhex_uuid(pa: Any, arr: Any) -> Any:
+    """A uuid's text (``8-4-4-4-12`` hex digits; a NULL has none) as 16-byte binary."""
+    arr, offsets, text = _text(pa, arr)
+    data = bytes.fromhex(text.replace(b"-", b"").decode("ascii"))
+    if arr.null_count:  # a NULL's 16 bytes (hidden by the validity bitmap) are zeros
+        values = iter(range(0, len(data), 16))
+        zero = bytes(16)
+        data = b"".join(
+            zero if offsets[i + 1] == offsets[i] else data[(at := next(values)) : at + 16]
+            for i in range(len(arr))
         )
-        return storage
-    halves = pc.divide(pc.subtract(offsets, lo), 2).cast(pa.int32())
+    validity = arr.buffers()[0] if arr.null_count else None
     return pa.Array.from_buffers(
-        pa.binary(), len(arr), [arr.buffers()[0], halves.buffers()[1], pa.py_buffer(data)],
+        pa.binary(16), len(arr), [validity, pa.py_buffer(data)], arr.null_count
+    )
+
+
+def _unhex_bytea(pa: Any, arr: Any) -> Any:
+    """bytea's hex form (``\\x``, then two digits a byte; a NULL has none) as binary."""
+    arr, offsets, text = _text(pa, arr)
+    data = bytes.fromhex(text.replace(b"\\x", b"").decode("ascii"))
+    start, prefixes = offsets[0], 0
+    halves = array.array("i", bytes(4 * (len(arr) + 1)))
+    for i in range(len(arr)):
+        halves[i] = (offsets[i] - start - prefixes) >> 1
+        if offsets[i + 1] != offsets[i]:  # not NULL: a value, with its two-byte prefix
+            prefixes += 2
+    halves[len(arr)] = len(data)
+    validity = arr.buffers()[0] if arr.null_count else None
+    return pa.Array.from_buffers(
+        pa.binary(), len(arr), [validity, pa.py_buffer(halves), pa.py_buffer(data)],
         arr.null_count,
     )  # fmt: skip
+
+
+def _intervals(pa: Any, arr: Any, kind: Any) -> Any:
+    """``months days microseconds`` texts (:func:`~copystream.parquet_types._interval_fields`)
+    as :data:`~copystream.parquet_types.INTERVAL_STRUCT` values."""
+    fields: list[list[int]] = [[], [], []]
+    for v in arr.to_pylist():
+        for field, number in zip(fields, (0, 0, 0) if v is None else v.split(" "), strict=True):
+            field.append(int(number))
+    children = [pa.array(f, kind.field(i).type) for i, f in enumerate(fields)]
+    nulls = pa.array([v is None for v in arr.to_pylist()]) if arr.null_count else None
+    return pa.StructArray.from_arrays(children, fields=list(kind), mask=nulls)
 
 
 def _lists(pa: Any, arr: Any, kind: Any) -> Any:
@@ -339,7 +393,8 @@ class ParquetDataset:
         self.decoder = Decoder(conf["columns"])
         self.pq = self.decoder.pa.parquet
         self.compression = conf["compression"]
-        self.part_size = int(conf["part_size"])
+        self.part_size = conf.get("part_size")  # bytes, or None: ...
+        self.part_rows = conf.get("part_rows")  # ... rows
         self.row_group_size = int(conf["row_group_size"])
         self.stem = str(state.get("stem", "part-"))
         self.parts: list[dict[str, Any]] = [dict(p) for p in state.get("parts", [])]
@@ -470,10 +525,19 @@ class ParquetDataset:
         if self._chunk_bytes:
             self._chunks += 1
         part = self._current
-        if part is not None and part.tmp.stat().st_size >= self.part_size:
+        if part is not None and self._full(part):
             self.end_parts()
         self._begin_chunk()
         return written
+
+    def _full(self, part: _Part) -> bool:
+        """Whether ``part`` holds ``part_rows`` rows (waiting for the decoding thread: the
+        count is exact), or ``part_size`` bytes as far as written (the decoding thread may be
+        a block or two behind, so a part may hold a chunk more)."""
+        if self.part_rows is not None:
+            self._settle()
+            return part.rows >= int(self.part_rows)
+        return part.tmp.stat().st_size >= int(self.part_size or 0)
 
     def end_parts(self) -> None:
         """Wait until every ended chunk is written, then seal the part in flight (after the
