@@ -19,6 +19,7 @@ range's checkpoint (:class:`_Restarts`).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -205,15 +206,34 @@ def remove_parts(output: Path, parts: KeyRanges | None = None) -> None:
         parts_path(output).unlink()
         fsync_dir(output.parent)
     remove_stale_temporaries(parts_path(output))  # of a save_parts that was killed
-    part_name = re.compile(re.escape(output.name) + r"\.part-\d{4,}(?:\.checkpoint\.json)?")
+    part_name = re.compile(re.escape(output.name) + r"\.part-\d{4,}(?:\.checkpoint\.json|\.lock)?")
     with os.scandir(output.parent) as entries:
         names = [e.name for e in entries if part_name.fullmatch(e.name)]
     for i in range(len(parts.ranges) if parts is not None else 0):
         names += [part_path(output, i).name, checkpoint_path(part_path(output, i)).name]
     for name in sorted(set(names)):
+        if name.endswith(".lock"):
+            _remove_free_lock(output.parent / name)
+            continue
         with contextlib.suppress(FileNotFoundError):
             (output.parent / name).unlink()
     fsync_dir(output.parent)
+
+
+def _remove_free_lock(path: Path) -> None:
+    """Remove a range's lock file that a killed process left (:func:`run_range`), unless a
+    live process holds it."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink()
+    except OSError:  # held (BlockingIOError), or gone meanwhile
+        pass
+    finally:
+        os.close(fd)
 
 
 def new_parts(

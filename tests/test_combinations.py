@@ -9,9 +9,6 @@ from pathlib import Path
 import pytest
 from helpers import assert_one_error_line, export_cmd, run
 
-import copystream
-from copystream.errors import UsageError
-
 #: No server listens here: a refusal must come before any connection.
 NOWHERE = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
 
@@ -22,6 +19,7 @@ NOWHERE = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
         ("s3://bucket/t.csv", ["--incremental"], "cannot be appended to an S3 object yet"),
         ("s3://bucket/t.csv", ["--watermark", "at", "--incremental"], "name the previous export"),
         ("s3://bucket/t", ["--format", "parquet"], "Parquet dataset cannot be written to S3"),
+        ("s3://bucket/t.csv", ["--watermark", "at", "--workers", "2"], "increment to S3 yet"),
     ],
 )
 def test_combinations_not_built_yet_are_refused_before_anything(
@@ -30,11 +28,4 @@ def test_combinations_not_built_yet_are_refused_before_anything(
     target = output if output.startswith("s3://") else str(tmp_path / output)
     proc = run(export_cmd(NOWHERE, "t", Path(target) if "://" not in target else target, *extra))  # type: ignore[arg-type]
     assert_one_error_line(proc, 2, needle)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_shards_of_a_parquet_dataset_are_refused(tmp_path: Path) -> None:
-    target = str(tmp_path / "t.parquet")
-    with pytest.raises(UsageError, match="shards write a local CSV or text output"):
-        copystream.plan_shards(NOWHERE, "t", target, shards=2, format="parquet")
     assert list(tmp_path.iterdir()) == []
