@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import time
@@ -153,7 +154,9 @@ def test_pushed_during_and_after_an_export_match_the_manifest(
     assert value(samples, "copystream_chunk_duration_seconds_count", **lb) == 20
     assert value(samples, "copystream_last_success_timestamp_seconds", **lb) >= started
     assert value(samples, "copystream_last_chunk_timestamp_seconds", **lb) >= started
-    assert 10e6 < value(samples, "copystream_peak_rss_bytes", **lb) < 500e6
+    # the peak of this (pytest) process: what earlier tests loaded into it counts too
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert 10e6 < value(samples, "copystream_peak_rss_bytes", **lb) <= peak
     text = raw_metrics(pushgateway)
     assert SECRET not in text and "password" not in text
 
