@@ -24,7 +24,6 @@ from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
 from .manifest import verify_file
 from .progress import BarReporter, LogReporter, Progress
-from .s3url import is_s3
 from .spec import Choice, Count, Flag, Kind, Seconds, Text, option_fields
 
 __all__ = ["main"]
@@ -185,13 +184,21 @@ def verify(output: tuple[str, ...], deep: bool, chain: bool) -> None:
     help="Seconds between two redraws of --watch.",
 )
 def status(output: str, as_json: bool, watch: bool, interval: float) -> None:
-    """Show how far the export to OUTPUT (or of the shard plan OUTPUT.shards.json) got."""
-    from .watch import output_of, watch_status
+    """Show how far the export to OUTPUT (or of the shard plan OUTPUT.shards.json) got; or the
+    bulk job of the plan OUTPUT (*.toml), its output directory or its report."""
+    from .watch import job_frame, job_report, job_report_path, output_of, watch_job, watch_status
 
+    report = job_report_path(output)
+    if report is not None:  # a bulk job
+        if watch:
+            watch_job(output, interval=interval)
+        else:
+            click.echo(job_report(report) if as_json else job_frame(report)[0])
+        return
     if watch:
         watch_status(output, interval=interval)
         return
-    s = export_status(output if is_s3(output) else output_of(output))
+    s = export_status(output_of(output))
     pct = s.percent
     if as_json:
         click.echo(

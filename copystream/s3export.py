@@ -484,9 +484,23 @@ def s3_status(output: str) -> ExportStatus:
     raise UsageError(f"no checkpoint or manifest beside {output}: no export to report on")
 
 
+def s3_range_checkpoints(output: str) -> list[Checkpoint | None]:
+    """Each key range's checkpoint of an unfinished ``workers`` export (or shards) to
+    ``s3://bucket/key``, in key order (``None``: not begun); none for any other export."""
+    side = _open(output)
+    plan = load_plan(side)
+    if plan is None or side.load_checkpoint() is not None:
+        return []
+    return _range_checkpoints(side, plan.ranges)
+
+
+def _range_checkpoints(side: Sidecars, ranges: KeyRanges) -> list[Checkpoint | None]:
+    return [Sidecars(side.client, range_url(side.url, i)).load_checkpoint()
+            for i in range(len(ranges.ranges))]  # fmt: skip
+
+
 def _ranges_status(side: Sidecars, ranges: KeyRanges) -> ExportStatus:
-    cps = [Sidecars(side.client, range_url(side.url, i)).load_checkpoint()
-           for i in range(len(ranges.ranges))]  # fmt: skip
+    cps = _range_checkpoints(side, ranges)
     done = [cp for cp in cps if cp is not None]
     return ExportStatus(
         str(side.url), "in progress", str(ranges.export.get("table")),

@@ -2,13 +2,15 @@
 
 :func:`range_states` reads (never writes) the parts plan and every range's checkpoint — the
 files that ``workers`` and :func:`copystream.run_shard` keep — so a person can watch a job that
-runs on other machines from any machine that sees the output's directory. :func:`watch_status`
+runs on other machines from any machine that sees the output's directory (or, for an
+``s3://`` output, its bucket). :func:`watch_status`
 redraws a table of them (state, rows, MB, rate, ETA) until the export is complete.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import time
@@ -17,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .checkpoint import load_checkpoint
+from .bulk.plan import REPORT_NAME
+from .checkpoint import Checkpoint, load_checkpoint
 from .errors import CopystreamError, UsageError
 from .export import ExportStatus, export_status
 from .progress import _mb
@@ -25,7 +28,15 @@ from .ranges import load_parts, part_path
 from .s3url import is_s3
 from .shards import ShardPlan
 
-__all__ = ["RangeState", "range_states", "watch_status"]
+__all__ = [
+    "RangeState",
+    "job_frame",
+    "job_report",
+    "job_report_path",
+    "range_states",
+    "watch_job",
+    "watch_status",
+]
 
 
 @dataclass(frozen=True)
@@ -41,35 +52,47 @@ class RangeState:
     chunks: int
 
 
-def output_of(path: str | os.PathLike[str]) -> Path:
-    """The output a path names: itself, or the output of a shard plan file (``*.shards.json``)."""
-    p = Path(path)
-    if p.name.endswith(".shards.json"):
-        return Path(ShardPlan.of(p).output)
-    return p
+def output_of(path: str | os.PathLike[str]) -> Path | str:
+    """The output a path names: itself, or the output of a shard plan file (``*.shards.json``,
+    local or ``s3://``); an ``s3://`` output as its URL (text)."""
+    name = str(path)
+    if name.endswith(".shards.json"):
+        output = ShardPlan.of(path).output
+        return output if is_s3(output) else Path(output)
+    return name if is_s3(name) else Path(path)
 
 
 def range_states(output: str | os.PathLike[str]) -> tuple[ExportStatus, list[RangeState]]:
     """The export's status and each of its ranges' (none once complete, or for a
-    single-process export)."""
+    single-process export), read from the checkpoints wherever they are: beside a local
+    output, or in the bucket beside an ``s3://`` one."""
     out = output_of(output)
     status = export_status(out)
-    parts = load_parts(out, strict=False) if status.state != "complete" else None
-    if parts is None:
+    if status.state == "complete":
         return status, []
-    states = []
-    for i in range(len(parts.ranges)):
-        state = part_path(out, i)
-        try:
-            cp = load_checkpoint(state)
-        except CopystreamError:
-            cp = None
-        if cp is None:
-            states.append(RangeState(i, "not started", 0, 0, 0))
-            continue
-        word = "finished" if cp.finished else "in progress"
-        states.append(RangeState(i, word, cp.rows, cp.offset, len(cp.chunks)))
-    return status, states
+    if isinstance(out, str):  # s3://bucket/key: the plan and checkpoints are objects
+        from .s3export import s3_range_checkpoints
+
+        cps = s3_range_checkpoints(out)
+    else:
+        parts = load_parts(out, strict=False)
+        count = 0 if parts is None else len(parts.ranges)
+        cps = [_checkpoint(part_path(out, i)) for i in range(count)]
+    return status, [_state(i, cp) for i, cp in enumerate(cps)]
+
+
+def _checkpoint(path: Path) -> Checkpoint | None:
+    try:
+        return load_checkpoint(path)
+    except CopystreamError:  # being replaced, or torn: shown as not started this frame
+        return None
+
+
+def _state(index: int, cp: Checkpoint | None) -> RangeState:
+    if cp is None:
+        return RangeState(index, "not started", 0, 0, 0)
+    word = "finished" if cp.finished else "in progress"
+    return RangeState(index, word, cp.rows, cp.offset, len(cp.chunks))
 
 
 def _rate(now: ExportStatus, before: tuple[float, int] | None, at: float) -> float | None:
@@ -108,30 +131,121 @@ def watch_status(
 ) -> ExportStatus:
     """Redraw the export's status every ``interval`` seconds until it is complete; return the
     last status. On a terminal the frame is redrawn in place (rich), elsewhere appended."""
-    if is_s3(output):
-        raise UsageError(
-            f"cannot watch {output}: the live view reads the checkpoints of a local output "
-            "(the status of an S3 output can be read once)"
-        )
+    out = output_of(output)  # once: the plan's file goes when the shards are joined
+    before: tuple[float, int] | None = None
+    last: list[ExportStatus] = []
+
+    def frame() -> tuple[str, bool]:
+        nonlocal before
+        status, states = range_states(out)
+        at = time.monotonic()
+        text = render(status, states, _rate(status, before, at))
+        before = (at, status.rows)
+        last[:] = [status]
+        return text, status.state == "complete"
+
+    _redraw(frame, interval, file, sleep)
+    return last[0]
+
+
+def _redraw(
+    frame: Callable[[], tuple[str, bool]],
+    interval: float,
+    file: IO[str] | None,
+    sleep: Callable[[float], None],
+) -> None:
+    """Draw ``frame()`` every ``interval`` seconds until it says it is the last."""
     from rich.console import Console
     from rich.live import Live
     from rich.text import Text
 
     console = Console(file=file)
-    out = output_of(output)  # once: the plan's file goes when the shards are joined
-    before: tuple[float, int] | None = None
     with contextlib.ExitStack() as stack:
         live = stack.enter_context(Live(console=console, auto_refresh=False)) if (
             console.is_terminal) else None  # fmt: skip
         while True:
-            status, states = range_states(out)
-            at = time.monotonic()
-            frame = render(status, states, _rate(status, before, at))
+            text, done = frame()
             if live is not None:
-                live.update(Text(frame), refresh=True)
+                live.update(Text(text), refresh=True)
             else:  # a log file or a pipe: one frame after the other, never wrapped
-                print(frame, file=file or sys.stdout, flush=True)
-            if status.state == "complete":
-                return status
-            before = (at, status.rows)
+                print(text, file=file or sys.stdout, flush=True)
+            if done:
+                return
             sleep(interval)
+
+
+# -- a bulk job ---------------------------------------------------------------------------------
+
+
+def job_report_path(path: str | os.PathLike[str]) -> Path | None:
+    """The bulk job report a path names: a plan file (``*.toml``), the job's output directory,
+    or the report itself; ``None`` for anything else (an export's output)."""
+    if is_s3(str(path)):
+        return None
+    p = Path(path)
+    if p.suffix == ".toml":
+        from .bulk.plan import load_plan
+
+        return load_plan(p).report_path
+    if p.name == REPORT_NAME:
+        return p
+    if p.is_dir() and (p / REPORT_NAME).is_file():
+        return p / REPORT_NAME
+    return None
+
+
+def job_report(report: Path) -> str:
+    """The text of the job report ``report`` (:class:`UsageError` if there is none)."""
+    try:
+        text = report.read_text(encoding="utf-8")
+        json.loads(text)
+    except FileNotFoundError as e:
+        raise UsageError(f"no job report at {report}: the job has not started") from e
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the job report {report}: {e}") from e
+    return text.rstrip("\n")
+
+
+def job_frame(report: Path) -> tuple[str, bool]:
+    """One frame of a bulk job, from its report (rewritten as tables finish) and the
+    checkpoints of the tables it has not finished (for their rows so far); and whether the job
+    has finished. A line for the job, then one per table not done yet or failed."""
+    data = json.loads(job_report(report))
+    totals, lines = data["totals"], []
+    rows, size = int(totals["rows"]), int(totals["bytes"])
+    for t in data["tables"]:
+        if t["status"] == "pending":
+            now = _table_status(t["output"])
+            got = (now.rows, now.bytes) if now is not None else (0, 0)
+            rows, size = rows + got[0], size + got[1]
+            state = "in progress" if now is not None else "waiting"
+            lines.append(f"  {t['table']}: {state}, {got[0]:,} rows, {_mb(got[1])}")
+        elif t["status"] == "failed":
+            lines.append(f"  {t['table']}: failed: {(t['errors'] or ['?'])[-1]}")
+    counts = ", ".join(f"{totals[k]} {k}" for k in ("done", "skipped", "failed", "pending"))
+    state = "finished" if data["finished"] else "running"
+    tables = f"{totals['tables']} tables: {counts}"
+    head = f"{data['plan']}: {state}; {tables}; {rows:,} rows, {_mb(size)}"
+    return "\n".join([head, *lines]), bool(data["finished"])
+
+
+def _table_status(output: str) -> ExportStatus | None:
+    try:
+        return export_status(output)
+    except CopystreamError:  # nothing of it on disk yet
+        return None
+
+
+def watch_job(
+    path: str | os.PathLike[str],
+    *,
+    interval: float = 2.0,
+    file: IO[str] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Redraw a bulk job's frame (:func:`job_frame`) every ``interval`` seconds until its
+    report says it finished. ``path``: the plan file, the output directory or the report."""
+    report = job_report_path(path)
+    if report is None:
+        raise UsageError(f"{path} is not a bulk plan, a job's output directory or its report")
+    _redraw(lambda: job_frame(report), interval, file, sleep)

@@ -845,3 +845,53 @@ def test_passwords_never_reach_the_report_or_the_output(
     report_text = (tmp_path / "out" / "copystream-report.json").read_text()
     for text in (proc.stdout, proc.stderr, report_text):
         assert password not in text
+
+
+def test_status_watches_a_bulk_job_from_its_plan(shop: str, tmp_path: Path) -> None:
+    """``copystream status PLAN --watch`` draws the job from its report and the checkpoints of
+    the tables not finished yet, and ends by itself when the job has finished; ``status PLAN``
+    draws one frame, ``status --json PLAN`` prints the report. Before the job: one line, exit 2."""
+    plan = write_plan(tmp_path / "plan.toml", shop, """
+[[tables]]
+name = "public.orders"
+chunk_rows = 200
+
+[[tables]]
+name = "public.does_not_exist"
+
+[[tables]]
+name = "public.empty"
+""")  # fmt: skip
+    before = run(cli("status", str(plan)))
+    assert_one_error_line(before, 2, "no job report at")
+    job = subprocess.Popen(bulk_cmd(plan), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        report = tmp_path / "out" / "copystream-report.json"
+        deadline = time.monotonic() + 60
+        while not report.exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        watcher = subprocess.run(
+            cli("status", str(plan), "--watch", "--interval", "0.1"),
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 1  # one table failed
+    assert watcher.returncode == 0, watcher.stderr
+    frames = watcher.stdout.split(f"{plan}: ")[1:]
+    assert frames, watcher.stdout
+    final = read_report(tmp_path / "out")
+    assert frames[-1].startswith(
+        f"finished; 3 tables: 2 done, 0 skipped, 1 failed, 0 pending; "
+        f"{final['totals']['rows']:,} rows"
+    ), frames[-1]
+    assert "  public.does_not_exist: failed: " in frames[-1]
+    for f in frames[:-1]:  # the frames before: the job running, orders' rows as they came
+        assert f.startswith("running; 3 tables: "), f
+    # 600 chunks take seconds: the watcher, started once the job had begun, saw it run
+    assert any("  public.orders: in progress, " in f for f in frames[:-1]), frames
+    one = run(cli("status", str(tmp_path / "out")))
+    assert one.returncode == 0 and one.stdout.startswith(f"{plan}: finished; 3 tables"), one
+    as_json = run(cli("status", "--json", str(plan)))
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == final

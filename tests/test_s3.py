@@ -677,6 +677,45 @@ def test_shards_to_s3_run_anywhere_and_finish_into_one_upload(
     assert all(list(d.iterdir()) == [] for d in dirs)
 
 
+def test_status_watch_of_shards_in_the_bucket(
+    db: str, s3: Any, expected: bytes, tmp_path: Path
+) -> None:
+    """``copystream status s3://…/KEY.shards.json --watch`` reads the plan and the ranges'
+    checkpoints from the bucket (from a directory with nothing in it): a line per shard, and it
+    ends by itself once the shards are finished."""
+    from copystream.watch import range_states
+
+    plan = copystream.plan_shards(db, "t", f"s3://{BUCKET}/sh.csv", shards=2, chunk_rows=20_000)
+    url = f"s3://{BUCKET}/sh.csv.shards.json"
+    status, states = range_states(url)
+    assert status.state == "in progress" and [s.state for s in states] == ["not started"] * 2
+    copystream.run_shard(plan, 1)
+    status, states = range_states(url)
+    assert [s.state for s in states] == ["not started", "finished"]
+    assert states[1].rows == status.rows > 0 and states[1].chunks >= 1
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "copystream", "status", url, "--watch", "--interval", "0.2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert watcher.stdout is not None
+        first = watcher.stdout.readline()
+        assert first.startswith(f"s3://{BUCKET}/sh.csv: in progress; public.t; "), first
+        copystream.run_shard(plan, 0)
+        copystream.finish_shards(plan)
+        stdout = watcher.stdout.read()
+        watcher.wait(timeout=60)
+        stderr = watcher.stderr.read() if watcher.stderr is not None else ""
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, stderr
+    assert "shard  state" in first + stdout and "    1  finished" in first + stdout
+    last = (first + stdout).split(f"s3://{BUCKET}/sh.csv: ")[-1]
+    assert last.startswith(f"complete; public.t; {ROWS:,} rows"), last
+    assert get(s3, "sh.csv") == expected and list(tmp_path.iterdir()) == []
+
+
 # -- faults of the S3 endpoint: a real HTTP proxy in front of it --------------------------------
 
 
