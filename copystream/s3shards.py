@@ -22,14 +22,21 @@ from pathlib import Path
 from typing import Any
 
 from . import s3url
-from .errors import CheckpointMismatch, CopystreamError, ExportFailed, OutputExists, UsageError
+from .errors import CheckpointMismatch, CopystreamError, OutputExists, UsageError
 from .export import ExportResult, _result
 from .metrics import export_metrics
 from .part import PartOutcome
 from .progress import Progress
 from .s3export import S3Session, Sidecars, discover, open_output, publish_ranges, restart
 from .s3ranges import S3Ranges, load_plan, plan_ranges, range_jobs, range_url, run_range
-from .shards import ShardPlan, ShardResult, _kept, _template, _without_password
+from .shards import (
+    ShardPlan,
+    ShardResult,
+    _kept,
+    _template,
+    _without_password,
+    finished_outcomes,
+)
 from .spec import build
 from .state import Complete, Fresh, Occupied, Resume
 
@@ -172,18 +179,9 @@ def finish_s3_shards(
 
 
 def _outcomes(side: Sidecars, count: int) -> list[PartOutcome]:
-    """Every shard's outcome from its finished checkpoint in the bucket."""
-    outcomes, unfinished = [], []
-    for i in range(count):
-        cp = Sidecars(side.client, range_url(side.url, i)).load_checkpoint()
-        if cp is None or not cp.finished or cp.destination["range"]["tail"] is None:
-            unfinished.append(str(i))
-        else:
-            outcomes.append(PartOutcome(cp, cp.xxh3_128, 0, False, False))
-    if unfinished:
-        raise ExportFailed(
-            f"shard(s) {', '.join(unfinished)} of {count} of {side.url} are not finished: "
-            "every shard must be run before the upload is completed",
-            remedy=None,
-        )
-    return outcomes
+    """Every shard's outcome from its finished checkpoint in the bucket (with its tail
+    stored: a range is finished only then)."""
+    cps = [Sidecars(side.client, range_url(side.url, i)).load_checkpoint() for i in range(count)]
+    done = [cp if cp is not None and cp.destination["range"]["tail"] is not None else None
+            for cp in cps]  # fmt: skip
+    return finished_outcomes(done, side.url, "the upload is completed")

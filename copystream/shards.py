@@ -35,7 +35,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, Union
 from psycopg.conninfo import make_conninfo
 
 from ._atomic import atomic_write, fsync_dir
-from .checkpoint import load_checkpoint
+from .checkpoint import Checkpoint, load_checkpoint
 from .connection import Target
 from .errors import CheckpointMismatch, ExportFailed, Opt, UsageError
 from .export import ExportResult, _result
@@ -486,18 +486,24 @@ def _outcomes(out: Path, ranges: KeyRanges, template: PartJob) -> list[PartOutco
     """Every shard's outcome from its finished checkpoint, its file re-hashed against it."""
     if ranges.join is not None:  # the join began: part files are being consumed
         return joined_outcomes(out, ranges)
-    outcomes, unfinished = [], []
+    cps = []
     for i in range(len(ranges.ranges)):
         range_job(out, ranges, template, i)  # a foreign, damaged or edited part is refused
-        cp = load_checkpoint(part_path(out, i))
-        if cp is None or not cp.finished:
-            unfinished.append(str(i))
-        else:
-            outcomes.append(PartOutcome(cp, cp.xxh3_128, 0, False, False))
+        cps.append(load_checkpoint(part_path(out, i)))
+    return finished_outcomes(cps, out, "the shards are joined")
+
+
+def finished_outcomes(
+    cps: Sequence[Checkpoint | None], where: object, then: str
+) -> list[PartOutcome]:
+    """The shards' outcomes from their checkpoints ``cps`` (in shard order), once every one is
+    finished; else :class:`ExportFailed` naming the shards of ``where`` that are not, and what
+    has to wait for them (``then``)."""
+    unfinished = [str(i) for i, cp in enumerate(cps) if cp is None or not cp.finished]
     if unfinished:
         raise ExportFailed(
-            f"shard(s) {', '.join(unfinished)} of {len(ranges.ranges)} of {out} are not "
-            "finished: every shard must be run before the shards are joined",
+            f"shard(s) {', '.join(unfinished)} of {len(cps)} of {where} are not finished: "
+            f"every shard must be run before {then}",
             remedy=None,
         )
-    return outcomes
+    return [PartOutcome(cp, cp.xxh3_128, 0, False, False) for cp in cps if cp is not None]
