@@ -262,17 +262,25 @@ def _free(directory: Path) -> int:
     return st.f_bavail * st.f_frsize
 
 
-def _verify(
-    output: Path, fd: int, outcomes: Sequence[PartOutcome], export: dict[str, Any]
-) -> tuple[list[ChunkRecord], str, dict[str, Any]]:
-    """Re-hash the joined file chunk by chunk against the parts' records (a compressed file's
-    chunks are decompressed too); the chunks, the file's digest and its destination state."""
+def combined_chunks(outcomes: Sequence[PartOutcome]) -> list[ChunkRecord]:
+    """Every range's chunks, numbered and placed in the whole output (a joined file, or an S3
+    object of ranges). Pure."""
     chunks: list[ChunkRecord] = []
     offset = 0
     for o in outcomes:
         for c in o.checkpoint.chunks:
             chunks.append(replace(c, index=len(chunks), offset=offset + c.offset))
         offset += o.checkpoint.offset
+    return chunks
+
+
+def _verify(
+    output: Path, fd: int, outcomes: Sequence[PartOutcome], export: dict[str, Any]
+) -> tuple[list[ChunkRecord], str, dict[str, Any]]:
+    """Re-hash the joined file chunk by chunk against the parts' records (a compressed file's
+    chunks are decompressed too); the chunks, the file's digest and its destination state."""
+    chunks = combined_chunks(outcomes)
+    offset = sum(o.checkpoint.offset for o in outcomes)
     if os.fstat(fd).st_size != offset:
         raise ExportFailed(f"joining the parts of {output} left it at the wrong size")
     try:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import s3url
-from .checkpoint import Checkpoint, ChunkRecord, canonical_digest, new_checkpoint
+from .checkpoint import Checkpoint, canonical_digest, new_checkpoint
 from .destinations.s3 import (
     MAX_PARTS,
     PART_MIN,
@@ -51,7 +51,7 @@ from .destinations.s3 import (
     multipart_etag,
 )
 from .errors import CheckpointMismatch, CopystreamError, PrefixMismatch
-from .join import _combined
+from .join import _combined, combined_chunks
 from .part import PartJob, PartOutcome, PartRunner
 from .pipeline import ExportSession, sample_ranges, start
 from .pool import Task
@@ -142,17 +142,6 @@ def stitch(states: Sequence[dict[str, Any]], count: int) -> list[Seam | dict[str
     if pending or not out:
         out.append(Seam(count * block(count), tuple(pending)))
     return out
-
-
-def combined_chunks(outcomes: Sequence[PartOutcome]) -> list[ChunkRecord]:
-    """Every range's chunks, numbered and placed in the whole object. Pure."""
-    chunks: list[ChunkRecord] = []
-    offset = 0
-    for o in outcomes:
-        for c in o.checkpoint.chunks:
-            chunks.append(replace(c, index=len(chunks), offset=offset + c.offset))
-        offset += o.checkpoint.offset
-    return chunks
 
 
 # -- the plan in the bucket -------------------------------------------------------------------
