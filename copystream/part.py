@@ -185,6 +185,19 @@ class PartJob:
             ]
         return identity
 
+    def first_checkpoint(self, destination: dict[str, Any]) -> Checkpoint:
+        """The checkpoint before the job's first chunk, its destination fresh (``destination``:
+        that destination's state): the one way every destination's job begins."""
+        return new_checkpoint(
+            export=self.identity,
+            settings=self.settings,
+            started_at=self.started_at,
+            chunk_rows=self.first_rows if self.run.chunk_rows is None else self.run.chunk_rows,
+            estimated_rows=self.table.estimated_rows,
+            last_key=self.lower,
+            destination=destination,
+        )
+
 
 @dataclass(frozen=True)
 class PartOutcome:
@@ -505,15 +518,7 @@ def _checkpoint(job: PartJob, path: Path, state: Path) -> tuple[Checkpoint, bool
     shared = job.ranged and job.spec.parquet is not None  # the dataset all ranges write to
     if path.exists() and not shared:
         raise OutputExists(f"{path} exists and has no checkpoint to resume from")
-    cp = new_checkpoint(
-        export=job.identity,
-        settings=job.settings,
-        started_at=job.started_at,
-        chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
-        estimated_rows=job.table.estimated_rows,
-        last_key=job.lower,
-        destination=fresh_state(path, job.spec, stem=job.part_stem),
-    )
+    cp = job.first_checkpoint(fresh_state(path, job.spec, stem=job.part_stem))
     save_checkpoint(state, cp)
     return cp, True
 

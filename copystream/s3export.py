@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import s3url
-from .checkpoint import Checkpoint, new_checkpoint
+from .checkpoint import Checkpoint
 from .destinations.s3 import Hashed, S3Object, hash_object, head_object
 from .errors import (
     CheckpointMismatch,
@@ -423,14 +423,7 @@ def _open_part(side: Sidecars, job: PartJob, found: OnDisk) -> tuple[Checkpoint,
         log.info("%s: resuming at row %s, byte %s", side.url, f"{cp.rows:,}", cp.offset)
         return cp, S3Object.resume(side.client, side.url, state, cp.offset)
     dest = S3Object.create(side.client, side.url, job.spec.identity().get("compress"))
-    cp = new_checkpoint(
-        export=job.identity,
-        settings=job.settings,
-        started_at=job.started_at,
-        chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
-        estimated_rows=job.table.estimated_rows,
-        destination=dest.state(),
-    )
+    cp = job.first_checkpoint(dest.state())  # job.lower: None (one range, from the start)
     try:
         side.save_checkpoint(cp)  # the upload id is recorded before anything is uploaded
     except BaseException:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import s3url
-from .checkpoint import Checkpoint, canonical_digest, new_checkpoint
+from .checkpoint import Checkpoint, canonical_digest
 from .destinations.s3 import (
     MAX_PARTS,
     PART_MIN,
@@ -230,12 +230,7 @@ def run_range(
         edges = Edges(side.url.key, numbers_of(index, count))
         compress = job.spec.identity().get("compress")
         dest = S3Object(side.client, url, fresh_state(url, upload_id, compress, edges), 0)
-        cp = new_checkpoint(
-            export=job.identity, settings=job.settings, started_at=job.started_at,
-            chunk_rows=job.first_rows if job.run.chunk_rows is None else job.run.chunk_rows,
-            estimated_rows=job.table.estimated_rows, last_key=job.lower,
-            destination=dest.state(),
-        )  # fmt: skip
+        cp = job.first_checkpoint(dest.state())
         side.save_checkpoint(cp)
     runner = PartRunner(job, Path(side.url.key), progress=progress, sleep=time.sleep,
                         save=side.save_checkpoint)  # fmt: skip
