@@ -29,6 +29,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import pytest
 from helpers import assert_one_error_line, cli, read_manifest, run, write_plan, xxh
@@ -461,6 +462,68 @@ def test_a_job_killed_at_any_moment_finishes_identical(
         data = Path(t["output"]).read_bytes()
         assert xxh(data) == t["xxh3_128"] == read_manifest(Path(t["output"]))["xxh3_128"]
     assert stray_files(out) == []
+
+
+def test_workers_killed_mid_job_are_replaced_and_the_job_finishes_identical(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """SIGKILL every worker of a ``--jobs 2`` job while one is in the middle of a chunked table
+    (the other runs small tables, more handed to it ahead): new workers take over, the chunked
+    table resumes from its checkpoint and the small ones are exported anew; the job exits 0
+    with every table psql's, the deaths counted as retries, nothing temporary left."""
+    run_sql(dsn, many_tables(120, rows=300) + BIG)
+    plan = write_plan(
+        tmp_path / "plan.toml",
+        dsn,
+        '[[tables]]\npattern = "m.*"\n[[tables]]\nname = "big"\nchunk_rows = 500\n',
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        cli("bulk", str(plan), "--jobs", "2", "--no-progress"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while chunks_in(out / "public.big.csv.checkpoint.json") < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        victims = [
+            p
+            for p in psutil.Process(proc.pid).children()
+            if "copystream._worker" in " ".join(p.cmdline())
+        ]
+        for victim in victims:
+            victim.kill()
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr.decode()
+    assert b"public.big: the worker process was killed by SIGKILL" in stderr
+    report = report_of(out)
+    rows = by_table(report)
+    assert report["totals"]["done"] == 121
+    assert rows["public.big"]["retries"] >= 1 and rows["public.big"]["resumed"]
+    assert_matches_psql(dsn, psql_csv, report)
+    assert stray_files(out) == []
+
+
+def chunks_in(checkpoint: Path) -> int:
+    """The chunks a checkpoint records now (0: none yet)."""
+    try:
+        return len(json.loads(checkpoint.read_bytes())["chunks"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+#: A table of many chunks (``chunk_rows = 500``) beside the small ones.
+BIG = """
+CREATE TABLE public.big (id int PRIMARY KEY, v text);
+INSERT INTO public.big SELECT g, md5(g::text) FROM generate_series(1, 100000) g;
+ANALYZE public.big;
+"""
 
 
 # -- one snapshot for the whole job -------------------------------------------------------------

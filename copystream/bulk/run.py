@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import locked, remove_stale_temporaries, temporary_target
+from ..checkpoint import checkpoint_path
 from ..connection import Target, redact
 from ..errors import CopystreamError, ExportFailed, SnapshotRequired, UsageError
 from ..manifest import manifest_path
@@ -60,6 +61,11 @@ PUBLISH_GROUP = 64
 PUBLISH_DELAY = 0.3
 #: The report is rewritten at most this often while the job runs (and always at its end).
 REPORT_INTERVAL = 1.0
+#: A table whose worker process died under it (killed, out of memory) is started again in a new
+#: worker up to this many times, resuming from what it left (a table that kills every worker
+#: it runs in then fails, and the job goes on without it), after this many seconds.
+WORKER_RESTARTS = 2
+RESTART_DELAY = 0.5
 
 
 @contextlib.contextmanager
@@ -430,6 +436,7 @@ class _Execution:
         self.publisher = _Publisher(self.contested)
         self.dirty = False
         self.written_at = 0.0
+        self.restarted: dict[int, int] = {}  # index -> times started again (its worker died)
 
     def record(self, task: _Task, outcome: TableOutcome) -> None:
         """Keep ``outcome`` (secrets masked, its snapshot named); the report follows."""
@@ -457,6 +464,8 @@ class _Execution:
         if event.kind == "done":
             done: TableDone = event.value
             outcome = _from_result(task, done.result)
+            if index in self.restarted:  # each death of its worker counts as a retry
+                outcome = replace(outcome, retries=outcome.retries + self.restarted[index])
             if outcome.status == "done" and last is not None:
                 self.base_rows += last.start_rows
                 self.base_bytes += last.start_bytes
@@ -583,9 +592,14 @@ def _run(
         for t in runnable
     ]
     last_emit = 0.0
-    for event in run_tasks(tasks, job.jobs):
+    restarts = _Restarts(runnable)
+    ex.restarted = restarts.count
+    for event in run_tasks(tasks, job.jobs, restart=restarts):
         task = runnable[event.index] if event.index >= 0 else None
-        if event.kind == "started" and task is not None:
+        if event.kind == "restarting" and task is not None:
+            ex.live.pop(event.index, None)
+            ex.todo_rows += task.estimated_rows or 0  # taken off again as it starts
+        elif event.kind == "started" and task is not None:
             ex.todo_rows -= task.estimated_rows or 0
             ex.begun[event.index] = time.monotonic()
             ex.live[event.index] = Progress(task.table, 0, 0, task.estimated_rows, 0.0, 0)
@@ -602,6 +616,29 @@ def _run(
         if event.kind != "progress" or time.monotonic() - last_emit >= 0.25:
             last_emit = time.monotonic()
             ex.emit()
+
+
+class _Restarts:
+    """Whether to start a table again whose worker process died under it: the pool's
+    ``restart`` decision (see :data:`WORKER_RESTARTS`). The tables handed to that worker ahead
+    go to another worker by themselves."""
+
+    def __init__(self, runnable: Sequence[_Task]) -> None:
+        self.runnable = runnable
+        self.count: dict[int, int] = {}
+
+    def __call__(self, index: int, error: ExportFailed) -> float | None:
+        done = self.count.get(index, 0)
+        if done >= WORKER_RESTARTS:
+            return None
+        self.count[index] = done + 1
+        task = self.runnable[index]
+        # What it was writing is nobody's now: the new worker starts from its checkpoint, or
+        # from the start (a small table's temporary file is written anew).
+        for path in (task.output, checkpoint_path(task.output), manifest_path(task.output)):
+            remove_stale_temporaries(path)
+        log.warning("%s: %s; it is started again in a new worker", task.table, error.problem)
+        return RESTART_DELAY
 
 
 def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
