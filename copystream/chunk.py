@@ -24,7 +24,7 @@ import functools
 import re
 import select
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -428,13 +428,13 @@ class ChunkRunner:
         on the session first.)
         """
         m = self.main
-        statements, imported, last = _whole_statements(c)
-        m.pgconn.send_query(b"; ".join(q.as_bytes(m.conn) for q in statements))
+        query, count, imported, last = _whole_query(c, m.conn)
+        m.pgconn.send_query(query)
         while m.pgconn.flush():
             m.wait(write=True)
         last_key: tuple[str, ...] | None = None
         copied = 0
-        for i in range(len(statements)):
+        for i in range(count):
             res = m.result()
             if res is None:
                 raise psycopg.OperationalError("the server answered fewer statements than sent")
@@ -531,6 +531,40 @@ class ChunkRunner:
                 f"{'ends the range' if final else 'is full'} (asked for {c.rows})"
             )
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
+
+
+#: :func:`_whole_query`'s queries by the shape of their table (all but its name), as bytes
+#: around the places of the name: a job of many tables alike composes one, not one each
+#: (composing with ``psycopg.sql`` costs more than a small table's COPY takes on the client).
+_SHAPES: dict[tuple[Any, ...], tuple[list[bytes], int, int, int]] = {}
+_SHAPES_KEPT = 256
+#: The name a shape is composed with, replaced by the table's own (quoted as every identifier).
+_SHAPE_NAME = ("copystream shape 6d1f", "of a table")
+
+
+def _whole_query(c: Chunk, conn: psycopg.Connection[Any]) -> tuple[bytes, int, int, int]:
+    """:func:`_whole_statements` of ``c`` as one query, ``;``-separated, as ``conn`` encodes
+    it; with the number of statements, the index of the snapshot's import and of the last
+    key's query. Composed once per shape of table (see :data:`_SHAPES`)."""
+    t = c.table
+    if t.select is not None:  # (Parquet: typed forms; not hashable, never a small table)
+        statements, imported, last = _whole_statements(c)
+        return b"; ".join(q.as_bytes(conn) for q in statements), len(statements), imported, last
+    shape = (
+        t.columns, t.key, t.key_types, t.key_unique, t.key_indexed, t.relkind,
+        c.options, c.header, c.snapshot, conn.info.encoding,
+    )  # fmt: skip
+    known = _SHAPES.get(shape)
+    if known is None:
+        stand_in = replace(t, schema=_SHAPE_NAME[0], name=_SHAPE_NAME[1])
+        statements, imported, last = _whole_statements(replace(c, table=stand_in))
+        whole = b"; ".join(q.as_bytes(conn) for q in statements)
+        known = (whole.split(stand_in.table_ident.as_bytes(conn)), len(statements), imported, last)
+        if len(_SHAPES) >= _SHAPES_KEPT:
+            _SHAPES.clear()
+        _SHAPES[shape] = known
+    parts, count, imported, last = known
+    return t.table_ident.as_bytes(conn).join(parts), count, imported, last
 
 
 def _whole_statements(c: Chunk) -> tuple[list[sql.Composable], int, int]:

@@ -23,6 +23,7 @@ from .connection import Target, redact
 from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
 from .manifest import verify_file
+from .pool import fork_workers
 from .progress import BarReporter, LogReporter, Progress
 from .spec import Choice, Count, Flag, Kind, Seconds, Text, option_fields
 
@@ -284,6 +285,7 @@ def bulk(
     try:
         loaded = b.load_plan(plan)
         with contextlib.ExitStack() as stack:
+            stack.enter_context(fork_workers())  # this process is ours: its workers fork
             if not (no_progress or dry_run):
                 if sys.stderr.isatty():
                     reporter = stack.enter_context(b.BulkBarReporter())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import gc
 import importlib
 import logging
 import os
@@ -42,13 +43,14 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any, NoReturn, Protocol
 
 from .errors import CopystreamError, ExportFailed
 
-__all__ = ["Event", "Task", "run_tasks", "started_ahead", "worker_main"]
+__all__ = ["Event", "Task", "fork_workers", "run_tasks", "started_ahead", "worker_main"]
 
 log = logging.getLogger("copystream")
 
@@ -97,7 +99,21 @@ def _encode(kind: str, value: object) -> str:
     return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
 
 
-def _spawn(preload: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+class _Process(Protocol):
+    """A worker process as the pool uses it: a :class:`subprocess.Popen`, or a
+    :class:`_Forked`."""
+
+    pid: int
+    returncode: int | None
+    stdin: IO[bytes] | None
+    stdout: IO[bytes] | None
+
+    def poll(self) -> int | None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+    def kill(self) -> None: ...
+
+
+def _spawn(preload: Sequence[str] = ()) -> _Process:
     """Start ``python -m copystream._worker COORDINATOR_PID LOG_LEVEL [MODULE...]``."""
     level = str(log.getEffectiveLevel())
     return subprocess.Popen(
@@ -106,6 +122,96 @@ def _spawn(preload: Sequence[str] = ()) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         close_fds=True,
     )
+
+
+#: Whether :func:`started_ahead` may fork its workers from this process (:func:`fork_workers`).
+_FORK = [False]
+#: This process's ends of the pipes of the workers forked so far: a child closes those it
+#: inherits, or a worker would never see its stdin end (another held it open).
+_PARENT_FDS: set[int] = set()
+
+
+@contextlib.contextmanager
+def fork_workers() -> Iterator[None]:
+    """Within it, :func:`started_ahead` forks its workers from this process (when it has no
+    other thread then) instead of starting new interpreters: they begin with what this process
+    imported already (an interpreter and its imports cost a few tenths of a second of CPU
+    each). For a process that is copystream's own, small and single-threaded: ``copystream
+    bulk`` runs its job within it. A library caller (an Airflow task: large, threaded) keeps
+    new interpreters, as do workers started later in a job (threads run then)."""
+    _FORK[0] = True
+    try:
+        yield
+    finally:
+        _FORK[0] = False
+
+
+class _Forked:
+    """A worker forked from this process, with :class:`subprocess.Popen`'s interface as far as
+    the pool uses it. The child runs :func:`worker_main` on two pipes and never returns."""
+
+    def __init__(self, preload: Sequence[str]) -> None:
+        args = [str(os.getpid()), str(log.getEffectiveLevel()), *preload]
+        task_r, task_w = os.pipe()
+        event_r, event_w = os.pipe()
+        for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
+            with contextlib.suppress(Exception):
+                stream.flush()
+        gc.freeze()  # the child's collections leave this process's objects (and pages) alone
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover (the child: measured by the tests it runs)
+            self._child(args, task_r, event_w, (task_w, event_r))
+        gc.unfreeze()
+        os.close(task_r)
+        os.close(event_w)
+        _PARENT_FDS.update((task_w, event_r))
+        self.stdin: IO[bytes] | None = os.fdopen(task_w, "wb")
+        self.stdout: IO[bytes] | None = os.fdopen(event_r, "rb")
+        self.returncode: int | None = None
+
+    @staticmethod
+    def _child(args: list[str], task_r: int, event_w: int, mine: tuple[int, int]) -> NoReturn:
+        code = 1
+        try:
+            for fd in (*_PARENT_FDS, *mine):
+                with contextlib.suppress(OSError):  # (numbers above 2: pipes)
+                    os.close(fd)
+            os.dup2(task_r, 0)
+            os.dup2(event_w, 1)
+            os.close(task_r)
+            os.close(event_w)
+            code = worker_main(args)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                traceback.print_exc()
+        finally:
+            os._exit(code)
+
+    def poll(self) -> int | None:
+        """Its exit status if it has exited (a signal as its negative number), else ``None``."""
+        if self.returncode is None:
+            with contextlib.suppress(ChildProcessError):
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+                if pid == self.pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for it to exit; raise :class:`subprocess.TimeoutExpired` past ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while (code := self.poll()) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(f"worker {self.pid}", timeout or 0.0)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL it (if it has not exited yet)."""
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
 
 
 def died(code: int | None) -> str:
@@ -212,7 +318,7 @@ class _Worker:
 
 #: Worker processes started ahead of their tasks (:func:`started_ahead`), for the next
 #: :func:`run_tasks` to take.
-_AHEAD: list[subprocess.Popen[bytes]] = []
+_AHEAD: list[_Process] = []
 
 
 @contextlib.contextmanager
@@ -220,7 +326,8 @@ def started_ahead(count: int, preload: Sequence[str] = ()) -> Iterator[None]:
     """Start ``count`` worker processes now, importing the modules ``preload`` names, for the
     next :func:`run_tasks` to take: their interpreters start while the caller still prepares
     its tasks. Those left unused are ended on the way out."""
-    procs = [_spawn(preload) for _ in range(count)]
+    fork = _FORK[0] and threading.active_count() == 1 and hasattr(os, "fork")
+    procs = [_Forked(preload) if fork else _spawn(preload) for _ in range(count)]
     _AHEAD[:] = procs
     try:
         yield
@@ -332,7 +439,7 @@ def _until_due(delayed: list[tuple[float, int]], tick: float) -> float:
     return max(0.001, min(tick, delayed[0][0] - time.monotonic()))
 
 
-def _reap_later(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+def _reap_later(procs: Sequence[_Process]) -> None:
     """Wait for idle workers to exit in a thread of its own (killing any that outstays
     :data:`EXIT_GRACE`), so that none is left a zombie and nobody waits for them."""
 

@@ -488,11 +488,8 @@ def test_workers_killed_mid_job_are_replaced_and_the_job_finishes_identical(
         while chunks_in(out / "public.big.csv.checkpoint.json") < 2:
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.002)
-        victims = [
-            p
-            for p in psutil.Process(proc.pid).children()
-            if "copystream._worker" in " ".join(p.cmdline())
-        ]
+        victims = psutil.Process(proc.pid).children()  # its workers (forked: no command line)
+        assert victims
         for victim in victims:
             victim.kill()
         _, stderr = proc.communicate(timeout=300)
