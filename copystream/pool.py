@@ -579,7 +579,7 @@ def worker_main(argv: Sequence[str]) -> int:
     for module in argv[2:]:  # what its tasks will need, while the coordinator prepares them
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    inbox = _Inbox(sys.stdin.fileno())
+    inbox = _Inbox(0)  # (not sys.stdin: a forked worker may have inherited a stand-in)
     # The events get the real stdout to themselves; anything else printed goes to stderr.
     out = os.fdopen(os.dup(1), "w", encoding="ascii")
     os.dup2(2, 1)

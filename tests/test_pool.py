@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from copystream.errors import ExportFailed, TableNotFound
-from copystream.pool import Event, Task, run_tasks
+from copystream.pool import Event, Task, fork_workers, run_tasks, started_ahead
 
 _SEEN: list[int] = []  # module state of a worker process: what it ran before
 
@@ -154,3 +155,33 @@ def test_a_task_whose_worker_died_is_started_again_when_restart_says_so(tmp_path
     assert ends[0].kind == "done" and ends[1].kind == "done"
     assert ends[2].kind == "failed" and "SIGKILL" in ends[2].value.problem
     assert sorted(i for i, _ in asked) == [0, 2] and all("SIGKILL" in why for _, why in asked)
+
+
+def test_workers_started_ahead_within_fork_workers_are_forked_and_behave_alike() -> None:
+    """Within ``fork_workers`` the workers started ahead are this process forked (they see what
+    it had at the fork: its module state), run the tasks as spawned ones do, one that dies is
+    replaced by a spawned one, and every worker has exited once the pool is done (none kept
+    alive by another's inherited pipe)."""
+    _SEEN[:] = [99]  # this process's module state, which only a forked worker sees
+    tasks = [Task(remember, (n,), short=True) for n in range(8)]
+    tasks[5] = Task(die, (), short=True)
+    try:
+        with fork_workers(), started_ahead(2):
+            events = list(run_tasks(tasks, 2))
+    finally:
+        _SEEN.clear()
+    done = outcomes(events)
+    assert sorted(done) == list(range(8)) and done[5].kind == "failed"
+    workers = {e.value for e in events if e.kind == "started"}
+    assert all(p != os.getpid() for p in workers)
+    forked = [e for i, e in done.items() if i != 5 and 99 in e.value[2]]
+    assert forked, "no task ran in a forked worker"
+    for pid in workers:  # exited and reaped, forked and spawned alike
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, f"worker {pid} is still there"
+            time.sleep(0.01)
