@@ -22,6 +22,10 @@ bug left behind reaches another task; a fresh worker takes over. A worker that d
 the task it was running. The coordinator reads the events as :class:`Event` values from
 :func:`run_tasks`.
 
+Within :func:`fork_workers` (``copystream bulk``: a process of copystream's own, small and
+single-threaded), the workers started ahead are forked from the coordinator instead, sparing
+each an interpreter's start-up and imports; they run the same :func:`worker_main`.
+
 On Linux a worker asks the kernel to kill it when its coordinator dies (``PR_SET_PDEATHSIG``),
 so a re-run never races an orphan writing the same files.
 """
@@ -158,10 +162,12 @@ class _Forked:
             with contextlib.suppress(Exception):
                 stream.flush()
         gc.freeze()  # the child's collections leave this process's objects (and pages) alone
-        self.pid = os.fork()
-        if self.pid == 0:  # pragma: no cover (the child: measured by the tests it runs)
-            self._child(args, task_r, event_w, (task_w, event_r))
-        gc.unfreeze()
+        try:
+            self.pid = os.fork()
+            if self.pid == 0:  # pragma: no cover (the child: measured by the tests it runs)
+                self._child(args, task_r, event_w, (task_w, event_r))
+        finally:
+            gc.unfreeze()
         os.close(task_r)
         os.close(event_w)
         _PARENT_FDS.update((task_w, event_r))
