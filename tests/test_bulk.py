@@ -673,7 +673,12 @@ where = "data IS NOT NULL"
 def _bulk_workers(proc: subprocess.Popen[bytes]) -> list[psutil.Process]:
     """The bulk job's worker processes running now (its children: forked from it, they have
     its command line)."""
-    return [p for p in psutil.Process(proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    alive = []
+    for p in psutil.Process(proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):  # (one that just exited)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+    return alive
 
 
 def test_a_table_that_kills_every_worker_fails_alone_and_the_rerun_resumes(

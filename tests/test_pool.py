@@ -8,9 +8,11 @@ its worker; a ``CopystreamError`` does not.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
-import time
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from typing import Any
 import pytest
 
 from copystream.errors import ExportFailed, TableNotFound
-from copystream.pool import Event, Task, fork_workers, run_tasks, started_ahead
+from copystream.pool import Event, Task, run_tasks
 
 _SEEN: list[int] = []  # module state of a worker process: what it ran before
 
@@ -157,31 +159,45 @@ def test_a_task_whose_worker_died_is_started_again_when_restart_says_so(tmp_path
     assert sorted(i for i, _ in asked) == [0, 2] and all("SIGKILL" in why for _, why in asked)
 
 
+#: Run in an interpreter of its own (forking needs a process with no other thread: the test
+#: process has those of earlier tests): tasks in workers started ahead within fork_workers.
+FORKED_POOL = """
+import json, os, sys, time
+import test_pool as t
+from copystream.pool import Task, fork_workers, run_tasks, started_ahead
+t._SEEN[:] = [99]  # this process's module state, which only a forked worker sees
+tasks = [Task(t.remember, (n,), short=True) for n in range(8)]
+tasks[5] = Task(t.die, (), short=True)
+with fork_workers(), started_ahead(2):
+    events = list(run_tasks(tasks, 2))
+pids = {e.value for e in events if e.kind == "started"}
+deadline = time.monotonic() + 20
+while pids and time.monotonic() < deadline:  # each exits (and is reaped) by itself
+    for pid in list(pids):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            pids.discard(pid)
+    time.sleep(0.01)
+ends = {e.index: (e.kind, list(e.value) if e.kind == "done" else str(e.value))
+        for e in events if e.kind in ("done", "failed")}
+json.dump({"me": os.getpid(), "ends": ends, "left": sorted(pids)}, sys.stdout)
+"""
+
+
 def test_workers_started_ahead_within_fork_workers_are_forked_and_behave_alike() -> None:
-    """Within ``fork_workers`` the workers started ahead are this process forked (they see what
+    """Within ``fork_workers`` the workers started ahead are the process forked (they see what
     it had at the fork: its module state), run the tasks as spawned ones do, one that dies is
-    replaced by a spawned one, and every worker has exited once the pool is done (none kept
-    alive by another's inherited pipe)."""
-    _SEEN[:] = [99]  # this process's module state, which only a forked worker sees
-    tasks = [Task(remember, (n,), short=True) for n in range(8)]
-    tasks[5] = Task(die, (), short=True)
-    try:
-        with fork_workers(), started_ahead(2):
-            events = list(run_tasks(tasks, 2))
-    finally:
-        _SEEN.clear()
-    done = outcomes(events)
-    assert sorted(done) == list(range(8)) and done[5].kind == "failed"
-    workers = {e.value for e in events if e.kind == "started"}
-    assert all(p != os.getpid() for p in workers)
-    forked = [e for i, e in done.items() if i != 5 and 99 in e.value[2]]
-    assert forked, "no task ran in a forked worker"
-    for pid in workers:  # exited and reaped, forked and spawned alike
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            assert time.monotonic() < deadline, f"worker {pid} is still there"
-            time.sleep(0.01)
+    replaced by a spawned one, and every worker exits once the pool is done (none kept alive by
+    another's inherited pipe)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_POOL], capture_output=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = json.loads(proc.stdout)
+    ends = {int(i): v for i, v in got["ends"].items()}
+    assert sorted(ends) == list(range(8)) and ends[5][0] == "failed" and "SIGKILL" in ends[5][1]
+    done = [v for i, (kind, v) in ends.items() if i != 5 and kind == "done"]
+    assert len(done) == 7 and all(pid != got["me"] for pid, _, _ in done)
+    assert any(99 in before for _, _, before in done), "no task ran in a forked worker"
+    assert got["left"] == [], "a worker is still there"
