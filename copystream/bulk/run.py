@@ -47,6 +47,7 @@ from .resolve import (
     order_largest_first,
     share_workers,
 )
+from .s3 import JobBucket, S3Path, export_s3_task, look, open_bucket
 from .worker import TableDone, export_task
 
 log = logging.getLogger("copystream")
@@ -127,18 +128,35 @@ def run_bulk(
     wanted = require_snapshot or (bulk.consistent if consistent is None else consistent)
     # The workers' interpreters start while the tables are planned (not for a dry run, nor for a
     # job whose last run finished every table: there is likely nothing for them to do).
-    ahead = 0 if dry_run or _finished_before(bulk.report_path) else jobs
-    with started_ahead(ahead, preload=(export_task.__module__,)):
-        return _run_bulk(bulk, jobs, only, dry_run, progress, wanted, require_snapshot, started)
+    # S3: the bucket is checked before anything is read from PostgreSQL (exit 2 if unusable)
+    bucket = open_bucket(bulk) if isinstance(bulk.output_dir, S3Path) else None
+    ran_before: bool | None = None  # (None: the report file says)
+    if bucket is not None:
+        previous = bucket.report()
+        ran_before, done = previous is not None, _says_finished(previous)
+        preload: tuple[str, ...] = ("copystream.s3export", "boto3", "botocore.client")
+    else:
+        done, preload = _finished_before(bulk.report_path), (export_task.__module__,)
+    ahead = 0 if dry_run or done else jobs
+    with started_ahead(ahead, preload=preload):
+        args = (jobs, only, dry_run, progress, wanted, require_snapshot, started)
+        return _run_bulk(bulk, *args, bucket=bucket, ran_before=ran_before)
 
 
 def _finished_before(report: Path) -> bool:
     """Whether the job report says its last run finished with every table exported."""
     try:
-        doc = json.loads(report.read_bytes())
+        return _says_finished(json.loads(report.read_bytes()))
+    except (OSError, ValueError):
+        return False
+
+
+def _says_finished(doc: Any) -> bool:
+    """Whether a job report (its JSON) says its run finished with every table exported."""
+    try:
         totals = doc["totals"]
         return bool(doc["finished"]) and totals["done"] + totals["skipped"] == totals["tables"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return False
 
 
@@ -151,8 +169,11 @@ def _run_bulk(
     wanted: bool,
     require_snapshot: bool,
     started: float,
+    *,
+    bucket: JobBucket | None = None,
+    ran_before: bool | None = None,
 ) -> BulkResult:
-    resolution = _resolve_on_servers(bulk)
+    resolution = _resolve_on_servers(bulk, ran_before=ran_before)
     tasks = [watermark_step(t) for t in resolution.tasks]  # which file of a watermark chain
     selected = _select_only(tasks, only) if only else tasks
     shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
@@ -166,6 +187,8 @@ def _run_bulk(
         seconds = time.monotonic() - started
         return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
     job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
+    if bucket is not None:
+        return _run_in_bucket(bulk, bucket, tasks, ordered, job, require_snapshot)
     try:
         bulk.output_dir.mkdir(parents=True, exist_ok=True)
         for directory in {t.output.parent for t in ordered if t.error is None}:
@@ -186,6 +209,31 @@ def _run_bulk(
     return BulkResult(
         bulk.path, tuple(outcomes), warnings, seconds, False, jobs, bulk.report_path, snapshot
     )
+
+
+def _run_in_bucket(
+    bulk: BulkPlan,
+    bucket: JobBucket,
+    tasks: Sequence[_Task],
+    ordered: Sequence[_Task],
+    job: _Job,
+    require_snapshot: bool,
+) -> BulkResult:
+    """:func:`_run_bulk`'s steps for a job writing to S3 (:mod:`.s3`): what the bucket holds
+    read from one listing, the report an object; no lock, no directory, nothing to publish."""
+    found = look(ordered, bucket)
+    if require_snapshot:
+        _refuse_without_snapshot(ordered, found)
+    with _snapshots(job, ordered, require_snapshot):
+        report = _Report(bulk, tasks, ordered, job.jobs, bucket=bucket)
+        report.write(finished=False, warnings=job.warnings, seconds=0.0)
+        outcomes, snapshot = _execute(ordered, (found, set()), job, report)
+        seconds = time.monotonic() - job.started
+        report.write(finished=True, warnings=job.warnings, seconds=seconds, snapshot=snapshot)
+    return BulkResult(
+        bulk.path, tuple(outcomes), job.warnings, seconds, False, job.jobs, bulk.report_path,
+        snapshot,
+    )  # fmt: skip
 
 
 @dataclass
@@ -337,6 +385,8 @@ def _refuse_without_snapshot(tasks: Sequence[_Task], found: dict[int, OnDisk | N
 
 def _has_files(output: Path) -> bool:
     """Whether anything of an export is beside ``output`` (cheap: no file is read)."""
+    if isinstance(output, S3Path):
+        return True  # asked only of an output the listing showed something of
     names = (output, manifest_path(output), output.with_name(output.name + ".checkpoint.json"))
     parts = output.with_name(output.name + ".parts.json")
     return any(os.path.lexists(p) for p in (*names, parts))
@@ -344,6 +394,8 @@ def _has_files(output: Path) -> bool:
 
 def _short(t: _Task) -> bool:
     """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
+    if isinstance(t.output, S3Path):
+        return False  # an upload of its own
     return t.resolved is not None and is_small(t.resolved, t.spec, t.run)
 
 
@@ -576,7 +628,7 @@ def _run(
     """The pool's events, as the job's outcomes, progress and report."""
     tasks = [
         Task(
-            export_task,
+            export_s3_task if isinstance(t.output, S3Path) else export_task,
             _task_args(t, job, found.get(id(t)), id(t) in ex.contested),
             short=_short(t),
         )

@@ -1,0 +1,252 @@
+"""A bulk job whose ``output_dir`` is ``s3://bucket/prefix``: what differs from a local one.
+
+Every table is an S3 export of its own (:func:`copystream.s3export.run_s3_export`, run by the
+job's workers with the table as the coordinator planned it, and the job's snapshot), to
+``prefix/<the file name a local job would use>``, with its checkpoint and manifest objects
+beside it; a table with ``workers = N`` takes the key-range upload. The job report is the
+object ``prefix/copystream-report.json``, rewritten as a local one is. What a re-run finds is
+read from one listing of the prefix (``ListObjectsV2``, a page per 1,000 objects): a table
+whose object and manifest are there, and nothing else of it, is skipped after one ``GetObject``
+of its manifest (the same export, the object's size the manifest's, the object not newer than
+its manifest: S3 objects are replaced whole, never edited; ``copystream verify`` re-hashes one);
+the others are left to their workers, which resume from their checkpoint objects.
+
+The bucket is checked (missing, no credentials, access denied: :class:`UsageError`, exit 2)
+before anything is read from PostgreSQL. There is no lock: the checkpoints' conditional writes
+refuse a second writer of a table, as for a single export.
+
+What S3 takes of a plan is checked with the plan (:func:`s3_entry_problems`): not Parquet, not
+``incremental`` (an object cannot be appended to), not ``watermark`` (the chain of increment
+objects is not built).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path, PosixPath
+from typing import TYPE_CHECKING, Any
+
+from .. import s3url
+from ..errors import CopystreamError, OutputProblem, UsageError
+from ..spec import ExportSpec, RunOptions, identity_mismatch
+from ..state import Complete, Fresh, OnDisk
+
+if TYPE_CHECKING:
+    from ..export import ExportResult
+    from ..table import ResolvedTable
+    from .plan import BulkPlan
+    from .resolve import _Task
+
+__all__ = [
+    "JobBucket",
+    "S3Path",
+    "export_s3_task",
+    "look",
+    "open_bucket",
+    "s3_entry_problems",
+    "s3_prefix_problem",
+]
+
+_MANIFEST = ".manifest.json"
+#: What else an unfinished export keeps beside its object: its checkpoint, a ``workers``
+#: export's plan and its ranges' objects (``KEY.part-NNNN.…``).
+_UNFINISHED = (".checkpoint.json", ".parts.json", ".part-")
+
+
+class S3Path(PosixPath):
+    """``s3://bucket/prefix/name`` with a path's ``/``, ``name``, ``parent`` and ``with_name``
+    (what a bulk job does with its outputs' names), printed as the URL it is. Never opened:
+    a job with one writes through :mod:`copystream.s3export`."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return s3url.PREFIX + text[len("s3:/") :] if text.startswith("s3:/") else text
+
+    @property
+    def url(self) -> s3url.S3Url:
+        """The bucket and the key (``""`` for a bucket's top)."""
+        bucket, _, key = str(self)[len(s3url.PREFIX) :].partition("/")
+        return s3url.S3Url(bucket, key)
+
+    def resolve(self, strict: bool = False) -> S3Path:
+        return self
+
+
+def s3_prefix_problem(where: str) -> str | None:
+    """Why ``where`` is not ``s3://bucket[/prefix]`` (``None``: it is). Pure."""
+    bucket = where[len(s3url.PREFIX) :].partition("/")[0]
+    return None if bucket else "expected s3://BUCKET/PREFIX"
+
+
+def s3_entry_problems(spec: ExportSpec, run: RunOptions) -> list[tuple[str, str]]:
+    """What a plan entry asks that a job writing to S3 does not do: ``(key, why)``. Pure."""
+    problems = []
+    if spec.options.format == "parquet":
+        problems.append(("format", "a Parquet dataset cannot be written to S3 yet"))
+    if run.incremental:
+        problems.append(("incremental", "an increment cannot be appended to an S3 object yet"))
+    if spec.watermark is not None:
+        why = "a chain of increments cannot be kept in S3 by a bulk job yet"
+        problems.append(("watermark", why))
+    return problems
+
+
+@dataclass(frozen=True)
+class Listed:
+    """An object of the job's prefix as ``ListObjectsV2`` gives it."""
+
+    size: int
+    modified: datetime
+
+
+class JobBucket:
+    """The job's prefix in its bucket: its listing, and its report object."""
+
+    def __init__(self, client: Any, prefix: S3Path) -> None:
+        self.client, self.prefix = client, prefix
+        self.url = prefix.url
+
+    def _fail(self, e: BaseException, doing: str) -> CopystreamError:
+        return s3url.classify(e, self.url, doing)
+
+    def listing(self) -> dict[str, Listed]:
+        """Every object under the prefix, by key."""
+        out: dict[str, Listed] = {}
+        kw: dict[str, Any] = {}
+        prefix = self.url.key + "/" if self.url.key else ""
+        while True:
+            try:
+                page = self.client.list_objects_v2(Bucket=self.url.bucket, Prefix=prefix, **kw)
+            except Exception as e:
+                raise self._fail(e, f"listing {self.prefix}") from e
+            for o in page.get("Contents", []):
+                out[str(o["Key"])] = Listed(int(o["Size"]), o["LastModified"])
+            if not page.get("IsTruncated"):
+                return out
+            kw = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def get(self, key: str) -> bytes | None:
+        """The object ``key`` of the bucket, or ``None`` when there is none."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return bytes(self.client.get_object(Bucket=self.url.bucket, Key=key)["Body"].read())
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code")) in ("NoSuchKey", "404"):
+                return None
+            raise self._fail(e, f"reading s3://{self.url.bucket}/{key}") from e
+        except Exception as e:
+            raise self._fail(e, f"reading s3://{self.url.bucket}/{key}") from e
+
+    def report(self) -> Any:
+        """The job report's JSON in the bucket (``None``: there is none, or it is unreadable)."""
+        from .plan import REPORT_NAME
+
+        try:
+            data = self.get((self.prefix / REPORT_NAME).url.key)
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
+
+    def put(self, key: str, data: bytes) -> None:
+        """Write the object ``key`` (replaced whole: a reader sees the old one or this one)."""
+        try:
+            self.client.put_object(Bucket=self.url.bucket, Key=key, Body=data)
+        except Exception as e:
+            raise self._fail(e, f"writing s3://{self.url.bucket}/{key}") from e
+
+
+def open_bucket(plan: BulkPlan) -> JobBucket:
+    """The job's bucket, once it is known to be there and readable with the credentials the
+    AWS chain gives (else a usage error, exit 2: before anything is read from PostgreSQL)."""
+    prefix = plan.output_dir
+    assert isinstance(prefix, S3Path)
+    policy = plan.entries[0].run.policy if plan.entries else None
+    bucket = JobBucket(s3url.client(policy), prefix)
+    try:
+        bucket.client.raw.head_bucket(Bucket=bucket.url.bucket)
+    except Exception as e:
+        error = s3url.classify(e, bucket.url, "checking the bucket")
+        if not isinstance(error, UsageError):
+            error = OutputProblem(f"cannot reach {prefix}: {error.problem}")
+        raise error from e
+    return bucket
+
+
+def look(tasks: Sequence[_Task], bucket: JobBucket) -> dict[int, OnDisk | None]:
+    """What the bucket holds of each task that can run, from one listing of the prefix:
+    :class:`Fresh` (nothing of it), :class:`Complete` (its object and manifest only, the
+    manifest the same export's, the object its size and not newer than it: skipped), or
+    ``None`` (left to its worker: a checkpoint to resume, key ranges, anything else)."""
+    listed = bucket.listing()
+    found: dict[int, OnDisk | None] = {}
+    for t in tasks:
+        if t.error is None:
+            found[id(t)] = _look_at(t, listed, bucket)
+    return found
+
+
+def _look_at(task: _Task, listed: dict[str, Listed], bucket: JobBucket) -> OnDisk | None:
+    assert isinstance(task.output, S3Path)
+    key = task.output.url.key
+    unfinished = any(_any_under(listed, key + suffix) for suffix in _UNFINISHED)
+    if key not in listed and key + _MANIFEST not in listed and not unfinished:
+        return Fresh()
+    if unfinished or key not in listed or key + _MANIFEST not in listed:
+        return None
+    if task.resolved is None:
+        return None
+    from ..manifest import Manifest
+    from ..state import manifest_identity
+
+    try:
+        manifest = Manifest.from_json(json.loads(bucket.get(key + _MANIFEST) or b""))
+    except (CopystreamError, ValueError, KeyError, TypeError):
+        return None  # its worker says what is wrong
+    r = task.resolved
+    expected = task.spec.resolved(r.qualified, r.key, r.key_types, r.columns, output=task.output)
+    if identity_mismatch(manifest_identity(manifest), expected.identity()) is not None:
+        return None
+    obj, record = listed[key], listed[key + _MANIFEST]
+    if obj.size != manifest.bytes or obj.modified > record.modified:
+        return None  # replaced since: its worker re-verifies it and says so
+    return Complete(manifest)
+
+
+def _any_under(listed: dict[str, Listed], prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in listed)
+
+
+def export_s3_task(
+    conninfo: str,
+    spec: ExportSpec,
+    output: str,
+    run: RunOptions,
+    table: ResolvedTable | None = None,
+    snapshot: str | None = None,
+    fresh: bool = False,
+    contested: bool = False,
+    *,
+    progress: Any,
+) -> Any:
+    """:func:`copystream.bulk.worker.export_task` for an ``s3://`` output: the table exported
+    (or resumed) as ``copystream export TABLE s3://…`` would, with the coordinator's plan of
+    it and the job's snapshot."""
+    from ..s3export import run_s3_export
+    from .worker import TableDone
+
+    del fresh, contested  # the bucket has no lock files; conditional writes guard instead
+    result: ExportResult = run_s3_export(
+        conninfo or None, spec, output, run, progress=progress, sleep=time.sleep,
+        table=table, snapshot=snapshot,
+    )  # fmt: skip
+    return TableDone(replace(result, chunks=(), output=str(result.output)))
+
+
+def output_text(path: Path) -> str:
+    """How the report names an output directory: an S3 prefix as its URL, else absolute."""
+    return str(path) if isinstance(path, S3Path) else str(path.resolve())

@@ -1,0 +1,246 @@
+"""A bulk job whose ``output_dir`` is ``s3://bucket/prefix``, against moto's S3 server.
+
+The claims: every table lands at ``prefix/<the name a local job gives its file>`` with its
+manifest object beside it, byte for byte psql's CSV (decompressed); the report is an object in
+the bucket with no secret in it; a job killed (the coordinator, or a worker) resumes, also from
+another working directory, to the same objects; a re-run of a finished job skips every table
+from one listing of the prefix, exporting nothing again; a bad bucket is one line, exit 2,
+before PostgreSQL is read; what S3 cannot take of a plan is refused with the plan's problems.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import test_s3
+from conftest import run_sql
+from helpers import assert_ok, assert_one_error_line, cli, psql_copy, run, scratch_database
+from test_s3 import BUCKET, SECRET, get, keys, uploads
+
+from copystream.bulk import PlanError, parse_plan
+from copystream.testing import EphemeralPostgres
+
+PREFIX = "exports/2026-11-30"
+SCHEMA = """
+CREATE TABLE big (id bigint PRIMARY KEY, name text, note text);
+INSERT INTO big SELECT g, 'name ' || g, md5(g::text) || md5((g + 1)::text) || E'\\n"q",'
+    FROM generate_series(1, 300000) g;
+CREATE TABLE ranged (id bigint PRIMARY KEY, v text);
+INSERT INTO ranged SELECT g, repeat(md5(g::text), 2) FROM generate_series(1, 120000) g;
+CREATE TABLE small1 (id int PRIMARY KEY, v text);
+INSERT INTO small1 SELECT g, 'v' || g FROM generate_series(1, 500) g;
+CREATE TABLE small2 (id int PRIMARY KEY, at timestamptz, n numeric);
+INSERT INTO small2 SELECT g, '2026-01-01'::timestamptz + g * interval '1 hour', g / 7.0
+    FROM generate_series(1, 300) g;
+CREATE TABLE empty (id int PRIMARY KEY);
+ANALYZE;
+"""
+TABLES = {  # table -> (object name, decompress)
+    "big": ("public.big.csv", False),
+    "ranged": ("public.ranged.csv", False),
+    "small1": ("public.small1.csv.zst", True),
+    "small2": ("public.small2.csv", False),
+    "empty": ("public.empty.csv", False),
+}
+PLAN = """
+[defaults]
+output_dir = "s3://{bucket}/{prefix}"
+dsn = "{dsn}"
+[[tables]]
+name = "public.big"
+chunk_rows = 3000
+[[tables]]
+name = "public.ranged"
+workers = 2
+chunk_rows = 3000
+[[tables]]
+name = "public.small1"
+compress = "zstd"
+[[tables]]
+name = "public.small2"
+[[tables]]
+name = "public.empty"
+"""
+
+
+#: test_s3's fixtures (pytest knows them by their own names): moto's server, a fresh bucket.
+endpoint, bucket = test_s3.endpoint, test_s3.s3
+
+
+@pytest.fixture(scope="module")
+def db(pg: EphemeralPostgres) -> Any:
+    with scratch_database(pg, SCHEMA) as dsn:
+        yield dsn
+
+
+@pytest.fixture(scope="module")
+def csv(db: str, pg: EphemeralPostgres) -> dict[str, bytes]:
+    return {t: psql_copy(pg, db, f"SELECT * FROM {t} ORDER BY id") for t in TABLES}
+
+
+def write_plan(path: Path, dsn: str, bucket: str = BUCKET) -> Path:
+    path.write_text(PLAN.format(bucket=bucket, prefix=PREFIX, dsn=dsn))
+    return path
+
+
+def bulk(plan: Path, *extra: str) -> list[str]:
+    return cli("bulk", str(plan), "--no-progress", "--jobs", "2", *extra)
+
+
+def report(bucket: Any) -> dict[str, Any]:
+    return dict(json.loads(get(bucket, f"{PREFIX}/copystream-report.json")))
+
+
+def unzstd(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True).stdout
+
+
+def assert_objects_are_psqls_csv(bucket: Any, csv: dict[str, bytes]) -> None:
+    for table, (name, zst) in TABLES.items():
+        data = get(bucket, f"{PREFIX}/{name}")
+        assert (unzstd(data) if zst else data) == csv[table], table
+        manifest = json.loads(get(bucket, f"{PREFIX}/{name}.manifest.json"))
+        assert manifest["bytes"] == len(data)
+    names = {f"{PREFIX}/{n}" for n, _ in TABLES.values()}
+    beside = {f"{n}.manifest.json" for n in names}
+    assert keys(bucket) == names | beside | {f"{PREFIX}/copystream-report.json"}
+    assert uploads(bucket) == []
+
+
+def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -> None:
+    plan = parse_plan('[defaults]\noutput_dir = "s3://b/p/q/"\n[[tables]]\nname = "s.t"\n')
+    assert str(plan.output_dir) == "s3://b/p/q"
+    assert str(plan.report_path) == "s3://b/p/q/copystream-report.json"
+    bad = (
+        '[defaults]\noutput_dir = "s3://b/p"\n[[tables]]\nname = "t"\noutput = "s3://b/t.csv"\n'
+        '[[tables]]\nname = "u"\nformat = "parquet"\n'
+        '[[tables]]\nname = "v"\nincremental = true\n'
+        '[[tables]]\nname = "w"\nwatermark = "at"\n'
+    )
+    with pytest.raises(PlanError) as info:
+        parse_plan(bad, source="p.toml")
+    assert info.value.problems == (
+        "p.toml:5: tables[0].output: expected a path relative to output_dir (not a directory, "
+        "nor an s3:// URL), got 's3://b/t.csv'",
+        "p.toml:8: tables[1].format: a Parquet dataset cannot be written to S3 yet",
+        "p.toml:11: tables[2].incremental: an increment cannot be appended to an S3 object yet",
+        "p.toml:14: tables[3].watermark: a chain of increments cannot be kept in S3 by a bulk "
+        "job yet",
+    )
+    with pytest.raises(PlanError, match="output_dir: expected a local directory path or s3://"):
+        parse_plan('[defaults]\noutput_dir = "s3://"\n[[tables]]\nname = "t"\n')
+
+
+def test_a_missing_bucket_is_one_line_before_postgresql(bucket: Any, tmp_path: Path) -> None:
+    """No server listens at the plan's DSN: the bucket's error must come first."""
+    nowhere = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
+    plan = write_plan(tmp_path / "plan.toml", nowhere, bucket="no-such-bucket")
+    proc = run(bulk(plan))
+    assert_one_error_line(proc, 2, "bucket no-such-bucket does not exist")
+    assert keys(bucket) == set() and [p.name for p in tmp_path.iterdir()] == ["plan.toml"]
+
+
+def _uploaded(bucket: Any) -> int:
+    """How many parts (and ranges' heads) the checkpoints in the bucket record."""
+    n = 0
+    for k in keys(bucket):
+        if k.endswith(".checkpoint.json"):
+            try:
+                d = json.loads(get(bucket, k))["destination"]
+            except Exception:
+                continue
+            n += len(d.get("parts", [])) + bool(d.get("range", {}).get("head"))
+    return n
+
+
+def _kill_job(cmd: list[str], cwd: Path, bucket: Any, *, worker: bool = False) -> None:
+    """Start the job in ``cwd``; once its checkpoints record one part more than when it
+    started, SIGKILL a worker (``worker``) or the coordinator (its workers die with it)."""
+    cwd.mkdir()
+    parts = _uploaded(bucket) + 1
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while _uploaded(bucket) < parts:
+            assert proc.poll() is None, "the job ended before the kill point"
+            assert time.monotonic() < deadline, "no part was uploaded"
+            time.sleep(0.01)
+        if worker:
+            children = psutil.Process(proc.pid).children()
+            os.kill(children[0].pid, signal.SIGKILL)
+            proc.communicate(timeout=180)
+            assert proc.returncode in (0, 1)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate(timeout=60)
+            assert proc.returncode == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_killed_jobs_resume_from_another_directory_to_psqls_csv(
+    db: str, bucket: Any, csv: dict[str, bytes], tmp_path: Path
+) -> None:
+    """The coordinator killed once a part is uploaded, then once one more is, a worker killed
+    in a third run; each run in a working directory of its own (nothing is kept locally). A last
+    run finishes: every object is psql's CSV, every upload completed, the report says so."""
+    plan = write_plan(tmp_path / "plan.toml", db)
+    cmd = bulk(plan)
+    _kill_job(cmd, tmp_path / "m1", bucket)
+    assert report(bucket)["finished"] is False
+    _kill_job(cmd, tmp_path / "m2", bucket)
+    _kill_job(cmd, tmp_path / "m3", bucket, worker=True)
+    (tmp_path / "m4").mkdir()
+    proc = subprocess.run(cmd, cwd=tmp_path / "m4", capture_output=True, text=True, timeout=300)
+    assert_ok(proc)
+    assert_objects_are_psqls_csv(bucket, csv)
+    doc = report(bucket)
+    assert doc["finished"] is True and doc["output_dir"] == f"s3://{BUCKET}/{PREFIX}"
+    rows = {t["table"]: t for t in doc["tables"]}
+    assert {t["status"] for t in rows.values()} <= {"done", "skipped"}
+    assert any(t["resumed"] for t in rows.values()), "nothing was resumed"
+    assert rows["public.big"]["output"] == f"s3://{BUCKET}/{PREFIX}/public.big.csv"
+    assert rows["public.big"]["rows"] == 300_000 and rows["public.empty"]["rows"] == 0
+    text = get(bucket, f"{PREFIX}/copystream-report.json").decode()
+    assert db not in text and SECRET not in text
+    for m in ("m1", "m2", "m3", "m4"):
+        assert list((tmp_path / m).iterdir()) == []
+    for name, _ in TABLES.values():
+        assert_ok(run(cli("verify", "--deep", f"s3://{BUCKET}/{PREFIX}/{name}")))
+
+
+def test_a_finished_job_run_again_exports_nothing(
+    db: str, bucket: Any, csv: dict[str, bytes], tmp_path: Path
+) -> None:
+    """A second run skips every table (rows added meanwhile are not exported, no object is
+    written again) from the bucket's listing; the Python API says the same."""
+    import copystream.bulk
+
+    plan = write_plan(tmp_path / "plan.toml", db)
+    result = copystream.bulk.run_bulk(plan, jobs=2)
+    assert result.exit_code == 0 and {o.status for o in result.tables} == {"done"}
+    assert_objects_are_psqls_csv(bucket, csv)
+    before = {k: bucket.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in keys(bucket)}
+    modified = {k: bucket.head_object(Bucket=BUCKET, Key=k)["LastModified"] for k in keys(bucket)}
+    run_sql(db, "INSERT INTO small2 VALUES (100000, now(), 1)")
+    try:
+        time.sleep(1.1)  # S3 times have a second's resolution
+        again = copystream.bulk.run_bulk(plan, jobs=2)
+        assert {o.status for o in again.tables} == {"skipped"}
+        for k in before:
+            if not k.endswith("copystream-report.json"):
+                assert bucket.head_object(Bucket=BUCKET, Key=k)["LastModified"] == modified[k], k
+                assert bucket.head_object(Bucket=BUCKET, Key=k)["ETag"] == before[k], k
+        assert report(bucket)["totals"]["skipped"] == len(TABLES)
+    finally:
+        run_sql(db, "DELETE FROM small2 WHERE id = 100000")
