@@ -86,8 +86,11 @@ def csv(db: str, pg: EphemeralPostgres) -> dict[str, bytes]:
     return {t: psql_copy(pg, db, f"SELECT * FROM {t} ORDER BY id") for t in TABLES}
 
 
-def write_plan(path: Path, dsn: str, bucket: str = BUCKET) -> Path:
-    path.write_text(PLAN.format(bucket=bucket, prefix=PREFIX, dsn=dsn))
+def write_plan(path: Path, dsn: str, bucket: str = BUCKET, *, consistent: bool = False) -> Path:
+    text = PLAN.format(bucket=bucket, prefix=PREFIX, dsn=dsn)
+    if consistent:
+        text = text.replace("[defaults]\n", "[defaults]\nconsistent = true\n")
+    path.write_text(text)
     return path
 
 
@@ -222,14 +225,23 @@ def test_killed_jobs_resume_from_another_directory_to_psqls_csv(
 def test_a_finished_job_run_again_exports_nothing(
     db: str, bucket: Any, csv: dict[str, bytes], tmp_path: Path
 ) -> None:
-    """A second run skips every table (rows added meanwhile are not exported, no object is
-    written again) from the bucket's listing; the Python API says the same."""
+    """A job with ``consistent = true`` reads one snapshot (every manifest says so; the small
+    tables are one PutObject each, the others multipart uploads). A second run skips every
+    table (rows added meanwhile are not exported, no object is written again) from the
+    bucket's listing."""
     import copystream.bulk
 
-    plan = write_plan(tmp_path / "plan.toml", db)
+    plan = write_plan(tmp_path / "plan.toml", db, consistent=True)
     result = copystream.bulk.run_bulk(plan, jobs=2)
     assert result.exit_code == 0 and {o.status for o in result.tables} == {"done"}
+    assert result.snapshot is not None and result.snapshot.point_in_time
+    assert report(bucket)["snapshot"]["point_in_time"] is True
     assert_objects_are_psqls_csv(bucket, csv)
+    for table, (name, _) in TABLES.items():
+        manifest = json.loads(get(bucket, f"{PREFIX}/{name}.manifest.json"))
+        assert manifest["point_in_time"] is True, table
+        etag = bucket.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{name}")["ETag"]
+        assert ("-" in etag) == (table in ("big", "ranged")), table  # multipart or one put
     before = {k: bucket.head_object(Bucket=BUCKET, Key=k)["ETag"] for k in keys(bucket)}
     modified = {k: bucket.head_object(Bucket=BUCKET, Key=k)["LastModified"] for k in keys(bucket)}
     run_sql(db, "INSERT INTO small2 VALUES (100000, now(), 1)")

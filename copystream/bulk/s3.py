@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path, PosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import s3url
 from ..errors import CopystreamError, OutputProblem, UsageError
@@ -152,7 +152,7 @@ class JobBucket:
         except ValueError:
             return None
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: bytes | BinaryIO) -> None:
         """Write the object ``key`` (replaced whole: a reader sees the old one or this one)."""
         try:
             self.client.put_object(Bucket=self.url.bucket, Key=key, Body=data)
@@ -194,9 +194,9 @@ def _look_at(task: _Task, listed: dict[str, Listed], bucket: JobBucket) -> OnDis
     assert isinstance(task.output, S3Path)
     key = task.output.url.key
     unfinished = any(_any_under(listed, key + suffix) for suffix in _UNFINISHED)
-    if key not in listed and key + _MANIFEST not in listed and not unfinished:
-        return Fresh()
-    if unfinished or key not in listed or key + _MANIFEST not in listed:
+    if key not in listed and not unfinished:
+        return Fresh()  # (a manifest alone: a small table killed before its object was put)
+    if unfinished or key + _MANIFEST not in listed:
         return None
     if task.resolved is None:
         return None
@@ -233,18 +233,71 @@ def export_s3_task(
     *,
     progress: Any,
 ) -> Any:
-    """:func:`copystream.bulk.worker.export_task` for an ``s3://`` output: the table exported
-    (or resumed) as ``copystream export TABLE s3://…`` would, with the coordinator's plan of
-    it and the job's snapshot."""
+    """:func:`copystream.bulk.worker.export_task` for an ``s3://`` output: a small table found
+    fresh in one COPY put whole (:func:`_put_small`), any other exported (or resumed) as
+    ``copystream export TABLE s3://…`` would, with the coordinator's plan of it and the job's
+    snapshot."""
     from ..s3export import run_s3_export
+    from ..whole import is_small
     from .worker import TableDone
 
-    del fresh, contested  # the bucket has no lock files; conditional writes guard instead
-    result: ExportResult = run_s3_export(
-        conninfo or None, spec, output, run, progress=progress, sleep=time.sleep,
-        table=table, snapshot=snapshot,
-    )  # fmt: skip
+    del contested  # the bucket has no lock files; conditional writes guard instead
+    if fresh and table is not None and is_small(table, spec, run):
+        result = _put_small(conninfo, spec, output, run, table, snapshot, progress)
+    else:
+        result = run_s3_export(
+            conninfo or None, spec, output, run, progress=progress, sleep=time.sleep,
+            table=table, snapshot=snapshot,
+        )  # fmt: skip
     return TableDone(replace(result, chunks=(), output=str(result.output)))
+
+
+#: This worker process's S3 client, made once (boto3 takes tens of milliseconds per client).
+_CLIENT: dict[str, Any] = {}
+
+
+def _put_small(
+    conninfo: str,
+    spec: ExportSpec,
+    output: str,
+    run: RunOptions,
+    table: ResolvedTable,
+    snapshot: str | None,
+    progress: Any,
+) -> ExportResult:
+    """A small table in one COPY (:mod:`copystream.whole`, on the connection the worker keeps)
+    into a temporary file, then three ``PutObject``: its manifest, the object, the manifest
+    again. Killed before the object is written, the manifest alone is a fresh start for the
+    next run (an export with no object); killed before the second manifest, the object is newer
+    than its manifest and the next run's worker re-verifies it before skipping it."""
+    import tempfile
+
+    from ..export import run_session
+    from ..pipeline import ExportSession
+    from .worker import _kept
+
+    started = time.monotonic()
+    url = s3url.parse(output)
+    client = _CLIENT.get("s3") or _CLIENT.setdefault("s3", s3url.client(run.policy))
+    with tempfile.TemporaryDirectory(prefix="copystream-") as tmp:
+        local = Path(tmp) / url.key.rpartition("/")[2]
+        with ExportSession(
+            conninfo or None, spec, local, run, time.sleep, table=table, conn=_kept(conninfo),
+            snapshot=snapshot, lock_late=True, job=True,
+        ) as session:  # fmt: skip
+            exported = run_session(
+                session, progress=progress, sleep=time.sleep, started=started, tidy=False,
+                known=Fresh(),
+            )  # fmt: skip
+        assert exported.written is not None  # a small table's fresh start
+        staged = exported.written.staged
+        manifest = url.beside(_MANIFEST)
+        bucket = JobBucket(client, S3Path(output))
+        bucket.put(manifest.key, staged.manifest)
+        with staged.temporary.open("rb") as f:
+            bucket.put(url.key, f)
+        bucket.put(manifest.key, staged.manifest)
+    return replace(exported.result, output=output)
 
 
 def output_text(path: Path) -> str:
