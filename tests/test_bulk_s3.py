@@ -201,6 +201,10 @@ def test_killed_jobs_resume_from_another_directory_to_psqls_csv(
     cmd = bulk(plan)
     _kill_job(cmd, tmp_path / "m1", bucket)
     assert report(bucket)["finished"] is False
+    status = run(cli("status", f"s3://{BUCKET}/{PREFIX}"))  # from the bucket alone
+    assert_ok(status)
+    head = status.stdout.splitlines()[0]
+    assert head.startswith(f"{plan}: running; 5 tables: ") and ": in progress, " in status.stdout
     _kill_job(cmd, tmp_path / "m2", bucket)
     _kill_job(cmd, tmp_path / "m3", bucket, worker=True)
     (tmp_path / "m4").mkdir()
@@ -220,6 +224,10 @@ def test_killed_jobs_resume_from_another_directory_to_psqls_csv(
         assert list((tmp_path / m).iterdir()) == []
     for name, _ in TABLES.values():
         assert_ok(run(cli("verify", "--deep", f"s3://{BUCKET}/{PREFIX}/{name}")))
+    for where in (str(plan), f"s3://{BUCKET}/{PREFIX}/copystream-report.json"):
+        status = run(cli("status", "--json", where))
+        assert_ok(status)
+        assert json.loads(status.stdout) == report(bucket)
 
 
 def test_a_finished_job_run_again_exports_nothing(

@@ -45,8 +45,10 @@ __all__ = [
     "JobBucket",
     "S3Path",
     "export_s3_task",
+    "job_report_url",
     "look",
     "open_bucket",
+    "read_report",
     "s3_entry_problems",
     "s3_prefix_problem",
 ]
@@ -298,6 +300,23 @@ def _put_small(
             bucket.put(url.key, f)
         bucket.put(manifest.key, staged.manifest)
     return replace(exported.result, output=output)
+
+
+def job_report_url(where: str) -> S3Path | None:
+    """The job report ``s3://…`` names: the report object, or the one in a job's prefix
+    (``None``: neither, say an export's object)."""
+    from .plan import REPORT_NAME
+
+    p = S3Path(where)
+    if p.name == REPORT_NAME:
+        return p
+    report = p / REPORT_NAME
+    return report if read_report(report) is not None else None
+
+
+def read_report(report: S3Path) -> bytes | None:
+    """The job report object ``report`` (``None``: there is none)."""
+    return JobBucket(s3url.client(), report.parent).get(report.url.key)
 
 
 def output_text(path: Path) -> str:
