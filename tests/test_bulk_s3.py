@@ -25,7 +25,8 @@ from conftest import run_sql
 from helpers import assert_ok, assert_one_error_line, cli, psql_copy, run, scratch_database
 from test_s3 import BUCKET, SECRET, get, keys, uploads
 
-from copystream.bulk import PlanError, parse_plan
+from copystream.bulk import PlanError, parse_plan, plan_bulk_shards
+from copystream.errors import UsageError
 from copystream.testing import EphemeralPostgres
 
 PREFIX = "exports/2026-11-30"
@@ -138,6 +139,8 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
         "p.toml:14: tables[3].watermark: a chain of increments cannot be kept in S3 by a bulk "
         "job yet",
     )
+    with pytest.raises(UsageError, match="shards cannot write to S3 yet"):
+        plan_bulk_shards(plan, shards=2)
     with pytest.raises(PlanError, match="output_dir: expected a local directory path or s3://"):
         parse_plan('[defaults]\noutput_dir = "s3://"\n[[tables]]\nname = "t"\n')
 
@@ -262,5 +265,8 @@ def test_a_finished_job_run_again_exports_nothing(
                 assert bucket.head_object(Bucket=BUCKET, Key=k)["LastModified"] == modified[k], k
                 assert bucket.head_object(Bucket=BUCKET, Key=k)["ETag"] == before[k], k
         assert report(bucket)["totals"]["skipped"] == len(TABLES)
+        dry = run(bulk(plan, "--dry-run"))
+        assert_ok(dry)
+        assert dry.stdout.count("finished (skipped)") == len(TABLES)
     finally:
         run_sql(db, "DELETE FROM small2 WHERE id = 100000")

@@ -183,7 +183,8 @@ def _run_bulk(
     for w in warnings:
         log.warning("%s", w)
     if dry_run:
-        outcomes = [_dry_run(t, bulk.secrets) for t in ordered]
+        found = look(ordered, bucket) if bucket is not None else None
+        outcomes = [_dry_run(t, bulk.secrets, found) for t in ordered]
         seconds = time.monotonic() - started
         return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
     job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
@@ -656,14 +657,19 @@ def _run(
             ex.emit()
 
 
-def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
+def _dry_run(
+    t: _Task, secrets: Sequence[str], found: dict[int, OnDisk | None] | None = None
+) -> TableOutcome:
     """What would happen to one table (planned already; no file is touched)."""
     if t.error is not None:
         return _outcome(t, "refused", errors=(redact(t.error, *secrets),))
     if t.resolved is None:
         return _outcome(t, "refused", errors=("not planned: see the warnings",))
     p = t.resolved
-    note, refused = _file_state(t.output, incremental=t.run.incremental)
+    if found is not None:  # in a bucket (:func:`.s3.look`)
+        note, refused = _bucket_state(found.get(id(t))), False
+    else:
+        note, refused = _file_state(t.output, incremental=t.run.incremental)
     return replace(
         _outcome(t, "refused" if refused else "ready", errors=(note,) if refused else ()),
         key=p.key,
@@ -673,6 +679,15 @@ def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
         warnings=p.warnings,
         note=note,
     )
+
+
+def _bucket_state(found: OnDisk | None) -> str:
+    """What the objects of an S3 output say about its export."""
+    if isinstance(found, Fresh):
+        return "new"
+    if isinstance(found, Complete):
+        return "finished (skipped)"
+    return "resumes, or is re-verified, from its objects"
 
 
 def _file_state(output: Path, *, incremental: bool = False) -> tuple[str, bool]:
