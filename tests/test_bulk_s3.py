@@ -145,12 +145,23 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
         parse_plan('[defaults]\noutput_dir = "s3://"\n[[tables]]\nname = "t"\n')
 
 
-def test_a_missing_bucket_is_one_line_before_postgresql(bucket: Any, tmp_path: Path) -> None:
-    """No server listens at the plan's DSN: the bucket's error must come first."""
+@pytest.mark.parametrize(
+    ("env", "where", "needle"),
+    [
+        ({}, "no-such-bucket", "bucket no-such-bucket does not exist"),
+        ({"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}, BUCKET, "no AWS credentials"),
+    ],
+)
+def test_bucket_mistakes_are_one_line_before_postgresql(
+    bucket: Any, tmp_path: Path, env: dict[str, str], where: str, needle: str
+) -> None:
+    """No server listens at the plan's DSN: the bucket's error must come first, alone."""
+    env = {**env, "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE":
+           str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
     nowhere = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
-    plan = write_plan(tmp_path / "plan.toml", nowhere, bucket="no-such-bucket")
-    proc = run(bulk(plan))
-    assert_one_error_line(proc, 2, "bucket no-such-bucket does not exist")
+    plan = write_plan(tmp_path / "plan.toml", nowhere, bucket=where)
+    line = assert_one_error_line(run(bulk(plan), env=env), 2, needle)
+    assert "127.0.0.1" not in line and "connect" not in line  # PostgreSQL was not tried
     assert keys(bucket) == set() and [p.name for p in tmp_path.iterdir()] == ["plan.toml"]
 
 

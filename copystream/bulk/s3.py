@@ -59,6 +59,11 @@ _MANIFEST = ".manifest.json"
 _UNFINISHED = (".checkpoint.json", ".parts.json", ".part-")
 
 
+#: How many manifest objects a re-run reads at once (boto3's clients are thread-safe; its
+#: connection pool holds 10).
+READERS = 8
+
+
 class S3Path(PosixPath):
     """``s3://bucket/prefix/name`` with a path's ``/``, ``name``, ``parent`` and ``with_name``
     (what a bulk job does with its outputs' names), printed as the URL it is. Never opened:
@@ -184,12 +189,15 @@ def look(tasks: Sequence[_Task], bucket: JobBucket) -> dict[int, OnDisk | None]:
     :class:`Fresh` (nothing of it), :class:`Complete` (its object and manifest only, the
     manifest the same export's, the object its size and not newer than it: skipped), or
     ``None`` (left to its worker: a checkpoint to resume, key ranges, anything else)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     listed = bucket.listing()
-    found: dict[int, OnDisk | None] = {}
-    for t in tasks:
-        if t.error is None:
-            found[id(t)] = _look_at(t, listed, bucket)
-    return found
+    runnable = [t for t in tasks if t.error is None]
+    # the manifests are read side by side: a re-run of a thousand finished tables waits for
+    # about a thousand / READERS round trips, not a thousand
+    with ThreadPoolExecutor(READERS, thread_name_prefix="copystream-look") as pool:
+        states = pool.map(lambda t: _look_at(t, listed, bucket), runnable)
+        return {id(t): state for t, state in zip(runnable, states, strict=True)}
 
 
 def _look_at(task: _Task, listed: dict[str, Listed], bucket: JobBucket) -> OnDisk | None:
