@@ -250,7 +250,8 @@ def test_a_finished_job_run_again_exports_nothing(
     """A job with ``consistent = true`` reads one snapshot (every manifest says so; the small
     tables are one PutObject each, the others multipart uploads). A second run skips every
     table (rows added meanwhile are not exported, no object is written again) from the
-    bucket's listing."""
+    bucket's listing. A small table's manifest without its object is exported again; an
+    object newer than its manifest is re-verified by its worker, then skipped."""
     import copystream.bulk
 
     plan = write_plan(tmp_path / "plan.toml", db, consistent=True)
@@ -281,3 +282,13 @@ def test_a_finished_job_run_again_exports_nothing(
         assert dry.stdout.count("finished (skipped)") == len(TABLES)
     finally:
         run_sql(db, "DELETE FROM small2 WHERE id = 100000")
+    # as if killed between a small table's first manifest and its object (small2), and before
+    # its second manifest (small1's object put again: newer than its manifest)
+    time.sleep(1.1)
+    bucket.delete_object(Bucket=BUCKET, Key=f"{PREFIX}/public.small2.csv")
+    key = f"{PREFIX}/public.small1.csv.zst"
+    bucket.put_object(Bucket=BUCKET, Key=key, Body=get(bucket, key))
+    third = copystream.bulk.run_bulk(plan, jobs=2)
+    status = {o.table: o.status for o in third.tables}
+    assert status["public.small2"] == "done" and status["public.small1"] == "skipped"
+    assert_objects_are_psqls_csv(bucket, csv)
