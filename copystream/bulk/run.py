@@ -103,7 +103,9 @@ def run_bulk(
     again resumes: finished tables that still verify are skipped without connecting for them,
     unfinished ones resume from their checkpoints, failed ones are tried again.
     ``copystream-report.json`` in the output directory is rewritten atomically as tables
-    finish.
+    finish. An ``output_dir`` of ``s3://bucket/prefix`` writes every table, and the report, as
+    objects under the prefix (:mod:`copystream.bulk.s3`); its bucket is checked first
+    (:class:`UsageError` before anything is read from PostgreSQL).
 
     ``only``: names or patterns; just the plan's tables matching one of them run (a name that
     matches none raises :class:`UsageError`). ``dry_run``: resolve the plan and say, per table,
