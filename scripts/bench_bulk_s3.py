@@ -110,8 +110,9 @@ def main() -> None:
                     again = run_job(plan, args.jobs)
                     results.setdefault(name, []).append(first[:2])
                     results.setdefault(name + "-rerun", []).append(again[:2])
-                    print(f"round {rnd + 1} {name}: {first[0]:.2f}s wall, {first[1]:.2f}s CPU; "
-                          f"re-run {again[0]:.2f}s wall, {again[1]:.2f}s CPU", flush=True)  # fmt: skip
+                    line = (f"round {rnd + 1} {name}: {first[0]:.2f}s wall, {first[1]:.2f}s "
+                            f"CPU; re-run {again[0]:.2f}s wall, {again[1]:.2f}s CPU")  # fmt: skip
+                    print(line, flush=True)
     finally:
         moto.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -10,6 +10,8 @@ before PostgreSQL is read; what S3 cannot take of a plan is refused with the pla
 
 from __future__ import annotations
 
+import csv as csv_module
+import io
 import json
 import os
 import signal
@@ -22,10 +24,18 @@ import psutil
 import pytest
 import test_s3
 from conftest import run_sql
-from helpers import assert_ok, assert_one_error_line, cli, psql_copy, run, scratch_database
+from helpers import (
+    assert_ok,
+    assert_one_error_line,
+    cli,
+    psql_copy,
+    run,
+    scratch_database,
+    upserted,
+)
 from test_s3 import BUCKET, SECRET, get, keys, uploads
 
-from copystream.bulk import PlanError, parse_plan, plan_bulk_shards
+from copystream.bulk import PlanError, parse_plan, plan_bulk_shards, run_bulk
 from copystream.errors import UsageError
 from copystream.testing import EphemeralPostgres
 
@@ -127,7 +137,7 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
         '[defaults]\noutput_dir = "s3://b/p"\n[[tables]]\nname = "t"\noutput = "s3://b/t.csv"\n'
         '[[tables]]\nname = "u"\nformat = "parquet"\n'
         '[[tables]]\nname = "v"\nincremental = true\n'
-        '[[tables]]\nname = "w"\nwatermark = "at"\n'
+        '[[tables]]\nname = "w"\nwatermark = "at"\nworkers = 2\n'
     )
     with pytest.raises(PlanError) as info:
         parse_plan(bad, source="p.toml")
@@ -136,8 +146,7 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
         "nor an s3:// URL), got 's3://b/t.csv'",
         "p.toml:8: tables[1].format: a Parquet dataset cannot be written to S3 yet",
         "p.toml:11: tables[2].incremental: an increment cannot be appended to an S3 object yet",
-        "p.toml:14: tables[3].watermark: a chain of increments cannot be kept in S3 by a bulk "
-        "job yet",
+        "p.toml:15: tables[3].workers: above 1 cannot write an increment to S3 yet",
     )
     with pytest.raises(UsageError, match="shards cannot write to S3 yet"):
         plan_bulk_shards(plan, shards=2)
@@ -292,3 +301,53 @@ def test_a_finished_job_run_again_exports_nothing(
     status = {o.table: o.status for o in third.tables}
     assert status["public.small2"] == "done" and status["public.small1"] == "skipped"
     assert_objects_are_psqls_csv(bucket, csv)
+
+
+def test_watermark_runs_write_a_chain_of_objects_that_upserts_to_the_table(
+    db: str, bucket: Any, tmp_path: Path, pg: EphemeralPostgres
+) -> None:
+    """``watermark`` to S3: run 1 puts the table in full, runs 2 and 3 the next increment
+    objects (``--since`` the object before, in the bucket); the chain verifies, and upserting
+    the objects by key in order gives psql's export of the table."""
+    run_sql(
+        db,
+        "CREATE TABLE w (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT "
+        "clock_timestamp(), v text); CREATE INDEX ON w (updated_at, id); "
+        "INSERT INTO w (id, v) SELECT g, 'a' FROM generate_series(1, 500) g",
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\ndsn = {json.dumps(db)}\noutput_dir = "s3://{BUCKET}/chain"\n'
+        'chunk_rows = 64\n[[tables]]\nname = "public.w"\nwatermark = "updated_at"\n'
+        "watermark_lag = 0.5\n"
+    )
+    names = ["public.w.csv", "public.w.inc-00001.csv", "public.w.inc-00002.csv"]
+    try:
+        for round_ in range(3):
+            if round_:
+                run_sql(db, f"UPDATE w SET v = 'r{round_}', updated_at = clock_timestamp() "
+                            f"WHERE id % {3 + round_} = 0")  # fmt: skip
+                first = 500 + 100 * round_
+                run_sql(db, f"INSERT INTO w (id, v) SELECT g, 'n' FROM generate_series({first}, "
+                            f"{first + 99}) g")  # fmt: skip
+            result = run_bulk(plan)
+            assert result.ok, [t.errors for t in result.failed]
+            (outcome,) = result.tables
+            assert str(outcome.output) == f"s3://{BUCKET}/chain/{names[round_]}"
+            files = []
+            for name in names[: round_ + 1]:
+                files.append(tmp_path / name)
+                files[-1].write_bytes(get(bucket, f"chain/{name}"))
+            table = psql_copy(pg, db, "SELECT * FROM w ORDER BY id").decode()
+            assert upserted(*files) == {r[0]: r for r in csv_rows(table)}
+            if round_:
+                m = json.loads(get(bucket, f"chain/{names[round_]}.manifest.json"))
+                assert m["since"]["manifest"].endswith(f"{names[round_ - 1]}.manifest.json")
+        chain = [f"s3://{BUCKET}/chain/{n}" for n in names]
+        assert_ok(run(cli("verify", "--chain", *chain)))
+    finally:
+        run_sql(db, "DROP TABLE w")
+
+
+def csv_rows(text: str) -> list[list[str]]:
+    return list(csv_module.reader(io.StringIO(text)))

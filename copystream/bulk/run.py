@@ -47,7 +47,7 @@ from .resolve import (
     order_largest_first,
     share_workers,
 )
-from .s3 import JobBucket, S3Path, export_s3_task, look, open_bucket
+from .s3 import JobBucket, Listing, S3Path, export_s3_task, look, open_bucket
 from .worker import TableDone, export_task
 
 log = logging.getLogger("copystream")
@@ -176,7 +176,9 @@ def _run_bulk(
     ran_before: bool | None = None,
 ) -> BulkResult:
     resolution = _resolve_on_servers(bulk, ran_before=ran_before)
-    tasks = [watermark_step(t) for t in resolution.tasks]  # which file of a watermark chain
+    listed = bucket.listing() if bucket is not None else None  # once, for everything below
+    names = listed.names if listed is not None else None
+    tasks = [watermark_step(t, names) for t in resolution.tasks]  # which file of a chain
     selected = _select_only(tasks, only) if only else tasks
     shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
     tasks = [shared.get(id(t), t) for t in tasks]  # the same objects everywhere (the report)
@@ -185,13 +187,13 @@ def _run_bulk(
     for w in warnings:
         log.warning("%s", w)
     if dry_run:
-        found = look(ordered, bucket) if bucket is not None else None
+        found = look(ordered, bucket, listed) if bucket is not None and listed else None
         outcomes = [_dry_run(t, bulk.secrets, found) for t in ordered]
         seconds = time.monotonic() - started
         return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
     job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
-    if bucket is not None:
-        return _run_in_bucket(bulk, bucket, tasks, ordered, job, require_snapshot)
+    if bucket is not None and listed is not None:
+        return _run_in_bucket(bulk, bucket, listed, tasks, ordered, job, require_snapshot)
     try:
         bulk.output_dir.mkdir(parents=True, exist_ok=True)
         for directory in {t.output.parent for t in ordered if t.error is None}:
@@ -217,6 +219,7 @@ def _run_bulk(
 def _run_in_bucket(
     bulk: BulkPlan,
     bucket: JobBucket,
+    listed: Listing,
     tasks: Sequence[_Task],
     ordered: Sequence[_Task],
     job: _Job,
@@ -224,7 +227,7 @@ def _run_in_bucket(
 ) -> BulkResult:
     """:func:`_run_bulk`'s steps for a job writing to S3 (:mod:`.s3`): what the bucket holds
     read from one listing, the report an object; no lock, no directory, nothing to publish."""
-    found = look(ordered, bucket)
+    found = look(ordered, bucket, listed)
     if require_snapshot:
         _refuse_without_snapshot(ordered, found)
     with _snapshots(job, ordered, require_snapshot):

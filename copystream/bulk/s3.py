@@ -15,9 +15,11 @@ The bucket is checked (missing, no credentials, access denied: :class:`UsageErro
 before anything is read from PostgreSQL. There is no lock: the checkpoints' conditional writes
 refuse a second writer of a table, as for a single export.
 
-What S3 takes of a plan is checked with the plan (:func:`s3_entry_problems`): not Parquet, not
-``incremental`` (an object cannot be appended to), not ``watermark`` (the chain of increment
-objects is not built).
+A table with ``watermark`` keeps its chain of increment objects under the prefix, as a local
+job keeps files (:mod:`.increments`, reading the same listing): each run of the job puts the
+next increment object, ``--since`` the one before. What S3 does not take of a plan is checked
+with the plan (:func:`s3_entry_problems`): Parquet, ``incremental`` (an object cannot be
+appended to), ``watermark`` with ``workers`` above 1.
 """
 
 from __future__ import annotations
@@ -96,9 +98,8 @@ def s3_entry_problems(spec: ExportSpec, run: RunOptions) -> list[tuple[str, str]
         problems.append(("format", "a Parquet dataset cannot be written to S3 yet"))
     if run.incremental:
         problems.append(("incremental", "an increment cannot be appended to an S3 object yet"))
-    if spec.watermark is not None:
-        why = "a chain of increments cannot be kept in S3 by a bulk job yet"
-        problems.append(("watermark", why))
+    if spec.watermark is not None and run.workers > 1:
+        problems.append(("workers", "above 1 cannot write an increment to S3 yet"))
     return problems
 
 
@@ -108,6 +109,17 @@ class Listed:
 
     size: int
     modified: datetime
+
+
+class Listing(dict[str, Listed]):
+    """The objects of a job's prefix, by key."""
+
+    def names(self, directory: Path) -> set[str]:
+        """The names of the objects directly under ``directory`` (an :class:`S3Path`), as a
+        directory listing gives them (what :func:`.increments.watermark_step` reads)."""
+        assert isinstance(directory, S3Path)
+        top = directory.url.key + "/" if directory.url.key else ""
+        return {k[len(top) :] for k in self if k.startswith(top) and "/" not in k[len(top) :]}
 
 
 class JobBucket:
@@ -120,9 +132,9 @@ class JobBucket:
     def _fail(self, e: BaseException, doing: str) -> CopystreamError:
         return s3url.classify(e, self.url, doing)
 
-    def listing(self) -> dict[str, Listed]:
+    def listing(self) -> Listing:
         """Every object under the prefix, by key."""
-        out: dict[str, Listed] = {}
+        out = Listing()
         kw: dict[str, Any] = {}
         prefix = self.url.key + "/" if self.url.key else ""
         while True:
@@ -184,14 +196,13 @@ def open_bucket(plan: BulkPlan) -> JobBucket:
     return bucket
 
 
-def look(tasks: Sequence[_Task], bucket: JobBucket) -> dict[int, OnDisk | None]:
+def look(tasks: Sequence[_Task], bucket: JobBucket, listed: Listing) -> dict[int, OnDisk | None]:
     """What the bucket holds of each task that can run, from one listing of the prefix:
     :class:`Fresh` (nothing of it), :class:`Complete` (its object and manifest only, the
     manifest the same export's, the object its size and not newer than it: skipped), or
     ``None`` (left to its worker: a checkpoint to resume, key ranges, anything else)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    listed = bucket.listing()
     runnable = [t for t in tasks if t.error is None]
     # the manifests are read side by side: a re-run of a thousand finished tables waits for
     # about a thousand / READERS round trips, not a thousand
@@ -200,7 +211,7 @@ def look(tasks: Sequence[_Task], bucket: JobBucket) -> dict[int, OnDisk | None]:
         return {id(t): state for t, state in zip(runnable, states, strict=True)}
 
 
-def _look_at(task: _Task, listed: dict[str, Listed], bucket: JobBucket) -> OnDisk | None:
+def _look_at(task: _Task, listed: Listing, bucket: JobBucket) -> OnDisk | None:
     assert isinstance(task.output, S3Path)
     key = task.output.url.key
     unfinished = any(_any_under(listed, key + suffix) for suffix in _UNFINISHED)
@@ -227,7 +238,7 @@ def _look_at(task: _Task, listed: dict[str, Listed], bucket: JobBucket) -> OnDis
     return Complete(manifest)
 
 
-def _any_under(listed: dict[str, Listed], prefix: str) -> bool:
+def _any_under(listed: Listing, prefix: str) -> bool:
     return any(k.startswith(prefix) for k in listed)
 
 
@@ -252,7 +263,9 @@ def export_s3_task(
     from .worker import TableDone
 
     del contested  # the bucket has no lock files; conditional writes guard instead
-    if fresh and table is not None and is_small(table, spec, run):
+    if spec.watermark is not None:  # a chain's export: one worker (the job may have said more)
+        run = replace(run, workers=1)
+    if fresh and table is not None and spec.watermark is None and is_small(table, spec, run):
         result = _put_small(conninfo, spec, output, run, table, snapshot, progress)
     else:
         result = run_s3_export(
