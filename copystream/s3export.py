@@ -244,14 +244,20 @@ def run_s3_export(
     *,
     progress: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    table: ResolvedTable | None = None,
+    snapshot: str | None = None,
 ) -> ExportResult:
-    """:func:`~copystream.export.run_export` to ``s3://bucket/key``."""
+    """:func:`~copystream.export.run_export` to ``s3://bucket/key`` (``table``: planned
+    already, as a bulk job's coordinator does; ``snapshot``: an exported one to read, a bulk
+    job's)."""
     started = time.monotonic()
     run = run or RunOptions()
     side = open_output(output, spec, run)  # before anything is read from PostgreSQL
     # the key ranges of ``workers`` are split and recorded here, in the bucket (s3ranges)
     one = replace(run, workers=1)
-    with S3Session(conninfo, spec, Path(side.url.key), one, sleep) as session:
+    with S3Session(
+        conninfo, spec, Path(side.url.key), one, sleep, table=table, snapshot=snapshot
+    ) as session:
         if run.restart:
             restart(side)
         found = discover(side, session.spec.identity())

@@ -180,8 +180,10 @@ def _redraw(
 def job_report_path(path: str | os.PathLike[str]) -> Path | None:
     """The bulk job report a path names: a plan file (``*.toml``), the job's output directory,
     or the report itself; ``None`` for anything else (an export's output)."""
-    if is_s3(str(path)):
-        return None
+    if is_s3(str(path)):  # an S3 job's prefix, or its report object
+        from .bulk.s3 import job_report_url
+
+        return job_report_url(str(path))
     p = Path(path)
     if p.suffix == ".toml":
         from .bulk.plan import load_plan
@@ -197,13 +199,24 @@ def job_report_path(path: str | os.PathLike[str]) -> Path | None:
 def job_report(report: Path) -> str:
     """The text of the job report ``report`` (:class:`UsageError` if there is none)."""
     try:
-        text = report.read_text(encoding="utf-8")
+        text = _read(report)
         json.loads(text)
     except FileNotFoundError as e:
         raise UsageError(f"no job report at {report}: the job has not started") from e
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read the job report {report}: {e}") from e
     return text.rstrip("\n")
+
+
+def _read(report: Path) -> str:
+    from .bulk.s3 import S3Path, read_report
+
+    if not isinstance(report, S3Path):
+        return report.read_text(encoding="utf-8")
+    data = read_report(report)
+    if data is None:
+        raise FileNotFoundError(str(report))
+    return data.decode()
 
 
 def job_frame(report: Path) -> tuple[str, bool]:

@@ -394,21 +394,6 @@ def test_s3_object_holds_the_checkpoint_back_until_a_part_is_uploaded(s3: Any) -
         S3Object.resume(s3, url, other, 1000 + PART_MIN)
 
 
-def test_a_bulk_plan_refuses_s3_outputs_for_now() -> None:
-    """Not silently a local directory named ``s3:``: one problem per key, before anything runs."""
-    from copystream.bulk import PlanError, parse_plan
-
-    plan = '[defaults]\noutput_dir = "s3://b/p"\n[[tables]]\nname = "t"\noutput = "s3://b/t.csv"\n'
-    with pytest.raises(PlanError) as info:
-        parse_plan(plan, source="p.toml")
-    assert info.value.problems == (
-        "p.toml:2: defaults.output_dir: expected a local directory path (s3:// is not supported "
-        "by bulk yet), got 's3://b/p'",
-        "p.toml:5: tables[0].output: expected a local file path (not a directory; s3:// is not "
-        "supported by bulk yet), got 's3://b/t.csv'",
-    )
-
-
 def test_a_second_writer_is_refused_at_its_next_checkpoint(s3: Any) -> None:
     """Checkpoint writes are conditional on the ETag this run last saw: when another process
     replaced the checkpoint object meanwhile, the write is refused (exit 2) and theirs stays."""

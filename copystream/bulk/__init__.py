@@ -12,7 +12,7 @@ Running the same plan again resumes: finished tables whose manifest still verifi
 without connecting for them, unfinished ones resume from their checkpoints, failed ones are tried
 again. With ``consistent``, the whole job reads one snapshot, as ``pg_dump`` does. The job's
 report, ``copystream-report.json`` in the output directory, is rewritten atomically as tables
-finish.
+finish. The output directory may be an S3 prefix, ``s3://bucket/prefix`` (:mod:`.s3`).
 
 A worker that dies (the OOM killer, a crash) fails only the table it was running; workers are
 killed if the coordinating process dies (``PR_SET_PDEATHSIG``, as in :mod:`copystream.pool`),

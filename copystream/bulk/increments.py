@@ -10,14 +10,14 @@ after a finished one starts a new one. The files form a chain that ``copystream 
 checks, oldest first; a loader upserts them by key in that order.
 
 Deciding is pure (:func:`increment_name`, :func:`next_increment`); :func:`watermark_step` reads
-one directory listing.
+one directory listing (of a job writing to S3: its prefix's, listed once for the job).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from pathlib import Path
 
@@ -86,9 +86,11 @@ def _listing(directory: Path) -> set[str]:
         return set()
 
 
-def watermark_step(task: _Task) -> _Task:
+def watermark_step(task: _Task, listing: Callable[[Path], set[str]] | None = None) -> _Task:
     """``task`` as this run of the job does it: a table without a watermark as it is; with one,
-    its first export, or the increment after the last file of its chain (``since``)."""
+    its first export, or the increment after the last file of its chain (``since``).
+    ``listing``: the names in a directory (default: the local one's; a job writing to S3 gives
+    its prefix's, :meth:`copystream.bulk.s3.Listing.names`)."""
     spec, run = task.spec, task.entry.run
     if task.error is not None or spec.watermark is None:
         return task
@@ -98,7 +100,7 @@ def watermark_step(task: _Task) -> _Task:
                       parquet=spec.options.format == "parquet")  # fmt: skip
     except UsageError as e:
         return replace(task, error=e.worded("plan"))
-    names = _listing(base.parent)
+    names = (listing or _listing)(base.parent)
     existing = {
         n: _complete(name, names)
         for name in names

@@ -17,6 +17,7 @@ from ..connection import Target
 from ..errors import CopystreamError, UsageError
 from ..spec import Compression, ExportSpec, RunOptions, build, option_fields
 from .names import parse_name_pattern
+from .s3 import S3Path, s3_entry_problems, s3_prefix_problem
 
 #: The job report, in the plan's output directory.
 REPORT_NAME = "copystream-report.json"
@@ -155,12 +156,17 @@ _OPTIONS: dict[str, Callable[[object], str | None]] = {
     **{name: _check(opt.kind.ok, opt.kind.want) for name, opt, _ in option_fields() if opt.plan},
 }
 def _local(v: object) -> bool:
-    """Not an S3 URL: a bulk job writes local files only (S3: a single export's OUTPUT)."""
+    """Not an S3 URL: a table's ``output`` is relative to the job's output directory."""
     return _nonempty(v) and not str(v).startswith("s3://")
 
 
+def _directory(v: object) -> bool:
+    """A local directory, or an S3 prefix ``s3://bucket/prefix`` (see :mod:`.s3`)."""
+    return _nonempty(v) and (not str(v).startswith("s3://") or s3_prefix_problem(str(v)) is None)
+
+
 _DEFAULTS_ONLY: dict[str, Callable[[object], str | None]] = {
-    "output_dir": _check(_local, "a local directory path (s3:// is not supported by bulk yet)"),
+    "output_dir": _check(_directory, "a local directory path or s3://BUCKET/PREFIX"),
 }
 _ENTRY_ONLY: dict[str, Callable[[object], str | None]] = {
     "name": _check(_nonempty, "a table name"),
@@ -168,7 +174,7 @@ _ENTRY_ONLY: dict[str, Callable[[object], str | None]] = {
     "exclude": _check(lambda v: _nonempty(v) or _names(v), "a pattern or an array of patterns"),
     "output": _check(
         lambda v: _local(v) and not str(v).endswith("/"),
-        "a local file path (not a directory; s3:// is not supported by bulk yet)",
+        "a path relative to output_dir (not a directory, nor an s3:// URL)",
     ),
 }
 #: Every key allowed in ``[defaults]`` and in a ``[[tables]]`` entry, with its check.
@@ -301,10 +307,16 @@ def parse_plan(text: str, *, source: str = "plan", base_dir: Path | None = None)
         if key not in ("defaults", "tables"):
             problems.unknown("top", key, ["defaults", "tables"])
     defaults = _parse_defaults(doc.get("defaults", {}), problems)
-    output_dir = base / str(defaults.get("output_dir", "."))
+    where = str(defaults.get("output_dir", "."))
+    output_dir = S3Path(where) if where.startswith("s3://") else base / where
     consistent = bool(defaults.pop("consistent", False))  # the job's, not each table's
     checker = _EntryChecker(problems, defaults, output_dir)
     entries = [checker.check(i, raw) for i, raw in enumerate(_tables_array(doc, problems))]
+    if isinstance(output_dir, S3Path):
+        for entry in entries:
+            if entry is not None:
+                for key, why in s3_entry_problems(entry.spec, entry.run):
+                    problems.add(entry.label, key, why)
     problems.raise_if_any()
     kept = tuple(e for e in entries if e is not None)
     return BulkPlan(

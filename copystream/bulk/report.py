@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .._atomic import atomic_write
+from ..errors import CopystreamError
 from .outcome import _STATUSES, JobSnapshot, TableOutcome, _outcome, _tally
 from .plan import BulkPlan
 from .resolve import _Task
+from .s3 import JobBucket, S3Path, output_text
 
 REPORT_VERSION = 1
 
@@ -25,9 +27,16 @@ class _Report:
     """
 
     def __init__(
-        self, plan: BulkPlan, tasks: Sequence[_Task], selected: Sequence[_Task], jobs: int
+        self,
+        plan: BulkPlan,
+        tasks: Sequence[_Task],
+        selected: Sequence[_Task],
+        jobs: int,
+        *,
+        bucket: JobBucket | None = None,
     ) -> None:
         self.path = plan.report_path
+        self.bucket = bucket  # a job writing to S3: the report is an object there
         self.plan = plan
         self.jobs = jobs
         self.started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -47,10 +56,21 @@ class _Report:
 
     def _previous(self) -> dict[tuple[str, str], dict[str, Any]]:
         try:
-            doc = json.loads(self.path.read_bytes())
+            doc = json.loads(self._load())
             return {(str(t["table"]), str(t["output"])): dict(t) for t in doc["tables"]}
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, CopystreamError, ValueError, KeyError, TypeError):
             return {}
+
+    def _load(self) -> bytes:
+        if isinstance(self.path, S3Path) and self.bucket is not None:
+            return self.bucket.get(self.path.url.key) or b""
+        return self.path.read_bytes()
+
+    def _save(self, data: bytes) -> None:
+        if isinstance(self.path, S3Path) and self.bucket is not None:
+            self.bucket.put(self.path.url.key, data)  # replaced whole, as a rename would
+        else:
+            atomic_write(self.path, data)
 
     def set(self, task: _Task, outcome: TableOutcome) -> None:
         self._set(task, outcome.to_json())
@@ -84,7 +104,7 @@ class _Report:
             "version": REPORT_VERSION,
             "kind": "copystream-bulk-report",
             "plan": str(self.plan.path.resolve()),
-            "output_dir": str(self.plan.output_dir.resolve()),
+            "output_dir": output_text(self.plan.output_dir),
             "jobs": self.jobs,
             "started_at": self.started_at,
             "updated_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
@@ -99,4 +119,4 @@ class _Report:
         rows = ",\n  ".join(self.lines[i] for i in self.order)
         text = f'{head[:-2]},\n "tables": [\n  {rows}\n ]\n}}\n'
         # Error strings are redacted as they come; no DSN is ever put in the report.
-        atomic_write(self.path, text.encode())
+        self._save(text.encode())

@@ -370,7 +370,7 @@ def _select_only(tasks: Sequence[_Task], only: Sequence[str]) -> list[_Task]:
     return chosen
 
 
-def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
+def _resolve_on_servers(plan: BulkPlan, *, ran_before: bool | None = None) -> _Resolution:
     """Read each DSN's catalog once and look up the explicit names; then :func:`resolve`, and
     plan every table in a few queries per server (:func:`_plan_tables`). A job that ran before
     (its report is there) waits an outage out as it connects (:func:`_connect`)."""
@@ -381,7 +381,8 @@ def _resolve_on_servers(plan: BulkPlan) -> _Resolution:
     conns: dict[str, psycopg.Connection[Any]] = {}
     for e in plan.entries:
         by_dsn.setdefault(e.dsn or "", []).append(e)
-    ran_before = plan.report_path.exists()
+    if ran_before is None:  # (a job writing to S3 says: its report is an object)
+        ran_before = plan.report_path.exists()
     try:
         for dsn, entries in by_dsn.items():
             target = Target(dsn)

@@ -48,6 +48,7 @@ from .resolve import (
     order_largest_first,
     share_workers,
 )
+from .s3 import JobBucket, Listing, S3Path, export_s3_task, look, open_bucket
 from .worker import TableDone, export_task
 
 log = logging.getLogger("copystream")
@@ -108,7 +109,9 @@ def run_bulk(
     again resumes: finished tables that still verify are skipped without connecting for them,
     unfinished ones resume from their checkpoints, failed ones are tried again.
     ``copystream-report.json`` in the output directory is rewritten atomically as tables
-    finish.
+    finish. An ``output_dir`` of ``s3://bucket/prefix`` writes every table, and the report, as
+    objects under the prefix (:mod:`copystream.bulk.s3`); its bucket is checked first
+    (:class:`UsageError` before anything is read from PostgreSQL).
 
     ``only``: names or patterns; just the plan's tables matching one of them run (a name that
     matches none raises :class:`UsageError`). ``dry_run``: resolve the plan and say, per table,
@@ -133,18 +136,35 @@ def run_bulk(
     wanted = require_snapshot or (bulk.consistent if consistent is None else consistent)
     # The workers' interpreters start while the tables are planned (not for a dry run, nor for a
     # job whose last run finished every table: there is likely nothing for them to do).
-    ahead = 0 if dry_run or _finished_before(bulk.report_path) else jobs
-    with started_ahead(ahead, preload=(export_task.__module__,)):
-        return _run_bulk(bulk, jobs, only, dry_run, progress, wanted, require_snapshot, started)
+    # S3: the bucket is checked before anything is read from PostgreSQL (exit 2 if unusable)
+    bucket = open_bucket(bulk) if isinstance(bulk.output_dir, S3Path) else None
+    ran_before: bool | None = None  # (None: the report file says)
+    if bucket is not None:
+        previous = bucket.report()
+        ran_before, done = previous is not None, _says_finished(previous)
+        preload: tuple[str, ...] = ("copystream.s3export", "boto3", "botocore.client")
+    else:
+        done, preload = _finished_before(bulk.report_path), (export_task.__module__,)
+    ahead = 0 if dry_run or done else jobs
+    with started_ahead(ahead, preload=preload):
+        args = (jobs, only, dry_run, progress, wanted, require_snapshot, started)
+        return _run_bulk(bulk, *args, bucket=bucket, ran_before=ran_before)
 
 
 def _finished_before(report: Path) -> bool:
     """Whether the job report says its last run finished with every table exported."""
     try:
-        doc = json.loads(report.read_bytes())
+        return _says_finished(json.loads(report.read_bytes()))
+    except (OSError, ValueError):
+        return False
+
+
+def _says_finished(doc: Any) -> bool:
+    """Whether a job report (its JSON) says its run finished with every table exported."""
+    try:
         totals = doc["totals"]
         return bool(doc["finished"]) and totals["done"] + totals["skipped"] == totals["tables"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return False
 
 
@@ -157,9 +177,14 @@ def _run_bulk(
     wanted: bool,
     require_snapshot: bool,
     started: float,
+    *,
+    bucket: JobBucket | None = None,
+    ran_before: bool | None = None,
 ) -> BulkResult:
-    resolution = _resolve_on_servers(bulk)
-    tasks = [watermark_step(t) for t in resolution.tasks]  # which file of a watermark chain
+    resolution = _resolve_on_servers(bulk, ran_before=ran_before)
+    listed = bucket.listing() if bucket is not None else None  # once, for everything below
+    names = listed.names if listed is not None else None
+    tasks = [watermark_step(t, names) for t in resolution.tasks]  # which file of a chain
     selected = _select_only(tasks, only) if only else tasks
     shared = {id(t): s for t, s in zip(selected, share_workers(selected, jobs), strict=True)}
     tasks = [shared.get(id(t), t) for t in tasks]  # the same objects everywhere (the report)
@@ -168,10 +193,13 @@ def _run_bulk(
     for w in warnings:
         log.warning("%s", w)
     if dry_run:
-        outcomes = [_dry_run(t, bulk.secrets) for t in ordered]
+        found = look(ordered, bucket, listed) if bucket is not None and listed else None
+        outcomes = [_dry_run(t, bulk.secrets, found) for t in ordered]
         seconds = time.monotonic() - started
         return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
     job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
+    if bucket is not None and listed is not None:
+        return _run_in_bucket(bulk, bucket, listed, tasks, ordered, job, require_snapshot)
     try:
         bulk.output_dir.mkdir(parents=True, exist_ok=True)
         for directory in {t.output.parent for t in ordered if t.error is None}:
@@ -192,6 +220,32 @@ def _run_bulk(
     return BulkResult(
         bulk.path, tuple(outcomes), warnings, seconds, False, jobs, bulk.report_path, snapshot
     )
+
+
+def _run_in_bucket(
+    bulk: BulkPlan,
+    bucket: JobBucket,
+    listed: Listing,
+    tasks: Sequence[_Task],
+    ordered: Sequence[_Task],
+    job: _Job,
+    require_snapshot: bool,
+) -> BulkResult:
+    """:func:`_run_bulk`'s steps for a job writing to S3 (:mod:`.s3`): what the bucket holds
+    read from one listing, the report an object; no lock, no directory, nothing to publish."""
+    found = look(ordered, bucket, listed)
+    if require_snapshot:
+        _refuse_without_snapshot(ordered, found)
+    with _snapshots(job, ordered, require_snapshot):
+        report = _Report(bulk, tasks, ordered, job.jobs, bucket=bucket)
+        report.write(finished=False, warnings=job.warnings, seconds=0.0)
+        outcomes, snapshot = _execute(ordered, (found, set()), job, report)
+        seconds = time.monotonic() - job.started
+        report.write(finished=True, warnings=job.warnings, seconds=seconds, snapshot=snapshot)
+    return BulkResult(
+        bulk.path, tuple(outcomes), job.warnings, seconds, False, job.jobs, bulk.report_path,
+        snapshot,
+    )  # fmt: skip
 
 
 @dataclass
@@ -343,6 +397,8 @@ def _refuse_without_snapshot(tasks: Sequence[_Task], found: dict[int, OnDisk | N
 
 def _has_files(output: Path) -> bool:
     """Whether anything of an export is beside ``output`` (cheap: no file is read)."""
+    if isinstance(output, S3Path):
+        return True  # asked only of an output the listing showed something of
     names = (output, manifest_path(output), output.with_name(output.name + ".checkpoint.json"))
     parts = output.with_name(output.name + ".parts.json")
     return any(os.path.lexists(p) for p in (*names, parts))
@@ -350,6 +406,8 @@ def _has_files(output: Path) -> bool:
 
 def _short(t: _Task) -> bool:
     """Whether ``t`` is one COPY of a small table (its worker may be handed the next already)."""
+    if isinstance(t.output, S3Path):
+        return False  # an upload of its own
     return t.resolved is not None and is_small(t.resolved, t.spec, t.run)
 
 
@@ -585,7 +643,7 @@ def _run(
     """The pool's events, as the job's outcomes, progress and report."""
     tasks = [
         Task(
-            export_task,
+            export_s3_task if isinstance(t.output, S3Path) else export_task,
             _task_args(t, job, found.get(id(t)), id(t) in ex.contested),
             short=_short(t),
         )
@@ -635,20 +693,26 @@ class _Restarts:
         task = self.runnable[index]
         # What it was writing is nobody's now: the new worker starts from its checkpoint, or
         # from the start (a small table's temporary file is written anew).
-        for path in (task.output, checkpoint_path(task.output), manifest_path(task.output)):
-            remove_stale_temporaries(path)
+        if not isinstance(task.output, S3Path):  # an upload resumes from its checkpoint object
+            for path in (task.output, checkpoint_path(task.output), manifest_path(task.output)):
+                remove_stale_temporaries(path)
         log.warning("%s: %s; it is started again in a new worker", task.table, error.problem)
         return RESTART_DELAY
 
 
-def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
+def _dry_run(
+    t: _Task, secrets: Sequence[str], found: dict[int, OnDisk | None] | None = None
+) -> TableOutcome:
     """What would happen to one table (planned already; no file is touched)."""
     if t.error is not None:
         return _outcome(t, "refused", errors=(redact(t.error, *secrets),))
     if t.resolved is None:
         return _outcome(t, "refused", errors=("not planned: see the warnings",))
     p = t.resolved
-    note, refused = _file_state(t.output, incremental=t.run.incremental)
+    if found is not None:  # in a bucket (:func:`.s3.look`)
+        note, refused = _bucket_state(found.get(id(t))), False
+    else:
+        note, refused = _file_state(t.output, incremental=t.run.incremental)
     return replace(
         _outcome(t, "refused" if refused else "ready", errors=(note,) if refused else ()),
         key=p.key,
@@ -658,6 +722,15 @@ def _dry_run(t: _Task, secrets: Sequence[str]) -> TableOutcome:
         warnings=p.warnings,
         note=note,
     )
+
+
+def _bucket_state(found: OnDisk | None) -> str:
+    """What the objects of an S3 output say about its export."""
+    if isinstance(found, Fresh):
+        return "new"
+    if isinstance(found, Complete):
+        return "finished (skipped)"
+    return "resumes, or is re-verified, from its objects"
 
 
 def _file_state(output: Path, *, incremental: bool = False) -> tuple[str, bool]:

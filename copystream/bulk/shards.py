@@ -44,6 +44,7 @@ from .outcome import BulkResult, TableOutcome, _from_manifest
 from .plan import BulkPlan, load_plan
 from .report import _Report
 from .resolve import _resolve_on_servers, _Task
+from .s3 import S3Path
 from .worker import export_task
 
 __all__ = [
@@ -204,6 +205,8 @@ def plan_bulk_shards(
     if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
         raise UsageError(f"shards: expected an integer >= 1, got {shards!r}")
     bulk = plan if isinstance(plan, BulkPlan) else load_plan(plan)
+    if isinstance(bulk.output_dir, S3Path):
+        raise UsageError(f"a bulk job's shards cannot write to S3 yet ({bulk.output_dir})")
     if bulk.consistent or any(e.run.consistent for e in bulk.entries):
         raise UsageError(
             [Opt("consistent"), " cannot hold one snapshot across shards that run as separate "
