@@ -329,6 +329,36 @@ def test_rollback_rewrites_the_part_in_flight(
     assert not [p for p in os.listdir(path) if p.startswith(".")]
 
 
+def test_blocks_reach_the_parser_without_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk loop's buffer is parsed as it was given (no copy) when it is a block of its
+    own; smaller writes are joined in order; the dataset holds every row once."""
+    monkeypatch.setattr(parquet, "PARSE_BYTES", 8)
+    export = {"parquet": {"compression": "zstd", "part_size": 1 << 30, "row_group_size": 1 << 20,
+                          "columns": [["id", "integer", "int32", "text"]]}}  # fmt: skip
+    path = tmp_path / "d.parquet"
+    dest = ParquetDataset.create(path, export, {"kind": "parquet", "stem": "part-", "parts": []})
+    parsed: list[Any] = []
+    decode = dest._decode
+    monkeypatch.setattr(dest._decoding, "_work", lambda b: (parsed.append(b), decode(b)))
+    dest.begin_chunk()
+    whole = bytearray(b"1\n2\n3\n4\n")  # 8 bytes: a block on its own
+    dest.write(whole)
+    dest.write(b"5\n")
+    dest.write(bytearray(b"6\n7\n8\n"))  # 2 + 6 bytes: joined into one block
+    dest.write(b"9\n")  # the chunk's rest, at its end
+    dest.end_chunk()
+    dest.end_parts()
+    dest.sync()
+    dest.close()
+    blocks = [bytes(b) for b in parsed if b is not parquet.END_OF_CHUNK]
+    assert parsed[0] is whole
+    assert blocks == [b"1\n2\n3\n4\n", b"5\n6\n7\n8\n", b"9\n"]
+    table = pq.read_table(path / "part-00000.parquet")
+    assert table.column("id").to_pylist() == list(range(1, 10))
+
+
 def test_a_failed_write_loses_the_part_in_flight_and_stops(tmp_path: Path) -> None:
     """Rows the decoding thread could not write may be an ended chunk's: the part in flight is
     dropped and every later call raises ExportFailed (exit 1; a resume redoes the part)."""
