@@ -38,8 +38,8 @@ def range_chunks(out: Path, n: int) -> int:
 
 def leftovers(out: Path) -> list[str]:
     """Files of an unfinished export beside ``out``."""
-    names = (p.name for p in out.parent.iterdir())
-    return sorted(n for n in names if n.startswith(out.name) and (".part" in n or "checkpoint" in n))
+    names = (p.name for p in out.parent.iterdir() if p.name.startswith(out.name))
+    return sorted(n for n in names if ".part" in n or "checkpoint" in n)
 
 
 @pytest.mark.parametrize(("name", "header"), [("ev.csv", True), ("ev.csv.zst", False)])
