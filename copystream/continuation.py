@@ -61,32 +61,30 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
         destination = incremental.dataset_state(out, found.manifest, destination)
     sizes = checkpoint_sizes(session)
     cp = incremental.append_checkpoint(found.manifest, identity, destination, **sizes)
-    return _begin(session, cp)
+    if found.manifest.parquet is None or session.run.workers <= 1:
+        return _begin(session, cp)
+    return _begin(session, cp, incremental.increment_stem(out, found.manifest))
 
 
-def _begin(session: ExportSession, cp: Checkpoint) -> Resume:
+def _begin(session: ExportSession, cp: Checkpoint, stem: str = "part-") -> Resume:
     """Save the checkpoint ``cp`` of a new increment before anything is written: beside the
     output, or with ``workers`` as the first of the key ranges the rows after its last key
     are split into (it writes the output in place; :mod:`copystream.ranges`), the plan saved
-    after it, so that a kill in between leaves the output as it was."""
+    after it, so that a kill in between leaves the output as it was. ``stem``: how the part
+    files of a Parquet dataset's ranges begin (an increment's sort after the dataset's)."""
     out, run = session.output, session.run
-    appends = (cp.increment or {}).get("mode") == incremental.APPEND
-    if run.workers <= 1 or (session.spec.parquet is not None and appends):
-        if run.workers > 1:
-            log.warning(
-                "%s: an increment appended to a Parquet dataset runs with one worker",
-                session.table.qualified,
-            )
+    if run.workers <= 1:
         save_checkpoint(out, cp)
         return Resume(cp, None)
     started_at = (cp.increment or {}).get("started_at", cp.started_at)
     plan = sample_ranges(session, run.workers, cp.settings, started_at, None, cp.last_key)
+    plan = replace(plan, stem=stem)
     remove_parts(out)  # a plan of an increment never begun (killed before its first range)
     lo, hi = plan.ranges[0]
     export = {**cp.export, "range": [list(lo) if lo else None, list(hi) if hi else None]}
     first = replace(cp, export=export)
     if cp.destination.get("kind") == "parquet":  # each range names its own part files
-        first = replace(first, destination=fresh_state(out, session.spec, stem="part-0000-"))
+        first = replace(first, destination={**cp.destination, "stem": f"{stem}0000-"})
     save_checkpoint(part_path(out, 0), first)
     save_parts(out, plan)
     return Resume(None, plan)

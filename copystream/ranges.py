@@ -104,6 +104,10 @@ class KeyRanges:
     #: How far the join got once it began: OUTPUT holds, durably, every part before
     #: ``join[0]`` and the first ``join[1]`` bytes of that part; ``None``: not begun.
     join: tuple[int, int] | None = None
+    #: How a Parquet dataset's part files begin (range ``i``'s: ``{stem}{i:04d}-NNNNN``); an
+    #: increment's sort after the dataset's existing parts (:func:`~copystream.incremental.
+    #: increment_stem`).
+    stem: str = "part-"
 
     @property
     def first_in_place(self) -> bool:
@@ -124,6 +128,8 @@ class KeyRanges:
         }
         if self.join is not None:
             body["join"] = {"part": self.join[0], "copied": self.join[1]}
+        if self.stem != "part-":  # absent otherwise: older plans keep their digest
+            body["stem"] = self.stem
         body["parts_xxh3_128"] = canonical_digest(body)
         return body
 
@@ -145,6 +151,7 @@ class KeyRanges:
             ),
             version=int(d["version"]),
             join=_join_record(d),
+            stem=str(d.get("stem", "part-")),
         )
 
 
@@ -385,7 +392,7 @@ def range_job(
     path = output if dataset else part_data_path(output, i, first_in_place=parts.first_in_place)
     job = replace(
         template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True,
-        part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
+        part_stem=f"{parts.stem}{i:04d}-" if dataset else template.part_stem,
     )  # fmt: skip
     if check:
         _check_range(output, job, dataset=dataset)
