@@ -15,7 +15,6 @@ import pyarrow.dataset as ds
 import pytest
 from helpers import (
     assert_ok,
-    assert_one_error_line,
     cli,
     export_cmd,
     kill_export,

@@ -2,7 +2,8 @@
 tests/test_s3.py): ``--since`` writes the rows after the previous export's last key to a new
 object, the previous one being a local file or an object; the objects of the chain concatenate
 to psql's export and ``verify --chain`` checks them; an append to an object and a watermark
-export to S3 are refused (exit 2), nothing written."""
+export to S3 are refused (exit 2), nothing written. With ``--workers`` a ``--since`` increment
+runs as key ranges after the previous export's last key (:mod:`copystream.s3ranges`)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,32 @@ def test_since_to_new_objects_chains_to_psqls_export(
     # a chain with its middle object missing is refused
     broken = run(cli("verify", "--chain", str(d0), d2))
     assert broken.returncode == 1 and "d2.csv.zst" in broken.stderr
+
+
+def test_a_parallel_since_increment_to_s3_is_the_rows_after(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """``--since`` with two workers to S3: the key ranges after the previous export's last key
+    upload into one object, psql's export of those rows; its manifest names what it follows;
+    the chain verifies, and the same command again has nothing to do."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 2000)
+    d0 = tmp_path / "d0.csv"
+    copystream.export_table(dsn, "ev", d0, chunk_rows=700)
+    insert(run_sql, dsn, 2001, 9000)
+    d1 = f"s3://{BUCKET}/par/d1.csv"
+    cmd = cli("export", "ev", d1, "--dsn", dsn, "--no-progress", "--since", str(d0),
+              "--workers", "2", "--chunk-rows", "500")  # fmt: skip
+    assert_ok(run(cmd))
+    assert get(s3, "par/d1.csv") == psql_csv(dsn, "SELECT * FROM ev WHERE id > 2000 ORDER BY id")
+    m = json.loads(get(s3, "par/d1.csv.manifest.json"))
+    assert m["workers"] == 2 and m["rows"] == 7000 and m["since"]["last_key"] == ["2000"]
+    left = {k for k in keys(s3) if k.startswith("par/")}
+    assert left == {"par/d1.csv", "par/d1.csv.manifest.json"}  # no range's objects
+    assert_ok(run(cli("verify", "--chain", str(d0), d1)))
+    again = run(cmd)
+    assert_ok(again)
+    assert "already complete" in again.stdout
 
 
 def test_watermark_objects_upsert_to_the_table(
