@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 from helpers import assert_ok, assert_one_error_line, cli, run, upserted
 from test_s3 import BUCKET, endpoint, get, keys, s3
@@ -36,6 +37,7 @@ def insert(run_sql: RunSql, dsn: str, first: int, last: int) -> None:
     )
 
 
+@pytest.mark.all_versions  # also on PostgreSQL 18: settings pinned by the first export
 def test_since_to_new_objects_chains_to_psqls_export(
     s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -93,6 +95,7 @@ def test_a_parallel_since_increment_to_s3_is_the_rows_after(
     assert "already complete" in again.stdout
 
 
+@pytest.mark.all_versions  # also on PostgreSQL 18: pg_stat_activity, the server clock
 def test_watermark_objects_upsert_to_the_table(
     s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
