@@ -67,6 +67,16 @@ def test_since_increments_to_new_datasets_equal_a_full_export(
     assert_ok(run(cli("verify", "--chain", *map(str, paths))))
     again = copystream.export_table(dsn, "ev", paths[2], since=str(paths[1]), **opts)
     assert again.already_complete
+    # with two workers: the keys after the last one split into ranges, each its own parts
+    insert(run_sql, dsn, 4501, 9000)
+    par = tmp_path / "d3.parquet"
+    r = copystream.export_table(dsn, "ev", par, since=str(paths[2]), workers=2, **opts)
+    assert r.rows == 4500 and read_manifest(par)["workers"] == 2
+    names = [p["file"] for p in read_manifest(par)["parts"]]
+    assert names == sorted(os.listdir(par)) and names[-1].startswith("part-0001-")
+    copystream.export_table(dsn, "ev", full, restart=True, **opts)
+    assert read(*paths, par).equals(read(full))
+    assert_ok(run(cli("verify", "--chain", *map(str, paths), str(par))))
 
 
 def test_watermark_increments_to_parquet_upsert_to_the_table(
