@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -141,3 +143,35 @@ def test_a_watermark_export_runs_with_one_worker(dsn: str, run_sql: RunSql, tmp_
     assert_ok(proc)
     assert "a watermark export runs with one worker" in proc.stderr
     assert read_manifest(out)["workers"] == 1
+
+
+def test_kills_at_random_times_resume_a_parallel_increment(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """The increment's process group SIGKILLed again and again at random times (while it
+    plans and saves its ranges, runs them, joins); every re-run of the same command resumes,
+    and the last one ends with psql's full export, the increment recorded once, the old
+    manifest valid until then."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 3000)
+    out = tmp_path / "ev.csv"
+    assert_ok(run(export_cmd(dsn, "ev", out, "--chunk-rows", "500")))
+    insert(run_sql, dsn, 3001, 60_000)
+    cmd = export_cmd(dsn, "ev", out, "--incremental", "--workers", "2", "--chunk-rows", "300")
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for _ in range(5):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)  # fmt: skip
+        try:
+            proc.wait(timeout=rng.uniform(0.3, 3.0))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the group this test started
+            proc.wait(timeout=30)
+        m = read_manifest(out)  # always a manifest: the old one, or the finished increment's
+        assert m["rows"] in (3000, 60_000), f"seed {seed}"
+    assert_ok(run(cmd))
+    assert out.read_bytes() == full_csv(psql_csv, dsn), f"seed {seed}"
+    assert [h["rows"] for h in read_manifest(out)["increments"]] == [3000, 57_000]
+    assert_ok(run(cli("verify", str(out))))
+    assert leftovers(out) == []
