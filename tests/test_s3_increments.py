@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import zstandard
 from helpers import assert_ok, assert_one_error_line, cli, run, upserted
+from test_parallel import started, wait_until
 from test_s3 import BUCKET, endpoint, get, keys, s3
 
 import copystream
@@ -96,6 +99,41 @@ def test_a_parallel_since_increment_to_s3_is_the_rows_after(
 
 
 @pytest.mark.all_versions  # also on PostgreSQL 18: pg_stat_activity, the server clock
+def test_a_killed_parallel_since_increment_to_s3_resumes(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """The coordinator and workers of a ``--since --workers 2`` upload SIGKILLed once both
+    ranges have checkpointed chunks; the same command again resumes the ranges into the same
+    upload: psql's export of the rows after, nothing of the ranges left in the bucket."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 1000)
+    d0 = tmp_path / "d0.csv"
+    copystream.export_table(dsn, "ev", d0)
+    insert(run_sql, dsn, 1001, 40_000)
+    d1 = f"s3://{BUCKET}/kill/d1.csv"
+    cmd = cli("export", "ev", d1, "--dsn", dsn, "--no-progress", "--since", str(d0),
+              "--workers", "2", "--chunk-rows", "300")  # fmt: skip
+
+    def chunks(i: int) -> int:
+        key = f"kill/d1.csv.part-{i:04d}.checkpoint.json"
+        return len(json.loads(get(s3, key))["chunks"]) if key in keys(s3) else 0
+
+    with started(cmd) as s:
+        assert wait_until(s, lambda: chunks(0) >= 3 and chunks(1) >= 3), s.stderr()
+        os.killpg(s.proc.pid, signal.SIGKILL)  # the process group this test started
+        s.proc.wait(timeout=30)
+    assert "kill/d1.csv.parts.json" in keys(s3) and "kill/d1.csv" not in keys(s3)
+    again = run(cmd)
+    assert_ok(again)
+    m = json.loads(get(s3, "kill/d1.csv.manifest.json"))
+    assert m["resumed"] is True and m["since"]["last_key"] == ["1000"]
+    assert get(s3, "kill/d1.csv") == psql_csv(dsn, "SELECT * FROM ev WHERE id > 1000 ORDER BY id")
+    assert {k for k in keys(s3) if k.startswith("kill/")} == {
+        "kill/d1.csv", "kill/d1.csv.manifest.json"
+    }  # fmt: skip
+    assert_ok(run(cli("verify", "--chain", str(d0), d1)))
+
+
 def test_watermark_objects_upsert_to_the_table(
     s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
