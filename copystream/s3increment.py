@@ -6,7 +6,9 @@ stage between discover and start of :func:`copystream.s3export.run_s3_export`.
 A watermark export is an object of its own too (the first, and each increment after the
 previous one). With ``workers`` a ``since`` increment runs as key ranges after the previous
 export's last key into one upload (:mod:`copystream.s3ranges`); a watermark one keeps one worker
-(docs/cli.md, --workers). An append to an existing object (``incremental`` without ``since``) is refused
+(docs/cli.md, --workers).
+
+An append to an existing object (``incremental`` without ``since``) is refused
 (exit 2): it would need a new multipart upload whose first part copies the old object
 (``UploadPartCopy``, for an object of at least 5 MiB) and a re-read of the object to continue
 its digest; not built yet.
