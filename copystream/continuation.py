@@ -6,18 +6,20 @@ written. The decisions are :mod:`copystream.incremental`'s and :mod:`copystream.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from . import incremental, watermark
-from .checkpoint import Checkpoint, checkpoint_path, save_checkpoint
+from .checkpoint import Checkpoint, checkpoint_path, load_checkpoint, save_checkpoint
 from .destinations import fresh_state
 from .errors import UsageError
 from .failures import translate
 from .manifest import Manifest, load_manifest
-from .pipeline import ExportSession, now_iso, overwrite, readable_manifest
+from .pipeline import ExportSession, now_iso, overwrite, readable_manifest, sample_ranges
+from .ranges import part_path, remove_parts, save_parts
 from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows
 from .state import Complete, Occupied, OnDisk, Resume
@@ -39,12 +41,13 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
     Any other export's ``found`` is returned as it is."""
     if not continuing(session):
         return found
-    if session.run.workers > 1 and not isinstance(found, Complete):
-        log.warning(
-            "%s: an incremental export runs with one worker (workers do not apply to it yet)",
-            session.table.qualified,
-        )
     if session.spec.watermark is not None:
+        if session.run.workers > 1 and not isinstance(found, Complete):
+            log.warning(
+                "%s: a watermark export runs with one worker (a row updated meanwhile could "
+                "leave a key range not yet read for one already read)",
+                session.table.qualified,
+            )
         return _watermark_export(session, found, session.spec.watermark)
     if session.run.since is not None:
         return _since(session, found, session.run.since)
@@ -58,8 +61,33 @@ def continued(session: ExportSession, found: OnDisk) -> OnDisk:
         destination = incremental.dataset_state(out, found.manifest, destination)
     sizes = checkpoint_sizes(session)
     cp = incremental.append_checkpoint(found.manifest, identity, destination, **sizes)
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
+    if found.manifest.parquet is None or session.run.workers <= 1:
+        return _begin(session, cp)
+    return _begin(session, cp, incremental.increment_stem(out, found.manifest))
+
+
+def _begin(session: ExportSession, cp: Checkpoint, stem: str = "part-") -> Resume:
+    """Save the checkpoint ``cp`` of a new increment before anything is written: beside the
+    output, or with ``workers`` as the first of the key ranges the rows after its last key
+    are split into (it writes the output in place; :mod:`copystream.ranges`), the plan saved
+    after it, so that a kill in between leaves the output as it was. ``stem``: how the part
+    files of a Parquet dataset's ranges begin (an increment's sort after the dataset's)."""
+    out, run = session.output, session.run
+    if run.workers <= 1:
+        save_checkpoint(out, cp)
+        return Resume(cp, None)
+    started_at = (cp.increment or {}).get("started_at", cp.started_at)
+    plan = sample_ranges(session, run.workers, cp.settings, started_at, None, cp.last_key)
+    plan = replace(plan, stem=stem)
+    remove_parts(out)  # a plan of an increment never begun (killed before its first range)
+    lo, hi = plan.ranges[0]
+    export = {**cp.export, "range": [list(lo) if lo else None, list(hi) if hi else None]}
+    first = replace(cp, export=export)
+    if cp.destination.get("kind") == "parquet":  # each range names its own part files
+        first = replace(first, destination={**cp.destination, "stem": f"{stem}0000-"})
+    save_checkpoint(part_path(out, 0), first)
+    save_parts(out, plan)
+    return Resume(None, plan)
 
 
 def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
@@ -67,8 +95,7 @@ def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     out, identity = session.output, session.spec.identity()
     previous, after = _previous(session, since)
     if isinstance(found, Resume):
-        if found.checkpoint is not None:
-            incremental.check_resume(found.checkpoint, after, checkpoint_path(out))
+        _check_resume(out, found, after)
         return found
     if isinstance(found, Complete):
         incremental.check_complete_since(found.manifest, after, out)
@@ -78,8 +105,16 @@ def _since(session: ExportSession, found: OnDisk, since: str) -> OnDisk:
     cp = incremental.since_checkpoint(
         previous, after, identity, fresh_state(out, session.spec), **checkpoint_sizes(session)
     )
-    save_checkpoint(out, cp)
-    return Resume(cp, None)
+    return _begin(session, cp)
+
+
+def _check_resume(out: Path, found: Resume, after: dict[str, Any]) -> None:
+    """Refuse to resume an increment that does not follow ``after`` (of one worker, or of
+    key ranges: their first range's checkpoint records what the increment follows)."""
+    state = out if found.checkpoint is not None else part_path(out, 0)
+    cp = found.checkpoint if found.checkpoint is not None else load_checkpoint(state)
+    if cp is not None:
+        incremental.check_resume(cp, after, checkpoint_path(state))
 
 
 def _previous(session: ExportSession, since: str) -> tuple[Manifest, dict[str, Any]]:

@@ -44,6 +44,7 @@ __all__ = [
     "dataset_state",
     "follows",
     "follows_named",
+    "increment_stem",
     "last_key",
     "manifest_fields",
     "refuse_append",
@@ -176,18 +177,31 @@ def append_checkpoint(
 
 def dataset_state(output: Path, manifest: Manifest, fresh: Mapping[str, Any]) -> dict[str, Any]:
     """The destination state of an increment appended to the Parquet dataset ``manifest``
-    records: its parts, to which new ``part-NNNNN.parquet`` files are added, numbered on (the
-    names of a single-worker export's parts, so they sort in key order). A dataset written by
-    key ranges (``part-RRRR-NNNNN``) is refused: a new part could not sort after them all."""
+    records: its parts, to which new part files are added. A dataset of one worker's parts
+    (``part-NNNNN``) is numbered on; any other (written by key ranges, or grown by a
+    parallel increment) gets parts named after :func:`increment_stem`, which sort after its
+    own."""
     parts = [{k: v for k, v in p.items() if k != "last_key"} for p in manifest.parts]
     stem = str(fresh.get("stem", "part-"))
     if any(p["file"] != f"{stem}{i:05d}.parquet" for i, p in enumerate(parts)):
+        stem = increment_stem(output, manifest)
+    return {**fresh, "stem": stem, "parts": parts}
+
+
+def increment_stem(output: Path | str, manifest: Manifest) -> str:
+    """How the part files an increment adds to the Parquet dataset ``manifest`` records begin:
+    ``part-iKKKK-`` (``KKKK`` the increment's number: ``i`` sorts after the digits of every
+    earlier part's name), so that the dataset's files in name order are in key order.
+    Raises :class:`UsageError` when the names would not sort after the existing ones."""
+    number = len(manifest.increments) if manifest.increments else 1
+    stem = f"part-i{number:04d}-"
+    if number > 9999 or any(p["file"] >= stem for p in manifest.parts):
         raise UsageError(
-            f"{output} was written by several workers (key ranges): an increment cannot be "
-            "appended to it yet",
+            f"{output} has parts named after any an increment could add "
+            f"({manifest.parts[-1]['file']})",
             remedy=Remedy.FULL_EXPORT,
         )
-    return {**fresh, "parts": parts}
+    return stem
 
 
 def _size(cp: Checkpoint) -> int:

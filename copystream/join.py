@@ -300,7 +300,8 @@ def _combined(
     digest: str,
     destination: dict[str, Any],
 ) -> Checkpoint:
-    """The checkpoint of the whole joined file, as a single-worker export would have it."""
+    """The checkpoint of the whole joined file, as a single-worker export would have it (an
+    increment's is its first range's: it continues the output's export, started before)."""
     first = outcomes[0].checkpoint
     last_key = next(
         (o.checkpoint.last_key for o in reversed(outcomes) if o.checkpoint.chunks), None
@@ -308,7 +309,7 @@ def _combined(
     return Checkpoint(
         export=parts.export,
         settings=parts.settings,
-        started_at=parts.started_at,
+        started_at=parts.started_at if first.increment is None else first.started_at,
         chunk_rows=first.chunk_rows,
         estimated_rows=first.estimated_rows,
         offset=sum(o.checkpoint.offset for o in outcomes),
@@ -318,4 +319,5 @@ def _combined(
         finished=True,
         chunks=tuple(chunks),
         destination=destination,
+        increment=first.increment,
     )

@@ -64,6 +64,7 @@ from .ranges import (
     KeyRanges,
     load_parts,
     new_parts,
+    part_path,
     parts_path,
     remove_parts,
     run_parts,
@@ -557,17 +558,21 @@ def sample_ranges(
     settings: dict[str, str],
     started_at: str,
     snapshot: str | None,
+    after: tuple[str, ...] | None = None,
 ) -> KeyRanges:
-    """Sample the key: the plan of ``count`` key ranges of about equal row counts."""
+    """Sample the key: the plan of ``count`` key ranges of about equal row counts (of the keys
+    after ``after``, an increment's)."""
     conn = session.connection()
     try:
         with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
-            bounds = sample_boundaries(conn, session.table, count, snapshot=snapshot)
+            bounds = sample_boundaries(
+                conn, session.table, count, snapshot=snapshot, after=after
+            )
     except psycopg.Error as e:
         # The filter first runs here: a writing or failing filter is a usage error.
         why = "sampling the key range failed"
         raise translate(e, session.phase, why=why, transient=False) from e
-    return new_parts(session.spec.identity(), settings, started_at, bounds)
+    return new_parts(session.spec.identity(), settings, started_at, bounds, after)
 
 
 def _warn_many_chunks(session: ExportSession, ranges: KeyRanges | None) -> None:
@@ -624,7 +629,7 @@ def execute(
         if run.ranges.join is not None:  # the join began: its parts are being consumed
             outcomes = joined_outcomes(out, run.ranges)
         else:
-            outcomes = run_parts(out, run.ranges, run.job, session.run.workers, progress)
+            outcomes = _run_ranges(session, run, progress)
         return assemble(out, run.ranges, outcomes)
     try:
         outcome = run_part(run.job, progress=progress, sleep=sleep)
@@ -632,6 +637,20 @@ def execute(
         _undo_unverified_increment(out, e)
         raise
     return Ran((outcome,), outcome.checkpoint, outcome.digest)
+
+
+def _run_ranges(
+    session: ExportSession, run: Run, progress: Callable[[Progress], None] | None
+) -> list[PartOutcome]:
+    """Run the key ranges of ``run`` in the worker pool; an increment appended to a complete
+    output that its first range found changed is undone, as with one worker."""
+    out = session.output
+    assert run.ranges is not None
+    try:
+        return run_parts(out, run.ranges, run.job, session.run.workers, progress)
+    except PrefixMismatch as e:
+        _undo_unverified_increment(out, e, part_path(out, 0))
+        raise
 
 
 def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> Ran:
@@ -644,6 +663,7 @@ def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> R
 
         r = ranges
         final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
+        final = replace(final, increment=outcomes[0].checkpoint.increment)  # an increment's
         return Ran(tuple(outcomes), final, final.xxh3_128)
     final, digest = join_parts(out, ranges, outcomes)
     return Ran(tuple(outcomes), final, digest)
@@ -854,16 +874,21 @@ def _whole_manifest(
 # -- incremental exports (decisions: copystream.incremental; the stage: copystream.continuation)
 
 
-def _undo_unverified_increment(output: Path, error: PrefixMismatch) -> None:
+def _undo_unverified_increment(
+    output: Path, error: PrefixMismatch, state: Path | None = None
+) -> None:
     """A complete output that an increment found changed as it opened it (before writing a
-    byte): remove the increment's checkpoint, leaving the output and manifest as they were,
-    and say so as a refusal of the increment."""
+    byte): remove the increment's checkpoint (``state``: of its first key range, and the
+    ranges), leaving the output and manifest as they were, and say so as a refusal of the
+    increment."""
     try:
-        cp = load_checkpoint(output)
+        cp = load_checkpoint(state or output)
     except CopystreamError:
         return
     if cp is not None and incremental.untouched_append(cp):
         remove_checkpoint(output)
+        if state is not None:
+            remove_parts(output)
         manifest = readable_manifest(output)
         raise incremental.refuse_append(output, manifest, cp.export) from error
 

@@ -71,9 +71,9 @@ def key_columns(plan: ResolvedTable) -> sql.Composed:
     return _key_list(plan, bare=True)
 
 
-def where_clause(plan: ResolvedTable) -> sql.Composable:
-    """`` WHERE (filter)`` or nothing."""
-    return _conditions(plan, None, None)
+def where_clause(plan: ResolvedTable, after: Sequence[str] | None = None) -> sql.Composable:
+    """`` WHERE (filter)`` (and the key after ``after``) or nothing."""
+    return _conditions(plan, after, None)
 
 
 def key_text(plan: ResolvedTable) -> sql.Composed:

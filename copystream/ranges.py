@@ -104,6 +104,10 @@ class KeyRanges:
     #: How far the join got once it began: OUTPUT holds, durably, every part before
     #: ``join[0]`` and the first ``join[1]`` bytes of that part; ``None``: not begun.
     join: tuple[int, int] | None = None
+    #: How a Parquet dataset's part files begin (range ``i``'s: ``{stem}{i:04d}-NNNNN``); an
+    #: increment's sort after the dataset's existing parts (:func:`~copystream.incremental.
+    #: increment_stem`).
+    stem: str = "part-"
 
     @property
     def first_in_place(self) -> bool:
@@ -124,6 +128,8 @@ class KeyRanges:
         }
         if self.join is not None:
             body["join"] = {"part": self.join[0], "copied": self.join[1]}
+        if self.stem != "part-":  # absent otherwise: older plans keep their digest
+            body["stem"] = self.stem
         body["parts_xxh3_128"] = canonical_digest(body)
         return body
 
@@ -145,6 +151,7 @@ class KeyRanges:
             ),
             version=int(d["version"]),
             join=_join_record(d),
+            stem=str(d.get("stem", "part-")),
         )
 
 
@@ -237,10 +244,15 @@ def _remove_free_lock(path: Path) -> None:
 
 
 def new_parts(
-    identity: dict[str, Any], settings: dict[str, str], started_at: str, boundaries: Sequence[Key]
+    identity: dict[str, Any],
+    settings: dict[str, str],
+    started_at: str,
+    boundaries: Sequence[Key],
+    after: Key | None = None,
 ) -> KeyRanges:
-    """The plan for ranges split at ``boundaries`` (ascending). Pure."""
-    edges: list[Key | None] = [None, *boundaries, None]
+    """The plan for ranges split at ``boundaries`` (ascending), of the keys after ``after``
+    (``None``: every key; an increment's are those after its last key). Pure."""
+    edges: list[Key | None] = [after, *boundaries, None]
     ranges = tuple((edges[i], edges[i + 1]) for i in range(len(edges) - 1))
     return KeyRanges(export=identity, settings=settings, started_at=started_at, ranges=ranges)
 
@@ -287,11 +299,44 @@ def _heap_blocks(conn: psycopg.Connection[Any], plan: ResolvedTable) -> int:
 
 
 def sample_boundaries(
-    conn: psycopg.Connection[Any], plan: ResolvedTable, parts: int, *, snapshot: str | None = None
+    conn: psycopg.Connection[Any],
+    plan: ResolvedTable,
+    parts: int,
+    *,
+    snapshot: str | None = None,
+    after: Key | None = None,
 ) -> list[Key]:
-    """Boundaries splitting ``plan``'s rows into ``parts`` ranges of about equal row counts."""
+    """Boundaries splitting ``plan``'s rows (those after the key ``after``, if given) into
+    ``parts`` ranges of about equal row counts.
+
+    The rows after ``after`` (an increment's) may be too few for the sampled blocks to show:
+    then their keys are read whole (too few to cost much), so they split all the same."""
     if parts <= 1:
         return []
+    sample, sampled = _sample(conn, plan, parts, snapshot, after, whole=False)
+    if sampled and after is not None and len(sample) < parts * 10:
+        sample, _ = _sample(conn, plan, parts, snapshot, after, whole=True)
+    bounds = pick_boundaries(sample, parts)
+    log.info(
+        "%s: split into %d ranges from %s sampled keys",
+        plan.qualified,
+        len(bounds) + 1,
+        f"{len(sample):,}",
+    )
+    return bounds
+
+
+def _sample(
+    conn: psycopg.Connection[Any],
+    plan: ResolvedTable,
+    parts: int,
+    snapshot: str | None,
+    after: Key | None,
+    *,
+    whole: bool,
+) -> tuple[list[Key], bool]:
+    """Evenly spaced keys of a sample of ``plan``'s rows after ``after`` (``whole``: of every
+    such row), in key order, and whether they were sampled (not read whole)."""
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if snapshot is not None:
@@ -303,7 +348,7 @@ def sample_boundaries(
         for name, value in key_text_settings(plan.key_types).items():  # exact key text
             conn.execute("SELECT set_config(%s, %s, true)", [name, value])
         sampling: sql.Composable = sql.SQL("")
-        blocks = _heap_blocks(conn, plan) if plan.relkind in ("r", "m", "p") else 0
+        blocks = _heap_blocks(conn, plan) if plan.relkind in ("r", "m", "p") and not whole else 0
         if blocks > 2 * SAMPLE_BLOCKS:
             pct = max(0.0001, min(100.0, 100.0 * SAMPLE_BLOCKS / blocks))
             sampling = sql.SQL(" TABLESAMPLE SYSTEM ({})").format(sql.Literal(round(pct, 6)))
@@ -320,19 +365,11 @@ def sample_boundaries(
             n=sql.Identifier("copystream sample n"),
             table=plan.table_ident,
             sampling=sampling,
-            where=where_clause(plan),
+            where=where_clause(plan, after),
             most=sql.Literal(min(SAMPLE_ROWS, parts * 100)),  # 1% of a range: plenty
         )
         rows = conn.execute(query).fetchall()
-    sample = [tuple(str(v) for v in r) for r in rows]
-    bounds = pick_boundaries(sample, parts)
-    log.info(
-        "%s: split into %d ranges from %s sampled keys",
-        plan.qualified,
-        len(bounds) + 1,
-        f"{len(sample):,}",
-    )
-    return bounds
+    return [tuple(str(v) for v in r) for r in rows], bool(blocks > 2 * SAMPLE_BLOCKS)
 
 
 # -- running ------------------------------------------------------------------------------------
@@ -355,7 +392,7 @@ def range_job(
     path = output if dataset else part_data_path(output, i, first_in_place=parts.first_in_place)
     job = replace(
         template, path=str(path), state=str(state), lower=lo, upper=hi, first=i == 0, ranged=True,
-        part_stem=f"part-{i:04d}-" if dataset else template.part_stem,
+        part_stem=f"{parts.stem}{i:04d}-" if dataset else template.part_stem,
     )  # fmt: skip
     if check:
         _check_range(output, job, dataset=dataset)

@@ -31,7 +31,6 @@ from .destinations.s3 import Hashed, S3Object, hash_object, head_object
 from .errors import (
     CheckpointMismatch,
     CopystreamError,
-    Opt,
     OutputExists,
     OutputProblem,
     UsageError,
@@ -262,8 +261,9 @@ def run_s3_export(
             restart(side)
         found = discover(side, session.spec.identity())
         increment = run.since is not None or spec.watermark is not None
+        follows = None
         if increment:  # after another export, or a watermark one: to a new object
-            found = begin_since(side, session, found)[1]
+            follows, found = begin_since(side, session, found, workers=run.workers)
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -276,7 +276,7 @@ def run_s3_export(
         if (isinstance(found, Fresh) and run.workers > 1) or (
             isinstance(found, Resume) and found.ranges is not None
         ):
-            return _run_workers(side, session, found, run.workers, progress, started)
+            return _run_workers(side, session, found, run.workers, progress, started, follows)
         begun = start(session, found)
         session.close_connection()
         cp, digest, retries, lost = _run_part(side, begun.job, found, progress, sleep)
@@ -301,9 +301,6 @@ def open_output(output: str, spec: ExportSpec, run: RunOptions) -> Sidecars:
     if spec.options.format == "parquet":
         raise UsageError(f"a Parquet dataset cannot be written to S3 yet ({output})")
     check_s3_request(spec, run, output)  # increments: copystream.s3increment
-    if run.workers > 1 and (run.since is not None or spec.watermark is not None):
-        what = f" above 1 cannot write an increment to S3 yet ({output})"
-        raise UsageError([Opt("workers"), what])
     return _open(output, run.policy)
 
 
@@ -325,12 +322,16 @@ def publish_ranges(
     started: float,
     *,
     pit: bool,
+    since: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Write the manifest of a completed key-range upload; remove the ranges' objects."""
+    """Write the manifest of a completed key-range upload (``since``: of an increment, the
+    export it follows); remove the ranges' objects."""
     manifest = manifest_of(
         table, cp, cp.xxh3_128, started, resumed=any(o.resumed for o in outcomes),
         workers=len(outcomes), point_in_time=pit,
     )  # fmt: skip
+    if since is not None:
+        manifest = replace(manifest, since=since)
     side.save_manifest(manifest)
     remove_ranges(side)
     return manifest
@@ -343,15 +344,17 @@ def _run_workers(
     workers: int,
     progress: Callable[[Progress], None] | None,
     started: float,
+    since: dict[str, Any] | None = None,
 ) -> ExportResult:
-    """Run the export's key ranges in worker processes into one upload (:mod:`.s3ranges`)."""
+    """Run the export's key ranges in worker processes into one upload (:mod:`.s3ranges`);
+    ``since``: of an increment, the export it follows."""
     # the workers' interpreters start (and import boto3) while the key is sampled
     preload = ("copystream.s3ranges", "boto3", "botocore.client")
     with started_ahead(max(1, workers), preload=preload):
-        cp, outcomes, kept = run_ranges(side, session, found, workers, progress)
+        cp, outcomes, kept = run_ranges(side, session, found, workers, progress, since)
     resumed = any(o.resumed for o in outcomes)
     pit = kept and not resumed
-    manifest = publish_ranges(side, session.table, cp, outcomes, started, pit=pit)
+    manifest = publish_ranges(side, session.table, cp, outcomes, started, pit=pit, since=since)
     retries = sum(o.retries for o in outcomes)
     return _result(
         str(side.url), session.table, manifest, started, resumed=resumed, retries=retries, pit=pit

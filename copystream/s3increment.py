@@ -4,7 +4,11 @@ S3 object or a local file. The decisions are :mod:`copystream.incremental`'s; th
 stage between discover and start of :func:`copystream.s3export.run_s3_export`.
 
 A watermark export is an object of its own too (the first, and each increment after the
-previous one). An append to an existing object (``incremental`` without ``since``) is refused
+previous one). With ``workers`` a ``since`` increment runs as key ranges after the previous
+export's last key into one upload (:mod:`copystream.s3ranges`); a watermark one keeps one worker
+(docs/cli.md, --workers).
+
+An append to an existing object (``incremental`` without ``since``) is refused
 (exit 2): it would need a new multipart upload whose first part copies the old object
 (``UploadPartCopy``, for an object of at least 5 MiB) and a re-read of the object to continue
 its digest; not built yet.
@@ -12,6 +16,7 @@ its digest; not built yet.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from . import incremental, s3url, watermark
@@ -28,6 +33,8 @@ if TYPE_CHECKING:
 __all__ = ["begin_since", "check_s3_request", "load_any_manifest"]
 
 MANIFEST = ".manifest.json"
+
+log = logging.getLogger("copystream")
 
 
 def check_s3_request(spec: ExportSpec, run: RunOptions, output: str) -> None:
@@ -51,12 +58,14 @@ def load_any_manifest(since: str) -> tuple[Manifest | None, str]:
 
 
 def begin_since(
-    side: Sidecars, session: ExportSession, found: OnDisk
+    side: Sidecars, session: ExportSession, found: OnDisk, *, workers: int = 1
 ) -> tuple[dict[str, Any] | None, OnDisk]:
     """What the increment records of the export it follows (its ``since``; ``None`` for a first
     watermark export), and ``found`` as it continues: a fresh object gets the increment's
     checkpoint (a new upload; rows after that export's last key, or from the watermark's lower
-    bound, under its pinned settings), saved before anything is uploaded."""
+    bound, under its pinned settings), saved before anything is uploaded; with ``workers``
+    (not a watermark export's) it stays fresh: its key ranges begin after that last key
+    (:mod:`copystream.s3ranges`, whose plan records what the increment follows)."""
     since, column = session.run.since, session.spec.watermark
     previous, follows = None, None
     if since is not None:
@@ -76,8 +85,13 @@ def begin_since(
         if follows is not None:
             incremental.check_complete_since(found.manifest, follows, str(side.url))
         return follows, found
-    if not isinstance(found, Fresh):
+    if not isinstance(found, Fresh) or (workers > 1 and column is None):
         return follows, found  # an object nothing explains: refused or forced as any export
+    if workers > 1:
+        log.warning(
+            "%s: a watermark export runs with one worker (a row updated meanwhile could "
+            "leave a key range not yet read for one already read)", session.table.qualified,
+        )  # fmt: skip
     return follows, Resume(_new_checkpoint(side, session, previous, follows), None)
 
 

@@ -155,6 +155,9 @@ class S3Ranges:
     ranges: KeyRanges
     upload_id: str
     parts: tuple[dict[str, Any], ...] | None = None
+    #: Of an increment to an object of its own: the export it follows (its manifest's
+    #: ``since``; the first range begins after that export's last key).
+    since: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         """JSON-safe form with a self-digest."""
@@ -165,6 +168,8 @@ class S3Ranges:
             "upload_id": self.upload_id,
             "parts": None if self.parts is None else list(self.parts),
         }
+        if self.since is not None:  # absent otherwise: older plans keep their digest
+            body["since"] = self.since
         return {**body, "plan_xxh3_128": canonical_digest(body)}
 
     @classmethod
@@ -176,8 +181,9 @@ class S3Ranges:
         if canonical_digest(body) != d.get("plan_xxh3_128"):
             raise ValueError("its self-digest does not match (damaged or edited)")
         parts = d["parts"]
+        since = dict(d["since"]) if d.get("since") is not None else None
         return cls(KeyRanges.from_json(d["ranges"]), str(d["upload_id"]),
-                   None if parts is None else tuple(dict(p) for p in parts))  # fmt: skip
+                   None if parts is None else tuple(dict(p) for p in parts), since)  # fmt: skip
 
 
 def load_plan(side: Any) -> S3Ranges | None:
@@ -253,11 +259,13 @@ def run_ranges(
     found: Fresh | Resume,
     workers: int,
     progress: Callable[[Progress], None] | None,
+    since: dict[str, Any] | None = None,
 ) -> tuple[Checkpoint, list[PartOutcome], bool]:
     """Run (or resume) every key range of the export to ``side.url`` with up to ``workers``
     processes and complete its upload. The whole object's checkpoint, the ranges' outcomes,
-    and whether every chunk was read from the export's snapshot."""
-    plan, template = plan_ranges(side, session, found, workers)
+    and whether every chunk was read from the export's snapshot. ``since``: of an increment,
+    the export it follows (its rows are those after that export's last key)."""
+    plan, template = plan_ranges(side, session, found, workers, since)
     session.close_connection()
     outcomes = _run(side, plan, template, workers, progress)
     final = finish_upload(side, plan, outcomes)
@@ -266,20 +274,30 @@ def run_ranges(
 
 
 def plan_ranges(
-    side: Any, session: ExportSession, found: Fresh | Resume, count: int
+    side: Any,
+    session: ExportSession,
+    found: Fresh | Resume,
+    count: int,
+    since: dict[str, Any] | None = None,
 ) -> tuple[S3Ranges, PartJob]:
     """The plan in the bucket (a new one when ``found`` is :class:`Fresh`: the key sampled into
-    ``count`` ranges, the upload started, the plan saved) and the whole-range job."""
+    ``count`` ranges, after ``since``'s last key for an increment, the upload started, the
+    plan saved) and the whole-range job."""
     plan = load_plan(side) if isinstance(found, Resume) else None
+    if plan is not None and plan.since != since:
+        raise CheckpointMismatch(
+            f"{side.url}{PLAN} is of another export than the increment asked for"
+        )
     begun = start(session, found if plan is None else Resume(None, plan.ranges))
     if plan is None:
         job = begun.job
-        ranges = sample_ranges(session, count, job.settings, job.started_at, job.snapshot)
+        after = tuple(since["last_key"]) if since and since["last_key"] is not None else None
+        ranges = sample_ranges(session, count, job.settings, job.started_at, job.snapshot, after)
         try:
             upload = side.client.create_multipart_upload(Bucket=side.url.bucket, Key=side.url.key)
         except Exception as e:
             raise classify(e, side.url, "starting the upload") from e
-        plan = S3Ranges(ranges, str(upload["UploadId"]))
+        plan = S3Ranges(ranges, str(upload["UploadId"]), since=since)
         save_plan(side, plan)
     return plan, begun.job
 

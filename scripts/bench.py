@@ -1491,6 +1491,108 @@ def step_incremental(b: Bench, table: str) -> dict[str, Any]:
     return {"summary": summary, "rounds": records}
 
 
+def _watermark_table(b: Bench, table: str) -> str:
+    """A copy of ``table`` with an ``updated_at`` column every row has (an hour ago) and the
+    index a watermark pages by (unmeasured); its name."""
+    wm = table + "_wm"
+    ident = sql.Identifier(wm)
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} AS SELECT *, now() - interval '1 hour' AS updated_at FROM {}"
+            ).format(ident, sql.Identifier(table))
+        )
+        conn.execute(sql.SQL("ALTER TABLE {} ALTER updated_at SET NOT NULL").format(ident))
+        conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(ident))
+        conn.execute(sql.SQL("CREATE INDEX ON {} (updated_at, id)").format(ident))
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
+    return wm
+
+
+def _update_rows(b: Bench, table: str, count: int, rnd: int) -> None:
+    """Touch ``count`` rows spread over the table (their ``updated_at`` set to now)."""
+    step = max(1, b.args.rows // count)
+    with psycopg.connect(b.dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL(
+                "UPDATE {} SET updated_at = clock_timestamp(), quantity = quantity + 1 "
+                "WHERE id % {} = {} AND id <= {}"
+            ).format(
+                sql.Identifier(table),
+                sql.Literal(step),
+                sql.Literal(rnd % step),
+                sql.Literal(step * count),
+            )
+        )
+        conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
+
+
+def _psql_since(b: Bench, table: str, lower: str, out: Path) -> list[str]:
+    """What a user runs for the same increment: psql's \\copy of ``updated_at >= lower``."""
+    with psycopg.connect(b.dsn) as conn:
+        query = sql.SQL("SELECT * FROM {} WHERE updated_at >= {} ORDER BY updated_at, id").format(
+            sql.Identifier(table), sql.Literal(lower)
+        ).as_string(conn)
+    target = str(out).replace("'", "''")
+    return [b.psql_bin, "-X", "-v", "ON_ERROR_STOP=1", "-d", b.dsn, "-c",
+            f"\\copy ({query}) TO '{target}' WITH (FORMAT csv)"]  # fmt: skip
+
+
+def _measured(b: Bench, cmd: list[str], out: Path) -> Measured:
+    io = out.with_suffix(".stdout"), out.with_suffix(".stderr")
+    m = run_measured(cmd, stdout=io[0], stderr=io[1], interval=b.args.sample_interval,
+                     server=b.server_cpu)  # fmt: skip
+    if m.returncode != 0:
+        text = io[1].read_text(errors="replace").strip()
+        raise RuntimeError(f"{cmd[0]} exited {m.returncode}: {text}")
+    return m
+
+
+def step_watermark(b: Bench, table: str) -> dict[str, Any]:
+    """A watermark increment (``--watermark updated_at --since`` the previous export) after
+    ``--watermark-updated`` rows were updated, against what a user runs for it: psql's
+    ``\\copy`` of the same ``WHERE updated_at >= <lower bound>`` query (the bound the increment
+    recorded), in the same round; the two files must be identical."""
+    wm = _watermark_table(b, table)
+    records: list[dict[str, Any]] = []
+    for rnd in range(b.args.watermark_rounds):
+        base = b.fresh(f"watermark-base-r{rnd}")
+        cmd = b.copystream_cmd(wm, base, 1, extra=["--watermark", "updated_at"])
+        subprocess.run(cmd, check=True, capture_output=True)
+        _update_rows(b, wm, b.args.watermark_updated, rnd)
+        out, ref = b.fresh(f"watermark-r{rnd}"), b.fresh(f"watermark-psql-r{rnd}")
+        since = ["--watermark", "updated_at", "--since", str(base) + ".manifest.json"]
+        m = _measured(b, b.copystream_cmd(wm, out, 1, extra=since), out)
+        mark = json.loads(Path(str(out) + ".manifest.json").read_text())["watermark"]
+        p = _measured(b, _psql_since(b, wm, str(mark["from"]), ref), ref)
+        identical = hash_file(out) == hash_file(ref)
+        if not identical:
+            b.errors.append(f"watermark round {rnd}: copystream's increment differs from psql's")
+        rows = json.loads(Path(str(out) + ".report.json").read_text())["rows"]
+        cpu = m.cpu_user + m.cpu_sys, p.cpu_user + p.cpu_sys
+        records.append({
+            "round": rnd, "rows": rows, "overlap_rows": mark.get("overlap_rows"),
+            "identical": identical, "copystream_wall_s": m.wall, "psql_wall_s": p.wall,
+            "copystream_cpu_s": cpu[0], "psql_cpu_s": cpu[1],
+            "copystream_server_cpu_s": m.server_cpu, "psql_server_cpu_s": p.server_cpu,
+            "wall_vs_psql": m.wall / p.wall,
+        })  # fmt: skip
+        log(f"watermark round {rnd + 1}: {rows:,} rows, copystream {m.wall:.2f}s "
+            f"(cpu {cpu[0]:.2f}s), psql {p.wall:.2f}s (cpu {cpu[1]:.2f}s)")  # fmt: skip
+        for f in (base, out, ref):
+            remove_output(f)
+    summary = {
+        "rows": b.args.rows, "updated_rows": b.args.watermark_updated,
+        "wall_vs_psql_median": _median([r["wall_vs_psql"] for r in records]),
+        "copystream_cpu_median_s": _median([r["copystream_cpu_s"] for r in records]),
+        "psql_cpu_median_s": _median([r["psql_cpu_s"] for r in records]),
+        "identical": all(r["identical"] for r in records),
+    }  # fmt: skip
+    log(f"watermark: {summary}")
+    return {"summary": summary, "rounds": records}
+
+
 def _log_verify_seconds(text: str) -> float | None:
     """Seconds between the log's planning line and its "resuming at" line (prefix check)."""
     stamps = {}
@@ -2127,6 +2229,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the share of the rows the increment exports (0.01)",
     )
     g.add_argument(
+        "--watermark-rounds",
+        type=int,
+        default=0,
+        help="rounds of a --watermark increment of a timestamp column after "
+        "--watermark-updated rows were updated, against psql's \\copy of the same "
+        "WHERE updated_at >= ... query (0: none)",
+    )
+    g.add_argument(
+        "--watermark-updated",
+        type=_positive_int,
+        default=10_000,
+        help="rows updated before each watermark increment (10000)",
+    )
+    g.add_argument(
         "--profile",
         action="store_true",
         help="run one 1-worker export in-process under cProfile and print the top functions "
@@ -2157,11 +2273,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--sample-interval must be positive")
     extras = args.memory_growth or args.resume_check or args.profile or args.compress
     extras = extras or args.s3_rounds > 0 or args.incremental_rounds > 0
+    extras = extras or args.watermark_rounds > 0
     extras = extras or args.format == "parquet"
     if args.rounds == 0 and not (extras or args.tables):
         p.error(
             "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
-            "--compress, --s3-rounds, --incremental-rounds, --format parquet or --tables"
+            "--compress, --s3-rounds, --incremental-rounds, --watermark-rounds, --format parquet "
+            "or --tables"
         )
     return args
 
@@ -2249,6 +2367,8 @@ def _one_table(b: Bench, results: dict[str, Any], results_dir: Path, stamp: str)
         results["resume_check"] = step_resume(b, args.table)
     if args.incremental_rounds > 0:
         results["incremental"] = step_incremental(b, args.table)
+    if args.watermark_rounds > 0:
+        results["watermark"] = step_watermark(b, args.table)
     if args.profile:
         results["profile"] = step_profile(b, args.table, results_dir, stamp)
     if args.table in b.references:

@@ -2,19 +2,24 @@
 tests/test_s3.py): ``--since`` writes the rows after the previous export's last key to a new
 object, the previous one being a local file or an object; the objects of the chain concatenate
 to psql's export and ``verify --chain`` checks them; an append to an object and a watermark
-export to S3 are refused (exit 2), nothing written."""
+export to S3 are refused (exit 2), nothing written. With ``--workers`` a ``--since`` increment
+runs as key ranges after the previous export's last key (:mod:`copystream.s3ranges`)."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zstandard
 from helpers import assert_ok, assert_one_error_line, cli, run, upserted
+from test_parallel import started, wait_until
 from test_s3 import BUCKET, endpoint, get, keys, s3
 
 import copystream
@@ -35,6 +40,7 @@ def insert(run_sql: RunSql, dsn: str, first: int, last: int) -> None:
     )
 
 
+@pytest.mark.all_versions  # also on PostgreSQL 18: settings pinned by the first export
 def test_since_to_new_objects_chains_to_psqls_export(
     s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
@@ -64,6 +70,68 @@ def test_since_to_new_objects_chains_to_psqls_export(
     # a chain with its middle object missing is refused
     broken = run(cli("verify", "--chain", str(d0), d2))
     assert broken.returncode == 1 and "d2.csv.zst" in broken.stderr
+
+
+def test_a_parallel_since_increment_to_s3_is_the_rows_after(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """``--since`` with two workers to S3: the key ranges after the previous export's last key
+    upload into one object, psql's export of those rows; its manifest names what it follows;
+    the chain verifies, and the same command again has nothing to do."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 2000)
+    d0 = tmp_path / "d0.csv"
+    copystream.export_table(dsn, "ev", d0, chunk_rows=700)
+    insert(run_sql, dsn, 2001, 9000)
+    d1 = f"s3://{BUCKET}/par/d1.csv"
+    cmd = cli("export", "ev", d1, "--dsn", dsn, "--no-progress", "--since", str(d0),
+              "--workers", "2", "--chunk-rows", "500")  # fmt: skip
+    assert_ok(run(cmd))
+    assert get(s3, "par/d1.csv") == psql_csv(dsn, "SELECT * FROM ev WHERE id > 2000 ORDER BY id")
+    m = json.loads(get(s3, "par/d1.csv.manifest.json"))
+    assert m["workers"] == 2 and m["rows"] == 7000 and m["since"]["last_key"] == ["2000"]
+    left = {k for k in keys(s3) if k.startswith("par/")}
+    assert left == {"par/d1.csv", "par/d1.csv.manifest.json"}  # no range's objects
+    assert_ok(run(cli("verify", "--chain", str(d0), d1)))
+    again = run(cmd)
+    assert_ok(again)
+    assert "already complete" in again.stdout
+
+
+@pytest.mark.all_versions  # also on PostgreSQL 18: pg_stat_activity, the server clock
+def test_a_killed_parallel_since_increment_to_s3_resumes(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """The coordinator and workers of a ``--since --workers 2`` upload SIGKILLed once both
+    ranges have checkpointed chunks; the same command again resumes the ranges into the same
+    upload: psql's export of the rows after, nothing of the ranges left in the bucket."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 1000)
+    d0 = tmp_path / "d0.csv"
+    copystream.export_table(dsn, "ev", d0)
+    insert(run_sql, dsn, 1001, 40_000)
+    d1 = f"s3://{BUCKET}/kill/d1.csv"
+    cmd = cli("export", "ev", d1, "--dsn", dsn, "--no-progress", "--since", str(d0),
+              "--workers", "2", "--chunk-rows", "300")  # fmt: skip
+
+    def chunks(i: int) -> int:
+        key = f"kill/d1.csv.part-{i:04d}.checkpoint.json"
+        return len(json.loads(get(s3, key))["chunks"]) if key in keys(s3) else 0
+
+    with started(cmd) as s:
+        assert wait_until(s, lambda: chunks(0) >= 3 and chunks(1) >= 3), s.stderr()
+        os.killpg(s.proc.pid, signal.SIGKILL)  # the process group this test started
+        s.proc.wait(timeout=30)
+    assert "kill/d1.csv.parts.json" in keys(s3) and "kill/d1.csv" not in keys(s3)
+    again = run(cmd)
+    assert_ok(again)
+    m = json.loads(get(s3, "kill/d1.csv.manifest.json"))
+    assert m["resumed"] is True and m["since"]["last_key"] == ["1000"]
+    assert get(s3, "kill/d1.csv") == psql_csv(dsn, "SELECT * FROM ev WHERE id > 1000 ORDER BY id")
+    assert {k for k in keys(s3) if k.startswith("kill/")} == {
+        "kill/d1.csv", "kill/d1.csv.manifest.json"
+    }  # fmt: skip
+    assert_ok(run(cli("verify", "--chain", str(d0), d1)))
 
 
 def test_watermark_objects_upsert_to_the_table(
