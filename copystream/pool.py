@@ -148,6 +148,7 @@ def fork_workers() -> Iterator[None]:
         yield
     finally:
         _FORK[0] = False
+        _PARENT_FDS.clear()  # closed with their workers by now; the numbers may be reused
 
 
 class _Forked:
