@@ -45,6 +45,12 @@ def range_chunks(out: Path, n: int) -> int:
     return sum(len(cp.chunks) for cp in cps if cp is not None)
 
 
+def range_counts(out: Path, n: int) -> list[int]:
+    """The chunks each key range's checkpoint records now (0 for a range without one)."""
+    cps = [load_checkpoint(part_path(out, i)) for i in range(n)]
+    return [0 if cp is None else len(cp.chunks) for cp in cps]
+
+
 def leftovers(out: Path) -> list[str]:
     """Files of an unfinished export beside ``out``."""
     names = (p.name for p in out.parent.iterdir() if p.name.startswith(out.name))
@@ -117,9 +123,16 @@ def test_killed_workers_and_coordinator_resume_an_increment_identically(
     base = out.read_bytes()
     insert(run_sql, dsn, 2001, 80_000)
     cmd = export_cmd(dsn, "ev", out, "--incremental", "--workers", "2", "--chunk-rows", "300")
+
+    def both_at_work() -> bool:
+        first, second = range_counts(out, 2)
+        return first >= 4 + 3 and second >= 3
+
     with started(cmd) as s:
-        # the first range's checkpoint starts with the 4 chunks of the output it continues
-        assert wait_until(s, lambda: range_chunks(out, 2) >= 4 + 6), s.stderr()
+        # both ranges at work (the first range's checkpoint starts with the 4 chunks of the
+        # output it continues): a worker killed before it began its range dies unnoticed, its
+        # range handed to another
+        assert wait_until(s, both_at_work), s.stderr()
         victim = max(worker_processes(s.proc.pid), key=lambda p: p.create_time())
         done = range_chunks(out, 2)
         os.kill(victim.pid, signal.SIGKILL)
