@@ -56,9 +56,11 @@ __all__ = [
     "LIST_ELEMENTS",
     "PARQUET_SETTINGS",
     "POLICIES",
+    "BinaryPlan",
     "ColumnPlan",
     "ColumnType",
     "ValueOutOfRange",
+    "binary_plan",
     "parquet_settings",
     "plan_columns",
     "select_list",
@@ -382,3 +384,76 @@ def refused_value(message: str, table: str) -> ValueOutOfRange | None:
         "cannot store",
         remedy=Remedy.OUT_OF_RANGE,
     )
+
+
+# -- the binary path: COPY BINARY decoded by ADBC's PostgreSQL driver ---------------------------
+
+#: Base types whose binary form ADBC's driver decodes into exactly their plan's Arrow type
+#: (bpchar keeps its padding; json and jsonb arrive as JSON text, uuid as 16 bytes).
+_BINARY_NATIVE = frozenset(
+    {*_INTS, *_FLOATS, "bool", "text", "varchar", "bpchar", "bytea", "uuid", "json", "jsonb"}
+)
+
+
+@dataclass(frozen=True)
+class BinaryPlan:
+    """How a table's chunks are read through COPY BINARY (ADBC) instead of typed CSV.
+
+    ``select`` holds one expression per column, then the key columns as text (the chunk's last
+    key is read from its last row: ``key_columns`` of them, dropped before writing). The Arrow
+    fix of each column is decided by the destination from its plan (:class:`ColumnPlan`) and
+    the type ADBC delivered (see ``destinations.parquet.Decoder.from_batch``).
+    """
+
+    select: tuple[sql.Composable, ...]
+    key_columns: int
+
+
+def _binary_expression(
+    c: ColumnType, plan: ColumnPlan, typed: sql.Composable
+) -> sql.Composable | None:
+    """The expression a column is read as through COPY BINARY, or ``None`` (no exact form).
+
+    The typed CSV's expression stays (its guards and integer forms); what travels as text is
+    cast to text (ADBC would decode an interval, enum, range or composite otherwise, or not at
+    all), and everything else to its base type (a domain's oid is unknown to ADBC)."""
+    if plan.wire == "days":  # (a refusal's branch makes the CASE an int8)
+        return sql.SQL("({})::int4").format(typed)
+    if plan.wire in ("micros", "json", "interval"):
+        return typed  # int8 or text: the fix views or parses them as the CSV path does
+    if plan.arrow == "string" and c.base not in ("text", "varchar", "bpchar"):
+        return sql.SQL("({})::text").format(typed)
+    if plan.arrow.startswith("decimal128("):
+        precision, scale = (int(x) for x in plan.arrow[len("decimal128(") : -1].split(","))
+        if precision <= 18:  # its unscaled integer fits an int8: no text on either side
+            return sql.SQL("(({}) * {})::int8").format(typed, sql.Literal(10**scale))
+    base = "numeric" if plan.arrow.startswith("decimal128(") else c.base
+    if base != "numeric" and base not in _BINARY_NATIVE:
+        return None
+    return sql.SQL("({})::{}").format(typed, sql.Identifier("pg_catalog", base))
+
+
+def binary_plan(
+    columns: Sequence[ColumnType],
+    plans: Sequence[ColumnPlan],
+    typed: Sequence[sql.Composable],
+    key: Sequence[str],
+    *,
+    key_unique: bool,
+) -> BinaryPlan | str:
+    """The :class:`BinaryPlan` of a table, or why its chunks stay typed CSV. Pure.
+
+    ``typed`` is :func:`select_list` of ``plans``. A key not provably unique stays on the CSV
+    path (its chunks need their bound before the rows: the binary path takes the last key
+    from the rows), as does a column with no exact binary form.
+    """
+    if not key_unique:
+        return "its key is not provably unique"
+    select: list[sql.Composable] = []
+    for c, plan, expr in zip(columns, plans, typed, strict=True):
+        binary = _binary_expression(c, plan, expr)
+        if binary is None:
+            return f"column {c.name} is of type {c.pg_type}"
+        select.append(binary)
+    select += [sql.SQL("{}::text").format(sql.Identifier(k)) for k in key]
+    return BinaryPlan(tuple(select), len(key))

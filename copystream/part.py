@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psycopg
-
 from ._atomic import remove_stale_temporaries
+from .arrowchunk import ArrowChunkRunner, connect_adbc
 from .checkpoint import (
     Checkpoint,
     checkpoint_path,
@@ -238,8 +237,9 @@ class PartRunner:
             filtered=table.where is not None,
         )
         self.started = time.monotonic()
-        self.conns: list[psycopg.Connection[Any]] = []
-        self.runner: ChunkRunner | None = None  # on self.conns; None: open before the next chunk
+        self.conns: list[Any] = []  # psycopg's, or ADBC's on the binary path
+        #: on self.conns; None: open before the next chunk
+        self.runner: ChunkRunner | ArrowChunkRunner | None = None
         self.conn_born = 0.0
         self._start_rows = self._start_bytes = 0  # where this run began (for rates)
         self.snapshot = job.snapshot  # None once it is gone (then snapshot_lost)
@@ -253,10 +253,19 @@ class PartRunner:
 
     # -- connections --------------------------------------------------------------------------
 
-    def open_runner(self, settings: dict[str, str], *, side: bool) -> ChunkRunner:
-        """Fresh connection(s) with the pinned settings; ``side`` adds the bound-finding sibling."""
+    def open_runner(
+        self, settings: dict[str, str], *, side: bool
+    ) -> ChunkRunner | ArrowChunkRunner:
+        """Fresh connection(s) with the pinned settings; ``side`` adds the bound-finding sibling.
+        A Parquet export on the binary path gets one ADBC connection instead."""
         self.close()
         timeout = self.job.run.statement_timeout
+        if self.job.table.binary is not None:
+            conn = connect_adbc(self.target, settings, timeout)
+            self.conns.append(conn)
+            self.conn_born = time.monotonic()
+            self.runner = ArrowChunkRunner(conn, self.target, io_timeout=self.job.run.io_timeout)
+            return self.runner
         for _ in range(2 if side else 1):
             conn = connect(self.target, settings=settings)
             self.conns.append(conn)

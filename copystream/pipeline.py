@@ -57,7 +57,7 @@ from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch
 from .failures import Phase, classify_connect, translate
 from .join import join_parts, joined_outcomes
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
-from .parquet_types import parquet_settings, plan_columns, select_list
+from .parquet_types import binary_plan, parquet_settings, plan_columns, select_list
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -419,7 +419,17 @@ class ExportSession:
         )
         self.spec = replace(self.spec, parquet_columns=plans)
         policy = self.spec.out_of_range or "error"
-        self.table = replace(self.table, select=select_list(plans, self.table.key, policy))
+        typed = select_list(plans, self.table.key, policy)
+        binary = binary_plan(
+            types, plans, typed, self.table.key, key_unique=self.table.key_unique
+        )
+        if isinstance(binary, str):  # read as typed CSV, parsed by Arrow
+            log.debug("%s: typed CSV, not COPY BINARY: %s", self.table.qualified, binary)
+        else:
+            log.debug("%s: COPY BINARY, decoded by ADBC", self.table.qualified)
+        self.table = replace(
+            self.table, select=typed, binary=None if isinstance(binary, str) else binary
+        )
 
     @property
     def phase(self) -> Phase:

@@ -20,6 +20,7 @@ from .spec import CopyOptions
 from .table import ResolvedTable
 
 __all__ = [
+    "binary_query",
     "bound_query",
     "copy_query",
     "key_columns",
@@ -152,3 +153,29 @@ def copy_query(
 def single_copy_query(plan: ResolvedTable, options: CopyOptions) -> sql.Composed:
     """The whole table in key order, in one COPY (what ``psql \\copy`` would run)."""
     return copy_query(plan, options, after=None, upto=None, limit=None, header=options.header)
+
+
+def binary_query(
+    plan: ResolvedTable,
+    *,
+    after: Sequence[str] | None,
+    upto: Sequence[str] | None,
+    limit: int | None,
+) -> sql.Composed:
+    """The chunk's SELECT on the binary path (a Parquet export read by ADBC, which runs it as
+    ``COPY (…) TO STDOUT (FORMAT binary)``): ``plan.binary``'s list, the key as text last.
+
+    ``SELECT cols, key::text FROM t WHERE key > after AND key <= upto ORDER BY key [LIMIT n]``
+    """
+    assert plan.binary is not None
+    select = sql.SQL("SELECT {cols} FROM {table}{where} ORDER BY {order}").format(
+        cols=sql.SQL(", ").join(plan.binary.select),
+        table=plan.table_ident,
+        where=_conditions(plan, after, upto),
+        # qualified: the key's text column shares its name, and ORDER BY reads a bare name as
+        # an output column's first
+        order=sql.SQL(", ").join(sql.Identifier(plan.schema, plan.name, c) for c in plan.key),
+    )
+    if limit is not None:
+        select = select + sql.SQL(" LIMIT {}").format(sql.Literal(limit))
+    return select

@@ -20,6 +20,7 @@ from typing import Any
 from psycopg import sql
 
 from .errors import KeyProblem, TableNotFound, UsageError
+from .parquet_types import BinaryPlan
 
 __all__ = [
     "IndexInfo",
@@ -107,6 +108,9 @@ class ResolvedTable(RelationId):
     warnings: tuple[str, ...] = field(default=())
     #: What the COPY selects in place of the bare columns (a Parquet export's typed forms).
     select: tuple[sql.Composable, ...] | None = None
+    #: A Parquet export read through COPY BINARY (ADBC): its SELECT list, the key as text last
+    #: (``parquet_types.BinaryPlan``); ``None``: the typed CSV of ``select``.
+    binary: BinaryPlan | None = None
 
     @property
     def table_ident(self) -> sql.Identifier:

@@ -12,6 +12,7 @@ rewrites the part in flight).
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import struct
@@ -45,7 +46,15 @@ from copystream.checkpoint import new_checkpoint
 from copystream.destinations import parquet
 from copystream.destinations.parquet import ParquetDataset, resume_point
 from copystream.errors import UsageError
-from copystream.parquet_types import INTERVAL_STRUCT, ColumnType, plan_columns, select_list
+from copystream.parquet_types import (
+    INTERVAL_STRUCT,
+    BinaryPlan,
+    ColumnPlan,
+    ColumnType,
+    binary_plan,
+    plan_columns,
+    select_list,
+)
 from copystream.spec import build
 from copystream.testing import EphemeralPostgres
 
@@ -83,6 +92,8 @@ INSERT INTO every VALUES
   '1970-01-01', '294247-01-10 04:00:54.775807', '2000-01-01 00:00:00-12',
   '23:59:59.999999', '0', '{{-2147483648,2147483647}}', '{{"ü"}}', NULL, '{{NULL}}',
   '(,)');
+CREATE TABLE every_heap AS SELECT * FROM every;  -- no unique key: the typed-CSV path
+ALTER TABLE every_heap ALTER id SET NOT NULL;
 CREATE TABLE big (id bigint PRIMARY KEY, name text, ts timestamptz, amount numeric(12,2),
                   ref uuid);
 INSERT INTO big SELECT g, 'name ' || g || CASE WHEN g % 7 = 0 THEN E'\\n,"' ELSE '' END,
@@ -316,7 +327,7 @@ def test_rollback_rewrites_the_part_in_flight(
     assert part is not None and (part.groups, part.kept) == (2, 1)  # a row group of its own
     dest.rollback()
     dest.begin_chunk()
-    dest.write(b"4,\n5,\"\"\n")
+    dest.write(b'4,\n5,""\n')
     dest.end_chunk()
     dest.end_parts()
     dest.sync()
@@ -554,9 +565,7 @@ def test_numeric_scale_reads_back_exactly_or_refuses(db: str, tmp_path: Path) ->
 
 
 @pytest.mark.all_versions
-def test_interval_struct_reads_back_exactly(
-    db: str, tmp_path: Path, server_version: int
-) -> None:
+def test_interval_struct_reads_back_exactly(db: str, tmp_path: Path, server_version: int) -> None:
     """interval_form="struct": each value's months, days and microseconds, put back together
     by the server, print exactly as the original (extremes, mixed signs, NULL). From
     PostgreSQL 17 an infinite interval is an error, or NULL with out_of_range="null"."""
@@ -607,12 +616,13 @@ def test_part_size_in_rows(db: str, tmp_path: Path) -> None:
 
 
 def test_an_export_keeps_its_memory_lean(db: str, tmp_path: Path) -> None:
-    """What the peak RSS figures rest on: a Parquet export never imports pyarrow.compute (~9 MB
-    per process), and pyarrow's allocator returns freed pages at once unless the environment
-    says otherwise."""
+    """What the peak RSS figures rest on: a Parquet export on the typed-CSV path never imports
+    pyarrow.compute (~9 MB per process; ADBC's DB-API, on the binary path, does), and pyarrow's
+    allocator returns freed pages at once unless the environment says otherwise."""
     script = (
         "import os, sys, copystream\n"
-        "copystream.export_table(sys.argv[1], 'every', sys.argv[2], format='parquet')\n"
+        "copystream.export_table(sys.argv[1], 'every_heap', sys.argv[2], format='parquet',\n"
+        "                        key=['id'])\n"
         "print('pyarrow.compute' in sys.modules, os.environ.get('MIMALLOC_PURGE_DELAY'))\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "MIMALLOC_PURGE_DELAY"}
@@ -701,3 +711,92 @@ def test_a_bulk_plan_exports_parquet_datasets(db: str, tmp_path: Path) -> None:
     copystream.run_bulk(plan)  # again: every dataset is complete, none is exported again
     for name, at in finished.items():
         assert read_manifest(tmp_path / "out" / f"public.{name}.parquet")["finished_at"] == at
+
+
+# -- the decoding path: COPY BINARY (ADBC) or typed CSV ------------------------------------------
+
+
+def _plans(*columns: ColumnType) -> tuple[Any, ...]:
+    plans = plan_columns(columns)
+    return plans, select_list(plans, ["id"], "error")
+
+
+def test_common_types_take_the_binary_path_pure() -> None:
+    """The common types (integers, floats, text, bool, date, timestamps, numeric(p,s), uuid,
+    json, bytea) and everything written as text have a binary form; numeric(p,s) up to 18 digits
+    travels as its unscaled int8, a date as int4 days; the key's text comes last."""
+    cols = [
+        ColumnType("id", "bigint", "int8", "N", -1), ColumnType("f", "real", "float4", "N", -1),
+        ColumnType("t", "text", "text", "S", -1), ColumnType("b", "boolean", "bool", "B", -1),
+        ColumnType("d", "date", "date", "D", -1),
+        ColumnType("tz", "timestamp with time zone", "timestamptz", "D", -1),
+        ColumnType("n", "numeric(12,2)", "numeric", "N", (12 << 16 | 2) + 4),
+        ColumnType("w", "numeric(30,2)", "numeric", "N", (30 << 16 | 2) + 4),
+        ColumnType("u", "uuid", "uuid", "U", -1), ColumnType("j", "jsonb", "jsonb", "U", -1),
+        ColumnType("by", "bytea", "bytea", "U", -1),
+        ColumnType("r", "int4range", "int4range", "R", -1),
+        ColumnType("c", "character(3)", "bpchar", "S", 7),
+    ]  # fmt: skip
+    plans, typed = _plans(*cols)
+    plan = binary_plan(cols, plans, typed, ["id"], key_unique=True)
+    assert isinstance(plan, BinaryPlan)
+    assert plan.key_columns == 1 and len(plan.select) == len(cols) + 1
+    text = [str(e.as_string(None)) for e in plan.select]
+    assert text[0] == '("id")::"pg_catalog"."int8"'
+    assert text[4].endswith("END)::int4")  # the refusal's branch would make the CASE an int8
+    assert text[6].endswith(" * 100)::int8")  # numeric(12,2): unscaled
+    assert text[7].endswith(')::"pg_catalog"."numeric"')  # numeric(30,2): its text
+    assert text[11] == '("r")::text' and text[12] == '("c")::"pg_catalog"."bpchar"'
+    assert text[-1] == '"id"::text'
+
+
+def test_what_stays_on_the_typed_csv_path_pure() -> None:
+    """A key not provably unique stays typed CSV (its chunks need their bound first), and so
+    does a column whose plan has no exact binary form; the reason names it."""
+    cols = [ColumnType("id", "integer", "int4", "N", -1)]
+    plans, typed = _plans(*cols)
+    assert binary_plan(cols, plans, typed, ["id"], key_unique=False) == (
+        "its key is not provably unique"
+    )
+    odd = ColumnType("x", "weird", "weird", "U", -1)
+    plans = (plans[0], ColumnPlan("x", "weird", "int64"))
+    typed = select_list(plans, ["id"], "error")
+    assert binary_plan([*cols, odd], plans, typed, ["id"], key_unique=True) == (
+        "column x is of type weird"
+    )
+
+
+def test_which_path_a_table_takes(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table of every type with a primary key is read through COPY BINARY; the same rows
+    paged by a key that is not unique, as typed CSV."""
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    copystream.export_table(db, "every", tmp_path / "a.parquet", format="parquet")
+    assert "public.every: COPY BINARY, decoded by ADBC" in caplog.text
+    caplog.clear()
+    copystream.export_table(db, "every_heap", tmp_path / "b.parquet", format="parquet", key=["id"])
+    assert "public.every_heap: typed CSV, not COPY BINARY: its key is not provably unique" in (
+        caplog.text
+    )
+
+
+@pytest.mark.parametrize("options", [{}, {"out_of_range": "null", "interval_form": "struct"}])
+def test_both_paths_write_equal_datasets(db: str, tmp_path: Path, options: dict[str, Any]) -> None:
+    """The every-type table through COPY BINARY and through typed CSV: the same schema and the
+    same values, value by value (NaN as NaN, -0.0 as -0.0, decimals exactly)."""
+    binary = read_dataset(_export(db, "every", tmp_path / "binary.parquet", options))
+    csv = read_dataset(
+        _export(db, "every_heap", tmp_path / "csv.parquet", {**options, "key": ["id"]})
+    )
+    assert binary.schema.equals(csv.schema, check_metadata=True)
+    for name in binary.column_names:
+        for want, have in zip(
+            comparable(csv.select([name])), comparable(binary.select([name])), strict=True
+        ):
+            assert same(want[0], have[0]), (name, want, have)
+
+
+def _export(db: str, table: str, out: Path, options: dict[str, Any]) -> Path:
+    copystream.export_table(db, table, out, format="parquet", **options)
+    return out

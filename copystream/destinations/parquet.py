@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import array
 import contextlib
+import decimal
+import itertools
 import json
+import operator
 import os
 import queue
 import sys
@@ -69,8 +72,9 @@ PARSE_BYTES = 2 * 1024 * 1024
 #: and 5.5% larger).
 ZSTD_LEVEL = 2
 
-#: What the decoding thread parses: whole rows of typed CSV.
-Block = bytes | bytearray | memoryview
+#: What the decoding thread parses: whole rows of typed CSV, or (the binary path) an Arrow
+#: record batch as ADBC decoded it, to fix (:meth:`Decoder.from_batch`).
+Block = bytes | bytearray | memoryview | Any
 
 #: The decoding thread's marker of a chunk's end: write its last rows as a row group.
 END_OF_CHUNK: Block = bytearray()
@@ -191,6 +195,37 @@ class Decoder:
         ]
         return pa.Table.from_arrays(arrays, schema=self.schema)
 
+    def from_batch(self, batch: Any) -> Any:
+        """An Arrow record batch as ADBC decoded the binary path's SELECT
+        (:class:`~copystream.parquet_types.BinaryPlan`) as a ``pyarrow.Table`` of the export's
+        schema: the same values the typed CSV gives, column by column (:meth:`_fix`)."""
+        arrays = [self._fix(c, batch.column(i)) for i, c in enumerate(self.columns)]
+        return self.pa.Table.from_arrays(arrays, schema=self.schema)
+
+    def _fix(self, column: tuple[str, ...], arr: Any) -> Any:
+        """One column of ADBC's batch as the export's type: integer forms viewed as instants,
+        text forms (arrays, struct intervals) parsed as the CSV path parses them, numeric's
+        text (an opaque extension) cast to its decimal exactly, oid's int32 seen as uint32,
+        and an extension type (uuid, json) rewrapped as Arrow's own."""
+        pa = self.pa
+        _, _, arrow, wire = column
+        if wire in ("micros", "days", "json", "interval"):
+            return self._finish(column, arr)
+        target = _arrow_type(pa, arrow)
+        if arr.type == target:
+            return arr
+        if isinstance(arr.type, pa.ExtensionType):
+            arr = arr.storage
+        if arrow.startswith("decimal128("):
+            return _decimals(pa, arr, target)
+        if arrow == "uint32":  # an oid's 32 bits, as ADBC read them into an int32
+            return pa.Array.from_buffers(
+                target, len(arr), arr.buffers(), arr.null_count, arr.offset
+            )
+        if isinstance(target, pa.ExtensionType):
+            return pa.ExtensionArray.from_storage(target, arr)
+        return arr
+
     def _finish(self, column: tuple[str, ...], arr: Any) -> Any:
         pa = self.pa
         _, _, arrow, wire = column
@@ -258,6 +293,24 @@ def _unhex_bytea(pa: Any, arr: Any) -> Any:
         pa.binary(), len(arr), [validity, pa.py_buffer(halves), pa.py_buffer(data)],
         arr.null_count,
     )  # fmt: skip
+
+
+def _decimals(pa: Any, arr: Any, kind: Any) -> Any:
+    """A numeric column on the binary path as ``kind`` (decimal128): from its unscaled int8
+    (precision up to 18: the integer is the decimal's low 64 bits, its sign the high ones), or
+    from its text (ADBC's numeric), each value exactly (``decimal.Decimal``; never rounded)."""
+    if pa.types.is_int64(arr.type):
+        if arr.offset:
+            arr = pa.concat_arrays([arr])
+        low = array.array("q", bytes(memoryview(arr.buffers()[1])[: 8 * len(arr)]))
+        words = array.array("q", bytes(16 * len(arr)))
+        words[0::2] = low
+        words[1::2] = array.array("q", map(operator.rshift, low, itertools.repeat(63, len(low))))
+        validity = arr.buffers()[0] if arr.null_count else None
+        return pa.Array.from_buffers(
+            kind, len(arr), [validity, pa.py_buffer(words)], arr.null_count
+        )
+    return pa.array([None if v is None else decimal.Decimal(v) for v in arr.to_pylist()], kind)
 
 
 def _intervals(pa: Any, arr: Any, kind: Any) -> Any:
@@ -466,6 +519,14 @@ class ParquetDataset:
         if self._pending_bytes >= PARSE_BYTES:
             self._decoding.put(self._take_pending())
 
+    def write_arrow(self, batch: Any) -> None:
+        """Take ``batch``, rows as ADBC decoded them (the binary path): fixed and written on
+        the decoding thread. The chunk's size and digest are of its Arrow data's size and row
+        count (there is no CSV: parts carry the digests that ``verify`` checks)."""
+        self._chunk_hash.update(b"%d %d\n" % (batch.num_rows, batch.nbytes))
+        self._chunk_bytes += batch.nbytes
+        self._decoding.put(batch)
+
     def _take_pending(self) -> Block:
         """The rows given since the last block, as one block (the one buffer the chunk loop
         gave, when it is one: no copy)."""
@@ -481,7 +542,10 @@ class ParquetDataset:
             if part is not None:
                 part.kept, part.kept_rows = part.groups, part.rows
             return
-        table = self.decoder.decode(block)
+        if isinstance(block, bytes | bytearray | memoryview):
+            table = self.decoder.decode(block)
+        else:
+            table = self.decoder.from_batch(block)
         self._tables.append(table)
         self._table_bytes += table.nbytes
         if self._table_bytes >= self.row_group_size:
