@@ -18,6 +18,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -800,3 +801,59 @@ def test_both_paths_write_equal_datasets(db: str, tmp_path: Path, options: dict[
 def _export(db: str, table: str, out: Path, options: dict[str, Any]) -> Path:
     copystream.export_table(db, table, out, format="parquet", **options)
     return out
+
+
+def test_binary_path_survives_terminated_backends(db: str, tmp_path: Path) -> None:
+    """A chunk's ADBC connection terminated mid-COPY (pg_terminate_backend, three times) is a
+    lost connection: retried on a fresh one, and the dataset holds every row once, in order."""
+    out = tmp_path / "t.parquet"
+    proc = subprocess.Popen(
+        export_cmd(db, "big", out, "--format", "parquet", "--chunk-rows", "2000", "-v"),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = 0
+    with psycopg.connect(db, autocommit=True) as conn:
+        while proc.poll() is None and killed < 3:
+            row = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+                "application_name = 'copystream' AND query LIKE 'COPY (SELECT%' "
+                "AND datname = current_database()"
+            ).fetchone()
+            killed += row[0] if row else 0
+            time.sleep(0.05)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert killed >= 1 and "connection lost" in stderr, stderr
+    ids = read_dataset(out).column("id").to_pylist()
+    assert ids == list(range(1, 60001))
+    copystream.verify_file(out)
+
+
+def test_adbc_errors_are_worded_as_psycopg_errors_pure() -> None:
+    """An ADBC error becomes the psycopg error of its SQLSTATE (none: a lost connection, which
+    copystream retries), with the server's line only (not the query after it, which holds key
+    values) and the connection's secrets masked."""
+    import adbc_driver_manager
+
+    from copystream.arrowchunk import adbc_error
+    from copystream.retry import classify
+
+    refused = adbc_driver_manager.DataError(
+        "INVALID_DATA: [libpq] Failed: ERROR:  invalid input syntax for type bigint: "
+        '"copystream-parquet-value:d\x1fNaN\x1f x at key 2"\n\nQuery was: COPY (SELECT 1)',
+        status_code=adbc_driver_manager.AdbcStatusCode.INVALID_DATA,
+        sqlstate="22P02",
+    )
+    error = adbc_error(refused, ["hunter2"])
+    assert isinstance(error, psycopg.errors.InvalidTextRepresentation)
+    assert str(error).startswith("invalid input syntax") and "Query was" not in str(error)
+    assert classify(error) is None  # the request's fault: not retried
+    lost = adbc_driver_manager.OperationalError(
+        "IO: [libpq] connection to postgresql://u:hunter2@h/db failed: server closed the "
+        "connection unexpectedly",
+        status_code=adbc_driver_manager.AdbcStatusCode.IO,
+    )
+    error = adbc_error(lost, ["hunter2"])
+    assert type(error) is psycopg.OperationalError and "hunter2" not in str(error)
+    failure = classify(error)
+    assert failure is not None and failure.outage
