@@ -857,3 +857,27 @@ def test_adbc_errors_are_worded_as_psycopg_errors_pure() -> None:
     assert type(error) is psycopg.OperationalError and "hunter2" not in str(error)
     failure = classify(error)
     assert failure is not None and failure.outage
+
+
+def test_binary_path_reads_the_export_snapshot(db: str, tmp_path: Path) -> None:
+    """``consistent``: every chunk's ADBC transaction imports the export's snapshot, so a row
+    committed while the export runs (after its first chunk) is not in the dataset."""
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE snap AS SELECT id, name FROM big WHERE id <= 20000")
+        conn.execute("ALTER TABLE snap ADD PRIMARY KEY (id)")
+    inserted: list[bool] = []
+
+    def progress(_: Any) -> None:
+        if not inserted:
+            with psycopg.connect(db, autocommit=True) as conn:
+                conn.execute("INSERT INTO snap VALUES (99999, 'late')")
+            inserted.append(True)
+
+    out = tmp_path / "snap.parquet"
+    result = copystream.export_table(
+        db, "snap", out, format="parquet", consistent=True, chunk_rows=1000, progress=progress
+    )
+    assert inserted and result.rows == 20000
+    assert read_dataset(out).column("id").to_pylist() == list(range(1, 20001))
+    with psycopg.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM snap").fetchone() == (20001,)
