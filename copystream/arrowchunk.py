@@ -18,6 +18,8 @@ with the server's message only (not the query) and the connection's secrets mask
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -71,15 +73,19 @@ def _adbc() -> Any:
 
 def connect_adbc(
     target: Target, settings: dict[str, str], statement_timeout: float | None
-) -> Any:
+) -> tuple[Any, int | None]:
     """An autocommit ADBC connection with the connection hygiene, the pinned ``settings``
-    (and ``statement_timeout``). Raises psycopg's errors (:func:`adbc_error`)."""
+    (and ``statement_timeout``), and its socket's descriptor (``None``: not found). Raises
+    psycopg's errors (:func:`adbc_error`)."""
     dbapi, error = _adbc()
     params = {**HYGIENE, **target.params}
+    before = _sockets()
     try:
         conn = dbapi.connect(make_conninfo(**{k: str(v) for k, v in params.items()}))
     except error as e:
         raise adbc_error(e, target.secrets) from None
+    port = str(target.params.get("port") or "5432").split(",")[0]
+    opened = {fd for fd in _sockets() - before if _peer_port(fd) == port}
     try:
         conn.adbc_connection.set_autocommit(True)
         pinned = dict(settings)
@@ -91,7 +97,33 @@ def connect_adbc(
     except error as e:
         conn.close()
         raise adbc_error(e, target.secrets) from None
-    return conn
+    return conn, (opened.pop() if len(opened) == 1 else None)
+
+
+def _peer_port(fd: int) -> str | None:
+    """The port (or Unix socket's ``.s.PGSQL.PORT`` suffix) that socket ``fd`` is connected
+    to, or ``None``."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            peer = sock.getpeername()
+    except OSError:
+        return None
+    if isinstance(peer, tuple):
+        return str(peer[1])
+    text = peer.decode() if isinstance(peer, bytes) else str(peer)
+    return text.rsplit(".", 1)[-1] if ".s.PGSQL." in text else None
+
+
+def _sockets() -> set[int]:
+    """This process's open socket descriptors (libpq's, inside ADBC, is not exposed: it is the
+    one a connection adds; the chunk loop's thread opens connections one at a time)."""
+    found = set()
+    with contextlib.suppress(OSError):
+        for name in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                    found.add(int(name))
+    return found
 
 
 def _reader(cursor: Any) -> Any:
@@ -103,11 +135,13 @@ def _reader(cursor: Any) -> Any:
 
 
 class _Watchdog:
-    """Cancels the running statement when no batch arrived for ``seconds`` (ADBC blocks in
-    libpq, where no select() timeout reaches): the chunk then fails as a stall."""
+    """Ends the running statement when no batch arrived for ``seconds`` (ADBC blocks in
+    libpq, where no select() timeout reaches): it shuts the connection's socket down, as
+    :func:`~copystream.connection.io_deadline` does (a cancel request would go through the
+    same stalled network), else cancels; the chunk then fails as a stall."""
 
-    def __init__(self, cursor: Any, seconds: float) -> None:
-        self.cursor, self.seconds, self.fired = cursor, seconds, False
+    def __init__(self, cursor: Any, sock: int | None, seconds: float) -> None:
+        self.cursor, self.sock, self.seconds, self.fired = cursor, sock, seconds, False
         self._timer: threading.Timer | None = None
 
     def pet(self) -> None:
@@ -119,7 +153,14 @@ class _Watchdog:
     def _fire(self) -> None:
         self.fired = True
         with contextlib.suppress(Exception):  # the stall is reported by the chunk either way
-            self.cursor.adbc_cancel()
+            if self.sock is None:
+                self.cursor.adbc_cancel()
+                return
+            sock = socket.socket(fileno=os.dup(self.sock))
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # acts on the connection's own socket
+            finally:
+                sock.close()
 
     def stop(self) -> None:
         if self._timer is not None:
@@ -131,8 +172,11 @@ class ArrowChunkRunner:
     (:func:`connect_adbc`). Same interface as :class:`~copystream.chunk.ChunkRunner`; after any
     exception the connection must be discarded."""
 
-    def __init__(self, conn: Any, target: Target, *, io_timeout: float) -> None:
+    def __init__(
+        self, conn: Any, target: Target, *, io_timeout: float, sock: int | None = None
+    ) -> None:
         self.conn = conn
+        self.sock = sock
         self.secrets = target.secrets
         self.io_timeout = io_timeout
         self.chunks_served = 0
@@ -154,7 +198,7 @@ class ArrowChunkRunner:
         on_data: Callable[[int, int], None] | None = None,
     ) -> ChunkOutcome:
         """Export ``chunk`` into ``dest`` (which takes Arrow batches), committed."""
-        watchdog = _Watchdog(self._cursor, self.io_timeout)
+        watchdog = _Watchdog(self._cursor, self.sock, self.io_timeout)
         try:
             outcome = self._run(chunk, dest, on_data, watchdog)
         except self._error as e:

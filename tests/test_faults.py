@@ -1012,3 +1012,47 @@ def test_a_session_the_server_ended_for_its_idle_timeout_is_retried(dsn: str) ->
     failure = classify(caught.value)
     assert failure is not None, f"{caught.value.sqlstate}: {caught.value}"
     print(f"{caught.value.sqlstate}: {failure.reason}")
+
+
+def test_parquet_binary_path_stall_is_detected_and_retried(
+    dsn: str, tmp_path: Path, proxy: Proxy
+) -> None:
+    """A Parquet export reads through ADBC, which blocks inside libpq: a network that stops
+    answering mid-COPY is still noticed after the I/O timeout and retried on a fresh
+    connection; the dataset has every row once."""
+    make_table(dsn, 100_000)
+    out = tmp_path / "t.parquet"
+    stalled_at: list[float] = []
+
+    def progress(p: Any) -> None:
+        if not stalled_at and p.rows >= 30_000:
+            proxy.stall()
+            stalled_at.append(time.monotonic())
+
+    stop = threading.Event()
+    with watch_log(lambda m: "I/O timeout" in m or "no data from the server" in m) as stalls:
+
+        def unstaller() -> None:
+            if stalls.seen.wait(30) and not stop.is_set():
+                time.sleep(0.2)
+                proxy.unstall()
+
+        thread = threading.Thread(target=unstaller, name="unstaller", daemon=True)
+        thread.start()
+        try:
+            result = run_guarded(
+                lambda: export_table(
+                    via_proxy(dsn, proxy.port), "t", out, format="parquet", chunk_rows=2000,
+                    retry_policy=FAST, io_timeout=1.0, progress=progress,
+                ),
+                unblock=proxy.reset,
+            )  # fmt: skip
+        finally:
+            stop.set()
+            thread.join(10)
+            proxy.reset()
+    assert stalled_at and stalls.messages and result.retries >= 1
+    import pyarrow.dataset as ds
+
+    ids = ds.dataset(out, format="parquet").to_table().column("id").to_pylist()
+    assert ids == list(range(1, 100_001))
