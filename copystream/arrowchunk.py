@@ -38,7 +38,7 @@ from .retry import StallTimeout
 from .server import snapshot_gone_errors
 from .settings import apply_settings_query
 
-__all__ = ["BATCH_BYTES", "ArrowChunkRunner", "adbc_error", "connect_adbc"]
+__all__ = ["BATCH_BYTES", "AdbcLink", "ArrowChunkRunner", "adbc_error", "connect_adbc"]
 
 #: ADBC's record batches are about this large (its default, 16 MB, is held several times over
 #: between the driver, the queue and the decoding thread: on 1,000,000 rows of the bench table
@@ -65,40 +65,97 @@ def adbc_error(e: BaseException, secrets: Sequence[str]) -> psycopg.Error:
     return error
 
 
-def _adbc() -> Any:
+def _adbc() -> tuple[Any, Any, Any]:
+    """The driver, ADBC's driver manager and its reader module. Its low-level API, not its
+    DB-API: that one imports pyarrow.dataset and pyarrow.compute (~13 MB of every process)."""
     import adbc_driver_manager
-    import adbc_driver_postgresql.dbapi  # type: ignore[import-untyped]
+    import adbc_driver_postgresql  # type: ignore[import-untyped]
+    from adbc_driver_manager import _reader
 
-    return adbc_driver_postgresql.dbapi, adbc_driver_manager.Error
+    return adbc_driver_postgresql, adbc_driver_manager, _reader
+
+
+class AdbcLink:
+    """One ADBC connection (autocommit, as ADBC's connections start), and the statement it
+    runs. ``sock``: its socket's descriptor (``None``: not found)."""
+
+    def __init__(self, database: Any, connection: Any, sock: int | None) -> None:
+        _, self.manager, self.reader = _adbc()
+        self.error = self.manager.Error
+        self.database, self.connection, self.sock = database, connection, sock
+        self.statement: Any = None
+
+    def _statement(self, query: sql.Composable) -> Any:
+        self._end_statement()
+        self.statement = self.manager.AdbcStatement(self.connection)
+        self.statement.set_options(**{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)})
+        self.statement.set_sql_query(query.as_string(None))
+        return self.statement
+
+    def _end_statement(self) -> None:
+        statement, self.statement = self.statement, None
+        if statement is not None:
+            with contextlib.suppress(Exception):
+                statement.close()
+
+    def command(self, query: sql.Composable) -> None:
+        """Run a statement that returns no rows."""
+        self._statement(query).execute_update()
+        self._end_statement()
+
+    def stream(self, query: sql.Composable) -> Any:
+        """The record batches of ``query``: ADBC's own reader, whose errors are ADBC's with
+        their SQLSTATE (pyarrow's, inside it, raises a bare ``OSError``)."""
+        handle, _ = self._statement(query).execute_query()
+        return self.reader.AdbcRecordBatchReader._import_from_c(handle.address)
+
+    def rows(self, query: sql.Composable) -> list[tuple[Any, ...]]:
+        """The rows of ``query``."""
+        table = self.stream(query).read_all()
+        self._end_statement()
+        return list(zip(*(column.to_pylist() for column in table.columns), strict=True))
+
+    def cancel(self) -> None:
+        """Cancel the running statement (from another thread)."""
+        if self.statement is not None:
+            self.statement.cancel()
+
+    def close(self) -> None:
+        """Close the statement, the connection and its database handle."""
+        self._end_statement()
+        for handle in (self.connection, self.database):
+            with contextlib.suppress(Exception):
+                handle.close()
 
 
 def connect_adbc(
     target: Target, settings: dict[str, str], statement_timeout: float | None
-) -> tuple[Any, int | None]:
-    """An autocommit ADBC connection with the connection hygiene, the pinned ``settings``
-    (and ``statement_timeout``), and its socket's descriptor (``None``: not found). Raises
-    psycopg's errors (:func:`adbc_error`)."""
-    dbapi, error = _adbc()
+) -> AdbcLink:
+    """An ADBC connection with the connection hygiene, the pinned ``settings`` (and
+    ``statement_timeout``). Raises psycopg's errors (:func:`adbc_error`)."""
+    driver, manager, _ = _adbc()
     params = {**HYGIENE, **target.params}
     before = _sockets()
+    database = connection = None
     try:
-        conn = dbapi.connect(make_conninfo(**{k: str(v) for k, v in params.items()}))
-    except error as e:
+        database = driver.connect(make_conninfo(**{k: str(v) for k, v in params.items()}))
+        connection = manager.AdbcConnection(database)
+    except manager.Error as e:
+        if database is not None:
+            database.close()
         raise adbc_error(e, target.secrets) from None
     port = str(target.params.get("port") or "5432").split(",")[0]
     opened = {fd for fd in _sockets() - before if _peer_port(fd) == port}
+    link = AdbcLink(database, connection, opened.pop() if len(opened) == 1 else None)
     try:
-        conn.adbc_connection.set_autocommit(True)
         pinned = dict(settings)
         if statement_timeout is not None:
             pinned["statement_timeout"] = f"{int(statement_timeout * 1000)}ms"
-        with conn.cursor() as cur:
-            cur.execute(apply_settings_query(pinned).as_string(None))
-            cur.fetchall()
-    except error as e:
-        conn.close()
+        link.rows(apply_settings_query(pinned))
+    except manager.Error as e:
+        link.close()
         raise adbc_error(e, target.secrets) from None
-    return conn, (opened.pop() if len(opened) == 1 else None)
+    return link
 
 
 def _peer_port(fd: int) -> str | None:
@@ -127,22 +184,14 @@ def _sockets() -> set[int]:
     return found
 
 
-def _reader(cursor: Any) -> Any:
-    """The statement's record batches. ADBC's own reader, whose errors are ADBC's with their
-    SQLSTATE: the public ``fetch_record_batch()`` returns pyarrow's inside it, whose failed
-    stream is a bare ``OSError`` (a refused value would look like a lost connection)."""
-    reader = getattr(getattr(cursor, "_results", None), "reader", None)
-    return reader if reader is not None else cursor.fetch_record_batch()
-
-
 class _Watchdog:
     """Ends the running statement when no batch arrived for ``seconds`` (ADBC blocks in
     libpq, where no select() timeout reaches): it shuts the connection's socket down, as
     :func:`~copystream.connection.io_deadline` does (a cancel request would go through the
     same stalled network), else cancels; the chunk then fails as a stall."""
 
-    def __init__(self, cursor: Any, sock: int | None, seconds: float) -> None:
-        self.cursor, self.sock, self.seconds, self.fired = cursor, sock, seconds, False
+    def __init__(self, link: AdbcLink, seconds: float) -> None:
+        self.link, self.sock, self.seconds, self.fired = link, link.sock, seconds, False
         self._timer: threading.Timer | None = None
 
     def pet(self) -> None:
@@ -155,7 +204,7 @@ class _Watchdog:
         self.fired = True
         with contextlib.suppress(Exception):  # the stall is reported by the chunk either way
             if self.sock is None:
-                self.cursor.adbc_cancel()
+                self.link.cancel()
                 return
             sock = socket.socket(fileno=os.dup(self.sock))
             try:
@@ -173,21 +222,14 @@ class ArrowChunkRunner:
     (:func:`connect_adbc`). Same interface as :class:`~copystream.chunk.ChunkRunner`; after any
     exception the connection must be discarded."""
 
-    def __init__(
-        self, conn: Any, target: Target, *, io_timeout: float, sock: int | None = None
-    ) -> None:
-        self.conn = conn
-        self.sock = sock
+    def __init__(self, link: AdbcLink, target: Target, *, io_timeout: float) -> None:
+        self.link = link
         self.secrets = target.secrets
         self.io_timeout = io_timeout
         self.chunks_served = 0
-        self._error = _adbc()[1]
-        self._cursor = conn.cursor()
-        self._cursor.adbc_statement.set_options(
-            **{"adbc.postgresql.batch_size_hint_bytes": str(BATCH_BYTES)}
-        )
+        self._error = link.error
         try:
-            found = self._execute(sql.SQL("SELECT current_setting('server_version_num')::int"))
+            found = link.rows(sql.SQL("SELECT current_setting('server_version_num')::int"))
         except self._error as e:
             raise adbc_error(e, self.secrets) from None
         self.server_version = int(found[0][0])
@@ -199,7 +241,7 @@ class ArrowChunkRunner:
         on_data: Callable[[int, int], None] | None = None,
     ) -> ChunkOutcome:
         """Export ``chunk`` into ``dest`` (which takes Arrow batches), committed."""
-        watchdog = _Watchdog(self._cursor, self.sock, self.io_timeout)
+        watchdog = _Watchdog(self.link, self.io_timeout)
         try:
             outcome = self._run(chunk, dest, on_data, watchdog)
         except self._error as e:
@@ -213,22 +255,18 @@ class ArrowChunkRunner:
         self.chunks_served += 1
         return outcome
 
-    def _execute(self, query: sql.Composable) -> list[tuple[Any, ...]]:
-        cur = self._cursor
-        cur.execute(query.as_string(None))
-        return list(cur.fetchall()) if cur.description else []
-
     def _begin(self, snapshot: str | None) -> None:
-        self._execute(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        self.link.command(sql.SQL("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
         if snapshot is not None:
             try:
-                self._execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+                query = sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot))
+                self.link.command(query)
             except self._error as e:
                 error = adbc_error(e, self.secrets)
                 if isinstance(error, snapshot_gone_errors(self.server_version)):
                     raise SnapshotGone(str(error)) from None
                 raise error from None
-        found = self._execute(
+        found = self.link.rows(
             sql.SQL(
                 "SELECT current_setting('transaction_read_only'), "
                 "current_setting('transaction_isolation')"
@@ -249,9 +287,7 @@ class ArrowChunkRunner:
         watchdog.pet()
         self._begin(c.snapshot)
         limit = c.rows if c.rows > 0 else None
-        cur = self._cursor
-        cur.execute(binary_query(c.table, after=c.after, upto=c.until, limit=limit).as_string(None))
-        reader = _reader(cur)
+        reader = self.link.stream(binary_query(c.table, after=c.after, upto=c.until, limit=limit))
         rows = nbytes = 0
         last_key: tuple[str, ...] | None = None
         width = len(reader.schema) - plan.key_columns
@@ -268,5 +304,5 @@ class ArrowChunkRunner:
             nbytes += values.nbytes
             if on_data is not None:
                 on_data(rows, nbytes)
-        self._execute(sql.SQL("COMMIT"))
+        self.link.command(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=rows, last_key=last_key, final=limit is None or rows < limit)

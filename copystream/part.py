@@ -261,12 +261,10 @@ class PartRunner:
         self.close()
         timeout = self.job.run.statement_timeout
         if self.job.table.binary is not None:
-            conn, sock = connect_adbc(self.target, settings, timeout)
-            self.conns.append(conn)
+            link = connect_adbc(self.target, settings, timeout)
+            self.conns.append(link)
             self.conn_born = time.monotonic()
-            self.runner = ArrowChunkRunner(
-                conn, self.target, io_timeout=self.job.run.io_timeout, sock=sock
-            )
+            self.runner = ArrowChunkRunner(link, self.target, io_timeout=self.job.run.io_timeout)
             return self.runner
         for _ in range(2 if side else 1):
             conn = connect(self.target, settings=settings)
