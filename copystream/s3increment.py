@@ -19,6 +19,7 @@ with one worker (a warning says so when more are asked for).
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import incremental, s3url, watermark
@@ -40,8 +41,10 @@ log = logging.getLogger("copystream")
 
 
 def check_s3_request(spec: ExportSpec, run: RunOptions, output: str) -> None:
-    """Refuse the increments S3 does not take (before anything is read or written)."""
-    incremental.check_request(run, spec.watermark)
+    """Refuse the increments S3 does not take (before anything is read or written). An
+    append's ``restart`` aborts only the unfinished append (the object stays)."""
+    append = run.incremental and run.since is None and spec.watermark is None
+    incremental.check_request(replace(run, restart=False) if append else run, spec.watermark)
 
 
 def load_any_manifest(since: str) -> tuple[Manifest | None, str]:
