@@ -71,9 +71,11 @@ def test_three_appends_to_an_object_are_psqls_full_export(
     for n in range(1, 4):
         insert(run_sql, dsn, total + 1, total + 500 * n)
         total += 500 * n
-        proc = run(export(dsn, out, "--incremental", "--chunk-rows", "400"))
+        workers = ["--workers", "2"] if n == 3 else []  # one worker all the same, said
+        proc = run(export(dsn, out, "--incremental", "--chunk-rows", "400", *workers))
         assert_ok(proc)
         assert f"{500 * n:,} rows appended" in proc.stdout
+        assert ("append to an S3 object runs with one worker" in proc.stderr) == bool(workers)
         assert body(s3, f"ap/{name}") == psql_csv(dsn, "SELECT * FROM ev ORDER BY id")
         m = json.loads(get(s3, f"ap/{name}.manifest.json"))
         assert m["rows"] == total and len(m["increments"]) == n + 1
