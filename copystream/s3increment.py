@@ -18,13 +18,14 @@ with one worker (a warning says so when more are asked for).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import incremental, s3url, watermark
 from .checkpoint import Checkpoint
-from .errors import UsageError
+from .errors import CopystreamError, UsageError
 from .manifest import Manifest, load_manifest
 from .spec import ExportSpec, RunOptions
 from .state import Complete, Fresh, OnDisk, Resume
@@ -147,8 +148,10 @@ def begin_append(side: Sidecars, session: ExportSession, found: OnDisk) -> OnDis
     cp = incremental.append_checkpoint(found.manifest, identity, state, **sizes)
     try:
         side.save_checkpoint(cp)  # the upload id is recorded before any new byte is uploaded
-    except BaseException:
-        abort_append(side)
+    except BaseException:  # (another run's checkpoint, say: its upload and checkpoint stay)
+        with contextlib.suppress(CopystreamError):
+            side._call("aborting the upload", "abort_multipart_upload", "",
+                       UploadId=state["upload_id"])  # fmt: skip
         raise
     return Resume(cp, None)
 
