@@ -268,7 +268,7 @@ def run_s3_export(
         if increment:  # after another export, or a watermark one: to a new object
             follows, found = begin_since(side, session, found, workers=run.workers)
         elif append:  # to the object itself: a new upload that begins with it
-            found = begin_append(side, session, found)
+            found = begin_append(side, session, found, workers=run.workers)
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest

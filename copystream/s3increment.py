@@ -122,10 +122,13 @@ def _new_checkpoint(
     return cp
 
 
-def begin_append(side: Sidecars, session: ExportSession, found: OnDisk) -> OnDisk:
+def begin_append(
+    side: Sidecars, session: ExportSession, found: OnDisk, *, workers: int = 1
+) -> OnDisk:
     """``found`` as an append to the object continues: an unfinished append resumes as it
     is; a complete export that verifies gets the append's checkpoint (a new upload beginning
-    with the object), saved before any new byte is uploaded; anything else is refused."""
+    with the object), saved before any new byte is uploaded; anything else is refused.
+    ``workers`` above 1 are warned of: an append runs with one."""
     from .continuation import checkpoint_sizes
     from .destinations.s3 import append_state
 
@@ -138,7 +141,7 @@ def begin_append(side: Sidecars, session: ExportSession, found: OnDisk) -> OnDis
         raise incremental.refuse_append(url, manifest, identity, f"{url}{MANIFEST}")
     if int(head["ContentLength"]) != found.manifest.bytes:  # replaced since it was verified
         raise incremental.refuse_append(url, found.manifest, identity, f"{url}{MANIFEST}")
-    if session.run.workers > 1:
+    if workers > 1:
         log.warning(
             "%s: an append to an S3 object runs with one worker (its new bytes follow the "
             "object's in one upload)", session.table.qualified,
