@@ -3,8 +3,9 @@ whose manifest is complete, against moto's S3 server on localhost (the fixtures 
 tests/test_s3.py). The append is a new multipart upload to the same key beginning with the
 object (copied server-side from 5 MiB, read back below); each round equals psql's full export,
 ``verify`` passes, and the manifest keeps the history of increments. A SIGKILLed append leaves
-the object and its manifest as they were and resumes from another working directory; an object
-that no longer matches its manifest is refused with nothing changed."""
+the object and its manifest as they were and resumes from another working directory (also one
+killed before its first part, which reads the object back again); ``--restart`` aborts only the
+append; an object that no longer matches its manifest is refused with nothing changed."""
 
 from __future__ import annotations
 
@@ -127,6 +128,38 @@ def test_a_killed_append_resumes_from_another_directory(
     assert [i["rows"] for i in m["increments"]] == [3000, 247_000]
     assert_ok(run(cli("verify", out)))
     assert uploads(s3) == [] and list(fresh.iterdir()) == []
+
+
+def test_an_append_killed_before_its_first_part_resumes(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv
+) -> None:
+    """Killed once its checkpoint is saved but before its first part (a small object's bytes
+    and the first new chunks) is uploaded, an append resumes by reading the object back into
+    its first part again: psql's full export, the increment recorded once."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 100)
+    out = f"s3://{BUCKET}/p/ev.csv.zst"
+    assert_ok(run(export(dsn, out)))
+    insert(run_sql, dsn, 101, 200_000)
+    cmd = export(dsn, out, "--incremental", "--chunk-rows", "2000")
+
+    def begun() -> bool:
+        if "p/ev.csv.zst.checkpoint.json" not in keys(s3):
+            return False
+        return not json.loads(get(s3, "p/ev.csv.zst.checkpoint.json"))["destination"]["parts"]
+
+    with started(cmd) as s:
+        assert wait_until(s, begun), s.stderr()
+        s.proc.kill()
+        s.proc.wait(timeout=30)
+    cp = json.loads(get(s3, "p/ev.csv.zst.checkpoint.json"))["destination"]
+    assert cp["parts"] == [] and cp["prefix"]["bytes"] < PART_MIN
+    assert_ok(run(cmd))
+    assert body(s3, "p/ev.csv.zst") == psql_csv(dsn, "SELECT * FROM ev ORDER BY id")
+    m = json.loads(get(s3, "p/ev.csv.zst.manifest.json"))
+    assert [i["rows"] for i in m["increments"]] == [100, 199_900]
+    assert_ok(run(cli("verify", out, "--deep")))
+    assert uploads(s3) == []
 
 
 def test_restart_aborts_an_unfinished_append(
