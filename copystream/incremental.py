@@ -110,19 +110,24 @@ def _another(path: object, field: str, recorded: Any, expected: Any) -> UsageErr
 
 
 def refuse_append(
-    output: Path, manifest: Manifest | None, identity: Mapping[str, Any]
+    output: Path | str,
+    manifest: Manifest | None,
+    identity: Mapping[str, Any],
+    manifest_at: str | None = None,
 ) -> UsageError:
-    """Why ``output`` cannot be appended to (it has no complete export that verifies)."""
+    """Why ``output`` cannot be appended to (it has no complete export that verifies);
+    ``manifest_at``: where its manifest is, if not beside a local file (an S3 object's)."""
+    where = manifest_at or str(manifest_path(Path(output)))
     if manifest is None:
         return UsageError(
-            f"{output} has no complete export to continue ({manifest_path(output).name} "
-            "does not exist)",
+            f"{output} has no complete export to continue "
+            f"({manifest_at or manifest_path(Path(output)).name} does not exist)",
             remedy=Remedy.FULL_EXPORT,
         )
     recorded = manifest_identity(manifest)
     name = _mismatch(recorded, identity, compress=True)
     if name is not None:
-        return _another(manifest_path(output), name, recorded.get(name), identity.get(name))
+        return _another(where, name, recorded.get(name), identity.get(name))
     return UsageError(
         f"{output} does not match its manifest (it was changed since it was exported)",
         remedy=Remedy.FULL_EXPORT,

@@ -673,7 +673,9 @@ def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> R
 
         r = ranges
         final = combined(r.export, r.settings, r.started_at, [o.checkpoint for o in outcomes])
-        final = replace(final, increment=outcomes[0].checkpoint.increment)  # an increment's
+        first = outcomes[0].checkpoint
+        if first.increment is not None:  # it continues the dataset's export, started before
+            final = replace(final, increment=first.increment, started_at=first.started_at)
         return Ran(tuple(outcomes), final, final.xxh3_128)
     final, digest = join_parts(out, ranges, outcomes)
     return Ran(tuple(outcomes), final, digest)

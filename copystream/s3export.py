@@ -45,7 +45,7 @@ from .pool import started_ahead
 from .progress import Progress
 from .ranges import KeyRanges
 from .retry import RetryPolicy
-from .s3increment import begin_since, check_s3_request
+from .s3increment import abort_append, begin_append, begin_since, check_s3_request
 from .s3ranges import PLAN, load_plan, range_url, remove_ranges, run_ranges
 from .s3url import S3Url, classify
 from .spec import ExportSpec, RunOptions, identity_mismatch, require_same
@@ -257,13 +257,18 @@ def run_s3_export(
     with S3Session(
         conninfo, spec, Path(side.url.key), one, sleep, table=table, snapshot=snapshot
     ) as session:
-        if run.restart:
+        append = run.incremental and run.since is None and spec.watermark is None
+        if run.restart and append:
+            abort_append(side)  # the object and its manifest stay
+        elif run.restart:
             restart(side)
         found = discover(side, session.spec.identity())
         increment = run.since is not None or spec.watermark is not None
         follows = None
         if increment:  # after another export, or a watermark one: to a new object
             follows, found = begin_since(side, session, found, workers=run.workers)
+        elif append:  # to the object itself: a new upload that begins with it
+            found = begin_append(side, session, found, workers=run.workers)
         if isinstance(found, Complete):
             log.info("%s: %s is already complete and verifies; nothing to do", spec.table, output)
             m = found.manifest
@@ -285,8 +290,11 @@ def run_s3_export(
         manifest = manifest_of(
             session.table, cp, digest, started, resumed=resumed, workers=1, point_in_time=pit
         )
-        if increment:  # what it follows, its watermark
-            fields = manifest_fields(cp, None, finished_at=manifest.finished_at, seconds=0)
+        if increment or append:  # what it follows, its watermark; an append's history
+            old = side.load_manifest() if append else None  # the object's until rewritten
+            fields = manifest_fields(
+                cp, old, finished_at=manifest.finished_at, seconds=manifest.seconds
+            )
             manifest = replace(manifest, **fields)
         side.save_manifest(manifest)
         side.delete(CHECKPOINT)

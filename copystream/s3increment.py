@@ -8,20 +8,24 @@ previous one). With ``workers`` a ``since`` increment runs as key ranges after t
 export's last key into one upload (:mod:`copystream.s3ranges`); a watermark one keeps one worker
 (docs/cli.md, --workers).
 
-An append to an existing object (``incremental`` without ``since``) is refused
-(exit 2): it would need a new multipart upload whose first part copies the old object
-(``UploadPartCopy``, for an object of at least 5 MiB) and a re-read of the object to continue
-its digest; not built yet.
+An append to an existing object (``incremental`` without ``since``) is a new multipart upload
+to the same key whose first bytes are the object's (``append_state`` of
+:mod:`copystream.destinations.s3`: copied server-side, or read back when smaller than S3's
+5 MiB part), the new chunks after them as parts; the object and its manifest stay as they
+were until the upload is completed. It runs
+with one worker (a warning says so when more are asked for).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from . import incremental, s3url, watermark
 from .checkpoint import Checkpoint
-from .errors import UsageError
+from .errors import CopystreamError, UsageError
 from .manifest import Manifest, load_manifest
 from .spec import ExportSpec, RunOptions
 from .state import Complete, Fresh, OnDisk, Resume
@@ -30,7 +34,7 @@ if TYPE_CHECKING:
     from .pipeline import ExportSession
     from .s3export import Sidecars
 
-__all__ = ["begin_since", "check_s3_request", "load_any_manifest"]
+__all__ = ["abort_append", "begin_append", "begin_since", "check_s3_request", "load_any_manifest"]
 
 MANIFEST = ".manifest.json"
 
@@ -38,10 +42,10 @@ log = logging.getLogger("copystream")
 
 
 def check_s3_request(spec: ExportSpec, run: RunOptions, output: str) -> None:
-    """Refuse the increments S3 does not take (before anything is read or written)."""
-    incremental.check_request(run, spec.watermark)
-    if run.incremental and run.since is None:
-        raise UsageError(f"an increment cannot be appended to an S3 object yet ({output})")
+    """Refuse the increments S3 does not take (before anything is read or written). An
+    append's ``restart`` aborts only the unfinished append (the object stays)."""
+    append = run.incremental and run.since is None and spec.watermark is None
+    incremental.check_request(replace(run, restart=False) if append else run, spec.watermark)
 
 
 def load_any_manifest(since: str) -> tuple[Manifest | None, str]:
@@ -116,3 +120,50 @@ def _new_checkpoint(
         )
     side.save_checkpoint(cp)
     return cp
+
+
+def begin_append(
+    side: Sidecars, session: ExportSession, found: OnDisk, *, workers: int = 1
+) -> OnDisk:
+    """``found`` as an append to the object continues: an unfinished append resumes as it
+    is; a complete export that verifies gets the append's checkpoint (a new upload beginning
+    with the object), saved before any new byte is uploaded; anything else is refused.
+    ``workers`` above 1 are warned of: an append runs with one."""
+    from .continuation import checkpoint_sizes
+    from .destinations.s3 import append_state
+
+    identity = session.spec.identity()
+    if isinstance(found, Resume):
+        return found
+    head, url = side.head(), str(side.url)
+    if not isinstance(found, Complete) or head is None:
+        manifest = side.load_manifest()
+        raise incremental.refuse_append(url, manifest, identity, f"{url}{MANIFEST}")
+    if int(head["ContentLength"]) != found.manifest.bytes:  # replaced since it was verified
+        raise incremental.refuse_append(url, found.manifest, identity, f"{url}{MANIFEST}")
+    if workers > 1:
+        log.warning(
+            "%s: an append to an S3 object runs with one worker (its new bytes follow the "
+            "object's in one upload)", session.table.qualified,
+        )  # fmt: skip
+    state = append_state(side.client, side.url, identity.get("compress"), head)
+    sizes = checkpoint_sizes(session)
+    cp = incremental.append_checkpoint(found.manifest, identity, state, **sizes)
+    try:
+        side.save_checkpoint(cp)  # the upload id is recorded before any new byte is uploaded
+    except BaseException:  # (another run's checkpoint, say: its upload and checkpoint stay)
+        with contextlib.suppress(CopystreamError):
+            side._call("aborting the upload", "abort_multipart_upload", "",
+                       UploadId=state["upload_id"])  # fmt: skip
+        raise
+    return Resume(cp, None)
+
+
+def abort_append(side: Sidecars) -> None:
+    """Abort an unfinished append to ``side.url`` (``restart``): its uploads and checkpoint go,
+    the object and its manifest stay as they are."""
+    from .s3export import CHECKPOINT
+
+    aborted = side.abort_uploads()
+    side.delete(CHECKPOINT)
+    log.info("%s: unfinished append discarded (%d upload(s) aborted)", side.url, aborted)

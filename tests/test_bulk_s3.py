@@ -5,7 +5,8 @@ manifest object beside it, byte for byte psql's CSV (decompressed); the report i
 the bucket with no secret in it; a job killed (the coordinator, or a worker) resumes, also from
 another working directory, to the same objects; a re-run of a finished job skips every table
 from one listing of the prefix, exporting nothing again; a bad bucket is one line, exit 2,
-before PostgreSQL is read; what S3 cannot take of a plan is refused with the plan's problems.
+before PostgreSQL is read; what S3 cannot take of a plan is refused with the plan's problems;
+``incremental = true`` puts each table in full, then appends to its object in place.
 """
 
 from __future__ import annotations
@@ -136,7 +137,6 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
     bad = (
         '[defaults]\noutput_dir = "s3://b/p"\n[[tables]]\nname = "t"\noutput = "s3://b/t.csv"\n'
         '[[tables]]\nname = "u"\nformat = "parquet"\n'
-        '[[tables]]\nname = "v"\nincremental = true\n'
         '[[tables]]\nname = "w"\nwatermark = "at"\nworkers = 2\n'
     )
     with pytest.raises(PlanError) as info:
@@ -145,8 +145,7 @@ def test_a_plan_for_s3_keeps_the_local_names_and_refuses_what_s3_cannot_take() -
         "p.toml:5: tables[0].output: expected a path relative to output_dir (not a directory, "
         "nor an s3:// URL), got 's3://b/t.csv'",
         "p.toml:8: tables[1].format: a Parquet dataset cannot be written to S3 yet",
-        "p.toml:11: tables[2].incremental: an increment cannot be appended to an S3 object yet",
-        "p.toml:15: tables[3].workers: above 1 cannot write an increment to S3 yet",
+        "p.toml:12: tables[2].workers: above 1 cannot write an increment to S3 yet",
     )
     with pytest.raises(UsageError, match="shards cannot write to S3 yet"):
         plan_bulk_shards(plan, shards=2)
@@ -353,3 +352,48 @@ def test_watermark_runs_write_a_chain_of_objects_that_upserts_to_the_table(
 
 def csv_rows(text: str) -> list[list[str]]:
     return list(csv_module.reader(io.StringIO(text)))
+
+
+def test_incremental_runs_append_to_each_object_in_place(
+    db: str, bucket: Any, tmp_path: Path, pg: EphemeralPostgres
+) -> None:
+    """``incremental = true`` to S3: run 1 puts each table in full (a small one in one put, a
+    larger one as an upload), runs 2 and 3 append the rows inserted meanwhile to the same
+    objects: each is psql's export of its table, verifies, and records every increment once."""
+    run_sql(
+        db,
+        "CREATE TABLE ia (id int PRIMARY KEY, v text);"
+        "CREATE TABLE ib (id int PRIMARY KEY, v text);"
+        "INSERT INTO ia SELECT g, md5(g::text) FROM generate_series(1, 300) g;"
+        "INSERT INTO ib SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 60000) g;"
+        "ANALYZE ia, ib",
+    )
+    plan = tmp_path / "plan.toml"
+    plan.write_text(
+        f'[defaults]\ndsn = {json.dumps(db)}\noutput_dir = "s3://{BUCKET}/inc"\n'
+        "chunk_rows = 5000\nincremental = true\n"
+        '[[tables]]\nname = "public.ia"\n[[tables]]\nname = "public.ib"\ncompress = "zstd"\n'
+    )
+    objects = {"ia": ("public.ia.csv", False), "ib": ("public.ib.csv.zst", True)}
+    base = {"ia": 300, "ib": 60000}
+    try:
+        for round_ in range(3):
+            if round_:
+                for t, n in (("ia", 300), ("ib", 60000)):
+                    first = n + 1000 * round_
+                    run_sql(db, f"INSERT INTO {t} SELECT g, 'r{round_}' FROM "
+                                f"generate_series({first}, {first + 999}) g")  # fmt: skip
+            result = run_bulk(plan, jobs=2)
+            assert result.ok, [t.errors for t in result.failed]
+            assert {o.status for o in result.tables} == {"done"}
+            for t, (name, zst) in objects.items():
+                data = get(bucket, f"inc/{name}")
+                want = psql_copy(pg, db, f"SELECT * FROM {t} ORDER BY id")
+                assert (unzstd(data) if zst else data) == want, (t, round_)
+                m = json.loads(get(bucket, f"inc/{name}.manifest.json"))
+                history = [i["rows"] for i in m.get("increments", [])]
+                assert history == ([base[t]] + [1000] * round_ if round_ else []), (t, round_)
+                assert_ok(run(cli("verify", f"s3://{BUCKET}/inc/{name}", "--deep")))
+        assert uploads(bucket) == []
+    finally:
+        run_sql(db, "DROP TABLE ia, ib")

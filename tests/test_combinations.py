@@ -16,7 +16,6 @@ NOWHERE = "host=127.0.0.1 port=9 dbname=x user=nobody connect_timeout=2"
 @pytest.mark.parametrize(
     ("output", "extra", "needle"),
     [
-        ("s3://bucket/t.csv", ["--incremental"], "cannot be appended to an S3 object yet"),
         ("s3://bucket/t.csv", ["--watermark", "at", "--incremental"], "name the previous export"),
         ("s3://bucket/t", ["--format", "parquet"], "Parquet dataset cannot be written to S3"),
     ],

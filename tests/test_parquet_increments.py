@@ -5,6 +5,7 @@ increments too; read together, the datasets hold the values of a full Parquet ex
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from helpers import (
     read_manifest,
     run,
 )
+from test_incremental_workers import range_counts
+from test_parallel import started, wait_until
 
 import copystream
 
@@ -173,3 +176,50 @@ def test_increments_to_a_dataset_of_key_ranges_keep_it_in_key_order(
         ]
         copystream.verify_file(out)
     assert not list(tmp_path.glob("ev.parquet.*checkpoint*"))
+
+
+def test_a_killed_parallel_increment_to_a_dataset_resumes_identically(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """An increment with ``--workers 2`` to a dataset, its coordinator and workers SIGKILLed
+    once both key ranges have written chunks: the old manifest stays; the same command again
+    resumes the ranges, and the dataset equals one whose increment ran uninterrupted, value by
+    value, in key order, the increment recorded once."""
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, 3000)
+    out, ref = tmp_path / "ev.parquet", tmp_path / "ref.parquet"
+    opts: dict[str, Any] = {"format": "parquet", "chunk_rows": 500}
+    copystream.export_table(dsn, "ev", out, **opts)
+    copystream.export_table(dsn, "ev", ref, **opts)
+    base = len(read_manifest(out)["chunks"])
+    insert(run_sql, dsn, 3001, 60_000)
+    cmd = export_cmd(dsn, "ev", out, "--format", "parquet", "--incremental", "--workers", "2",
+                     "--chunk-rows", "500")  # fmt: skip
+
+    def both_at_work() -> bool:
+        first, second = range_counts(out, 2)  # the first range's starts with the dataset's
+        return first >= base + 3 and second >= 3
+
+    with started(cmd) as s:
+        assert wait_until(s, both_at_work), s.stderr()
+        os.killpg(s.proc.pid, signal.SIGKILL)  # the process group this test started
+        s.proc.wait(timeout=30)
+    assert read_manifest(out)["rows"] == 3000  # the old manifest stays until the end
+    again = run(cmd)
+    assert_ok(again)
+    assert "resuming" in again.stderr
+    copystream.export_table(dsn, "ev", ref, incremental=True, workers=2, **opts)
+    got = read(out).to_pylist()
+    assert got == read(ref).to_pylist()
+    assert got == [
+        dict(zip(("id", "at", "n", "d", "tags", "v"), row, strict=True))
+        for row in psycopg_rows(dsn)
+    ]  # key order
+    m = read_manifest(out)
+    assert [h["rows"] for h in m["increments"]] == [3000, 57_000]
+    # (the uninterrupted one's too: a dataset's key ranges once dropped the full export's entry)
+    assert [h["rows"] for h in read_manifest(ref)["increments"]] == [3000, 57_000]
+    assert [p["file"] for p in m["parts"]] == sorted(os.listdir(out))
+    copystream.verify_file(out)
+    assert not list(tmp_path.glob("ev.parquet.*checkpoint*"))
+    assert not list(tmp_path.glob("ev.parquet.part*"))

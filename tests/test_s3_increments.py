@@ -1,9 +1,10 @@
 """Increments to S3 (issue 16), against moto's S3 server on localhost (the fixtures of
 tests/test_s3.py): ``--since`` writes the rows after the previous export's last key to a new
 object, the previous one being a local file or an object; the objects of the chain concatenate
-to psql's export and ``verify --chain`` checks them; an append to an object and a watermark
-export to S3 are refused (exit 2), nothing written. With ``--workers`` a ``--since`` increment
-runs as key ranges after the previous export's last key (:mod:`copystream.s3ranges`)."""
+to psql's export and ``verify --chain`` checks them; a watermark append to an object is refused
+(exit 2), nothing written (an append by key: tests/test_s3_append.py). With ``--workers`` a
+``--since`` increment runs as key ranges after the previous export's last key
+(:mod:`copystream.s3ranges`)."""
 
 from __future__ import annotations
 
@@ -165,21 +166,19 @@ def test_watermark_objects_upsert_to_the_table(
     assert_ok(run(cli("verify", "--chain", w0, w1)))
 
 
-def test_an_append_to_s3_is_refused(
+def test_a_watermark_append_or_an_increment_onto_itself_is_refused(
     s3: Any, dsn: str, run_sql: RunSql, tmp_path: Path
 ) -> None:
+    """(An append by key to an object: tests/test_s3_append.py.)"""
     run_sql(dsn, DDL)
     insert(run_sql, dsn, 1, 10)
     out = f"s3://{BUCKET}/ev.csv"
     assert_ok(run(cli("export", "ev", out, "--dsn", dsn, "--no-progress")))
     before = keys(s3)
-    for extra, needle in [
-        (["--incremental"], "cannot be appended to an S3 object yet"),
-        (["--watermark", "n", "--incremental"], "name the previous export with --since"),
-    ]:
-        proc = run(cli("export", "ev", out, "--dsn", dsn, "--no-progress", *extra))
-        assert_one_error_line(proc, 2, needle)
-        assert keys(s3) == before
+    extra = ["--watermark", "n", "--incremental"]
+    proc = run(cli("export", "ev", out, "--dsn", dsn, "--no-progress", *extra))
+    assert_one_error_line(proc, 2, "name the previous export with --since")
+    assert keys(s3) == before
     itself = run(cli("export", "ev", out, "--dsn", dsn, "--no-progress", "--since", out))
     assert_one_error_line(itself, 2, "an increment goes to a new object")
     assert keys(s3) == before

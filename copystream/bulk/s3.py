@@ -17,9 +17,10 @@ refuse a second writer of a table, as for a single export.
 
 A table with ``watermark`` keeps its chain of increment objects under the prefix, as a local
 job keeps files (:mod:`.increments`, reading the same listing): each run of the job puts the
-next increment object, ``--since`` the one before. What S3 does not take of a plan is checked
-with the plan (:func:`s3_entry_problems`): Parquet, ``incremental`` (an object cannot be
-appended to), ``watermark`` with ``workers`` above 1.
+next increment object, ``--since`` the one before. A table with ``incremental = true`` is put
+in full the first time; each later run appends the rows after its last key to the object in
+place (:mod:`copystream.s3increment`). What S3 does not take of a plan is checked with the plan
+(:func:`s3_entry_problems`): Parquet, ``watermark`` with ``workers`` above 1.
 """
 
 from __future__ import annotations
@@ -96,8 +97,6 @@ def s3_entry_problems(spec: ExportSpec, run: RunOptions) -> list[tuple[str, str]
     problems = []
     if spec.options.format == "parquet":
         problems.append(("format", "a Parquet dataset cannot be written to S3 yet"))
-    if run.incremental:
-        problems.append(("incremental", "an increment cannot be appended to an S3 object yet"))
     if spec.watermark is not None and run.workers > 1:
         problems.append(("workers", "above 1 cannot write an increment to S3 yet"))
     return problems
@@ -257,12 +256,14 @@ def export_s3_task(
     """:func:`copystream.bulk.worker.export_task` for an ``s3://`` output: a small table found
     fresh in one COPY put whole (:func:`_put_small`), any other exported (or resumed) as
     ``copystream export TABLE s3://…`` would, with the coordinator's plan of it and the job's
-    snapshot."""
+    snapshot (``incremental = true``: in full when fresh, else appended to)."""
     from ..s3export import run_s3_export
     from ..whole import is_small
     from .worker import TableDone
 
     del contested  # the bucket has no lock files; conditional writes guard instead
+    if run.incremental and fresh:  # ``incremental = true``: in full the first time
+        run = replace(run, incremental=False)
     if spec.watermark is not None:  # a chain's export: one worker (the job may have said more)
         run = replace(run, workers=1)
     if fresh and table is not None and spec.watermark is None and is_small(table, spec, run):

@@ -27,6 +27,7 @@ every chunk's digest on the way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -55,6 +56,7 @@ __all__ = [
     "Edges",
     "Hashed",
     "S3Object",
+    "append_state",
     "fresh_state",
     "hash_object",
     "head_object",
@@ -130,6 +132,47 @@ def fresh_state(
             uncompressed_xxh3_128=_EMPTY,
         )
     return state
+
+
+def append_state(
+    client: Any, url: S3Url, compress: dict[str, Any] | None, head: dict[str, Any]
+) -> dict[str, Any]:
+    """The state of a new upload to ``url`` that appends to the object ``head`` describes.
+
+    The object's bytes are the upload's first bytes (its *prefix*, recorded with the ETag it
+    had): an object of at least 5 MiB is copied server-side as part 1 (``UploadPartCopy``, on
+    condition that it still has that ETag); a smaller one is read back into the buffer file
+    when the destination is opened and uploaded as the beginning of part 1 (S3's smallest part
+    but the last is 5 MiB). Until the upload is completed the object stays as it was.
+    """
+    size, etag = int(head["ContentLength"]), str(head["ETag"])
+    try:
+        upload_id = client.create_multipart_upload(Bucket=url.bucket, Key=url.key)["UploadId"]
+    except Exception as e:
+        raise classify(e, url, "starting the upload") from e
+    state = {**fresh_state(url, upload_id, compress), "hashed_from": size,
+             "prefix": {"bytes": size, "etag": etag}}  # fmt: skip
+    if size < PART_MIN:
+        return state
+    try:
+        copied = client.upload_part_copy(
+            Bucket=url.bucket, Key=url.key, UploadId=upload_id, PartNumber=1,
+            CopySource={"Bucket": url.bucket, "Key": url.key}, CopySourceIfMatch=etag,
+        )  # fmt: skip
+    except Exception as e:
+        with contextlib.suppress(Exception):
+            client.abort_multipart_upload(Bucket=url.bucket, Key=url.key, UploadId=upload_id)
+        raise classify(e, url, "copying the object into the upload") from e
+    part = {"number": 1, "etag": str(copied["CopyPartResult"]["ETag"]), "bytes": size}
+    return {**state, "parts": [part]}
+
+
+def _stored(state: dict[str, Any]) -> int:
+    """The bytes of the object ``state`` vouches for: its parts, or the prefix of an append
+    before its first part, and a key range's head."""
+    head = (state.get("range") or {}).get("head") or {"bytes": 0}
+    prefix = (state.get("prefix") or {}).get("bytes", 0) if not state["parts"] else 0
+    return sum(int(p["bytes"]) for p in state["parts"]) + int(prefix) + int(head["bytes"])
 
 
 def head_object(client: Any, url: S3Url) -> dict[str, Any] | None:
@@ -234,6 +277,9 @@ class S3Object:
         self._compressed = "codec" in state
         self._fd, self._buf = _buffer(offset, state)
         self._buf_start = offset
+        self._prefix: dict[str, Any] | None = state.get("prefix")
+        if self._prefix is not None and not self._parts:
+            self._load_prefix()
         self._range: dict[str, Any] | None = state.get("range")
         first, self._last_number = (1, MAX_PARTS)
         if self._range is not None:
@@ -268,8 +314,7 @@ class S3Object:
         completed (the object is then checked against the recorded parts) or aborted
         (:class:`PrefixMismatch`).
         """
-        head = (state.get("range") or {}).get("head") or {"bytes": 0}
-        if sum(int(p["bytes"]) for p in state["parts"]) + int(head["bytes"]) != offset:
+        if _stored(state) != offset:
             raise PrefixMismatch(f"{url}.checkpoint.json does not match its parts: damaged")
         dest = cls(client, url, {**state, "hashed_from": offset}, offset)
         try:
@@ -278,6 +323,26 @@ class S3Object:
             dest.close()
             raise
         return dest
+
+    def _load_prefix(self) -> None:
+        """Read the object an append begins with into the buffer file (at its offsets, not
+        hashed: ``hashed_from`` is its end); the upload's first part begins there."""
+        assert self._prefix is not None
+        size, etag = int(self._prefix["bytes"]), str(self._prefix["etag"])
+        try:
+            got = self._client.get_object(Bucket=self.url.bucket, Key=self.url.key, IfMatch=etag)
+            data = got["Body"].read()
+        except Exception as e:
+            self.close()
+            error = classify(e, self.url, f"reading {self.url}")
+            if "PreconditionFailed" in str(e) or "412" in str(e):
+                error = PrefixMismatch(f"{self.url} was replaced since the append began")
+            raise error from e
+        if len(data) != size:
+            self.close()
+            raise PrefixMismatch(f"{self.url} is not the object the append began with")
+        os.pwrite(self._fd, data, 0)
+        self._buf_start = 0
 
     def _check_parts(self) -> None:
         listed = self._listed()
