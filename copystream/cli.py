@@ -119,7 +119,10 @@ def export(
     secrets = Target(dsn or "").secrets
     if report is not None and not report.parent.is_dir():
         raise UsageError(f"report directory {report.parent} does not exist")
-    with _progress(no_progress) as reporter:
+    with contextlib.ExitStack() as stack:
+        if not output.startswith("s3://"):  # this process is ours: a --workers export's fork
+            stack.enter_context(fork_workers())
+        reporter = stack.enter_context(_progress(no_progress))
         result = export_table(dsn, table, output, progress=reporter, **options)
     click.echo(redact(result.summary(), *secrets))
     if report is not None:

@@ -13,6 +13,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .pipeline import (
     finish,
     start,
 )
+from .pool import started_ahead
 from .progress import Progress, _mb, _per_second
 from .ranges import part_path, remove_parts
 from .spec import ExportSpec, RunOptions, build
@@ -150,7 +152,6 @@ def peak_rss() -> int:
     except (OSError, ValueError):
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 
 def export_table(
@@ -339,9 +340,10 @@ def _run_session(
         m = written.manifest
         result = _result(out, session.table, m, started, retries=retries, pit=m.point_in_time)
         return Exported(result, written)
-    begun = start(session, found)
-    session.close_connection()
-    ran = execute(session, begun, progress, sleep)
+    with _workers_ahead(session, found):
+        begun = start(session, found)
+        session.close_connection()
+        ran = execute(session, begun, progress, sleep)
     manifest = finish(session, begun, ran, started)
     retries = sum(o.retries for o in ran.outcomes)
     result = _result(
@@ -349,6 +351,20 @@ def _run_session(
         pit=manifest.point_in_time,
     )  # fmt: skip
     return Exported(result)
+
+
+def _workers_ahead(session: ExportSession, found: OnDisk) -> AbstractContextManager[None]:
+    """The worker processes of a ``workers`` export, started now: their interpreters start
+    (and import what a range needs) while the key is sampled, instead of after (measured: the
+    first COPY of 2 workers began ~1 s after the split; the work of ~0.5 s of CPU per worker).
+    Nothing for an export that runs in this process."""
+    single = isinstance(found, Resume) and found.checkpoint is not None
+    if session.run.workers < 2 or single or isinstance(found, Complete):
+        return nullcontext()
+    preload = ["copystream.ranges"]
+    if (compress := session.spec.compress) is not None and compress.codec != "none":
+        preload += ["copystream.destinations.compressed", "zstandard"]
+    return started_ahead(session.run.workers, preload=preload)
 
 
 def _result(

@@ -55,7 +55,7 @@ from .connection import Target, connect, io_deadline
 from .destinations import ChunkWritten, fresh_state
 from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch, UsageError
 from .failures import Phase, classify_connect, translate
-from .join import join_parts, joined_outcomes
+from .join import Follower, following, join_parts, joined_outcomes
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .parquet_types import binary_plan, parquet_settings, plan_columns, select_list
 from .part import PartJob, PartOutcome, run_part
@@ -637,10 +637,11 @@ def execute(
     out = session.output
     if run.ranges is not None:
         if run.ranges.join is not None:  # the join began: its parts are being consumed
-            outcomes = joined_outcomes(out, run.ranges)
-        else:
+            return assemble(out, run.ranges, joined_outcomes(out, run.ranges))
+        # a compressed output's ranges are decompressed in key order as they run (join.py)
+        with following(out, run.ranges) as followed:
             outcomes = _run_ranges(session, run, progress)
-        return assemble(out, run.ranges, outcomes)
+        return assemble(out, run.ranges, outcomes, followed)
     try:
         outcome = run_part(run.job, progress=progress, sleep=sleep)
     except PrefixMismatch as e:
@@ -663,11 +664,17 @@ def _run_ranges(
         raise
 
 
-def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> Ran:
+def assemble(
+    out: Path,
+    ranges: KeyRanges,
+    outcomes: Sequence[PartOutcome],
+    followed: Follower | None = None,
+) -> Ran:
     """The whole output from its finished ranges, for ``workers`` and
     :func:`copystream.finish_shards` alike: the parts joined into OUTPUT in key order (each
-    re-hashed against its checkpoint), or, for a Parquet dataset, nothing to move (the ranges'
-    part files are the dataset): one checkpoint of every chunk either way."""
+    re-hashed against its checkpoint; ``followed``: what was decompressed while they ran), or,
+    for a Parquet dataset, nothing to move (the ranges' part files are the dataset): one
+    checkpoint of every chunk either way."""
     if ranges.export.get("parquet") is not None:
         from .destinations.parquet import combined
 
@@ -677,7 +684,7 @@ def assemble(out: Path, ranges: KeyRanges, outcomes: Sequence[PartOutcome]) -> R
         if first.increment is not None:  # it continues the dataset's export, started before
             final = replace(final, increment=first.increment, started_at=first.started_at)
         return Ran(tuple(outcomes), final, final.xxh3_128)
-    final, digest = join_parts(out, ranges, outcomes)
+    final, digest = join_parts(out, ranges, outcomes, followed)
     return Ran(tuple(outcomes), final, digest)
 
 

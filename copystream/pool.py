@@ -183,6 +183,7 @@ class _Forked:
     @staticmethod
     def _child(args: list[str], task_r: int, event_w: int, mine: tuple[int, int]) -> NoReturn:
         code = 1
+        _FORK[0] = False  # its own workers (a bulk table's key ranges) are new interpreters
         try:
             for fd in (*_PARENT_FDS, *mine):
                 with contextlib.suppress(OSError):  # (numbers above 2: pipes)

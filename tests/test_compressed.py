@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import shutil
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from helpers import (
 )
 
 import copystream
-from copystream.checkpoint import ChunkRecord
+from copystream.checkpoint import ChunkRecord, load_checkpoint
 from copystream.destinations import ChunkWritten
 from copystream.destinations.compressed import (
     CompressedFile,
@@ -49,6 +51,9 @@ from copystream.destinations.compressed import (
     hash_chunk,
 )
 from copystream.errors import PrefixMismatch, UsageError, VerificationFailed
+from copystream.join import Follower
+from copystream.part import PartOutcome
+from copystream.ranges import load_parts, part_data_path, part_path
 from copystream.spec import Compression, ExportSpec, build
 from copystream.testing import EphemeralPostgres
 
@@ -385,6 +390,55 @@ def test_workers_join_the_parts_frames(name: str, db: str, expected: bytes, tmp_
     assert sum(c["uncompressed_bytes"] for c in m["chunks"]) == len(expected)
     assert not list(tmp_path.glob("*.part-*"))
     copystream.verify_file(out, deep=True)
+
+
+def test_the_join_decompresses_only_what_the_follower_did_not(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While the ranges run, the coordinator decompresses their committed frames in key order,
+    so the join does not decompress the file again, and the manifest's CSV digest is psql's."""
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    out = tmp_path / "f.csv.zst"
+    copystream.export_table(db, "t", out, workers=3, chunk_rows=2000)
+    assert decompressed("zstd", out.read_bytes()) == expected
+    m = read_manifest(out)
+    assert (m["uncompressed_bytes"], m["uncompressed_xxh3_128"]) == (len(expected), xxh(expected))
+    assert "joined:" in caplog.text and "decompresses every range" not in caplog.text
+
+
+def test_a_follower_gives_up_on_what_it_cannot_vouch_for(
+    db: str, expected: bytes, tmp_path: Path
+) -> None:
+    """Finished ranges (shards) followed after the fact: the whole CSV's size and digest; a
+    range whose chunks differ from what was followed, or a damaged frame: no result (the join
+    then decompresses everything itself, and refuses the damaged frame)."""
+    out = tmp_path / "s.csv.zst"
+    plan = copystream.plan_shards(db, "t", out, shards=3, chunk_rows=2000)
+    for i in range(3):
+        copystream.run_shard(plan, i)
+    parts = load_parts(out)
+    assert parts is not None
+    outcomes = [
+        PartOutcome(cp, cp.xxh3_128, 0, False, False)
+        for cp in (load_checkpoint(part_path(out, i)) for i in range(3))
+        if cp is not None
+    ]
+    follower = Follower(out, parts)
+    follower.start()
+    follower.finish()
+    assert follower.result(outcomes) == (len(expected), xxh(expected))
+    other = [outcomes[0], replace(outcomes[1], checkpoint=outcomes[2].checkpoint), outcomes[2]]
+    assert follower.result(other) is None
+    data = part_data_path(out, 2)
+    with data.open("r+b") as f:  # a flipped byte inside range 2's first frame
+        f.seek(20)
+        byte = f.read(1)
+        f.seek(20)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    follower = Follower(out, parts)
+    follower.start()
+    follower.finish()
+    assert follower.result(outcomes) is None and follower.gave_up
 
 
 def test_verify_and_verify_deep_find_what_differs(db: str, tmp_path: Path) -> None:

@@ -217,20 +217,12 @@ def started(cmd: list[str]) -> Iterator[Started]:
                     p.kill()
 
 
-def is_worker(cmdline: Sequence[str]) -> bool:
-    """Whether a command line is a parallel-export worker's (multiprocessing or -m module)."""
-    line = " ".join(cmdline)
-    return "spawn_main" in line or "copystream._worker" in line
-
-
 def worker_processes(pid: int) -> list[psutil.Process]:
-    """The worker processes of the coordinator ``pid``."""
-    out = []
-    for p in psutil.Process(pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if is_worker(p.cmdline()):
-                out.append(p)
-    return out
+    """The worker processes of the coordinator ``pid``: its children (``python -m
+    copystream._worker``, or forked from the ``copystream export`` command: its command line)."""
+    with contextlib.suppress(psutil.Error):
+        return list(psutil.Process(pid).children())
+    return []
 
 
 def wait_until(
@@ -276,8 +268,8 @@ def kill_coordinator(s: Started, out: Path) -> list[psutil.Process]:
     assert before == after, "part files changed after the coordinator was killed"
     orphans = [
         p
-        for p in psutil.process_iter(["cmdline", "ppid"])
-        if p.info["ppid"] == s.proc.pid and is_worker(p.info["cmdline"] or [])
+        for p in psutil.process_iter(["ppid"])
+        if p.info["ppid"] == s.proc.pid
     ]
     assert not orphans
     return workers

@@ -257,23 +257,34 @@ def check_at_checkpoint(path: Path, cp: Checkpoint, *, recorded_in: Path) -> Non
 
 
 def rehash(
-    fd: int, chunks: Sequence[ChunkRecord], export: Mapping[str, Any]
+    fd: int,
+    chunks: Sequence[ChunkRecord],
+    export: Mapping[str, Any],
+    uncompressed: tuple[int, str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """Re-hash the recorded ``chunks`` of the file ``fd`` (the join of a ``workers`` export):
     the whole file's digest and the destination state it ends in (for a compressed file, its
-    uncompressed size and digest, so the chunks are decompressed too). Raises ``ValueError``
-    with the index of the first chunk that differs from its record."""
+    uncompressed size and digest, so the chunks are decompressed too, unless ``uncompressed``
+    gives them: chunks already decompressed and checked as they are stored now). Raises
+    ``ValueError`` with the index of the first chunk that differs from its record."""
     from .local import hash_range
 
     wanted = _wanted(Path(), export)
     whole, raw = xxhash.xxh3_128(), xxhash.xxh3_128()
-    if wanted["kind"] == "file":
+    if wanted["kind"] == "file" or uncompressed is not None:
         for c in chunks:
             h = xxhash.xxh3_128()
             hash_range(fd, c.offset, c.bytes, whole, h)
             if h.hexdigest() != c.xxh3_128:
                 raise ValueError(c.index)
-        return whole.hexdigest(), wanted
+        if uncompressed is None:
+            return whole.hexdigest(), wanted
+        size, digest = uncompressed
+        return whole.hexdigest(), {
+            **wanted,
+            "uncompressed_bytes": size,
+            "uncompressed_xxh3_128": digest,
+        }
     from .compressed import CorruptFrame, codec, hash_chunk
 
     cdc, size = codec(wanted["codec"], wanted["level"]), 0
