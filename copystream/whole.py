@@ -203,7 +203,8 @@ SYNC_THREADS = 8
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file beside ``path`` (0600, fsynced); its name."""
+    """``data`` in a new temporary file beside ``path`` (0600, as mkstemp creates it; fsynced);
+    its name."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -213,7 +214,6 @@ def _write_temporary(path: Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), 0o600)
             os.fsync(f.fileno())
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
