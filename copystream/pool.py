@@ -65,6 +65,10 @@ EXIT_GRACE = 10.0
 #: Short tasks handed to a worker ahead of the one it runs (see :class:`Task`), and at most
 #: how many bytes of tasks it has not begun (a pipe holds 64 KiB).
 SHORT_AHEAD = 16
+#: After how many worker processes in a row that ended before they began a task (one that
+#: cannot start: a broken interpreter, the OOM killer at start-up) the tasks they held fail
+#: instead of going to yet another new process.
+STILLBORN_LIMIT = 3
 AHEAD_BYTES = 32 * 1024
 
 
@@ -368,11 +372,13 @@ def run_tasks(
     :class:`ExportFailed` saying how it ended, unless ``restart(index, error)`` gives a delay:
     then the task waits that many seconds and starts again (a ``restarting`` event, ``value``:
     the error, then ``started`` again). The tasks handed to a dead worker that it had not begun
-    go to another worker. A ``tick`` comes when nothing happened for ``tick`` seconds. Closing
+    go to another worker (they fail once :data:`STILLBORN_LIMIT` workers in a row ended before
+    they began any). A ``tick`` comes when nothing happened for ``tick`` seconds. Closing
     the generator early (or an exception in the consumer) kills the workers still running.
     """
     selector = selectors.DefaultSelector()  # the workers' stdouts, read in this thread
     waiting = collections.deque(range(len(tasks)))
+    stillborn = 0  # workers in a row that ended before they began a task
     delayed: list[tuple[float, int]] = []  # (not before, index) of tasks to start again
     workers: dict[int, _Worker] = {}  # by the fd of its stdout
     clean = False
@@ -389,9 +395,12 @@ def run_tasks(
                 for raw in lines:
                     event = worker.event(raw)
                     if event is not None:
+                        stillborn = 0 if event.kind == "started" else stillborn
                         yield event
                 if ended:  # it exited: of itself when idle, or it died
-                    yield from _ended(worker, workers, selector, waiting, restart, delayed)
+                    stillborn += bool(worker.queue) and not worker.started
+                    give_up = stillborn >= STILLBORN_LIMIT
+                    yield from _ended(worker, workers, selector, waiting, restart, delayed, give_up)
         clean = True
     finally:
         if clean:  # idle: they exit as their stdin closes; the job need not wait for that
@@ -411,9 +420,11 @@ def _ended(
     waiting: collections.deque[int],
     restart: Restart | None,
     delayed: list[tuple[float, int]],
+    give_up: bool = False,
 ) -> Iterator[Event]:
     """A worker's stdout ended: it exited. The task it had begun fails, or waits to start again
-    if ``restart`` says so; the ones handed to it ahead wait for another worker."""
+    if ``restart`` says so; the ones handed to it ahead wait for another worker, unless
+    ``give_up`` (workers keep ending before they begin anything): then they fail."""
     selector.unregister(worker.fd)
     del workers[worker.fd]
     code = worker.proc.wait()
@@ -429,7 +440,14 @@ def _ended(
             delayed.append((time.monotonic() + delay, i))
             delayed.sort()
             yield Event(i, "restarting", error)
-    waiting.extendleft(reversed(worker.queue))  # handed to it, never begun
+    if give_up:
+        error = ExportFailed(
+            f"{STILLBORN_LIMIT} worker processes in a row ended before they began a task "
+            f"(the last one {died(code)})"
+        )
+        yield from (Event(i, "failed", error) for i in worker.queue)
+    else:
+        waiting.extendleft(reversed(worker.queue))  # handed to it, never begun
 
 
 def _due(delayed: list[tuple[float, int]], waiting: collections.deque[int]) -> None:

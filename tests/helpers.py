@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import psycopg
 import xxhash
 from psycopg import sql
@@ -340,3 +341,15 @@ def upserted(*files: Path) -> dict[str, list[str]]:
         for row in csv.reader(io.StringIO(f.read_text())):
             rows[row[0]] = row
     return rows
+
+
+def alive(p: psutil.Process) -> bool:
+    """Whether any thread of ``p`` may still act: a SIGKILLed process's leader shows as a zombie
+    while another of its threads still finishes a system call (a checkpoint's rename, seen in
+    CI); the process is gone once the zombie leader is its only thread."""
+    try:
+        if not p.is_running():
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE or p.num_threads() > 1
+    except psutil.NoSuchProcess:
+        return False

@@ -30,6 +30,7 @@ import psutil
 import psycopg
 import pytest
 from helpers import (
+    alive,
     assert_one_error_line,
     cli,
     read_manifest,
@@ -197,13 +198,6 @@ def assert_report_matches_manifests(report: dict[str, Any]) -> None:
     assert totals["rows"] == sum(t["rows"] for t in report["tables"])
     assert totals["bytes"] == sum(t["bytes"] for t in report["tables"])
     assert totals["tables"] == len(report["tables"])
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 # -- the plan: pure validation ------------------------------------------------------------------

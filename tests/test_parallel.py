@@ -36,6 +36,7 @@ import psycopg
 import pytest
 from helpers import (
     KillAtOpen,
+    alive,
     assert_ok,
     assert_one_error_line,
     cli,
@@ -230,13 +231,6 @@ def worker_processes(pid: int) -> list[psutil.Process]:
             if is_worker(p.cmdline()):
                 out.append(p)
     return out
-
-
-def alive(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def wait_until(

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from copystream.errors import ExportFailed, TableNotFound
-from copystream.pool import Event, Task, run_tasks
+from copystream.pool import STILLBORN_LIMIT, Event, Task, run_tasks
 
 _SEEN: list[int] = []  # module state of a worker process: what it ran before
 
@@ -116,6 +116,32 @@ def test_an_unexpected_error_retires_its_worker_an_expected_one_does_not() -> No
     assert "unexpected ZeroDivisionError: boom" in str(done[3].value)
     assert done[4].kind == "done" and done[4].value[0] != done[2].value[0]
     assert done[4].value[2] == []  # a fresh process: nothing remembered
+
+
+def test_workers_that_cannot_start_fail_their_tasks_instead_of_being_started_forever(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker that ends before it begins a task (here: an interpreter that cannot run it) hands
+    its tasks to a new one; after STILLBORN_LIMIT such ends in a row the tasks fail, saying why
+    (before: new processes were started for ever, and the job hung)."""
+    monkeypatch.setattr(sys, "executable", "/bin/false")
+
+    def hung(signum: int, frame: Any) -> None:
+        raise AssertionError("run_tasks still starting workers after 60 s")
+
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        done = outcomes(list(run_tasks([Task(remember, (n,)) for n in range(3)], 2)))
+    finally:
+        signal.alarm(0)
+    assert sorted(done) == [0, 1, 2] and {e.kind for e in done.values()} == {"failed"}
+    for e in done.values():
+        assert isinstance(e.value, ExportFailed)
+        assert f"{STILLBORN_LIMIT} worker processes in a row ended before they began a task" in (
+            e.value.problem
+        )
+        assert "(the last one exited with status 1)" in e.value.problem
 
 
 def test_closing_early_kills_the_workers() -> None:
