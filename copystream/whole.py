@@ -7,8 +7,8 @@ single-COPY mode, importing a bulk job's snapshot if there is one) into a tempor
 the output (compressed as the export asks: one zstd frame or gzip member): :func:`copy_once`.
 No checkpoint is written meanwhile (one COPY can only be redone
 from the start), so a small export costs one connection and a few round trips. The manifest
-(the same one a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike)
-travels with it as JSON: a bulk worker creates one file per table, as pg_dump does.
+(the same record a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike;
+on one line) travels with it as JSON: a bulk worker creates one file per table, as pg_dump does.
 
 :func:`publish` then makes the result durable and visible: it fsyncs the file, writes the
 manifest into a temporary file beside where it goes and fsyncs it, renames the manifest into
