@@ -7,8 +7,8 @@ single-COPY mode, importing a bulk job's snapshot if there is one) into a tempor
 the output (compressed as the export asks: one zstd frame or gzip member): :func:`copy_once`.
 No checkpoint is written meanwhile (one COPY can only be redone
 from the start), so a small export costs one connection and a few round trips. The manifest
-(the same one a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike)
-travels with it as JSON: a bulk worker creates one file per table, as pg_dump does.
+(the same record a chunked export of one chunk writes, so ``verify`` and ``status`` read it alike;
+on one line) travels with it as JSON: a bulk worker creates one file per table, as pg_dump does.
 
 :func:`publish` then makes the result durable and visible: it fsyncs the file, writes the
 manifest into a temporary file beside where it goes and fsyncs it, renames the manifest into
@@ -168,12 +168,18 @@ def copy_once(
     dest.close()
     try:
         record = manifest(outcome.rows, written, state, outcome.last_key)
-        data = json.dumps(record.to_json(), indent=1, ensure_ascii=False).encode() + b"\n"
+        data = _manifest_json(record)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         raise
     return Written(Staged(output, path, data), record)
+
+
+def _manifest_json(record: Manifest) -> bytes:
+    """A small export's manifest as JSON: on one line, as json's C encoder writes it (what
+    ``indent`` would add costs a bulk worker more than the rest of the manifest's making)."""
+    return json.dumps(record.to_json(), ensure_ascii=False, separators=(",", ": ")).encode() + b"\n"
 
 
 def _with_timeout(
@@ -197,7 +203,8 @@ SYNC_THREADS = 8
 
 
 def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file beside ``path`` (0600, fsynced); its name."""
+    """``data`` in a new temporary file beside ``path`` (0600, as mkstemp creates it; fsynced);
+    its name."""
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as e:
@@ -207,7 +214,6 @@ def _write_temporary(path: Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fchmod(f.fileno(), 0o600)
             os.fsync(f.fileno())
     except OSError as e:
         with contextlib.suppress(FileNotFoundError):
