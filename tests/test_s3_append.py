@@ -206,3 +206,55 @@ def test_an_append_to_a_changed_object_is_refused(
     proc = run(export(dsn, out, "--incremental"))
     assert_one_error_line(proc, 2, "no complete export to continue")
     assert uploads(s3) == []
+
+
+# A real process killed at one exact point: right after the append's upload is completed, before
+# its manifest is written (the object is new, its manifest still the old one).
+KILLED_AFTER_COMPLETE = """
+import os, signal, sys
+from copystream.destinations import s3
+complete = s3.S3Object.complete
+def complete_then_die(self):
+    complete(self)
+    os.kill(os.getpid(), signal.SIGKILL)
+s3.S3Object.complete = complete_then_die
+from copystream.cli import main
+sys.argv[0] = "copystream"
+main()
+"""
+
+
+@pytest.mark.parametrize("name", ["small.csv", "big.csv.zst"])
+def test_an_append_killed_between_completing_and_its_manifest_finishes_once(
+    s3: Any, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, name: str
+) -> None:
+    """SIGKILLed once S3 holds the appended object but before its manifest says so: the old
+    manifest no longer matches (``verify`` fails, never passes on a stale manifest); the same
+    command again recognises the completed upload from its checkpoint, writes the manifest
+    with the increment once, and appends nothing twice: psql's full export."""
+    rows = 100 if name.startswith("small") else 140_000
+    run_sql(dsn, DDL)
+    insert(run_sql, dsn, 1, rows)
+    out = f"s3://{BUCKET}/c/{name}"
+    assert_ok(run(export(dsn, out)))
+    old_manifest = get(s3, f"c/{name}.manifest.json")
+    insert(run_sql, dsn, rows + 1, rows + 20_000)
+    cmd = export(dsn, out, "--incremental", "--chunk-rows", "4000")
+    killed = subprocess.run([cmd[0], "-c", KILLED_AFTER_COMPLETE, *cmd[3:]], env=env_with(),
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert killed.returncode == -9, killed.stderr
+    expected = psql_csv(dsn, "SELECT * FROM ev ORDER BY id")
+    assert body(s3, f"c/{name}") == expected and uploads(s3) == []  # completed
+    assert get(s3, f"c/{name}.manifest.json") == old_manifest
+    assert f"c/{name}.checkpoint.json" in keys(s3)
+    assert run(cli("verify", out)).returncode == 1
+    again = run(cmd)
+    assert_ok(again)
+    assert body(s3, f"c/{name}") == expected
+    m = json.loads(get(s3, f"c/{name}.manifest.json"))
+    assert [i["rows"] for i in m["increments"]] == [rows, 20_000] and m["rows"] == rows + 20_000
+    assert {k for k in keys(s3) if k.startswith("c/")} == {f"c/{name}", f"c/{name}.manifest.json"}
+    assert_ok(run(cli("verify", out, "--deep")))
+    last = run(export(dsn, out, "--incremental"))  # nothing new since: nothing appended
+    assert_ok(last)
+    assert body(s3, f"c/{name}") == expected
