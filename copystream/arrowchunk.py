@@ -37,12 +37,15 @@ from .chunk import Chunk, ChunkOutcome, SnapshotGone
 from .connection import HYGIENE, Target, redact
 from .destinations import Destination
 from .destinations.parquet import ParquetDataset
+from .parquet_types import REFUSED_BELOW, BinaryPlan, record_text, refusal, refused_wire
 from .queries import binary_query
 from .retry import StallTimeout
 from .server import snapshot_gone_errors
 from .settings import apply_settings_query
 
-__all__ = ["BATCH_BYTES", "AdbcLink", "ArrowChunkRunner", "adbc_error", "connect_adbc"]
+__all__ = [
+    "BATCH_BYTES", "AdbcLink", "ArrowChunkRunner", "adbc_error", "checked", "connect_adbc"
+]  # fmt: skip
 
 #: ADBC's record batches are about this large (its default, 16 MB, is held several times over
 #: between the driver, the queue and the decoding thread: on 1,000,000 rows of the bench table
@@ -299,10 +302,8 @@ class ArrowChunkRunner:
             watchdog.pet()
             if batch.num_rows == 0:
                 continue
-            last_key = tuple(
-                str(batch.column(i)[-1].as_py()) for i in range(width, width + plan.key_columns)
-            )
-            values = batch.select(range(width))
+            last_key = _key(batch, plan, batch.num_rows - 1)
+            values = checked(batch.select(range(width)) if plan.key_columns else batch, plan)
             dest.write_arrow(values)
             rows += batch.num_rows
             nbytes += values.nbytes
@@ -310,3 +311,59 @@ class ArrowChunkRunner:
                 on_data(rows, nbytes)
         self.link.command(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=rows, last_key=last_key, final=limit is None or rows < limit)
+
+
+# -- the values the client checks ---------------------------------------------------------------
+
+
+def _key(batch: Any, plan: BinaryPlan, row: int) -> tuple[str, ...]:
+    """The key of ``row`` of ``batch``, each column's text as PostgreSQL prints it."""
+    return tuple(str(batch.column(i)[row].as_py()) for i in plan.key_at)
+
+
+def _least(arr: Any, kind: str) -> int:
+    """The least value in ``arr``'s data buffer (a NULL's slot too: at worst a false alarm)."""
+    size = 4 if kind == "date" else 8
+    data = memoryview(arr.buffers()[1])[arr.offset * size : (arr.offset + len(arr)) * size]
+    return min(data.cast("i" if size == 4 else "q"))
+
+
+def checked(batch: Any, plan: BinaryPlan) -> Any:
+    """``batch`` with the values of ``plan.checks`` that PostgreSQL holds but Parquet does not
+    (``infinity``, timestamps past its range, NaN decimals: :func:`refused_wire`) treated by
+    ``plan.policy``, as the typed CSV's guards treat them on the server: ``"error"`` raises
+    the error the server raises for the first such row (by key, then column), naming the
+    column, the value and the key; ``"null"`` writes NULL; ``"clamp"`` the extreme value (a
+    NaN is an error). One comparison a column when there are none (the common case)."""
+    flagged = [
+        c for c in plan.checks
+        if batch.num_rows and _least(batch.column(c[0]), c[2]) < REFUSED_BELOW[c[2]]
+    ]  # fmt: skip
+    if not flagged:
+        return batch
+    import pyarrow as pa
+
+    found: list[tuple[int, int, str, str, str]] = []  # row, column, name, kind, text
+    for i, name, kind in flagged:
+        arr = batch.column(i)
+        storage = pa.int32() if kind == "date" else pa.int64()
+        values = arr.view(storage).to_pylist()
+        for row, v in enumerate(values):
+            refused = None if v is None else refused_wire(v, kind)
+            if refused is None:
+                continue
+            text, clamp = refused
+            if plan.policy == "error" or (clamp is None and plan.policy == "clamp"):
+                found.append((row, i, name, kind, text))
+                break
+            values[row] = None if plan.policy == "null" else clamp
+        fixed = pa.array(values, storage).view(arr.type)
+        batch = batch.set_column(i, batch.schema.field(i), fixed)
+    if found:
+        row, _, name, kind, text = min(found)
+        key = _key(batch, plan, row)
+        what = "NaN" if kind == "nan" else "a value outside Parquet's range"
+        raise psycopg.errors.InvalidTextRepresentation(
+            refusal(name, what, text, key[0] if len(key) == 1 else record_text(key))
+        )
+    return batch

@@ -124,8 +124,12 @@ ANALYZE;
 REFERENCE = """
 SELECT id, i2, i4, i8, o::int8, f4, f8, n, n38, nu::text, dm, b, t, vc, c, m::text, nm::text,
        by, u, j::text, jb::text,
-       d - DATE '1970-01-01', (extract(epoch FROM ts) * 1000000)::int8,
-       (extract(epoch FROM tz) * 1000000)::int8, (extract(epoch FROM tm) * 1000000)::int8,
+       d - DATE '1970-01-01',
+       (ts::date - DATE '1970-01-01')::int8 * 86400000000
+         + (extract(epoch FROM ts::time) * 1000000)::int8,
+       ((tz AT TIME ZONE 'UTC')::date - DATE '1970-01-01')::int8 * 86400000000
+         + (extract(epoch FROM (tz AT TIME ZONE 'UTC')::time) * 1000000)::int8,
+       (extract(epoch FROM tm) * 1000000)::int8,
        iv::text, ai, at, af, ab, r::text
 FROM every ORDER BY id
 """
@@ -742,14 +746,24 @@ def test_common_types_take_the_binary_path_pure() -> None:
     plans, typed = _plans(*cols)
     plan = binary_plan(cols, plans, typed, ["id"], key_unique=True)
     assert isinstance(plan, BinaryPlan)
-    assert plan.key_columns == 1 and len(plan.select) == len(cols) + 1
+    # the key, an exported integer, is read from its column: no text of it is sent
+    assert plan.key_columns == 0 and plan.key_at == (0,) and len(plan.select) == len(cols)
     text = [str(e.as_string(None)) for e in plan.select]
     assert text[0] == '("id")::"pg_catalog"."int8"'
-    assert text[4].endswith("END)::int4")  # the refusal's branch would make the CASE an int8
-    assert text[6].endswith(" * 100)::int8")  # numeric(12,2): unscaled
+    # dates and timestamps as they are: the client checks them (no extract(epoch …))
+    assert text[4] == '"d"::"pg_catalog"."date"'
+    assert text[5] == '"tz"::"pg_catalog"."timestamptz"'
+    # numeric(12,2): unscaled, a NaN as the least int8
+    assert text[6] == (
+        "CASE WHEN \"n\" = 'NaN' THEN int8 '-9223372036854775808' ELSE (\"n\" * 100)::int8 END"
+    )
     assert text[7].endswith(')::"pg_catalog"."numeric"')  # numeric(30,2): its text
     assert text[11] == '("r")::text' and text[12] == '("c")::"pg_catalog"."bpchar"'
-    assert text[-1] == '"id"::text'
+    assert plan.checks == ((4, "d", "date"), (5, "tz", "timestamptz"), (6, "n", "nan"))
+    by_text = binary_plan(cols, plans, typed, ["c", "id"], key_unique=True)
+    assert isinstance(by_text, BinaryPlan)  # a text key column comes last, as text
+    assert by_text.key_columns == 1 and by_text.key_at == (len(cols), 0)
+    assert str(by_text.select[-1].as_string(None)) == '"c"::text'
 
 
 def test_what_stays_on_the_typed_csv_path_pure() -> None:
