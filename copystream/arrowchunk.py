@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -37,7 +38,7 @@ from .chunk import Chunk, ChunkOutcome, SnapshotGone
 from .connection import HYGIENE, Target, redact
 from .destinations import Destination
 from .destinations.parquet import ParquetDataset
-from .parquet_types import REFUSED_BELOW, BinaryPlan, record_text, refusal, refused_wire
+from .parquet_types import BinaryPlan, record_text, refusal, refused_wire
 from .queries import binary_query
 from .retry import StallTimeout
 from .server import snapshot_gone_errors
@@ -321,11 +322,20 @@ def _key(batch: Any, plan: BinaryPlan, row: int) -> tuple[str, ...]:
     return tuple(str(batch.column(i)[row].as_py()) for i in plan.key_at)
 
 
-def _least(arr: Any, kind: str) -> int:
-    """The least value in ``arr``'s data buffer (a NULL's slot too: at worst a false alarm)."""
+#: The bytes a value's highest byte is not when :func:`~copystream.parquet_types.refused_wire`
+#: may refuse it (its two highest bits ``10``: see ``REFUSED_BELOW``).
+_UNSUSPECTED = bytes(b for b in range(256) if b >> 6 != 0b10)
+
+
+def _suspect(arr: Any, kind: str) -> bool:
+    """Whether ``arr`` may hold a value below ``REFUSED_BELOW[kind]`` (a NULL's slot too: at
+    worst a false alarm): the highest byte of each value taken in one strided
+    copy, the unsuspected ones deleted; C loops only (Python's ``min`` over the values cost
+    ~0.25 s of CPU per million rows and column)."""
     size = 4 if kind == "date" else 8
     data = memoryview(arr.buffers()[1])[arr.offset * size : (arr.offset + len(arr)) * size]
-    return min(data.cast("i" if size == 4 else "q"))
+    highest = size - 1 if sys.byteorder == "little" else 0
+    return bool(data[highest::size].tobytes().translate(None, _UNSUSPECTED))
 
 
 def checked(batch: Any, plan: BinaryPlan) -> Any:
@@ -334,11 +344,8 @@ def checked(batch: Any, plan: BinaryPlan) -> Any:
     ``plan.policy``, as the typed CSV's guards treat them on the server: ``"error"`` raises
     the error the server raises for the first such row (by key, then column), naming the
     column, the value and the key; ``"null"`` writes NULL; ``"clamp"`` the extreme value (a
-    NaN is an error). One comparison a column when there are none (the common case)."""
-    flagged = [
-        c for c in plan.checks
-        if batch.num_rows and _least(batch.column(c[0]), c[2]) < REFUSED_BELOW[c[2]]
-    ]  # fmt: skip
+    NaN is an error). One C pass over each column when there are none (the common case)."""
+    flagged = [c for c in plan.checks if batch.num_rows and _suspect(batch.column(c[0]), c[2])]
     if not flagged:
         return batch
     import pyarrow as pa

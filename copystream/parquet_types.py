@@ -426,10 +426,11 @@ _EPOCH_SHIFT = {
 _LIMITS = {"timestamp": _INT64, "timestamptz": _INT64, "date": _INT32}
 
 #: Per kind of checked column: a value below this is one :func:`refused_wire` treats (a NaN
-#: decimal travels as the least int8).
-REFUSED_BELOW = {
-    "date": -(2**30), "timestamp": -(2**62), "timestamptz": -(2**62), "nan": _INT64[0] + 1
-}  # fmt: skip
+#: decimal travels as the least int8, and no unscaled decimal of 18 digits is below -1e18).
+#: Each is the least integer of its width whose two highest bits are not ``10``: a value is
+#: below it exactly when its highest byte is 0x80-0xBF, which the client checks a whole
+#: column at a time.
+REFUSED_BELOW = {"date": -(2**30), "timestamp": -(2**62), "timestamptz": -(2**62), "nan": -(2**62)}
 
 
 @dataclass(frozen=True)
