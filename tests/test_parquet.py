@@ -924,8 +924,10 @@ WRAPPED = [
     (-(2**63), "nan", ("NaN", None)),
 ]
 #: ... and for the extremes it holds: 4713-01-01 BC, Parquet's last timestamp, 5874897-12-31.
-HELD = [(-210863520000000000, "timestamp"), (2**63 - 1, "timestamptz"), (-2440550, "date"),
-        (2145042905, "date"), (-(10**18) + 1, "nan"), (10**18 - 1, "nan"), (0, "timestamp")]  # fmt: skip
+HELD = [
+    (-210863520000000000, "timestamp"), (2**63 - 1, "timestamptz"), (-2440550, "date"),
+    (2145042905, "date"), (-(10**18) + 1, "nan"), (10**18 - 1, "nan"), (0, "timestamp"),
+]  # fmt: skip
 
 
 def test_refused_wire_values_pure() -> None:
