@@ -11,8 +11,10 @@ without a batch (:class:`_Watchdog`).
 The engine is the chunk runner's (:mod:`copystream.chunk`): each chunk is one REPEATABLE READ,
 READ ONLY transaction (checked), importing the export's snapshot when there is one, under
 the pinned settings, ``WHERE key > after ORDER BY key LIMIT n``; the chunk's last key is the
-last row's key as text (the key is unique: the binary path is only taken then), and a chunk
-of fewer rows than asked for ends the range.
+last row's key (its exported integer column, or its text; the key is unique: the binary path
+is only taken then), and a chunk of fewer rows than asked for ends the range. Each batch's
+dates, timestamps and small decimals are checked for what Parquet cannot hold
+(:func:`checked`) before the destination takes it.
 
 ADBC's errors become psycopg's (by SQLSTATE; none: ``OperationalError``, a lost connection),
 with the server's message only (not the query) and the connection's secrets masked, so that
@@ -317,7 +319,9 @@ class ArrowChunkRunner:
             if batch.num_rows == 0:
                 continue
             last_key = _key(batch, plan, batch.num_rows - 1)
-            values = checked(batch.select(range(width)) if plan.key_columns else batch, plan)
+            values = checked(batch, plan)  # (the key's text columns name a refused row)
+            if plan.key_columns:
+                values = values.select(range(width))
             dest.write_arrow(values)
             rows += batch.num_rows
             nbytes += values.nbytes

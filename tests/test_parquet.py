@@ -126,6 +126,8 @@ INSERT INTO far SELECT g, timestamp '2020-01-01' + g * interval '1 hour',
 UPDATE far SET ts = '294247-01-10 04:00:54.775808' WHERE id = 15000;
 UPDATE far SET tz = '294276-12-31 23:59:59.999999+00', d = 'infinity' WHERE id = 12000;
 UPDATE far SET d = '-infinity', tz = NULL WHERE id = 17000;
+CREATE TABLE far_text (k text PRIMARY KEY, d date);
+INSERT INTO far_text VALUES ('a b', '2020-01-01'), ('b', 'infinity');
 CREATE TABLE far_heap AS SELECT * FROM far;  -- no unique key: the typed-CSV path
 ALTER TABLE far_heap ALTER id SET NOT NULL;
 ANALYZE;
@@ -951,7 +953,7 @@ def test_binary_path_treats_what_parquet_cannot_hold_as_the_csv_path(
     """Dates and timestamps travel as they are on the binary path; the client finds infinity
     and timestamps past Parquet's range (deep in a chunk, several per batch) and treats them
     as the typed CSV's server-side guards do: the same error (of the first row by key, then
-    column), NULLs, or the clamped extremes, value for value."""
+    column; a text key too), NULLs, or the clamped extremes, value for value."""
     errors = []
     for table, options in (("far", {}), ("far_heap", {"key": ["id"]})):
         with pytest.raises(UsageError) as caught:
@@ -969,6 +971,8 @@ def test_binary_path_treats_what_parquet_cannot_hold_as_the_csv_path(
     # the same
     assert errors[1].startswith(tuple(refused))
     assert errors[0].partition(", ")[2] == errors[1].partition(", ")[2]
+    with pytest.raises(UsageError, match=r"column d of public\.far_text holds infinity .* key b,"):
+        copystream.export_table(db, "far_text", tmp_path / "t.parquet", format="parquet")
     for policy in ("null", "clamp"):
         got = [
             read_dataset(_export(db, table, tmp_path / f"{table}-{policy}.parquet",
