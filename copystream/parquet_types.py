@@ -56,6 +56,7 @@ __all__ = [
     "LIST_ELEMENTS",
     "PARQUET_SETTINGS",
     "POLICIES",
+    "REFUSED_BELOW",
     "BinaryPlan",
     "ColumnPlan",
     "ColumnType",
@@ -63,6 +64,9 @@ __all__ = [
     "binary_plan",
     "parquet_settings",
     "plan_columns",
+    "record_text",
+    "refusal",
+    "refused_wire",
     "select_list",
 ]
 
@@ -267,6 +271,7 @@ def _expression(plan: ColumnPlan, key: sql.Composable, policy: str) -> sql.Compo
         value = sql.SQL("(extract(epoch FROM {}) * 1000000)::int8").format(col)
         if plan.guard is None:  # time: always in range
             return value
+        value = _micros(col)
         fits = sql.SQL("isfinite({c}) AND {c} <= {hi}").format(
             c=col, hi=sql.Literal(_MAX_TIMESTAMP + ("+00" if "UTC" in plan.arrow else ""))
         )
@@ -299,6 +304,17 @@ def _expression(plan: ColumnPlan, key: sql.Composable, policy: str) -> sql.Compo
     return sql.SQL("CASE WHEN {c} IS NULL OR ({fits}) THEN {value} ELSE {outside} END").format(
         c=col, fits=fits, value=value, outside=outside
     )
+
+
+def _micros(col: sql.Identifier) -> sql.Composable:
+    """A timestamp's µs from 1970 (a timestamptz's in the pinned UTC), exactly: its days and
+    its time of day. (``extract(epoch …)`` divides a numeric within ~30 years of Parquet's
+    last timestamp, where it lost the last µs digits: 294247-01-10 04:00:54.775807 came out
+    as …775800.)"""
+    return sql.SQL(
+        "(({c})::date - DATE '1970-01-01')::int8 * 86400000000 + "
+        "(extract(epoch FROM ({c})::time) * 1000000)::int8"
+    ).format(c=col)
 
 
 def _interval_fields(col: sql.Identifier) -> sql.Composable:
@@ -395,18 +411,46 @@ _BINARY_NATIVE = frozenset(
 )
 
 
+#: What ADBC's driver makes of the instants it decodes (its ``PostgresCopyNetworkEndianFieldReader``
+#: adds the 2000 → 1970 epoch shift to PostgreSQL's integer, wrapping around on overflow): a
+#: timestamp's ``infinity`` and ``-infinity`` (int64 max and min) and every timestamp after
+#: Parquet's last (:data:`_MAX_TIMESTAMP`) land below -9.2e18 µs, a date's infinities (int32 max
+#: and min) below -2.1e9 days, far below the least value PostgreSQL holds (4714-11-24 BC:
+#: -2.1e17 µs, -2.4e6 days). So one comparison with the column's least value tells a batch
+#: holds none of them.
+_EPOCH_SHIFT = {
+    "timestamp": 946_684_800_000_000,
+    "timestamptz": 946_684_800_000_000,
+    "date": 10_957,
+}
+_LIMITS = {"timestamp": _INT64, "timestamptz": _INT64, "date": _INT32}
+
+#: Per kind of checked column: a value below this is one :func:`refused_wire` treats (a NaN
+#: decimal travels as the least int8, and no unscaled decimal of 18 digits is below -1e18).
+#: Each is the least integer of its width whose two highest bits are not ``10``: a value is
+#: below it exactly when its highest byte is 0x80-0xBF, which the client checks a whole
+#: column at a time.
+REFUSED_BELOW = {"date": -(2**30), "timestamp": -(2**62), "timestamptz": -(2**62), "nan": -(2**62)}
+
+
 @dataclass(frozen=True)
 class BinaryPlan:
     """How a table's chunks are read through COPY BINARY (ADBC) instead of typed CSV.
 
-    ``select`` holds one expression per column, then the key columns as text (the chunk's last
-    key is read from its last row: ``key_columns`` of them, dropped before writing). The Arrow
+    ``select`` holds one expression per column, then the key columns that are not exported
+    as integers, as text (``key_columns`` of them, dropped before writing); ``key_at`` is where
+    each key column is in a batch (the chunk's last key is read from its last row). The Arrow
     fix of each column is decided by the destination from its plan (:class:`ColumnPlan`) and
-    the type ADBC delivered (see ``destinations.parquet.Decoder.from_batch``).
+    the type ADBC delivered (see ``destinations.parquet.Decoder.from_batch``). ``checks``: the
+    columns (position, name, kind) whose ``infinity``, out-of-range or NaN values the client
+    finds (:func:`refused_wire`) and treats by ``policy``, as the typed CSV's guards do.
     """
 
     select: tuple[sql.Composable, ...]
     key_columns: int
+    key_at: tuple[int, ...] = ()
+    checks: tuple[tuple[int, str, str], ...] = ()
+    policy: str = "error"
 
 
 def _binary_expression(
@@ -414,19 +458,27 @@ def _binary_expression(
 ) -> sql.Composable | None:
     """The expression a column is read as through COPY BINARY, or ``None`` (no exact form).
 
-    The typed CSV's expression stays (its guards and integer forms); what travels as text is
-    cast to text (ADBC would decode an interval, enum, range or composite otherwise, or not at
-    all), and everything else to its base type (a domain's oid is unknown to ADBC)."""
-    if plan.wire == "days":  # (a refusal's branch makes the CASE an int8)
-        return sql.SQL("({})::int4").format(typed)
-    if plan.wire in ("micros", "json", "interval"):
-        return typed  # int8 or text: the fix views or parses them as the CSV path does
+    Dates, timestamps and times travel as they are (ADBC shifts them to 1970's epoch; the
+    client finds what does not fit, see :func:`refused_wire`): the server's
+    ``extract(epoch …)`` is numeric arithmetic, most of what the typed list costs it more than
+    a bare ``SELECT *``. The rest keeps the typed CSV's expression (its guards and integer
+    forms); what travels as text is cast to text (ADBC would decode an interval, enum, range
+    or composite otherwise, or not at all), and everything else to its base type (a domain's
+    oid is unknown to ADBC)."""
+    if plan.wire in ("micros", "days"):
+        raw = sql.Identifier("pg_catalog", c.base)
+        return sql.SQL("{}::{}").format(sql.Identifier(c.name), raw)
+    if plan.wire in ("json", "interval"):
+        return typed  # text: the fix parses it as the CSV path does
     if plan.arrow == "string" and c.base not in ("text", "varchar", "bpchar"):
         return sql.SQL("({})::text").format(typed)
     if plan.arrow.startswith("decimal128("):
         precision, scale = (int(x) for x in plan.arrow[len("decimal128(") : -1].split(","))
         if precision <= 18:  # its unscaled integer fits an int8: no text on either side
-            return sql.SQL("(({}) * {})::int8").format(typed, sql.Literal(10**scale))
+            # a NaN as the least int8, which no value of 18 digits is (see refused_wire)
+            return sql.SQL("CASE WHEN {c} = 'NaN' THEN int8 {n} ELSE ({c} * {k})::int8 END").format(
+                c=sql.Identifier(c.name), n=sql.Literal(str(_INT64[0])), k=sql.Literal(10**scale)
+            )
     base = "numeric" if plan.arrow.startswith("decimal128(") else c.base
     if base != "numeric" and base not in _BINARY_NATIVE:
         return None
@@ -440,12 +492,14 @@ def binary_plan(
     key: Sequence[str],
     *,
     key_unique: bool,
+    policy: str = "error",
 ) -> BinaryPlan | str:
     """The :class:`BinaryPlan` of a table, or why its chunks stay typed CSV. Pure.
 
-    ``typed`` is :func:`select_list` of ``plans``. A key not provably unique stays on the CSV
-    path (its chunks need their bound before the rows: the binary path takes the last key
-    from the rows), as does a column with no exact binary form.
+    ``typed`` is :func:`select_list` of ``plans`` under ``policy``. A key not provably unique
+    stays on the CSV path (its chunks need their bound before the rows: the binary path
+    takes the last key from the rows), as does a column with no exact binary form. A key
+    column exported as an integer is read from its column (an integer's text is Python's).
     """
     if not key_unique:
         return "its key is not provably unique"
@@ -455,5 +509,82 @@ def binary_plan(
         if binary is None:
             return f"column {c.name} is of type {c.pg_type}"
         select.append(binary)
-    select += [sql.SQL("{}::text").format(sql.Identifier(k)) for k in key]
-    return BinaryPlan(tuple(select), len(key))
+    integers = {c.name: i for i, c in enumerate(columns) if c.base in ("int2", "int4", "int8")}
+    key_at, extra = [], 0
+    for k in key:
+        if k in integers:
+            key_at.append(integers[k])
+            continue
+        key_at.append(len(columns) + extra)
+        extra += 1
+        select.append(sql.SQL("{}::text").format(sql.Identifier(k)))
+    return BinaryPlan(tuple(select), extra, tuple(key_at), _checks(plans), policy)
+
+
+def _checks(plans: Sequence[ColumnPlan]) -> tuple[tuple[int, str, str], ...]:
+    """The columns whose values the client checks (:func:`refused_wire`): position, name and
+    kind (``"date"``, ``"timestamp"``, ``"timestamptz"``, ``"nan"``)."""
+    found = []
+    for i, p in enumerate(plans):
+        if p.wire in ("micros", "days") and p.guard:
+            found.append((i, p.name, "timestamptz" if "UTC" in p.arrow else p.guard))
+        elif p.guard == "nan" and int(p.arrow[len("decimal128(") :].split(",")[0]) <= 18:
+            found.append((i, p.name, "nan"))
+    return tuple(found)
+
+
+def refused_wire(value: int, kind: str) -> tuple[str, int | None] | None:
+    """For a value of a checked column as ADBC delivered it (``kind``: ``"date"``, days from
+    1970; ``"timestamp"``, ``"timestamptz"``, µs from 1970; ``"nan"``, a decimal's unscaled
+    int8), ``None`` if it is the value PostgreSQL holds; else (see :data:`REFUSED_BELOW`) the
+    value as PostgreSQL prints it (``infinity``, ``-infinity``, a timestamp past Parquet's
+    range, a timestamptz's in UTC; ``NaN``) and the value ``clamp`` writes in its place
+    (``None``: none, a NaN). Pure."""
+    if value >= REFUSED_BELOW[kind]:
+        return None
+    if kind == "nan":
+        return "NaN", None
+    low, high = _LIMITS[kind]
+    shift = _EPOCH_SHIFT[kind]
+    sent = value - shift + (high - low + 1)  # PostgreSQL's own integer, unwrapped
+    if sent > high:  # only -infinity (the least integer) does not wrap
+        sent -= high - low + 1
+    if sent == high:
+        return "infinity", high
+    if sent == low:
+        return "-infinity", low
+    return _timestamp_text(sent) + ("+00" if kind == "timestamptz" else ""), high
+
+
+def _timestamp_text(micros: int) -> str:
+    """PostgreSQL's ISO text of a timestamp of ``micros`` µs from 2000-01-01 (as UTC, from
+    year 1 on: only those past Parquet's range reach here). Pure."""
+    days, rest = divmod(micros, 86_400_000_000)
+    # days → civil date (proleptic Gregorian), after Howard Hinnant's days_from_civil inverse
+    z = days + 10_957 + 719_468  # days from 0000-03-01
+    era, doe = divmod(z, 146_097)
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day, month = doy - (153 * mp + 2) // 5 + 1, mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    seconds, micro = divmod(rest, 1_000_000)
+    text = f"{year:04d}-{month:02d}-{day:02d} {seconds // 3600:02d}:{seconds // 60 % 60:02d}:"
+    text += f"{seconds % 60:02d}"
+    return text + (f".{micro:06d}".rstrip("0") if micro else "")
+
+
+def record_text(values: Sequence[str]) -> str:
+    """``ROW(…)::text`` of a key of several columns, from each column's text. Pure."""
+    quoted = []
+    for v in values:
+        if v == "" or any(ch in v for ch in '"\\(),') or any(ch.isspace() for ch in v):
+            v = '"' + v.replace("\\", "\\\\").replace('"', '""') + '"'
+        quoted.append(v)
+    return "(" + ",".join(quoted) + ")"
+
+
+def refusal(column: str, kind: str, value: str, key: str) -> str:
+    """The message of a value the policy refuses, as :func:`_refuse`'s expression makes the
+    server raise it (:func:`refused_value` reads both). Pure."""
+    return f"{MARKER}{column}\x1f{kind}\x1f {value} at key {key}"

@@ -421,7 +421,7 @@ class ExportSession:
         policy = self.spec.out_of_range or "error"
         typed = select_list(plans, self.table.key, policy)
         binary = binary_plan(
-            types, plans, typed, self.table.key, key_unique=self.table.key_unique
+            types, plans, typed, self.table.key, key_unique=self.table.key_unique, policy=policy
         )
         if isinstance(binary, str):  # read as typed CSV, parsed by Arrow
             log.debug("%s: typed CSV, not COPY BINARY: %s", self.table.qualified, binary)

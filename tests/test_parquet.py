@@ -43,6 +43,7 @@ from helpers import (
 )
 
 import copystream
+from copystream.arrowchunk import _suspect
 from copystream.checkpoint import new_checkpoint
 from copystream.destinations import parquet
 from copystream.destinations.parquet import ParquetDataset, resume_point
@@ -54,6 +55,8 @@ from copystream.parquet_types import (
     ColumnType,
     binary_plan,
     plan_columns,
+    record_text,
+    refused_wire,
     select_list,
 )
 from copystream.spec import build
@@ -116,6 +119,17 @@ INSERT INTO ivs VALUES (1, '1 year 2 mons 3 days 04:05:06.7'), (2, NULL),
     (3, '-1 day -00:00:01'), (4, '-1 year +2 mons -3 days +25:00:00.000001'),
     (5, '178000000 years'), (6, '-2147483648 days -2562047788 hours -54.775807 seconds'),
     (7, '0'), (8, '-178000000 years 2147483647 days 2562047788:00:54.775807');
+CREATE TABLE far (id int PRIMARY KEY, ts timestamp, tz timestamptz, d date);
+INSERT INTO far SELECT g, timestamp '2020-01-01' + g * interval '1 hour',
+        timestamptz '2020-01-01 00:00:00+00' - g * interval '1 day', DATE '2020-01-01' - g
+    FROM generate_series(1, 20000) g;
+UPDATE far SET ts = '294247-01-10 04:00:54.775808' WHERE id = 15000;
+UPDATE far SET tz = '294276-12-31 23:59:59.999999+00', d = 'infinity' WHERE id = 12000;
+UPDATE far SET d = '-infinity', tz = NULL WHERE id = 17000;
+CREATE TABLE far_text (k text PRIMARY KEY, d date);
+INSERT INTO far_text VALUES ('a b', '2020-01-01'), ('b', 'infinity');
+CREATE TABLE far_heap AS SELECT * FROM far;  -- no unique key: the typed-CSV path
+ALTER TABLE far_heap ALTER id SET NOT NULL;
 ANALYZE;
 """
 
@@ -124,8 +138,12 @@ ANALYZE;
 REFERENCE = """
 SELECT id, i2, i4, i8, o::int8, f4, f8, n, n38, nu::text, dm, b, t, vc, c, m::text, nm::text,
        by, u, j::text, jb::text,
-       d - DATE '1970-01-01', (extract(epoch FROM ts) * 1000000)::int8,
-       (extract(epoch FROM tz) * 1000000)::int8, (extract(epoch FROM tm) * 1000000)::int8,
+       d - DATE '1970-01-01',
+       (ts::date - DATE '1970-01-01')::int8 * 86400000000
+         + (extract(epoch FROM ts::time) * 1000000)::int8,
+       ((tz AT TIME ZONE 'UTC')::date - DATE '1970-01-01')::int8 * 86400000000
+         + (extract(epoch FROM (tz AT TIME ZONE 'UTC')::time) * 1000000)::int8,
+       (extract(epoch FROM tm) * 1000000)::int8,
        iv::text, ai, at, af, ab, r::text
 FROM every ORDER BY id
 """
@@ -742,14 +760,24 @@ def test_common_types_take_the_binary_path_pure() -> None:
     plans, typed = _plans(*cols)
     plan = binary_plan(cols, plans, typed, ["id"], key_unique=True)
     assert isinstance(plan, BinaryPlan)
-    assert plan.key_columns == 1 and len(plan.select) == len(cols) + 1
+    # the key, an exported integer, is read from its column: no text of it is sent
+    assert plan.key_columns == 0 and plan.key_at == (0,) and len(plan.select) == len(cols)
     text = [str(e.as_string(None)) for e in plan.select]
     assert text[0] == '("id")::"pg_catalog"."int8"'
-    assert text[4].endswith("END)::int4")  # the refusal's branch would make the CASE an int8
-    assert text[6].endswith(" * 100)::int8")  # numeric(12,2): unscaled
+    # dates and timestamps as they are: the client checks them (no extract(epoch …))
+    assert text[4] == '"d"::"pg_catalog"."date"'
+    assert text[5] == '"tz"::"pg_catalog"."timestamptz"'
+    # numeric(12,2): unscaled, a NaN as the least int8
+    assert text[6] == (
+        "CASE WHEN \"n\" = 'NaN' THEN int8 '-9223372036854775808' ELSE (\"n\" * 100)::int8 END"
+    )
     assert text[7].endswith(')::"pg_catalog"."numeric"')  # numeric(30,2): its text
     assert text[11] == '("r")::text' and text[12] == '("c")::"pg_catalog"."bpchar"'
-    assert text[-1] == '"id"::text'
+    assert plan.checks == ((4, "d", "date"), (5, "tz", "timestamptz"), (6, "n", "nan"))
+    by_text = binary_plan(cols, plans, typed, ["c", "id"], key_unique=True)
+    assert isinstance(by_text, BinaryPlan)  # a text key column comes last, as text
+    assert by_text.key_columns == 1 and by_text.key_at == (len(cols), 0)
+    assert str(by_text.select[-1].as_string(None)) == '"c"::text'
 
 
 def test_what_stays_on_the_typed_csv_path_pure() -> None:
@@ -882,3 +910,78 @@ def test_binary_path_reads_the_export_snapshot(db: str, tmp_path: Path) -> None:
     assert read_dataset(out).column("id").to_pylist() == list(range(1, 20001))
     with psycopg.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM snap").fetchone() == (20001,)
+
+
+# -- what the client checks on the binary path ------------------------------------------------
+
+#: What ADBC's driver delivered (measured, adbc-driver-postgresql 1.13) for values Parquet
+#: cannot hold: PostgreSQL's integer plus the 2000 → 1970 shift, wrapped around.
+WRAPPED = [
+    (-9222425352054775809, "timestamptz", ("infinity", 2**63 - 1)),
+    (-9222425352054775808, "timestamp", ("-infinity", -(2**63))),
+    (-(2**63), "timestamptz", ("294247-01-10 04:00:54.775808+00", 2**63 - 1)),
+    (-9222426057709551617, "timestamp", ("294276-12-31 23:59:59.999999", 2**63 - 1)),
+    (-2147472692, "date", ("infinity", 2**31 - 1)),
+    (-2147472691, "date", ("-infinity", -(2**31))),
+    (-(2**63), "nan", ("NaN", None)),
+]
+#: ... and for the extremes it holds: 4713-01-01 BC, Parquet's last timestamp, 5874897-12-31.
+HELD = [
+    (-210863520000000000, "timestamp"), (2**63 - 1, "timestamptz"), (-2440550, "date"),
+    (2145042905, "date"), (-(10**18) + 1, "nan"), (10**18 - 1, "nan"), (0, "timestamp"),
+]  # fmt: skip
+
+
+def test_refused_wire_values_pure() -> None:
+    """ADBC's wrapped instants are told from every value PostgreSQL holds, by value and by the
+    client's one-pass check (:func:`_suspect`), with PostgreSQL's text of each (a timestamp
+    past Parquet's range unwrapped to its date) and what clamp writes; a NaN decimal too."""
+    for value, kind, want in WRAPPED:
+        assert refused_wire(value, kind) == want, (value, kind)
+        size = pa.int32() if kind == "date" else pa.int64()
+        assert _suspect(pa.array([0, value, 1], size).slice(1, 1), kind)
+    for value, kind in HELD:
+        assert refused_wire(value, kind) is None, (value, kind)
+        size = pa.int32() if kind == "date" else pa.int64()
+        assert not _suspect(pa.array([value, None], size), kind)
+    assert record_text(["1", "a b", "", 'q"', "x,y"]) == '(1,"a b","","q""","x,y")'
+
+
+def test_binary_path_treats_what_parquet_cannot_hold_as_the_csv_path(
+    db: str, tmp_path: Path
+) -> None:
+    """Dates and timestamps travel as they are on the binary path; the client finds infinity
+    and timestamps past Parquet's range (deep in a chunk, several per batch) and treats them
+    as the typed CSV's server-side guards do: the same error (of the first row by key, then
+    column; a text key too), NULLs, or the clamped extremes, value for value."""
+    errors = []
+    for table, options in (("far", {}), ("far_heap", {"key": ["id"]})):
+        with pytest.raises(UsageError) as caught:
+            copystream.export_table(db, table, tmp_path / f"{table}.parquet", format="parquet",
+                                    **options)  # fmt: skip
+        errors.append(str(caught.value).replace("far_heap", "far"))
+        assert not (tmp_path / f"{table}.parquet").exists()
+    refused = [
+        f"column {c} of public.far holds {v} (a value outside Parquet's range) at key {k}, "
+        for c, v, k in [("tz", "294276-12-31 23:59:59.999999+00", 12000),
+                        ("ts", "294247-01-10 04:00:54.775808", 15000)]
+    ]  # fmt: skip
+    assert errors[0].startswith(refused[0])  # the first by key, then column
+    # the typed CSV's sort evaluates the guards in the table's order: one of the two, worded
+    # the same
+    assert errors[1].startswith(tuple(refused))
+    assert errors[0].partition(", ")[2] == errors[1].partition(", ")[2]
+    with pytest.raises(UsageError, match=r"column d of public\.far_text holds infinity .* key b,"):
+        copystream.export_table(db, "far_text", tmp_path / "t.parquet", format="parquet")
+    for policy in ("null", "clamp"):
+        got = [
+            read_dataset(_export(db, table, tmp_path / f"{table}-{policy}.parquet",
+                                 {"out_of_range": policy, **options}))
+            for table, options in (("far", {}), ("far_heap", {"key": ["id"]}))
+        ]  # fmt: skip
+        assert got[0].equals(got[1]), policy
+        rows = {r[0]: r for r in comparable(got[0].select(["id", "ts", "tz", "d"]))}
+        top, top32 = (None, None) if policy == "null" else (2**63 - 1, 2**31 - 1)
+        assert rows[12000][2:] == (top, top32) and rows[15000][1] == top
+        assert rows[17000][2:] == (None, None if policy == "null" else -(2**31))
+        assert rows[1] == (1, 1577840400000000, 1577750400000000, 18261)
