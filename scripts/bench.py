@@ -1821,6 +1821,21 @@ def _measure(b: Bench, name: str, cmd: Sequence[str]) -> Measured:
     return m
 
 
+def _discard(b: Bench, directory: Path) -> None:
+    """Remove a round's output directory; with ``--defer-cleanup``, move it aside (a rename
+    frees no inode) to be removed once every round is measured (:func:`_empty_trash`)."""
+    if not b.args.defer_cleanup:
+        shutil.rmtree(directory)
+        return
+    trash = b.workdir / "deferred-cleanup"
+    trash.mkdir(exist_ok=True)
+    directory.rename(trash / f"{len(list(trash.iterdir())):04d}-{directory.name}")
+
+
+def _empty_trash(b: Bench) -> None:
+    shutil.rmtree(b.workdir / "deferred-cleanup", ignore_errors=True)
+
+
 def _pg_dump(b: Bench, tables: Sequence[str], rnd: int, row: dict[str, Any] | None = None) -> float:
     """Seconds of ``pg_dump --data-only -Fd -j JOBS`` of ``tables`` (patterns); its CPU into
     ``row``."""
@@ -1830,7 +1845,7 @@ def _pg_dump(b: Bench, tables: Sequence[str], rnd: int, row: dict[str, Any] | No
     for t in tables:
         cmd += ["-t", t]
     m = _measure(b, "pg_dump", cmd)
-    shutil.rmtree(target)
+    _discard(b, target)
     _cpu(row, "pg_dump", m)
     return m.wall
 
@@ -1873,7 +1888,7 @@ def step_many_rounds(
             report = json.loads((out / "copystream-report.json").read_text())
             if report["totals"]["skipped"] != len(refs):
                 b.errors.append(f"round {rnd}: the re-run redid {report['totals']['done']} tables")
-            shutil.rmtree(out)
+            _discard(b, out)
             plan.unlink()
         row["ratio"] = row["bulk_s"] / row["pg_dump_s"]
         runs.append(row)
@@ -1948,7 +1963,7 @@ def step_mixed(b: Bench, refs: dict[str, tuple[int, str]], large: str) -> dict[s
         check_many(b, out, refs, f"mixed round {rnd}")
         if hash_file(out / "large.csv") != (ref_size, ref_digest):
             b.errors.append(f"mixed round {rnd}: the large table's output differs from psql's")
-        shutil.rmtree(out)
+        _discard(b, out)
         plan.unlink()
         row["ratio"] = row["bulk_s"] / (row["large_alone_s"] + row["pg_dump_small_s"])
         runs.append(row)
@@ -1972,11 +1987,15 @@ def step_tables(b: Bench) -> dict[str, Any]:
     refs = many_references(b, names)
     result: dict[str, Any] = {"small_tables": info, "jobs": args.jobs}
     result["startup"] = step_startup_export(b, f"{MANY_SCHEMA}.{names[0]}")
-    if args.rounds > 0:
-        result["bulk_vs_pg_dump"] = step_many_rounds(b, refs)
-    if args.large_rows:
-        result["large_table"] = ensure_table(b.dsn, args.table, args.large_rows)
-        result["mixed"] = step_mixed(b, refs, args.table)
+    result["defer_cleanup"] = bool(args.defer_cleanup)
+    try:
+        if args.rounds > 0:
+            result["bulk_vs_pg_dump"] = step_many_rounds(b, refs)
+        if args.large_rows:
+            result["large_table"] = ensure_table(b.dsn, args.table, args.large_rows)
+            result["mixed"] = step_mixed(b, refs, args.table)
+    finally:
+        _empty_trash(b)
     print_tables(result, len(names), args.table_rows)
     return result
 
@@ -2176,6 +2195,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--table-rows", type=_positive_int, default=200, help="rows per small table (200)"
     )
     g.add_argument("--jobs", type=_positive_int, default=2, help="--jobs and pg_dump -j (2)")
+    g.add_argument(
+        "--defer-cleanup",
+        action="store_true",
+        help="with --tables: remove the rounds' outputs (pg_dump's and copystream's) only once "
+        "every round is measured, not between the runs. On ext4 without a journal, each file "
+        "created within a minute or so of thousands being deleted costs the kernel a scan past "
+        "them (up to ~1 ms of CPU a file, on the creator's account): deleting the last round's "
+        "files just before a job measures that, not the job",
+    )
     g.add_argument(
         "--large-rows",
         type=int,
