@@ -11,7 +11,8 @@ committed prefix once to rebuild it (checking every chunk's uncompressed digest 
 
 Compression runs off the streaming thread: :meth:`CompressedFile.write` hands each ~1 MiB buffer
 to a thread of its own that compresses (zstd in :data:`ZSTD_THREADS` native worker threads of
-its own; zlib in that thread, releasing the GIL while it works), hashes and writes it, so the
+its own, fewer when the key ranges of a ``workers`` export share the cores: :func:`share_cores`;
+zlib in that thread, releasing the GIL while it works), hashes and writes it, so the
 chunk loop goes on reading from the server meanwhile. At most :data:`QUEUE_BUFFERS` buffers wait
 for that thread (the streaming thread waits when it falls behind), so memory stays bounded.
 """
@@ -36,11 +37,14 @@ from . import ChunkWritten
 __all__ = [
     "KIND",
     "QUEUE_BUFFERS",
+    "ZSTD_THREADS",
     "CompressedFile",
     "CorruptFrame",
     "codec",
     "fresh_state",
     "hash_chunk",
+    "share_cores",
+    "zstd_threads",
 ]
 
 #: The ``kind`` of a compressed file's state in a checkpoint.
@@ -49,8 +53,10 @@ KIND = "compressed-file"
 #: Buffers (of ~1 MiB, the chunk runner's write size) that may wait for the compressing thread.
 #: Whichever side is slower keeps the queue full or empty whatever its length, so it only has to
 #: smooth out bursts; each buffer more costs ~1 MB of peak memory (a 1M-row export: 59 MB of
-#: peak RSS with 8, 52 MB with 2, the same wall time).
-QUEUE_BUFFERS = 2
+#: peak RSS with 8, 52 MB with 2, the same wall time; a 5M-row one, in process: 53.0-53.8 MB
+#: with 2, 51.5-52.6 MB with 1, and a shorter wait at each chunk's end: the frame's flush
+#: waits for what is queued).
+QUEUE_BUFFERS = 1
 
 #: zstd worker threads per compressed output, and the input each compresses at a time. In
 #: zstd's own (GIL-free) threads the compression never holds up the streaming thread, and on
@@ -60,6 +66,23 @@ QUEUE_BUFFERS = 2
 #: with the output 1% smaller than a single thread's, not larger.
 ZSTD_THREADS = 2
 ZSTD_JOB_SIZE = 512 * 1024
+
+#: How many compressed outputs this machine's cores are shared by (:func:`share_cores`).
+_SHARERS = [1]
+
+
+def share_cores(outputs: int) -> None:
+    """Say that ``outputs`` compressed outputs are written at once on this machine (the key
+    ranges of a ``workers`` export, one per process): each output's zstd then gets its share of
+    the cores, not :data:`ZSTD_THREADS` threads of its own (on 2 cores, 2 ranges with 2 zstd
+    threads each are 4 threads contending with the streaming threads and the server)."""
+    _SHARERS[0] = max(1, outputs)
+
+
+def zstd_threads() -> int:
+    """The zstd worker threads of a compressed output: :data:`ZSTD_THREADS`, at most this
+    output's share of the cores, and at least one (zstd's threads, off the streaming thread)."""
+    return max(1, min(ZSTD_THREADS, (os.cpu_count() or 1) // _SHARERS[0]))
 
 _EMPTY = xxhash.xxh3_128().hexdigest()
 
@@ -90,7 +113,7 @@ class Codec:
             # default (`zstd -t` checks it).
             params = zstandard.ZstdCompressionParameters.from_level(
                 level,
-                threads=min(ZSTD_THREADS, os.cpu_count() or 1),
+                threads=zstd_threads(),
                 job_size=ZSTD_JOB_SIZE,
                 write_checksum=1,
             )
