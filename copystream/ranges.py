@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
 import json
 import logging
 import os
@@ -480,9 +479,7 @@ def _run_in_pool(
     results: dict[int, PartOutcome] = {}
     failures: dict[int, BaseException] = {}
     restarts = _Restarts(jobs, table, chunks_of)
-    running = min(workers, len(jobs))
-    tasks = [replace(t, function=functools.partial(_sharing, running, t.function)) for t in tasks]
-    for event in run_tasks(tasks, running, tick=1.0, restart=restarts):
+    for event in run_tasks(tasks, min(workers, len(jobs)), tick=1.0, restart=restarts):
         if event.kind == "progress":
             latest[event.index] = event.value
             if progress is not None:
@@ -497,17 +494,6 @@ def _run_in_pool(
     if failures:
         raise failures[min(failures)]
     return [results[i] for i in range(len(jobs))]
-
-
-def _sharing(
-    running: int, function: Callable[..., PartOutcome], *args: Any, **kwargs: Any
-) -> PartOutcome:
-    """Run a range's task in a worker, its compression sharing the cores with the ``running``
-    ranges beside it (:func:`~copystream.destinations.compressed.share_cores`)."""
-    from .destinations.compressed import share_cores
-
-    share_cores(running)
-    return function(*args, **kwargs)
 
 
 def _summed(

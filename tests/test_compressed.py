@@ -49,13 +49,11 @@ from copystream.destinations.compressed import (
     codec,
     fresh_state,
     hash_chunk,
-    share_cores,
-    zstd_threads,
 )
 from copystream.errors import PrefixMismatch, UsageError, VerificationFailed
 from copystream.join import Follower
 from copystream.part import PartOutcome
-from copystream.ranges import _sharing, load_parts, part_data_path, part_path
+from copystream.ranges import load_parts, part_data_path, part_path
 from copystream.spec import Compression, ExportSpec, build
 from copystream.testing import EphemeralPostgres
 
@@ -276,23 +274,6 @@ def test_compression_runs_on_its_own_thread(tmp_path: Path) -> None:
         dest.close()
     assert seen == ["copystream-compress"] * 2
     assert threading.current_thread().name not in seen
-
-
-def test_ranges_running_at_once_share_the_cores_for_zstd(monkeypatch: pytest.MonkeyPatch) -> None:
-    """One output gets two zstd threads (as ``zstd -T0`` on 2 cores); a range of a ``workers``
-    export, run by the pool beside others, gets its share of the cores and at least one."""
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    try:
-        assert zstd_threads() == 2
-        assert _sharing(2, zstd_threads) == 1  # what a range's task sees in its worker
-        assert _sharing(5, zstd_threads) == 1
-        monkeypatch.setattr(os, "cpu_count", lambda: 8)
-        assert _sharing(2, zstd_threads) == 2  # never more than ZSTD_THREADS
-        monkeypatch.setattr(os, "cpu_count", lambda: 4)
-        assert _sharing(4, zstd_threads) == 1
-        assert _sharing(1, zstd_threads) == 2
-    finally:
-        share_cores(1)
 
 
 # -- exports end to end -----------------------------------------------------------------------

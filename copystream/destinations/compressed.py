@@ -11,8 +11,7 @@ committed prefix once to rebuild it (checking every chunk's uncompressed digest 
 
 Compression runs off the streaming thread: :meth:`CompressedFile.write` hands each ~1 MiB buffer
 to a thread of its own that compresses (zstd in :data:`ZSTD_THREADS` native worker threads of
-its own, fewer when the key ranges of a ``workers`` export share the cores: :func:`share_cores`;
-zlib in that thread, releasing the GIL while it works), hashes and writes it, so the
+its own; zlib in that thread, releasing the GIL while it works), hashes and writes it, so the
 chunk loop goes on reading from the server meanwhile. At most :data:`QUEUE_BUFFERS` buffers wait
 for that thread (the streaming thread waits when it falls behind), so memory stays bounded.
 """
@@ -37,14 +36,11 @@ from . import ChunkWritten
 __all__ = [
     "KIND",
     "QUEUE_BUFFERS",
-    "ZSTD_THREADS",
     "CompressedFile",
     "CorruptFrame",
     "codec",
     "fresh_state",
     "hash_chunk",
-    "share_cores",
-    "zstd_threads",
 ]
 
 #: The ``kind`` of a compressed file's state in a checkpoint.
@@ -66,23 +62,6 @@ QUEUE_BUFFERS = 1
 #: with the output 1% smaller than a single thread's, not larger.
 ZSTD_THREADS = 2
 ZSTD_JOB_SIZE = 512 * 1024
-
-#: How many compressed outputs this machine's cores are shared by (:func:`share_cores`).
-_SHARERS = [1]
-
-
-def share_cores(outputs: int) -> None:
-    """Say that ``outputs`` compressed outputs are written at once on this machine (the key
-    ranges of a ``workers`` export, one per process): each output's zstd then gets its share of
-    the cores, not :data:`ZSTD_THREADS` threads of its own (on 2 cores, 2 ranges with 2 zstd
-    threads each are 4 threads contending with the streaming threads and the server)."""
-    _SHARERS[0] = max(1, outputs)
-
-
-def zstd_threads() -> int:
-    """The zstd worker threads of a compressed output: :data:`ZSTD_THREADS`, at most this
-    output's share of the cores, and at least one (zstd's threads, off the streaming thread)."""
-    return max(1, min(ZSTD_THREADS, (os.cpu_count() or 1) // _SHARERS[0]))
 
 _EMPTY = xxhash.xxh3_128().hexdigest()
 
@@ -113,7 +92,7 @@ class Codec:
             # default (`zstd -t` checks it).
             params = zstandard.ZstdCompressionParameters.from_level(
                 level,
-                threads=zstd_threads(),
+                threads=min(ZSTD_THREADS, os.cpu_count() or 1),
                 job_size=ZSTD_JOB_SIZE,
                 write_checksum=1,
             )
