@@ -921,8 +921,9 @@ def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
 
 
 @contextlib.contextmanager
-def _moto_server() -> Iterator[str]:
-    """moto's S3 server in a process of its own on a free port of localhost; its URL."""
+def _moto_server() -> Iterator[tuple[str, int]]:
+    """moto's S3 server in a process of its own on a free port of localhost; its URL and pid
+    (to measure its CPU: moto runs on the same cores as the export, a cost of the test rig)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -937,7 +938,7 @@ def _moto_server() -> Iterator[str]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("moto's S3 server did not start (is moto[server] installed?)")
             time.sleep(0.1)
-        yield url
+        yield url, proc.pid
     finally:
         proc.terminate()
         proc.wait()
@@ -975,28 +976,34 @@ def step_s3(b: Bench, table: str) -> dict[str, Any]:
                ("s3-zstd-w2", ".csv.zst")]  # fmt: skip
     records: list[dict[str, Any]] = []
     _, ref_size, _ = b.reference(table)
-    with _moto_server() as url:
+    with _moto_server() as (url, moto):
         os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": url})  # for this process's children
         client = boto3.client("s3", endpoint_url=url)
         client.create_bucket(Bucket="bench")
         for rnd in range(b.args.s3_rounds):
             start = rnd % len(configs)
             for name, suffix in configs[start:] + configs[:start]:
+                before = _cpu_seconds(moto) or 0.0
                 r = _s3_run(b, client, table, rnd, name, suffix)
+                r["moto_cpu_s"] = (_cpu_seconds(moto) or 0.0) - before  # download check excluded
                 records.append(r)
                 rss = r["peak_rss_process_mb"]
                 log(f"s3 round {rnd + 1}/{b.args.s3_rounds} {name}: {r['wall_s']:.2f}s, "
                     f"{r['bytes'] / MB:,.1f} MB, peak RSS {rss:.1f} MB")  # fmt: skip
     summary = _s3_summary(records, [name for name, _ in configs])
     print(f"\nS3 (local moto server), medians per config ({ref_size / MB:,.1f} MB of CSV):\n")
-    print(f"{'config':<12}{'runs':>5}{'wall s':>8}{'x file':>8}{'size MB':>9}{'RSS max':>9}"
-          f"{'complete s':>11}  ok")  # fmt: skip
+    print(f"{'config':<12}{'runs':>5}{'wall s':>8}{'x file':>8}{'x -moto':>8}{'CPU s':>7}"
+          f"{'moto s':>7}{'size MB':>9}{'RSS max':>9}{'complete s':>11}  ok")  # fmt: skip
     for x in summary:
         ok = "yes" if x["all_identical"] else "NO"
         done = f"{x['complete_s']:>11.2f}" if x["complete_s"] is not None else f"{'-':>11}"
         print(f"{x['config']:<12}{x['runs']:>5}{x['wall_s']:>8.2f}{x['ratio_to_file_zstd']:>8.2f}"
+              f"{x['ratio_without_moto']:>8.2f}{x['cpu_s']:>7.2f}{x['moto_cpu_s']:>7.2f}"
               f"{x['size_mb']:>9.1f}{x['peak_rss_process_mb_max']:>9.1f}{done}  {ok}")  # fmt: skip
     print("\nx file: median of per-round wall-time ratios to copystream's local zstd export;\n"
+          "x -moto: the same with moto's CPU seconds in the run taken off the S3 run's wall time\n"
+          "(as if the endpoint cost nothing on these cores: a lower bound); CPU s: copystream's\n"
+          "(client) CPU; moto s: the moto server's CPU during the run;\n"
           "RSS max: the largest peak RSS of the exporting process over the rounds; complete s:\n"
           "the CompleteMultipartUpload call alone (moto copies every part there; S3 does not);\n"
           "s3-zstd-w2: --workers 2 into one upload.")  # fmt: skip
@@ -1057,6 +1064,11 @@ def _s3_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[st
         out.append({
             "config": name, "runs": len(runs), "wall_s": _median([r["wall_s"] for r in runs]),
             "ratio_to_file_zstd": _median([r["wall_s"] / base[r["round"]]["wall_s"] for r in runs]),
+            "ratio_without_moto": _median(
+                [(r["wall_s"] - r["moto_cpu_s"]) / base[r["round"]]["wall_s"] for r in runs]
+            ),
+            "cpu_s": _median([r["cpu_s"] for r in runs]),
+            "moto_cpu_s": _median([r["moto_cpu_s"] for r in runs]),
             "size_mb": _median([r["bytes"] / MB for r in runs]),
             "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
             "all_identical": all(r["identical"] for r in runs),

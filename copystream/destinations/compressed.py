@@ -49,8 +49,10 @@ KIND = "compressed-file"
 #: Buffers (of ~1 MiB, the chunk runner's write size) that may wait for the compressing thread.
 #: Whichever side is slower keeps the queue full or empty whatever its length, so it only has to
 #: smooth out bursts; each buffer more costs ~1 MB of peak memory (a 1M-row export: 59 MB of
-#: peak RSS with 8, 52 MB with 2, the same wall time).
-QUEUE_BUFFERS = 2
+#: peak RSS with 8, 52 MB with 2, the same wall time; a 5M-row one, in process: 53.0-53.8 MB
+#: with 2, 51.5-52.6 MB with 1; the waits at the chunks' ends, for the frame's flush, were
+#: 0.14-0.74 s per export with 2 and 0.18-0.41 s with 1, within the noise).
+QUEUE_BUFFERS = 1
 
 #: zstd worker threads per compressed output, and the input each compresses at a time. In
 #: zstd's own (GIL-free) threads the compression never holds up the streaming thread, and on
