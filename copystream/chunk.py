@@ -1,12 +1,25 @@
 """One chunk: one READ ONLY, REPEATABLE READ transaction and one COPY, streamed to the destination.
 
-The chunk's last key always comes from the same snapshot as its rows, never from parsing CSV:
+The chunk's last key always comes from the same snapshot as its rows: from a query beside the
+COPY, or, in one narrow case, from the COPY's own last row.
 
-* With a unique key (the usual case) the COPY is ``COPY (SELECT … WHERE key > after ORDER BY key
-  LIMIT n) TO STDOUT``. While it streams, a *sibling* connection that imported the chunk's
-  snapshot (``pg_export_snapshot`` / ``SET TRANSACTION SNAPSHOT``) finds the key of the n-th row
-  (or, when fewer rows remain, the greatest key: the final chunk). The bound query costs the server
-  about 7% of the COPY's time; on its own backend it runs alongside the COPY instead of before it.
+* With a unique key of one integer column (``smallint``, ``integer``, ``bigint``) that the COPY
+  exports, in csv or text format, the COPY is ``COPY (SELECT … WHERE key > after ORDER BY key
+  LIMIT n) TO STDOUT`` and the last key is read from its last CopyData message
+  (:func:`copy_key_index`, :func:`key_from_row`). That is exact, not a guess at CSV: PostgreSQL
+  sends one CopyData message per row, always, so the last message is the last row, of this very
+  COPY and snapshot; an integer's output is plain ASCII digits with an optional ``-``, the same
+  text as ``key::text`` under every setting; and the fields before it are split by COPY's own
+  quoting rules (a csv field holding the delimiter, quote or a newline is quoted, a quote or
+  escape inside doubled or escaped; a text field's delimiter is backslash-escaped), on the record
+  decoded from the connection's encoding. ``final``: COPY reported fewer rows than asked. No
+  sibling connection, no snapshot export, no bound query (~7% of the COPY's server time).
+* With any other unique key (composite, not an integer, not exported, a Parquet export's typed
+  CSV) the COPY is the same, and while it streams, a *sibling* connection that imported the
+  chunk's snapshot (``pg_export_snapshot`` / ``SET TRANSACTION SNAPSHOT``) finds the key of the
+  n-th row (or, when fewer rows remain, the greatest key: the final chunk). The bound query
+  costs the server about 7% of the COPY's time; on its own backend it runs alongside the COPY
+  instead of before it.
 * With a key not provably unique the bound is found first, then the COPY runs with
   ``key > after AND key <= bound``, so rows that tie on the bound stay in one chunk.
 * With ``rows == 0`` (single-COPY mode) there is no bound: the COPY takes the rest of the range.
@@ -38,7 +51,14 @@ from .server import snapshot_gone_errors
 from .spec import CopyOptions
 from .table import ResolvedTable
 
-__all__ = ["WRITE_BUFFER", "Chunk", "ChunkOutcome", "ChunkRunner"]
+__all__ = [
+    "WRITE_BUFFER",
+    "Chunk",
+    "ChunkOutcome",
+    "ChunkRunner",
+    "copy_key_index",
+    "key_from_row",
+]
 
 #: Rows are gathered until this many bytes, then written and hashed in one call each. Per-row
 #: writes cost ~1.5x the time; beyond ~1 MiB nothing more is gained and memory grows.
@@ -71,6 +91,89 @@ def key_text_settings(key_types: Sequence[str]) -> dict[str, str]:
     """
     plain = all(_TYPMOD.sub("", t).removesuffix("[]") in _PLAIN_TYPES for t in key_types)
     return {} if plain else {"extra_float_digits": "3", "DateStyle": "ISO"}
+
+
+#: Key types COPY prints as plain ASCII digits with an optional '-' (never quoted unless forced,
+#: the same text as ``key::text`` under every setting): the last key is read from the COPY's row.
+_INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+_INTEGER = re.compile(r"-?[0-9]+")
+_FORMATS = frozenset({"csv", "text"})
+
+
+def copy_key_index(table: ResolvedTable, options: CopyOptions) -> int | None:
+    """Where the key is among the COPY's fields when each chunk's last key can be read, exactly,
+    from the COPY's own last row (see the module's docstring); ``None``: a query finds it. Pure.
+
+    A unique key of one ``smallint``/``integer``/``bigint`` column, among the exported columns of
+    a csv or text COPY of the bare columns. After the first field, a record is decoded with the
+    connection's encoding, so an ``ENCODING`` of its own keeps the key first; a text COPY whose
+    NULL string holds a backslash (which that field does not escape) too.
+    """
+    if not (table.key_unique and len(table.key) == 1 and table.key_types[0] in _INTEGER_TYPES):
+        return None
+    if table.select is not None or table.binary is not None or options.format not in _FORMATS:
+        return None
+    if table.key[0] not in table.columns:
+        return None
+    index = table.columns.index(table.key[0])
+    odd_null = options.format == "text" and "\\" in (options.null or "")
+    if index > 0 and (options.encoding is not None or odd_null):
+        return None
+    return index
+
+
+def key_from_row(row: bytes, index: int, options: CopyOptions, encoding: str) -> tuple[str]:
+    """The key (as ``key::text`` prints it) in field ``index`` of one COPY row. Pure.
+
+    ``row`` is one CopyData message of a COPY that :func:`copy_key_index` found ``index`` for;
+    ``encoding`` is the connection's (Python codec name). Raises :class:`ChunkMismatch` when
+    the field is not an integer: the COPY is not the one this was asked about.
+    """
+    # The first field is ASCII (digits), whatever the encoding: latin-1 reads any byte as one.
+    text = row.decode(encoding if index else "latin-1", "surrogateescape").removesuffix("\n")
+    csv = options.format == "csv"
+    delim = options.delimiter or ("," if csv else "\t")
+    quote = (options.quote or '"') if csv else ""
+    escape = (options.escape or quote) if csv else "\\"
+    start = 0
+    try:
+        for _ in range(index):
+            start = _field_end(text, start, delim, quote, escape) + 1
+        field = text[start : _field_end(text, start, delim, quote, escape)]
+    except IndexError:
+        field = ""
+    if not csv:  # a backslash escapes the next character ("\\-" under DELIMITER '-')
+        field = re.sub(r"\\(.)", r"\1", field, flags=re.S)
+    elif field.startswith(quote):  # FORCE_QUOTE, or digits holding the delimiter or quote
+        field = re.sub(re.escape(escape) + "(.)", r"\1", field[1:-1], flags=re.S)
+    if not _INTEGER.fullmatch(field):
+        raise ChunkMismatch(f"the COPY's last row has no integer key in field {index + 1}")
+    return (field,)
+
+
+def _field_end(text: str, start: int, delim: str, quote: str, escape: str) -> int:
+    """Where the field of a COPY record that starts at ``start`` ends (its delimiter, or the
+    record's end). Pure. csv (``quote`` set): a field starting with the quote runs to the quote
+    that is not escaped (a quote or an escape inside is preceded by ``escape``); any other field
+    holds no delimiter. text (``quote`` empty): a backslash escapes the character after it.
+    """
+    if quote and text.startswith(quote, start):
+        i = start + 1
+        while True:
+            c = text[i]  # IndexError: no closing quote
+            if c == escape and text[i + 1 : i + 2] in (quote, escape):
+                i += 2
+            elif c == quote:
+                return i + 1
+            else:
+                i += 1
+    if quote:
+        end = text.find(delim, start)
+        return len(text) if end < 0 else end
+    i = start
+    while i < len(text) and text[i] != delim:
+        i += 2 if text[i] == escape else 1
+    return min(i, len(text))
 
 
 @dataclass(frozen=True)
@@ -126,6 +229,8 @@ class _Session:
         self.pgconn = conn.pgconn
         self.io_timeout = io_timeout
         self.encoding = conn.info.encoding
+        #: The last CopyData message of the COPY streamed last (its last row, or its header).
+        self.last_row: bytes | memoryview = b""
 
     def wait(self, *, write: bool = False) -> None:
         sock = self.pgconn.socket
@@ -254,16 +359,19 @@ class _Session:
         wait: Callable[[], None],
     ) -> int:
         """The rows of a COPY whose ``COPY_OUT`` result was taken, into ``dest``; its end
-        taken too, the rows COPY reported. (The statements after it, if any, are not.)"""
+        taken too, the rows COPY reported; its last message in :attr:`last_row`. (The
+        statements after it, if any, are not.)"""
         pgconn = self.pgconn
         get = pgconn.get_copy_data
         consume = pgconn.consume_input
         buf = bytearray()
         size = written = 0
         messages = -1 if header else 0  # one message per row, plus the header line
+        last: bytes | memoryview = b""
         while True:
             nbytes, data = get(1)
             if nbytes > 0:
+                last = data
                 buf += data
                 size += nbytes
                 messages += 1
@@ -284,6 +392,7 @@ class _Session:
         if buf:
             dest.write(buf)
             written += size
+        self.last_row = last
         res = self.result()
         if res is None:
             raise psycopg.OperationalError("COPY ended without a result")
@@ -404,7 +513,10 @@ class ChunkRunner:
 
         ``on_data(rows, bytes)`` is called after each buffer write with the chunk's totals so far.
         """
-        if self.side is not None and chunk.table.key_unique and chunk.rows > 0:
+        index = copy_key_index(chunk.table, chunk.options) if chunk.rows > 0 else None
+        if index is not None:
+            outcome = self._run_keyed(chunk, dest, on_data, index)
+        elif self.side is not None and chunk.table.key_unique and chunk.rows > 0:
             outcome = self._run_overlapped(chunk, dest, on_data)
         else:
             outcome = self._run_serial(chunk, dest, on_data)
@@ -491,6 +603,25 @@ class ChunkRunner:
         copied = m.copy(query, dest, on_data, header=c.header)
         m.execute(sql.SQL("COMMIT"))
         return ChunkOutcome(rows=copied, last_key=last_key, final=final)
+
+    def _run_keyed(
+        self,
+        c: Chunk,
+        dest: Destination,
+        on_data: Callable[[int, int], None] | None,
+        index: int,
+    ) -> ChunkOutcome:
+        """The chunk's COPY alone: its last key is field ``index`` of its last row
+        (:func:`copy_key_index`); ``final`` when it returned fewer rows than asked."""
+        m = self.main
+        m.begin(c.snapshot)
+        query = copy_query(
+            c.table, c.options, after=c.after, upto=c.until, limit=c.rows, header=c.header
+        )
+        copied = m.copy(query, dest, on_data, header=c.header)
+        m.execute(sql.SQL("COMMIT"))
+        last_key = key_from_row(bytes(m.last_row), index, c.options, m.encoding) if copied else None
+        return ChunkOutcome(rows=copied, last_key=last_key, final=copied < c.rows)
 
     def _run_overlapped(
         self, c: Chunk, dest: Destination, on_data: Callable[[int, int], None] | None

@@ -32,7 +32,7 @@ from .checkpoint import (
     new_checkpoint,
     save_checkpoint,
 )
-from .chunk import Chunk, ChunkOutcome, ChunkRunner, SnapshotGone
+from .chunk import Chunk, ChunkOutcome, ChunkRunner, SnapshotGone, copy_key_index
 from .connection import Target, connect
 from .destinations import Destination, Parted, fresh_state, open_at_checkpoint, resume_point
 from .errors import (
@@ -355,8 +355,13 @@ class PartRunner:
         try:
             runner = self.runner
             if runner is None:
-                # the sibling pays off only when chunks are paged by a unique key
-                side = job.table.key_unique and self.rows_next > 0
+                # the sibling pays off only when chunks are paged by a unique key, and is not
+                # needed when the COPY's own last row gives the last key
+                side = (
+                    job.table.key_unique
+                    and self.rows_next > 0
+                    and copy_key_index(job.table, job.spec.options) is None
+                )
                 runner = self.open_runner(cp.settings, side=side)
             connected = True
             chunk = Chunk(

@@ -5,6 +5,9 @@ streams the COPY. If its transaction (and its ACCESS SHARE lock on the table) st
 the COPY ended, an ALTER TABLE queued between the two connections' locks would wait for the
 sibling, the COPY would wait behind the ALTER, and the sibling would wait for the COPY: a
 deadlock PostgreSQL cannot see, broken only by the I/O timeout.
+
+(The key is ``numeric``: with one of an integer type, the chunk's last key is read from the
+COPY's own last row and there is no sibling; tests/test_chunk_key.py.)
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ def test_sibling_transaction_ends_while_the_copy_streams(
 ) -> None:
     run_sql(
         dsn,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);"
+        "CREATE TABLE t (id numeric PRIMARY KEY, v text);"
         "INSERT INTO t SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 60000) g;"
         "ANALYZE t",
     )
@@ -60,7 +63,7 @@ def test_exclusive_lock_during_an_export_is_not_a_deadlock(
     """ALTER-style locks taken again and again while chunks run: each is granted promptly."""
     run_sql(
         dsn,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);"
+        "CREATE TABLE t (id numeric PRIMARY KEY, v text);"
         "INSERT INTO t SELECT g * 3, md5(g::text) FROM generate_series(1, 200000) g; ANALYZE t",
     )
     waits: list[float] = []
