@@ -31,7 +31,8 @@ TABLE = f"""
 CREATE TABLE t (note text, id bigint PRIMARY KEY, v text, n int);
 INSERT INTO t
 SELECT CASE g % 7 WHEN 0 THEN NULL WHEN 1 THEN 'a,b' WHEN 2 THEN E'line\\nbreak "q"'
-                  WHEN 3 THEN E'back\\\\slash|pipe-dash' WHEN 4 THEN '' WHEN 5 THEN '"' ELSE 'x' END,
+                  WHEN 3 THEN E'back\\\\slash|pipe-dash' WHEN 4 THEN ''
+                  WHEN 5 THEN '"' ELSE 'x' END,
        g * 7919 - 500000,
        CASE WHEN g % 5 = 0 THEN NULL ELSE repeat('v', g % 13) || E'\\t;' END,
        CASE WHEN g % 3 = 0 THEN NULL ELSE g END
