@@ -77,17 +77,19 @@ Block = bytes | bytearray | memoryview | Any
 #: The decoding thread's marker of a chunk's end: write its last rows as a row group.
 END_OF_CHUNK: Block = bytearray()
 
-#: How long pyarrow's allocator (mimalloc) keeps freed memory before returning it to the system,
-#: in ms (its default: 10). Each block's parsed columns are freed a moment after they are
-#: allocated, by another thread; kept, they added ~20 MB to the peak RSS of an export.
+#: How long mimalloc (pyarrow's allocator when the environment chooses it, see
+#: :data:`MEMORY_POOL`) keeps freed memory before returning it to the system, in ms (its
+#: default: 10). Each block's parsed columns are freed a moment after they are allocated, by
+#: another thread; kept, they added ~20 MB to the peak RSS of an export.
 MIMALLOC_PURGE_DELAY = "0"
 
-#: pyarrow's allocator unless the environment names one (``ARROW_DEFAULT_MEMORY_POOL``): glibc's
-#: malloc. mimalloc, returning freed pages at once, had every row group's buffers (the
-#: writer's pages, its compression buffers: the writer allocates from the default pool
-#: whatever pool it is given) faulted in and zeroed again: on 1,000,000 rows of the bench
-#: table ~83,000 page faults and ~0.3 s of CPU in the kernel, against ~27,000 with glibc's,
-#: which keeps them in its heap, for the same peak RSS.
+#: pyarrow's allocator unless the environment names one (``ARROW_DEFAULT_MEMORY_POOL``): the
+#: C library's malloc (glibc's), which keeps freed memory in its heap for the next row group.
+#: mimalloc, returning freed pages at once, had every row group's buffers (the writer's pages
+#: and compression buffers: the writer allocates from the default pool whatever pool it is
+#: given) faulted in and zeroed again: on 1,000,000 rows of the bench table ~83,000 page
+#: faults against ~27,000, and the decoding thread's CPU 1.40-1.61 s against 0.97-1.00 s;
+#: peak RSS the same on the binary path (~130 MB), ~5-10 MB more on the typed CSV's (~140 MB).
 MEMORY_POOL = "system"
 
 #: Blocks waiting for the decoding thread: enough to keep it busy while the chunk loop reads
