@@ -308,15 +308,19 @@ class Terminator(threading.Thread):
         super().__init__(name="terminator", daemon=True)
         self.dsn, self.out, self.every, self.seconds = dsn, out, every, seconds
         self.terminated = 0
-        self.rows_at: list[int] = []  # rows checkpointed when the kills began, and ended
+        # rows checkpointed when the kills began, and the most seen while they went on (an
+        # export that finishes inside the window removes its checkpoint: 0 rows at the end)
+        self.rows_at: list[int] = []
         self.error: BaseException | None = None
 
     def run(self) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True, application_name="terminator") as c:
                 self.rows_at.append(committed(self.out))
+                seen = self.rows_at[0]
                 end = time.monotonic() + self.seconds
                 while time.monotonic() < end:
+                    seen = max(seen, committed(self.out))
                     row = c.execute(
                         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
                         " WHERE application_name = 'copystream'"
@@ -324,7 +328,7 @@ class Terminator(threading.Thread):
                     ).fetchone()
                     self.terminated += int(row[0]) if row else 0
                     time.sleep(self.every)
-                self.rows_at.append(committed(self.out))
+                self.rows_at.append(max(seen, committed(self.out)))
         except BaseException as e:
             self.error = e
 
