@@ -194,7 +194,7 @@ class Compression:
     level: int | None = None  # None only for "none"
 
     #: Default level and accepted range of each codec. zstd 3 and gzip 6 are the CLIs' defaults:
-    #: the sizes users expect, and zstd 3 keeps up with one backend (README, benchmarks).
+    #: the sizes users expect, and zstd 3 keeps up with one backend (docs/benchmarks.md).
     LEVELS: ClassVar[dict[str, tuple[int, int, int]]] = {"zstd": (3, 1, 22), "gzip": (6, 1, 9)}
     #: OUTPUT suffixes that ask for a codec when ``compress`` is not given.
     SUFFIXES: ClassVar[dict[str, str]] = {".zst": "zstd", ".gz": "gzip"}
@@ -429,7 +429,7 @@ def _format_word(fmt: str) -> str:
 
 #: Defaults of a Parquet export: zstd like DuckDB and Spark; parts of ~128 MB, the size data
 #: lakes are tuned for; row groups of 16 MB of Arrow data, what memory holds (about DuckDB's
-#: 122,880 rows of a typical table; peak RSS ~130 MB, ~150 MB at 32 MB: README, benchmarks).
+#: 122,880 rows of a typical table; peak RSS ~130 MB, ~150 MB at 32 MB: docs/benchmarks.md).
 PARQUET_COMPRESSION = "zstd"
 PART_SIZE = 128 * 1024 * 1024
 ROW_GROUP_SIZE = 16 * 1024 * 1024
