@@ -491,13 +491,13 @@ def follow_after_range(
     if i != 0 or not kept or kept[0][0] != state.get("uncompressed_bytes") or (
         kept[0][1].hexdigest() != state.get("uncompressed_xxh3_128")
     ):  # fmt: skip
-        log.debug("%s: range %d does not follow the others (no live state of it)", output.name, i)
+        log.debug("%s: range %d does not follow the others (no live state)", output.name, i + 1)
         return outcome
     t0, cpu = time.monotonic(), time.process_time()
     running = functools.partial(_range_running, output)
     follower = Follower(output, parts, (outcome.checkpoint.chunks, *kept[0]), running)
     follower.follow()
-    log.debug("%s: range 0 followed the other ranges for %.2fs (%.2fs of CPU)%s", output.name,
+    log.debug("%s: the first range followed the others for %.2fs (%.2fs of CPU)%s", output.name,
               time.monotonic() - t0, time.process_time() - cpu,
               f"; gave up: {follower.gave_up}" if follower.gave_up else "")  # fmt: skip
     if follower.gave_up is not None:

@@ -262,11 +262,16 @@ def new_parts(
 # -- splitting ----------------------------------------------------------------------------------
 
 
-#: What decompressing a compressed range costs, as a share of the CPU (server and client) that
-#: exporting it costs: ~2 s of one core for the 1.04 GB of CSV (320 MB of zstd) of the 5M-row
-#: bench table, whose export takes ~20 s of CPU. Range 0's process follows (decompresses) every
-#: later range once its own is done (:mod:`copystream.join`), so it gets less to export.
-FOLLOW_COST = 0.1
+#: What following a later range costs range 0's process, as a share of the CPU (server and
+#: client) that exporting that range costs. Range 0's process decompresses (follows) every later
+#: range once its own is done (:mod:`copystream.join`), so it gets less to export. Decompressing
+#: alone is ~0.1 (~1-2 s of CPU for the 1.04 GB of CSV, 320 MB of zstd, of the 5M-row bench
+#: table, whose export takes ~20-25 s), but the following thread gets only part of a core beside
+#: the later range's export (its backend, read loop and zstd threads), and can decompress only
+#: what is committed: with 0.1 (range 0: 47.4% of the rows) it ended 0.4-0.9 s after range 1
+#: (4 runs), with 0.2 (44.4%) 0.2-0.4 s after (3 runs), while range 1 still ended 2.1-2.8 s after
+#: range 0, so both cores stayed busy (README, issue 13).
+FOLLOW_COST = 0.2
 
 
 def first_share(parts: int, cost: float = FOLLOW_COST) -> float:
@@ -276,7 +281,7 @@ def first_share(parts: int, cost: float = FOLLOW_COST) -> float:
     when the last range's export does. At least half an even share. Pure.
 
     With ``s`` range 0's share and ``t = (1 - s) / (parts - 1)`` each other's: ``s + cost *
-    (1 - s) = t``; for 2 ranges and a cost of 0.1, ``s = 0.9 / 1.9 = 0.474``."""
+    (1 - s) = t``; for 2 ranges and a cost of 0.2, ``s = 0.8 / 1.8 = 0.444``."""
     if parts <= 1:
         return 1.0
     even = 1 / (parts - 1)
@@ -353,7 +358,7 @@ def sample_boundaries(
         plan.qualified,
         len(bounds) + 1,
         f"{len(sample):,}",
-        "" if first is None else f" (range 1 gets {first:.1%} of the rows: it follows the others)",
+        "" if first is None else f" (the first gets {first:.1%} of the rows: it follows the rest)",
     )
     return bounds
 
