@@ -25,6 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import xxhash
 from helpers import (
@@ -509,6 +510,40 @@ def test_a_resumed_range_0_follows_from_its_rebuilt_state_and_fewer_workers_fall
         csv = (m["uncompressed_bytes"], m["uncompressed_xxh3_128"])
         assert csv == (len(expected), xxh(expected))
         assert decompressed("zstd", out.read_bytes()) == expected
+
+
+def test_killed_while_range_0_follows_then_resumed(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL once the first range is finished, while its process follows the second range
+    (still running): the re-run re-verifies the first range, whose process follows the second
+    again from its rebuilt state, and the manifest is psql's CSV."""
+    out = tmp_path / "k.csv.zst"
+    cmd = export_cmd(db, "t", out, "--workers", "2", "--chunk-rows", "300")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (cp := load_checkpoint(part_path(out, 0))) is None or not cp.finished:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        second = load_checkpoint(part_path(out, 1))
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, 9)
+    finally:
+        proc.kill()
+        proc.wait()
+    psutil.wait_procs(workers, timeout=30)  # they die with it, a moment later
+    assert second is not None and not second.finished  # it was following the second range
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    copystream.export_table(db, "t", out, workers=2, chunk_rows=300)
+    assert "the first range followed the others" in caplog.text
+    assert "decompresses every range" not in caplog.text
+    m = read_manifest(out)
+    assert m["resumed"] and (m["uncompressed_bytes"], m["uncompressed_xxh3_128"]) == (
+        len(expected), xxh(expected)
+    )  # fmt: skip
+    assert decompressed("zstd", out.read_bytes()) == expected
+    copystream.verify_file(out, deep=True)
 
 
 def test_what_range_0_followed_is_trusted_only_for_the_ranges_final_chunks(
