@@ -11,6 +11,7 @@ and Python's gzip read the result. The destination itself (:mod:`copystream.dest
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import json
@@ -544,6 +545,62 @@ def test_killed_while_range_0_follows_then_resumed(
     )  # fmt: skip
     assert decompressed("zstd", out.read_bytes()) == expected
     copystream.verify_file(out, deep=True)
+
+
+def _first_ranges_worker(proc: subprocess.Popen[bytes], out: Path) -> psutil.Process | None:
+    """The worker of the first range, once it is finished: a worker of ``out``'s export that
+    does not hold the second range's lock (``None``: the export ended first)."""
+    while proc.poll() is None:
+        for c in psutil.Process(proc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                files = {Path(f.path).name for f in c.open_files()}
+                if f"{out.name}.lock" in files and f"{out.name}.part-0001.lock" not in files:
+                    return c
+        time.sleep(0.01)
+    return None
+
+
+def _kill_the_following_worker(db: str, out: Path, log: Path) -> bool:
+    """Run a 2-worker export of ``t`` to ``out`` and SIGKILL the first range's worker once its
+    range is finished and the second's is not; ``False`` if the export ended first."""
+    cmd = export_cmd(db, "t", out, "--workers", "2", "--chunk-rows", "300", "-v", "-v")
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while (cp := load_checkpoint(part_path(out, 0))) is None or not cp.finished:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            second = load_checkpoint(part_path(out, 1))
+            worker = _first_ranges_worker(proc, out)
+            if worker is not None and second is not None and not second.finished:
+                worker.kill()
+            assert proc.wait(timeout=120) == 0, log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    return "its new worker resumes from the checkpoint" in log.read_text()
+
+
+def test_the_first_ranges_worker_killed_while_it_follows_is_started_again(
+    db: str, expected: bytes, tmp_path: Path
+) -> None:
+    """SIGKILL of the first range's worker alone, once its range is finished and it follows the
+    second: the pool starts it again, it re-verifies its range, follows the second again, and
+    the manifest is psql's CSV. (Tried up to three times: the second range may end first.)"""
+    for attempt in range(3):
+        out, log = tmp_path / f"w{attempt}.csv.zst", tmp_path / f"log{attempt}"
+        if _kill_the_following_worker(db, out, log):
+            break
+    else:
+        pytest.fail("the second range ended before the first range's worker could be killed")
+    text = log.read_text()
+    assert "the first range followed the others" in text and "gave up" not in text
+    assert "decompresses every range" not in text
+    m = read_manifest(out)
+    csv = (m["uncompressed_bytes"], m["uncompressed_xxh3_128"])
+    assert csv == (len(expected), xxh(expected))
+    assert decompressed("zstd", out.read_bytes()) == expected
 
 
 def test_what_range_0_followed_is_trusted_only_for_the_ranges_final_chunks(
