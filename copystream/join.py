@@ -32,6 +32,21 @@ digests: range 0's chunks as they are committed, a later range's once the ones b
 done. The join then decompresses only what it did not get to, and still re-hashes the joined
 file's stored bytes against every chunk's digest. Anything unexpected (a range rewritten by a
 resume, an unreadable chunk) makes the follower give up, and the join decompresses it all.
+
+When every range runs at once (as many workers as ranges), range 0 needs no decompressing at
+all: its process hashed its uncompressed bytes as it streamed them (a resumed range 0 rebuilt
+that state from its verified prefix). So *that* process, once its range is finished, goes on
+following the later ranges in key order (:func:`follow_after_range`: the same :class:`Follower`,
+started from range 0's own state, on its own thread), and reports the whole stream's size and
+digest with the chunks it covered (:class:`~copystream.part.Followed`); range 0 gets a smaller
+share of the keys (:func:`~copystream.ranges.first_share`), so that it follows range 1 while
+range 1 still runs. The join trusts that result only when the chunks it covers are exactly those
+of every range's final checkpoint (:func:`followed_stream`); otherwise, or if range 0's process
+gave up (a later range not running, a frame that does not match its record), the join
+decompresses every range itself. A process following a range that no process is exporting
+(failed for good, or dead and not yet started again) gives up after :data:`NOT_RUNNING_GRACE`
+seconds rather than wait for ever: whether one is, it reads from the kernel's table of file
+locks (each range's process holds ``OUTPUT.part-NNNN.lock``), without taking the lock.
 """
 
 from __future__ import annotations
@@ -39,11 +54,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,19 +70,25 @@ from ._atomic import NO_SPACE, fsync_dir, raise_if_full
 from .checkpoint import Checkpoint, ChunkRecord, load_checkpoint
 from .destinations import rehash
 from .errors import CheckpointMismatch, DiskFull, ExportFailed, PrefixMismatch, Remedy
-from .part import PartOutcome
-from .ranges import KeyRanges, part_data_path, part_path, save_parts
+from .part import Followed, PartJob, PartOutcome
+from .progress import Progress
+from .ranges import KeyRanges, part_data_path, part_path, run_range, save_parts
 
 __all__ = [
     "FOLLOW_POLL",
     "MAX_JOIN_BLOCK",
     "MIN_JOIN_BLOCK",
+    "NOT_RUNNING_GRACE",
     "Follower",
+    "compressed_file",
+    "follow_after_range",
+    "followed_stream",
     "following",
     "join_block",
     "join_parts",
     "joined_outcomes",
     "punch_hole",
+    "range0_follows",
 ]
 
 log = logging.getLogger("copystream")
@@ -191,12 +213,13 @@ def join_parts(
                 output.unlink()
         parts = replace(parts, join=(start, 0))
         save_parts(output, parts)
-    raw, t0 = None, time.monotonic()
+    raw, t0, why = None, time.monotonic(), "not followed"
     if followed is not None:
         followed.finish()  # before the join punches the part files it reads
-        raw = followed.result(outcomes)
+        raw, why = followed.result(outcomes), str(followed.gave_up)
+    elif outcomes and outcomes[0].followed is not None:  # range 0's process followed the rest
+        raw, why = followed_stream(outcomes), "the ranges' chunks changed after range 0 followed"
     if raw is None and parts.export.get("compress") is not None:
-        why = followed.gave_up if followed is not None else "not followed"
         log.debug("%s: the join decompresses every range (%s)", output.name, why)
     join = _Join(output, parts, [o.checkpoint.offset for o in outcomes])
     try:
@@ -298,15 +321,29 @@ def _free(directory: Path) -> int:
 
 #: Seconds between the follower's looks at a range's checkpoint (a chunk takes ~2 s).
 FOLLOW_POLL = 0.25
+#: Seconds that range 0's process keeps following a later range that is not finished while no
+#: process is exporting it (its worker starting, or started again after it died) before it
+#: gives up (the join then decompresses instead): what a range that failed for good delays the
+#: end of the export by.
+NOT_RUNNING_GRACE = 5.0
 
 
 class Follower:
     """Decompresses a compressed ``workers`` export's committed chunks in key order while the
-    ranges run, in a thread of the coordinator (module docstring): the uncompressed stream's
-    size and digest so far, and the chunks done. Start with :meth:`start`; :meth:`finish`
-    waits until it has done every chunk of the ranges' finished checkpoints (or given up)."""
+    ranges run (module docstring): the uncompressed stream's size and digest so far, and the
+    chunks done. In a thread of the coordinator (:meth:`start`; :meth:`finish` waits until it
+    has done every chunk of the ranges' finished checkpoints, or given up), or on the calling
+    thread of range 0's process (:meth:`follow`), ``first`` then giving range 0's chunks and
+    its uncompressed size and hash state, and ``running(i)`` whether a process is exporting
+    range ``i`` (without it, the follower waits for :meth:`finish`)."""
 
-    def __init__(self, output: Path, parts: KeyRanges) -> None:
+    def __init__(
+        self,
+        output: Path,
+        parts: KeyRanges,
+        first: tuple[tuple[ChunkRecord, ...], int, Any] | None = None,
+        running: Callable[[int], bool] | None = None,
+    ) -> None:
         from .destinations.compressed import codec
 
         compress = parts.export["compress"]
@@ -314,10 +351,13 @@ class Follower:
         self.output, self.parts = output, parts
         self.raw_hash, self.raw_bytes = xxhash.xxh3_128(), 0
         self.done: list[tuple[ChunkRecord, ...]] = []  # the chunks of each range, once all done
+        if first is not None:
+            self.done, self.raw_bytes, self.raw_hash = [first[0]], first[1], first[2]
         self.gave_up: str | None = None
+        self._running = running
         self._ended = threading.Event()  # the ranges ended: their checkpoints are final
         self._stopped = False
-        self._thread = threading.Thread(target=self._run, name="copystream-follow", daemon=True)
+        self._thread = threading.Thread(target=self.follow, name="copystream-follow", daemon=True)
 
     def start(self) -> None:
         """Start following (the ranges' checkpoints may not exist yet)."""
@@ -340,9 +380,10 @@ class Follower:
             return None
         return self.raw_bytes, self.raw_hash.hexdigest()
 
-    def _run(self) -> None:
+    def follow(self) -> None:
+        """Follow every range not done yet, in key order, to its finished checkpoint."""
         try:
-            for i in range(len(self.parts.ranges)):
+            for i in range(len(self.done), len(self.parts.ranges)):
                 if not self._range(i):
                     return
         except Exception as e:  # an optimisation only: the join does it all instead
@@ -353,6 +394,7 @@ class Follower:
         data = part_data_path(self.output, i, first_in_place=self.parts.first_in_place)
         done: list[ChunkRecord] = []
         fd = -1
+        seen = time.monotonic()  # when a process was last seen exporting the range
         try:
             while not self._stopped:
                 ended = self._ended.is_set()  # then this look is the last
@@ -369,14 +411,22 @@ class Follower:
                 if cp is not None and cp.finished:
                     self.done.append(tuple(done))
                     return True
-                if ended:
-                    self.gave_up = f"range {i} ended unfinished"
+                seen = self._seen(i, seen)
+                if ended or time.monotonic() - seen > NOT_RUNNING_GRACE:
+                    self.gave_up = f"range {i} {'ended unfinished' if ended else 'is not running'}"
                     return False
                 self._ended.wait(FOLLOW_POLL)
             return False
         finally:
             if fd >= 0:
                 os.close(fd)
+
+    def _seen(self, i: int, seen: float) -> float:
+        """When a process was last seen exporting range ``i`` (``seen``: before this look);
+        without ``running``, always now: the coordinator calls :meth:`finish` instead."""
+        if self._running is None or self._running(i):
+            return time.monotonic()
+        return seen
 
     def _chunk(self, fd: int, c: ChunkRecord) -> None:
         from .destinations.compressed import hash_chunk
@@ -388,11 +438,95 @@ class Follower:
         self.raw_bytes += n
 
 
+def compressed_file(export: dict[str, Any]) -> bool:
+    """Whether an export (its identity) writes a compressed file, whose join needs the
+    uncompressed stream's digest. Pure."""
+    return export.get("compress") is not None and export.get("parquet") is None
+
+
+def range0_follows(parts: KeyRanges, workers: int) -> bool:
+    """Whether range 0's process follows the later ranges of a ``workers`` export once its
+    own is finished (module docstring): a compressed file's ranges, all running at once (with
+    fewer workers a later range could wait for range 0's worker), the join not begun. Pure."""
+    many = 1 < len(parts.ranges) <= workers
+    return compressed_file(parts.export) and many and parts.join is None
+
+
+def followed_stream(outcomes: Sequence[PartOutcome]) -> tuple[int, str] | None:
+    """The uncompressed size and digest of the whole stream that range 0's process reported
+    (:func:`follow_after_range`), if the chunks it covered are exactly those of every range's
+    final checkpoint in ``outcomes`` (no range rewritten since it followed); else ``None``.
+    Pure."""
+    followed = outcomes[0].followed if outcomes else None
+    if followed is None or followed.chunks != tuple(o.checkpoint.chunks for o in outcomes):
+        return None
+    return followed.raw_bytes, followed.raw_xxh3_128
+
+
+def follow_after_range(
+    output: Path,
+    parts: KeyRanges,
+    template: PartJob,
+    i: int,
+    checked: bool = False,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> PartOutcome:
+    """Range 0's task when :func:`range0_follows`: :func:`~copystream.ranges.run_range`, then,
+    from the range's own uncompressed hash state, follow the later ranges in key order; the
+    outcome carries the whole stream's size and digest (``followed``) unless it gave up."""
+    from .destinations.compressed import CompressedFile
+
+    kept: list[tuple[int, Any]] = []
+
+    def keep(dest: object) -> None:
+        if isinstance(dest, CompressedFile):
+            kept.append(dest.raw_stream())
+
+    outcome = run_range(
+        output, parts, template, i, checked, progress=progress, sleep=sleep, finished=keep
+    )
+    state = outcome.checkpoint.destination
+    if i != 0 or not kept or kept[0][0] != state.get("uncompressed_bytes") or (
+        kept[0][1].hexdigest() != state.get("uncompressed_xxh3_128")
+    ):  # fmt: skip
+        log.debug("%s: range %d does not follow the others (no live state)", output.name, i + 1)
+        return outcome
+    t0, cpu = time.monotonic(), time.process_time()
+    running = functools.partial(_range_running, output)
+    follower = Follower(output, parts, (outcome.checkpoint.chunks, *kept[0]), running)
+    follower.follow()
+    log.debug("%s: the first range followed the others for %.2fs (%.2fs of CPU)%s", output.name,
+              time.monotonic() - t0, time.process_time() - cpu,
+              f"; gave up: {follower.gave_up}" if follower.gave_up else "")  # fmt: skip
+    if follower.gave_up is not None:
+        return outcome
+    done = Followed(tuple(follower.done), follower.raw_bytes, follower.raw_hash.hexdigest())
+    return replace(outcome, followed=done)
+
+
+def _range_running(output: Path, i: int) -> bool:
+    """Whether a process holds range ``i``'s lock (:func:`~copystream.ranges.run_range`), read
+    from the kernel's table of file locks (``/proc/locks``, Linux) without taking it: taking it,
+    even for a moment, could refuse a worker starting the range. ``False`` when unknown."""
+    state = part_path(output, i)
+    try:
+        st = os.stat(state.with_name(state.name + ".lock"))
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            table = f.read()
+    except OSError:
+        return False
+    lock = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(lock in line.split() for line in table.splitlines())
+
+
 @contextlib.contextmanager
-def following(output: Path, parts: KeyRanges) -> Iterator[Follower | None]:
-    """A started :class:`Follower` of a compressed export's ranges (``None`` for any other
-    output: its join decompresses nothing); stopped on the way out if the ranges failed."""
-    if parts.export.get("compress") is None or parts.export.get("parquet") is not None:
+def following(output: Path, parts: KeyRanges, workers: int = 1) -> Iterator[Follower | None]:
+    """A started :class:`Follower` of a compressed export's ranges run by ``workers`` processes
+    (``None`` for any other output, whose join decompresses nothing, and when range 0's process
+    follows them: :func:`range0_follows`); stopped on the way out if the ranges failed."""
+    if not compressed_file(parts.export) or range0_follows(parts, workers):
         yield None
         return
     follower = Follower(output, parts)

@@ -27,6 +27,7 @@ from ._atomic import remove_stale_temporaries
 from .arrowchunk import ArrowChunkRunner, connect_adbc
 from .checkpoint import (
     Checkpoint,
+    ChunkRecord,
     checkpoint_path,
     load_checkpoint,
     new_checkpoint,
@@ -50,7 +51,7 @@ from .sizing import next_chunk_rows
 from .spec import ExportSpec, RunOptions
 from .table import ResolvedTable
 
-__all__ = ["PartJob", "PartOutcome", "run_part"]
+__all__ = ["Followed", "PartJob", "PartOutcome", "run_part"]
 
 log = logging.getLogger("copystream")
 
@@ -199,14 +200,28 @@ class PartJob:
 
 
 @dataclass(frozen=True)
+class Followed:
+    """The uncompressed stream of every range of a compressed ``workers`` export, as range 0's
+    process hashed it once its own range was finished (:func:`copystream.join.
+    follow_after_range`): the chunks of each range it covered, in key order, and the whole
+    stream's size and xxh3-128 hex digest."""
+
+    chunks: tuple[tuple[ChunkRecord, ...], ...]
+    raw_bytes: int
+    raw_xxh3_128: str
+
+
+@dataclass(frozen=True)
 class PartOutcome:
-    """What :func:`run_part` left behind: a finished checkpoint and the part's digest."""
+    """What :func:`run_part` left behind: a finished checkpoint and the part's digest
+    (``followed``: range 0's, see :class:`Followed`)."""
 
     checkpoint: Checkpoint
     digest: str
     retries: int
     resumed: bool
     snapshot_lost: bool
+    followed: Followed | None = None
 
 
 class PartRunner:
@@ -480,11 +495,13 @@ def run_part(
     *,
     progress: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    finished: Callable[[Destination], None] | None = None,
 ) -> PartOutcome:
     """Export one part: create or resume its checkpoint and destination, run chunks to the end.
 
     The output must not exist without a checkpoint (the caller decides about overwriting).
     A usage error before the first committed chunk of a fresh part removes what it created.
+    ``finished`` is given the destination once every chunk is committed, before it is closed.
     """
     path = Path(job.path)
     state = Path(job.state) if job.state is not None else path
@@ -507,6 +524,8 @@ def run_part(
                 _discard(path, state, shared=job.ranged)
             raise
         digest = dest.digest
+        if finished is not None:
+            finished(dest)
     finally:
         dest.close()
         ex.close()

@@ -55,19 +55,29 @@ from .connection import Target, connect, io_deadline
 from .destinations import ChunkWritten, fresh_state
 from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch, UsageError
 from .failures import Phase, classify_connect, translate
-from .join import Follower, following, join_parts, joined_outcomes
+from .join import (
+    Follower,
+    compressed_file,
+    follow_after_range,
+    following,
+    join_parts,
+    joined_outcomes,
+    range0_follows,
+)
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .parquet_types import binary_plan, parquet_settings, plan_columns, select_list
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
     KeyRanges,
+    first_share,
     load_parts,
     new_parts,
     part_path,
     parts_path,
     remove_parts,
     run_parts,
+    run_range,
     sample_boundaries,
     save_parts,
 )
@@ -554,7 +564,10 @@ def _split(
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
-    ranges = sample_ranges(session, session.run.workers, settings, started_at, snapshot)
+    workers = session.run.workers
+    # range 0's process also decompresses the others' frames: it gets fewer rows (join.py)
+    first = first_share(workers) if compressed_file(session.spec.identity()) else None
+    ranges = sample_ranges(session, workers, settings, started_at, snapshot, first=first)
     remove_parts(out)  # orphaned part files (no ranges file names them) must not be resumed
     with contextlib.suppress(FileNotFoundError):  # of an OUTPUT deleted by hand
         manifest_path(out).unlink()
@@ -569,14 +582,16 @@ def sample_ranges(
     started_at: str,
     snapshot: str | None,
     after: tuple[str, ...] | None = None,
+    *,
+    first: float | None = None,
 ) -> KeyRanges:
     """Sample the key: the plan of ``count`` key ranges of about equal row counts (of the keys
-    after ``after``, an increment's)."""
+    after ``after``, an increment's; ``first``: range 0's share of them)."""
     conn = session.connection()
     try:
         with io_deadline(conn, session.run.io_timeout, "sampling the key range"):
             bounds = sample_boundaries(
-                conn, session.table, count, snapshot=snapshot, after=after
+                conn, session.table, count, snapshot=snapshot, after=after, first=first
             )
     except psycopg.Error as e:
         # The filter first runs here: a writing or failing filter is a usage error.
@@ -639,7 +654,7 @@ def execute(
         if run.ranges.join is not None:  # the join began: its parts are being consumed
             return assemble(out, run.ranges, joined_outcomes(out, run.ranges))
         # a compressed output's ranges are decompressed in key order as they run (join.py)
-        with following(out, run.ranges) as followed:
+        with following(out, run.ranges, session.run.workers) as followed:
             outcomes = _run_ranges(session, run, progress)
         return assemble(out, run.ranges, outcomes, followed)
     try:
@@ -657,8 +672,10 @@ def _run_ranges(
     output that its first range found changed is undone, as with one worker."""
     out = session.output
     assert run.ranges is not None
+    workers = session.run.workers
+    first = follow_after_range if range0_follows(run.ranges, workers) else run_range
     try:
-        return run_parts(out, run.ranges, run.job, session.run.workers, progress)
+        return run_parts(out, run.ranges, run.job, workers, progress, first)
     except PrefixMismatch as e:
         _undo_unverified_increment(out, e, part_path(out, 0))
         raise

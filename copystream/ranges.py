@@ -40,7 +40,7 @@ from .checkpoint import (
     load_checkpoint,
 )
 from .chunk import SnapshotGone, key_text_settings
-from .destinations import check_at_checkpoint
+from .destinations import Destination, check_at_checkpoint
 from .errors import (
     CheckpointMismatch,
     CopystreamError,
@@ -58,7 +58,9 @@ from .server import snapshot_gone_errors
 from .table import ResolvedTable
 
 __all__ = [
+    "FOLLOW_COST",
     "KeyRanges",
+    "first_share",
     "load_parts",
     "new_parts",
     "part_data_path",
@@ -260,18 +262,50 @@ def new_parts(
 # -- splitting ----------------------------------------------------------------------------------
 
 
-def pick_boundaries(sample: Sequence[Key], parts: int) -> list[Key]:
-    """Up to ``parts - 1`` boundaries at even quantiles of an ordered sample. Pure.
+#: What following a later range costs range 0's process, as a share of the CPU (server and
+#: client) that exporting that range costs. Range 0's process decompresses (follows) every later
+#: range once its own is done (:mod:`copystream.join`), so it gets less to export. Decompressing
+#: alone is ~0.1 (~1-2 s of CPU for the 1.04 GB of CSV, 320 MB of zstd, of the 5M-row bench
+#: table, whose export takes ~20-25 s), but the following thread gets only part of a core beside
+#: the later range's export (its backend, read loop and zstd threads), and can decompress only
+#: what is committed: with 0.1 (range 0: 47.4% of the rows) it ended 0.4-0.9 s after range 1
+#: (4 runs), with 0.2 (44.4%) 0.2-0.4 s after (3 runs), while range 1 still ended 2.1-2.8 s after
+#: range 0, so both cores stayed busy (docs/benchmarks.md, issue 13).
+FOLLOW_COST = 0.2
+
+
+def first_share(parts: int, cost: float = FOLLOW_COST) -> float:
+    """The share of the rows that range 0 of ``parts`` gets when its process also decompresses
+    every later range, each later range getting an equal share of the rest: so that range 0's
+    export and its following (``cost`` of the later ranges' export, :data:`FOLLOW_COST`) end
+    when the last range's export does. At least half an even share. Pure.
+
+    With ``s`` range 0's share and ``t = (1 - s) / (parts - 1)`` each other's: ``s + cost *
+    (1 - s) = t``; for 2 ranges and a cost of 0.2, ``s = 0.8 / 1.8 = 0.444``."""
+    if parts <= 1:
+        return 1.0
+    even = 1 / (parts - 1)
+    return max((even - cost) / (1 - cost + even), 0.5 / parts)
+
+
+def pick_boundaries(sample: Sequence[Key], parts: int, first: float | None = None) -> list[Key]:
+    """Up to ``parts - 1`` boundaries at quantiles of an ordered sample. Pure.
 
     ``sample`` must be in key order (PostgreSQL sorted it). Range ``i`` ends (inclusively) at the
     last key of the ``i``-th of ``parts`` equal slices of the sample, so the ranges get equal
-    shares of it (to within one key). Repeated keys give one boundary.
+    shares of it (to within one key); with ``first``, range 0 gets that share of the sample
+    (:func:`first_share`) and the others equal shares of the rest. Repeated keys give one
+    boundary.
     """
     if parts <= 1 or not sample:
         return []
     out: list[Key] = []
+    n = len(sample)
     for i in range(1, parts):
-        j = (i * len(sample)) // parts - 1  # the last key of slice i (fewer keys than parts: < 0)
+        if first is None:
+            j = (i * n) // parts - 1  # the last key of slice i (fewer keys than parts: < 0)
+        else:
+            j = int(n * (first + (1 - first) * (i - 1) / (parts - 1))) - 1
         if j < 0:
             continue
         k = sample[j]
@@ -305,9 +339,11 @@ def sample_boundaries(
     *,
     snapshot: str | None = None,
     after: Key | None = None,
+    first: float | None = None,
 ) -> list[Key]:
     """Boundaries splitting ``plan``'s rows (those after the key ``after``, if given) into
-    ``parts`` ranges of about equal row counts.
+    ``parts`` ranges of about equal row counts (``first``: range 0's share of them, see
+    :func:`pick_boundaries`).
 
     The rows after ``after`` (an increment's) may be too few for the sampled blocks to show:
     then their keys are read whole (too few to cost much), so they split all the same."""
@@ -316,12 +352,13 @@ def sample_boundaries(
     sample, sampled = _sample(conn, plan, parts, snapshot, after, whole=False)
     if sampled and after is not None and len(sample) < parts * 10:
         sample, _ = _sample(conn, plan, parts, snapshot, after, whole=True)
-    bounds = pick_boundaries(sample, parts)
+    bounds = pick_boundaries(sample, parts, first)
     log.info(
-        "%s: split into %d ranges from %s sampled keys",
+        "%s: split into %d ranges from %s sampled keys%s",
         plan.qualified,
         len(bounds) + 1,
         f"{len(sample):,}",
+        "" if first is None else f" (the first gets {first:.1%} of the rows: it follows the rest)",
     )
     return bounds
 
@@ -426,11 +463,13 @@ def run_range(
     *,
     progress: Callable[[Progress], None] | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    finished: Callable[[Destination], None] | None = None,
 ) -> PartOutcome:
     """Run range ``i`` of ``parts`` (its job is :func:`range_job`'s) under the range's own
     lock: the one entry point of a range, whether a ``workers`` pool runs it or
     :func:`copystream.run_shard` does. ``checked``: the caller checked its files already (a
-    pool's coordinator checks every range before any worker starts).
+    pool's coordinator checks every range before any worker starts). ``finished``: as for
+    :func:`~copystream.part.run_part`.
 
     The lock (``OUTPUT.part-NNNN.lock``) keeps two processes (two retries of one shard that
     overlap, a shard and a ``workers`` run) from writing one range at once: the second is
@@ -440,7 +479,7 @@ def run_range(
     busy = f"another copystream process is exporting to {state} right now"
     with locked(state.with_name(state.name + ".lock"), busy):
         job = range_job(output, parts, template, i, check=not checked)
-        return run_part(job, progress=progress, sleep=sleep)
+        return run_part(job, progress=progress, sleep=sleep, finished=finished)
 
 
 def run_parts(
@@ -449,12 +488,16 @@ def run_parts(
     template: PartJob,
     workers: int,
     progress: Callable[[Progress], None] | None,
+    first: Callable[..., PartOutcome] = run_range,
 ) -> list[PartOutcome]:
     """Run every part (finished ones only re-verify) with up to ``workers`` processes; each
-    part's job is :func:`range_job`'s."""
+    part's job is :func:`range_job`'s. ``first``: range 0's task, called as
+    :func:`run_range` is (:func:`copystream.join.follow_after_range` follows the other ranges
+    after it)."""
     plan = template.table
     jobs = [range_job(output, parts, template, i) for i in range(len(parts.ranges))]
-    tasks = [Task(run_range, (output, parts, template, i, True)) for i in range(len(jobs))]
+    calls = [first if i == 0 else run_range for i in range(len(jobs))]
+    tasks = [Task(calls[i], (output, parts, template, i, True)) for i in range(len(jobs))]
     return _run_in_pool(jobs, tasks, workers, plan.qualified, plan.estimated_rows, progress)
 
 

@@ -11,6 +11,8 @@ and Python's gzip read the result. The destination itself (:mod:`copystream.dest
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import json
 import logging
@@ -18,11 +20,13 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import xxhash
 from helpers import (
@@ -41,6 +45,8 @@ from helpers import (
 )
 
 import copystream
+from copystream import join
+from copystream._atomic import locked
 from copystream.checkpoint import ChunkRecord, load_checkpoint
 from copystream.destinations import ChunkWritten
 from copystream.destinations.compressed import (
@@ -51,8 +57,8 @@ from copystream.destinations.compressed import (
     hash_chunk,
 )
 from copystream.errors import PrefixMismatch, UsageError, VerificationFailed
-from copystream.join import Follower
-from copystream.part import PartOutcome
+from copystream.join import Follower, followed_stream, join_parts
+from copystream.part import Followed, PartOutcome
 from copystream.ranges import load_parts, part_data_path, part_path
 from copystream.spec import Compression, ExportSpec, build
 from copystream.testing import EphemeralPostgres
@@ -439,6 +445,227 @@ def test_a_follower_gives_up_on_what_it_cannot_vouch_for(
     follower.start()
     follower.finish()
     assert follower.result(outcomes) is None and follower.gave_up
+
+
+def _shard_outcomes(db: str, out: Path, shards: int, run: int) -> tuple[Any, list[PartOutcome]]:
+    """Shards of a compressed export planned, the first ``run`` of them run (a finished range
+    each); the plan, and the outcomes of those ranges, from their checkpoints."""
+    plan = copystream.plan_shards(db, "t", out, shards=shards, chunk_rows=2000)
+    for i in range(run):
+        copystream.run_shard(plan, i)
+    return plan, [
+        PartOutcome(cp, cp.xxh3_128, 0, False, False)
+        for cp in (load_checkpoint(part_path(out, i)) for i in range(run))
+        if cp is not None
+    ]
+
+
+def test_range_0_follows_the_later_ranges_so_the_join_decompresses_nothing(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With every range running at once, range 0's process, once its own range is done,
+    decompresses the later ranges from its own state: the join decompresses nothing, and the
+    manifest's CSV size and digest are those the join's own decompression gives (shards,
+    finished without any follower) and psql's."""
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    out = tmp_path / "f.csv.zst"
+    copystream.export_table(db, "t", out, workers=2, chunk_rows=2000)
+    assert "the first range followed the others for" in caplog.text
+    assert "gave up" not in caplog.text and "decompresses every range" not in caplog.text
+    assert "split into 2 ranges from" in caplog.text and "the first gets 44.4% of" in caplog.text
+    m = read_manifest(out)
+    caplog.clear()
+    joined = tmp_path / "s.csv.zst"
+    plan, _ = _shard_outcomes(db, joined, 2, 2)
+    copystream.finish_shards(plan)
+    assert "decompresses every range (not followed)" in caplog.text
+    m2 = read_manifest(joined)
+    assert (m["uncompressed_bytes"], m["uncompressed_xxh3_128"]) == (
+        m2["uncompressed_bytes"], m2["uncompressed_xxh3_128"]
+    ) == (len(expected), xxh(expected))  # fmt: skip
+    assert decompressed("zstd", out.read_bytes()) == expected
+    assert m["chunks"][0]["last_key"] < m2["chunks"][len(m2["chunks"]) // 2]["last_key"]
+    copystream.verify_file(out, deep=True)
+
+
+def test_a_resumed_range_0_follows_from_its_rebuilt_state_and_fewer_workers_fall_back(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Range 0 killed mid-range and resumed: its process rebuilt the CSV's hash state from the
+    verified prefix (every frame decompressed and checked against its record), so it follows
+    the others all the same, and the manifest is psql's CSV. Resumed with fewer workers than
+    ranges, range 0 does not follow (a later range could wait for its worker): the coordinator
+    follows them, as before."""
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    for workers in (3, 2):
+        out = tmp_path / f"r{workers}.csv.zst"
+        cmd = export_cmd(db, "t", out, "--workers", "3", "--chunk-rows", "1000")
+        killed = kill_export(cmd, part_path(out, 0), min_chunks=4)
+        assert killed.returncode == -9, killed.stderr
+        caplog.clear()
+        copystream.export_table(db, "t", out, workers=workers, chunk_rows=1000)
+        assert ("the first range followed the others" in caplog.text) == (workers == 3)
+        assert "resuming at row" in caplog.text and "decompresses every range" not in caplog.text
+        m = read_manifest(out)
+        assert m["resumed"] and m["workers"] == 3
+        csv = (m["uncompressed_bytes"], m["uncompressed_xxh3_128"])
+        assert csv == (len(expected), xxh(expected))
+        assert decompressed("zstd", out.read_bytes()) == expected
+
+
+def test_killed_while_range_0_follows_then_resumed(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL once the first range is finished, while its process follows the second range
+    (still running): the re-run re-verifies the first range, whose process follows the second
+    again from its rebuilt state, and the manifest is psql's CSV."""
+    out = tmp_path / "k.csv.zst"
+    cmd = export_cmd(db, "t", out, "--workers", "2", "--chunk-rows", "300")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while (cp := load_checkpoint(part_path(out, 0))) is None or not cp.finished:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        second = load_checkpoint(part_path(out, 1))
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, 9)
+    finally:
+        proc.kill()
+        proc.wait()
+    psutil.wait_procs(workers, timeout=30)  # they die with it, a moment later
+    assert second is not None and not second.finished  # it was following the second range
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    copystream.export_table(db, "t", out, workers=2, chunk_rows=300)
+    assert "the first range followed the others" in caplog.text
+    assert "decompresses every range" not in caplog.text
+    m = read_manifest(out)
+    assert m["resumed"] and (m["uncompressed_bytes"], m["uncompressed_xxh3_128"]) == (
+        len(expected), xxh(expected)
+    )  # fmt: skip
+    assert decompressed("zstd", out.read_bytes()) == expected
+    copystream.verify_file(out, deep=True)
+
+
+def _first_ranges_worker(proc: subprocess.Popen[bytes], out: Path) -> psutil.Process | None:
+    """The worker of the first range, once it is finished: a worker of ``out``'s export that
+    does not hold the second range's lock (``None``: the export ended first)."""
+    while proc.poll() is None:
+        for c in psutil.Process(proc.pid).children():
+            with contextlib.suppress(psutil.Error):
+                files = {Path(f.path).name for f in c.open_files()}
+                if f"{out.name}.lock" in files and f"{out.name}.part-0001.lock" not in files:
+                    return c
+        time.sleep(0.01)
+    return None
+
+
+def _kill_the_following_worker(db: str, out: Path, log: Path) -> bool:
+    """Run a 2-worker export of ``t`` to ``out`` and SIGKILL the first range's worker once its
+    range is finished and the second's is not; ``False`` if the export ended first."""
+    cmd = export_cmd(db, "t", out, "--workers", "2", "--chunk-rows", "300", "-v", "-v")
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while (cp := load_checkpoint(part_path(out, 0))) is None or not cp.finished:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            second = load_checkpoint(part_path(out, 1))
+            worker = _first_ranges_worker(proc, out)
+            if worker is not None and second is not None and not second.finished:
+                worker.kill()
+            assert proc.wait(timeout=120) == 0, log.read_text()
+        finally:
+            proc.kill()
+            proc.wait()
+    return "its new worker resumes from the checkpoint" in log.read_text()
+
+
+def test_the_first_ranges_worker_killed_while_it_follows_is_started_again(
+    db: str, expected: bytes, tmp_path: Path
+) -> None:
+    """SIGKILL of the first range's worker alone, once its range is finished and it follows the
+    second: the pool starts it again, it re-verifies its range, follows the second again, and
+    the manifest is psql's CSV. (Tried up to three times: the second range may end first.)"""
+    for attempt in range(3):
+        out, log = tmp_path / f"w{attempt}.csv.zst", tmp_path / f"log{attempt}"
+        if _kill_the_following_worker(db, out, log):
+            break
+    else:
+        pytest.fail("the second range ended before the first range's worker could be killed")
+    text = log.read_text()
+    assert "the first range followed the others" in text and "gave up" not in text
+    assert "decompresses every range" not in text
+    m = read_manifest(out)
+    csv = (m["uncompressed_bytes"], m["uncompressed_xxh3_128"])
+    assert csv == (len(expected), xxh(expected))
+    assert decompressed("zstd", out.read_bytes()) == expected
+
+
+def test_what_range_0_followed_is_trusted_only_for_the_ranges_final_chunks(
+    db: str, expected: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The stream range 0's process reports counts only if the chunks it covered are exactly
+    those of every range's final checkpoint: a range rewritten after it followed (here: its
+    last chunk's record differs) is detected, and the join decompresses every range itself,
+    so the manifest holds psql's CSV digest and not the stale one."""
+    out = tmp_path / "t.csv.zst"
+    _, outcomes = _shard_outcomes(db, out, 2, 2)
+    parts = load_parts(out)
+    assert parts is not None
+    chunks = tuple(o.checkpoint.chunks for o in outcomes)
+    stale = Followed(chunks, 12345, xxh(b"a stale stream"))
+    trusted = [replace(outcomes[0], followed=stale), outcomes[1]]
+    assert followed_stream(trusted) == (12345, xxh(b"a stale stream"))  # the same chunks: used
+    last = chunks[1][-1]
+    rewritten = (chunks[0], (*chunks[1][:-1], replace(last, rows=last.rows - 1)))
+    stale = Followed(rewritten, 12345, xxh(b"a stale stream"))
+    first = replace(outcomes[0], followed=stale)
+    assert followed_stream([first, outcomes[1]]) is None
+    assert followed_stream([replace(first, followed=None), outcomes[1]]) is None
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    final, _ = join_parts(out, parts, [first, outcomes[1]])
+    assert "decompresses every range (the ranges' chunks changed after" in caplog.text
+    state = final.destination
+    assert (state["uncompressed_bytes"], state["uncompressed_xxh3_128"]) == (
+        len(expected), xxh(expected)
+    )  # fmt: skip
+    assert decompressed("zstd", out.read_bytes()) == expected
+
+
+def test_range_0_stops_following_a_range_no_process_is_exporting(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later range that is not finished: range 0's process goes on following it while some
+    process holds its lock (read from the kernel's lock table, never taken), and gives up once
+    none has for the grace period, rather than wait for ever (a range that failed for good)."""
+    monkeypatch.setattr(join, "NOT_RUNNING_GRACE", 1.0)
+    out = tmp_path / "g.csv.zst"
+    _, (first,) = _shard_outcomes(db, out, 2, 1)
+    parts = load_parts(out)
+    assert parts is not None
+    raw = xxhash.xxh3_128()
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        n = sum(hash_chunk(fd, c.offset, c.bytes, codec("zstd", 3), (), (raw,))
+                for c in first.checkpoint.chunks)  # fmt: skip
+    finally:
+        os.close(fd)
+    running = functools.partial(join._range_running, out)
+    follower = join.Follower(out, parts, (first.checkpoint.chunks, n, raw), running)
+    lock = part_path(out, 1).with_name(part_path(out, 1).name + ".lock")
+    assert not running(1)
+    with locked(lock, "busy"):
+        assert running(1)
+        thread = threading.Thread(target=follower.follow)
+        t0 = time.monotonic()
+        thread.start()
+        time.sleep(2.0)
+        assert thread.is_alive() and follower.gave_up is None  # still following: it runs
+    thread.join(timeout=10)
+    assert not thread.is_alive() and follower.gave_up == "range 1 is not running"
+    assert time.monotonic() - t0 >= 2.5  # the grace period after the lock went
 
 
 def test_verify_and_verify_deep_find_what_differs(db: str, tmp_path: Path) -> None:

@@ -13,7 +13,13 @@ import pytest
 
 from copystream.checkpoint import canonical_digest
 from copystream.errors import CheckpointMismatch
-from copystream.join import MAX_JOIN_BLOCK, MIN_JOIN_BLOCK, join_block, punch_hole
+from copystream.join import (
+    MAX_JOIN_BLOCK,
+    MIN_JOIN_BLOCK,
+    join_block,
+    punch_hole,
+    range0_follows,
+)
 from copystream.ranges import KeyRanges, load_parts, new_parts, parts_path, save_parts
 
 MiB = 1 << 20
@@ -90,3 +96,19 @@ def test_a_join_record_that_does_not_match_its_version_is_refused(
     parts_path(out).write_text(json.dumps(raw))
     with pytest.raises(CheckpointMismatch, match="join record does not match its version"):
         load_parts(out)
+
+
+def test_range_0_follows_the_others_only_when_every_range_runs_at_once() -> None:
+    """Range 0's process follows the later ranges of a compressed file only when they all run
+    at once (with fewer workers one of them could be waiting for range 0's worker), and not
+    once the join has begun (its ranges are not run again)."""
+    zstd = {"compress": {"codec": "zstd", "level": 3}, "parquet": None}
+    plan = new_parts(zstd, {}, "2026-01-01T00:00:00+00:00", [("10",), ("20",)])
+    assert range0_follows(plan, 3) and range0_follows(plan, 8)
+    assert not range0_follows(plan, 2)
+    assert not range0_follows(replace(plan, join=(1, 0)), 3)
+    assert not range0_follows(replace(plan, export={"compress": None}), 3)
+    parquet = {"compress": None, "parquet": {"compression": "zstd"}}
+    assert not range0_follows(replace(plan, export=parquet), 3)
+    single = new_parts(zstd, {}, "2026-01-01T00:00:00+00:00", [])
+    assert not range0_follows(single, 2)

@@ -56,6 +56,8 @@ from copystream.chunk import SnapshotGone, _Session
 from copystream.errors import ExportFailed
 from copystream.part import _snapshot_gone
 from copystream.ranges import (
+    FOLLOW_COST,
+    first_share,
     new_parts,
     pick_boundaries,
     sample_boundaries,
@@ -517,6 +519,27 @@ def test_pick_boundaries_even_quantiles() -> None:
             sizes = _sizes(sample, bounds)
             assert max(sizes) - min(sizes) <= 1, (n, parts, sizes)
     assert pick_boundaries(_keys(range(100)), 4) == _keys([24, 49, 74])
+
+
+def test_range_0_gets_a_smaller_share_when_it_follows_the_others() -> None:
+    """Compressed ``workers`` exports: range 0's process also decompresses every later range,
+    so it gets fewer rows (``s + cost * (1 - s) = (1 - s) / (parts - 1)``), the others equal
+    shares of the rest; never below half an even share."""
+    assert first_share(1) == 1.0
+    assert first_share(2, 0.0) == pytest.approx(0.5) and first_share(3, 0.0) == pytest.approx(1 / 3)
+    assert first_share(2, 0.1) == pytest.approx(0.9 / 1.9)
+    for parts in range(2, 20):
+        s = first_share(parts, FOLLOW_COST)
+        other = (1 - s) / (parts - 1)
+        assert 0.5 / parts <= s < 1 / parts
+        assert s == 0.5 / parts or s + FOLLOW_COST * (1 - s) == pytest.approx(other)
+    sample = _keys(range(1000))
+    bounds = pick_boundaries(sample, 2, first_share(2))
+    assert bounds == _keys([443]) and _sizes(sample, bounds) == [444, 556]
+    sizes = _sizes(sample, pick_boundaries(sample, 4, 0.1))
+    assert sizes[0] == 100 and max(sizes[1:]) - min(sizes[1:]) <= 1
+    assert pick_boundaries(sample, 3, None) == pick_boundaries(sample, 3)
+    assert pick_boundaries(_keys(range(3)), 2, 0.1) == []  # a share below one key: no boundary
 
 
 def test_pick_boundaries_duplicates_empty_and_one_part() -> None:

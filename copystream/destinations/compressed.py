@@ -396,6 +396,12 @@ class CompressedFile:
             raise_if_full(e, f"cannot write {self.path}")
             raise
 
+    def raw_stream(self) -> tuple[int, Any]:
+        """The uncompressed size so far and a copy of its xxh3-128 state, which a caller may
+        go on feeding (the join's follower, from range 0's process)."""
+        self._settle(discard=False)
+        return self.raw_bytes, self._raw_hash.copy()
+
     @property
     def digest(self) -> str:
         """xxh3-128 hex digest of the stored (compressed) bytes so far."""
