@@ -344,7 +344,7 @@ def _run_session(
         result = _result(out, session.table, m, started, retries=retries, pit=m.point_in_time)
         return Exported(result, written)
     with _workers_ahead(session, found):
-        begun = start(session, found)
+        begun = start(session, found, follows=True)
         session.close_connection()
         ran = execute(session, begun, progress, sleep)
     manifest = finish(session, begun, ran, started)

@@ -37,16 +37,20 @@ When every range runs at once (as many workers as ranges), range 0 needs no deco
 all: its process hashed its uncompressed bytes as it streamed them (a resumed range 0 rebuilt
 that state from its verified prefix). So *that* process, once its range is finished, goes on
 following the later ranges in key order (:func:`follow_after_range`: the same :class:`Follower`,
-started from range 0's own state, on its own thread), and reports the whole stream's size and
-digest with the chunks it covered (:class:`~copystream.part.Followed`); range 0 gets a smaller
-share of the keys (:func:`~copystream.ranges.first_share`), so that it follows range 1 while
-range 1 still runs. The join trusts that result only when the chunks it covers are exactly those
-of every range's final checkpoint (:func:`followed_stream`); otherwise, or if range 0's process
-gave up (a later range not running, a frame that does not match its record), the join
-decompresses every range itself. A process following a range that no process is exporting
-(failed for good, or dead and not yet started again) gives up after :data:`NOT_RUNNING_GRACE`
-seconds rather than wait for ever: whether one is, it reads from the kernel's table of file
-locks (each range's process holds ``OUTPUT.part-NNNN.lock``), without taking the lock.
+started from range 0's own state, on that process's calling thread), and reports the whole
+stream's size and digest with the chunks it covered (:class:`~copystream.part.Followed`); range
+0 gets a smaller share of the keys (:func:`~copystream.ranges.first_share`), so that it follows
+range 1 while range 1 still runs. The join trusts that result only when the chunks it covers are
+exactly those of every range's final checkpoint (:func:`followed_stream`); otherwise, or if
+range 0's process gave up (a later range not running, a frame that does not match its record),
+the join decompresses every range itself. A process following a range that no process is
+exporting (failed for good, or dead and not yet started again) gives up after
+:data:`NOT_RUNNING_GRACE` seconds rather than wait for ever: whether one is, it reads from the
+kernel's table of file locks (each range's process holds ``OUTPUT.part-NNNN.lock``), without
+taking the lock, or, where that table cannot tell, from the range's checkpoint and part file
+changing; and whatever the table says, it gives up on a range whose files have not changed for
+:data:`STALLED_GRACE`. The range's checkpoint is read again only when it was replaced or the
+part file grew.
 """
 
 from __future__ import annotations
@@ -79,6 +83,7 @@ __all__ = [
     "MAX_JOIN_BLOCK",
     "MIN_JOIN_BLOCK",
     "NOT_RUNNING_GRACE",
+    "STALLED_GRACE",
     "Follower",
     "compressed_file",
     "follow_after_range",
@@ -326,6 +331,10 @@ FOLLOW_POLL = 0.25
 #: gives up (the join then decompresses instead): what a range that failed for good delays the
 #: end of the export by.
 NOT_RUNNING_GRACE = 5.0
+#: Seconds after which range 0's process gives up on a later range whose checkpoint and part file
+#: have not changed at all, even while its lock looks held (a lock misread: the kernel's table
+#: names files by device and inode, which some filesystems report differently to ``stat``).
+STALLED_GRACE = 600.0
 
 
 class Follower:
@@ -394,26 +403,31 @@ class Follower:
         data = part_data_path(self.output, i, first_in_place=self.parts.first_in_place)
         done: list[ChunkRecord] = []
         fd = -1
-        seen = time.monotonic()  # when a process was last seen exporting the range
+        seen = moved = time.monotonic()  # a process last seen on it; its files last changed
+        files: tuple[tuple[int, ...], ...] | None = None
         try:
             while not self._stopped:
                 ended = self._ended.is_set()  # then this look is the last
-                cp = load_checkpoint(part_path(self.output, i))
-                chunks = cp.chunks if cp is not None else ()
-                if chunks[: len(done)] != tuple(done):
-                    self.gave_up = f"range {i} was rewritten"
-                    return False
-                for c in chunks[len(done) :]:
-                    if fd < 0:
-                        fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
-                    self._chunk(fd, c)
-                    done.append(c)
-                if cp is not None and cp.finished:
-                    self.done.append(tuple(done))
-                    return True
-                seen = self._seen(i, seen)
-                if ended or time.monotonic() - seen > NOT_RUNNING_GRACE:
-                    self.gave_up = f"range {i} {'ended unfinished' if ended else 'is not running'}"
+                now_files = _signature(part_path(self.output, i), data)
+                if now_files != files or ended:  # the checkpoint is read only when it changed
+                    files, moved = now_files, time.monotonic()
+                    cp = load_checkpoint(part_path(self.output, i))
+                    chunks = cp.chunks if cp is not None else ()
+                    if chunks[: len(done)] != tuple(done):
+                        self.gave_up = f"range {i} was rewritten"
+                        return False
+                    for c in chunks[len(done) :]:
+                        if fd < 0:
+                            fd = os.open(data, os.O_RDONLY | os.O_CLOEXEC)
+                        self._chunk(fd, c)
+                        done.append(c)
+                    if cp is not None and cp.finished:
+                        self.done.append(tuple(done))
+                        return True
+                seen = max(self._seen(i, seen), moved)
+                why = _why_give_up(ended, time.monotonic(), seen, moved)
+                if why is not None:
+                    self.gave_up = f"range {i} {why}"
                     return False
                 self._ended.wait(FOLLOW_POLL)
             return False
@@ -509,16 +523,53 @@ def follow_after_range(
 def _range_running(output: Path, i: int) -> bool:
     """Whether a process holds range ``i``'s lock (:func:`~copystream.ranges.run_range`), read
     from the kernel's table of file locks (``/proc/locks``, Linux) without taking it: taking it,
-    even for a moment, could refuse a worker starting the range. ``False`` when unknown."""
+    even for a moment, could refuse a worker starting the range. ``False`` when unknown (the
+    follower then goes by whether the range's files change).
+
+    The table names a file ``MAJOR:MINOR:INODE``; only the inode is compared, because btrfs
+    and some overlay filesystems report another device number to ``stat`` than the table's. A
+    file of another filesystem with the same inode number could be taken for it: then the
+    follower waits up to :data:`STALLED_GRACE` for nothing, never longer."""
     state = part_path(output, i)
     try:
-        st = os.stat(state.with_name(state.name + ".lock"))
+        inode = str(os.stat(state.with_name(state.name + ".lock")).st_ino)
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             table = f.read()
     except OSError:
         return False
-    lock = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    return any(lock in line.split() for line in table.splitlines())
+    return any(
+        w.count(":") == 2 and w.rsplit(":", 1)[1] == inode
+        for line in table.splitlines()
+        for w in line.split()
+    )
+
+
+def _signature(*paths: Path) -> tuple[tuple[int, ...], ...]:
+    """What changes when a range commits a chunk or writes bytes: each file's inode,
+    modification time and size (``()`` for a missing one). The checkpoint is replaced whole
+    (a new inode) at every commit."""
+    out: list[tuple[int, ...]] = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            out.append(())
+            continue
+        out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _why_give_up(ended: bool, now: float, seen: float, moved: float) -> str | None:
+    """Why to stop following a range not finished yet (``None``: go on): the ranges ended,
+    no process seen on it and its files unchanged for :data:`NOT_RUNNING_GRACE`, or its files
+    unchanged for :data:`STALLED_GRACE` whatever its lock says. Pure."""
+    if ended:
+        return "ended unfinished"
+    if now - seen > NOT_RUNNING_GRACE:
+        return "is not running"
+    if now - moved > STALLED_GRACE:
+        return f"has not changed for {STALLED_GRACE:g}s"
+    return None
 
 
 @contextlib.contextmanager

@@ -518,10 +518,13 @@ class Run:
     ranges: KeyRanges | None  # the key ranges of a ``workers`` export, else ``None``
 
 
-def start(session: ExportSession, found: OnDisk) -> Run:
+def start(session: ExportSession, found: OnDisk, *, follows: bool = False) -> Run:
     """Clear what ``force`` overwrites, pin the settings, hold the snapshot, split the key space.
 
-    ``found`` is what :func:`~copystream.state.discover` saw (never :class:`Complete`).
+    ``found`` is what :func:`~copystream.state.discover` saw (never :class:`Complete`);
+    ``follows``: the ranges run in this process's pool (:func:`execute`), where range 0's
+    process follows the others of a compressed file, so it gets fewer rows (shards and S3
+    uploads split evenly).
     """
     out, run = session.output, session.run
     if isinstance(found, Occupied):
@@ -541,7 +544,7 @@ def start(session: ExportSession, found: OnDisk) -> Run:
         snapshot = session.hold_snapshot(settings)
         ranges = found.ranges if isinstance(found, Resume) else None
         if ranges is None and run.workers > 1 and not single:
-            ranges = _split(session, settings, started_at, snapshot)
+            ranges = _split(session, settings, started_at, snapshot, follows)
     except psycopg.Error as e:  # e.g. the connection lost while reading the settings
         raise translate(e, session.phase, why="preparing the export failed", transient=False) from e
     _warn_many_chunks(session, ranges)
@@ -560,13 +563,18 @@ def overwrite(session: ExportSession) -> Fresh:
 
 
 def _split(
-    session: ExportSession, settings: dict[str, str], started_at: str, snapshot: str | None
+    session: ExportSession,
+    settings: dict[str, str],
+    started_at: str,
+    snapshot: str | None,
+    follows: bool,
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
     workers = session.run.workers
     # range 0's process also decompresses the others' frames: it gets fewer rows (join.py)
-    first = first_share(workers) if compressed_file(session.spec.identity()) else None
+    uneven = follows and compressed_file(session.spec.identity())
+    first = first_share(workers) if uneven else None
     ranges = sample_ranges(session, workers, settings, started_at, snapshot, first=first)
     remove_parts(out)  # orphaned part files (no ranges file names them) must not be resumed
     with contextlib.suppress(FileNotFoundError):  # of an OUTPUT deleted by hand

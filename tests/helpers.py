@@ -191,9 +191,13 @@ def kill_export(
                         )
                     assert time.monotonic() < deadline, "the kill point was never reached"
                     time.sleep(POLL)
+            kids = _descendants(proc.pid)
             if proc.poll() is None:
                 os.kill(proc.pid, sig)
             proc.wait(timeout=timeout)
+            # Worker processes outlive a SIGKILLed parent for a moment (they notice it gone),
+            # holding their ranges' locks: a re-run at once would find the output busy.
+            psutil.wait_procs(kids, timeout=timeout)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -202,6 +206,14 @@ def kill_export(
         stderr = err.read().decode(errors="replace")
     size = out.stat().st_size if out.exists() else -1
     return Killed(read_checkpoint(out), size, proc.returncode, stderr)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    """The processes ``pid`` started (and theirs), if it still runs."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return []
 
 
 class KillAtOpen:

@@ -587,8 +587,8 @@ def test_the_first_ranges_worker_killed_while_it_follows_is_started_again(
 ) -> None:
     """SIGKILL of the first range's worker alone, once its range is finished and it follows the
     second: the pool starts it again, it re-verifies its range, follows the second again, and
-    the manifest is psql's CSV. (Tried up to three times: the second range may end first.)"""
-    for attempt in range(3):
+    the manifest is psql's CSV. (Tried up to five times: the second range may end first.)"""
+    for attempt in range(5):
         out, log = tmp_path / f"w{attempt}.csv.zst", tmp_path / f"log{attempt}"
         if _kill_the_following_worker(db, out, log):
             break
@@ -634,14 +634,9 @@ def test_what_range_0_followed_is_trusted_only_for_the_ranges_final_chunks(
     assert decompressed("zstd", out.read_bytes()) == expected
 
 
-def test_range_0_stops_following_a_range_no_process_is_exporting(
-    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A later range that is not finished: range 0's process goes on following it while some
-    process holds its lock (read from the kernel's lock table, never taken), and gives up once
-    none has for the grace period, rather than wait for ever (a range that failed for good)."""
-    monkeypatch.setattr(join, "NOT_RUNNING_GRACE", 1.0)
-    out = tmp_path / "g.csv.zst"
+def _follower_of_range_1(db: str, out: Path) -> tuple[join.Follower, Path, Path]:
+    """A follower of ``out``'s range 1 (planned, never run) from range 0's finished state, as
+    range 0's process makes it; the range's lock file and part file."""
     _, (first,) = _shard_outcomes(db, out, 2, 1)
     parts = load_parts(out)
     assert parts is not None
@@ -655,6 +650,19 @@ def test_range_0_stops_following_a_range_no_process_is_exporting(
     running = functools.partial(join._range_running, out)
     follower = join.Follower(out, parts, (first.checkpoint.chunks, n, raw), running)
     lock = part_path(out, 1).with_name(part_path(out, 1).name + ".lock")
+    return follower, lock, part_data_path(out, 1, first_in_place=parts.first_in_place)
+
+
+def test_range_0_stops_following_a_range_no_process_is_exporting(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later range that is not finished: range 0's process goes on following it while some
+    process holds its lock (read from the kernel's lock table, never taken), and gives up once
+    none has for the grace period, rather than wait for ever (a range that failed for good)."""
+    monkeypatch.setattr(join, "NOT_RUNNING_GRACE", 1.0)
+    out = tmp_path / "g.csv.zst"
+    follower, lock, _ = _follower_of_range_1(db, out)
+    running = functools.partial(join._range_running, out)
     assert not running(1)
     with locked(lock, "busy"):
         assert running(1)
@@ -666,6 +674,74 @@ def test_range_0_stops_following_a_range_no_process_is_exporting(
     thread.join(timeout=10)
     assert not thread.is_alive() and follower.gave_up == "range 1 is not running"
     assert time.monotonic() - t0 >= 2.5  # the grace period after the lock went
+
+
+def test_range_0_gives_up_on_a_range_whose_files_never_change_whatever_its_lock_says(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock that looks held (a misread of the kernel's table) does not keep range 0's process
+    following for ever: with the range's checkpoint and part file unchanged for
+    ``STALLED_GRACE`` it gives up (and the join decompresses instead)."""
+    monkeypatch.setattr(join, "STALLED_GRACE", 1.5)
+    follower, lock, _ = _follower_of_range_1(db, tmp_path / "s.csv.zst")
+    with locked(lock, "busy"):
+        t0 = time.monotonic()
+        follower.follow()
+        waited = time.monotonic() - t0
+    assert follower.gave_up == "range 1 has not changed for 1.5s"
+    assert 1.5 <= waited < 5
+
+
+def test_range_0_goes_on_following_a_range_whose_part_file_grows_without_a_visible_lock(
+    db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the kernel's lock table cannot tell (no ``/proc/locks``, another device number),
+    a range whose part file grows is taken as running: range 0's process goes on following it
+    past ``NOT_RUNNING_GRACE``, and gives up once it stops changing."""
+    monkeypatch.setattr(join, "NOT_RUNNING_GRACE", 1.0)
+    monkeypatch.setattr(join, "_range_running", lambda output, i: False)
+    follower, _, data = _follower_of_range_1(db, tmp_path / "p.csv.zst")
+    thread = threading.Thread(target=follower.follow)
+    thread.start()
+    with open(data, "ab") as f:  # bytes past the committed chunks, as a COPY in flight writes
+        for _ in range(12):
+            f.write(b"x" * 100)
+            f.flush()
+            time.sleep(0.25)
+            assert follower.gave_up is None
+    stopped = time.monotonic()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and follower.gave_up == "range 1 is not running"
+    assert time.monotonic() - stopped >= 0.7
+
+
+@pytest.mark.parametrize(
+    ("ended", "now", "seen", "moved", "why"),
+    [
+        (True, 100.0, 100.0, 100.0, "ended unfinished"),
+        (False, 100.0, 99.0, 10.0, None),  # held, files unchanged for 90 s: go on
+        (False, 100.0, 94.0, 94.0, "is not running"),
+        (False, 1000.0, 1000.0, 399.0, "has not changed for 600s"),
+        (False, 1000.0, 1000.0, 401.0, None),
+    ],
+)
+def test_why_range_0_gives_up_following(
+    ended: bool, now: float, seen: float, moved: float, why: str | None
+) -> None:
+    assert join._why_give_up(ended, now, seen, moved) == why
+
+
+def test_shards_of_a_compressed_file_are_split_evenly(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a ``workers`` export's range 0 follows the others (its process runs them all), so
+    only it gets the smaller share: the shards of a compressed file split evenly."""
+    caplog.set_level(logging.INFO, logger="copystream")
+    out = tmp_path / "e.csv.zst"
+    _, outcomes = _shard_outcomes(db, out, 2, 2)
+    assert "split into 2 ranges from" in caplog.text and "the first gets" not in caplog.text
+    rows = [o.checkpoint.rows for o in outcomes]
+    assert rows[0] >= 0.48 * sum(rows), rows  # 44.4% with the smaller share
 
 
 def test_verify_and_verify_deep_find_what_differs(db: str, tmp_path: Path) -> None:
