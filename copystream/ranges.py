@@ -276,16 +276,19 @@ FOLLOW_COST = 0.2
 
 def first_share(parts: int, cost: float = FOLLOW_COST) -> float:
     """The share of the rows that range 0 of ``parts`` gets when its process also decompresses
-    every later range, each later range getting an equal share of the rest: so that range 0's
-    export and its following (``cost`` of the later ranges' export, :data:`FOLLOW_COST`) end
-    when the last range's export does. At least half an even share. Pure.
+    the later ranges, each later range getting an equal share of the rest: so that range 0's
+    export and its following of range 1 (``cost`` of range 1's export, :data:`FOLLOW_COST`) end
+    when range 1's export does. Pure.
 
-    With ``s`` range 0's share and ``t = (1 - s) / (parts - 1)`` each other's: ``s + cost *
-    (1 - s) = t``; for 2 ranges and a cost of 0.2, ``s = 0.8 / 1.8 = 0.444``."""
+    Only range 1 can be followed while it runs: range 2 is followed once range 1 is done, so
+    with more ranges their following comes after the ranges whatever the shares, and a smaller
+    range 0 would only make every other range longer. With ``s`` range 0's share and ``t = (1 -
+    s) / (parts - 1)`` each other's: ``s + cost * t = t``, so ``s = (1 - cost) / (parts -
+    cost)``; for 2 ranges and a cost of 0.2, ``s = 0.8 / 1.8 = 0.444``, for 4, ``0.8 / 3.8 =
+    0.211`` (the others 0.263 each, against 0.25 with an even split)."""
     if parts <= 1:
         return 1.0
-    even = 1 / (parts - 1)
-    return max((even - cost) / (1 - cost + even), 0.5 / parts)
+    return (1 - cost) / (parts - cost)
 
 
 def pick_boundaries(sample: Sequence[Key], parts: int, first: float | None = None) -> list[Key]:

@@ -522,17 +522,20 @@ def test_pick_boundaries_even_quantiles() -> None:
 
 
 def test_range_0_gets_a_smaller_share_when_it_follows_the_others() -> None:
-    """Compressed ``workers`` exports: range 0's process also decompresses every later range,
-    so it gets fewer rows (``s + cost * (1 - s) = (1 - s) / (parts - 1)``), the others equal
-    shares of the rest; never below half an even share."""
+    """Compressed ``workers`` exports: range 0's process also decompresses the later ranges, of
+    which only range 1 while it runs, so range 0 gets fewer rows (``s + cost * t = t``, ``t``
+    each other range's equal share of the rest): never an even split's worth more for the
+    others than following range 1 costs."""
     assert first_share(1) == 1.0
     assert first_share(2, 0.0) == pytest.approx(0.5) and first_share(3, 0.0) == pytest.approx(1 / 3)
     assert first_share(2, 0.1) == pytest.approx(0.9 / 1.9)
+    assert first_share(4, 0.2) == pytest.approx(0.8 / 3.8)
     for parts in range(2, 20):
         s = first_share(parts, FOLLOW_COST)
         other = (1 - s) / (parts - 1)
-        assert 0.5 / parts <= s < 1 / parts
-        assert s == 0.5 / parts or s + FOLLOW_COST * (1 - s) == pytest.approx(other)
+        assert s < 1 / parts < other
+        assert s + FOLLOW_COST * other == pytest.approx(other)
+        assert other * parts <= 1 / (1 - FOLLOW_COST / 2) + 1e-9  # at most 11% above even
     sample = _keys(range(1000))
     bounds = pick_boundaries(sample, 2, first_share(2))
     assert bounds == _keys([443]) and _sizes(sample, bounds) == [444, 556]
