@@ -6,6 +6,7 @@ no ``__init__.py``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -173,10 +174,14 @@ def kill_export(
         )
         try:
             deadline = time.monotonic() + timeout
+            kids: list[psutil.Process] = []
             if after_seconds is not None:
                 time.sleep(after_seconds)
+                kids = _descendants(proc.pid)
             else:
                 while True:
+                    # taken before the kill point is looked at, so that nothing delays the kill
+                    kids = _descendants(proc.pid)
                     if min_chunks is not None:
                         cp = read_checkpoint(out)
                         if cp is not None and len(cp["chunks"]) >= min_chunks:
@@ -191,7 +196,6 @@ def kill_export(
                         )
                     assert time.monotonic() < deadline, "the kill point was never reached"
                     time.sleep(POLL)
-            kids = _descendants(proc.pid)
             if proc.poll() is None:
                 os.kill(proc.pid, sig)
             proc.wait(timeout=timeout)
@@ -209,11 +213,21 @@ def kill_export(
 
 
 def _descendants(pid: int) -> list[psutil.Process]:
-    """The processes ``pid`` started (and theirs), if it still runs."""
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return []
+    """The processes ``pid`` started (and theirs), from ``/proc/PID/task/*/children``: a few
+    small reads, cheap enough to take at every poll."""
+    found: list[psutil.Process] = []
+    todo = [pid]
+    while todo:
+        for path in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                children = [int(c) for c in path.read_text().split()]
+            except OSError:
+                continue
+            todo += children
+            for c in children:
+                with contextlib.suppress(psutil.Error):
+                    found.append(psutil.Process(c))
+    return found
 
 
 class KillAtOpen:
