@@ -15,9 +15,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,3 +380,13 @@ def alive(p: psutil.Process) -> bool:
         return p.status() != psutil.STATUS_ZOMBIE or p.num_threads() > 1
     except psutil.NoSuchProcess:
         return False
+
+
+def wait_for(cond: Callable[[], bool], timeout: float, stop: threading.Event | None = None) -> bool:
+    """Poll ``cond`` every 2 ms until true (True), or until ``timeout``/``stop`` (False)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
+            return False
+        time.sleep(0.002)
+    return True

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 import xxhash
+from helpers import wait_for
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from copystream import RetriesExhausted, RetryPolicy, export_table, verify_file
@@ -162,16 +163,6 @@ def run_guarded(
     if "error" in box:
         raise box["error"]
     return box["result"]  # type: ignore[no-any-return]
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, stop: threading.Event | None = None) -> bool:
-    """Poll ``cond`` every 2 ms until true (True), or until ``timeout``/``stop`` (False)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline or (stop is not None and stop.is_set()):
-            return False
-        time.sleep(0.002)
-    return True
 
 
 def via_proxy(dsn: str, port: int) -> str:

@@ -18,6 +18,7 @@ import os
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from decimal import Decimal
@@ -40,6 +41,7 @@ from helpers import (
     run,
     scratch_database,
     snapshot,
+    wait_for,
 )
 
 import copystream
@@ -839,29 +841,55 @@ def _export(db: str, table: str, out: Path, options: dict[str, Any]) -> Path:
 
 
 def test_binary_path_survives_terminated_backends(db: str, tmp_path: Path) -> None:
-    """A chunk's ADBC connection terminated mid-COPY (pg_terminate_backend, three times) is a
-    lost connection: retried on a fresh one, and the dataset holds every row once, in order."""
+    """A chunk's ADBC connection terminated in its COPY (pg_terminate_backend) is a lost
+    connection: retried on a fresh one, and the dataset holds every row once, in order.
+
+    One termination is certain: once a chunk's COPY runs, the table is locked (granted when that
+    chunk's transaction ends), so the next chunk's query waits for the lock until it is
+    terminated. Then the lock goes and later COPYs are terminated as they are caught."""
     out = tmp_path / "t.parquet"
-    proc = subprocess.Popen(
-        export_cmd(db, "big", out, "--format", "parquet", "--chunk-rows", "2000", "-v"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    killed = 0
-    with psycopg.connect(db, autocommit=True) as conn:
-        while proc.poll() is None and killed < 3:
-            row = conn.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
-                "application_name = 'copystream' AND query LIKE 'COPY (SELECT%' "
-                "AND datname = current_database()"
-            ).fetchone()
-            killed += row[0] if row else 0
+    copying = (
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+        "application_name = 'copystream' AND query LIKE 'COPY (SELECT%' "
+        "AND datname = current_database()"
+    )
+    waiting = (  # (ADBC describes the COPY's query first: its SELECT is what waits)
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE "
+        "application_name = 'copystream' AND wait_event_type = 'Lock' "
+        "AND datname = current_database()"
+    )
+    seen = (
+        "SELECT count(*) FROM pg_stat_activity WHERE "
+        "query LIKE 'COPY (SELECT%' AND state = 'active'"
+    )
+    with psycopg.connect(db) as locker, psycopg.connect(db, autocommit=True) as conn:
+        proc = subprocess.Popen(
+            export_cmd(db, "big", out, "--format", "parquet", "--chunk-rows", "500", "-v"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert wait_for(lambda: _count(conn, seen) > 0, 60), "no COPY was seen"
+        lock = threading.Thread(
+            target=locker.execute, args=["LOCK TABLE big IN ACCESS EXCLUSIVE MODE"]
+        )
+        lock.start()
+        assert wait_for(lambda: _count(conn, waiting) > 0, 60), "no COPY waited for the lock"
+        lock.join(60)
+        locker.rollback()
+        later = 0
+        while proc.poll() is None and later < 2:
+            later += _count(conn, copying)
             time.sleep(0.05)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
-    assert killed >= 1 and "connection lost" in stderr, stderr
+    assert "connection lost" in stderr, stderr
     ids = read_dataset(out).column("id").to_pylist()
     assert ids == list(range(1, 60001))
     copystream.verify_file(out)
+
+
+def _count(conn: psycopg.Connection[Any], query: str) -> int:
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
 
 
 def test_adbc_errors_are_worded_as_psycopg_errors_pure() -> None:
