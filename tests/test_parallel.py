@@ -252,6 +252,13 @@ def rows_done(out: Path, n: int) -> list[int]:
     return [cp["rows"] if cp else 0 for cp in part_checkpoints(out, n)]
 
 
+def _size_and_tail(path: Path) -> tuple[int, bytes] | None:
+    try:
+        return path.stat().st_size, path.read_bytes()[-64:]
+    except FileNotFoundError:
+        return None
+
+
 def kill_coordinator(s: Started, out: Path) -> list[psutil.Process]:
     """SIGKILL the coordinator only; assert its workers die too and stop writing."""
     workers = worker_processes(s.proc.pid)
@@ -262,11 +269,12 @@ def kill_coordinator(s: Started, out: Path) -> list[psutil.Process]:
     while any(alive(p) for p in workers):
         assert time.monotonic() < deadline, "worker processes outlived their coordinator"
         time.sleep(0.01)
-    # nothing keeps writing: the part files and their checkpoints stay as they are
+    # nothing keeps writing: the part files and their checkpoints stay as they are (OUTPUT,
+    # range 0's file, may not be there yet: the later ranges can reach the kill point first)
     files = [out, *sorted(out.parent.glob(out.name + ".part-*"))]
-    before = {p: (p.stat().st_size, p.read_bytes()[-64:]) for p in files}
+    before = {p: _size_and_tail(p) for p in files}
     time.sleep(1.0)
-    after = {p: (p.stat().st_size, p.read_bytes()[-64:]) for p in files}
+    after = {p: _size_and_tail(p) for p in files}
     assert before == after, "part files changed after the coordinator was killed"
     orphans = [
         p
