@@ -11,9 +11,9 @@ The library is the product; the ``copystream`` command is a thin layer over it::
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from .chain import ChainResult, verify_chain
 from .errors import (
     AuthenticationFailed,
     CheckpointMismatch,
@@ -37,7 +37,6 @@ from .export import ExportResult, ExportStatus, export_status, export_table, run
 from .manifest import Manifest, VerifyResult, load_manifest, verify_file
 from .progress import BarReporter, LogReporter, Progress
 from .retry import RetryPolicy
-from .shards import ShardPlan, ShardResult, finish_shards, plan_shards, run_shard
 from .spec import Compression, CopyOptions, ExportSpec, RunOptions
 
 if TYPE_CHECKING:
@@ -57,35 +56,44 @@ if TYPE_CHECKING:
         plan_bulk_shards,
         run_bulk,
     )
+    from .chain import ChainResult, verify_chain
+    from .shards import ShardPlan, ShardResult, finish_shards, plan_shards, run_shard
 
 __version__ = "0.1.0"
 
-#: The bulk job's names, imported on first use: ``copystream export`` never needs them.
-_BULK_NAMES = frozenset(
-    {
-        "BulkBarReporter",
-        "BulkLogReporter",
-        "BulkPlan",
-        "BulkProgress",
-        "BulkResult",
-        "BulkShardPlan",
-        "BulkShardResult",
-        "JobSnapshot",
-        "PlanEntry",
-        "PlanError",
-        "TableOutcome",
-        "load_plan",
-        "plan_bulk_shards",
-        "run_bulk",
-    }
-)
+#: Names imported on first use, by the module that holds them: ``copystream export`` never
+#: needs a bulk job's, a shard's or an increment chain's.
+_LAZY = {
+    **dict.fromkeys(
+        [
+            "BulkBarReporter",
+            "BulkLogReporter",
+            "BulkPlan",
+            "BulkProgress",
+            "BulkResult",
+            "BulkShardPlan",
+            "BulkShardResult",
+            "JobSnapshot",
+            "PlanEntry",
+            "PlanError",
+            "TableOutcome",
+            "load_plan",
+            "plan_bulk_shards",
+            "run_bulk",
+        ],
+        "bulk",
+    ),
+    **dict.fromkeys(
+        ["ShardPlan", "ShardResult", "finish_shards", "plan_shards", "run_shard"], "shards"
+    ),
+    **dict.fromkeys(["ChainResult", "verify_chain"], "chain"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in _BULK_NAMES:
-        from . import bulk
-
-        return getattr(bulk, name)
+    module = _LAZY.get(name)
+    if module is not None:
+        return getattr(importlib.import_module(f".{module}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -18,7 +18,6 @@ from typing import Any
 import click
 
 from ._atomic import atomic_write
-from .chain import verify_chain
 from .connection import Target, redact
 from .errors import CopystreamError, UsageError
 from .export import export_status, export_table
@@ -154,6 +153,8 @@ def _progress(off: bool) -> Iterator[Callable[[Progress], None] | None]:
 def verify(output: tuple[str, ...], deep: bool, chain: bool) -> None:
     """Re-hash OUTPUT against its manifest; exit 1 naming the first chunk that differs."""
     if chain:
+        from .chain import verify_chain  # (on first use: most commands never need it)
+
         result = verify_chain(output, deep=deep)
         for r in result.files:
             click.echo(f"{r.path}: OK, {r.rows:,} rows, {r.bytes:,} bytes")

@@ -21,10 +21,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._atomic import remove_stale_temporaries
-from .arrowchunk import ArrowChunkRunner, connect_adbc
 from .checkpoint import (
     Checkpoint,
     ChunkRecord,
@@ -50,6 +49,9 @@ from .retry import Retrier
 from .sizing import next_chunk_rows
 from .spec import ExportSpec, RunOptions
 from .table import ResolvedTable
+
+if TYPE_CHECKING:  # imported on first use: only a Parquet export's binary path needs it
+    from .arrowchunk import ArrowChunkRunner
 
 __all__ = ["Followed", "PartJob", "PartOutcome", "run_part"]
 
@@ -276,6 +278,8 @@ class PartRunner:
         self.close()
         timeout = self.job.run.statement_timeout
         if self.job.table.binary is not None:
+            from .arrowchunk import ArrowChunkRunner, connect_adbc
+
             link = connect_adbc(self.target, settings, timeout)
             self.conns.append(link)
             self.conn_born = time.monotonic()

@@ -39,7 +39,6 @@ import gc
 import importlib
 import logging
 import os
-import pickle
 import select
 import selectors
 import signal
@@ -103,8 +102,22 @@ class Event:
     value: Any = None
 
 
+def _dumps(value: object) -> bytes:
+    """``value`` pickled (pickle is imported on first use: an export with one worker needs
+    no pool)."""
+    import pickle
+
+    return pickle.dumps(value)
+
+
+def _loads(data: bytes) -> Any:
+    import pickle
+
+    return pickle.loads(data)
+
+
 def _encode(kind: str, value: object) -> str:
-    return f"{kind} {base64.b64encode(pickle.dumps(value)).decode('ascii')}\n"
+    return f"{kind} {base64.b64encode(_dumps(value)).decode('ascii')}\n"
 
 
 class _Process(Protocol):
@@ -306,7 +319,7 @@ class _Worker:
             self.unread.pop(self.task, None)
             return Event(self.task, "started", self.proc.pid)
         try:
-            value = pickle.loads(base64.b64decode(payload))
+            value = _loads(base64.b64decode(payload))
         except Exception:
             return None
         if kind not in _KINDS:
@@ -507,7 +520,7 @@ def _hand_out(
 
 def _task_line(task: Task) -> bytes:
     """How a task travels to a worker: one line, the base64 of its pickle."""
-    return base64.b64encode(pickle.dumps(task)) + b"\n"
+    return base64.b64encode(_dumps(task)) + b"\n"
 
 
 def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[int]) -> None:
@@ -630,7 +643,7 @@ def worker_main(argv: Sequence[str]) -> int:
         if line is None:
             break
         try:
-            task: Task = pickle.loads(base64.b64decode(line))
+            task: Task = _loads(base64.b64decode(line))
         except Exception as e:  # e.g. its function cannot be imported here
             send(held + "X -\n" + _encode("E", _portable(e)))
             return 1
@@ -670,7 +683,7 @@ def _portable(e: BaseException) -> CopystreamError:
     """``e`` as an error that pickles whole: itself if it is a CopystreamError that does."""
     if isinstance(e, CopystreamError):
         try:
-            pickle.dumps(e)
+            _dumps(e)
         except Exception:
             return ExportFailed(e.problem, remedy=e.remedy)
         return e

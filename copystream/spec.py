@@ -14,7 +14,6 @@ record, and :func:`identity_mismatch` the one comparison of two identities.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -751,6 +750,8 @@ def build(table: str, **kwargs: Any) -> tuple[ExportSpec, RunOptions]:
         values[RunOptions]["retry_policy"] = kwargs.pop("retry_policy")
     for name, value in kwargs.items():
         if name not in owners:
+            import difflib  # (on first use: only a mistyped option needs it)
+
             close = difflib.get_close_matches(name, [*owners, "options", "retry_policy"], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise UsageError(f"unknown export option {name!r}{hint}")

@@ -28,7 +28,6 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -105,7 +104,7 @@ class Written:
 def temporary_path(output: Path) -> Path:
     """A new temporary name beside ``output``, ``.NAME.XXXXXXXX.tmp`` (what
     :func:`~copystream._atomic.remove_stale_temporaries` removes after a crash)."""
-    return output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
+    return output.with_name(f".{output.name}.{os.urandom(4).hex()}.tmp")
 
 
 #: What makes a small export's manifest from its rows, the chunk written, the destination's
