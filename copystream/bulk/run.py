@@ -194,7 +194,8 @@ def _run_bulk(
         log.warning("%s", w)
     if dry_run:
         found = look(ordered, bucket, listed) if bucket is not None and listed else None
-        outcomes = [_dry_run(t, bulk.secrets, found) for t in ordered]
+        secrets = bulk.secrets  # (parsed from the plan's DSNs: once, not once a table)
+        outcomes = [_dry_run(t, secrets, found) for t in ordered]
         seconds = time.monotonic() - started
         return BulkResult(bulk.path, tuple(outcomes), warnings, seconds, True, jobs, None)
     job = _Job(bulk, jobs, warnings, progress, started, consistent=wanted)
