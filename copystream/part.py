@@ -82,18 +82,23 @@ class _Committer:
         # where checkpoints go: beside a path, or what a callable does with them (an S3 object)
         self._save = functools.partial(save_checkpoint, save) if isinstance(save, Path) else save
         self.durable = durable  # the checkpoint on disk
-        self._thread: threading.Thread | None = None
+        # Set when the commit in flight has ended. Waited on instead of Thread.join(): on
+        # CPython 3.11, a join interrupted by Ctrl-C marks the still-running thread as ended,
+        # and the next join returns at once (the process would exit under the commit).
+        self._ended: threading.Event | None = None
         self._error: BaseException | None = None
 
     def submit(self, cp: Checkpoint) -> None:
         """Wait for the commit in flight (raising its error), then start committing ``cp``."""
         self.wait()
-        self._thread = threading.Thread(
-            target=self._commit, args=(cp,), name="copystream-commit", daemon=True
+        ended = threading.Event()
+        thread = threading.Thread(
+            target=self._commit, args=(cp, ended), name="copystream-commit", daemon=True
         )
-        self._thread.start()
+        thread.start()
+        self._ended = ended  # (after start: a Ctrl-C between the two never waits for ever)
 
-    def _commit(self, cp: Checkpoint) -> None:
+    def _commit(self, cp: Checkpoint, ended: threading.Event) -> None:
         try:
             synced = self._dest.sync()
             if synced is not None:
@@ -105,10 +110,12 @@ class _Committer:
             self._error = e
         else:
             self.durable = cp
+        finally:
+            ended.set()
 
     def check(self) -> None:
         """Raise the error of a commit that has already failed; never blocks."""
-        if self._thread is not None and not self._thread.is_alive():
+        if self._ended is not None and self._ended.is_set():
             self.wait()
 
     def wait(self) -> None:
@@ -119,9 +126,9 @@ class _Committer:
         other error may come after the replacement (a failed directory fsync), so the
         destination is left as it is: a resume cuts it to whichever checkpoint is on disk.
         """
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        if self._ended is not None:
+            self._ended.wait()
+            self._ended = None
         if self._error is not None:
             e, self._error = self._error, None
             if isinstance(e, DiskFull):
@@ -136,8 +143,8 @@ class _Committer:
             try:
                 self.wait()
             except KeyboardInterrupt:
-                if self._thread is not None:
-                    continue  # interrupted inside join(): the thread still runs
+                if self._ended is not None:
+                    continue  # interrupted while waiting: the commit still runs
                 return None
             except BaseException as e:
                 return e

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -173,3 +175,37 @@ def test_commit_syncs_before_it_writes_the_checkpoint(tmp_path: Path) -> None:
         dest.close()
     assert calls == ["sync", "checkpoint on disk: False"]
     assert load_checkpoint(out) is not None
+
+
+class _SlowSync:
+    """A destination whose sync lasts until ``release`` is set."""
+
+    def __init__(self, release: threading.Event) -> None:
+        self.release = release
+
+    def sync(self) -> None:
+        assert self.release.wait(30)
+
+    def cut(self, offset: int) -> None:
+        raise AssertionError("nothing to cut")
+
+
+def test_a_ctrl_c_while_a_commit_runs_still_waits_for_it() -> None:
+    """Ctrl-C while the main thread waits for the commit in flight: ``settle`` still waits for
+    that commit to end (its checkpoint saved) before the export goes on failing. (With
+    ``Thread.join``, CPython 3.11 marks the interrupted thread ended and the next join returns
+    at once: the process then exited under the commit, two chunks past its checkpoint.)"""
+    release, saved = threading.Event(), []
+    before, after = object(), object()
+    committer = _Committer(_SlowSync(release), saved.append, before)  # type: ignore[arg-type]
+    committer.submit(after)  # type: ignore[arg-type]
+    main = threading.main_thread().ident
+    assert main is not None
+    ctrl_c = threading.Timer(0.2, signal.pthread_kill, [main, signal.SIGINT])
+    ctrl_c.start()
+    threading.Timer(0.6, release.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        committer.wait()
+    assert not release.is_set() and saved == []  # interrupted while the commit ran
+    assert committer.settle() is None
+    assert saved == [after] and committer.durable is after
