@@ -396,6 +396,40 @@ def test_publish_makes_a_group_durable_and_visible_and_one_failure_stays_its_own
     assert stray_files(tmp_path) == []
 
 
+def test_a_ctrl_c_while_a_group_is_published_still_waits_for_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while the coordinator waits for the group being published: waiting again (as
+    the job does on its way out, to record the tables finished) still waits until the group
+    is published, and returns its outcomes. (With ``Thread.join``, CPython 3.11 marks the
+    interrupted thread ended: the next wait returned at once, before the group's errors were
+    known.)"""
+    import copystream.bulk.run as bulk_run
+    from copystream.whole import Staged
+
+    release, published = threading.Event(), []
+
+    def slow_publish(items: list[Staged]) -> list[None]:
+        release.wait(10)
+        published.extend(items)
+        return [None] * len(items)
+
+    monkeypatch.setattr(bulk_run, "publish", slow_publish)
+    staged = Staged(tmp_path / "t.csv", tmp_path / ".t.csv.0.tmp", b"{}")
+    task, outcome = object(), object()
+    publisher = bulk_run._Publisher(set())
+    publisher.start([(task, outcome, staged)])  # type: ignore[list-item]
+    main = threading.main_thread().ident
+    assert main is not None
+    threading.Timer(0.2, signal.pthread_kill, [main, signal.SIGINT]).start()
+    threading.Timer(0.6, release.set).start()
+    with pytest.raises(KeyboardInterrupt):
+        publisher.finished(wait=True)
+    assert not release.is_set() and published == []  # interrupted while the group ran
+    assert publisher.finished(wait=True) == [(task, outcome, None)]
+    assert published == [staged] and not publisher.busy
+
+
 def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:

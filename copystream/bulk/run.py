@@ -426,23 +426,36 @@ class _Publisher:
 
     def __init__(self, contested: set[int]) -> None:
         self.contested = contested  # tasks (ids) written under their output's lock
-        self._thread: threading.Thread | None = None
+        # Set when the group in flight is published. Waited on instead of Thread.join(): on
+        # CPython 3.11, a join interrupted by Ctrl-C marks the still-running thread as ended,
+        # and the next join returns at once (before the group's errors are known).
+        self._ended: threading.Event | None = None
         self._group: list[tuple[_Task, TableOutcome, Staged]] = []
         self._errors: list[CopystreamError | None] = []
 
     @property
     def busy(self) -> bool:
         """Whether a group is being published."""
-        return self._thread is not None
+        return self._ended is not None
 
     def start(self, group: list[tuple[_Task, TableOutcome, Staged]]) -> None:
         """Publish ``group`` (nothing else may be in flight)."""
-        assert self._thread is None
+        assert self._ended is None
         self._group = group
-        self._thread = threading.Thread(target=self._run, name="copystream-publish", daemon=True)
-        self._thread.start()
+        ended = threading.Event()
+        thread = threading.Thread(
+            target=self._run, args=(ended,), name="copystream-publish", daemon=True
+        )
+        thread.start()
+        self._ended = ended  # (after start: a Ctrl-C between the two never waits for ever)
 
-    def _run(self) -> None:
+    def _run(self, ended: threading.Event) -> None:
+        try:
+            self._publish()
+        finally:
+            ended.set()
+
+    def _publish(self) -> None:
         group = self._group
         errors: list[CopystreamError | None] = [None] * len(group)
         try:
@@ -468,10 +481,10 @@ class _Publisher:
     def finished(self, *, wait: bool) -> list[tuple[_Task, TableOutcome, CopystreamError | None]]:
         """The group just published, with each table's error (if it failed); ``[]`` while it
         is under way (``wait``: wait for it) or when there is none."""
-        if self._thread is None or (self._thread.is_alive() and not wait):
+        if self._ended is None or not (wait or self._ended.is_set()):
             return []
-        self._thread.join()
-        self._thread = None
+        self._ended.wait()
+        self._ended = None
         done = [(t, o, e) for (t, o, _), e in zip(self._group, self._errors, strict=True)]
         self._group, self._errors = [], []
         return done
@@ -622,6 +635,7 @@ def _execute(
     ex.todo_rows = sum(t.estimated_rows or 0 for t in runnable)
     try:
         _run(runnable, job, ex, found)
+        ex.publish(now=True)
     except BaseException:
         with contextlib.suppress(Exception):
             ex.publish(now=True)  # finished tables need not be exported again
@@ -632,7 +646,6 @@ def _execute(
             ex.dirty = True
             ex.write_report(now=True)
         raise
-    ex.publish(now=True)
     ex.emit(done=True)
     snapshot = job_snapshot(ex.outcomes, job.taken()) if job.consistent else None
     return ex.outcomes, snapshot
