@@ -533,7 +533,9 @@ class ChunkRunner:
 
         The transaction's statements (begin, import the snapshot, find the last key, COPY,
         commit) go as one query, as psql sends a script: for a small table the round trips,
-        not the rows, are the cost. That is the simple query protocol, which runs any number
+        not the rows, are the cost. A key that :func:`copy_key_index` finds among the COPY's
+        fields is read from its last row instead of queried (the query costs the server more
+        than a small table's COPY). That is the simple query protocol, which runs any number
         of statements: so only for a chunk whose statements hold no SQL of the user's (no
         filter; everything else is composed of quoted identifiers and literals), of the whole
         table. (A ``statement_timeout`` set inside such a query does not hold for it: set one
@@ -564,6 +566,10 @@ class ChunkRunner:
                 copied = m.stream(dest, on_data, header=c.header, wait=m.wait)
         while m.result() is not None:
             pass
+        if last < 0 and copied:  # the key is a field of the COPY's rows
+            index = copy_key_index(c.table, c.options)
+            assert index is not None
+            last_key = key_from_row(bytes(m.last_row), index, c.options, m.encoding)
         self.chunks_served += 1
         return ChunkOutcome(rows=copied, last_key=last_key, final=True)
 
@@ -700,7 +706,8 @@ def _whole_query(c: Chunk, conn: psycopg.Connection[Any]) -> tuple[bytes, int, i
 
 def _whole_statements(c: Chunk) -> tuple[list[sql.Composable], int, int]:
     """The statements of :meth:`ChunkRunner.run_whole`, the index of the snapshot's import
-    (-1: none) and of the last key's query. Pure."""
+    (-1: none) and of the last key's query (-1: none, the key is read from the COPY's last
+    row: :func:`copy_key_index`). Pure."""
     t = c.table
     if not (c.rows == 0 and c.after is None and c.until is None and t.where is None):
         raise ValueError("run_whole exports a whole table without a filter")
@@ -716,8 +723,10 @@ def _whole_statements(c: Chunk) -> tuple[list[sql.Composable], int, int]:
             sql.SQL("SELECT set_config({}, {}, true)").format(sql.Literal(n), sql.Literal(v))
             for n, v in local.items()
         ]
-    last = len(statements)
-    statements.append(last_key_query(t, None, None))
+    last = -1
+    if copy_key_index(t, c.options) is None:
+        last = len(statements)
+        statements.append(last_key_query(t, None, None))
     if local:
         statements.append(sql.SQL("ROLLBACK TO SAVEPOINT copystream_key"))
     copy = copy_query(t, c.options, after=None, upto=None, limit=None, header=c.header)

@@ -18,7 +18,14 @@ import pytest
 
 import copystream
 from copystream.catalog import introspect
-from copystream.chunk import Chunk, ChunkMismatch, ChunkRunner, copy_key_index, key_from_row
+from copystream.chunk import (
+    Chunk,
+    ChunkMismatch,
+    ChunkRunner,
+    _whole_statements,
+    copy_key_index,
+    key_from_row,
+)
 from copystream.progress import Progress
 from copystream.spec import CopyOptions
 from copystream.table import ResolvedTable
@@ -111,6 +118,25 @@ def test_last_keys_and_bytes_match_the_sibling(
         ranged = _chunks(runner, table, options, 10, until=("-1",))
         assert ranged == _chunks(runner, by_sibling, options, 10, until=("-1",))
         assert ranged[0][-1][1] == ("-1",) and ranged[0][-1][2]
+        # the whole table in one round trip (a small table's export): read from the last row,
+        # with no query for it
+        whole = Chunk(table, options, None, 0, header=options.header)
+        assert _whole_statements(whole)[2] == -1
+        assert _whole_statements(dataclasses.replace(whole, table=by_sibling))[2] >= 0
+        assert _whole(runner, table, options) == _whole(runner, by_sibling, options)
+        assert _whole(runner, table, options) == (154, (str(INT64_MAX),), expected)
+        run_sql(dsn, "DELETE FROM t")  # no rows (a header, maybe): no key
+        assert _whole(runner, table, options)[:2] == (0, None)
+
+
+def _whole(
+    runner: ChunkRunner, table: ResolvedTable, options: CopyOptions
+) -> tuple[int, Any, bytes]:
+    dest = Collect()
+    chunk = Chunk(table, options, None, 0, header=options.header)
+    out = runner.run_whole(chunk, dest)  # type: ignore[arg-type]
+    assert out.final
+    return out.rows, out.last_key, bytes(dest.data)
 
 
 def test_small_keys_of_every_integer_type(dsn: str, run_sql: Any, psql_csv: Any) -> None:
