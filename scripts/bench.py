@@ -1058,8 +1058,9 @@ def step_s3(b: Bench, table: str) -> dict[str, Any]:
                ("s3-zstd-w2", ".csv.zst")]  # fmt: skip
     records: list[dict[str, Any]] = []
     _, ref_size, _ = b.reference(table)
+    os.environ.update(S3_ENV)  # (moto's bucket is created with them, before the URL is known)
     with _s3_server(b.args) as (url, server):
-        os.environ.update({**S3_ENV, "AWS_ENDPOINT_URL": url})  # for this process's children
+        os.environ["AWS_ENDPOINT_URL"] = url  # for this process's children
         client = boto3.client("s3", endpoint_url=url)
         for rnd in range(b.args.s3_rounds):
             start = rnd % len(configs)
