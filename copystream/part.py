@@ -70,7 +70,8 @@ class _Committer:
     during which the server would otherwise sit idle; here it overlaps the next chunk's COPY. The
     order that resuming relies on is kept: a checkpoint is written only after every byte it
     records is durable, and at most one commit is in flight, so the checkpoint on disk lags the
-    destination by at most one chunk (which a resume cuts off and redoes, as after any crash).
+    destination by at most two chunks: the one being committed and the next, streamed meanwhile
+    (a resume cuts them off and redoes them, as after any crash).
     A destination whose ``sync`` says the chunk is not durable yet (an S3 part still filling:
     :class:`~copystream.destinations.Synced`) keeps the checkpoint where it is until one is.
     """
