@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._atomic import remove_stale_temporaries
+from ._background import in_background
 from .checkpoint import (
     Checkpoint,
     ChunkRecord,
@@ -83,23 +84,16 @@ class _Committer:
         # where checkpoints go: beside a path, or what a callable does with them (an S3 object)
         self._save = functools.partial(save_checkpoint, save) if isinstance(save, Path) else save
         self.durable = durable  # the checkpoint on disk
-        # Set when the commit in flight has ended. Waited on instead of Thread.join(): on
-        # CPython 3.11, a join interrupted by Ctrl-C marks the still-running thread as ended,
-        # and the next join returns at once (the process would exit under the commit).
-        self._ended: threading.Event | None = None
+        self._ended: threading.Event | None = None  # set when the commit in flight has ended
         self._error: BaseException | None = None
 
     def submit(self, cp: Checkpoint) -> None:
         """Wait for the commit in flight (raising its error), then start committing ``cp``."""
         self.wait()
-        ended = threading.Event()
-        thread = threading.Thread(
-            target=self._commit, args=(cp, ended), name="copystream-commit", daemon=True
-        )
-        thread.start()
-        self._ended = ended  # (after start: a Ctrl-C between the two never waits for ever)
+        # (assigned once started: a Ctrl-C before never waits for a commit that never began)
+        self._ended = in_background(functools.partial(self._commit, cp), "copystream-commit")
 
-    def _commit(self, cp: Checkpoint, ended: threading.Event) -> None:
+    def _commit(self, cp: Checkpoint) -> None:
         try:
             synced = self._dest.sync()
             if synced is not None:
@@ -111,8 +105,6 @@ class _Committer:
             self._error = e
         else:
             self.durable = cp
-        finally:
-            ended.set()
 
     def check(self) -> None:
         """Raise the error of a commit that has already failed; never blocks."""

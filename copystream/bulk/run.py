@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .._atomic import locked, remove_stale_temporaries, temporary_target
+from .._background import in_background
 from ..checkpoint import checkpoint_path
 from ..connection import Target, redact
 from ..errors import CopystreamError, ExportFailed, SnapshotRequired, UsageError
@@ -426,10 +427,7 @@ class _Publisher:
 
     def __init__(self, contested: set[int]) -> None:
         self.contested = contested  # tasks (ids) written under their output's lock
-        # Set when the group in flight is published. Waited on instead of Thread.join(): on
-        # CPython 3.11, a join interrupted by Ctrl-C marks the still-running thread as ended,
-        # and the next join returns at once (before the group's errors are known).
-        self._ended: threading.Event | None = None
+        self._ended: threading.Event | None = None  # set when the group in flight is published
         self._group: list[tuple[_Task, TableOutcome, Staged]] = []
         self._errors: list[CopystreamError | None] = []
 
@@ -442,18 +440,7 @@ class _Publisher:
         """Publish ``group`` (nothing else may be in flight)."""
         assert self._ended is None
         self._group = group
-        ended = threading.Event()
-        thread = threading.Thread(
-            target=self._run, args=(ended,), name="copystream-publish", daemon=True
-        )
-        thread.start()
-        self._ended = ended  # (after start: a Ctrl-C between the two never waits for ever)
-
-    def _run(self, ended: threading.Event) -> None:
-        try:
-            self._publish()
-        finally:
-            ended.set()
+        self._ended = in_background(self._publish, "copystream-publish")
 
     def _publish(self) -> None:
         group = self._group
