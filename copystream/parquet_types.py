@@ -51,6 +51,7 @@ from psycopg import sql
 from .errors import Remedy, UsageError
 
 __all__ = [
+    "ADBC_DRIVER_MIN",
     "INTERVAL_FORMS",
     "INTERVAL_STRUCT",
     "LIST_ELEMENTS",
@@ -62,6 +63,7 @@ __all__ = [
     "ColumnType",
     "ValueOutOfRange",
     "binary_plan",
+    "driver_refusal",
     "parquet_settings",
     "plan_columns",
     "record_text",
@@ -483,6 +485,27 @@ def _binary_expression(
     if base != "numeric" and base not in _BINARY_NATIVE:
         return None
     return sql.SQL("({})::{}").format(typed, sql.Identifier("pg_catalog", base))
+
+
+#: The oldest ``adbc-driver-postgresql`` the binary path runs on: before 1.9 the driver aborts
+#: the whole process (a ``std::logic_error`` built from a NULL SQLSTATE) when a statement fails
+#: because its connection was lost, as a network outage does (apache/arrow-adbc#3891).
+ADBC_DRIVER_MIN = (1, 9)
+
+
+def driver_refusal(version: str | None) -> str | None:
+    """Why ADBC's PostgreSQL driver of ``version`` (``None``: not installed) cannot read the
+    binary path, or ``None`` when it can. Pure."""
+    if version is None:
+        return "adbc-driver-postgresql is not installed"
+    numbers = []
+    for part in version.split(".")[:2]:
+        digits = part[: len(part) - len(part.lstrip("0123456789"))]
+        numbers.append(int(digits or 0))
+    if tuple(numbers) < ADBC_DRIVER_MIN:
+        oldest = ".".join(map(str, ADBC_DRIVER_MIN))
+        return f"adbc-driver-postgresql {version} aborts on a lost connection (fixed in {oldest})"
+    return None
 
 
 def binary_plan(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -65,7 +66,13 @@ from .join import (
     range0_follows,
 )
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
-from .parquet_types import binary_plan, parquet_settings, plan_columns, select_list
+from .parquet_types import (
+    binary_plan,
+    driver_refusal,
+    parquet_settings,
+    plan_columns,
+    select_list,
+)
 from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
@@ -433,6 +440,8 @@ class ExportSession:
         binary = binary_plan(
             types, plans, typed, self.table.key, key_unique=self.table.key_unique, policy=policy
         )
+        if not isinstance(binary, str) and (refused := _adbc_refusal()) is not None:
+            binary = refused
         if isinstance(binary, str):  # read as typed CSV, parsed by Arrow
             log.debug("%s: typed CSV, not COPY BINARY: %s", self.table.qualified, binary)
         else:
@@ -500,6 +509,23 @@ def remove_export_files(output: Path) -> None:
     remove_parts(output, load_parts(output, strict=False))  # a damaged ranges file's parts too
     for p in (checkpoint_path(output), manifest_path(output), output):
         _remove(p)
+
+
+@functools.cache
+def _adbc_refusal() -> str | None:
+    """Why this process cannot read COPY BINARY through ADBC's driver (then Parquet is read as
+    typed CSV: the same values, more of the server's CPU), said once as a warning; or ``None``."""
+    try:
+        version: str | None = importlib.metadata.version("adbc-driver-postgresql")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    refused = driver_refusal(version)
+    if refused is not None:
+        log.warning(
+            "%s: Parquet is read as typed CSV, not COPY BINARY (slower); "
+            "pip install 'adbc-driver-postgresql>=1.9'", refused
+        )
+    return refused
 
 
 def _remove(path: Path) -> None:

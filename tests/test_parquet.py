@@ -51,6 +51,7 @@ from copystream.destinations import parquet
 from copystream.destinations.parquet import ParquetDataset, resume_point
 from copystream.errors import UsageError
 from copystream.parquet_types import (
+    driver_refusal,
     INTERVAL_STRUCT,
     BinaryPlan,
     ColumnPlan,
@@ -802,6 +803,59 @@ def test_what_stays_on_the_typed_csv_path_pure() -> None:
     assert binary_plan([*cols, odd], plans, typed, ["id"], key_unique=True) == (
         "column x is of type weird"
     )
+
+
+def test_an_adbc_driver_that_aborts_on_a_lost_connection_is_not_used_pure() -> None:
+    """ADBC's driver before 1.9 aborts the process when a statement fails on a lost
+    connection (a std::logic_error from a NULL SQLSTATE): it is not used, nor a missing one."""
+    assert driver_refusal(None) == "adbc-driver-postgresql is not installed"
+    for old in ("1.8.0", "1.0.0", "0.11.0", "1.8.1"):
+        refused = driver_refusal(old)
+        assert refused is not None and old in refused and "aborts" in refused
+    for good in ("1.9.0", "1.13.0", "1.10.0.dev3", "2.0.0rc1", "10.0"):
+        assert driver_refusal(good) is None, good
+
+
+def test_an_old_adbc_driver_means_the_typed_csv_path(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With adbc-driver-postgresql older than 1.9 installed, a table that would be read
+    through COPY BINARY is read as typed CSV instead, with one warning saying how to upgrade,
+    and the dataset has the same values."""
+    import importlib.metadata
+
+    from copystream import pipeline
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "1.8.0" if name == "adbc-driver-postgresql" else real(name),
+    )
+    pipeline._adbc_refusal.cache_clear()
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    try:
+        copystream.export_table(db, "every", tmp_path / "old.parquet", format="parquet")
+        copystream.export_table(db, "every", tmp_path / "old2.parquet", format="parquet")
+    finally:
+        monkeypatch.undo()
+        pipeline._adbc_refusal.cache_clear()
+    assert "public.every: COPY BINARY" not in caplog.text
+    assert caplog.text.count("adbc-driver-postgresql 1.8.0 aborts on a lost connection") == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pip install 'adbc-driver-postgresql>=1.9'" in (
+        warnings[0].getMessage()
+    )
+    caplog.clear()
+    binary = read_dataset(_export(db, "every", tmp_path / "new.parquet", {}))
+    assert "public.every: COPY BINARY, decoded by ADBC" in caplog.text
+    old = read_dataset(tmp_path / "old.parquet")
+    assert binary.schema.equals(old.schema, check_metadata=True)
+    for name in binary.column_names:
+        for want, have in zip(
+            comparable(binary.select([name])), comparable(old.select([name])), strict=True
+        ):
+            assert same(want[0], have[0]), (name, want, have)
 
 
 def test_which_path_a_table_takes(
