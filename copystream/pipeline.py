@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -516,8 +515,10 @@ def _adbc_refusal() -> str | None:
     """Why this process cannot read COPY BINARY through ADBC's driver (then Parquet is read as
     typed CSV: the same values, more of the server's CPU), said once as a warning; or ``None``."""
     try:
-        version: str | None = importlib.metadata.version("adbc-driver-postgresql")
-    except importlib.metadata.PackageNotFoundError:
+        import adbc_driver_postgresql  # type: ignore[import-untyped]  # (the path's own import)
+
+        version: str | None = str(adbc_driver_postgresql.__version__)
+    except (ImportError, AttributeError):
         version = None
     refused = driver_refusal(version)
     if refused is not None:

@@ -51,12 +51,12 @@ from copystream.destinations import parquet
 from copystream.destinations.parquet import ParquetDataset, resume_point
 from copystream.errors import UsageError
 from copystream.parquet_types import (
-    driver_refusal,
     INTERVAL_STRUCT,
     BinaryPlan,
     ColumnPlan,
     ColumnType,
     binary_plan,
+    driver_refusal,
     plan_columns,
     record_text,
     refused_wire,
@@ -822,16 +822,11 @@ def test_an_old_adbc_driver_means_the_typed_csv_path(
     """With adbc-driver-postgresql older than 1.9 installed, a table that would be read
     through COPY BINARY is read as typed CSV instead, with one warning saying how to upgrade,
     and the dataset has the same values."""
-    import importlib.metadata
+    import adbc_driver_postgresql
 
     from copystream import pipeline
 
-    real = importlib.metadata.version
-    monkeypatch.setattr(
-        importlib.metadata,
-        "version",
-        lambda name: "1.8.0" if name == "adbc-driver-postgresql" else real(name),
-    )
+    monkeypatch.setattr(adbc_driver_postgresql, "__version__", "1.8.0")
     pipeline._adbc_refusal.cache_clear()
     caplog.set_level(logging.DEBUG, logger="copystream")
     try:
