@@ -853,6 +853,25 @@ def test_an_old_adbc_driver_means_the_typed_csv_path(
             assert same(want[0], have[0]), (name, want, have)
 
 
+def test_without_adbc_parquet_is_read_as_typed_csv(
+    db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow installed without ADBC's driver: the export reads typed CSV and says so once
+    (it failed, asking to run it again, before stop 19)."""
+    from copystream import pipeline
+
+    monkeypatch.setitem(sys.modules, "adbc_driver_postgresql", None)  # import raises
+    pipeline._adbc_refusal.cache_clear()
+    caplog.set_level(logging.DEBUG, logger="copystream")
+    try:
+        result = copystream.export_table(db, "every", tmp_path / "a.parquet", format="parquet")
+    finally:
+        monkeypatch.undo()
+        pipeline._adbc_refusal.cache_clear()
+    assert result.rows == read_dataset(tmp_path / "a.parquet").num_rows > 0
+    assert "typed CSV, not COPY BINARY: adbc-driver-postgresql is not installed" in caplog.text
+
+
 def test_which_path_a_table_takes(
     db: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
