@@ -403,7 +403,7 @@ class Follower:
         data = part_data_path(self.output, i, first_in_place=self.parts.first_in_place)
         done: list[ChunkRecord] = []
         fd = -1
-        seen = moved = time.monotonic()  # a process last seen on it; its files last changed
+        began = seen = moved = time.monotonic()  # a process last seen on it; files changed
         files: tuple[tuple[int, ...], ...] | None = None
         try:
             while not self._stopped:
@@ -427,7 +427,8 @@ class Follower:
                 seen = max(self._seen(i, seen), moved)
                 why = _why_give_up(ended, time.monotonic(), seen, moved)
                 if why is not None:
-                    self.gave_up = f"range {i} {why}"
+                    seen_of = _evidence(part_path(self.output, i), data, began)
+                    self.gave_up = f"range {i} {why} ({seen_of})"
                     return False
                 self._ended.wait(FOLLOW_POLL)
             return False
@@ -542,6 +543,14 @@ def _range_running(output: Path, i: int) -> bool:
         for line in table.splitlines()
         for w in line.split()
     )
+
+
+def _evidence(state: Path, data: Path, began: float) -> str:
+    """What the follower saw of a range when it gave up, for the log: how long it followed,
+    and which of the range's files (checkpoint ``state``, its lock, ``data``) existed."""
+    files = {"checkpoint": state, "lock": state.with_name(state.name + ".lock"), "data": data}
+    present = ", ".join(name for name, f in files.items() if f.exists()) or "none"
+    return f"after {time.monotonic() - began:.1f}s; its files present: {present}"
 
 
 def _signature(*paths: Path) -> tuple[tuple[int, ...], ...]:
