@@ -76,7 +76,14 @@ from .destinations import rehash
 from .errors import CheckpointMismatch, DiskFull, ExportFailed, PrefixMismatch, Remedy
 from .part import Followed, PartJob, PartOutcome
 from .progress import Progress
-from .ranges import KeyRanges, part_data_path, part_path, run_range, save_parts
+from .ranges import (
+    KeyRanges,
+    part_data_path,
+    part_lock_path,
+    part_path,
+    run_range,
+    save_parts,
+)
 
 __all__ = [
     "FOLLOW_POLL",
@@ -403,7 +410,8 @@ class Follower:
         data = part_data_path(self.output, i, first_in_place=self.parts.first_in_place)
         done: list[ChunkRecord] = []
         fd = -1
-        began = seen = moved = time.monotonic()  # a process last seen on it; files changed
+        # when it began following, a process was last seen on it, its files last changed
+        began = seen = moved = time.monotonic()
         files: tuple[tuple[int, ...], ...] | None = None
         try:
             while not self._stopped:
@@ -427,7 +435,7 @@ class Follower:
                 seen = max(self._seen(i, seen), moved)
                 why = _why_give_up(ended, time.monotonic(), seen, moved)
                 if why is not None:
-                    seen_of = _evidence(part_path(self.output, i), data, began)
+                    seen_of = _evidence(self.output, i, data, began)
                     self.gave_up = f"range {i} {why} ({seen_of})"
                     return False
                 self._ended.wait(FOLLOW_POLL)
@@ -531,9 +539,8 @@ def _range_running(output: Path, i: int) -> bool:
     and some overlay filesystems report another device number to ``stat`` than the table's. A
     file of another filesystem with the same inode number could be taken for it: then the
     follower waits up to :data:`STALLED_GRACE` for nothing, never longer."""
-    state = part_path(output, i)
     try:
-        inode = str(os.stat(state.with_name(state.name + ".lock")).st_ino)
+        inode = str(os.stat(part_lock_path(output, i)).st_ino)
         with open("/proc/locks", encoding="ascii", errors="replace") as f:
             table = f.read()
     except OSError:
@@ -545,10 +552,10 @@ def _range_running(output: Path, i: int) -> bool:
     )
 
 
-def _evidence(state: Path, data: Path, began: float) -> str:
-    """What the follower saw of a range when it gave up, for the log: how long it followed,
-    and which of the range's files (checkpoint ``state``, its lock, ``data``) existed."""
-    files = {"checkpoint": state, "lock": state.with_name(state.name + ".lock"), "data": data}
+def _evidence(output: Path, i: int, data: Path, began: float) -> str:
+    """What the follower saw of range ``i`` when it gave up, for the log: how long it followed,
+    and which of the range's files (its checkpoint, its lock, ``data``) existed."""
+    files = {"checkpoint": part_path(output, i), "lock": part_lock_path(output, i), "data": data}
     present = ", ".join(name for name, f in files.items() if f.exists()) or "none"
     return f"after {time.monotonic() - began:.1f}s; its files present: {present}"
 

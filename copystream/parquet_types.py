@@ -43,6 +43,7 @@ the last row of the table (types written as text) instead of writing them.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -63,6 +64,7 @@ __all__ = [
     "ColumnType",
     "ValueOutOfRange",
     "binary_plan",
+    "driver_minimum",
     "driver_refusal",
     "parquet_settings",
     "plan_columns",
@@ -493,19 +495,24 @@ def _binary_expression(
 ADBC_DRIVER_MIN = (1, 9)
 
 
-def driver_refusal(version: str | None) -> str | None:
-    """Why ADBC's PostgreSQL driver of ``version`` (``None``: not installed) cannot read the
-    binary path, or ``None`` when it can. Pure."""
-    if version is None:
-        return "adbc-driver-postgresql is not installed"
-    numbers = []
-    for part in version.split(".")[:2]:
-        digits = part[: len(part) - len(part.lstrip("0123456789"))]
-        numbers.append(int(digits or 0))
-    if tuple(numbers) < ADBC_DRIVER_MIN:
-        oldest = ".".join(map(str, ADBC_DRIVER_MIN))
-        return f"adbc-driver-postgresql {version} aborts on a lost connection (fixed in {oldest})"
+def driver_refusal(version: str | None, missing: str | None = None) -> str | None:
+    """Why ADBC's PostgreSQL driver of ``version`` cannot read the binary path, or ``None``
+    when it can. ``missing``: why it could not be imported (then ``version`` is not looked at).
+    A version that does not start with two numbers is refused too. Pure."""
+    name = "adbc-driver-postgresql"
+    if missing is not None:
+        return f"{name} cannot be imported ({missing})"
+    found = re.match(r"(\d+)\.(\d+)", version or "")
+    if found is None:
+        return f"{name} of an unknown version ({version!r})"
+    if (int(found.group(1)), int(found.group(2))) < ADBC_DRIVER_MIN:
+        return f"{name} {version} aborts on a lost connection (fixed in {driver_minimum()})"
     return None
+
+
+def driver_minimum() -> str:
+    """The oldest usable driver, as pip writes it: ``"1.9"``. Pure."""
+    return ".".join(map(str, ADBC_DRIVER_MIN))
 
 
 def binary_plan(

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import importlib.metadata
 import logging
 import os
 import shutil
@@ -67,6 +68,7 @@ from .join import (
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .parquet_types import (
     binary_plan,
+    driver_minimum,
     driver_refusal,
     parquet_settings,
     plan_columns,
@@ -513,19 +515,24 @@ def remove_export_files(output: Path) -> None:
 @functools.cache
 def _adbc_refusal() -> str | None:
     """Why this process cannot read COPY BINARY through ADBC's driver (then Parquet is read as
-    typed CSV: the same values, more of the server's CPU), said once as a warning; or ``None``."""
+    typed CSV: the same values, more of the server's CPU), said once a process as a warning;
+    or ``None``. The version is the installed package's (its module's ``__version__`` follows
+    ``SETUPTOOLS_SCM_PRETEND_VERSION`` when that is set), else the module's."""
     try:
         import adbc_driver_postgresql  # type: ignore[import-untyped]  # (the path's own import)
-
-        version: str | None = str(adbc_driver_postgresql.__version__)
-    except (ImportError, AttributeError):
-        version = None
-    refused = driver_refusal(version)
+    except ImportError as e:
+        refused = driver_refusal(None, missing=str(e) or type(e).__name__)
+    else:
+        try:
+            version = importlib.metadata.version("adbc-driver-postgresql")
+        except importlib.metadata.PackageNotFoundError:  # vendored: no package metadata
+            version = str(getattr(adbc_driver_postgresql, "__version__", ""))
+        refused = driver_refusal(version)
     if refused is not None:
         log.warning(
             "%s: Parquet is read as typed CSV, not COPY BINARY (slower); "
-            "pip install 'adbc-driver-postgresql>=1.9'", refused
-        )
+            "pip install 'adbc-driver-postgresql>=%s'", refused, driver_minimum(),
+        )  # fmt: skip
     return refused
 
 

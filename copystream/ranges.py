@@ -64,6 +64,7 @@ __all__ = [
     "load_parts",
     "new_parts",
     "part_data_path",
+    "part_lock_path",
     "part_path",
     "pick_boundaries",
     "range_job",
@@ -173,6 +174,12 @@ def parts_path(output: Path) -> Path:
 def part_path(output: Path, index: int) -> Path:
     """The name of part ``index``: its checkpoint is ``checkpoint_path(part_path(...))``."""
     return output.with_name(f"{output.name}.part-{index:04d}")
+
+
+def part_lock_path(output: Path, index: int) -> Path:
+    """The lock file a process holds while it exports part ``index`` (:func:`run_range`)."""
+    state = part_path(output, index)
+    return state.with_name(state.name + ".lock")
 
 
 def part_data_path(output: Path, index: int, *, first_in_place: bool = True) -> Path:
@@ -480,7 +487,7 @@ def run_range(
     """
     state = part_path(output, i)
     busy = f"another copystream process is exporting to {state} right now"
-    with locked(state.with_name(state.name + ".lock"), busy):
+    with locked(part_lock_path(output, i), busy):
         job = range_job(output, parts, template, i, check=not checked)
         return run_part(job, progress=progress, sleep=sleep, finished=finished)
 

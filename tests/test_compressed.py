@@ -686,7 +686,8 @@ def _followed_for(gave_up: str | None, why: str) -> float:
     """The seconds range 0's process followed range 1 before it gave up for ``why``, from its
     message (which also says which of the range's files it found)."""
     found = re.fullmatch(
-        rf"range 1 {why} \(after (\d+\.\d)s; its files present: [a-z, ]+\)", gave_up or ""
+        rf"range 1 {re.escape(why)} \(after (\d+\.\d)s; its files present: [a-z, ]+\)",
+        gave_up or "",
     )
     assert found, gave_up
     return float(found.group(1))

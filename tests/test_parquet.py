@@ -56,6 +56,7 @@ from copystream.parquet_types import (
     ColumnPlan,
     ColumnType,
     binary_plan,
+    driver_minimum,
     driver_refusal,
     plan_columns,
     record_text,
@@ -807,11 +808,18 @@ def test_what_stays_on_the_typed_csv_path_pure() -> None:
 
 def test_an_adbc_driver_that_aborts_on_a_lost_connection_is_not_used_pure() -> None:
     """ADBC's driver before 1.9 aborts the process when a statement fails on a lost
-    connection (a std::logic_error from a NULL SQLSTATE): it is not used, nor a missing one."""
-    assert driver_refusal(None) == "adbc-driver-postgresql is not installed"
+    connection (a std::logic_error from a NULL SQLSTATE): it is not used, nor one that cannot
+    be imported, nor one whose version cannot be read."""
+    missing = driver_refusal(None, missing="No module named 'adbc_driver_postgresql'")
+    assert missing == (
+        "adbc-driver-postgresql cannot be imported (No module named 'adbc_driver_postgresql')"
+    )
     for old in ("1.8.0", "1.0.0", "0.11.0", "1.8.1"):
         refused = driver_refusal(old)
-        assert refused is not None and old in refused and "aborts" in refused
+        assert refused is not None and old in refused and "aborts" in refused, old
+        assert "fixed in 1.9" in refused and driver_minimum() == "1.9"
+    for odd in (None, "", "unknown", "v1.9.0", "1"):
+        assert driver_refusal(odd) == f"adbc-driver-postgresql of an unknown version ({odd!r})"
     for good in ("1.9.0", "1.13.0", "1.10.0.dev3", "2.0.0rc1", "10.0"):
         assert driver_refusal(good) is None, good
 
@@ -822,11 +830,16 @@ def test_an_old_adbc_driver_means_the_typed_csv_path(
     """With adbc-driver-postgresql older than 1.9 installed, a table that would be read
     through COPY BINARY is read as typed CSV instead, with one warning saying how to upgrade,
     and the dataset has the same values."""
-    import adbc_driver_postgresql
+    import importlib.metadata
 
     from copystream import pipeline
 
-    monkeypatch.setattr(adbc_driver_postgresql, "__version__", "1.8.0")
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        importlib.metadata,
+        "version",
+        lambda name: "1.8.0" if name == "adbc-driver-postgresql" else real(name),
+    )
     pipeline._adbc_refusal.cache_clear()
     caplog.set_level(logging.DEBUG, logger="copystream")
     try:
@@ -869,7 +882,11 @@ def test_without_adbc_parquet_is_read_as_typed_csv(
         monkeypatch.undo()
         pipeline._adbc_refusal.cache_clear()
     assert result.rows == read_dataset(tmp_path / "a.parquet").num_rows > 0
-    assert "typed CSV, not COPY BINARY: adbc-driver-postgresql is not installed" in caplog.text
+    assert "typed CSV, not COPY BINARY: adbc-driver-postgresql cannot be imported (" in (
+        caplog.text
+    )
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "pip install 'adbc-driver-postgresql>=1.9'" in warnings[0]
 
 
 def test_which_path_a_table_takes(
