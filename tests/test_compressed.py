@@ -60,7 +60,7 @@ from copystream.destinations.compressed import (
 from copystream.errors import PrefixMismatch, UsageError, VerificationFailed
 from copystream.join import Follower, followed_stream, join_parts
 from copystream.part import Followed, PartOutcome
-from copystream.ranges import load_parts, part_data_path, part_path
+from copystream.ranges import load_parts, part_data_path, part_lock_path, part_path
 from copystream.spec import Compression, ExportSpec, build
 from copystream.testing import EphemeralPostgres
 
@@ -654,7 +654,7 @@ def _follower_of_range_1(db: str, out: Path) -> tuple[join.Follower, Path, Path]
         os.close(fd)
     running = functools.partial(join._range_running, out)
     follower = join.Follower(out, parts, (first.checkpoint.chunks, n, raw), running)
-    lock = part_path(out, 1).with_name(part_path(out, 1).name + ".lock")
+    lock = part_lock_path(out, 1)
     return follower, lock, part_data_path(out, 1, first_in_place=parts.first_in_place)
 
 
