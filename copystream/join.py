@@ -71,7 +71,7 @@ from typing import Any
 import xxhash
 
 from ._atomic import NO_SPACE, fsync_dir, raise_if_full
-from .checkpoint import Checkpoint, ChunkRecord, load_checkpoint
+from .checkpoint import Checkpoint, ChunkRecord, checkpoint_path, load_checkpoint
 from .destinations import rehash
 from .errors import CheckpointMismatch, DiskFull, ExportFailed, PrefixMismatch, Remedy
 from .part import Followed, PartJob, PartOutcome
@@ -416,7 +416,7 @@ class Follower:
         try:
             while not self._stopped:
                 ended = self._ended.is_set()  # then this look is the last
-                now_files = _signature(part_path(self.output, i), data)
+                now_files = _signature(checkpoint_path(part_path(self.output, i)), data)
                 if now_files != files or ended:  # the checkpoint is read only when it changed
                     files, moved = now_files, time.monotonic()
                     cp = load_checkpoint(part_path(self.output, i))
@@ -555,7 +555,8 @@ def _range_running(output: Path, i: int) -> bool:
 def _evidence(output: Path, i: int, data: Path, began: float) -> str:
     """What the follower saw of range ``i`` when it gave up, for the log: how long it followed,
     and which of the range's files (its checkpoint, its lock, ``data``) existed."""
-    files = {"checkpoint": part_path(output, i), "lock": part_lock_path(output, i), "data": data}
+    state = checkpoint_path(part_path(output, i))
+    files = {"checkpoint": state, "lock": part_lock_path(output, i), "data": data}
     present = ", ".join(name for name, f in files.items() if f.exists()) or "none"
     return f"after {time.monotonic() - began:.1f}s; its files present: {present}"
 
