@@ -489,10 +489,11 @@ def _binary_expression(
     return sql.SQL("({})::{}").format(typed, sql.Identifier("pg_catalog", base))
 
 
-#: The oldest ``adbc-driver-postgresql`` the binary path runs on: before 1.9 the driver aborts
+#: The oldest ``adbc-driver-postgresql`` the binary path runs on: before 1.11 the driver aborts
 #: the whole process (a ``std::logic_error`` built from a NULL SQLSTATE) when a statement fails
-#: because its connection was lost, as a network outage does (apache/arrow-adbc#3891).
-ADBC_DRIVER_MIN = (1, 9)
+#: because its connection was lost, as a network outage does (apache/arrow-adbc#3891, first
+#: released in 1.11.0; 1.9.0 and 1.10.0 abort in the fault tests as 1.8.0 does).
+ADBC_DRIVER_MIN = (1, 11)
 
 
 def driver_refusal(version: str | None, missing: str | None = None) -> str | None:
@@ -511,7 +512,7 @@ def driver_refusal(version: str | None, missing: str | None = None) -> str | Non
 
 
 def driver_minimum() -> str:
-    """The oldest usable driver, as pip writes it: ``"1.9"``. Pure."""
+    """The oldest usable driver, as pip writes it: ``"1.11"``. Pure."""
     return ".".join(map(str, ADBC_DRIVER_MIN))
 
 
