@@ -8,19 +8,28 @@ its worker; a ``CopystreamError`` does not.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from copystream.errors import ExportFailed, TableNotFound
-from copystream.pool import STILLBORN_LIMIT, Event, Task, run_tasks
+from copystream.pool import (
+    SHORT_AHEAD,
+    SHORT_REFILL,
+    STILLBORN_LIMIT,
+    Event,
+    Task,
+    _top_up,
+    run_tasks,
+)
 
 _SEEN: list[int] = []  # module state of a worker process: what it ran before
 
@@ -227,3 +236,49 @@ def test_workers_started_ahead_within_fork_workers_are_forked_and_behave_alike()
     assert len(done) == 7 and all(pid != got["me"] for pid, _, _ in done)
     assert any(99 in before for _, _, before in done), "no task ran in a forked worker"
     assert got["left"] == [], "a worker is still there"
+
+
+class _Handed:
+    """What :func:`_top_up` uses of a worker: its queue, the bytes it has not read, its writes."""
+
+    def __init__(self) -> None:
+        self.queue: collections.deque[int] = collections.deque()
+        self.unread: dict[int, int] = {}
+        self.writes: list[list[int]] = []
+
+    def give(self, given: Sequence[tuple[int, bytes]]) -> None:
+        self.writes.append([i for i, _ in given])
+        for i, line in given:
+            self.queue.append(i)
+            self.unread[i] = len(line)
+
+    def finish(self) -> None:
+        """Its first task ends; the next one begins (read off the pipe)."""
+        self.queue.popleft()
+        if self.queue:
+            self.unread.pop(self.queue[0], None)
+
+
+def test_a_worker_running_short_tasks_is_topped_up_in_batches_pure() -> None:
+    """A free worker gets a task at once, with SHORT_AHEAD more behind it when they are short;
+    as it works through them it is handed more only once SHORT_REFILL or fewer are left ahead,
+    then up to SHORT_AHEAD again, in one write: a write per several tasks, none lost or
+    handed twice, in order."""
+    tasks = [Task(remember, (n,), short=True) for n in range(100)]
+    waiting = collections.deque(range(len(tasks)))
+    worker = _Handed()
+    _top_up(worker, tasks, waiting)  # type: ignore[arg-type]
+    assert worker.writes == [list(range(SHORT_AHEAD + 1))]
+    ran: list[int] = []
+    while worker.queue:
+        ran.append(worker.queue[0])
+        worker.finish()
+        _top_up(worker, tasks, waiting)  # type: ignore[arg-type]
+        assert len(worker.queue) >= min(SHORT_REFILL + 1, len(tasks) - len(ran))
+    assert ran == list(range(len(tasks))) and not waiting
+    assert all(len(w) > 1 for w in worker.writes[:-1])  # never one task at a time
+    assert len(worker.writes) <= 2 + len(tasks) // (SHORT_AHEAD - SHORT_REFILL)
+    long = [Task(remember, (0,), short=True), Task(remember, (1,))]
+    worker, waiting = _Handed(), collections.deque(range(2))
+    _top_up(worker, long, waiting)  # type: ignore[arg-type]
+    assert worker.writes == [[0]] and list(waiting) == [1]  # a long task waits for a free one
