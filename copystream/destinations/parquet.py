@@ -225,7 +225,7 @@ class Decoder:
         target = _arrow_type(pa, arrow)
         if arr.type == target:
             return arr
-        if isinstance(arr.type, pa.BaseExtensionType):  # e.g. ADBC 1.9-1.12's opaque uuid
+        if isinstance(arr.type, pa.BaseExtensionType):  # e.g. ADBC 1.11-1.12's opaque uuid
             arr = arr.storage
         if arrow == "uuid" and arr.type != target.storage_type:
             arr = _fixed16(pa, arr)
@@ -313,10 +313,11 @@ _SIGNS = bytes(0 if b < 0x80 else 0xFF for b in range(256))
 
 
 def _fixed16(pa: Any, arr: Any) -> Any:
-    """Variable-length binary values of 16 bytes each (ADBC 1.9-1.12 give uuid as an opaque
-    extension of ``binary``) as ``binary(16)``, without ``pyarrow.compute``: the values' own
-    bytes when none is NULL and the offsets step by 16 (one comparison in C), else value by
-    value. A value of another length raises."""
+    """Variable-length binary values of 16 bytes each (ADBC 1.11 and 1.12 give uuid as an
+    opaque extension of ``binary``) as ``binary(16)``, without ``pyarrow.compute``: the values'
+    own bytes when none is NULL and the offsets step by 16 (one comparison in C), else value by
+    value (slower: a batch with a NULL uuid, on those drivers only). A value of another length
+    raises."""
     kind, n = pa.binary(16), len(arr)
     if pa.types.is_binary(arr.type) and arr.null_count == 0 and n:
         offsets = memoryview(arr.buffers()[1]).cast("i")[arr.offset : arr.offset + n + 1]
