@@ -18,12 +18,19 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "fsync_path",
+    "lock_path",
     "locked",
     "raise_if_full",
     "remove_stale_temporaries",
     "stale_temporaries",
     "temporary_target",
 ]
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file that keeps two processes from writing ``output`` (an export's file, or
+    the state of one of its key ranges) at once."""
+    return output.with_name(output.name + ".lock")
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ import psycopg
 from psycopg import sql
 
 from . import incremental, watermark
-from ._atomic import locked, remove_stale_temporaries
+from ._atomic import lock_path, locked, remove_stale_temporaries
 from .catalog import column_types, fetch_facts, introspect
 from .checkpoint import (
     Checkpoint,
@@ -224,11 +224,6 @@ def watermarked(
     watermark.check_type(paged)
     warning = watermark.index_warning(paged, fetch_facts(conn, spec.table).index_columns)
     return paged if warning is None else replace(paged, warnings=(*paged.warnings, warning))
-
-
-def lock_path(output: Path) -> Path:
-    """The lock file that keeps two exports from writing the same output at once."""
-    return output.with_name(output.name + ".lock")
 
 
 #: The lock a bulk job holds on its output directory while it runs (see :mod:`copystream.bulk`).

@@ -33,7 +33,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ._atomic import atomic_write, fsync_dir, locked, remove_stale_temporaries
+from ._atomic import atomic_write, fsync_dir, lock_path, locked, remove_stale_temporaries
 from .checkpoint import (
     canonical_digest,
     checkpoint_path,
@@ -178,8 +178,7 @@ def part_path(output: Path, index: int) -> Path:
 
 def part_lock_path(output: Path, index: int) -> Path:
     """The lock file a process holds while it exports part ``index`` (:func:`run_range`)."""
-    state = part_path(output, index)
-    return state.with_name(state.name + ".lock")
+    return lock_path(part_path(output, index))
 
 
 def part_data_path(output: Path, index: int, *, first_in_place: bool = True) -> Path:
