@@ -57,7 +57,8 @@ __all__ = ["Event", "Task", "fork_workers", "run_tasks", "started_ahead", "worke
 
 log = logging.getLogger("copystream")
 
-#: Seconds between two progress events of one worker (a finished one always reports).
+#: Seconds between two progress events of one worker (a finished task always reports, unless it
+#: is short: its outcome follows at once).
 PROGRESS_INTERVAL = 0.2
 #: Seconds a worker with no more tasks is given to exit by itself before it is killed.
 EXIT_GRACE = 10.0
@@ -668,12 +669,16 @@ def _run(task: Task, send: Callable[[str], None], last: list[float], held: str) 
     """Run one task, sending ``held`` (the outcome of the one before) with its start and its
     progress meanwhile; its outcome's lines, and whether the worker may take another task.
     ``last`` holds when this worker last sent progress: a run of short tasks sends some, not
-    each task's."""
+    each task's. A finished task's last progress is sent too, unless the task is short and
+    did not resume: then it says nothing that its outcome, following at once, does not (and the
+    coordinator wakes once less per task)."""
     send(held + "S -\n")
 
     def report(progress: Any) -> None:
         now = time.monotonic()
-        if getattr(progress, "done", False) or now - last[0] >= PROGRESS_INTERVAL:
+        done = getattr(progress, "done", False)
+        said = task.short and not getattr(progress, "start_rows", 0)
+        if (done and not said) or now - last[0] >= PROGRESS_INTERVAL:
             last[0] = now
             send(_encode("P", progress))
 

@@ -110,11 +110,13 @@ def discover(
     if checkpoint is not None:
         _same(checkpoint.export, expected, checkpoint_path(output))
         return Resume(checkpoint, None)
+    # A manifest without its output (whole, or torn: a kill while a small export published
+    # it) is no export. A dangling symlink counts as there: never write through it.
+    if not os.path.lexists(output):
+        return Fresh()
     manifest = _manifest(output, strict=expected is None)
     if expected is None and manifest is not None:
         return Complete(manifest)  # as far as the files beside it tell (nothing is hashed)
-    if not os.path.lexists(output):  # a dangling symlink counts as there: never write through it
-        return Fresh()
     done = _complete(output, manifest, expected, verify) if manifest is not None else None
     return done if done is not None else Occupied()
 

@@ -11,15 +11,14 @@ from the start), so a small export costs one connection and a few round trips. T
 on one line) travels with it as JSON: a bulk worker creates one file per table, as pg_dump does.
 
 :func:`publish` then makes the result durable and visible: it fsyncs the file, writes the
-manifest into a temporary file beside where it goes and fsyncs it, renames the manifest into
-place, fsyncs the directory, and only then links the file to its name
-(never over an existing file) and fsyncs the directory again. Killed before the manifest is in
-place, an export leaves only temporary files (``.NAME.XXXXXXXX.tmp``, removed by the next run);
-between the two renames, a manifest without its output, which the next run takes for a fresh
-start. :func:`publish` takes any number of results at once: a bulk job's coordinator publishes
-its workers' small tables in groups, the files of a group all fsynced together (several at once,
-so that the filesystem commits them in a few journal commits, not one each) before any is
-renamed, then one directory fsync per step for the whole group.
+manifest in place (a new file, fsynced), fsyncs the directory, and only then links the file to
+its name (never over an existing file) and fsyncs the directory again. Killed before the
+manifest is written, an export leaves only a temporary file (``.NAME.XXXXXXXX.tmp``, removed by
+the next run); after, a manifest (whole or torn) without its output, which the next run takes
+for a fresh start. :func:`publish` takes any number of results at once: a bulk job's
+coordinator publishes its workers' small tables in groups, the files of a group all fsynced
+together (several at once, so that the filesystem commits them in a few journal commits, not
+one each) before any is linked, then one directory fsync per step for the whole group.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import errno
 import json
 import os
 import sys
-import tempfile
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,29 +200,27 @@ def _with_timeout(
 SYNC_THREADS = 8
 
 
-def _write_temporary(path: Path, data: bytes) -> Path:
-    """``data`` in a new temporary file beside ``path`` (0600, as mkstemp creates it; fsynced);
-    its name."""
+def _write_in_place(path: Path, data: bytes) -> None:
+    """``data`` in a new file ``path`` (0600, never through a symlink; fsynced), in place of one
+    a killed run left there. Not atomic, and it need not be: a manifest is written before its
+    output is linked, and a manifest without its output, whole or torn, is a fresh start to the
+    next run (:func:`~copystream.state.discover`). A temporary file and a rename would cost a
+    small table's publishing a third more (an inode, a rename, a directory entry)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    fd = os.open(path, flags, 0o600)
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as e:
-        raise_if_full(e, f"cannot write {path}")
-        raise
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise_if_full(e, f"cannot write {path}")
-        raise
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+            os.unlink(path)
         raise
-    return Path(tmp)
+    finally:
+        os.close(fd)
 
 
 def _vacant(output: Path) -> None:
@@ -294,7 +291,8 @@ class _Step:
 
     def __init__(self, items: Sequence[Staged], errors: list[CopystreamError | None]) -> None:
         self.items, self.errors = items, errors
-        self.manifests: list[Path | None] = [None] * len(items)  # their temporary files
+        self.written = [False] * len(items)  # whether its manifest was written
+        self.unexpected: list[BaseException] = []  # what a thread of sync_files raised
 
     def each(self, action: Callable[[int, Staged], None]) -> None:
         for i, item in enumerate(self.items):
@@ -308,55 +306,53 @@ class _Step:
                 self.errors[i] = _failed_write(e, item.output)
 
     def sync_files(self) -> None:
-        """fsync the file of every item still in the running, and write its manifest into a
-        temporary file (fsynced too), up to :data:`SYNC_THREADS` at once: a filesystem commits
-        the fsyncs that arrive together in one journal commit, where fsyncs one after another
-        each wait for a commit of their own (on a virtual disk, a few milliseconds per file).
-        Each file is still fsynced itself."""
-        work = [
-            (i, kind) for i in range(len(self.items)) if self.errors[i] is None for kind in (0, 1)
+        """fsync the file of every item still in the running and write its manifest (fsynced
+        too), up to :data:`SYNC_THREADS` items at once: a filesystem commits the fsyncs that
+        arrive together in one journal commit, where fsyncs one after another each wait for a
+        commit of their own (on a virtual disk, a few milliseconds per file). Each file is
+        still fsynced itself."""
+        work = [i for i in range(len(self.items)) if self.errors[i] is None]
+        threads = [
+            threading.Thread(target=self._sync_each, args=(work[k :: SYNC_THREADS],))
+            for k in range(1, min(SYNC_THREADS, len(work)))
         ]
-        if len(work) <= 2:
-            failures = [self._sync(job) for job in work]
-        else:
-            from concurrent.futures import ThreadPoolExecutor
+        for t in threads:
+            t.start()
+        self._sync_each(work[::SYNC_THREADS])  # a share of them in this thread
+        for t in threads:
+            t.join()
+        if self.unexpected:  # a bug: the caller fails the whole group
+            raise self.unexpected[0]
 
-            with ThreadPoolExecutor(min(SYNC_THREADS, len(work)), "copystream-fsync") as pool:
-                failures = list(pool.map(self._sync, work))
-        for (i, _), e in zip(work, failures, strict=True):
-            if e is not None and self.errors[i] is None:
-                self.errors[i] = e
+    def _sync_each(self, indices: Sequence[int]) -> None:
+        try:
+            for i in indices:
+                self.errors[i] = self._sync(i)
+        except BaseException as e:
+            self.unexpected.append(e)
 
-    def _sync(self, job: tuple[int, int]) -> CopystreamError | None:
-        """fsync item ``i``'s file (``kind`` 0) or write its manifest's temporary file (1)."""
-        i, kind = job
+    def _sync(self, i: int) -> CopystreamError | None:
+        """fsync item ``i``'s file and write its manifest in place (:func:`_write_in_place`)."""
         item = self.items[i]
         try:
-            if kind == 0:
-                fsync_path(item.temporary)
-            else:
-                self.manifests[i] = _write_temporary(manifest_path(item.output), item.manifest)
+            fsync_path(item.temporary)
+            _write_in_place(manifest_path(item.output), item.manifest)
+            self.written[i] = True
         except CopystreamError as e:
             return e
         except OSError as e:
             return _failed_write(e, item.output)
         return None
 
-    def manifest(self, i: int) -> Path:
-        """The temporary file of item ``i``'s manifest (written by :meth:`sync_files`)."""
-        path = self.manifests[i]
-        assert path is not None
-        return path
-
     def discard(self) -> None:
-        """Remove the temporary files of every item that failed."""
+        """Remove the temporary file of every item that failed, and the manifest written for
+        it (no output is linked to it)."""
         for i, (item, error) in enumerate(zip(self.items, self.errors, strict=True)):
             if error is not None:
                 item.discard()
-                path = self.manifests[i]
-                if path is not None:
+                if self.written[i]:
                     with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
+                        manifest_path(item.output).unlink()
 
     def sync_directories(self) -> None:
         """fsync the directory of every item still in the running (each directory once)."""
@@ -387,19 +383,18 @@ def publish(items: Sequence[Staged]) -> list[CopystreamError | None]:
     """Make each export of ``items`` durable and visible; per item, ``None`` or its error.
 
     The caller holds each output's lock, or is the bulk job that owns their directory. Each
-    file, and its manifest written into a temporary file, is fsynced (several at once), then
-    the manifests are renamed into place, then the files linked to their names, each step
-    made durable by one fsync of the directory. An item that fails leaves no file of its own
-    behind (its temporary files are removed); the others are not held up by it.
+    file is fsynced and its manifest written in place (fsynced too; several items at once),
+    then the directory is fsynced, then the files are linked to their names and the directory
+    fsynced again. An item that fails leaves no file of its own behind (its temporary file and
+    its manifest are removed); the others are not held up by it.
     """
     errors: list[CopystreamError | None] = [None] * len(items)
     step = _Step(items, errors)
     try:
-        # All the files first (together), then all the renames: one journal commit serves
+        step.each(lambda i, item: _vacant(item.output))
+        # All the files first (together), then all the links: one journal commit serves
         # many files.
         step.sync_files()
-        step.each(lambda i, item: _vacant(item.output))
-        step.each(lambda i, item: os.replace(step.manifest(i), manifest_path(item.output)))
         step.sync_directories()
         step.each(lambda i, item: _link(item.temporary, item.output))
         step.sync_directories()

@@ -396,6 +396,32 @@ def test_publish_makes_a_group_durable_and_visible_and_one_failure_stays_its_own
     assert stray_files(tmp_path) == []
 
 
+def test_a_bug_in_a_publishing_thread_is_raised_not_taken_for_success(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in one of publish()'s threads is raised by publish() (the bulk
+    coordinator then fails the group), not lost with its thread; no file gets its name."""
+    from copystream import whole
+
+    items = []
+    for n in range(12):
+        output = tmp_path / f"t{n}.csv"
+        temporary = whole.temporary_path(output)
+        temporary.write_bytes(b"x\n")
+        items.append(whole.Staged(output, temporary, b"{}"))
+    synced = whole.fsync_path
+
+    def fsync_path(path: Path) -> None:
+        if path == items[5].temporary:
+            raise RuntimeError("a bug")
+        synced(path)
+
+    monkeypatch.setattr(whole, "fsync_path", fsync_path)
+    with pytest.raises(RuntimeError, match="a bug"):
+        whole.publish(items)
+    assert not any(item.output.exists() for item in items)
+
+
 def test_a_ctrl_c_while_a_group_is_published_still_waits_for_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -433,8 +459,9 @@ def test_a_ctrl_c_while_a_group_is_published_still_waits_for_it(
 def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
-    """The two states a kill can leave (temporary files; a manifest without its output) are
-    taken for a fresh start, by copystream export and by a bulk job alike."""
+    """The states a kill can leave (temporary files; a manifest without its output, whole or
+    torn: it is written in place before the output is linked) are taken for a fresh start, by
+    copystream export and by a bulk job alike, and ``status`` reports no export."""
     run_sql(dsn, SHAPES + "ANALYZE;")
     out = tmp_path / "t.csv"
     ref = psql_csv(dsn, "SELECT * FROM s.texty ORDER BY k")
@@ -447,12 +474,22 @@ def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     result = copystream.export_table(dsn, "s.texty", out)
     assert not result.already_complete and out.read_bytes() == ref
     assert [p for p in stale if p.exists()] == [] and manifest.exists()
+    torn = manifest.read_bytes()[:40]
+    out.unlink()
+    manifest.write_bytes(torn)  # killed while the manifest was written
+    with pytest.raises(copystream.UsageError, match="no checkpoint or manifest"):
+        copystream.export_status(out)
+    result = copystream.export_table(dsn, "s.texty", out)
+    assert not result.already_complete and out.read_bytes() == ref
+    assert json.loads(manifest.read_bytes())["rows"] == result.rows
 
     plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "s.t*"\n')
     copystream.run_bulk(plan)
     bulk_out = tmp_path / "out" / "s.texty.csv"
     bulk_out.unlink()
     (tmp_path / "out" / ".s.texty.csv.00000000.tmp").write_bytes(b"partial")
+    bulk_manifest = bulk_out.with_name(bulk_out.name + ".manifest.json")
+    bulk_manifest.write_bytes(bulk_manifest.read_bytes()[:40])
     again = copystream.run_bulk(plan)
     assert {t.table: t.status for t in again.tables} == {"s.texty": "done", "s.times": "skipped"}
     assert bulk_out.read_bytes() == ref and stray_files(tmp_path / "out") == []

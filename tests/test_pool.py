@@ -42,6 +42,27 @@ def remember(n: int, *, progress: Any) -> tuple[int, int, list[int]]:
     return os.getpid(), n, before
 
 
+class Finished:
+    """A progress object as an export's last one: ``done``, with the rows it found on disk."""
+
+    def __init__(self, n: int, start_rows: int) -> None:
+        self.n, self.done, self.start_rows = n, True, start_rows
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Finished) and (self.n, self.start_rows) == (
+            other.n, other.start_rows,
+        )  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self.n, self.start_rows))
+
+
+def finish(n: int, start_rows: int, *, progress: Any) -> int:
+    """Report a finished progress (as an export's last), return ``n``."""
+    progress(Finished(n, start_rows))
+    return n
+
+
 def die(*, progress: Any) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
@@ -98,6 +119,23 @@ def test_many_tasks_run_in_few_long_lived_processes() -> None:
     assert all(e.value == ("working on", e.index) for e in progress)
     for e in progress:  # a task's progress comes before its outcome
         assert events.index(e) < events.index(done[e.index])
+
+
+def test_a_short_task_that_did_not_resume_sends_no_last_progress_its_outcome_says_it() -> None:
+    """A finished task's last progress is sent, except a short task's that found nothing on
+    disk (its outcome follows at once): the coordinator wakes once per such task, not twice."""
+    tasks = [
+        Task(finish, (0, 0), short=True),
+        Task(finish, (1, 5), short=True),  # resumed: its rows before this run are news
+        Task(finish, (2, 0)),
+        *(Task(finish, (n, 0), short=True) for n in range(3, 9)),
+    ]
+    events = list(run_tasks(tasks, 1))
+    assert sorted(outcomes(events)) == list(range(9))
+    sent = {e.index for e in events if e.kind == "progress"}
+    assert {1, 2} <= sent  # a resumed short task, a long one
+    # of the others, at most the first (no progress sent within PROGRESS_INTERVAL before it)
+    assert sent - {1, 2} <= {0}
 
 
 def test_a_worker_that_dies_fails_only_its_task() -> None:
