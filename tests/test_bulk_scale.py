@@ -495,6 +495,26 @@ def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     assert bulk_out.read_bytes() == ref and stray_files(tmp_path / "out") == []
 
 
+def test_a_bulk_workers_small_table_has_the_manifest_copystream_export_writes(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """A bulk worker's small table (one COPY on its open connection, published by the
+    coordinator) has the manifest ``copystream export`` writes for the same table, but for the
+    times."""
+    run_sql(dsn, SHAPES + "ANALYZE;")
+    plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "s.t*"\n')
+    assert copystream.run_bulk(plan, jobs=1).exit_code == 0
+    for name in ("texty", "times"):
+        alone = tmp_path / f"{name}.csv"
+        copystream.export_table(dsn, f"s.{name}", alone)
+        times = {"started_at", "finished_at", "seconds"}
+        in_job = read_manifest(tmp_path / "out" / f"s.{name}.csv")
+        by_itself = read_manifest(alone)
+        assert {k: v for k, v in in_job.items() if k not in times} == {
+            k: v for k, v in by_itself.items() if k not in times
+        }, name
+
+
 @pytest.mark.parametrize("seed", [1, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3, 4))])
 def test_a_job_killed_at_any_moment_finishes_identical(
     seed: int, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
