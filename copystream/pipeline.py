@@ -107,6 +107,7 @@ __all__ = [
     "check_output",
     "copies_whole",
     "copy_small",
+    "copy_small_once",
     "discover_state",
     "exclusive",
     "execute",
@@ -858,14 +859,11 @@ def copy_small(
     snapshot, lost = session.job_snapshot, False
     while True:
         try:
-            conn = session.connection()
-            settings = _settings_of(conn, run.io_timeout)
             pit = (snapshot is not None or run.consistent) and not lost
-            return copy_once(
-                conn, table, session.spec, run, out,
-                snapshot=snapshot,
+            return copy_small_once(
+                session.connection(), table, session.spec, run, out,
+                snapshot=snapshot, point_in_time=pit, started=started,
                 on_data=_reporter(table, progress, started),
-                manifest=_whole_manifest(session, settings, now_iso(), started, pit),
             ), retrier.retries  # fmt: skip
         except psycopg.Error as e:
             session.discard_connection()  # it may be mid-protocol
@@ -884,6 +882,31 @@ def copy_small(
         except BaseException:
             session.discard_connection()
             raise
+
+
+def copy_small_once(
+    conn: psycopg.Connection[Any],
+    table: ResolvedTable,
+    spec: ExportSpec,
+    run: RunOptions,
+    output: Path,
+    *,
+    snapshot: str | None,
+    point_in_time: bool,
+    started: float,
+    on_data: Callable[[int, int], None] | None,
+) -> Written:
+    """One attempt at exporting the small ``table`` (``spec`` resolved) with one COPY on
+    ``conn`` (autocommit, no transaction open) into a temporary file beside ``output``, with
+    the manifest a chunked export of one chunk would write. Nothing else: no retry, no lock, no
+    look at what is on disk (:func:`copy_small` does them; a bulk worker calls this on its open
+    connection for a table its coordinator found fresh). On any error ``conn`` may be
+    mid-protocol: the caller closes it."""
+    settings = _settings_of(conn, run.io_timeout)
+    manifest = _whole_manifest(table, spec, output, settings, now_iso(), started, point_in_time)
+    return copy_once(
+        conn, table, spec, run, output, snapshot=snapshot, on_data=on_data, manifest=manifest
+    )
 
 
 #: The pinned settings of each open connection, read when it first serves a small table: only
@@ -919,20 +942,25 @@ def _reporter(
 
 
 def _whole_manifest(
-    session: ExportSession, settings: dict[str, str], started_at: str, started: float, pit: bool
+    table: ResolvedTable,
+    spec: ExportSpec,
+    output: Path,
+    settings: dict[str, str],
+    started_at: str,
+    started: float,
+    pit: bool,
 ) -> MakeManifest:
     """What makes the manifest of a small export: the one a chunked export of one chunk (the
     table in one COPY) writes, from the same checkpoint transitions."""
-    table = session.table
 
     def manifest(
         rows: int, written: ChunkWritten, state: dict[str, Any], last_key: tuple[str, ...] | None
     ) -> Manifest:
         digest = written.xxh3_128
         final = new_checkpoint(
-            export=session.spec.identity(), settings=settings, started_at=started_at,
+            export=spec.identity(), settings=settings, started_at=started_at,
             chunk_rows=0, estimated_rows=table.estimated_rows,
-            destination=fresh_state(session.output, session.spec),
+            destination=fresh_state(output, spec),
         ).advance(
             nbytes=written.bytes, rows=rows, digest=digest, prefix_digest=digest,
             last_key=last_key, finished=True, destination=state, raw=written.raw,

@@ -515,6 +515,48 @@ def test_a_bulk_workers_small_table_has_the_manifest_copystream_export_writes(
         }, name
 
 
+def test_a_small_table_whose_kept_connection_the_server_ended_goes_through_the_pipeline(
+    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+) -> None:
+    """A worker exports a fresh small table in one attempt on the connection it kept from the
+    table before. When the server ended that connection meanwhile, the attempt fails and the
+    table goes through the pipeline (a new connection): done, the attempt counted as a retry,
+    its file psql's."""
+    from copystream.bulk import load_plan, worker
+    from copystream.bulk.resolve import _resolve_on_servers
+    from copystream.whole import publish
+
+    run_sql(dsn, SHAPES + "ANALYZE;")
+    plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "s.t*"\n')
+    tasks = [t for t in _resolve_on_servers(load_plan(plan)).tasks if t.resolved is not None]
+    (tmp_path / "out").mkdir()
+
+    def export(t: _Task) -> worker.TableDone:
+        return worker.export_task(
+            t.entry.dsn or "", t.spec, str(t.output), t.run, t.resolved, None, True, False,
+            progress=lambda p: None,
+        )  # fmt: skip
+
+    try:
+        first = export(tasks[0])
+        kept = worker._KEPT[dsn]
+        assert first.result.retries == 0 and first.temporary is not None
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", [kept.info.backend_pid])
+        second = export(tasks[1])
+        assert second.result.retries == 1 and worker._KEPT[dsn] is not kept
+    finally:
+        worker._close_kept()  # (this process is no worker: none stays open after the test)
+    for t, done in ((tasks[0], first), (tasks[1], second)):
+        staged = done.staged(t.output)
+        assert staged is not None and publish([staged]) == [None]
+        table = t.resolved
+        assert table is not None
+        key = ", ".join(table.key)
+        assert t.output.read_bytes() == psql_csv(dsn, f"SELECT * FROM {t.table} ORDER BY {key}")
+        assert read_manifest(t.output)["rows"] == done.result.rows == 300
+
+
 @pytest.mark.parametrize("seed", [1, *(pytest.param(s, marks=pytest.mark.slow) for s in (2, 3, 4))])
 def test_a_job_killed_at_any_moment_finishes_identical(
     seed: int, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path

@@ -23,7 +23,8 @@ class _Report:
     """The job report, rewritten atomically (0600) as tables finish.
 
     Each table is one line of compact JSON, encoded once when its outcome is set: rewriting the
-    report of a thousand tables costs a join, not a thousand encodings.
+    report of a thousand tables costs a join, not a thousand encodings. The lines of the tables
+    not finished yet are made when the report is first set or written, not before.
     """
 
     def __init__(
@@ -40,14 +41,21 @@ class _Report:
         self.plan = plan
         self.jobs = jobs
         self.started_at = datetime.now(UTC).isoformat(timespec="milliseconds")
-        previous = self._previous()
-        self.before = previous
-        chosen = {id(t) for t in selected}
+        self.before = self._previous()
+        self.tasks, self.selected = tasks, selected
         self.rows: dict[int, dict[str, Any]] = {}
         self.lines: dict[int, str] = {}
+        chosen = {id(t) for t in selected}
         self.order = [id(t) for t in selected] + [id(t) for t in tasks if id(t) not in chosen]
-        for t in tasks:
-            old = previous.get((t.table, str(t.output)))
+
+    def _begin(self) -> None:
+        """Make every table's line the first time one is needed: what an earlier run recorded
+        of a table not run this time (``--only``), else pending (or not run)."""
+        if self.lines:
+            return
+        chosen = {id(t) for t in self.selected}
+        for t in self.tasks:
+            old = self.before.get((t.table, str(t.output)))
             if id(t) not in chosen and old is not None:
                 self._set(t, old)  # not run this time (--only): keep what is known
             else:
@@ -73,6 +81,7 @@ class _Report:
             atomic_write(self.path, data)
 
     def set(self, task: _Task, outcome: TableOutcome) -> None:
+        self._begin()
         self._set(task, outcome.to_json())
 
     def _set(self, task: _Task, row: dict[str, Any]) -> None:
@@ -97,6 +106,7 @@ class _Report:
         seconds: float,
         snapshot: JobSnapshot | None = None,
     ) -> None:
+        self._begin()
         tables = [self.rows[i] for i in self.order]
         counts = [(t["status"], int(t["rows"]), int(t["bytes"])) for t in tables]
         totals = _tally(counts, (*_STATUSES, "not run"))

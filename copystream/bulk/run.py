@@ -26,6 +26,7 @@ from ..manifest import manifest_path
 from ..pipeline import JOB_LOCK, SnapshotHolder, exclusive, lock_path
 from ..pool import Event, Task, run_tasks, started_ahead
 from ..progress import Progress
+from ..ranges import parts_path
 from ..state import Complete, Fresh, Occupied, OnDisk, Resume, discover
 from ..whole import Staged, is_small, publish
 from .increments import watermark_step
@@ -214,8 +215,7 @@ def _run_bulk(
         if require_snapshot:
             _refuse_without_snapshot(ordered, seen[0])
         with _snapshots(job, ordered, require_snapshot):
-            report = _Report(bulk, tasks, ordered, jobs)
-            report.write(finished=False, warnings=warnings, seconds=0.0)
+            report = _Report(bulk, tasks, ordered, jobs)  # (first written by _execute)
             outcomes, snapshot = _execute(ordered, seen, job, report)
             seconds = time.monotonic() - started
             report.write(finished=True, warnings=warnings, seconds=seconds, snapshot=snapshot)
@@ -239,8 +239,7 @@ def _run_in_bucket(
     if require_snapshot:
         _refuse_without_snapshot(ordered, found)
     with _snapshots(job, ordered, require_snapshot):
-        report = _Report(bulk, tasks, ordered, job.jobs, bucket=bucket)
-        report.write(finished=False, warnings=job.warnings, seconds=0.0)
+        report = _Report(bulk, tasks, ordered, job.jobs, bucket=bucket)  # (see _run_bulk)
         outcomes, snapshot = _execute(ordered, (found, set()), job, report)
         seconds = time.monotonic() - job.started
         report.write(finished=True, warnings=job.warnings, seconds=seconds, snapshot=snapshot)
@@ -329,12 +328,21 @@ def _look(tasks: Sequence[_Task]) -> tuple[dict[int, OnDisk | None], set[int]]:
     for directory, members in by_dir.items():
         names, stale = _listing(directory)
         for t in members:
-            if lock_path(t.output).name in names:  # another export may be at it
+            name = t.output.name  # (the names beside it are this and a suffix)
+            if name + _LOCK_SUFFIX in names:  # another export may be at it
                 contested.add(id(t))
                 found[id(t)] = None
+            elif not stale and all(name + suffix not in names for suffix in _BESIDE):
+                found[id(t)] = Fresh()  # nothing of it there: no file to look at
             else:
                 found[id(t)] = _look_at(t, names, stale)
     return found, contested
+
+
+#: The suffixes of what an export writes beside its output (the output itself, its manifest,
+#: checkpoint and ranges), and of its lock: names a directory listing is searched for.
+_BESIDE = ("", *(f(Path("x")).name[1:] for f in (manifest_path, checkpoint_path, parts_path)))
+_LOCK_SUFFIX = lock_path(Path("x")).name[1:]
 
 
 def _listing(directory: Path) -> tuple[set[str], dict[str, list[Path]]]:
@@ -357,8 +365,7 @@ def _look_at(task: _Task, names: set[str], stale: dict[str, list[Path]]) -> OnDi
         for path in stale.get(name, []):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    beside = (".manifest.json", ".checkpoint.json", ".parts.json")
-    if out.name not in names and not any(out.name + suffix in names for suffix in beside):
+    if all(out.name + suffix not in names for suffix in _BESIDE):
         return Fresh()
     if task.resolved is None or task.spec.options.format == "parquet":
         return None  # (a Parquet dataset's identity holds its column types: its worker reads them)
@@ -493,7 +500,9 @@ class _Execution:
         self.pending_since = 0.0
         self.contested: set[int] = set()
         self.publisher = _Publisher(self.contested)
-        self.dirty = False
+        # The report is first written at the pool's first event, once the workers have their
+        # first tables (making it, for a thousand tables, takes ~40 ms they need not wait for).
+        self.dirty = True
         self.written_at = 0.0
         self.restarted: dict[int, int] = {}  # index -> times started again (its worker died)
 
