@@ -470,7 +470,9 @@ def export_status(output: str | os.PathLike[str]) -> ExportStatus:
             ranges=m.workers, ranges_finished=m.workers,
             parts=len(m.parts) if m.parquet is not None else None,
         )  # fmt: skip
-    raise UsageError(f"no checkpoint or manifest beside {out}: no export to report on")
+    raise UsageError(
+        f"no export to report on at {out}: no checkpoint beside it, nor an output with its manifest"
+    )
 
 
 def _ranges_status(out: Path, found: Resume) -> ExportStatus:

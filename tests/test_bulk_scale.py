@@ -477,7 +477,7 @@ def test_what_a_killed_small_export_leaves_is_a_fresh_start(
     torn = manifest.read_bytes()[:40]
     out.unlink()
     manifest.write_bytes(torn)  # killed while the manifest was written
-    with pytest.raises(copystream.UsageError, match="no checkpoint or manifest"):
+    with pytest.raises(copystream.UsageError, match="no export to report on"):
         copystream.export_status(out)
     result = copystream.export_table(dsn, "s.texty", out)
     assert not result.already_complete and out.read_bytes() == ref
