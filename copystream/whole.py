@@ -312,16 +312,20 @@ class _Step:
         commit of their own (on a virtual disk, a few milliseconds per file). Each file is
         still fsynced itself."""
         work = [i for i in range(len(self.items)) if self.errors[i] is None]
-        threads = [
-            threading.Thread(target=self._sync_each, args=(work[k :: SYNC_THREADS],))
-            for k in range(1, min(SYNC_THREADS, len(work)))
-        ]
-        for t in threads:
-            t.start()
-        self._sync_each(work[::SYNC_THREADS])  # a share of them in this thread
-        for t in threads:
-            t.join()
-        if self.unexpected:  # a bug: the caller fails the whole group
+        started: list[threading.Thread] = []
+        try:
+            for k in range(1, min(SYNC_THREADS, len(work))):
+                thread = threading.Thread(target=self._sync_each, args=(work[k::SYNC_THREADS],))
+                thread.start()
+                started.append(thread)
+            self._sync_each(work[::SYNC_THREADS])  # a share of them in this thread
+        finally:
+            for thread in started:
+                thread.join()
+        if self.unexpected:  # a bug: every item fails (and is discarded), the caller says why
+            for i in work:
+                if self.errors[i] is None:
+                    self.errors[i] = ExportFailed(f"publishing {self.items[i].output} failed")
             raise self.unexpected[0]
 
     def _sync_each(self, indices: Sequence[int]) -> None:
@@ -346,11 +350,12 @@ class _Step:
 
     def discard(self) -> None:
         """Remove the temporary file of every item that failed, and the manifest written for
-        it (no output is linked to it)."""
+        it unless its output is there: linked before a later step failed, the two stay
+        together (the next run finds the export complete if the file verifies)."""
         for i, (item, error) in enumerate(zip(self.items, self.errors, strict=True)):
             if error is not None:
                 item.discard()
-                if self.written[i]:
+                if self.written[i] and not os.path.lexists(item.output):
                     with contextlib.suppress(FileNotFoundError):
                         manifest_path(item.output).unlink()
 

@@ -42,23 +42,25 @@ def test_the_next_increment_resumes_an_unfinished_one_and_follows_a_finished_one
 
 
 @pytest.mark.all_versions
+@pytest.mark.parametrize("chunk_rows", ["chunk_rows = 64\n", ""], ids=["chunked", "small"])
 def test_bulk_reruns_write_a_chain_that_upserts_to_the_table(
-    dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
+    chunk_rows: str, dsn: str, run_sql: RunSql, psql_csv: PsqlCsv, tmp_path: Path
 ) -> None:
     """Run 1 exports the table in full (paged by updated_at, id); after updates and inserts,
     runs 2 and 3 each write the next increment file (none is skipped as complete), and the
     chain verifies; upserting the files by key in order gives psql's export of the table. A
-    table without a watermark in the same plan is skipped as complete."""
+    table without a watermark in the same plan is skipped as complete. Chunked, or small (one
+    COPY: a bulk worker's table found fresh, as each increment's file is)."""
     run_sql(
         dsn,
         "CREATE TABLE w (id int PRIMARY KEY, updated_at timestamptz NOT NULL DEFAULT "
         "clock_timestamp(), v text); CREATE INDEX ON w (updated_at, id); "
         "INSERT INTO w (id, v) SELECT g, 'a' FROM generate_series(1, 500) g; "
-        "CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1)",
+        "CREATE TABLE other (id int PRIMARY KEY); INSERT INTO other VALUES (1); ANALYZE",
     )
     plan = tmp_path / "plan.toml"
     plan.write_text(
-        f"[defaults]\ndsn = {json.dumps(dsn)}\noutput_dir = \"out\"\nchunk_rows = 64\n\n"
+        f"[defaults]\ndsn = {json.dumps(dsn)}\noutput_dir = \"out\"\n{chunk_rows}\n"
         '[[tables]]\nname = "public.w"\nwatermark = "updated_at"\nwatermark_lag = 0.5\n\n'
         '[[tables]]\nname = "public.other"\n'
     )

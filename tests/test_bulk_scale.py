@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import random
@@ -420,6 +421,39 @@ def test_a_bug_in_a_publishing_thread_is_raised_not_taken_for_success(
     with pytest.raises(RuntimeError, match="a bug"):
         whole.publish(items)
     assert not any(item.output.exists() for item in items)
+    assert stray_files(tmp_path) == [] and list(tmp_path.glob("*.manifest.json")) == []
+
+
+def test_an_output_linked_before_a_later_step_failed_keeps_its_manifest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """publish()'s last directory fsync fails (EIO): every item reports it, but the outputs
+    already have their names, and each keeps its manifest beside it (the next run finds them
+    complete), never an output without one."""
+    from copystream import whole
+
+    items = []
+    for n in range(5):
+        output = tmp_path / f"t{n}.csv"
+        temporary = whole.temporary_path(output)
+        temporary.write_bytes(b"x\n")
+        items.append(whole.Staged(output, temporary, b"{}"))
+    synced = whole.fsync_dir
+    calls: list[Path] = []
+
+    def fsync_dir(directory: Path) -> None:
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        synced(directory)
+
+    monkeypatch.setattr(whole, "fsync_dir", fsync_dir)
+    errors = whole.publish(items)
+    assert all(e is not None and "Input/output error" in str(e) for e in errors)
+    for item in items:
+        assert item.output.read_bytes() == b"x\n"
+        assert item.output.with_name(item.output.name + ".manifest.json").read_bytes() == b"{}"
+    assert stray_files(tmp_path) == []
 
 
 def test_a_ctrl_c_while_a_group_is_published_still_waits_for_it(
@@ -502,17 +536,20 @@ def test_a_bulk_workers_small_table_has_the_manifest_copystream_export_writes(
     coordinator) has the manifest ``copystream export`` writes for the same table, but for the
     times."""
     run_sql(dsn, SHAPES + "ANALYZE;")
-    plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "s.t*"\n')
-    assert copystream.run_bulk(plan, jobs=1).exit_code == 0
-    for name in ("texty", "times"):
-        alone = tmp_path / f"{name}.csv"
-        copystream.export_table(dsn, f"s.{name}", alone)
-        times = {"started_at", "finished_at", "seconds"}
-        in_job = read_manifest(tmp_path / "out" / f"s.{name}.csv")
-        by_itself = read_manifest(alone)
-        assert {k: v for k, v in in_job.items() if k not in times} == {
-            k: v for k, v in by_itself.items() if k not in times
-        }, name
+    times = {"started_at", "finished_at", "seconds"}
+    for suffix, entry in ((".csv", ""), (".csv.zst", 'compress = "zstd"\n')):
+        plan = write_plan(
+            tmp_path / f"plan{suffix}.toml", dsn, f'[[tables]]\npattern = "s.t*"\n{entry}'
+        )
+        assert copystream.run_bulk(plan, jobs=1).exit_code == 0
+        for name in ("texty", "times"):
+            alone = tmp_path / f"{name}{suffix}"
+            copystream.export_table(dsn, f"s.{name}", alone)
+            in_job = read_manifest(tmp_path / "out" / f"s.{name}{suffix}")
+            by_itself = read_manifest(alone)
+            assert {k: v for k, v in in_job.items() if k not in times} == {
+                k: v for k, v in by_itself.items() if k not in times
+            }, (name, suffix)
 
 
 def test_a_small_table_whose_kept_connection_the_server_ended_goes_through_the_pipeline(

@@ -8,11 +8,11 @@ the coordinator publishes together with others (:func:`copystream.whole.publish`
 table goes through the whole pipeline, as ``copystream export`` would run it.
 
 A small table the coordinator found fresh (nothing of it on disk, no other process at its
-output) takes a direct path: one attempt on the open connection
-(:func:`copystream.pipeline.copy_small_once`), none of the pipeline's session machinery around
-it (that machinery cost a worker ~0.3 ms of CPU per table, a third of its work on a schema of
-small tables). Should that attempt fail, the table goes through the whole pipeline, with its
-retries (the attempt counts as one).
+output; not an increment, nor measured for metrics) takes a direct path: one attempt on the
+open connection (:func:`copystream.pipeline.copy_small_once`), without the pipeline's session
+machinery around it (~7% of a worker's instructions on a schema of small tables). Should that
+attempt fail, the table goes through the whole pipeline, with its retries (the attempt counts
+as one).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import psycopg
 
 from ..chunk import SnapshotGone
 from ..connection import Target, connect
+from ..continuation import continues
 from ..export import ExportResult, _result, run_session
 from ..pipeline import ExportSession, check_output, copy_small_once
 from ..spec import ExportSpec, RunOptions
@@ -118,7 +119,8 @@ def export_task(
         run = replace(run, incremental=False)
     small = table is not None and is_small(table, spec, run)
     tried = 0  # the direct path's failed attempt, counted as a retry
-    conn = _kept(conninfo) if small and fresh and not contested and not _measured(run) else None
+    direct = small and fresh and not contested and not _measured(run) and not continues(run, spec)
+    conn = _kept(conninfo) if direct else None
     if conn is not None and table is not None:
         try:
             return _small_direct(conn, spec, out, run, table, snapshot, started)
@@ -166,13 +168,13 @@ def _small_direct(
     """A small table found fresh, in one attempt on the worker's open connection (see the
     module's docstring): what the pipeline would return for it, had it run it."""
     spec = spec.resolved(table.qualified, table.key, table.key_types, table.columns, output=out)
-    for w in table.warnings:
-        log.warning("%s", w)
     pit = snapshot is not None or run.consistent
     written = copy_small_once(
         conn, table, spec, run, out,
         snapshot=snapshot, point_in_time=pit, started=started, on_data=None,
     )  # fmt: skip
+    for w in table.warnings:  # (once: should the attempt fail, the pipeline says them)
+        log.warning("%s", w)
     m = written.manifest
     result = _result(out, table, m, started, pit=m.point_in_time)
     return _done(result, written.staged)
