@@ -397,6 +397,20 @@ def test_publish_makes_a_group_durable_and_visible_and_one_failure_stays_its_own
     assert stray_files(tmp_path) == []
 
 
+def staged_files(directory: Path, count: int) -> list[Any]:
+    """``count`` small exports staged in ``directory`` for publish(): ``t<n>.csv`` to be, its
+    bytes ``x\\n`` in a temporary file, its manifest ``{}``."""
+    from copystream import whole
+
+    items = []
+    for n in range(count):
+        output = directory / f"t{n}.csv"
+        temporary = whole.temporary_path(output)
+        temporary.write_bytes(b"x\n")
+        items.append(whole.Staged(output, temporary, b"{}"))
+    return items
+
+
 def test_a_bug_in_a_publishing_thread_is_raised_not_taken_for_success(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,12 +418,7 @@ def test_a_bug_in_a_publishing_thread_is_raised_not_taken_for_success(
     coordinator then fails the group), not lost with its thread; no file gets its name."""
     from copystream import whole
 
-    items = []
-    for n in range(12):
-        output = tmp_path / f"t{n}.csv"
-        temporary = whole.temporary_path(output)
-        temporary.write_bytes(b"x\n")
-        items.append(whole.Staged(output, temporary, b"{}"))
+    items = staged_files(tmp_path, 12)
     synced = whole.fsync_path
 
     def fsync_path(path: Path) -> None:
@@ -432,12 +441,7 @@ def test_an_output_linked_before_a_later_step_failed_keeps_its_manifest(
     complete), never an output without one."""
     from copystream import whole
 
-    items = []
-    for n in range(5):
-        output = tmp_path / f"t{n}.csv"
-        temporary = whole.temporary_path(output)
-        temporary.write_bytes(b"x\n")
-        items.append(whole.Staged(output, temporary, b"{}"))
+    items = staged_files(tmp_path, 5)
     synced = whole.fsync_dir
     calls: list[Path] = []
 
