@@ -58,7 +58,7 @@ __all__ = ["Event", "Task", "fork_workers", "run_tasks", "started_ahead", "worke
 log = logging.getLogger("copystream")
 
 #: Seconds between two progress events of one worker (a finished task always reports, unless it
-#: is short: its outcome follows at once).
+#: is short and did not resume: its outcome, following at once, says as much).
 PROGRESS_INTERVAL = 0.2
 #: Seconds a worker with no more tasks is given to exit by itself before it is killed.
 EXIT_GRACE = 10.0
