@@ -22,22 +22,16 @@ from .pipeline import ExportSession, now_iso, overwrite, readable_manifest, samp
 from .ranges import part_path, remove_parts, save_parts
 from .settings import PINNED_SETTINGS, apply_settings_query, read_settings_query
 from .sizing import first_chunk_rows
-from .spec import ExportSpec, RunOptions
 from .state import Complete, Occupied, OnDisk, Resume
 
-__all__ = ["checkpoint_sizes", "continued", "continues", "continuing", "watermark_checkpoint"]
+__all__ = ["checkpoint_sizes", "continued", "continuing", "watermark_checkpoint"]
 
 log = logging.getLogger("copystream")
 
 
 def continuing(session: ExportSession) -> bool:
     """Whether the export continues another one (an increment of any kind)."""
-    return continues(session.run, session.spec)
-
-
-def continues(run: RunOptions, spec: ExportSpec) -> bool:
-    """Whether an export of ``spec`` run as ``run`` continues another one. Pure."""
-    return run.incremental or run.since is not None or spec.watermark is not None
+    return incremental.continues(session.run, session.spec)
 
 
 def continued(session: ExportSession, found: OnDisk) -> OnDisk:

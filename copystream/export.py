@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import ChunkRecord, load_checkpoint
-from .continuation import continued, continuing
+from .continuation import continued
 from .errors import UsageError
 from .incremental import check_request
 from .manifest import Manifest
@@ -327,8 +327,7 @@ def _run_session(
 ) -> Exported:
     out = session.output
     found = known if isinstance(known, Fresh) else discover_state(session)
-    small = not isinstance(found, Complete) and not continuing(session)
-    small = small and copies_whole(session, found)
+    small = copies_whole(session, found)
     if not small and session.lock():  # read again, now that no other export can change it
         found = discover_state(session)
     found = continued(session, found)  # an increment's checkpoint: under the lock

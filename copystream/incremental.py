@@ -29,7 +29,7 @@ from typing import Any
 from .checkpoint import Checkpoint, ChunkRecord
 from .errors import CheckpointMismatch, Opt, OutputExists, Remedy, UsageError
 from .manifest import Manifest, manifest_path
-from .spec import RunOptions, identity_mismatch
+from .spec import ExportSpec, RunOptions, identity_mismatch
 from .state import manifest_identity
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "check_complete_since",
     "check_request",
     "check_resume",
+    "continues",
     "dataset_state",
     "follows",
     "follows_named",
@@ -60,6 +61,12 @@ WATERMARK = "watermark"
 
 #: Key types whose text sorts as numbers: a chain check can tell a gap from an overlap.
 _INTEGER_TYPES = frozenset({"smallint", "integer", "bigint"})
+
+
+def continues(run: RunOptions, spec: ExportSpec) -> bool:
+    """Whether an export of ``spec`` run as ``run`` continues another one (an increment of
+    any kind: appended, after a ``since`` manifest, or by a watermark)."""
+    return run.incremental or run.since is not None or spec.watermark is not None
 
 
 def check_request(

@@ -114,6 +114,7 @@ __all__ = [
     "finish",
     "lock_path",
     "manifest_of",
+    "one_copy",
     "remove_export_files",
     "retrying",
     "sample_ranges",
@@ -830,9 +831,16 @@ def discover_state(session: ExportSession) -> OnDisk:
 
 
 def copies_whole(session: ExportSession, found: OnDisk) -> bool:
-    """Whether this export is one COPY written atomically (:mod:`copystream.whole`): a small
-    table (:func:`~copystream.whole.is_small`) with nothing of it on disk yet."""
-    return isinstance(found, Fresh) and is_small(session.table, session.spec, session.run)
+    """Whether this export is one COPY written atomically (:mod:`copystream.whole`)."""
+    return one_copy(session.table, session.spec, session.run, found)
+
+
+def one_copy(table: ResolvedTable, spec: ExportSpec, run: RunOptions, found: OnDisk) -> bool:
+    """Whether an export of ``table`` is one COPY written atomically: a small table
+    (:func:`~copystream.whole.is_small`) with nothing of it on disk yet, not an increment of
+    another export. Pure: a bulk worker decides its direct path by it too."""
+    fresh = isinstance(found, Fresh) and not incremental.continues(run, spec)
+    return fresh and is_small(table, spec, run)
 
 
 def copy_small(

@@ -625,3 +625,22 @@ def test_introspect_key_sources_and_index_detection(dsn: str, run_sql: RunSql) -
         with pytest.raises(KeyProblem) as ei:
             introspect(conn, "g")
         assert "public.g" in str(ei.value) and "--key" in ei.value.worded("cli")
+
+
+def test_one_copy_is_a_fresh_small_table_that_continues_no_other_export_pure() -> None:
+    """The one decision behind a small export's single COPY, the pipeline's and a bulk worker's
+    direct path alike: never an increment (appended, after ``since``, by a watermark), never a
+    table with something on disk or one too large or of unknown size."""
+    from copystream.pipeline import one_copy
+    from copystream.spec import ExportSpec, RunOptions
+    from copystream.state import Fresh, Occupied
+
+    small = make_plan(estimated_rows=200, estimated_bytes=24_576)
+    spec, run = ExportSpec("public.t"), RunOptions()
+    assert one_copy(small, spec, run, Fresh())
+    assert not one_copy(small, spec, run, Occupied())
+    assert not one_copy(make_plan(), spec, run, Fresh())  # never analyzed: size unknown
+    assert not one_copy(small, spec, RunOptions(chunk_rows=50), Fresh())
+    assert not one_copy(small, spec, RunOptions(incremental=True), Fresh())
+    assert not one_copy(small, spec, RunOptions(since="t.csv.manifest.json"), Fresh())
+    assert not one_copy(small, dataclasses.replace(spec, watermark="updated_at"), run, Fresh())

@@ -29,9 +29,8 @@ import psycopg
 
 from ..chunk import SnapshotGone
 from ..connection import Target, connect
-from ..continuation import continues
 from ..export import ExportResult, _result, run_session
-from ..pipeline import ExportSession, check_output, copy_small_once
+from ..pipeline import ExportSession, check_output, copy_small_once, one_copy
 from ..spec import ExportSpec, RunOptions
 from ..state import Fresh
 from ..table import ResolvedTable
@@ -119,7 +118,8 @@ def export_task(
         run = replace(run, incremental=False)
     small = table is not None and is_small(table, spec, run)
     tried = 0  # the direct path's failed attempt, counted as a retry
-    direct = small and fresh and not contested and not _measured(run) and not continues(run, spec)
+    direct = fresh and not contested and not _measured(run)
+    direct = direct and table is not None and one_copy(table, spec, run, Fresh())
     conn = _kept(conninfo) if direct else None
     if conn is not None and table is not None:
         try:
