@@ -23,8 +23,11 @@ the task it was running. The coordinator reads the events as :class:`Event` valu
 :func:`run_tasks`.
 
 Within :func:`fork_workers` (``copystream bulk``: a process of copystream's own, small and
-single-threaded), the workers started ahead are forked from the coordinator instead, sparing
-each an interpreter's start-up and imports; they run the same :func:`worker_main`.
+single-threaded), workers are forked from the coordinator instead, sparing each an
+interpreter's start-up and imports; they run the same :func:`worker_main`. One forked by
+:func:`run_tasks` itself has its tasks in memory already: it is handed a task as ``#<index>``,
+not pickled (pickling a bulk table's task and unpickling it cost more than the rest of what
+the coordinator does for a small table).
 
 On Linux a worker asks the kernel to kill it when its coordinator dies (``PR_SET_PDEATHSIG``),
 so a re-run never races an orphan writing the same files.
@@ -53,7 +56,7 @@ from typing import IO, Any, NoReturn, Protocol
 
 from .errors import CopystreamError, ExportFailed
 
-__all__ = ["Event", "Task", "fork_workers", "run_tasks", "started_ahead", "worker_main"]
+__all__ = ["Event", "Task", "fork_workers", "forks", "run_tasks", "started_ahead", "worker_main"]
 
 log = logging.getLogger("copystream")
 
@@ -155,6 +158,20 @@ _FORK = [False]
 #: This process's ends of the pipes of the workers forked so far: a child closes those it
 #: inherits, or a worker would never see its stdin end (another held it open).
 _PARENT_FDS: set[int] = set()
+#: In a worker forked by :func:`run_tasks`: the tasks it was forked with (handed by index).
+_INHERITED: list[Sequence[Task]] = []
+
+
+def forks() -> bool:
+    """Whether a worker started now would be forked from this process (within
+    :func:`fork_workers`, while no other thread runs), not a new interpreter. A timer that
+    was cancelled or has fired (:func:`~copystream.connection.io_deadline`'s) is let end."""
+    if not (_FORK[0] and hasattr(os, "fork")):
+        return False
+    for thread in threading.enumerate():
+        if isinstance(thread, threading.Timer) and thread.finished.is_set():
+            thread.join(timeout=1.0)
+    return threading.active_count() == 1
 
 
 @contextlib.contextmanager
@@ -177,7 +194,7 @@ class _Forked:
     """A worker forked from this process, with :class:`subprocess.Popen`'s interface as far as
     the pool uses it. The child runs :func:`worker_main` on two pipes and never returns."""
 
-    def __init__(self, preload: Sequence[str]) -> None:
+    def __init__(self, preload: Sequence[str], tasks: Sequence[Task] | None = None) -> None:
         args = [str(os.getpid()), str(log.getEffectiveLevel()), *preload]
         task_r, task_w = os.pipe()
         event_r, event_w = os.pipe()
@@ -188,6 +205,7 @@ class _Forked:
         try:
             self.pid = os.fork()
             if self.pid == 0:  # pragma: no cover (the child: measured by the tests it runs)
+                _INHERITED[:] = [] if tasks is None else [tasks]
                 self._child(args, task_r, event_w, (task_w, event_r))
         finally:
             gc.unfreeze()
@@ -262,11 +280,15 @@ _KINDS = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
 class _Worker:
     """One running worker process, the tasks handed to it, and what it wrote of its events."""
 
-    def __init__(self, selector: selectors.BaseSelector) -> None:
+    def __init__(self, selector: selectors.BaseSelector, tasks: Sequence[Task]) -> None:
         self.queue: collections.deque[int] = collections.deque()  # the first one runs
         self.started = False  # the first one has begun (it said so)
         self.retiring = False  # it exits after its current task (it said so, or none is left)
-        self.proc = _AHEAD.pop(0) if _AHEAD else _spawn()
+        self.inherited = not _AHEAD and forks()  # forked now: it has ``tasks`` in memory
+        if _AHEAD:
+            self.proc = _AHEAD.pop(0)
+        else:
+            self.proc = _Forked((), tasks) if self.inherited else _spawn()
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
@@ -286,13 +308,20 @@ class _Worker:
         *lines, self.pending = (self.pending + data).split(b"\n")
         return lines, False
 
+    def line(self, i: int, tasks: Sequence[Task]) -> bytes:
+        """How task ``i`` travels to it: its index if it has the tasks in memory, else one
+        line, the base64 of its pickle."""
+        if self.inherited:
+            return b"#%d\n" % i
+        return base64.b64encode(_dumps(tasks[i])) + b"\n"
+
     @property
     def task(self) -> int | None:
         """The index of the task it runs (or will run next), if any."""
         return self.queue[0] if self.queue else None
 
     def give(self, given: Sequence[tuple[int, bytes]]) -> None:
-        """Hand it the tasks ``given`` (index, line: :func:`_task_line`), to run after those it
+        """Hand it the tasks ``given`` (index, line: :meth:`line`), to run after those it
         has, in one write (a worker that died meanwhile reports no outcome for them)."""
         for i, line in given:
             self.queue.append(i)
@@ -356,7 +385,7 @@ def started_ahead(count: int, preload: Sequence[str] = ()) -> Iterator[None]:
     """Start ``count`` worker processes now, importing the modules ``preload`` names, for the
     next :func:`run_tasks` to take: their interpreters start while the caller still prepares
     its tasks. Those left unused are ended on the way out."""
-    fork = _FORK[0] and threading.active_count() == 1 and hasattr(os, "fork")
+    fork = forks()
     procs = [_Forked(preload) if fork else _spawn(preload) for _ in range(count)]
     _AHEAD[:] = procs
     try:
@@ -518,14 +547,9 @@ def _hand_out(
         elif waiting:
             _top_up(worker, tasks, waiting)
     while waiting and sum(not w.retiring for w in workers.values()) < max(1, jobs):
-        worker = _Worker(selector)
+        worker = _Worker(selector, tasks)
         workers[worker.fd] = worker
         _top_up(worker, tasks, waiting)
-
-
-def _task_line(task: Task) -> bytes:
-    """How a task travels to a worker: one line, the base64 of its pickle."""
-    return base64.b64encode(_dumps(task)) + b"\n"
 
 
 def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[int]) -> None:
@@ -545,7 +569,7 @@ def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[i
             len(queued) <= SHORT_AHEAD and tasks[i].short and all(tasks[q].short for q in queued)
         ):
             break
-        line = _task_line(tasks[i])
+        line = worker.line(i, tasks)
         if queued and unread + len(line) > AHEAD_BYTES:
             break
         waiting.popleft()
@@ -651,7 +675,7 @@ def worker_main(argv: Sequence[str]) -> int:
         if line is None:
             break
         try:
-            task: Task = _loads(base64.b64decode(line))
+            task = _task(line)
         except Exception as e:  # e.g. its function cannot be imported here
             send(held + "X -\n" + _encode("E", _portable(e)))
             return 1
@@ -663,6 +687,15 @@ def worker_main(argv: Sequence[str]) -> int:
     if held:
         send(held)
     return 0
+
+
+def _task(line: bytes) -> Task:
+    """The task of a line: ``#<index>`` of the tasks this worker was forked with, or the base64
+    of its pickle."""
+    if line.startswith(b"#"):
+        return _INHERITED[0][int(line[1:])]
+    task: Task = _loads(base64.b64decode(line))
+    return task
 
 
 def _run(task: Task, send: Callable[[str], None], last: list[float], held: str) -> tuple[str, bool]:

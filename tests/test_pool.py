@@ -8,9 +8,11 @@ its worker; a ``CopystreamError`` does not.
 
 from __future__ import annotations
 
+import base64
 import collections
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -277,6 +279,54 @@ def test_workers_started_ahead_within_fork_workers_are_forked_and_behave_alike()
     assert got["left"] == [], "a worker is still there"
 
 
+def remember_locked(n: int, lock: Any, *, progress: Any) -> tuple[int, int, bool]:
+    """Return (pid, n, whether ``lock``, which cannot be pickled, is held)."""
+    return os.getpid(), n, lock.locked()
+
+
+#: Run in an interpreter of its own, as FORKED_POOL: workers the pool forks itself, with their
+#: tasks in memory (an argument that cannot be pickled goes through); not while a thread runs.
+FORKED_BY_THE_POOL = """
+import json, os, sys, threading
+import test_pool as t
+from copystream.pool import Task, fork_workers, forks, run_tasks
+lock = threading.Lock()  # cannot be pickled: only a worker that has the tasks in memory runs it
+tasks = [Task(t.remember_locked, (n, lock), short=True) for n in range(8)]
+tasks[3] = Task(t.die, (), short=True)
+timer = threading.Timer(60, print)
+timer.start()
+timer.cancel()  # a timer that is ending: forking waits for it
+with fork_workers():
+    forked = forks()
+    events = list(run_tasks(tasks, 2))
+    threading.Thread(target=threading.Event().wait, args=(60,), daemon=True).start()
+    with_a_thread = forks()
+ends = {e.index: (e.kind, list(e.value) if e.kind == "done" else str(e.value))
+        for e in events if e.kind in ("done", "failed")}
+json.dump({"me": os.getpid(), "ends": ends, "forked": forked, "threaded": with_a_thread},
+          sys.stdout)
+"""
+
+
+def test_workers_the_pool_forks_have_their_tasks_in_memory_and_not_while_a_thread_runs() -> None:
+    """Within ``fork_workers``, with no worker started ahead, the pool forks its workers with
+    the tasks in memory: a task is handed by its index, not pickled (an argument that cannot
+    be pickled goes through), a dead worker's replacement likewise. A cancelled timer is let
+    end first; any other thread running means new interpreters (no fork)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_BY_THE_POOL], capture_output=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    got = json.loads(proc.stdout)
+    assert got["forked"] is True and got["threaded"] is False
+    ends = {int(i): v for i, v in got["ends"].items()}
+    assert sorted(ends) == list(range(8)) and ends[3][0] == "failed" and "SIGKILL" in ends[3][1]
+    done = {i: v for i, (kind, v) in ends.items() if kind == "done"}
+    assert sorted(done) == [0, 1, 2, 4, 5, 6, 7], ends
+    assert all(pid != got["me"] and n == i and not held for i, (pid, n, held) in done.items())
+    assert len({pid for pid, _, _ in done.values()}) >= 2  # the dead worker was replaced
+
+
 class _Handed:
     """What :func:`_top_up` uses of a worker: its queue, the bytes it has not read, its writes."""
 
@@ -284,6 +334,9 @@ class _Handed:
         self.queue: collections.deque[int] = collections.deque()
         self.unread: dict[int, int] = {}
         self.writes: list[list[int]] = []
+
+    def line(self, i: int, tasks: Sequence[Task]) -> bytes:
+        return base64.b64encode(pickle.dumps(tasks[i])) + b"\n"  # as to a spawned worker
 
     def give(self, given: Sequence[tuple[int, bytes]]) -> None:
         self.writes.append([i for i, _ in given])

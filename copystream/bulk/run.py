@@ -24,7 +24,7 @@ from ..connection import Target, redact
 from ..errors import CopystreamError, ExportFailed, SnapshotRequired, UsageError
 from ..manifest import manifest_path
 from ..pipeline import JOB_LOCK, SnapshotHolder, exclusive, lock_path
-from ..pool import Event, Task, run_tasks, started_ahead
+from ..pool import Event, Task, forks, run_tasks, started_ahead
 from ..progress import Progress
 from ..ranges import parts_path
 from ..state import Complete, Fresh, Occupied, OnDisk, Resume, discover
@@ -147,7 +147,10 @@ def run_bulk(
         preload: tuple[str, ...] = ("copystream.s3export", "boto3", "botocore.client")
     else:
         done, preload = _finished_before(bulk.report_path), (export_task.__module__,)
-    ahead = 0 if dry_run or done else jobs
+    # Forked workers are not started ahead: forked later, by the pool, they have their tasks
+    # in memory already (handed by index, not pickled), and there is nothing for them to
+    # import meanwhile (S3: boto3 is).
+    ahead = 0 if dry_run or done or (bucket is None and forks()) else jobs
     with started_ahead(ahead, preload=preload):
         args = (jobs, only, dry_run, progress, wanted, require_snapshot, started)
         return _run_bulk(bulk, *args, bucket=bucket, ran_before=ran_before)
