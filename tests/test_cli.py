@@ -315,3 +315,52 @@ def test_status_of_nothing(tmp_path: Path) -> None:
     proc = run(cli("status", str(tmp_path / "never.csv")))
     assert_one_error_line(proc, 2, "never.csv")
     assert_nothing_created(tmp_path)
+
+
+#: Run in an interpreter of its own: the command's end (``copystream.cli.run``) with a main that
+#: leaves output unflushed, an exit handler, a thread still working and an object whose
+#: finalizer would run at the interpreter's teardown.
+ENDING = """
+import atexit, sys, threading, time
+import copystream.cli as c
+
+class Teardown:
+    def __init__(self, path, touch=open):
+        self.path, self.touch = path, touch
+
+    def __del__(self):
+        self.touch(self.path, "w").close()
+
+kept = Teardown(sys.argv[1] + ".teardown")
+atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").close())
+
+def main():
+    def late():
+        time.sleep(0.3)
+        open(sys.argv[1] + ".thread", "w").close()
+    threading.Thread(target=late).start()
+    sys.stdout.write("x" * 200_000)  # more than a pipe's buffer: not written yet
+    sys.exit(3)
+
+c.main = main
+c.run()
+"""
+
+
+def test_the_command_ends_as_the_interpreter_would_but_without_its_teardown(
+    tmp_path: Path,
+) -> None:
+    """``copystream`` ends with its exit code, its output written whole, other threads waited
+    for and exit handlers run, as a normal exit; but not the teardown of every object (a tenth
+    of a small export's CPU), so a finalizer left to it does not run."""
+    import subprocess
+    import sys
+
+    mark = str(tmp_path / "m")
+    proc = subprocess.run(
+        [sys.executable, "-c", ENDING, mark], capture_output=True, timeout=60, check=False
+    )
+    assert proc.returncode == 3, proc.stderr.decode()
+    assert proc.stdout == b"x" * 200_000
+    assert Path(mark + ".thread").exists() and Path(mark + ".atexit").exists()
+    assert not Path(mark + ".teardown").exists()
