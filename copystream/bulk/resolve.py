@@ -126,6 +126,14 @@ class _Task:
         several times per table)."""
         return self.entry.spec_for(self.table)
 
+    def but(self, **changes: Any) -> _Task:
+        """This task with ``changes`` (:func:`dataclasses.replace`), keeping its :attr:`spec`
+        if it was made already and the changes leave it as it is."""
+        task = replace(self, **changes)
+        if "spec" in self.__dict__ and not changes.keys() & {"entry", "table"}:
+            task.__dict__["spec"] = self.__dict__["spec"]  # (where cached_property keeps it)
+        return task
+
     @property
     def run(self) -> RunOptions:
         """How this table is exported: its entry's options, with the job's choice of workers."""
@@ -484,10 +492,9 @@ def _plan_tables(
             continue
         for i, p in zip(members, plans, strict=True):
             if isinstance(p, CopystreamError):
-                tasks[i] = replace(tasks[i], error=redact(p.worded("plan"), *secrets))
+                tasks[i] = tasks[i].but(error=redact(p.worded("plan"), *secrets))
             else:  # its estimates as the resolved table has them, for the order and display
-                tasks[i] = replace(
-                    tasks[i], resolved=p, estimated_rows=p.estimated_rows,
-                    estimated_bytes=p.estimated_bytes,
-                )  # fmt: skip
+                tasks[i] = tasks[i].but(
+                    resolved=p, estimated_rows=p.estimated_rows, estimated_bytes=p.estimated_bytes
+                )
     return _Resolution(tuple(tasks), tuple(warnings))
