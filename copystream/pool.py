@@ -198,6 +198,8 @@ class _Forked:
         args = [str(os.getpid()), str(log.getEffectiveLevel()), *preload]
         task_r, task_w = os.pipe()
         event_r, event_w = os.pipe()
+        # numbers of a worker's pipes that were closed since, given out again: not to be closed
+        _PARENT_FDS.difference_update((task_r, task_w, event_r, event_w))
         for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
             with contextlib.suppress(Exception):
                 stream.flush()

@@ -298,7 +298,7 @@ timer.start()
 timer.cancel()  # a timer that is ending: forking waits for it
 with fork_workers():
     forked = forks()
-    events = list(run_tasks(tasks, 2))
+    events = list(run_tasks(tasks, 1))  # (one worker: the dead one's successor runs the rest)
     threading.Thread(target=threading.Event().wait, args=(60,), daemon=True).start()
     with_a_thread = forks()
 ends = {e.index: (e.kind, list(e.value) if e.kind == "done" else str(e.value))
@@ -324,7 +324,43 @@ def test_workers_the_pool_forks_have_their_tasks_in_memory_and_not_while_a_threa
     done = {i: v for i, (kind, v) in ends.items() if kind == "done"}
     assert sorted(done) == [0, 1, 2, 4, 5, 6, 7], ends
     assert all(pid != got["me"] and n == i and not held for i, (pid, n, held) in done.items())
-    assert len({pid for pid, _, _ in done.values()}) >= 2  # the dead worker was replaced
+    before, after = {done[i][0] for i in (0, 1, 2)}, {done[i][0] for i in (4, 5, 6, 7)}
+    assert len(before) == len(after) == 1 and before != after  # the dead worker was replaced
+    assert b"Traceback" not in proc.stderr, proc.stderr.decode()  # by one that started
+
+
+#: Run in an interpreter of its own: a worker forked after another's pipes were closed, whose
+#: own pipes get the numbers those had.
+FORKED_AGAIN = """
+import base64, os, pickle, sys
+import test_pool as t
+from copystream.pool import Task, _Forked, fork_workers
+with fork_workers():
+    first, second = _Forked(()), _Forked(())
+    numbers = sorted((first.stdin.fileno(), first.stdout.fileno()))
+    first.stdin.close()
+    first.stdout.close()
+    first.wait()
+    held = []  # every lower free number taken: the next pipe gets the closed ones
+    while (fd := os.open(os.devnull, os.O_RDONLY)) != numbers[0]:
+        held.append(fd)
+    os.close(fd)
+    third = _Forked(())
+    third.stdin.write(base64.b64encode(pickle.dumps(Task(t.remember, (5,)))) + b"\\n")
+    third.stdin.close()
+    sys.stdout.write(third.stdout.read().decode())
+    sys.exit(third.wait())
+"""
+
+
+def test_a_worker_forked_after_others_ended_keeps_its_pipes() -> None:
+    """A forked worker closes the pipes of the workers forked before it, by number: not its
+    own pipes, which may have been given the numbers of an earlier worker's, closed since."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_AGAIN], capture_output=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert [line.split()[0] for line in proc.stdout.decode().splitlines()] == ["S", "P", "R"]
 
 
 class _Handed:
