@@ -34,7 +34,6 @@ from .pipeline import (
     finish,
     start,
 )
-from .pool import started_ahead
 from .progress import Progress, _mb, _per_second
 from .ranges import part_path, remove_parts
 from .spec import ExportSpec, RunOptions, build
@@ -363,6 +362,8 @@ def _workers_ahead(session: ExportSession, found: OnDisk) -> AbstractContextMana
     single = isinstance(found, Resume) and found.checkpoint is not None
     if session.run.workers < 2 or single or isinstance(found, Complete):
         return nullcontext()
+    from .pool import started_ahead  # (only now: an export in this process needs no pool)
+
     preload = ["copystream.ranges"]
     if (compress := session.spec.compress) is not None and compress.codec != "none":
         preload += ["copystream.destinations.compressed", "zstandard"]

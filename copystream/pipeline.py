@@ -36,7 +36,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -56,15 +56,6 @@ from .connection import Target, connect, io_deadline
 from .destinations import ChunkWritten, fresh_state
 from .errors import CopystreamError, OutputExists, OutputProblem, PrefixMismatch, UsageError
 from .failures import Phase, classify_connect, translate
-from .join import (
-    Follower,
-    compressed_file,
-    follow_after_range,
-    following,
-    join_parts,
-    joined_outcomes,
-    range0_follows,
-)
 from .manifest import Manifest, load_manifest, manifest_path, save_manifest
 from .parquet_types import (
     binary_plan,
@@ -74,7 +65,6 @@ from .parquet_types import (
     plan_columns,
     select_list,
 )
-from .part import PartJob, PartOutcome, run_part
 from .progress import Progress
 from .ranges import (
     KeyRanges,
@@ -96,6 +86,10 @@ from .spec import ExportSpec, RunOptions
 from .state import Fresh, Occupied, OnDisk, Resume, discover
 from .table import ResolvedTable
 from .whole import MakeManifest, Written, copy_once, is_small
+
+if TYPE_CHECKING:  # (imported when a part runs: the one COPY of a small table needs neither)
+    from .join import Follower
+    from .part import PartJob, PartOutcome
 
 __all__ = [
     "JOB_LOCK",
@@ -603,6 +597,8 @@ def _split(
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
     out = session.output
     workers = session.run.workers
+    from .join import compressed_file
+
     # range 0's process also decompresses the others' frames: it gets fewer rows (join.py)
     uneven = follows and compressed_file(session.spec.identity())
     first = first_share(workers) if uneven else None
@@ -650,6 +646,8 @@ def _warn_many_chunks(session: ExportSession, ranges: KeyRanges | None) -> None:
 def _job(
     session: ExportSession, settings: dict[str, str], started_at: str, snapshot: str | None
 ) -> PartJob:
+    from .part import PartJob
+
     table = session.table
     return PartJob(
         conninfo=session.target.conninfo,
@@ -688,6 +686,9 @@ def execute(
     sleep: Callable[[float], None],
 ) -> Ran:
     """Run the export's part in this process, or its key ranges in the worker pool and join."""
+    from .join import following, joined_outcomes
+    from .part import run_part
+
     out = session.output
     if run.ranges is not None:
         if run.ranges.join is not None:  # the join began: its parts are being consumed
@@ -709,6 +710,8 @@ def _run_ranges(
 ) -> list[PartOutcome]:
     """Run the key ranges of ``run`` in the worker pool; an increment appended to a complete
     output that its first range found changed is undone, as with one worker."""
+    from .join import follow_after_range, range0_follows
+
     out = session.output
     assert run.ranges is not None
     workers = session.run.workers
@@ -740,6 +743,8 @@ def assemble(
         if first.increment is not None:  # it continues the dataset's export, started before
             final = replace(final, increment=first.increment, started_at=first.started_at)
         return Ran(tuple(outcomes), final, final.xxh3_128)
+    from .join import join_parts
+
     final, digest = join_parts(out, ranges, outcomes, followed)
     return Ran(tuple(outcomes), final, digest)
 

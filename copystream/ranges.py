@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -49,13 +49,15 @@ from .errors import (
     Remedy,
     RetriesExhausted,
 )
-from .part import PartJob, PartOutcome, run_part
-from .pool import Task, run_tasks
 from .progress import Progress
 from .queries import key_columns, key_text, where_clause
 from .retry import Failure, Retrier
 from .server import snapshot_gone_errors
 from .table import ResolvedTable
+
+if TYPE_CHECKING:  # (imported when a range runs: an export of one COPY needs neither)
+    from .part import PartJob, PartOutcome
+    from .pool import Task
 
 __all__ = [
     "FOLLOW_COST",
@@ -484,6 +486,8 @@ def run_range(
     overlap, a shard and a ``workers`` run) from writing one range at once: the second is
     refused (:class:`UsageError`) before it touches the range's files.
     """
+    from .part import run_part
+
     state = part_path(output, i)
     busy = f"another copystream process is exporting to {state} right now"
     with locked(part_lock_path(output, i), busy):
@@ -503,6 +507,8 @@ def run_parts(
     part's job is :func:`range_job`'s. ``first``: range 0's task, called as
     :func:`run_range` is (:func:`copystream.join.follow_after_range` follows the other ranges
     after it)."""
+    from .pool import Task
+
     plan = template.table
     jobs = [range_job(output, parts, template, i) for i in range(len(parts.ranges))]
     calls = [first if i == 0 else run_range for i in range(len(jobs))]
@@ -526,6 +532,8 @@ def _run_in_pool(
     checkpoint as :class:`_Restarts` decides. If a range fails for good, the others still run
     to their end; then the first failure is raised (every checkpoint is intact).
     """
+    from .pool import run_tasks
+
     latest: dict[int, Progress] = {}  # of each range
     started = time.monotonic()
     results: dict[int, PartOutcome] = {}
