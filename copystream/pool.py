@@ -10,8 +10,9 @@ waiting task whenever it is free, so a thousand small tasks cost ``jobs`` interp
 not a thousand, and what a task function keeps at module level (an open connection, say) serves
 the next task of the same process. A :class:`Task` names a module-level function and its
 arguments; the coordinator writes each task to a worker's stdin as one line,
-``<base64 of a pickle>``. The worker calls ``function(*args, progress=report)`` and writes one
-event per line on its stdout, ``<kind> <base64 of a pickle>``: ``P`` a progress object, ``L`` a
+``<base64 of a pickle>``. The worker calls ``function(*args, progress=report)`` and writes its
+events on its stdout, each a frame: its kind (one byte), the length of its pickle (4 bytes, big
+endian) and the pickle: ``P`` a progress object, ``L`` a
 log line (level, message), then ``R`` the function's result or ``E`` the exception it raised (a
 :class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else as
 an :class:`ExportFailed` naming it), and waits for the next task (an outcome is written together
@@ -45,6 +46,7 @@ import os
 import select
 import selectors
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -124,8 +126,29 @@ def _loads(data: bytes) -> Any:
     return pickle.loads(data)
 
 
-def _encode(kind: str, value: object) -> str:
-    return f"{kind} {base64.b64encode(_dumps(value)).decode('ascii')}\n"
+#: An event's frame before its pickle: its kind and the pickle's length.
+_FRAME = struct.Struct(">cI")
+
+
+def _frame(kind: bytes, *value: object) -> bytes:
+    """An event as the worker writes it: ``kind``, then the pickle of ``value`` if one is
+    given (none for ``S`` and ``X``)."""
+    payload = _dumps(value[0]) if value else b""
+    return _FRAME.pack(kind, len(payload)) + payload
+
+
+def _frames(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The whole frames (kind, pickle) at the start of ``data``, and the rest: the start of
+    one not complete yet. Pure."""
+    at, frames = 0, []
+    while len(data) - at >= _FRAME.size:
+        kind, size = _FRAME.unpack_from(data, at)
+        end = at + _FRAME.size + size
+        if end > len(data):
+            break
+        frames.append((kind, data[at + _FRAME.size : end]))
+        at = end
+    return frames, data[at:]
 
 
 class _Process(Protocol):
@@ -276,7 +299,7 @@ def died(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-_KINDS = {"P": "progress", "L": "log", "R": "done", "E": "failed"}
+_KINDS = {b"P": "progress", b"L": "log", b"R": "done", b"E": "failed"}
 
 
 class _Worker:
@@ -294,21 +317,21 @@ class _Worker:
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
-        self.pending = b""  # the start of a line not complete yet
+        self.pending = b""  # the start of a frame not complete yet
         self.unread: dict[int, int] = {}  # bytes of each task handed to it and not begun
         selector.register(self.fd, selectors.EVENT_READ, self)
 
-    def read(self) -> tuple[list[bytes], bool]:
-        """The event lines it has written since, and whether its stdout has ended (a line
-        torn by its death is dropped)."""
+    def read(self) -> tuple[list[tuple[bytes, bytes]], bool]:
+        """The events (kind, pickle) it has written since, and whether its stdout has ended
+        (a frame torn by its death is dropped)."""
         try:
             data = os.read(self.fd, 1 << 16)
         except BlockingIOError:
             return [], False
         if not data:
             return [], True
-        *lines, self.pending = (self.pending + data).split(b"\n")
-        return lines, False
+        frames, self.pending = _frames(self.pending + data)
+        return frames, False
 
     def line(self, i: int, tasks: Sequence[Task]) -> bytes:
         """How task ``i`` travels to it: its index if it has the tasks in memory, else one
@@ -341,24 +364,23 @@ class _Worker:
             with contextlib.suppress(OSError):
                 self.proc.stdin.close()
 
-    def event(self, raw: bytes) -> Event | None:
-        """The event of one line; ``None`` for a torn line (a worker killed mid-write). An
-        outcome ends the task it is about."""
-        kind, _, payload = raw.decode("ascii", errors="replace").strip().partition(" ")
+    def event(self, kind: bytes, payload: bytes) -> Event | None:
+        """The event of one frame; ``None`` for one that says nothing to the caller (or is
+        not understood). An outcome ends the task it is about."""
         if self.task is None:
             return None
-        if kind == "X":  # it exits after this task: give it no other
+        if kind == b"X":  # it exits after this task: give it no other
             self.retiring = True
             return None
-        if kind == "S":
+        if kind == b"S":
             self.started = True
             self.unread.pop(self.task, None)
             return Event(self.task, "started", self.proc.pid)
-        try:
-            value = _loads(base64.b64decode(payload))
-        except Exception:
-            return None
         if kind not in _KINDS:
+            return None
+        try:
+            value = _loads(payload)
+        except Exception:
             return None
         event = Event(self.task, _KINDS[kind], value)
         if event.kind in ("done", "failed"):
@@ -441,9 +463,9 @@ def run_tasks(
                 yield Event(-1, "tick")
             for key, _ in ready:
                 worker: _Worker = key.data
-                lines, ended = worker.read()
-                for raw in lines:
-                    event = worker.event(raw)
+                frames, ended = worker.read()
+                for kind, payload in frames:
+                    event = worker.event(kind, payload)
                     if event is not None:
                         stillborn = 0 if event.kind == "started" else stillborn
                         yield event
@@ -588,13 +610,13 @@ def _top_up(worker: _Worker, tasks: Sequence[Task], waiting: collections.deque[i
 class _EventLog(logging.Handler):
     """Sends a worker's log lines to the coordinator, which logs them in its own way."""
 
-    def __init__(self, send: Callable[[str], None]) -> None:
+    def __init__(self, send: Callable[[bytes], None]) -> None:
         super().__init__()
         self._send = send
 
     def emit(self, record: logging.LogRecord) -> None:
         with contextlib.suppress(Exception):
-            self._send(_encode("L", (record.levelno, record.getMessage())))
+            self._send(_frame(b"L", (record.levelno, record.getMessage())))
 
 
 def _die_with_coordinator(coordinator: int) -> None:
@@ -654,32 +676,32 @@ def worker_main(argv: Sequence[str]) -> int:
             importlib.import_module(module)
     inbox = _Inbox(0)  # (not sys.stdin: a forked worker may have inherited a stand-in)
     # The events get the real stdout to themselves; anything else printed goes to stderr.
-    out = os.fdopen(os.dup(1), "w", encoding="ascii")
+    out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     lock = threading.Lock()
 
-    def send(line: str) -> None:
+    def send(frames: bytes) -> None:
         with lock:
-            out.write(line)
+            out.write(frames)
             out.flush()
 
     log.handlers[:] = [_EventLog(send)]
     log.setLevel(int(argv[1]))
     log.propagate = False
     last = [0.0]  # when progress was last sent
-    held = ""  # the last task's outcome, not written yet
+    held = b""  # the last task's outcome, not written yet
     while True:
         if held and not inbox.ready():
             send(held)
-            held = ""
+            held = b""
         line = inbox.next()
         if line is None:
             break
         try:
             task = _task(line)
         except Exception as e:  # e.g. its function cannot be imported here
-            send(held + "X -\n" + _encode("E", _portable(e)))
+            send(held + _frame(b"X") + _frame(b"E", _portable(e)))
             return 1
         outcome, go_on = _run(task, send, last, held)
         if not go_on:
@@ -700,14 +722,16 @@ def _task(line: bytes) -> Task:
     return task
 
 
-def _run(task: Task, send: Callable[[str], None], last: list[float], held: str) -> tuple[str, bool]:
+def _run(
+    task: Task, send: Callable[[bytes], None], last: list[float], held: bytes
+) -> tuple[bytes, bool]:
     """Run one task, sending ``held`` (the outcome of the one before) with its start and its
-    progress meanwhile; its outcome's lines, and whether the worker may take another task.
+    progress meanwhile; its outcome's frames, and whether the worker may take another task.
     ``last`` holds when this worker last sent progress: a run of short tasks sends some, not
     each task's. A finished task's last progress is sent too, unless the task is short and
     did not resume: then it says nothing that its outcome, following at once, does not (and the
     coordinator wakes once less per task)."""
-    send(held + "S -\n")
+    send(held + _frame(b"S"))
 
     def report(progress: Any) -> None:
         now = time.monotonic()
@@ -715,15 +739,15 @@ def _run(task: Task, send: Callable[[str], None], last: list[float], held: str) 
         said = task.short and not getattr(progress, "start_rows", 0)
         if (done and not said) or now - last[0] >= PROGRESS_INTERVAL:
             last[0] = now
-            send(_encode("P", progress))
+            send(_frame(b"P", progress))
 
     try:
         result = task.function(*task.args, progress=report)
     except BaseException as e:  # every failure goes back to the coordinator as one event
         expected = isinstance(e, CopystreamError)
         # an unexpected one: "X" before the outcome, so the coordinator gives it no more
-        return ("" if expected else "X -\n") + _encode("E", _portable(e)), expected
-    return _encode("R", result), True
+        return (b"" if expected else _frame(b"X")) + _frame(b"E", _portable(e)), expected
+    return _frame(b"R", result), True
 
 
 def _portable(e: BaseException) -> CopystreamError:

@@ -29,6 +29,8 @@ from copystream.pool import (
     STILLBORN_LIMIT,
     Event,
     Task,
+    _frame,
+    _frames,
     _top_up,
     run_tasks,
 )
@@ -348,7 +350,11 @@ with fork_workers():
     third = _Forked(())
     third.stdin.write(base64.b64encode(pickle.dumps(Task(t.remember, (5,)))) + b"\\n")
     third.stdin.close()
-    sys.stdout.write(third.stdout.read().decode())
+    events, kinds = third.stdout.read(), []
+    while events:  # frames: kind (1 byte), length (4 bytes), pickle
+        kinds.append(events[:1].decode())
+        events = events[5 + int.from_bytes(events[1:5], "big") :]
+    print(" ".join(kinds))
     sys.exit(third.wait())
 """
 
@@ -360,7 +366,7 @@ def test_a_worker_forked_after_others_ended_keeps_its_pipes() -> None:
         [sys.executable, "-c", FORKED_AGAIN], capture_output=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr.decode()
-    assert [line.split()[0] for line in proc.stdout.decode().splitlines()] == ["S", "P", "R"]
+    assert proc.stdout.decode().split() == ["S", "P", "R"]  # started, progress, result
 
 
 class _Handed:
@@ -410,3 +416,16 @@ def test_a_worker_running_short_tasks_is_topped_up_in_batches_pure() -> None:
     worker, waiting = _Handed(), collections.deque(range(2))
     _top_up(worker, long, waiting)  # type: ignore[arg-type]
     assert worker.writes == [[0]] and list(waiting) == [1]  # a long task waits for a free one
+
+
+def test_events_are_read_frame_by_frame_whatever_the_reads_pure() -> None:
+    """A worker's events are frames (kind, pickle's length, pickle): read whole however the
+    pipe cuts them, a frame not complete yet kept for the next read, none for a start."""
+    big = b"\n" * 70_000  # more than one read's worth, and line ends mean nothing
+    data = _frame(b"S") + _frame(b"P", ("working on", 1)) + _frame(b"R", big)
+    for cut in (0, 1, 4, 5, 6, 20, len(data) - 1, len(data)):
+        first, rest = _frames(data[:cut])
+        second, left = _frames(rest + data[cut:])
+        assert [k for k, _ in first + second] == [b"S", b"P", b"R"] and left == b""
+        assert [pickle.loads(p) for _, p in (first + second)[1:]] == [("working on", 1), big]
+    assert _frames(data[:-1]) == (_frames(data)[0][:2], _frame(b"R", big)[:-1])
