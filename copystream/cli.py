@@ -332,11 +332,17 @@ def _end(code: int) -> NoReturn:
     """End the process with ``code`` as the interpreter would, but without tearing down every
     module and object first: for a small export that teardown is a tenth of the command's
     CPU, and nothing of copystream's needs it (its files and connections are closed by then).
-    Other threads are waited for and exit handlers run (logging's flushes its files), as at a
-    normal exit; then stdout and stderr are flushed."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    What a normal exit does before that teardown is done: the threads' exit hooks run (an
+    executor left running lets its threads go) and other threads are waited for
+    (``threading._shutdown``, which the interpreter calls), then the exit handlers run
+    (logging's flushes its files); then stdout and stderr are flushed."""
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+    else:  # (an interpreter without it: at least wait for the other threads)
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

@@ -321,7 +321,7 @@ def test_status_of_nothing(tmp_path: Path) -> None:
 #: leaves output unflushed, an exit handler, a thread still working and an object whose
 #: finalizer would run at the interpreter's teardown.
 ENDING = """
-import atexit, sys, threading, time
+import atexit, concurrent.futures, sys, threading, time
 import copystream.cli as c
 
 class Teardown:
@@ -333,6 +333,8 @@ class Teardown:
 
 kept = Teardown(sys.argv[1] + ".teardown")
 atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").close())
+idle = concurrent.futures.ThreadPoolExecutor(1)  # never shut down: its thread waits for work
+idle.submit(print, end="")
 
 def main():
     def late():
@@ -351,14 +353,15 @@ def test_the_command_ends_as_the_interpreter_would_but_without_its_teardown(
     tmp_path: Path,
 ) -> None:
     """``copystream`` ends with its exit code, its output written whole, other threads waited
-    for and exit handlers run, as a normal exit; but not the teardown of every object (a tenth
-    of a small export's CPU), so a finalizer left to it does not run."""
+    for (an executor left running let go) and exit handlers run, as a normal exit; but not the
+    teardown of every object (a tenth of a small export's CPU), so a finalizer left to it does
+    not run."""
     import subprocess
     import sys
 
     mark = str(tmp_path / "m")
     proc = subprocess.run(
-        [sys.executable, "-c", ENDING, mark], capture_output=True, timeout=60, check=False
+        [sys.executable, "-c", ENDING, mark], capture_output=True, timeout=30, check=False
     )
     assert proc.returncode == 3, proc.stderr.decode()
     assert proc.stdout == b"x" * 200_000
