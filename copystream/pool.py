@@ -11,8 +11,9 @@ not a thousand, and what a task function keeps at module level (an open connecti
 the next task of the same process. A :class:`Task` names a module-level function and its
 arguments; the coordinator writes each task to a worker's stdin as one line,
 ``<base64 of a pickle>``. The worker calls ``function(*args, progress=report)`` and writes its
-events on its stdout, each a frame: its kind (one byte), the length of its pickle (4 bytes, big
-endian) and the pickle: ``P`` a progress object, ``L`` a
+events on its stdout, after a marker (anything its interpreter printed there before is skipped),
+each a frame: its kind (one byte), the length of its pickle (4 bytes, big endian) and the
+pickle: ``P`` a progress object, ``L`` a
 log line (level, message), then ``R`` the function's result or ``E`` the exception it raised (a
 :class:`CopystreamError` arrives as its own class, with its problem and remedy; anything else as
 an :class:`ExportFailed` naming it), and waits for the next task (an outcome is written together
@@ -128,6 +129,11 @@ def _loads(data: bytes) -> Any:
 
 #: An event's frame before its pickle: its kind and the pickle's length.
 _FRAME = struct.Struct(">cI")
+_FRAME_KINDS = frozenset((b"S", b"X", b"P", b"L", b"R", b"E"))
+#: The largest pickle a frame may carry (a bigger length is not a frame's).
+MAX_FRAME = 1 << 30
+#: What a worker writes before its events: whatever its interpreter printed before is skipped.
+EVENTS_MARKER = b"\x00copystream-events\x00"
 
 
 def _frame(kind: bytes, *value: object) -> bytes:
@@ -137,18 +143,21 @@ def _frame(kind: bytes, *value: object) -> bytes:
     return _FRAME.pack(kind, len(payload)) + payload
 
 
-def _frames(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    """The whole frames (kind, pickle) at the start of ``data``, and the rest: the start of
-    one not complete yet. Pure."""
-    at, frames = 0, []
+def _frames(data: bytes) -> tuple[list[tuple[bytes, bytes]], bytes, bool]:
+    """The whole frames (kind, pickle) at the start of ``data``, the rest (the start of one not
+    complete yet), and whether a frame's head is not one a worker writes (then nothing after it
+    can be read). Pure."""
+    at, frames = 0, list[tuple[bytes, bytes]]()
     while len(data) - at >= _FRAME.size:
         kind, size = _FRAME.unpack_from(data, at)
+        if kind not in _FRAME_KINDS or size > MAX_FRAME:
+            return frames, b"", True
         end = at + _FRAME.size + size
         if end > len(data):
             break
         frames.append((kind, data[at + _FRAME.size : end]))
         at = end
-    return frames, data[at:]
+    return frames, data[at:], False
 
 
 class _Process(Protocol):
@@ -178,9 +187,6 @@ def _spawn(preload: Sequence[str] = ()) -> _Process:
 
 #: Whether :func:`started_ahead` may fork its workers from this process (:func:`fork_workers`).
 _FORK = [False]
-#: This process's ends of the pipes of the workers forked so far: a child closes those it
-#: inherits, or a worker would never see its stdin end (another held it open).
-_PARENT_FDS: set[int] = set()
 #: In a worker forked by :func:`run_tasks`: the tasks it was forked with (handed by index).
 _INHERITED: list[Sequence[Task]] = []
 
@@ -210,7 +216,6 @@ def fork_workers() -> Iterator[None]:
         yield
     finally:
         _FORK[0] = False
-        _PARENT_FDS.clear()  # closed with their workers by now; the numbers may be reused
 
 
 class _Forked:
@@ -221,38 +226,46 @@ class _Forked:
         args = [str(os.getpid()), str(log.getEffectiveLevel()), *preload]
         task_r, task_w = os.pipe()
         event_r, event_w = os.pipe()
-        # numbers of a worker's pipes that were closed since, given out again: not to be closed
-        _PARENT_FDS.difference_update((task_r, task_w, event_r, event_w))
         for stream in (sys.stdout, sys.stderr):  # nothing buffered here is written twice
             with contextlib.suppress(Exception):
                 stream.flush()
+        # Ctrl-C reaches the whole process group: held back until the child ignores it, so that
+        # it never unwinds this process's stack (its locks, its snapshot, its workers) in the child
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         gc.freeze()  # the child's collections leave this process's objects (and pages) alone
         try:
             self.pid = os.fork()
             if self.pid == 0:  # pragma: no cover (the child: measured by the tests it runs)
-                _INHERITED[:] = [] if tasks is None else [tasks]
-                self._child(args, task_r, event_w, (task_w, event_r))
+                try:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+                    _INHERITED[:] = [] if tasks is None else [tasks]
+                    self._child(args, task_r, event_w)
+                finally:
+                    os._exit(1)
+        except OSError:  # no fork now (EAGAIN, ENOMEM): the caller starts an interpreter
+            for fd in (task_r, task_w, event_r, event_w):
+                os.close(fd)
+            raise
         finally:
             gc.unfreeze()
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os.close(task_r)
         os.close(event_w)
-        _PARENT_FDS.update((task_w, event_r))
         self.stdin: IO[bytes] | None = os.fdopen(task_w, "wb")
         self.stdout: IO[bytes] | None = os.fdopen(event_r, "rb")
         self.returncode: int | None = None
 
     @staticmethod
-    def _child(args: list[str], task_r: int, event_w: int, mine: tuple[int, int]) -> NoReturn:
+    def _child(args: list[str], task_r: int, event_w: int) -> NoReturn:
         code = 1
         _FORK[0] = False  # its own workers (a bulk table's key ranges) are new interpreters
         try:
-            for fd in (*_PARENT_FDS, *mine):
-                with contextlib.suppress(OSError):  # (numbers above 2: pipes)
-                    os.close(fd)
             os.dup2(task_r, 0)
             os.dup2(event_w, 1)
-            os.close(task_r)
-            os.close(event_w)
+            # Nothing of this process's but its standard streams, as a new interpreter has: no
+            # other worker's pipe (it would never see its stdin end), no lock, socket or file.
+            os.closerange(3, os.sysconf("SC_OPEN_MAX"))
             code = worker_main(args)
         except BaseException:
             with contextlib.suppress(Exception):
@@ -309,11 +322,10 @@ class _Worker:
         self.queue: collections.deque[int] = collections.deque()  # the first one runs
         self.started = False  # the first one has begun (it said so)
         self.retiring = False  # it exits after its current task (it said so, or none is left)
-        self.inherited = not _AHEAD and forks()  # forked now: it has ``tasks`` in memory
-        if _AHEAD:
-            self.proc = _AHEAD.pop(0)
-        else:
-            self.proc = _Forked((), tasks) if self.inherited else _spawn()
+        self.inherited = False  # forked now: it has ``tasks`` in memory (handed by index)
+        self.proc = _AHEAD.pop(0) if _AHEAD else self._start(tasks)
+        self.synced = False  # its events' marker was read: what follows is frames
+        self.garbled = False  # it wrote what is not an event, and was killed
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         os.set_blocking(self.fd, False)
@@ -321,16 +333,40 @@ class _Worker:
         self.unread: dict[int, int] = {}  # bytes of each task handed to it and not begun
         selector.register(self.fd, selectors.EVENT_READ, self)
 
+    def _start(self, tasks: Sequence[Task]) -> _Process:
+        """A new worker process: forked with ``tasks`` when this process may fork now, else
+        (or should the fork fail) a new interpreter."""
+        if forks():
+            try:
+                process = _Forked((), tasks)
+                self.inherited = True
+                return process
+            except OSError as e:
+                log.debug("forking a worker failed (%s): starting an interpreter instead", e)
+        return _spawn()
+
     def read(self) -> tuple[list[tuple[bytes, bytes]], bool]:
         """The events (kind, pickle) it has written since, and whether its stdout has ended
-        (a frame torn by its death is dropped)."""
+        (a frame torn by its death is dropped). What comes before its events' marker (printed
+        by its interpreter's start, a site customization, say) is skipped; should anything
+        else than events follow, it is killed (its stdout then ends)."""
         try:
             data = os.read(self.fd, 1 << 16)
         except BlockingIOError:
             return [], False
         if not data:
             return [], True
-        frames, self.pending = _frames(self.pending + data)
+        data = self.pending + data
+        if not self.synced:
+            at = data.find(EVENTS_MARKER)
+            if at < 0:  # (keep what may be the start of the marker)
+                self.pending = data[-len(EVENTS_MARKER) + 1 :]
+                return [], False
+            data, self.synced = data[at + len(EVENTS_MARKER) :], True
+        frames, self.pending, bad = _frames(data)
+        if bad:
+            self.garbled = True
+            self.proc.kill()
         return frames, False
 
     def line(self, i: int, tasks: Sequence[Task]) -> bytes:
@@ -504,7 +540,8 @@ def _ended(
         worker.proc.stdout.close()
     if worker.started:
         i = worker.queue.popleft()
-        error = ExportFailed(f"the worker process {died(code)}")
+        how = "wrote what is not an event and was killed" if worker.garbled else died(code)
+        error = ExportFailed(f"the worker process {how}")
         delay = restart(i, error) if restart is not None else None
         if delay is None:
             yield Event(i, "failed", error)
@@ -670,15 +707,17 @@ def worker_main(argv: Sequence[str]) -> int:
     A task's outcome is held back while the next task is already there, and written with that
     task's start, in one write: the coordinator wakes once per task, not twice. It is written
     at once whenever the worker would otherwise wait."""
+    # The events get the real stdout to themselves, after their marker (what the interpreter's
+    # start printed there comes before it); anything printed from now on goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    out.write(EVENTS_MARKER)  # (written with the first event)
     _die_with_coordinator(int(argv[0]))
     for module in argv[2:]:  # what its tasks will need, while the coordinator prepares them
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
     inbox = _Inbox(0)  # (not sys.stdin: a forked worker may have inherited a stand-in)
-    # The events get the real stdout to themselves; anything else printed goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
     lock = threading.Lock()
 
     def send(frames: bytes) -> None:

@@ -289,13 +289,18 @@ def remember_locked(n: int, lock: Any, *, progress: Any) -> tuple[int, int, bool
 #: Run in an interpreter of its own, as FORKED_POOL: workers the pool forks itself, with their
 #: tasks in memory (an argument that cannot be pickled goes through); not while a thread runs.
 FORKED_BY_THE_POOL = """
-import json, os, sys, threading
+import json, os, sys, threading, time
 import test_pool as t
 from copystream.pool import Task, fork_workers, forks, run_tasks
 lock = threading.Lock()  # cannot be pickled: only a worker that has the tasks in memory runs it
 tasks = [Task(t.remember_locked, (n, lock), short=True) for n in range(8)]
 tasks[3] = Task(t.die, (), short=True)
-timer = threading.Timer(60, print)
+class Lingering(threading.Timer):
+    def run(self):
+        super().run()
+        time.sleep(0.5)  # cancelled (finished), yet still running a while
+
+timer = Lingering(60, print)
 timer.start()
 timer.cancel()  # a timer that is ending: forking waits for it
 with fork_workers():
@@ -336,7 +341,7 @@ def test_workers_the_pool_forks_have_their_tasks_in_memory_and_not_while_a_threa
 FORKED_AGAIN = """
 import base64, os, pickle, sys
 import test_pool as t
-from copystream.pool import Task, _Forked, fork_workers
+from copystream.pool import EVENTS_MARKER, Task, _Forked, fork_workers
 with fork_workers():
     first, second = _Forked(()), _Forked(())
     numbers = sorted((first.stdin.fileno(), first.stdout.fileno()))
@@ -350,7 +355,7 @@ with fork_workers():
     third = _Forked(())
     third.stdin.write(base64.b64encode(pickle.dumps(Task(t.remember, (5,)))) + b"\\n")
     third.stdin.close()
-    events, kinds = third.stdout.read(), []
+    events, kinds = third.stdout.read().partition(EVENTS_MARKER)[2], []
     while events:  # frames: kind (1 byte), length (4 bytes), pickle
         kinds.append(events[:1].decode())
         events = events[5 + int.from_bytes(events[1:5], "big") :]
@@ -367,6 +372,55 @@ def test_a_worker_forked_after_others_ended_keeps_its_pipes() -> None:
     )
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().split() == ["S", "P", "R"]  # started, progress, result
+
+
+#: Run in an interpreter of its own: within fork_workers, while forking fails (EAGAIN).
+FORK_FAILS = """
+import json, os, sys
+import test_pool as t
+from copystream.pool import Task, fork_workers, run_tasks
+
+def refuse():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+
+os.fork = refuse
+with fork_workers():
+    events = list(run_tasks([Task(t.remember, (n,), short=True) for n in range(4)], 2))
+print(json.dumps(sorted(e.kind for e in events if e.kind in ("done", "failed"))))
+"""
+
+
+def test_a_worker_that_cannot_be_forked_is_a_new_interpreter() -> None:
+    """Should forking fail (EAGAIN, ENOMEM), the pool starts new interpreters instead, handed
+    pickled tasks: the job goes on."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_FAILS], capture_output=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout) == ["done"] * 4
+
+
+def test_what_a_worker_s_interpreter_prints_at_its_start_is_not_taken_for_events(
+    tmp_path: Path,
+) -> None:
+    """A site customization printing on stdout as a worker's interpreter starts (before the
+    worker's marker on that pipe) is skipped, not read as events."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nsys.stdout.write('hello from site\\n')\nsys.stdout.flush()\n"
+    )
+    code = (
+        "import json, test_pool as t\n"
+        "from copystream.pool import Task, run_tasks\n"
+        "events = list(run_tasks([Task(t.remember, (n,), short=True) for n in range(3)], 1))\n"
+        "print(json.dumps([e.kind for e in events if e.kind in ('done', 'failed')]))\n"
+    )
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), tests])}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, timeout=120, env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().splitlines()[-1] == json.dumps(["done"] * 3)
 
 
 class _Handed:
@@ -424,8 +478,12 @@ def test_events_are_read_frame_by_frame_whatever_the_reads_pure() -> None:
     big = b"\n" * 70_000  # more than one read's worth, and line ends mean nothing
     data = _frame(b"S") + _frame(b"P", ("working on", 1)) + _frame(b"R", big)
     for cut in (0, 1, 4, 5, 6, 20, len(data) - 1, len(data)):
-        first, rest = _frames(data[:cut])
-        second, left = _frames(rest + data[cut:])
+        first, rest, bad = _frames(data[:cut])
+        second, left, worse = _frames(rest + data[cut:])
         assert [k for k, _ in first + second] == [b"S", b"P", b"R"] and left == b""
         assert [pickle.loads(p) for _, p in (first + second)[1:]] == [("working on", 1), big]
-    assert _frames(data[:-1]) == (_frames(data)[0][:2], _frame(b"R", big)[:-1])
+        assert not bad and not worse
+    assert _frames(data[:-1]) == (_frames(data)[0][:2], _frame(b"R", big)[:-1], False)
+    # what is not a frame: read no further (its worker is killed: nothing after can be read)
+    assert _frames(_frame(b"S") + b"hello\n" + _frame(b"R", 1)) == ([(b"S", b"")], b"", True)
+    assert _frames(b"R\xff\xff\xff\xff")[2]  # (a length no pickle of a worker's has)
