@@ -28,7 +28,7 @@ from .pool import fork_workers
 from .progress import BarReporter, LogReporter, Progress
 from .spec import Choice, Count, Flag, Kind, Seconds, Text, option_fields
 
-__all__ = ["main"]
+__all__ = ["main", "run"]
 
 log = logging.getLogger("copystream")
 
@@ -336,6 +336,7 @@ def _end(code: int) -> NoReturn:
     executor left running lets its threads go) and other threads are waited for
     (``threading._shutdown``, which the interpreter calls), then the exit handlers run
     (logging's flushes its files); then stdout and stderr are flushed."""
+    # (Both private, both what CPython 3.11-3.13 itself runs at exit.)
     shutdown = getattr(threading, "_shutdown", None)
     if shutdown is not None:
         shutdown()
@@ -344,9 +345,14 @@ def _end(code: int) -> NoReturn:
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join()
     atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
+    try:
+        sys.stdout.flush()
+    except Exception as e:  # as the interpreter: said on stderr, and exit status 120
         with contextlib.suppress(Exception):
-            stream.flush()
+            sys.stderr.write(f"copystream: error: writing the output failed: {e}\n")
+        code = code or 120
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
     os._exit(code)
 
 

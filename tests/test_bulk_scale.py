@@ -904,6 +904,51 @@ def test_a_job_splits_a_table_larger_than_its_share_into_key_ranges(
     assert stray_files(tmp_path / "out") == []
 
 
+def test_a_planned_task_keeps_its_spec_unless_its_table_changes_pure() -> None:
+    """A task's spec is made once: the copies planning makes of it (resolved, its estimates,
+    its key ranges) keep it; one of another table makes its own."""
+    task = _task("public.t", 10)
+    spec = task.spec
+    planned = task.but(estimated_rows=5, estimated_bytes=99, workers=2)
+    assert planned.spec is spec and planned.estimated_bytes == 99 and planned.workers == 2
+    other = task.but(table="public.u")
+    assert other.spec is not spec and other.spec.table == "public.u"
+
+
+#: Run in an interpreter of its own (forking needs a process with no other thread): a bulk job
+#: within fork_workers, as ``copystream bulk`` runs it, with pickling a task refused.
+FORKED_JOB = """
+import json, sys
+import copystream, copystream.pool as pool
+from copystream.pool import Task, fork_workers
+
+pickle_of = pool._dumps
+
+def _dumps(value):
+    assert not isinstance(value, Task), "a task was pickled"
+    return pickle_of(value)
+
+pool._dumps = _dumps
+with fork_workers():
+    result = copystream.run_bulk(sys.argv[1], jobs=2)
+print(json.dumps([t.status for t in result.tables]))
+"""
+
+
+def test_copystream_bulk_forks_its_workers_once_planned_and_hands_them_tables_by_index(
+    dsn: str, run_sql: RunSql, tmp_path: Path
+) -> None:
+    """Within ``fork_workers`` (``copystream bulk``), the workers are forked once the tables are
+    planned, none ahead: they have the tables in memory and no task is pickled."""
+    run_sql(dsn, many_tables(6, rows=30) + "ANALYZE;")
+    plan = write_plan(tmp_path / "plan.toml", dsn, '[[tables]]\npattern = "m.*"\n')
+    proc = subprocess.run(
+        [sys.executable, "-c", FORKED_JOB, str(plan)], capture_output=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert json.loads(proc.stdout.decode().splitlines()[-1]) == ["done"] * 6
+
+
 def test_copystream_export_imports_nothing_it_does_not_use() -> None:
     """``copystream export``'s start-up is most of a small table's export: what only a bulk job,
     a shard, an increment chain, a Parquet export or a pool of workers uses is imported on first

@@ -321,7 +321,7 @@ def test_status_of_nothing(tmp_path: Path) -> None:
 #: leaves output unflushed, an exit handler, a thread still working and an object whose
 #: finalizer would run at the interpreter's teardown.
 ENDING = """
-import atexit, concurrent.futures, sys, threading, time
+import atexit, concurrent.futures, os, sys, threading, time
 import copystream.cli as c
 
 class Teardown:
@@ -342,6 +342,10 @@ def main():
         open(sys.argv[1] + ".thread", "w").close()
     threading.Thread(target=late).start()
     sys.stdout.write("x" * 200_000)  # more than a pipe's buffer: not written yet
+    sys.stdout.write("end")  # and buffered still, unless flushed at the end
+    if sys.argv[2] == "full":
+        os.dup2(os.open("/dev/full", os.O_WRONLY), 1)  # the output cannot be written
+        sys.exit(0)
     sys.exit(3)
 
 c.main = main
@@ -360,10 +364,14 @@ def test_the_command_ends_as_the_interpreter_would_but_without_its_teardown(
     import sys
 
     mark = str(tmp_path / "m")
-    proc = subprocess.run(
-        [sys.executable, "-c", ENDING, mark], capture_output=True, timeout=30, check=False
-    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # (stdout buffered)
+    command = [sys.executable, "-c", ENDING, mark]
+    proc = subprocess.run([*command, "-"], capture_output=True, timeout=30, env=env, check=False)
     assert proc.returncode == 3, proc.stderr.decode()
-    assert proc.stdout == b"x" * 200_000
+    assert proc.stdout == b"x" * 200_000 + b"end"
     assert Path(mark + ".thread").exists() and Path(mark + ".atexit").exists()
     assert not Path(mark + ".teardown").exists()
+    # an output that cannot be written: said, and exit status 120, as the interpreter does
+    full = subprocess.run([*command, "full"], capture_output=True, timeout=30, env=env)
+    assert full.returncode == 120
+    assert b"copystream: error: writing the output failed" in full.stderr

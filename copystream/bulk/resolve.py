@@ -347,7 +347,7 @@ def share_workers(tasks: Sequence[_Task], jobs: int) -> list[_Task]:
             and size >= SPLIT_BYTES
             and size > share
         ):
-            t = replace(t, workers=min(jobs, max(2, round(size / share))))
+            t = t.but(workers=min(jobs, max(2, round(size / share))))
         out.append(t)
     return out
 
