@@ -549,14 +549,16 @@ def test_killed_while_range_0_follows_then_resumed(
 
 
 def _first_ranges_worker(proc: subprocess.Popen[bytes], out: Path) -> psutil.Process | None:
-    """The worker of the first range, once it is finished: a worker of ``out``'s export that
-    does not hold the second range's lock (``None``: the export ended first)."""
+    """The worker of the first range, once it is finished: the export's worker that does not
+    hold the second range's lock while the other does (``None``: the export ended first)."""
     while proc.poll() is None:
-        for c in psutil.Process(proc.pid).children():
-            with contextlib.suppress(psutil.Error):
-                files = {Path(f.path).name for f in c.open_files()}
-                if f"{out.name}.lock" in files and f"{out.name}.part-0001.lock" not in files:
-                    return c
+        with contextlib.suppress(psutil.Error):
+            holds = {
+                c: f"{out.name}.part-0001.lock" in {Path(f.path).name for f in c.open_files()}
+                for c in psutil.Process(proc.pid).children()
+            }
+            if len(holds) == 2 and sum(holds.values()) == 1:
+                return next(c for c, second in holds.items() if not second)
         time.sleep(0.01)
     return None
 
