@@ -595,10 +595,10 @@ def _split(
     follows: bool,
 ) -> KeyRanges:
     """Sample the key, record the ranges beside the output (OUTPUT.parts.json)."""
-    out = session.output
-    workers = session.run.workers
     from .join import compressed_file
 
+    out = session.output
+    workers = session.run.workers
     # range 0's process also decompresses the others' frames: it gets fewer rows (join.py)
     uneven = follows and compressed_file(session.spec.identity())
     first = first_share(workers) if uneven else None

@@ -129,7 +129,6 @@ def _loads(data: bytes) -> Any:
 
 #: An event's frame before its pickle: its kind and the pickle's length.
 _FRAME = struct.Struct(">cI")
-_FRAME_KINDS = frozenset((b"S", b"X", b"P", b"L", b"R", b"E"))
 #: The largest pickle a frame may carry (a bigger length is not a frame's).
 MAX_FRAME = 1 << 30
 #: What a worker writes before its events: whatever its interpreter printed before is skipped.
@@ -185,7 +184,7 @@ def _spawn(preload: Sequence[str] = ()) -> _Process:
     )
 
 
-#: Whether :func:`started_ahead` may fork its workers from this process (:func:`fork_workers`).
+#: Whether workers may be forked from this process (:func:`fork_workers`).
 _FORK = [False]
 #: In a worker forked by :func:`run_tasks`: the tasks it was forked with (handed by index).
 _INHERITED: list[Sequence[Task]] = []
@@ -205,12 +204,13 @@ def forks() -> bool:
 
 @contextlib.contextmanager
 def fork_workers() -> Iterator[None]:
-    """Within it, :func:`started_ahead` forks its workers from this process (when it has no
-    other thread then) instead of starting new interpreters: they begin with what this process
+    """Within it, workers (:func:`started_ahead`'s, and those :func:`run_tasks` starts, which
+    then have their tasks in memory) are forked from this process when it has no other thread
+    (:func:`forks`), instead of being new interpreters: they begin with what this process
     imported already (an interpreter and its imports cost a few tenths of a second of CPU
     each). For a process that is copystream's own, small and single-threaded: ``copystream
-    bulk`` runs its job within it. A library caller (an Airflow task: large, threaded) keeps
-    new interpreters, as do workers started later in a job (threads run then)."""
+    bulk`` and ``copystream export`` run within it. A library caller (an Airflow task: large,
+    threaded) keeps new interpreters, as does a worker started while a thread runs."""
     _FORK[0] = True
     try:
         yield
@@ -313,6 +313,8 @@ def died(code: int | None) -> str:
 
 
 _KINDS = {b"P": "progress", b"L": "log", b"R": "done", b"E": "failed"}
+#: Every kind a frame may have: those above, ``S`` (started) and ``X`` (it exits after this task).
+_FRAME_KINDS = frozenset((*_KINDS, b"S", b"X"))
 
 
 class _Worker:
